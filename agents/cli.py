@@ -1,0 +1,144 @@
+"""The ``corral`` command: one subcommand per daemon, and the shared way to run a daemon.
+
+Each subcommand lives in its own module that exposes ``main(argv: list[str]) -> int``;
+modules are imported only when their subcommand runs, so ``corral dns`` never pays for
+pyroute2 and ``corral ctl`` never pays for dnslib.
+
+:func:`run_daemon` is how every daemon's ``main`` runs its ``serve`` coroutine: uvloop when
+available, structlog set up, a pid file, SIGTERM/SIGINT turned into a stop event (a second
+signal exits at once), and a clean exit code.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import importlib
+import os
+import signal
+import sys
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from agents.errors import ConfigError
+from agents.log import get_logger, setup_logging
+
+__all__ = ["SUBCOMMANDS", "main", "run_daemon"]
+
+SUBCOMMANDS: dict[str, tuple[str, str]] = {
+    "server": ("agents.server.main", "the stand-in Rancher server"),
+    "ctl": ("agents.server.ctl", "drive the stand-in server (resources, faults, journal)"),
+    "demo": ("agents.demo", "run the whole suite on one node against the stand-in server"),
+    "metadata": ("metadata.main", "the metadata service"),
+    "dns": ("dns.main", "the DNS service"),
+    "healthcheck": ("healthcheck.main", "HAProxy-driven health checks"),
+    "netmanager": ("netmanager.main", "host networking, CNI and overlays"),
+    "scheduler": ("scheduler.main", "the resource scheduler"),
+    "etc-host-updater": ("netmanager.etc_hosts", "the /etc/hosts writer"),
+}
+
+
+def _usage() -> str:
+    lines = ["usage: corral <command> [flags]", "", "commands:"]
+    for name, (_, doc) in SUBCOMMANDS.items():
+        lines.append(f"  {name:<18} {doc}")
+    lines.append("")
+    lines.append("corral <command> --help shows a command's flags.")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = list(sys.argv[1:] if argv is None else argv)
+    if not args or args[0] in ("-h", "--help", "help"):
+        print(_usage())
+        return 0 if args else 2
+    name, rest = args[0], args[1:]
+    entry = SUBCOMMANDS.get(name)
+    if entry is None:
+        print(f"corral: unknown command {name!r}\n\n{_usage()}", file=sys.stderr)
+        return 2
+    try:
+        mod = importlib.import_module(entry[0])
+    except ModuleNotFoundError as e:
+        if e.name and entry[0].startswith(e.name):
+            print(f"corral: command {name!r} is not built yet", file=sys.stderr)
+            return 2
+        raise
+    rc = mod.main(rest)
+    return int(rc or 0)
+
+
+def _install_loop() -> None:
+    try:
+        import uvloop
+
+        asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
+    except ImportError:  # pragma: no cover - uvloop is a dependency
+        pass
+
+
+def run_daemon(
+    component: str,
+    serve: Callable[[asyncio.Event], Awaitable[Any]],
+    *,
+    debug: bool = False,
+    log_file: str = "",
+    log_json: bool | None = None,
+    pid_file: str = "",
+) -> int:
+    """Run ``serve(stop)`` until it returns or a signal sets ``stop``; return the exit code.
+
+    ``serve`` must return soon after ``stop`` is set (lame-duck work is its own business).
+    A :class:`ConfigError` is printed plainly with exit code 2; any other crash exits 1.
+    """
+    stream: Any = open(log_file, "a", buffering=1) if log_file else None  # noqa: SIM115
+    setup_logging(component, debug=debug, json=log_json, stream=stream)
+    log = get_logger("cli")
+    if pid_file:
+        with open(pid_file, "w") as f:
+            f.write(f"{os.getpid()}\n")
+    _install_loop()
+
+    async def runner() -> int:
+        loop = asyncio.get_running_loop()
+        stop = asyncio.Event()
+        hits = 0
+
+        def on_signal(sig: int) -> None:
+            nonlocal hits
+            hits += 1
+            log.info("signal", signal=signal.Signals(sig).name, count=hits)
+            if hits > 1:
+                os._exit(130)
+            stop.set()
+
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, on_signal, sig)
+        try:
+            await serve(stop)
+        finally:
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                loop.remove_signal_handler(sig)
+        return 0
+
+    try:
+        rc = asyncio.run(runner())
+        log.info("stopped")
+        return rc
+    except ConfigError as e:
+        log.error("config error", error=str(e))
+        print(f"{component}: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+    finally:
+        if pid_file:
+            try:
+                os.unlink(pid_file)
+            except OSError:
+                pass
+        if stream is not None:
+            stream.close()
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,152 @@
+"""Prometheus metrics and the admin listener (/healthz, /ready, /metrics) every daemon has.
+
+Naming: ``corral_<subsystem>_<name>_<unit>`` — the daemon is the subsystem, units in the
+name (``_seconds``, ``_bytes``, ``_total`` for counters). Use :func:`counter`,
+:func:`gauge` and :func:`histogram` rather than prometheus_client directly, so names stay
+consistent and re-registering the same metric (tests run several daemons in one process)
+returns the existing one instead of raising.
+
+Liveness (``/healthz``) only says the process serves. Readiness (``/ready``) is the AND of
+named conditions each component sets through :class:`Health`; it answers 503 with the
+names of those that are not ready (CoreDNS's ``ready`` plugin does the same).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from typing import Any
+
+from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import generate_latest
+
+__all__ = ["NAMESPACE", "AdminServer", "Health", "counter", "gauge", "histogram", "parse_listen"]
+
+NAMESPACE = "corral"
+_metrics: dict[str, Any] = {}
+
+
+def _get(kind: type, subsystem: str, name: str, doc: str, labels: Sequence[str], **kw: Any) -> Any:
+    full = f"{NAMESPACE}_{subsystem}_{name}"
+    existing = _metrics.get(full)
+    if existing is not None:
+        return existing
+    m = kind(name, doc, labelnames=tuple(labels), namespace=NAMESPACE, subsystem=subsystem, **kw)
+    _metrics[full] = m
+    return m
+
+
+def counter(subsystem: str, name: str, doc: str, labels: Sequence[str] = ()) -> Counter:
+    """A counter named ``corral_<subsystem>_<name>`` (prometheus adds ``_total``)."""
+    return _get(Counter, subsystem, name, doc, labels)  # type: ignore[no-any-return]
+
+
+def gauge(subsystem: str, name: str, doc: str, labels: Sequence[str] = ()) -> Gauge:
+    return _get(Gauge, subsystem, name, doc, labels)  # type: ignore[no-any-return]
+
+
+def histogram(
+    subsystem: str, name: str, doc: str, labels: Sequence[str] = (), buckets: Sequence[float] | None = None
+) -> Histogram:
+    kw: dict[str, Any] = {}
+    if buckets is not None:
+        kw["buckets"] = tuple(buckets)
+    return _get(Histogram, subsystem, name, doc, labels, **kw)  # type: ignore[no-any-return]
+
+
+class Health:
+    """Named readiness conditions plus a liveness flag.
+
+    ``set(name, ok, detail)`` records one condition; ready is true when every registered
+    condition is ok. A condition can be registered not-ready up front with ``require``.
+    """
+
+    def __init__(self) -> None:
+        self._conds: dict[str, tuple[bool, str]] = {}
+        self.started = time.monotonic()
+        self.alive = True
+
+    def require(self, *names: str) -> None:
+        for n in names:
+            self._conds.setdefault(n, (False, "not yet"))
+
+    def set(self, name: str, ok: bool, detail: str = "") -> None:
+        self._conds[name] = (ok, detail)
+
+    @property
+    def ready(self) -> bool:
+        return all(ok for ok, _ in self._conds.values())
+
+    def report(self) -> dict[str, Any]:
+        return {
+            "ready": self.ready,
+            "conditions": {n: {"ok": ok, "detail": d} for n, (ok, d) in sorted(self._conds.items())},
+        }
+
+
+def parse_listen(spec: str, default_host: str = "0.0.0.0") -> tuple[str, int]:
+    """Parse ``host:port``, ``:port`` or ``[v6]:port`` into (host, port)."""
+    from agents.errors import ConfigError
+
+    s = spec.strip()
+    if s.startswith("["):
+        host, _, rest = s[1:].partition("]")
+        port_s = rest.lstrip(":")
+    else:
+        host, sep, port_s = s.rpartition(":")
+        if not sep:
+            host, port_s = "", s
+    try:
+        port = int(port_s)
+    except ValueError as e:
+        raise ConfigError(f"bad listen address {spec!r}: port is not a number") from e
+    if not 0 <= port <= 65535:
+        raise ConfigError(f"bad listen address {spec!r}: port out of range")
+    return (host or default_host), port
+
+
+class AdminServer:
+    """aiohttp listener serving ``/healthz``, ``/ready`` and ``/metrics`` (and extra routes)."""
+
+    def __init__(
+        self, listen: str, health: Health, registry: CollectorRegistry = REGISTRY, extra: dict[str, Any] | None = None
+    ) -> None:
+        self.host, self.port = parse_listen(listen, "127.0.0.1")
+        self.health = health
+        self.registry = registry
+        self.app = web.Application()
+        self.app.router.add_get("/healthz", self._healthz)
+        self.app.router.add_get("/ready", self._ready)
+        self.app.router.add_get("/metrics", self._metrics)
+        for path, handler in (extra or {}).items():
+            self.app.router.add_get(path, handler)
+        self._runner: web.AppRunner | None = None
+
+    async def _healthz(self, request: web.Request) -> web.Response:
+        if not self.health.alive:
+            return web.Response(status=503, text="not alive\n")
+        return web.Response(text="ok\n")
+
+    async def _ready(self, request: web.Request) -> web.Response:
+        rep = self.health.report()
+        return web.json_response(rep, status=200 if rep["ready"] else 503)
+
+    async def _metrics(self, request: web.Request) -> web.Response:
+        body = generate_latest(self.registry)
+        return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+    async def start(self) -> None:
+        self._runner = web.AppRunner(self.app, access_log=None)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, self.host, self.port, reuse_address=True)
+        await site.start()
+        if self.port == 0 and site._server is not None:  # ephemeral port: learn it
+            socks = getattr(site._server, "sockets", None) or []
+            if socks:
+                self.port = socks[0].getsockname()[1]
+
+    async def stop(self) -> None:
+        if self._runner is not None:
+            await self._runner.cleanup()
+            self._runner = None
