@@ -1,0 +1,137 @@
+"""Start real Corral processes (and peers) for integration tests, and wait for them properly."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Sequence
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def free_port(host: str = "127.0.0.1", kind: int = socket.SOCK_STREAM) -> int:
+    """A port that is free for both TCP and UDP right now (small race, fine for tests)."""
+    for _ in range(50):
+        with socket.socket(socket.AF_INET, kind) as s:
+            s.bind((host, 0))
+            port = s.getsockname()[1]
+        other = socket.SOCK_DGRAM if kind == socket.SOCK_STREAM else socket.SOCK_STREAM
+        try:
+            with socket.socket(socket.AF_INET, other) as s2:
+                s2.bind((host, port))
+        except OSError:
+            continue
+        return port
+    raise RuntimeError("no free port")
+
+
+def wait_port(host: str, port: int, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            with socket.create_connection((host, port), timeout=0.5):
+                return
+        except OSError:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"nothing listening on {host}:{port} after {timeout}s") from None
+            time.sleep(0.02)
+
+
+def wait_http(url: str, timeout: float = 10.0, status: int | None = 200) -> None:
+    """Wait until ``url`` answers (with ``status`` when given)."""
+    deadline = time.monotonic() + timeout
+    last: object = None
+    while time.monotonic() < deadline:
+        try:
+            with urllib.request.urlopen(url, timeout=1) as r:
+                if status is None or r.status == status:
+                    return
+                last = r.status
+        except urllib.error.HTTPError as e:
+            if status is None or e.code == status:
+                return
+            last = e.code
+        except OSError as e:
+            last = e
+        time.sleep(0.03)
+    raise TimeoutError(f"{url} did not answer {status} within {timeout}s (last: {last})")
+
+
+class Proc:
+    """A subprocess with its output in a log file; stopped (SIGTERM, then SIGKILL) by ``stop``."""
+
+    def __init__(self, argv: Sequence[str], env: dict[str, str] | None = None, cwd: str | None = None,
+                 name: str = "proc") -> None:
+        self.argv = list(argv)
+        self.env = {**os.environ, **(env or {})}
+        self.cwd = cwd
+        self.name = name
+        fd, self.log_path = tempfile.mkstemp(prefix=f"corral-{name}-", suffix=".log")
+        os.close(fd)
+        self.p: subprocess.Popen[bytes] | None = None
+        self.start()
+
+    def start(self) -> None:
+        log = open(self.log_path, "ab")  # noqa: SIM115
+        self.p = subprocess.Popen(self.argv, env=self.env, cwd=self.cwd, stdout=log, stderr=subprocess.STDOUT,
+                                  stdin=subprocess.DEVNULL, start_new_session=True)
+        log.close()
+
+    @property
+    def pid(self) -> int:
+        assert self.p is not None
+        return self.p.pid
+
+    def alive(self) -> bool:
+        return self.p is not None and self.p.poll() is None
+
+    def log(self) -> str:
+        return Path(self.log_path).read_text(errors="replace")
+
+    def signal(self, sig: int) -> None:
+        if self.alive():
+            assert self.p is not None
+            self.p.send_signal(sig)
+
+    def kill(self) -> None:
+        """SIGKILL, no clean-up by the process (kill -9)."""
+        if self.p is not None and self.p.poll() is None:
+            self.p.kill()
+            self.p.wait(5)
+
+    def stop(self, timeout: float = 5.0) -> int | None:
+        if self.p is None:
+            return None
+        if self.p.poll() is None:
+            self.p.send_signal(signal.SIGTERM)
+            try:
+                self.p.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.p.kill()
+                self.p.wait(5)
+        return self.p.returncode
+
+    def __enter__(self) -> Proc:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+def corral_argv(*argv: str) -> list[str]:
+    return [sys.executable, "-m", "agents.cli", *argv]
+
+
+def start_corral(*argv: str, env: dict[str, str] | None = None, name: str | None = None,
+                 cwd: str | None = None) -> Proc:
+    """Start ``corral <argv...>`` as a real process from this checkout."""
+    e = {"PYTHONPATH": str(ROOT), "PYTHONUNBUFFERED": "1", **(env or {})}
+    return Proc(corral_argv(*argv), env=e, cwd=cwd or str(ROOT), name=name or (argv[0] if argv else "corral"))
