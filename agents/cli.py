@@ -90,7 +90,7 @@ def run_daemon(
     ``serve`` must return soon after ``stop`` is set (lame-duck work is its own business).
     A :class:`ConfigError` is printed plainly with exit code 2; any other crash exits 1.
     """
-    stream: Any = open(log_file, "a", buffering=1) if log_file else None  # noqa: SIM115
+    stream: Any = open(log_file, "a", buffering=1) if log_file else None
     setup_logging(component, debug=debug, json=log_json, stream=stream)
     log = get_logger("cli")
     if pid_file:

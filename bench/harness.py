@@ -156,7 +156,7 @@ class Table:
     def markdown(self) -> str:
         def fmt(v: float | None) -> str:
             if v is None:
-                return "–"
+                return "-"
             if abs(v) >= 100:
                 return f"{v:,.0f}"
             return f"{v:.3g}"
@@ -165,7 +165,7 @@ class Table:
                  "|---|---|---|---|---|"]
         for r in self.rows:
             ratio = r.ratio
-            rs = "–" if ratio is None else f"{ratio:.2f}x"
+            rs = "-" if ratio is None else f"{ratio:.2f}x"
             lines.append(f"| {r.what} | {fmt(r.corral)} {r.unit} | {fmt(r.peer)} {r.unit if r.peer is not None else ''} "
                          f"| {rs} | {r.note} |")
         return "\n".join(lines)
