@@ -1,0 +1,374 @@
+"""Client of the metadata service, used by every other daemon.
+
+Typed, read-only views of the metadata tree (:class:`Host`, :class:`Stack`,
+:class:`Service`, :class:`Container`, :class:`Network`, gathered in a :class:`Snapshot`),
+the long-poll on ``/version``, and :meth:`MetadataClient.watch`, which yields a new snapshot
+on every change and, while metadata is unreachable, logs, retries with back-off and yields
+nothing, so callers keep acting on the last good snapshot.
+
+Like go-rancher-metadata it asks for JSON (``Accept: application/json``) and long-polls
+``/version?wait=true&value=<v>&maxWait=<s>`` starting from ``value=init``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+from urllib.parse import quote
+
+import aiohttp
+import orjson
+
+from agents.backoff import Backoff
+from agents.errors import ProtocolError, TransportError
+from agents.log import get_logger
+from agents.metrics import counter, gauge
+
+__all__ = ["Container", "Host", "MetadataClient", "Network", "Service", "Snapshot", "Stack"]
+
+log = get_logger(__name__)
+_FETCHES = counter("metadata_client", "fetches", "Metadata requests by outcome", ["outcome"])
+_REACHABLE = gauge("metadata_client", "reachable", "1 while metadata answers")
+
+
+def _tuple(v: Any) -> tuple[Any, ...]:
+    return tuple(v) if isinstance(v, list | tuple) else ()
+
+
+def _map(v: Any) -> dict[str, Any]:
+    return dict(v) if isinstance(v, dict) else {}
+
+
+def _int(v: Any) -> int | None:
+    if isinstance(v, bool):
+        return int(v)
+    if isinstance(v, int):
+        return v
+    if isinstance(v, float) and v.is_integer():
+        return int(v)
+    if isinstance(v, str):
+        with contextlib.suppress(ValueError):
+            return int(v)
+    return None
+
+
+def _str(v: Any) -> str | None:
+    return v if isinstance(v, str) else (None if v is None else str(v))
+
+
+_T = TypeVar("_T")
+
+
+def _build(cls: type[_T], raw: Any) -> _T:
+    """Build a typed view from one metadata object, coercing each field to its declared kind."""
+    if not isinstance(raw, dict):
+        raw = {}
+    kw: dict[str, Any] = {}
+    for f in dataclasses.fields(cls):  # type: ignore[arg-type]
+        if f.name == "raw":
+            kw["raw"] = raw
+            continue
+        v = raw.get(f.name)
+        t = str(f.type)
+        if t.startswith("tuple"):
+            kw[f.name] = _tuple(v)
+        elif t.startswith("dict"):
+            kw[f.name] = _map(v)
+        elif t.startswith("int"):
+            kw[f.name] = _int(v)
+        elif t.startswith("bool"):
+            kw[f.name] = bool(v)
+        elif t == "Any":
+            kw[f.name] = v
+        else:
+            kw[f.name] = _str(v)
+    return cls(**kw)
+
+
+@dataclass(frozen=True)
+class Host:
+    uuid: str | None
+    name: str | None
+    hostname: str | None
+    agent_ip: str | None
+    labels: dict[str, str]
+    memory: int | None
+    milli_cpu: int | None
+    local_storage_mb: int | None
+    environment_uuid: str | None
+    state: str | None
+    raw: dict[str, Any] = field(repr=False, compare=False)
+
+
+@dataclass(frozen=True)
+class Stack:
+    uuid: str | None
+    name: str | None
+    environment_name: str | None
+    environment_uuid: str | None
+    system: bool
+    raw: dict[str, Any] = field(repr=False, compare=False)
+
+
+@dataclass(frozen=True)
+class Service:
+    uuid: str | None
+    name: str | None
+    stack_name: str | None
+    stack_uuid: str | None
+    kind: str | None
+    hostname: str | None
+    vip: str | None
+    fqdn: str | None
+    state: str | None
+    primary_service_name: str | None
+    environment_uuid: str | None
+    token: str | None
+    selector: str | None
+    create_index: int | None
+    scale: int | None
+    system: bool
+    external_ips: tuple[str, ...]
+    sidekicks: tuple[str, ...]
+    ports: tuple[str, ...]
+    expose: tuple[str, ...]
+    labels: dict[str, str]
+    links: dict[str, str]
+    metadata: Any
+    health_check: Any
+    lb_config: Any
+    containers: tuple[Any, ...]
+    raw: dict[str, Any] = field(repr=False, compare=False)
+
+
+@dataclass(frozen=True)
+class Container:
+    uuid: str | None
+    name: str | None
+    primary_ip: str | None
+    primary_mac_address: str | None
+    hostname: str | None
+    external_id: str | None
+    host_uuid: str | None
+    state: str | None
+    health_state: str | None
+    service_index: str | None
+    service_name: str | None
+    service_uuid: str | None
+    stack_name: str | None
+    stack_uuid: str | None
+    network_uuid: str | None
+    network_from_container_uuid: str | None
+    environment_uuid: str | None
+    create_index: int | None
+    start_count: int | None
+    memory_reservation: int | None
+    milli_cpu_reservation: int | None
+    system: bool
+    ips: tuple[str, ...]
+    ports: tuple[str, ...]
+    dns: tuple[str, ...]
+    dns_search: tuple[str, ...]
+    health_check_hosts: tuple[str, ...]
+    labels: dict[str, str]
+    links: dict[str, str]
+    health_check: Any
+    raw: dict[str, Any] = field(repr=False, compare=False)
+
+
+@dataclass(frozen=True)
+class Network:
+    uuid: str | None
+    name: str | None
+    environment_uuid: str | None
+    default_policy_action: str | None
+    is_default: bool
+    host_ports: bool
+    metadata: Any
+    policy: Any
+    raw: dict[str, Any] = field(repr=False, compare=False)
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    """One consistent view of the metadata tree of one API version."""
+
+    version: str
+    hosts: tuple[Host, ...]
+    stacks: tuple[Stack, ...]
+    services: tuple[Service, ...]
+    containers: tuple[Container, ...]
+    networks: tuple[Network, ...]
+    self_host: Host | None
+    self_container: Container | None
+    self_service: Service | None
+    raw: dict[str, Any] = field(repr=False, compare=False)
+
+    @classmethod
+    def from_tree(cls, tree: Any) -> Snapshot:
+        """Build from the JSON of ``/<version>``; raise :class:`ProtocolError` if it is not a tree."""
+        if not isinstance(tree, dict):
+            raise ProtocolError(f"metadata tree must be an object, got {type(tree).__name__}")
+        version = tree.get("version")
+        if not isinstance(version, str | int):
+            raise ProtocolError("metadata tree has no version")
+        for key in ("hosts", "stacks", "services", "containers", "networks"):
+            v = tree.get(key)
+            if v is not None and not isinstance(v, list):
+                raise ProtocolError(f"metadata tree: {key} must be a list, got {type(v).__name__}")
+        me = tree.get("self") if isinstance(tree.get("self"), dict) else {}
+        assert isinstance(me, dict)
+        return cls(
+            version=str(version),
+            hosts=tuple(_build(Host, o) for o in tree.get("hosts") or ()),
+            stacks=tuple(_build(Stack, o) for o in tree.get("stacks") or ()),
+            services=tuple(_build(Service, o) for o in tree.get("services") or ()),
+            containers=tuple(_build(Container, o) for o in tree.get("containers") or ()),
+            networks=tuple(_build(Network, o) for o in tree.get("networks") or ()),
+            self_host=_build(Host, me["host"]) if isinstance(me.get("host"), dict) else None,
+            self_container=_build(Container, me["container"]) if isinstance(me.get("container"), dict) else None,
+            self_service=_build(Service, me["service"]) if isinstance(me.get("service"), dict) else None,
+            raw=tree,
+        )
+
+    def host(self, uuid: str | None) -> Host | None:
+        for h in self.hosts:
+            if h.uuid == uuid:
+                return h
+        return None
+
+
+class MetadataClient:
+    """Async client of one metadata service."""
+
+    def __init__(self, url: str = "http://169.254.169.250", *, api_version: str = "latest",
+                 timeout: float = 10.0, headers: dict[str, str] | None = None) -> None:
+        self.base = url.rstrip("/")
+        self.api_version = api_version
+        self.timeout = timeout
+        self.headers = {"Accept": "application/json", **(headers or {})}
+        self.reachable = False
+        self.last_error = ""
+        self._session: aiohttp.ClientSession | None = None
+
+    @property
+    def session(self) -> aiohttp.ClientSession:
+        if self._session is None or self._session.closed:
+            self._session = aiohttp.ClientSession(headers=self.headers)
+        return self._session
+
+    async def close(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+
+    async def __aenter__(self) -> MetadataClient:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    def _url(self, path: str) -> str:
+        segs = [quote(s, safe="") for s in path.strip("/").split("/") if s]
+        return "/".join([self.base, self.api_version, *segs])
+
+    async def _get(self, url: str, timeout: float, params: dict[str, str] | None = None) -> Any:
+        try:
+            async with self.session.get(url, params=params, timeout=aiohttp.ClientTimeout(total=timeout)) as r:
+                body = await r.read()
+                status = r.status
+        except (aiohttp.ClientError, TimeoutError, OSError) as e:
+            self._mark(False, f"{type(e).__name__}: {e}")
+            raise TransportError(f"metadata unreachable at {url}: {type(e).__name__}: {e}") from e
+        self._mark(True)
+        if status == 404:
+            return None
+        if status != 200:
+            _FETCHES.labels(f"http_{status}").inc()
+            raise TransportError(f"metadata answered HTTP {status} for {url}")
+        try:
+            return orjson.loads(body) if body else None
+        except orjson.JSONDecodeError as e:
+            _FETCHES.labels("bad_json").inc()
+            raise ProtocolError(f"metadata sent invalid JSON for {url}: {e}") from e
+
+    def _mark(self, ok: bool, err: str = "") -> None:
+        self.reachable = ok
+        _REACHABLE.set(1 if ok else 0)
+        _FETCHES.labels("ok" if ok else "unreachable").inc()
+        self.last_error = err
+
+    async def get(self, path: str) -> Any:
+        """JSON value at ``/<api_version>/<path>``, or None when it does not exist."""
+        return await self._get(self._url(path), self.timeout)
+
+    async def version(self) -> str:
+        v = await self.get("version")
+        return "" if v is None else str(v)
+
+    async def wait_version(self, old: str, max_wait: float = 10) -> str:
+        """Long-poll until the version differs from ``old`` or ``max_wait`` seconds pass."""
+        params = {"wait": "true", "value": old, "maxWait": str(max(1, int(max_wait)))}
+        v = await self._get(self._url("version"), max_wait + self.timeout, params)
+        return "" if v is None else str(v)
+
+    async def snapshot(self) -> Snapshot:
+        tree = await self._get(self._url(""), self.timeout)
+        if tree is None:
+            raise TransportError("metadata has no data yet (404 on the version root)")
+        return Snapshot.from_tree(tree)
+
+    async def watch(self, stop: asyncio.Event, *, max_wait: float = 10,
+                    backoff: Backoff | None = None) -> AsyncIterator[Snapshot]:
+        """Yield a snapshot now and after every version change, until ``stop`` is set.
+
+        Failures (unreachable, 5xx, malformed) are logged once per outage and retried with
+        back-off; nothing is yielded meanwhile, so the caller keeps its last good snapshot.
+        """
+        bo = backoff or Backoff(0.2, 10.0)
+        last = ""
+        failing_since: float | None = None
+        while not stop.is_set():
+            try:
+                if last:
+                    v = await self._interruptible(self.wait_version(last, max_wait), stop)
+                    if v is None or v == last:
+                        continue
+                snap = await self._interruptible(self.snapshot(), stop)
+                if snap is None:
+                    continue
+            except (TransportError, ProtocolError) as e:
+                if failing_since is None:
+                    failing_since = time.monotonic()
+                    log.warning("metadata unavailable, keeping last good state", error=str(e))
+                delay = bo.next()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(stop.wait(), delay)
+                continue
+            if failing_since is not None:
+                log.info("metadata back", down_for=round(time.monotonic() - failing_since, 2))
+                failing_since = None
+            bo.reset()
+            if snap.version != last:
+                last = snap.version
+                yield snap
+
+    @staticmethod
+    async def _interruptible(coro: Any, stop: asyncio.Event) -> Any:
+        task = asyncio.ensure_future(coro)
+        stopper = asyncio.ensure_future(stop.wait())
+        try:
+            done, _ = await asyncio.wait({task, stopper}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            stopper.cancel()
+        if task in done:
+            return task.result()
+        task.cancel()
+        with contextlib.suppress(BaseException):
+            await task
+        return None
