@@ -1,0 +1,225 @@
+"""``corral demo``: the whole suite on one node against the embedded stand-in server.
+
+Starts ``corral server`` with the sample environment (agents/server/sample_env.yaml), then
+every daemon whose ``<pkg>/main.py`` defines ``demo_argv(ctx)``, each as its own process
+(as they run in production: one container each), on loopback and non-privileged ports.
+Prints what to try, and stops everything cleanly on Ctrl-C (SIGINT) or SIGTERM.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import importlib
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+__all__ = ["DEMO_ORDER", "DemoContext", "main"]
+
+DEMO_ORDER = ["metadata", "dns", "healthcheck", "scheduler", "netmanager"]
+SAMPLE = Path(__file__).resolve().parent / "server" / "sample_env.yaml"
+
+
+@dataclass
+class DemoContext:
+    """What a daemon's ``demo_argv`` needs to know about the demo's world."""
+
+    workdir: Path
+    server_port: int
+    admin_port: int
+    access_key: str
+    secret_key: str
+    host_uuid: str
+    host_ip: str
+    ports: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def server_url(self) -> str:
+        return f"http://127.0.0.1:{self.server_port}/v1"
+
+    @property
+    def admin_url(self) -> str:
+        return f"http://127.0.0.1:{self.admin_port}"
+
+    @property
+    def metadata_url(self) -> str:
+        return f"http://127.0.0.1:{self.ports['metadata']}"
+
+    def port(self, name: str) -> int:
+        """A free port reserved for ``name`` (stable for the demo's lifetime)."""
+        if name not in self.ports:
+            self.ports[name] = _free_port()
+        return self.ports[name]
+
+    def env(self) -> dict[str, str]:
+        return {"CATTLE_URL": self.server_url, "CATTLE_ACCESS_KEY": self.access_key,
+                "CATTLE_SECRET_KEY": self.secret_key, "CORRAL_ADMIN_URL": self.admin_url}
+
+    def fmt(self) -> dict[str, Any]:
+        d: dict[str, Any] = {"server": self.server_url, "admin": self.admin_url, "workdir": str(self.workdir),
+                             "host_uuid": self.host_uuid, "host_ip": self.host_ip}
+        for k, v in self.ports.items():
+            d[f"{k}_port"] = v
+        if "metadata" in self.ports:
+            d["metadata"] = self.metadata_url
+        return d
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _wait_http(url: str, timeout: float = 15.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            with urllib.request.urlopen(url, timeout=1):
+                return True
+        except urllib.error.HTTPError:
+            return True
+        except OSError:
+            time.sleep(0.05)
+    return False
+
+
+class _Procs:
+    def __init__(self, workdir: Path) -> None:
+        self.workdir = workdir
+        self.procs: list[tuple[str, subprocess.Popen[bytes]]] = []
+
+    def start(self, name: str, argv: list[str], env: dict[str, str]) -> subprocess.Popen[bytes]:
+        log = open(self.workdir / f"{name}.log", "ab")
+        p = subprocess.Popen([sys.executable, "-m", "agents.cli", *argv], stdout=log, stderr=subprocess.STDOUT,
+                             stdin=subprocess.DEVNULL, env={**os.environ, **env, "PYTHONUNBUFFERED": "1"},
+                             start_new_session=True)
+        log.close()
+        self.procs.append((name, p))
+        return p
+
+    def dead(self) -> list[str]:
+        return [n for n, p in self.procs if p.poll() is not None]
+
+    def stop_all(self) -> None:
+        for _, p in reversed(self.procs):
+            if p.poll() is None:
+                p.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + 8
+        for _, p in reversed(self.procs):
+            try:
+                p.wait(max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait()
+
+
+def _sample_host() -> tuple[str, str]:
+    with contextlib.suppress(OSError, yaml.YAMLError, KeyError, IndexError, TypeError):
+        env = yaml.safe_load(SAMPLE.read_text())
+        h = env["hosts"][0]
+        return str(h["uuid"]), str(h.get("agent_ip") or "127.0.0.1")
+    return "", "127.0.0.1"
+
+
+def main(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(prog="corral demo", description=__doc__.splitlines()[0] if __doc__ else None)
+    p.add_argument("--workdir", default="", help="where logs, state and answers go (default: a temp dir)")
+    p.add_argument("--only", default="", help="comma-separated daemons to start (default: every one built)")
+    p.add_argument("--env", default=str(SAMPLE), help="environment file loaded into the stand-in server")
+    p.add_argument("--duration", type=float, default=0, help="stop by itself after this many seconds (0: Ctrl-C)")
+    args = p.parse_args(argv)
+
+    workdir = Path(args.workdir or tempfile.mkdtemp(prefix="corral-demo-"))
+    workdir.mkdir(parents=True, exist_ok=True)
+    host_uuid, host_ip = _sample_host()
+    ctx = DemoContext(workdir=workdir, server_port=_free_port(), admin_port=_free_port(),
+                      access_key="demo-agent", secret_key="demo-agent-secret", host_uuid=host_uuid, host_ip=host_ip)
+    keys = [
+        {"access": "demo-admin", "secret": "demo-admin-secret", "role": "admin"},
+        {"access": ctx.access_key, "secret": ctx.secret_key, "role": "agent", "agentId": "1a1",
+         "hostUuid": host_uuid},
+    ]
+    (workdir / "keys.yaml").write_text(yaml.safe_dump(keys))
+    procs = _Procs(workdir)
+    stopping = False
+
+    def on_signal(signum: int, _frame: Any) -> None:
+        nonlocal stopping
+        stopping = True
+
+    signal.signal(signal.SIGINT, on_signal)
+    signal.signal(signal.SIGTERM, on_signal)
+    try:
+        procs.start("server", ["server", "--listen", f"127.0.0.1:{ctx.server_port}",
+                               "--admin-listen", f"127.0.0.1:{ctx.admin_port}", "--keys", str(workdir / "keys.yaml"),
+                               "--state", str(workdir / "state.db"), "--journal", str(workdir / "journal.jsonl")],
+                    {})
+        if not _wait_http(f"http://127.0.0.1:{ctx.server_port}/ping") or not _wait_http(ctx.admin_url):
+            print(f"the stand-in server did not start; see {workdir / 'server.log'}", file=sys.stderr)
+            return 1
+        loaded = subprocess.run([sys.executable, "-m", "agents.cli", "ctl", "--admin", ctx.admin_url, "load", args.env],
+                                capture_output=True, text=True)
+        if loaded.returncode != 0:
+            print(f"loading {args.env} failed: {loaded.stderr or loaded.stdout}", file=sys.stderr)
+            return 1
+        only = {s for s in args.only.split(",") if s}
+        hints: list[str] = [
+            "stand-in server:",
+            f"  corral ctl --admin {ctx.admin_url} host list",
+            f"  corral ctl --admin {ctx.admin_url} service scale <stack>/<service> 3",
+            f"  corral ctl --admin {ctx.admin_url} reports",
+        ]
+        started = ["server"]
+        for name in DEMO_ORDER:
+            if only and name not in only:
+                continue
+            try:
+                mod = importlib.import_module(f"{name}.main")
+            except ImportError:
+                continue
+            fn = getattr(mod, "demo_argv", None)
+            if fn is None:
+                continue
+            d_argv = fn(ctx)
+            if d_argv is None:
+                continue
+            procs.start(name, [name, *d_argv], ctx.env())
+            started.append(name)
+            ready_url = getattr(mod, "demo_ready_url", None)
+            if ready_url is not None:
+                _wait_http(ready_url(ctx))
+            for line in getattr(mod, "DEMO_HINTS", []):
+                hints.append(line.format(**ctx.fmt()))
+        print(f"Corral demo running: {', '.join(started)}")
+        print(f"logs and state in {workdir}")
+        print("\nTry:")
+        for h in hints:
+            print(h)
+        print("\nCtrl-C stops everything.")
+        sys.stdout.flush()
+        t_end = time.monotonic() + args.duration if args.duration else None
+        while not stopping:
+            dead = procs.dead()
+            if dead:
+                print(f"stopped unexpectedly: {', '.join(dead)} (see {workdir}/<name>.log)", file=sys.stderr)
+                return 1
+            if t_end is not None and time.monotonic() >= t_end:
+                break
+            time.sleep(0.2)
+        return 0
+    finally:
+        procs.stop_all()
+        print("demo stopped")
