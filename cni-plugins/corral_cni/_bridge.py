@@ -1,0 +1,499 @@
+"""Bridge plugin: pure decisions (config, names, gateway, routes, result) and the apply steps.
+
+ADD order (cni.md §3, kernel outcome of the original, CNI ≥0.3 strictness for new versions):
+config → open netns → interface-exists check → bridge (create/reuse, up, promisc, address) →
+IPAM (in-process for Corral's own IPAM; exec'd from CNI_PATH otherwise) → veth pair, created
+with its peer directly in the container namespace (name, MAC and container MTU set at creation) →
+host end enslaved + up + hairpin → container side: up, address, routes → gateway address and
+ip_forward → ipMasq → result. Anything failing after IPAM or the veth undoes both (and the bridge
+when this call created it and nothing else joined it).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import subprocess
+from dataclasses import dataclass
+from typing import Any
+
+from . import _ipam
+from ._netlink import Link, Netlink, NetlinkError, open_in_netns
+from ._proto import (
+    E_INVALID_CONFIG,
+    E_PLUGIN,
+    LEGACY,
+    CniError,
+    Env,
+    Result,
+    parse_result,
+)
+
+OWN_IPAM = ("corral-ipam", "rancher-cni-ipam")
+
+
+@dataclass(frozen=True)
+class BridgeConf:
+    name: str
+    bridge: str
+    bridge_subnet: str
+    bridge_ip: str
+    is_gateway: bool
+    is_default_gateway: bool
+    use_bridge_ip_as_gateway: bool
+    ip_masq: bool
+    mtu: int
+    link_mtu_overhead: int
+    hairpin: bool
+    promisc: bool
+    skip_bridge_ip: bool
+    ipam: dict[str, Any]
+    dns: dict[str, Any]
+
+
+def _bool(conf: dict[str, Any], key: str) -> bool:
+    v = conf.get(key, False)
+    if v is None:
+        return False
+    if not isinstance(v, bool):
+        raise CniError(E_INVALID_CONFIG, f"invalid config: {key} must be a boolean, got {v!r}")
+    return v
+
+
+def _int(conf: dict[str, Any], key: str) -> int:
+    v = conf.get(key, 0)
+    if v is None:
+        return 0
+    if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+        raise CniError(E_INVALID_CONFIG, f"invalid config: {key} must be a non-negative integer, got {v!r}")
+    return v
+
+
+def parse_conf(conf: dict[str, Any], args: dict[str, str]) -> BridgeConf:
+    br = conf.get("bridge") or "cni0"
+    if not isinstance(br, str) or len(br) > 15 or "/" in br or " " in br:
+        raise CniError(E_INVALID_CONFIG, f"invalid bridge name {br!r}")
+    name = conf.get("name", "")
+    if not isinstance(name, str):
+        raise CniError(E_INVALID_CONFIG, "invalid config: name must be a string")
+    is_dgw = _bool(conf, "isDefaultGateway")
+    hairpin, promisc = _bool(conf, "hairpinMode"), _bool(conf, "promiscMode")
+    if hairpin and promisc:
+        raise CniError(E_INVALID_CONFIG, "cannot set hairpin mode and promiscuous mode at the same time.")
+    subnet = conf.get("bridgeSubnet") or ""
+    bip = conf.get("bridgeIP") or ""
+    if subnet:
+        a, plen = _ipam.parse_cidr(subnet)
+        if bip:
+            b = _ipam.aton(bip.split("/")[0])
+            if _ipam.network_of(b, plen) != _ipam.network_of(a, plen):
+                raise CniError(E_INVALID_CONFIG, f"bridgeIP {bip} is not in bridgeSubnet {subnet}")
+    overhead = _int(conf, "linkMTUOverhead")
+    arg = args.get("LinkMTUOverhead")
+    if arg is not None and arg.lstrip("-").isdigit():
+        overhead = int(arg)
+    ipam = conf.get("ipam")
+    if not isinstance(ipam, dict) or not isinstance(ipam.get("type"), str) or not ipam["type"]:
+        raise CniError(E_INVALID_CONFIG, "IPAM config missing 'ipam' key" if ipam is None
+                       else "invalid config: ipam.type missing")
+    dns = conf.get("dns") or {}
+    if not isinstance(dns, dict):
+        raise CniError(E_INVALID_CONFIG, "invalid config: dns must be an object")
+    return BridgeConf(name, br, subnet, bip, _bool(conf, "isGateway") or is_dgw, is_dgw,
+                      _bool(conf, "useBridgeIPAsGateway"), _bool(conf, "ipMasq"), _int(conf, "mtu"),
+                      overhead, hairpin, promisc, _bool(conf, "skipBridgeConfigureIP"), ipam, dns)
+
+
+def host_veth_name(container_id: str) -> str:
+    if len(container_id) < 10:
+        raise CniError(E_PLUGIN, f"container ID {container_id!r} is shorter than 10 characters")
+    return "vethr" + container_id[:10]
+
+
+def bridge_address(c: BridgeConf) -> tuple[str, int] | None:
+    """The bridge's own address from bridgeSubnet/bridgeIP (None when not configured)."""
+    if not c.bridge_subnet or c.skip_bridge_ip:
+        return None
+    a, plen = _ipam.parse_cidr(c.bridge_subnet)
+    ip = _ipam.aton(c.bridge_ip.split("/")[0]) if c.bridge_ip else _ipam.network_of(a, plen) + 1
+    return _ipam.ntoa(ip), plen
+
+
+def container_mtu(c: BridgeConf) -> int:
+    return c.mtu - c.link_mtu_overhead if c.link_mtu_overhead > 0 and c.mtu - c.link_mtu_overhead > 0 else c.mtu
+
+
+def plan_ips(c: BridgeConf, res: Result, bridge_ip: str | None) -> Result:
+    """Gateways and the default route (pure): steps 8–9 of the original."""
+    if not any(":" not in ip["address"] for ip in res.ips):
+        raise CniError(E_PLUGIN, "IPAM plugin returned missing IPv4 config")
+    ips = []
+    for ip in res.ips:
+        ip = dict(ip)
+        if ":" not in ip["address"] and c.is_gateway:
+            if c.use_bridge_ip_as_gateway and bridge_ip:
+                ip["gateway"] = bridge_ip
+            elif not ip.get("gateway"):
+                a, plen = _ipam.parse_cidr(ip["address"])
+                ip["gateway"] = _ipam.ntoa(_ipam.network_of(a, plen) + 1)
+        ips.append(ip)
+    routes = [dict(r) for r in res.routes]
+    if c.is_default_gateway:
+        gw = next(ip["gateway"] for ip in ips if ":" not in ip["address"])
+        for r in routes:
+            if r["dst"] == "0.0.0.0/0" and r.get("gw") and r["gw"] != gw:
+                raise CniError(E_PLUGIN, f'isDefaultGateway ineffective because IPAM sets default route via "{r["gw"]}"')
+        if not any(r["dst"] == "0.0.0.0/0" for r in routes):
+            routes.append({"dst": "0.0.0.0/0", "gw": gw})
+    return Result([], ips, routes, res.dns)
+
+
+def masq_chain(name: str, container_id: str) -> str:
+    return "CNI-" + hashlib.sha512((name + container_id).encode()).hexdigest()[:24]
+
+
+def masq_comment(name: str, container_id: str) -> str:
+    return f'name: "{name}" id: "{container_id}"'
+
+
+# -- IPAM delegation ----------------------------------------------------------------------------
+
+
+def run_ipam(command: str, conf: dict[str, Any], raw: bytes, env: Env, version: str) -> Result | None:
+    """IPAM ADD/DEL/CHECK: in-process for Corral's own IPAM, else exec ``ipam.type`` from CNI_PATH."""
+    kind = conf["ipam"]["type"]
+    if kind in OWN_IPAM:
+        from ._main import ipam_command
+
+        return ipam_command(command, conf, env, version)
+    path = None
+    for d in env.path.split(os.pathsep):
+        p = os.path.join(d, kind)
+        if d and os.access(p, os.X_OK):
+            path = p
+            break
+    if path is None:
+        raise CniError(E_PLUGIN, f'failed to find plugin "{kind}" in path {env.path.split(os.pathsep)}')
+    e = dict(os.environ)
+    e["CNI_COMMAND"] = command
+    proc = subprocess.run([path], input=raw, capture_output=True, env=e, check=False)
+    if proc.returncode != 0:
+        try:
+            import json
+
+            err = json.loads(proc.stdout)
+            raise CniError(int(err.get("code", E_PLUGIN)), err.get("msg", "IPAM failed"), err.get("details", ""))
+        except (ValueError, AttributeError):
+            raise CniError(E_PLUGIN, f"IPAM plugin {kind} failed", proc.stderr.decode(errors="replace")) from None
+    if command != "ADD":
+        return None
+    import json
+
+    return parse_result(json.loads(proc.stdout))
+
+
+# -- apply: ADD ----------------------------------------------------------------------------------
+
+
+def _open_netns(path: str) -> int | None:
+    try:
+        return os.open(path, os.O_RDONLY)
+    except FileNotFoundError:
+        return None
+    except OSError as e:
+        raise CniError(E_PLUGIN, f"failed to open netns {path!r}", str(e)) from None
+
+
+def ensure_bridge(nl: Netlink, c: BridgeConf) -> tuple[Link, bool]:
+    created = False
+    br = nl.get_link(c.bridge)
+    if br is None:
+        try:
+            nl.create_bridge(c.bridge, c.mtu)
+            created = True
+        except NetlinkError as e:
+            if e.errno != 17:
+                raise CniError(E_PLUGIN, f'could not add "{c.bridge}"', str(e)) from None
+        br = nl.get_link(c.bridge)
+        if br is None:
+            raise CniError(E_PLUGIN, f"bridge {c.bridge} vanished")
+        if created and br.kind == "bridge":
+            # pin the random MAC (addr_assign_type=SET) so it does not follow the lowest port's MAC
+            mac = br.mac
+            if mac in ("", "00:00:00:00:00:00"):
+                b = bytearray(os.urandom(6))
+                b[0] = (b[0] & 0xFE) | 0x02  # unicast, locally administered
+                mac = ":".join(f"{x:02x}" for x in b)
+            nl.set_link(br.index, mac=mac)
+            br.mac = mac
+    if br.kind != "bridge":
+        raise CniError(E_PLUGIN, f'{c.bridge} already exists but is not a bridge')
+    if not br.flags & 1 or (c.promisc and not br.flags & 0x100):
+        nl.set_link(br.index, up=True, promisc=True if c.promisc else None)
+    return br, created
+
+
+def add_addr(nl: Netlink, index: int, ip: str, plen: int) -> None:
+    a = _ipam.aton(ip)
+    brd = _ipam.ntoa(_ipam.broadcast_of(a, plen)) if plen < 31 else ""
+    try:
+        nl.add_addr(index, ip, plen, brd)
+    except NetlinkError as e:
+        if e.errno != 17:
+            raise CniError(E_PLUGIN, f"failed to add IP addr {ip}/{plen}", str(e)) from None
+
+
+def cmd_add(conf: dict[str, Any], raw: bytes, env: Env, version: str) -> Result:
+    c = parse_conf(conf, env.args)
+    veth = host_veth_name(env.container_id)
+    ns_fd = _open_netns(env.netns)
+    if ns_fd is None:
+        raise CniError(E_PLUGIN, f'failed to open netns "{env.netns}"', "no such file or directory")
+    nl = Netlink()
+    cnl = open_in_netns(ns_fd)
+    legacy = version in LEGACY
+    created_bridge = ipam_done = veth_done = False
+    try:
+        existing = cnl.get_link(env.ifname)
+        if existing is not None and not legacy:
+            raise CniError(E_PLUGIN, f"container veth name provided ({env.ifname}) already exists")
+        br, created_bridge = ensure_bridge(nl, c)
+        baddr = bridge_address(c)
+        if baddr is not None:
+            add_addr(nl, br.index, *baddr)
+        mac = env.args.get("MACAddress") or env.args.get("MAC") or ""
+        if c.ipam.get("type") in OWN_IPAM and not _ipam.is_local(c.ipam):
+            # metadata mode: the record carries the MAC too (one lookup for both, cni.md §3 step 6)
+            from ._main import metadata_record
+
+            rec = metadata_record(conf, env)
+            mac = mac or rec.get("primary_mac_address") or ""
+        ipam_res = run_ipam("ADD", conf, raw, env, version)
+        ipam_done = True
+        assert ipam_res is not None
+        bridge_ip = None
+        if c.use_bridge_ip_as_gateway:
+            addrs = nl.addrs(br.index)
+            bridge_ip = addrs[0].address if addrs else (baddr[0] if baddr else None)
+        res = plan_ips(c, ipam_res, bridge_ip)
+        cmtu = container_mtu(c)
+        if existing is None:
+            old = nl.get_link(veth)
+            if old is not None:
+                nl.del_link(old.index)
+            try:
+                nl.create_veth(veth, env.ifname, ns_fd, c.mtu, cmtu, mac)
+            except NetlinkError as e:
+                raise CniError(E_PLUGIN, f"failed to create veth pair {veth}/{env.ifname}", str(e)) from None
+            veth_done = True
+            cif = cnl.get_link(env.ifname)
+        else:
+            cif = existing
+            if mac and cif.mac != mac.lower():
+                cnl.set_link(cif.index, mac=mac)
+            if cmtu and cif.mtu != cmtu:
+                cnl.set_link(cif.index, mtu=cmtu)
+        host = nl.get_link(veth)
+        if host is None or cif is None:
+            raise CniError(E_PLUGIN, f"veth pair {veth}/{env.ifname} not found after creation")
+        nl.set_link(host.index, up=True, master=br.index)
+        if c.hairpin or not veth_done:
+            nl.set_hairpin(host.index, c.hairpin)
+        # container side
+        cnl.set_link(cif.index, up=True)
+        for ip in res.ips:
+            if ":" in ip["address"]:
+                continue
+            a, plen = ip["address"].split("/")
+            add_addr(cnl, cif.index, a, int(plen))
+        gw4 = next((ip.get("gateway") for ip in res.ips if ":" not in ip["address"]), "") or ""
+        for r in res.routes:
+            if ":" in r["dst"]:
+                continue
+            d, plen = r["dst"].split("/")
+            try:
+                cnl.add_route(d, int(plen), r.get("gw") or gw4, cif.index)
+            except NetlinkError as e:
+                if e.errno != 17:
+                    raise CniError(E_PLUGIN, f"failed to add route {r['dst']}", str(e)) from None
+        # host side gateway
+        if c.is_gateway and gw4:
+            ip4 = next(ip for ip in res.ips if ":" not in ip["address"])
+            plen = int(ip4["address"].split("/")[1])
+            net = _ipam.network_of(_ipam.aton(gw4), plen)
+            same = [a for a in nl.addrs(br.index) if _ipam.network_of(_ipam.aton(a.address), plen) == net]
+            if not any(a.address == gw4 and a.prefixlen == plen for a in same):
+                if same:
+                    raise CniError(E_PLUGIN, f'"{c.bridge}" already has an IP address different from {gw4}/{plen}')
+                add_addr(nl, br.index, gw4, plen)
+            _sysctl("/proc/sys/net/ipv4/ip_forward", "1")
+        if c.ip_masq:
+            for ip in res.ips:
+                a, plen = _ipam.parse_cidr(ip["address"])
+                setup_masq(c.name, env.container_id, f"{_ipam.ntoa(_ipam.network_of(a, plen))}/{plen}")
+        br_now = nl.get_link(c.bridge) or br
+        res.interfaces = [
+            {"name": c.bridge, "mac": br_now.mac},
+            {"name": veth, "mac": host.mac},
+            {"name": env.ifname, "mac": cif.mac, "sandbox": env.netns},
+        ]
+        for ip in res.ips:
+            ip["interface"] = 2
+        if c.dns:
+            res.dns = dict(c.dns)
+        return res
+    except BaseException:
+        if veth_done:
+            nl.del_link(name=veth)
+        if ipam_done:
+            try:
+                run_ipam("DEL", conf, raw, env, version)
+            except CniError:
+                pass
+        if created_bridge:
+            br2 = nl.get_link(c.bridge)
+            if br2 is not None and not any(ln.master == br2.index for ln in nl.links()):
+                nl.del_link(br2.index)
+        raise
+    finally:
+        nl.close()
+        cnl.close()
+        os.close(ns_fd)
+
+
+def _sysctl(path: str, value: str) -> None:
+    with open(path, "r+") as f:
+        if f.read().strip() != value:
+            f.seek(0)
+            f.write(value)
+
+
+# -- ipMasq (iptables; only when asked) ---------------------------------------------------------
+
+
+def _ipt(*args: str) -> subprocess.CompletedProcess[bytes]:
+    return subprocess.run(["iptables", "-w", "-t", "nat", *args], capture_output=True, check=False)
+
+
+def setup_masq(name: str, container_id: str, subnet: str) -> None:
+    chain, comment = masq_chain(name, container_id), masq_comment(name, container_id)
+    _ipt("-N", chain)
+    for rule in (["-d", subnet, "-j", "ACCEPT"], ["!", "-d", "224.0.0.0/4", "-j", "MASQUERADE"]):
+        full = [chain, *rule, "-m", "comment", "--comment", comment]
+        if _ipt("-C", *full).returncode != 0:
+            p = _ipt("-A", *full)
+            if p.returncode:
+                raise CniError(E_PLUGIN, "failed to set up IP masquerade", p.stderr.decode(errors="replace"))
+    post = ["POSTROUTING", "-s", subnet, "-j", chain, "-m", "comment", "--comment", comment]
+    if _ipt("-C", *post).returncode != 0:
+        p = _ipt("-A", *post)
+        if p.returncode:
+            raise CniError(E_PLUGIN, "failed to set up IP masquerade", p.stderr.decode(errors="replace"))
+
+
+def teardown_masq(name: str, container_id: str, subnets: list[str]) -> None:
+    chain, comment = masq_chain(name, container_id), masq_comment(name, container_id)
+    for s in subnets:
+        while _ipt("-D", "POSTROUTING", "-s", s, "-j", chain, "-m", "comment", "--comment", comment).returncode == 0:
+            pass
+    _ipt("-F", chain)
+    _ipt("-X", chain)
+
+
+# -- apply: DEL / CHECK --------------------------------------------------------------------------
+
+
+def cmd_del(conf: dict[str, Any], raw: bytes, env: Env, version: str) -> None:
+    c = parse_conf(conf, env.args)
+    run_ipam("DEL", conf, raw, env, version)
+    prev = parse_result(conf["prevResult"]) if isinstance(conf.get("prevResult"), dict) else None
+    hosts = [i["name"] for i in prev.interfaces if not i.get("sandbox") and i["name"] != c.bridge] if prev else []
+    if len(env.container_id) >= 10:
+        hosts.append(host_veth_name(env.container_id))
+    subnets: list[str] = []
+    if prev:
+        for ip in prev.ips:
+            a, plen = _ipam.parse_cidr(ip["address"])
+            subnets.append(f"{_ipam.ntoa(_ipam.network_of(a, plen))}/{plen}")
+    if env.netns:
+        ns_fd = _open_netns(env.netns)
+        if ns_fd is not None:
+            try:
+                cnl = open_in_netns(ns_fd)
+            except OSError:
+                cnl = None  # not a namespace (any more): nothing to remove inside
+            finally:
+                os.close(ns_fd)
+            if cnl is not None:
+                with cnl:
+                    if not subnets and c.ip_masq:
+                        link = cnl.get_link(env.ifname)
+                        if link is not None:
+                            for ad in cnl.addrs(link.index):
+                                net = _ipam.network_of(_ipam.aton(ad.address), ad.prefixlen)
+                                subnets.append(f"{_ipam.ntoa(net)}/{ad.prefixlen}")
+                    cnl.del_link(name=env.ifname)
+    with Netlink() as nl:
+        for h in hosts:
+            link = nl.get_link(h)
+            if link is not None and link.kind == "veth":
+                nl.del_link(link.index)
+    if c.ip_masq:
+        teardown_masq(c.name, env.container_id, subnets)
+
+
+def cmd_check(conf: dict[str, Any], raw: bytes, env: Env, version: str) -> None:
+    c = parse_conf(conf, env.args)
+    if not isinstance(conf.get("prevResult"), dict):
+        raise CniError(E_PLUGIN, "Required prevResult missing")
+    prev = parse_result(conf["prevResult"])
+    run_ipam("CHECK", conf, raw, env, version)
+    cifs = [i for i in prev.interfaces if i.get("sandbox")]
+    if not cifs:
+        raise CniError(E_PLUGIN, "prevResult has no container interface")
+    want = cifs[0]
+    ns_fd = _open_netns(env.netns)
+    if ns_fd is None:
+        raise CniError(E_PLUGIN, f'failed to open netns "{env.netns}"')
+    try:
+        cnl = open_in_netns(ns_fd)
+    finally:
+        os.close(ns_fd)
+    with cnl:
+        link = cnl.get_link(env.ifname)
+        if link is None:
+            raise CniError(E_PLUGIN, f"interface {env.ifname} not found in {env.netns}")
+        if want.get("mac") and link.mac != want["mac"].lower():
+            raise CniError(E_PLUGIN, f"interface {env.ifname} MAC {link.mac} differs from prevResult {want['mac']}")
+        cmtu = container_mtu(c)
+        if cmtu and link.mtu != cmtu:
+            raise CniError(E_PLUGIN, f"interface {env.ifname} MTU {link.mtu}, expected {cmtu}")
+        have = {f"{a.address}/{a.prefixlen}" for a in cnl.addrs(link.index)}
+        for ip in prev.ips:
+            if ":" not in ip["address"] and ip["address"] not in have:
+                raise CniError(E_PLUGIN, f"address {ip['address']} missing on {env.ifname}")
+        gw4 = next((ip.get("gateway") for ip in prev.ips if ":" not in ip["address"]), "") or ""
+        routes = {(r.dst, r.gw) for r in cnl.routes() if r.oif == link.index}
+        for r in prev.routes:
+            if ":" in r["dst"]:
+                continue
+            key = (_norm_cidr(r["dst"]), r.get("gw") or gw4)
+            if key not in routes:
+                raise CniError(E_PLUGIN, f"route {r['dst']} via {key[1] or 'link'} missing in {env.netns}")
+    with Netlink() as nl:
+        br = nl.get_link(c.bridge)
+        if br is None or br.kind != "bridge":
+            raise CniError(E_PLUGIN, f"bridge {c.bridge} missing")
+        hname = next((i["name"] for i in prev.interfaces if not i.get("sandbox") and i["name"] != c.bridge),
+                     host_veth_name(env.container_id))
+        host = nl.get_link(hname)
+        if host is None or host.master != br.index:
+            raise CniError(E_PLUGIN, f"host veth {hname} is not attached to {c.bridge}")
+        hp = nl.hairpin(host.index)
+        if hp is not None and hp != c.hairpin:
+            raise CniError(E_PLUGIN, f"host veth {hname} hairpin mode is {hp}, expected {c.hairpin}")
+
+
+def _norm_cidr(s: str) -> str:
+    a, plen = _ipam.parse_cidr(s)
+    return f"{_ipam.ntoa(_ipam.network_of(a, plen))}/{plen}"

@@ -1,0 +1,137 @@
+"""Entry point shared by ``corral-bridge`` and ``corral-ipam``: stdin + env in, JSON out.
+
+Exit 0 with the result (ADD) or nothing (DEL/CHECK) on stdout; exit 1 with a CNI error object
+otherwise. Nothing here imports asyncio, pyroute2 or the rest of Corral (start-up cost, cni.md §9).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from typing import Any
+
+from ._proto import (
+    E_INCOMPATIBLE,
+    E_PLUGIN,
+    LEGACY,
+    SUPPORTED,
+    CniError,
+    Env,
+    Result,
+    at_least,
+    check_unknown_args,
+    config_version,
+    dumps,
+    error_object,
+    parse_config,
+    parse_env,
+    render,
+    version_info,
+)
+
+_records: dict[str, dict[str, Any]] = {}
+
+
+def metadata_record(conf: dict[str, Any], env: Env) -> dict[str, Any]:
+    """The metadata record for this container (looked up once per process)."""
+    from . import _ipam
+
+    key = env.container_id + "|" + env.args.get("RancherContainerUUID", "")
+    if key not in _records:
+        cfg = _ipam.parse_metadata(conf, os.environ)
+        _records[key] = _ipam.metadata_lookup(cfg, env.container_id, env.args.get("RancherContainerUUID", ""))
+    return _records[key]
+
+
+def _requested(conf: dict[str, Any], env: Env) -> list[str]:
+    out: list[str] = []
+    for key in ("IP", "IPAddress"):
+        v = env.args.get(key)
+        if v:
+            out.extend(x for x in v.split(",") if x)
+    for src in ((conf.get("runtimeConfig") or {}).get("ips"), ((conf.get("args") or {}).get("cni") or {}).get("ips")):
+        if isinstance(src, list):
+            out.extend(x for x in src if isinstance(x, str))
+    return out
+
+
+def ipam_command(command: str, conf: dict[str, Any], env: Env, version: str) -> Result | None:
+    from . import _ipam
+
+    ipam = _ipam.ipam_section(conf)
+    if _ipam.is_local(ipam):
+        cfg = _ipam.parse_local(conf)
+        if command == "ADD":
+            return _ipam.local_add(cfg, env.container_id, env.ifname, _requested(conf, env), reuse=version in LEGACY)
+        if command == "DEL":
+            _ipam.local_del(cfg, env.container_id, env.ifname)
+        elif command == "CHECK":
+            _ipam.local_check(cfg, env.container_id, env.ifname)
+        return None
+    mcfg = _ipam.parse_metadata(conf, os.environ)
+    if command != "ADD":
+        return None  # metadata mode keeps no local state: DEL/CHECK are metadata-free
+    fixed = env.args.get("IPAddress")
+    if fixed:
+        _ipam.parse_cidr(fixed)
+        return Result([], [{"address": fixed}], [dict(r) for r in mcfg.routes], {})
+    return _ipam.metadata_result(mcfg, metadata_record(conf, env))
+
+
+def run(role: str, stdin: bytes, environ: Any) -> tuple[int, str]:
+    """One plugin call. Returns (exit status, stdout text)."""
+    version: str | None = None
+    try:
+        conf = parse_config(stdin)
+        command = environ.get("CNI_COMMAND", "")
+        if command == "VERSION":
+            import json
+
+            return 0, json.dumps(version_info(conf), separators=(",", ":"))
+        version = config_version(conf)
+        env = parse_env(environ, version)
+        if env.command not in ("ADD", "DEL", "CHECK"):
+            raise CniError(E_PLUGIN if version in LEGACY else 4, f"unknown CNI_COMMAND: {env.command}")
+        if env.command == "CHECK" and not at_least(version, "0.4.0"):
+            raise CniError(E_INCOMPATIBLE, "config version does not allow CHECK")
+        check_unknown_args(env.args)
+        if role == "bridge":
+            from . import _bridge
+
+            if env.command == "ADD":
+                return 0, dumps(render(_bridge.cmd_add(conf, stdin, env, version), version))
+            if env.command == "DEL":
+                _bridge.cmd_del(conf, stdin, env, version)
+            else:
+                _bridge.cmd_check(conf, stdin, env, version)
+            return 0, ""
+        res = ipam_command(env.command, conf, env, version)
+        return 0, (dumps(render(res, version)) if res is not None else "")
+    except CniError as e:
+        return 1, dumps(error_object(e, version))
+    except OSError as e:
+        return 1, dumps(error_object(CniError(E_PLUGIN, str(e)), version))
+
+
+def main(role: str) -> None:
+    stdin = sys.stdin.buffer.read()
+    environ = os.environ
+    if environ.get("CNI_COMMAND") in ("ADD", "DEL", "CHECK"):
+        # the original prints each missing variable on stderr before the error object
+        try:
+            import json
+
+            v = json.loads(stdin or b"{}").get("cniVersion") or "0.1.0"
+        except (ValueError, AttributeError):
+            v = "0.1.0"
+        if v in SUPPORTED:
+            from ._proto import required_env
+
+            for n in required_env(environ["CNI_COMMAND"], v):
+                if not environ.get(n):
+                    sys.stderr.write(f"{n} env variable missing\n")
+    status, out = run(role, stdin, environ)
+    if out:
+        sys.stdout.write(out)
+    sys.stdout.flush()
+    os._exit(status)
