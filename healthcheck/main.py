@@ -1,0 +1,219 @@
+"""``corral healthcheck``: metadata health checks -> a supervised HAProxy -> reports to the server.
+
+Tasks (one TaskGroup): the metadata watch (pure :func:`desired_from_tree` on each snapshot,
+the last good set kept when metadata is away or malformed), the reconcile loop applying it
+through :class:`HAProxy`, the HAProxy supervisor (crash restart, state snapshots), the
+stats poller (periodic, plus an immediate poll when HAProxy logs a state change) feeding the
+:class:`Tracker`, the :class:`Reporter` pool, and the admin listener.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import os
+import time
+from typing import Any
+
+from agents.api import ApiClient
+from agents.cli import run_daemon
+from agents.config import CattleConfig, add_cattle_args, add_common_args, env_str
+from agents.errors import ConfigError, TransportError
+from agents.log import get_logger
+from agents.metadata_client import MetadataClient
+from agents.metrics import AdminServer, Health, counter, gauge
+from agents.reconcile import Reconciler
+from healthcheck.desired import Desired, desired_from_tree
+from healthcheck.haproxy import HAProxy, HAProxySettings, haproxy_version
+from healthcheck.reports import Report, Reporter, Tracker, report_dict
+
+__all__ = ["DEMO_HINTS", "demo_argv", "main", "parse_duration"]
+
+log = get_logger(__name__)
+_CHECKS = gauge("healthcheck", "checks", "Checks this host runs")
+_STATES = gauge("healthcheck", "check_states", "Checks by last reported state", ["state"])
+_REJECTED = gauge("healthcheck", "checks_rejected", "Checks left out because a health_check field is malformed")
+_BAD_META = counter("healthcheck", "metadata_malformed", "Metadata snapshots that could not be used")
+_POLLS = counter("healthcheck", "polls", "Stats polls by outcome", ["outcome"])
+
+DEMO_HINTS = [
+    "healthcheck: HAProxy checks in {workdir}/healthcheck; reports: corral ctl reports --kind health",
+    "healthcheck: metrics at http://127.0.0.1:{healthcheck_port}/metrics",
+]
+
+
+def demo_argv(ctx: Any) -> list[str]:
+    return ["--metadata-address", ctx.metadata_url, "--state-dir", str(ctx.workdir / "healthcheck"),
+            "--metrics-listen", f"127.0.0.1:{ctx.port('healthcheck')}", "--poll-interval", "1s"]
+
+
+def parse_duration(v: str) -> float:
+    """``2s``, ``200ms``, ``1m`` or a plain number of seconds."""
+    s = v.strip().lower()
+    try:
+        for suffix, mult in (("ms", 0.001), ("s", 1.0), ("m", 60.0)):
+            if s.endswith(suffix):
+                return float(s[: -len(suffix)]) * mult
+        return float(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a duration: {v!r}") from None
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="corral healthcheck", description=__doc__.splitlines()[0])
+    p.add_argument("--metadata-address", default=env_str("CORRAL_METADATA_ADDRESS", "rancher-metadata"),
+                   help="metadata host[:port] or URL (env CORRAL_METADATA_ADDRESS)")
+    run = os.environ.get("XDG_RUNTIME_DIR")
+    p.add_argument("--state-dir", default=os.path.join(run, "corral-healthcheck") if run else "./run/healthcheck")
+    p.add_argument("--stats-socket", default="", help="admin socket (default <state-dir>/haproxy.sock)")
+    p.add_argument("--haproxy-bin", default="haproxy")
+    p.add_argument("--haproxy-threads", type=int, default=1)
+    p.add_argument("--apply-mode", choices=("auto", "runtime", "reload"), default="auto")
+    p.add_argument("--poll-interval", type=parse_duration, default=2.0)
+    p.add_argument("--metadata-wait", type=int, default=5, help="long-poll maxWait seconds")
+    p.add_argument("--report-concurrency", type=int, default=8)
+    p.add_argument("--report-timeout", type=parse_duration, default=10.0)
+    p.add_argument("--report-retry-max", type=parse_duration, default=30.0, help="longest back-off between retries")
+    p.add_argument("--emit-init", action="store_true", help="send INIT before UP like the original")
+    p.add_argument("--fastinter", type=int, default=0, help="HAProxy fastinter (ms) for faster hang detection")
+    p.add_argument("--retry-invalid", type=parse_duration, default=30.0)
+    p.add_argument("--state-interval", type=parse_duration, default=10.0, help="server state snapshot period")
+    p.add_argument("--host-uuid", default="", help="override /self/host uuid (tests)")
+    add_cattle_args(p)
+    add_common_args(p, metrics_listen="127.0.0.1:9114")
+    return p
+
+
+def _metadata_url(addr: str) -> str:
+    return addr.rstrip("/") if "://" in addr else f"http://{addr}"
+
+
+class Daemon:
+    def __init__(self, args: argparse.Namespace, cattle: CattleConfig) -> None:
+        self.args = args
+        self.health = Health()
+        self.health.require("haproxy")
+        self.api = ApiClient(cattle, retries=0)
+        self.tracker = Tracker(emit_init=args.emit_init)
+        self.reporter = Reporter(self._post, concurrency=args.report_concurrency, timeout=args.report_timeout,
+                                 retry_max=args.report_retry_max, retry_min=min(1.0, args.report_retry_max))
+        self._poke = asyncio.Event()
+        self.hap = HAProxy(HAProxySettings(state_dir=args.state_dir, binary=args.haproxy_bin,
+                                           stats_socket=args.stats_socket, threads=args.haproxy_threads,
+                                           fastinter=args.fastinter, state_interval=args.state_interval),
+                           on_hint=self._poke.set, forced_health=self.tracker.last_sent)
+        self.reconciler: Reconciler[Desired] = Reconciler("healthcheck", self._apply, health=self.health,
+                                                          retry_min=0.5, retry_max=args.retry_invalid)
+        self._rejected_seen: set[tuple[str, str]] = set()
+
+    async def _post(self, r: Report) -> None:
+        await self.api.post_json("/serviceevents", report_dict(r))
+
+    async def _apply(self, d: Desired) -> None:
+        await self.hap.apply(d)
+        self.tracker.sync(self.hap.live.keys())
+        _CHECKS.set(len(self.hap.live))
+        self.health.set("haproxy", True, f"{len(self.hap.live)} checks")
+        self._poke.set()
+
+    def _take(self, d: Desired) -> None:
+        seen = set()
+        for r in d.rejected:
+            key = (r.container_uuid, r.reason)
+            seen.add(key)
+            if key not in self._rejected_seen:
+                log.error("health check rejected", container=r.container_uuid, name=r.name, reason=r.reason)
+        self._rejected_seen = seen
+        _REJECTED.set(len(d.rejected))
+        for w in d.warnings:
+            log.warning("health check warning", detail=w)
+        cur = self.reconciler.current
+        if cur is None or cur != d:
+            log.info("desired checks", checks=len(d.checks), rejected=len(d.rejected))
+            self.reconciler.submit(d)
+        self.reporter.metadata_changed()
+
+    async def watch_metadata(self, stop: asyncio.Event) -> None:
+        client = MetadataClient(_metadata_url(self.args.metadata_address), api_version="2015-12-19",
+                                timeout=10.0)
+        try:
+            async for snap in client.watch(stop, max_wait=self.args.metadata_wait):
+                try:
+                    d = desired_from_tree(snap.raw, host_uuid=self.args.host_uuid or None)
+                except ValueError as e:
+                    _BAD_META.inc()
+                    log.error("metadata unusable, keeping the last good checks", version=snap.version, error=str(e))
+                    continue
+                self._take(d)
+        finally:
+            await client.close()
+
+    async def poll(self, stop: asyncio.Event) -> None:
+        interval = self.args.poll_interval
+        failing = False
+        while not stop.is_set():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._poke.wait(), interval)
+            if self._poke.is_set():
+                await asyncio.sleep(0.01)  # let a burst of hints merge into one poll
+                self._poke.clear()
+            if stop.is_set():
+                return
+            if not self.hap.running.is_set():
+                continue
+            gen = self.hap.generation
+            try:
+                rows = await self.hap.show_stat()
+            except TransportError as e:
+                _POLLS.labels("error").inc()
+                if not failing:
+                    log.warning("stats poll failed", error=str(e))
+                failing = True
+                continue
+            failing = False
+            _POLLS.labels("ok").inc()
+            if not self.hap.running.is_set() or gen != self.hap.generation:
+                continue  # HAProxy died or restarted during the poll: its rows say nothing of the containers
+            for rep in self.tracker.observe(rows, time.time()):
+                log.info("state change", check=rep.uuid, state=rep.state)
+                self.reporter.submit(rep)
+            counts: dict[str, int] = {"UP": 0, "DOWN": 0}
+            for st in self.tracker.last_sent().values():
+                counts[st] = counts.get(st, 0) + 1
+            for k, v in counts.items():
+                _STATES.labels(k).set(v)
+
+    async def serve(self, stop: asyncio.Event) -> None:
+        major, minor = await haproxy_version(self.args.haproxy_bin)
+        mode = self.args.apply_mode
+        if mode == "auto":
+            mode = "runtime" if (major, minor) >= (2, 5) else "reload"
+        self.hap.reload_only = mode == "reload"
+        log.info("starting", haproxy=f"{major}.{minor}", apply_mode=mode, state_dir=self.args.state_dir)
+        admin = AdminServer(self.args.metrics_listen, self.health)
+        await admin.start()
+        try:
+            async with asyncio.TaskGroup() as tg:
+                tg.create_task(self.watch_metadata(stop))
+                tg.create_task(self.reconciler.run(stop))
+                tg.create_task(self.hap.supervise(stop))
+                tg.create_task(self.poll(stop))
+                tg.create_task(self.reporter.run(stop))
+        finally:
+            await self.hap.stop()
+            await self.api.close()
+            await admin.stop()
+
+
+def main(argv: list[str]) -> int:
+    args = _parser().parse_args(argv)
+
+    async def serve(stop: asyncio.Event) -> None:
+        cattle = CattleConfig.from_args(args)
+        if args.report_concurrency < 1 or args.poll_interval <= 0:
+            raise ConfigError("--report-concurrency must be >= 1 and --poll-interval > 0")
+        await Daemon(args, cattle).serve(stop)
+
+    return run_daemon("healthcheck", serve, debug=args.debug, log_file=args.log, log_json=args.log_json,
+                      pid_file=args.pid_file)

@@ -1,0 +1,143 @@
+"""The HAProxy adapter against a real HAProxy and real backends."""
+
+from __future__ import annotations
+
+import os
+import signal
+from pathlib import Path
+
+from healthcheck.desired import desired_from_tree
+from healthcheck.haproxy import HAProxy, StatRow
+from tests.integration.healthcheck.common import container, hc, tree, until
+
+
+async def rows(h: HAProxy) -> dict[str, StatRow]:
+    return {r.name: r for r in await h.show_stat() if r.name.startswith("cattle-")}
+
+
+async def all_up(h: HAProxy, n: int) -> dict[str, StatRow] | None:
+    r = await rows(h)
+    return r if len(r) == n and all(x.status == "UP" for x in r.values()) else None
+
+
+async def test_runtime_changes_leave_other_checks_untouched(hap: HAProxy, flaky_factory) -> None:
+    backs = [await flaky_factory("ok") for _ in range(4)]
+    ctrs = [container(f"c{i}", hc(b.port)) for i, b in enumerate(backs[:3])]
+    await hap.apply(desired_from_tree(tree(ctrs)))
+    pid, reloads = hap.pid, hap.reloads
+    await until(lambda: all_up(hap, 3), what="3 checks UP")
+    await backs[2].set("fail")
+    before = await until(lambda: _down(hap, "c2"), what="c2 DOWN")
+    c0, c1 = (before[n] for n in sorted(before) if n.split("_")[1] in ("c0", "c1"))
+
+    # change c1's interval, add c3, remove c2 in one step
+    changed = [container("c0", hc(backs[0].port)), container("c1", hc(backs[1].port, interval=300)),
+               container("c3", hc(backs[3].port))]
+    await hap.apply(desired_from_tree(tree(changed)))
+    assert hap.pid == pid and hap.reloads == reloads, "no reload for a runtime change"
+    after = await rows(hap)
+    assert not any("_c2_" in n for n in after), "c2 was deleted"
+    a0 = after[c0.name]
+    assert a0.status == "UP" and a0.chkdown == c0.chkdown and a0.chkfail == c0.chkfail
+    assert a0.lastchg is not None and c0.lastchg is not None and a0.lastchg >= c0.lastchg
+    a1 = after[c1.name]
+    assert a1.check_status in ("INI", "L7OK") and a1.status.startswith("DOWN"), "c1 re-armed fresh"
+    new = after[next(n for n in after if "_c3_" in n)]
+    assert new.status.startswith("DOWN"), f"new check starts DOWN until rise successes: {new}"
+    await until(lambda: all_up(hap, 3), what="3 checks UP after change")
+    final = await rows(hap)
+    assert final[c0.name].chkdown == c0.chkdown and final[c0.name].lastchg >= a0.lastchg  # type: ignore[operator]
+    assert final[c1.name].check_rise == 2 and final[c1.name].check_fall == 2
+
+
+async def _down(h: HAProxy, cuuid: str) -> dict[str, StatRow] | None:
+    r = await rows(h)
+    return r if any(f"_{cuuid}_" in n and x.status == "DOWN" for n, x in r.items()) else None
+
+
+async def test_comma_in_reason_phrase_is_parsed(hap: HAProxy, flaky_factory) -> None:
+    b = await flaky_factory("fail")
+    await hap.apply(desired_from_tree(tree([container("c0", hc(b.port))])))
+    async def failed() -> StatRow | None:
+        r = [x for x in (await rows(hap)).values() if x.check_status == "L7STS"]
+        return r[0] if r else None
+
+    row = await until(failed, what="a failed check")
+    assert row.status == "DOWN" and row.check_status == "L7STS" and row.check_code == "503" and row.last_chk == "Down, really"
+
+
+async def test_new_profile_reloads_with_state_kept(hap: HAProxy, flaky_factory) -> None:
+    ok, bad = await flaky_factory("ok"), await flaky_factory("fail")
+    base = [container("c0", hc(ok.port)), container("c1", hc(bad.port))]
+    await hap.apply(desired_from_tree(tree(base)))
+    await until(lambda: _down(hap, "c1"), what="c1 DOWN")
+    await until(lambda: _status(hap, "c0", "UP"), what="c0 UP")
+    before = await rows(hap)
+    pid = hap.pid
+    more = [*base, container("c2", hc(ok.port, request_line="GET /other HTTP/1.1\\r\\nHost:\\ example"))]
+    await hap.apply(desired_from_tree(tree(more)))
+    assert hap.pid != pid, "a new profile needs a reload"
+    after = await rows(hap)
+    for n, old in before.items():
+        assert after[n].status == old.status, f"{n}: {old.status} -> {after[n].status} across the reload"
+        assert after[n].lastchg is not None and old.lastchg is not None and after[n].lastchg >= old.lastchg
+    c2 = next(x for n, x in after.items() if "_c2_" in n)
+    assert c2.status.startswith("DOWN") or c2.status == "MAINT"
+    await until(lambda: _status(hap, "c2", "UP"), what="c2 UP")
+    assert Path(hap.s.config_path).read_text().count("http-check send") == 2  # noqa: ASYNC240
+
+
+async def _status(h: HAProxy, cuuid: str, status: str) -> bool:
+    r = await rows(h)
+    return any(f"_{cuuid}_" in n and x.status == status for n, x in r.items())
+
+
+async def test_kill9_is_recovered_with_all_checks(hap: HAProxy, flaky_factory) -> None:
+    ok, bad = await flaky_factory("ok"), await flaky_factory("fail")
+    ctrs = [container(f"c{i}", hc(ok.port)) for i in range(5)] + [container("d0", hc(bad.port))]
+    await hap.apply(desired_from_tree(tree(ctrs)))
+    await until(lambda: _down(hap, "d0"), what="d0 DOWN")
+    await until(lambda: _count_up(hap, 5), what="5 UP")
+    await until(lambda: _state_saved(hap), what="a state snapshot")
+    pid = hap.pid
+    assert pid is not None
+    os.kill(pid, signal.SIGKILL)
+    await until(lambda: _new_pid(hap, pid), timeout=5, what="a new HAProxy")
+    r = await rows(hap)
+    assert len(r) == 6
+    assert r[next(n for n in r if "_d0_" in n)].status == "DOWN", "restored DOWN from the snapshot"
+    assert sum(x.status == "UP" for x in r.values()) == 5, "restored UP from the snapshot"
+    assert hap.restarts == 1
+    # the socket answers with mode 0600 at the configured path and HAProxy listens on nothing
+    assert oct(os.stat(hap.s.socket_path).st_mode & 0o777) == "0o600"
+    assert _listening_inodes(hap.pid or 0) == set()
+
+
+async def _count_up(h: HAProxy, n: int) -> bool:
+    return sum(x.status == "UP" for x in (await rows(h)).values()) == n
+
+
+async def _state_saved(h: HAProxy) -> bool:
+    return h._state_text.count("cattle-") >= 6
+
+
+async def _new_pid(h: HAProxy, old: int) -> bool:
+    return h.pid not in (None, old) and h.running.is_set()
+
+
+def _listening_inodes(pid: int) -> set[str]:
+    fds = set()
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            t = os.readlink(f"/proc/{pid}/fd/{fd}")
+        except OSError:
+            continue
+        if t.startswith("socket:["):
+            fds.add(t[8:-1])
+    listening = set()
+    for f in ("tcp", "tcp6", "udp", "udp6"):
+        for line in Path(f"/proc/net/{f}").read_text().splitlines()[1:]:
+            parts = line.split()
+            if (f.startswith("udp") or parts[3] == "0A") and parts[9] in fds:
+                listening.add(parts[9])
+    return listening

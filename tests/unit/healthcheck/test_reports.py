@@ -1,0 +1,159 @@
+"""reports.py: the pure state machine and the delivery pipeline (against an in-process poster)."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from agents.errors import ApiError, TransportError
+from healthcheck.haproxy import StatRow, parse_cli_blocks, parse_stat_csv
+from healthcheck.reports import Report, Reporter, Tracker, reduce_row, report_body
+
+N = "cattle-H_c1_1"
+
+
+def row(status: str, cs: str, name: str = N, **kw: str) -> StatRow:
+    return StatRow(backend="hcp-x", name=name, status=status, check_status=cs, **kw)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(("status", "cs", "want"), [
+    ("UP", "L7OK", "UP"), ("UP 2/3", "L7STS", "UP"), ("UP 1/3", "INI", ""), ("DOWN", "INI", ""),
+    ("DOWN", "L4CON", "DOWN"), ("DOWN 1/2", "L7OK", "DOWN"), ("MAINT", "", "IGNORE"),
+    ("no check", "", "IGNORE"), ("DRAIN", "L7OK", "IGNORE"), ("NOLB", "L7OK", "IGNORE"),
+    ("MAINT (resolution)", "", "IGNORE"), ("UP", "", ""),
+])
+def test_reduce(status: str, cs: str, want: str) -> None:
+    assert reduce_row(status, cs) == want
+
+
+def states(t: Tracker, seq: list[tuple[str, str]]) -> list[str]:
+    out = []
+    for s, cs in seq:
+        out += [r.state for r in t.observe([row(s, cs)], 1000.0)]
+    return out
+
+
+def test_new_check_reports_up_only_after_rise_and_never_partial_states() -> None:
+    t = Tracker()
+    t.sync([N])
+    assert states(t, [("DOWN", "INI"), ("DOWN 1/2", "L7OK"), ("UP", "L7OK"), ("UP 2/3", "L7STS"),
+                      ("UP 1/3", "L7STS"), ("DOWN", "L7STS"), ("DOWN 1/2", "L7OK"), ("UP", "L7OK")]) == [
+        "UP", "DOWN", "UP"]
+
+
+def test_new_check_reports_down_after_first_failed_check() -> None:
+    t = Tracker()
+    t.sync([N])
+    assert states(t, [("DOWN", "INI"), ("DOWN", "L4CON"), ("DOWN", "L4CON")]) == ["DOWN"]
+
+
+def test_unknown_and_removed_checks_are_not_reported() -> None:
+    t = Tracker()
+    t.sync([N])
+    assert t.observe([row("DOWN", "L4CON", name="cattle-other")], 1.0) == []
+    t.sync([])
+    assert t.observe([row("DOWN", "L4CON")], 1.0) == []
+
+
+def test_emit_init_sends_init_before_up() -> None:
+    t = Tracker(emit_init=True)
+    t.sync([N])
+    assert states(t, [("UP", "L7OK"), ("DOWN", "L7STS"), ("UP", "L7OK")]) == ["INIT", "UP", "DOWN", "INIT", "UP"]
+
+
+def test_body_is_byte_exact() -> None:
+    assert report_body(Report("H_c1_1", "DOWN", 1795451535.9)) == (
+        b'{"externalTimestamp":1795451535,"healthcheckUuid":"H_c1_1","reportedHealth":"DOWN"}')
+
+
+CSV = ('# pxname,svname,status,check_status,check_code,last_chk,lastchg,chkfail,chkdown,extra,\n'
+       'hcp-a,cattle-H_c1_1,UP 2/3,* L7STS,503,"Down, really",12,1,0,x,\n'
+       'hcp-a,cattle-H_c2_1,DOWN,L4CON,,Connection refused,3,2,1\n'
+       'hcp-a,BACKEND,UP,,,,,,,,\n\n')
+
+
+def test_stat_csv_with_quoted_comma_and_short_rows() -> None:
+    r = parse_stat_csv(CSV)
+    assert [(x.name, x.status, x.check_status, x.last_chk, x.lastchg) for x in r] == [
+        ("cattle-H_c1_1", "UP 2/3", "L7STS", "Down, really", 12),
+        ("cattle-H_c2_1", "DOWN", "L4CON", "Connection refused", 3)]
+
+
+def test_cli_blocks() -> None:
+    assert parse_cli_blocks("New server registered.\n\n\n\n\n") == ["New server registered.", "", "", ""]
+    assert parse_cli_blocks("\nServer deleted.\n\n") == ["", "Server deleted."]
+
+
+class Server:
+    """An in-process poster: records bodies, can fail, hang or refuse per check."""
+
+    def __init__(self) -> None:
+        self.got: list[Report] = []
+        self.down = False
+        self.hang: set[str] = set()
+        self.status: dict[str, int] = {}
+        self.calls = 0
+
+    async def post(self, r: Report) -> None:
+        self.calls += 1
+        if self.down:
+            raise TransportError("connection refused")
+        if r.uuid in self.hang:
+            await asyncio.sleep(3600)
+        st = self.status.get(r.uuid)
+        if st:
+            raise ApiError(st, "x", "", "u")
+        self.got.append(r)
+
+
+async def wait(pred, timeout: float = 5.0) -> None:  # type: ignore[no-untyped-def]
+    async with asyncio.timeout(timeout):
+        while not pred():
+            await asyncio.sleep(0.005)
+
+
+async def test_slow_post_does_not_delay_others_and_latest_wins_while_down() -> None:
+    srv = Server()
+    rep = Reporter(srv.post, concurrency=4, timeout=0.3, retry_min=0.01, retry_max=0.05)
+    stop = asyncio.Event()
+    task = asyncio.create_task(rep.run(stop))
+    srv.hang.add("hang")
+    rep.submit(Report("hang", "DOWN", 1.0))
+    for i in range(10):
+        rep.submit(Report(f"c{i}", "DOWN", 1.0))
+    await wait(lambda: len(srv.got) == 10)
+    srv.down = True
+    for s in ("UP", "DOWN", "UP"):
+        rep.submit(Report("c0", s, 2.0))
+    await asyncio.sleep(0.1)
+    srv.down = False
+    srv.hang.clear()
+    await wait(lambda: rep.pending == 0)
+    c0 = [r.state for r in srv.got if r.uuid == "c0"]
+    assert c0 == ["DOWN", "UP"], "only the latest state of c0 is delivered after the outage"
+    assert [r.state for r in srv.got if r.uuid == "hang"] == ["DOWN"], "the hung report was retried"
+    stop.set()
+    await task
+
+
+async def test_409_is_retried_and_403_parks_until_metadata_changes() -> None:
+    srv = Server()
+    rep = Reporter(srv.post, concurrency=2, retry_min=0.01, retry_max=0.02)
+    stop = asyncio.Event()
+    task = asyncio.create_task(rep.run(stop))
+    srv.status = {"a": 409, "b": 403}
+    rep.submit(Report("a", "DOWN", 1.0))
+    rep.submit(Report("b", "DOWN", 1.0))
+    await asyncio.sleep(0.2)
+    calls_b = srv.calls
+    del srv.status["a"]
+    await wait(lambda: any(r.uuid == "a" for r in srv.got))
+    await asyncio.sleep(0.1)
+    assert not any(r.uuid == "b" for r in srv.got) and rep.boxes["b"].parked
+    assert srv.calls - calls_b <= 1  # parked: no more attempts
+    srv.status = {}
+    rep.metadata_changed()
+    await wait(lambda: any(r.uuid == "b" for r in srv.got))
+    stop.set()
+    await task
