@@ -1,0 +1,385 @@
+"""The metadata HTTP listener: a lean asyncio protocol in front of precomputed responses.
+
+Why not aiohttp here: every answer is a pure function of (snapshot, path, format, client
+tree), so the request path is parse → dict lookup → ``transport.write``. A bare
+``asyncio.Protocol`` (uvloop) does that several times faster than a framework handler, and
+it sees a client disconnect the moment it happens (``connection_lost``), which is what frees
+a long-poll waiter at once. The reload endpoint and the admin listener are aiohttp (cold).
+
+Per snapshot generation there is one response cache keyed by (path, format, client key);
+a swap replaces the cache wholesale, so nothing is re-rendered until somebody asks
+(lazy, never a CPU storm on change). Long-poll waiters are plain objects with a timer
+handle: a swap compares each distinct (path, client, old value) once and answers the
+waiters whose value changed; the timer answers at maxWait; a disconnect drops them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import socket
+import time
+from collections.abc import Iterable
+from email.utils import formatdate
+from typing import Any
+from urllib.parse import parse_qs
+
+from agents.log import get_logger
+from metadata.lookup import Response, bad_request, respond, router_404, unavailable
+from metadata.render import negotiate
+from metadata.store import Snapshot, empty_snapshot
+
+__all__ = ["MetadataServer"]
+
+log = get_logger(__name__)
+
+MAX_HEAD = 64 * 1024
+MAX_BUFFER = 256 * 1024
+CACHE_ENTRIES = 200_000
+CACHE_BYTES = 512 * 1024 * 1024
+_ROUTER_404 = router_404()
+_BAD = bad_request()
+_BUSY = unavailable()
+
+
+class _Generation:
+    __slots__ = ("bytes", "cache", "ip_set", "snap")
+
+    def __init__(self, snap: Snapshot) -> None:
+        self.snap = snap
+        self.cache: dict[tuple[str, str, str], Response] = {}
+        self.bytes = 0
+        s: set[str] = set()
+        for api in snap.trees:
+            s.update(snap.ip_keys(api))
+        self.ip_set = frozenset(s)
+
+
+class _Waiter:
+    __slots__ = ("conn", "fmt", "ip", "keep", "method", "old", "path", "timer")
+
+    def __init__(self, conn: _Conn, method: bytes, path: str, fmt: str, ip: str, old: bytes, keep: bool) -> None:
+        self.conn = conn
+        self.method = method
+        self.path = path
+        self.fmt = fmt
+        self.ip = ip
+        self.old = old
+        self.keep = keep
+        self.timer: asyncio.TimerHandle | None = None
+
+
+class MetadataServer:
+    """Serves the current snapshot; ``swap(snap)`` installs a new one."""
+
+    def __init__(self, *, xff: bool = False, xff_trusted: Iterable[str] = (), max_waiters: int = 10_000,
+                 stats: dict[tuple[str, int], int] | None = None) -> None:
+        self.xff = xff
+        self.xff_trusted = [ipaddress.ip_network(c, strict=False) for c in xff_trusted]
+        self.max_waiters = max_waiters
+        self.gen = _Generation(empty_snapshot())
+        self.waiters: set[_Waiter] = set()
+        self.conns: set[_Conn] = set()
+        self.stats: dict[tuple[str, int], int] = stats if stats is not None else {}
+        self._servers: list[asyncio.AbstractServer] = []
+        self._accept_cache: dict[bytes, str] = {}
+        self.date = b""
+        self._date_handle: asyncio.TimerHandle | None = None
+        self.port = 0
+
+    # ------------------------------------------------------------------ lifecycle
+    async def start(self, host: str, port: int, *, reuse_port: bool = False, sock: socket.socket | None = None) -> None:
+        loop = asyncio.get_running_loop()
+        self._tick_date()
+        if sock is not None:
+            srv = await loop.create_server(lambda: _Conn(self), sock=sock, backlog=4096)
+        else:
+            srv = await loop.create_server(lambda: _Conn(self), host or None, port, reuse_address=True,
+                                           reuse_port=reuse_port or None, backlog=4096)
+        self._servers.append(srv)
+        socks: Any = srv.sockets or []
+        if socks:
+            self.port = socks[0].getsockname()[1]
+
+    async def stop(self) -> None:
+        for s in self._servers:
+            s.close()
+        for w in list(self.waiters):
+            self._drop(w)
+        for c in list(self.conns):
+            if c.transport is not None:
+                c.transport.close()
+        for s in self._servers:
+            try:
+                await asyncio.wait_for(s.wait_closed(), 2)
+            except TimeoutError:
+                pass
+        self._servers.clear()
+        if self._date_handle is not None:
+            self._date_handle.cancel()
+
+    def _tick_date(self) -> None:
+        now = time.time()
+        self.date = b"Date: " + formatdate(now, usegmt=True).encode() + b"\r\n"
+        self._date_handle = asyncio.get_running_loop().call_later(1.0 - (now % 1.0) + 0.001, self._tick_date)
+
+    # ------------------------------------------------------------------ data
+    @property
+    def snapshot(self) -> Snapshot:
+        return self.gen.snap
+
+    def swap(self, snap: Snapshot) -> None:
+        """Install ``snap`` and answer the long-poll waiters whose value changed."""
+        self.gen = _Generation(snap)
+        if not self.waiters:
+            return
+        seen: dict[tuple[str, str, bytes], Response | None] = {}
+        for w in list(self.waiters):
+            k = (w.path, self._client_key(w.path, w.ip), w.old)
+            if k not in seen:
+                r = self.lookup(w.path, "", "text", w.ip)
+                seen[k] = r if (r.value_text is not None and r.value_text != w.old) else None
+            if seen[k] is not None:
+                self._finish(w)
+
+    def _client_key(self, path: str, ip: str) -> str:
+        g = self.gen
+        if ip in g.ip_set and (g.snap.legacy or "self" in path):
+            return ip
+        return ""
+
+    def lookup(self, path: str, query: str, fmt: str, ip: str) -> Response:
+        g = self.gen
+        key = (path, fmt, self._client_key(path, ip))
+        r = g.cache.get(key)
+        if r is None:
+            r, cacheable = respond(g.snap, path, query, fmt, ip)
+            if cacheable and len(g.cache) < CACHE_ENTRIES and g.bytes + len(r.body) < CACHE_BYTES:
+                g.cache[key] = r
+                g.bytes += len(r.body) + len(r.head)
+        return r
+
+    def fmt_for(self, accept: bytes | None) -> str:
+        if not accept:
+            return "text"
+        f = self._accept_cache.get(accept)
+        if f is None:
+            f = negotiate(accept.decode("latin-1"))
+            if len(self._accept_cache) < 1024:
+                self._accept_cache[accept] = f
+        return f
+
+    def client_ip(self, peer: str, xff: bytes | None) -> str:
+        if self.xff and xff:
+            cand = xff.decode("latin-1").split(",")[-1].strip()
+            if cand:
+                if not self.xff_trusted:
+                    return cand
+                try:
+                    pa = ipaddress.ip_address(peer)
+                except ValueError:
+                    return peer
+                if any(pa in n for n in self.xff_trusted):
+                    return cand
+        return peer
+
+    def count(self, family: str, status: int) -> None:
+        k = (family, status)
+        self.stats[k] = self.stats.get(k, 0) + 1
+
+    # ------------------------------------------------------------------ long poll
+    def add_waiter(self, w: _Waiter, max_wait: float) -> None:
+        self.waiters.add(w)
+        w.timer = asyncio.get_running_loop().call_later(max_wait, self._finish, w)
+
+    def _drop(self, w: _Waiter) -> None:
+        self.waiters.discard(w)
+        if w.timer is not None:
+            w.timer.cancel()
+            w.timer = None
+        if w.conn.waiter is w:
+            w.conn.waiter = None
+
+    def _finish(self, w: _Waiter) -> None:
+        if w not in self.waiters:
+            return
+        self._drop(w)
+        c = w.conn
+        r = self.lookup(w.path, "", w.fmt, w.ip)
+        c.send(r, w.method, w.keep)
+        if c.transport is not None and not c.closing:
+            c.process()
+
+
+class _Conn(asyncio.Protocol):
+    __slots__ = ("buf", "closing", "peer", "server", "skip", "transport", "waiter")
+
+    def __init__(self, server: MetadataServer) -> None:
+        self.server = server
+        self.transport: Any = None
+        self.buf = bytearray()
+        self.peer = ""
+        self.waiter: _Waiter | None = None
+        self.closing = False
+        self.skip = 0
+
+    def connection_made(self, transport: Any) -> None:
+        self.transport = transport
+        pn = transport.get_extra_info("peername")
+        ip = pn[0] if pn else ""
+        if ip.startswith("::ffff:"):
+            ip = ip[7:]
+        self.peer = ip
+        self.server.conns.add(self)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self.waiter is not None:
+            self.server._drop(self.waiter)
+        self.server.conns.discard(self)
+        self.transport = None
+        self.buf = bytearray()
+
+    def eof_received(self) -> bool:
+        if self.waiter is not None:  # client gave up on its long poll
+            self.server._drop(self.waiter)
+        return False  # close
+
+    def data_received(self, data: bytes) -> None:
+        if self.skip:
+            n = min(self.skip, len(data))
+            self.skip -= n
+            data = data[n:]
+        self.buf += data
+        if self.waiter is not None:
+            if len(self.buf) > MAX_BUFFER:
+                self.transport.close()
+            return
+        self.process()
+
+    def send(self, r: Response, method: bytes, keep: bool) -> None:
+        t = self.transport
+        if t is None:
+            return
+        srv = self.server
+        srv.count(r.family, r.status)
+        close = r.close or not keep
+        tail = b"Connection: close\r\n\r\n" if close else b"\r\n"
+        if method == b"HEAD":
+            t.write(r.head + srv.date + tail)
+        elif len(r.body) < 16384:
+            t.write(r.head + srv.date + tail + r.body)
+        else:
+            t.writelines((r.head, srv.date, tail, r.body))
+        if close:
+            self.closing = True
+            t.close()
+
+    def process(self) -> None:
+        srv = self.server
+        buf = self.buf
+        while self.waiter is None and not self.closing and self.transport is not None:
+            end = buf.find(b"\r\n\r\n")
+            if end < 0:
+                if len(buf) > MAX_HEAD:
+                    self.send(_BAD, b"GET", False)
+                return
+            head = bytes(buf[:end])
+            del buf[: end + 4]
+            lines = head.split(b"\r\n")
+            rl = lines[0].split(b" ")
+            if len(rl) != 3 or not rl[2].startswith(b"HTTP/1."):
+                self.send(_BAD, b"GET", False)
+                return
+            method, target, ver = rl
+            accept = xff = None
+            keep = ver == b"HTTP/1.1"
+            clen = 0
+            for ln in lines[1:]:
+                name, sep, value = ln.partition(b":")
+                if not sep:
+                    self.send(_BAD, b"GET", False)
+                    return
+                n = name.lower()
+                if n == b"accept":
+                    accept = value.strip()
+                elif n == b"x-forwarded-for":
+                    xff = value.strip()
+                elif n == b"connection":
+                    v = value.strip().lower()
+                    if v == b"close":
+                        keep = False
+                    elif v == b"keep-alive":
+                        keep = True
+                elif n == b"content-length":
+                    try:
+                        clen = int(value.strip())
+                    except ValueError:
+                        self.send(_BAD, b"GET", False)
+                        return
+                    if clen < 0:
+                        self.send(_BAD, b"GET", False)
+                        return
+                elif n == b"transfer-encoding":
+                    keep = False  # we never read request bodies; close after answering
+            if clen:
+                if len(buf) >= clen:
+                    del buf[:clen]
+                else:
+                    self.skip = clen - len(buf)
+                    buf.clear()
+            if method != b"GET" and method != b"HEAD":
+                self.send(_ROUTER_404, method, keep)
+                continue
+            if target.startswith(b"http://") or target.startswith(b"https://"):
+                slash = target.find(b"/", target.find(b"//") + 2)
+                target = target[slash:] if slash >= 0 else b"/"
+            if not target.startswith(b"/"):
+                self.send(_BAD, method, False)
+                return
+            try:
+                t = target.decode("utf-8")
+            except UnicodeDecodeError:
+                t = target.decode("latin-1")
+            path, _, query = t.partition("?")
+            if path == "/favicon.ico":
+                self.send(_ROUTER_404, method, keep)
+                continue
+            fmt = srv.fmt_for(accept)
+            ip = srv.client_ip(self.peer, xff) if xff else self.peer
+            if query and "wait=" in query and "value=" in query:
+                if self._long_poll(method, path, query, fmt, ip, keep):
+                    return
+                continue
+            self.send(srv.lookup(path, query, fmt, ip), method, keep)
+
+    def _long_poll(self, method: bytes, path: str, query: str, fmt: str, ip: str, keep: bool) -> bool:
+        """Start a long poll; True when this connection now waits."""
+        srv = self.server
+        q = parse_qs(query, keep_blank_values=True)
+        if q.get("wait", [""])[0] != "true" or "value" not in q:
+            self.send(srv.lookup(path, query, fmt, ip), method, keep)
+            return False
+        old = q["value"][0].encode("utf-8", "surrogateescape")
+        mw_s = q.get("maxWait", [""])[0]
+        try:
+            mw = int(mw_s) if mw_s.lstrip("+-").isdigit() else 0
+        except ValueError:
+            mw = 0
+        if mw <= 0:
+            mw = 60
+        mw = min(mw, 120)
+        r = srv.lookup(path, query, fmt, ip)
+        if r.status == 301 or r.status == 400:
+            self.send(r, method, keep)
+            return False
+        probe = r if fmt == "text" else srv.lookup(path, query, "text", ip)
+        if probe.value_text is not None and probe.value_text != old:
+            self.send(r, method, keep)
+            return False
+        if len(srv.waiters) >= srv.max_waiters:
+            self.send(_BUSY, method, keep)
+            return False
+        w = _Waiter(self, method, path, fmt, ip, old, keep)
+        self.waiter = w
+        srv.add_waiter(w, float(mw))
+        return True

@@ -1,0 +1,209 @@
+"""``corral metadata``: the per-node metadata service (drop-in for rancher-metadata).
+
+Flags are the original's (``--listen``, ``--listenReload``, ``--answers``, ``--subscribe``,
+``--reload-interval-limit``, ``--xff``, ``--debug``, ``--log``, ``--pid-file``; single-dash
+spellings work too, as Go's flag package allows) plus Corral's ``--metrics-listen``,
+``--xff-trusted``, ``--max-waiters`` and ``--ready-grace``. See docs/metadata.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import os
+import signal
+from pathlib import Path
+from typing import Any
+
+from aiohttp import web
+from prometheus_client import REGISTRY
+from prometheus_client.core import CounterMetricFamily
+
+from agents.config import CattleConfig, add_common_args
+from agents.errors import ConfigError, InputError
+from agents.log import get_logger
+from agents.metrics import AdminServer, Health, gauge, parse_listen
+
+__all__ = ["DEMO_HINTS", "build_parser", "demo_argv", "main"]
+
+log = get_logger(__name__)
+
+DEMO_HINTS = [
+    "metadata:  curl {metadata}/latest/self/host/name   (JSON: -H 'Accept: application/json')",
+]
+
+
+def demo_argv(ctx: Any) -> list[str]:
+    """argv after ``corral metadata`` for ``corral demo`` (subscribed to the stand-in server)."""
+    port = ctx.port("metadata")
+    return ["--subscribe", "--listen", f"127.0.0.1:{port}",
+            "--listenReload", f"127.0.0.1:{ctx.port('metadata_reload')}",
+            "--metrics-listen", f"127.0.0.1:{ctx.port('metadata_admin')}",
+            "--answers", str(Path(ctx.workdir) / "metadata-answers.json")]
+
+
+def demo_ready_url(ctx: Any) -> str:
+    return f"http://127.0.0.1:{ctx.port('metadata')}/"
+
+
+def _alias(p: argparse.ArgumentParser, *names: str, **kw: Any) -> None:
+    opts = []
+    for n in names:
+        opts += [f"--{n}", f"-{n}"] if len(n) > 1 else [f"-{n}"]
+    p.add_argument(*opts, **kw)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="corral metadata", description="the metadata service")
+    _alias(p, "listen", default=":80", help="metadata API address (default :80)")
+    _alias(p, "listenReload", dest="listen_reload", default="127.0.0.1:8112", help="reload API address")
+    _alias(p, "answers", default="./answers.json", help="answers file (file mode) / cache file (subscribe)")
+    _alias(p, "subscribe", action="store_true", help="subscribe to the server (else serve the file)")
+    _alias(p, "reload-interval-limit", dest="reload_interval_limit", type=int, default=1000,
+           help="minimum ms between two downloads")
+    _alias(p, "xff", action="store_true", help="take the client IP from X-Forwarded-For (right-most)")
+    p.add_argument("--xff-trusted", action="append", default=[], metavar="CIDR",
+                   help="only peers in CIDR may set X-Forwarded-For (repeatable; default: any)")
+    p.add_argument("--max-waiters", type=int, default=10_000, help="concurrent long-poll waiters (503 above)")
+    p.add_argument("--ready-grace", type=float, default=30.0,
+                   help="seconds the server may be unreachable before /ready reports degraded")
+    p.add_argument("--file-poll", type=float, default=0.5, help="seconds between answers-file change checks")
+    add_common_args(p, metrics_listen="127.0.0.1:9112")
+    for a in p._actions:  # Go-style single-dash spellings of the common flags
+        first = a.option_strings[0] if a.option_strings else ""
+        if first in ("--debug", "--log", "--pid-file"):
+            a.option_strings = [*a.option_strings, "-" + first[2:]]
+            p._option_string_actions["-" + first[2:]] = a
+    return p
+
+
+class _RequestCollector:
+    """Exports the HTTP layer's plain-dict request counts (cheaper than a labelled counter per request)."""
+
+    def __init__(self, stats: dict[tuple[str, int], int]) -> None:
+        self.stats = stats
+
+    def collect(self) -> Any:
+        c = CounterMetricFamily("corral_metadata_requests", "metadata API requests by path family and status",
+                                labels=["family", "code"])
+        for (fam, code), n in sorted(self.stats.items()):
+            c.add_metric([fam, str(code)], n)
+        yield c
+
+
+_STATS: dict[tuple[str, int], int] = {}
+_registered = False
+
+
+def _register_metrics() -> None:
+    global _registered
+    if not _registered:
+        REGISTRY.register(_RequestCollector(_STATS))  # type: ignore[arg-type]
+        _registered = True
+
+
+def load_cache_at_start(path: Path) -> bytes | None:
+    """Read the cache file; a corrupt one is moved aside to ``<answers>.corrupt``."""
+    try:
+        return path.read_bytes()
+    except FileNotFoundError:
+        return None
+    except OSError as e:
+        log.error("cannot read the answers cache", path=str(path), error=str(e))
+        return None
+
+
+async def serve(args: argparse.Namespace, stop: asyncio.Event) -> None:
+    from metadata.http import MetadataServer
+    from metadata.source import Applier, FileSource, SubscribeSource
+
+    _register_metrics()
+    health = Health()
+    health.require("synced")
+    server = MetadataServer(xff=args.xff, xff_trusted=args.xff_trusted, max_waiters=args.max_waiters,
+                            stats=_STATS)
+    gauge("metadata", "longpoll_waiters", "long-poll requests waiting").set_function(lambda: len(server.waiters))
+    gauge("metadata", "connections", "open metadata API connections").set_function(lambda: len(server.conns))
+    answers = Path(args.answers)
+    cfg: CattleConfig | None = None
+    if args.subscribe:
+        cfg = CattleConfig.from_env(required=True)
+    applier = Applier(server, health, cache_path=answers if args.subscribe else None)
+
+    if args.subscribe:  # the cache goes in before anything else, so a dead server still gets served
+        data = load_cache_at_start(answers)
+        if data is not None:
+            try:
+                await applier.apply_file_bytes(data)
+                log.info("serving the cached answer set", path=str(answers), version=applier.applied_version)
+            except InputError as e:
+                aside = answers.with_name(answers.name + ".corrupt")
+                with contextlib.suppress(OSError):
+                    os.replace(answers, aside)
+                log.error("corrupt answers cache moved aside, starting empty", path=str(aside), error=str(e))
+
+    host, port = parse_listen(args.listen, "0.0.0.0")
+    await server.start(host, port)
+    log.info("metadata listening", listen=f"{host}:{server.port}")
+    admin = AdminServer(args.metrics_listen, health)
+    await admin.start()
+
+    file_src: FileSource | None = None
+    sub: SubscribeSource | None = None
+    if args.subscribe:
+        sub = SubscribeSource(cfg, applier, health, interval_limit=args.reload_interval_limit / 1000.0,
+                              grace=args.ready_grace)
+    else:
+        file_src = FileSource(answers, applier, poll=args.file_poll)
+
+    async def reload_now() -> str:
+        if file_src is not None:
+            return await file_src.reload()
+        assert sub is not None
+        return await sub.wait_done(sub.kick())
+
+    async def on_reload(request: web.Request) -> web.Response:
+        err = await reload_now()
+        if err:
+            return web.Response(status=500, text=err)
+        return web.Response(text="OK")
+
+    rapp = web.Application()
+    rapp.router.add_post("/v1/reload", on_reload)
+    rrunner = web.AppRunner(rapp, access_log=None)
+    await rrunner.setup()
+    rhost, rport = parse_listen(args.listen_reload, "127.0.0.1")
+    await web.TCPSite(rrunner, rhost, rport, reuse_address=True).start()
+
+    loop = asyncio.get_running_loop()
+    tasks: set[asyncio.Task[Any]] = set()
+
+    def on_hup() -> None:
+        t = loop.create_task(reload_now())
+        tasks.add(t)
+        t.add_done_callback(tasks.discard)
+
+    loop.add_signal_handler(signal.SIGHUP, on_hup)
+    try:
+        if file_src is not None:
+            await file_src.run(stop)
+        else:
+            assert sub is not None
+            await sub.run(stop)
+    finally:
+        loop.remove_signal_handler(signal.SIGHUP)
+        await server.stop()
+        await rrunner.cleanup()
+        await admin.stop()
+
+
+def main(argv: list[str]) -> int:
+    from agents.cli import run_daemon
+
+    p = build_parser()
+    args = p.parse_args(argv)
+    if args.max_waiters < 0:
+        raise ConfigError("--max-waiters must be >= 0")
+    return run_daemon("metadata", lambda stop: serve(args, stop), debug=args.debug, log_file=args.log,
+                      log_json=args.log_json, pid_file=args.pid_file)

@@ -1,0 +1,607 @@
+"""Answer sets in, immutable versioned snapshots out (metadata.md §3, §4).
+
+Two input formats:
+
+* the v2 stream: raw DEFLATE of concatenated JSON objects tagged ``metadata_kind``
+  (:func:`decode_stream`, :func:`parse_objects`, :func:`build_steps`);
+* the legacy map ``version -> client IP | "default" -> tree`` (JSON or YAML), served as is
+  (:func:`legacy_snapshot`).
+
+Both end up as a :class:`Snapshot`: one tree per API version plus the ``self`` subtree per
+client IP, built from one normalised store so the versions share immutable objects. The
+per-IP trees are built lazily (only IPs that actually call get one). A snapshot is never
+mutated after it is built; the daemon swaps the whole object.
+
+The build is a generator (:func:`build_steps`) that yields between chunks, so the async
+driver can give the event loop back every few milliseconds (the 50 ms stall budget);
+:func:`build` just runs it to the end (tests, tools).
+
+Everything here is pure: no I/O, no clock, no randomness. Order is deterministic (§3
+"List order"); ties on a shared IP are broken as §2.5 says.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import re
+import zlib
+from collections.abc import Generator, Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+import orjson
+import yaml
+
+from agents.errors import InputError
+
+__all__ = [
+    "API_VERSIONS",
+    "MAX_DECODED",
+    "Snapshot",
+    "build",
+    "build_steps",
+    "decode_stream",
+    "empty_snapshot",
+    "legacy_snapshot",
+    "load_answers_bytes",
+    "parse_objects",
+]
+
+V1, V2, V3 = "2015-07-25", "2015-12-19", "2016-07-29"
+API_VERSIONS = (V1, V2, V3)
+MAX_DECODED = 512 * 1024 * 1024  # a decoded answer set larger than this is refused
+_INT_MAX = 2**63
+
+# Field tables (§3). Kind: s string, i integer, b bool, l list of strings, m map, j free JSON.
+CONTAINER_FIELDS: dict[str, str] = {
+    "name": "s", "uuid": "s", "primary_ip": "s", "primary_mac_address": "s", "hostname": "s",
+    "external_id": "s", "host_uuid": "s", "state": "s", "health_state": "s", "service_index": "s",
+    "network_uuid": "s", "network_from_container_uuid": "s", "environment_uuid": "s",
+    "create_index": "i", "start_count": "i", "memory_reservation": "i", "milli_cpu_reservation": "i",
+    "system": "b", "ips": "l", "ports": "l", "dns": "l", "dns_search": "l", "health_check_hosts": "l",
+    "labels": "m", "service_name": "s", "service_uuid": "s", "stack_name": "s", "stack_uuid": "s",
+}
+SERVICE_FIELDS: dict[str, str] = {
+    "name": "s", "uuid": "s", "stack_name": "s", "stack_uuid": "s", "kind": "s", "hostname": "s",
+    "vip": "s", "fqdn": "s", "state": "s", "primary_service_name": "s", "environment_uuid": "s",
+    "token": "s", "selector": "s", "create_index": "i", "scale": "i", "system": "b",
+    "external_ips": "l", "sidekicks": "l", "ports": "l", "expose": "l", "labels": "m",
+    "metadata": "j", "health_check": "o", "lb_config": "o",
+}
+STACK_FIELDS: dict[str, str] = {
+    "name": "s", "uuid": "s", "environment_name": "s", "environment_uuid": "s", "system": "b",
+}
+HOST_FIELDS: dict[str, str] = {
+    "agent_ip": "s", "name": "s", "hostname": "s", "uuid": "s", "hostId": "i", "labels": "m",
+    "memory": "i", "milli_cpu": "i", "local_storage_mb": "i", "environment_uuid": "s", "state": "s",
+}
+NETWORK_FIELDS: dict[str, str] = {
+    "name": "s", "uuid": "s", "environment_uuid": "s", "default_policy_action": "s",
+    "is_default": "b", "host_ports": "b", "policy": "L",
+}
+_TABLES = {"container": CONTAINER_FIELDS, "service": SERVICE_FIELDS, "stack": STACK_FIELDS,
+           "host": HOST_FIELDS, "network": NETWORK_FIELDS}
+
+
+# --------------------------------------------------------------------------- decoding
+
+
+def decode_stream(raw: bytes, limit: int = MAX_DECODED) -> bytes:
+    """Inflate a raw DEFLATE body (no zlib/gzip header); InputError on anything else."""
+    d = zlib.decompressobj(-15)
+    try:
+        out = d.decompress(raw, limit + 1)
+    except zlib.error as e:
+        raise InputError(f"answers: bad DEFLATE data: {e}") from e
+    if len(out) > limit or d.unconsumed_tail:
+        raise InputError(f"answers: decoded answer set larger than {limit} bytes")
+    if not d.eof:
+        raise InputError("answers: truncated DEFLATE stream")
+    return out
+
+
+def parse_objects(data: bytes) -> list[dict[str, Any]]:
+    """Split concatenated JSON objects (no separators required) into dicts."""
+    stripped = data.strip()
+    if not stripped:
+        return []
+    # Fast path: newline-separated objects. A raw newline cannot occur inside a JSON string,
+    # so "}\n{" only ever separates two objects and the rewrite into an array is exact.
+    try:
+        objs = orjson.loads(b"[" + stripped.replace(b"}\n{", b"},{") + b"]")
+    except orjson.JSONDecodeError:
+        objs = _parse_slow(stripped)
+    for i, o in enumerate(objs):
+        if not isinstance(o, dict):
+            raise InputError(f"answers: object #{i} is a {type(o).__name__}, not a JSON object")
+    return objs  # type: ignore[no-any-return]
+
+
+def _parse_slow(data: bytes) -> list[Any]:
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise InputError(f"answers: not UTF-8 at byte {e.start}") from e
+    dec = json.JSONDecoder()
+    out: list[Any] = []
+    pos, n = 0, len(text)
+    ws = re.compile(r"\s*")
+    while True:
+        m = ws.match(text, pos)
+        pos = m.end() if m else pos
+        if pos >= n:
+            return out
+        try:
+            obj, pos = dec.raw_decode(text, pos)
+        except json.JSONDecodeError as e:
+            raise InputError(f"answers: bad JSON at object #{len(out)}: {e}") from e
+        out.append(obj)
+
+
+# --------------------------------------------------------------------------- snapshot
+
+
+@dataclass(eq=False)
+class Snapshot:
+    """One answer set, ready to serve. Treat as immutable once built.
+
+    ``trees[v]["default"]`` is the version tree; for the v2 stream, ``ip_self[v]`` maps a client IP
+    to its ``self`` map (built lazily by :meth:`tree`). Legacy snapshots keep every client tree
+    in ``trees`` as given.
+    """
+
+    version: str
+    digest: str
+    trees: dict[str, dict[str, Any]]  # api version -> client key -> tree
+    latest: str | None  # which api version "latest" is
+    legacy: bool = False
+    raw: bytes = b""  # the compressed body as received (v2), kept for the cache file
+    objects: int = 0
+    warnings: tuple[str, ...] = ()
+    _self_src: dict[str, dict[str, Any]] = field(default_factory=dict)  # version -> ip -> self builder args
+    _ip_trees: dict[tuple[str, str], dict[str, Any]] = field(default_factory=dict)
+
+    def resolve(self, name: str) -> str | None:
+        """API version name -> the key of ``trees`` (``latest`` aliases); None if unknown."""
+        if name == "latest":
+            return self.latest
+        return name if name in self.trees else None
+
+    def client_key(self, api: str, ip: str) -> str:
+        """Which client tree ``ip`` sees ("default" or the IP)."""
+        if self.legacy:
+            return ip if ip in self.trees[api] else "default"
+        return ip if ip in self._self_src.get(api, {}) else "default"
+
+    def tree(self, api: str, key: str) -> Any:
+        if key == "default" or self.legacy:
+            return self.trees[api].get(key)
+        t = self._ip_trees.get((api, key))
+        if t is None:
+            base = self.trees[api]["default"]
+            t = dict(base)
+            t["self"] = self._self_src[api][key]
+            self._ip_trees[(api, key)] = t
+        return t
+
+    def ip_keys(self, api: str) -> Iterable[str]:
+        if self.legacy:
+            return [k for k in self.trees.get(api, {}) if k != "default"]
+        return self._self_src.get(api, {}).keys()
+
+
+def empty_snapshot() -> Snapshot:
+    return Snapshot(version="", digest="", trees={}, latest=None)
+
+
+def _check_fields(kind: str, o: dict[str, Any], idx: int) -> None:
+    table = _TABLES[kind]
+    uuid = o.get("uuid")
+    if not isinstance(uuid, str) or not uuid:
+        raise InputError(f"answers: {kind} object #{idx} has no uuid")
+    for k, t in table.items():
+        v = o.get(k)
+        if v is None:
+            continue
+        ok = True
+        if t == "s":
+            ok = isinstance(v, str)
+        elif t == "i":
+            ok = isinstance(v, int) and not isinstance(v, bool) and -_INT_MAX <= v < _INT_MAX
+        elif t == "b":
+            ok = isinstance(v, bool)
+        elif t == "l":
+            ok = isinstance(v, list) and all(isinstance(x, str) for x in v)
+        elif t == "L":
+            ok = isinstance(v, list)
+        elif t == "m":
+            ok = isinstance(v, dict) and all(isinstance(x, str) for x in v.values())
+        elif t == "o":
+            ok = isinstance(v, dict)
+        if not ok:
+            raise InputError(f"answers: {kind} {uuid!r} field {k!r} has the wrong type ({type(v).__name__})")
+
+
+def _lower(v: Any) -> Any:
+    return v.lower() if isinstance(v, str) else v
+
+
+def _sort_key(o: dict[str, Any]) -> tuple[str, str]:
+    n = o.get("name")
+    return ((n if isinstance(n, str) else "").lower(), str(o.get("uuid") or ""))
+
+
+def _ci_key(o: dict[str, Any]) -> tuple[int, str]:
+    ci = o.get("create_index")
+    return (ci if isinstance(ci, int) else _INT_MAX, str(o.get("name") or ""))
+
+
+def _split_port(p: str) -> tuple[str | None, str]:
+    """``[ip:]public:private[/proto]`` -> (ip or None, rest)."""
+    proto_split = p.split("/", 1)
+    parts = proto_split[0].split(":")
+    if len(parts) >= 3:
+        ip = ":".join(parts[:-2])
+        return ip, p[len(ip) + 1 :]
+    return None, p
+
+
+def _ports(ports: list[str], version: str, host_ip: str | None) -> list[str]:
+    out = []
+    for p in ports:
+        ip, rest = _split_port(p)
+        if ":" not in rest.split("/", 1)[0]:  # only a private port: nothing to qualify
+            out.append(p)
+            continue
+        if version == V3:
+            out.append(p if ip is not None else "0.0.0.0:" + rest)
+        elif ip is None or ip == "0.0.0.0":
+            out.append(f"{host_ip}:{rest}" if host_ip else p)
+        else:
+            out.append(p)
+    return out
+
+
+def _base(kind: str, o: dict[str, Any], drop: tuple[str, ...] = ()) -> dict[str, Any]:
+    table = _TABLES[kind]
+    d: dict[str, Any] = {}
+    for k, t in table.items():
+        v = o.get(k)
+        if v is None:
+            v = [] if t == "l" else ({} if t == "m" else None)
+        d[k] = v
+    for k, v in o.items():
+        if k not in d:
+            d[k] = v
+    for k in drop:
+        d.pop(k, None)
+    return d
+
+
+CHUNK = 500  # objects per build step between yields
+
+
+def build_steps(raw: bytes, objs: list[dict[str, Any]] | None = None,
+                decoded: bytes | None = None) -> Generator[None, None, Snapshot]:
+    """Build a :class:`Snapshot` from a v2 answer set, yielding between chunks of work.
+
+    ``raw`` is the compressed body (kept for the cache file). ``objs``/``decoded`` skip the
+    decode/parse when the caller has done them already. Raises InputError on a malformed set.
+    """
+    if decoded is None:
+        decoded = decode_stream(raw)
+        yield
+    if objs is None:
+        objs = parse_objects(decoded)
+        yield
+    digest = hashlib.sha256(decoded).hexdigest()
+
+    env: dict[str, Any] | None = None
+    hosts: dict[str, dict[str, Any]] = {}
+    stacks: dict[str, dict[str, Any]] = {}
+    services: dict[str, dict[str, Any]] = {}
+    containers: dict[str, dict[str, Any]] = {}
+    networks: list[dict[str, Any]] = []
+    scl: dict[str, tuple[str, str]] = {}
+    svc_links: dict[str, dict[str, str]] = {}
+    ctr_links: dict[str, dict[str, str]] = {}
+    default_data: dict[str, Any] | None = None
+    warnings: list[str] = []
+
+    for i, o in enumerate(objs):
+        if i % CHUNK == CHUNK - 1:
+            yield
+        kind = o.get("metadata_kind")
+        if not isinstance(kind, str):
+            raise InputError(f"answers: object #{i} has no metadata_kind")
+        if kind in _TABLES:
+            _check_fields(kind, o, i)
+            if kind == "host":
+                hosts[o["uuid"]] = o
+            elif kind == "stack":
+                stacks[o["uuid"]] = o
+            elif kind == "service":
+                nm = o.get("name")
+                services[(o["uuid"] + "_" + (nm or "")).lower()] = o
+            elif kind == "container":
+                containers[o["uuid"]] = o
+            else:
+                networks.append(o)
+        elif kind in ("serviceContainerLink", "serviceLink", "containerLink"):
+            vals: list[Any] = [o.get(k) for k in (("service_uuid", "service_name", "container_uuid")
+                                       if kind == "serviceContainerLink" else
+                                       ("service_uuid" if kind == "serviceLink" else "container_uuid",
+                                        "key", "value"))]
+            if not all(isinstance(v, str) for v in vals):
+                raise InputError(f"answers: {kind} object #{i} lacks string fields")
+            if kind == "serviceContainerLink":
+                scl.setdefault(vals[2], (vals[0], vals[1]))
+            elif kind == "serviceLink":
+                svc_links.setdefault(vals[0], {})[vals[1]] = vals[2]
+            else:
+                ctr_links.setdefault(vals[0], {})[vals[1]] = vals[2]
+        elif kind == "defaultData":
+            if default_data is not None:
+                raise InputError("answers: more than one defaultData object")
+            if not isinstance(o.get("version"), str) or not o["version"]:
+                raise InputError("answers: defaultData has no version string")
+            if o.get("self") is not None and not isinstance(o.get("self"), dict):
+                raise InputError("answers: defaultData.self is not an object")
+            default_data = o
+        elif kind == "environment":
+            for k in ("name", "uuid", "region_name"):
+                if o.get(k) is not None and not isinstance(o.get(k), str):
+                    raise InputError(f"answers: environment field {k!r} is not a string")
+            env = o
+        # unknown kinds (credential, future ones) are ignored
+    if default_data is None:
+        raise InputError("answers: no defaultData object (version) in the answer set")
+
+    version = default_data["version"]
+    trees: dict[str, dict[str, Any]] = {}
+    self_src: dict[str, dict[str, Any]] = {}
+
+    host_net_uuids = {n["uuid"] for n in networks if n.get("name") == "host"}
+    for api in API_VERSIONS:
+        v3 = api == V3
+        # hosts
+        hl: dict[str, dict[str, Any]] = {}
+        for u, h in hosts.items():
+            d = dict(h)  # hosts pass through as sent (§8 #15), minus hostId in 2016-07-29
+            if v3:
+                d.pop("hostId", None)
+            if not d.get("name"):
+                d["name"] = d.get("hostname")
+            hl[u] = d
+        yield
+        # stacks (services filled in below)
+        sl: dict[str, dict[str, Any]] = {}
+        for u, s in stacks.items():
+            d = _base("stack", s)
+            if v3:
+                d["name"] = _lower(d["name"])
+            sl[u] = d
+        # containers
+        cl: dict[str, dict[str, Any]] = {}
+        members: dict[str, list[dict[str, Any]]] = {}
+        for n, (u, c) in enumerate(containers.items()):
+            if n % CHUNK == CHUNK - 1:
+                yield
+            d = _base("container", c, drop=("host_ip",))
+            host_ip = c.get("host_ip")
+            if not isinstance(host_ip, str) or not host_ip:
+                hh = hosts.get(c.get("host_uuid") or "")
+                host_ip = hh.get("agent_ip") if hh else None
+            d["ports"] = _ports(d["ports"], api, host_ip)
+            links = ctr_links.get(u)
+            d["links"] = dict(links) if links else None
+            link = scl.get(u)
+            if link is not None:
+                skey = (link[0] + "_" + link[1]).lower()
+                svc = services.get(skey)
+                if svc is None:
+                    if api == V1:
+                        warnings.append(f"container {u} links to missing service {link[0]}/{link[1]}")
+                    d["service_name"] = d["service_uuid"] = d["stack_name"] = d["stack_uuid"] = None
+                else:
+                    d["service_name"] = link[1]
+                    d["service_uuid"] = link[0]
+                    d["stack_name"] = svc.get("stack_name")
+                    d["stack_uuid"] = svc.get("stack_uuid")
+                    members.setdefault(skey, []).append(d)
+            if v3:
+                for k in ("name", "service_name", "stack_name"):
+                    d[k] = _lower(d[k])
+            cl[u] = d
+        yield
+        # services
+        svl: list[dict[str, Any]] = []
+        svc_by_key: dict[str, dict[str, Any]] = {}
+        for n, (skey, s) in enumerate(services.items()):
+            if n % CHUNK == CHUNK - 1:
+                yield
+            d = _base("service", s)
+            d["token"] = None
+            mem = sorted(members.get(skey, ()), key=_ci_key)
+            d["containers"] = [m["name"] for m in mem] if api == V1 else mem
+            links = svc_links.get(s["uuid"])
+            if links:
+                d["links"] = {(k.lower() if v3 else k): v for k, v in links.items()}
+            else:
+                d["links"] = None
+            if v3:
+                for k in ("name", "stack_name", "primary_service_name"):
+                    d[k] = _lower(d[k])
+                d["sidekicks"] = [x.lower() for x in d["sidekicks"]]
+            svl.append(d)
+            svc_by_key[skey] = d
+        svl.sort(key=_sort_key)
+        per_stack: dict[str, list[dict[str, Any]]] = {}
+        for d in svl:
+            su = d.get("stack_uuid")
+            if isinstance(su, str) and su in sl:
+                per_stack.setdefault(su, []).append(d)
+        for u, st in sl.items():
+            ss = sorted(per_stack.get(u, ()), key=lambda x: str(x.get("name") or ""))
+            st["services"] = [x["name"] for x in ss] if api == V1 else ss
+        yield
+        # self maps
+        dself = dict(default_data.get("self") or {})
+        hsel = dself.get("host")
+        if isinstance(hsel, dict) and isinstance(hsel.get("uuid"), str) and hsel["uuid"] in hl:
+            dself["host"] = hl[hsel["uuid"]]
+        by_ip: dict[str, dict[str, Any]] = {}
+        chosen: dict[str, tuple[Any, ...]] = {}
+        for u, c in containers.items():
+            ip = c.get("primary_ip")
+            if not isinstance(ip, str) or not ip:
+                continue
+            d = cl[u]
+            rank = (
+                1 if d.get("network_from_container_uuid") else 0,
+                1 if (d.get("network_uuid") in host_net_uuids
+                      or (d.get("labels") or {}).get("io.rancher.container.network") == "host") else 0,
+                d["create_index"] if isinstance(d.get("create_index"), int) else _INT_MAX,
+                str(c.get("name") or ""),
+                u,
+            )
+            prev = chosen.get(ip)
+            if prev is not None and prev <= rank:
+                continue
+            chosen[ip] = rank
+            sm: dict[str, Any] = {"container": d}
+            link = scl.get(u)
+            if link is not None and d.get("stack_uuid"):
+                svc_d = svc_by_key.get((link[0] + "_" + link[1]).lower())
+                if svc_d is not None:
+                    sv = dict(svc_d)
+                    sv["token"] = services[(link[0] + "_" + link[1]).lower()].get("token")
+                    sm["service"] = sv
+                stk = sl.get(d["stack_uuid"])
+                if stk is not None:
+                    sm["stack"] = stk
+            hu = d.get("host_uuid")
+            if isinstance(hu, str) and hu in hl:
+                sm["host"] = hl[hu]
+            by_ip[ip] = sm
+        self_src[api] = by_ip
+        tree: dict[str, Any] = {
+            "containers": sorted(cl.values(), key=_sort_key),
+            "services": svl,
+            "stacks": sorted(sl.values(), key=_sort_key),
+            "hosts": sorted(hl.values(), key=_sort_key),
+            "networks": [_base("network", n) for n in networks],
+            "version": version,
+            "self": dself,
+        }
+        if env is not None:
+            tree["name"] = env.get("name")
+            tree["uuid"] = env.get("uuid")
+            tree["region_name"] = env.get("region_name")
+            if v3:
+                tree["environments"] = []
+        trees[api] = {"default": tree}
+        yield
+    snap = Snapshot(version=version, digest=digest, trees=trees, latest=V3, raw=raw,
+                    objects=len(objs), warnings=tuple(dict.fromkeys(warnings)))
+    snap._self_src = self_src
+    return snap
+
+
+def build(raw: bytes, **kw: Any) -> Snapshot:
+    """Run :func:`build_steps` to the end."""
+    gen = build_steps(raw, **kw)
+    while True:
+        try:
+            next(gen)
+        except StopIteration as stop:
+            return stop.value  # type: ignore[no-any-return]
+
+
+# --------------------------------------------------------------------------- legacy / files
+
+
+class _YamlLoader(yaml.SafeLoader):
+    """SafeLoader without the timestamp rule, so ``2015-07-25:`` stays a string key."""
+
+
+_YamlLoader.yaml_implicit_resolvers = {
+    k: [(tag, rx) for tag, rx in v if tag != "tag:yaml.org,2002:timestamp"]
+    for k, v in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+
+_VERSION_RE = re.compile(r"^(\d{4}-\d{2}-\d{2}|latest)$")
+
+
+def legacy_snapshot(doc: Any, digest: str) -> Snapshot:
+    """The ≤v0.7 map version -> client IP | default -> tree, served as is."""
+    if not isinstance(doc, dict) or not doc:
+        raise InputError("answers: legacy answers must be a non-empty map of API version -> trees")
+    trees: dict[str, dict[str, Any]] = {}
+    for v, clients in doc.items():
+        if not isinstance(v, str) or not _VERSION_RE.match(v):
+            raise InputError(f"answers: {v!r} is not an API version name (YYYY-MM-DD or latest)")
+        if not isinstance(clients, dict) or not all(isinstance(k, str) for k in clients):
+            raise InputError(f"answers: version {v!r} must map client IPs / default to trees")
+        trees[v] = clients
+    latest = "latest" if "latest" in trees else max(trees)
+    version = ""
+    dflt = trees[latest].get("default")
+    if isinstance(dflt, dict) and isinstance(dflt.get("version"), str | int):
+        version = str(dflt["version"])
+    # /latest is served from its own key; dated names resolve directly.
+    return Snapshot(version=version, digest=digest, trees=trees, latest=latest, legacy=True)
+
+
+def load_answers_bytes(data: bytes) -> Snapshot:
+    """Any supported answers file: the cache file ``{"Version","Data"}``, a legacy map (JSON or
+    YAML), a plain or raw-DEFLATE v2 stream. InputError when it is none of them."""
+    stripped = data.strip()
+    if not stripped:
+        raise InputError("answers: file is empty")
+    doc: Any = None
+    if stripped[:1] == b"{":
+        try:
+            doc = orjson.loads(stripped)
+        except orjson.JSONDecodeError:
+            doc = None
+            objs: list[dict[str, Any]] | None
+            try:
+                objs = parse_objects(stripped)
+            except InputError:
+                objs = []
+            if objs and "metadata_kind" in objs[0]:
+                return build(b"", objs=objs, decoded=stripped)
+            if not objs:
+                raise InputError("answers: file is not valid JSON") from None
+    if isinstance(doc, dict):
+        if "Data" in doc:
+            d = doc["Data"]
+            if not isinstance(d, str):
+                raise InputError("answers: cache file 'Data' is not a base64 string")
+            try:
+                raw = base64.b64decode(d, validate=True)
+            except (ValueError, TypeError) as e:
+                raise InputError(f"answers: cache file 'Data' is not base64: {e}") from e
+            return build(raw)
+        if "metadata_kind" in doc:
+            return build(b"", objs=[doc], decoded=stripped)
+        return legacy_snapshot(doc, hashlib.sha256(stripped).hexdigest())
+    if doc is not None:
+        raise InputError(f"answers: top level is a {type(doc).__name__}, not a map")
+    if stripped[:1] not in (b"{", b"["):
+        try:
+            raw_ok = decode_stream(data)
+        except InputError:
+            raw_ok = None
+        if raw_ok is not None:
+            return build(data, decoded=raw_ok)
+    try:
+        ydoc = yaml.load(stripped.decode("utf-8"), Loader=_YamlLoader)  # a SafeLoader subclass
+    except (yaml.YAMLError, UnicodeDecodeError) as e:
+        raise InputError(f"answers: neither JSON, YAML nor a DEFLATE stream: {e}") from e
+    if not isinstance(ydoc, dict):
+        raise InputError("answers: YAML top level is not a map")
+    return legacy_snapshot(ydoc, hashlib.sha256(stripped).hexdigest())
