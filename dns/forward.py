@@ -1,0 +1,178 @@
+"""Upstream recursors: UDP with TCP retry on truncation, hedging, failover, a time budget.
+
+Per dns.md §5 "Corral must": try recursers in order (those marked dead in the last 30 s
+last); a SERVFAIL/REFUSED or a transport error moves on to the next at once; no reply within
+``hedge`` seconds starts the next one in parallel; a UDP reply with TC=1 is asked again over
+TCP; the whole lookup gets ``min(timeout × n, budget)`` seconds, after which the caller
+answers SERVFAIL (or a stale entry). The client's message goes upstream as is (RD, OPT
+untouched) under a fresh random ID; the reply's ID and question are checked.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import random
+import struct
+import time
+from typing import Any
+
+from agents.log import get_logger
+from agents.metrics import counter, histogram
+from dns import wire
+
+__all__ = ["Upstreams", "parse_addr"]
+
+log = get_logger(__name__)
+_UP_LAT = histogram("dns", "upstream_latency_seconds", "Upstream reply latency", ["proto"],
+                    buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2, 4))
+_UP_RES = counter("dns", "upstream_results", "Upstream attempts by outcome", ["outcome"])
+
+
+def parse_addr(r: str) -> tuple[str, int]:
+    host, sep, port = r.rpartition(":")
+    if not sep:
+        return r, 53
+    return host, int(port)
+
+
+class _OneShot(asyncio.DatagramProtocol):
+    def __init__(self, fut: asyncio.Future[bytes], qid: int, question: bytes) -> None:
+        self.fut = fut
+        self.qid = qid
+        self.question = question
+
+    def datagram_received(self, data: bytes, addr: Any) -> None:
+        if self.fut.done() or len(data) < 12:
+            return
+        if data[0:2] != self.qid.to_bytes(2, "big") or not data[2] & 0x80:
+            return
+        q = self.question
+        if data[12 : 12 + len(q)].lower() != q.lower():
+            return
+        self.fut.set_result(data)
+
+    def error_received(self, exc: Exception) -> None:
+        if not self.fut.done():
+            self.fut.set_exception(ConnectionRefusedError(str(exc)))
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if not self.fut.done():
+            self.fut.set_exception(ConnectionError("closed"))
+
+
+class Upstreams:
+    def __init__(self, timeout: float = 2.0, *, hedge: float = 0.3, budget: float = 4.0, dead_for: float = 30.0) -> None:
+        self.timeout = timeout
+        self.hedge = hedge
+        self.budget = budget
+        self.dead_for = dead_for
+        self._dead: dict[str, float] = {}
+
+    async def query(self, msg: bytes, recursers: tuple[str, ...], qend: int) -> bytes | None:
+        """Ask ``recursers`` for ``msg``; the best reply, or None when all failed.
+
+        ``qend`` is the offset just past the question in ``msg``.
+        """
+        if not recursers:
+            return None
+        now = time.monotonic()
+        order = sorted(recursers, key=lambda r: self._dead.get(r, 0.0) > now)
+        deadline = now + min(self.timeout * len(order), self.budget)
+        question = msg[12:qend]
+        pending: set[asyncio.Task[bytes | None]] = set()
+        last_bad: bytes | None = None
+        idx = 0
+
+        def launch() -> None:
+            nonlocal idx
+            pending.add(asyncio.ensure_future(self._attempt(order[idx], msg, question, deadline)))
+            idx += 1
+
+        launch()
+        try:
+            while pending:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    break
+                wait = min(self.hedge, left) if idx < len(order) else left
+                done, _ = await asyncio.wait(pending, timeout=wait, return_when=asyncio.FIRST_COMPLETED)
+                if not done:
+                    if idx < len(order):
+                        launch()
+                        continue
+                    break
+                failed = False
+                for t in done:
+                    pending.discard(t)
+                    res = t.result()
+                    if res is None:
+                        failed = True
+                        continue
+                    rcode = res[3] & 0xF
+                    if rcode in (wire.SERVFAIL, wire.REFUSED):
+                        last_bad = res
+                        failed = True
+                        continue
+                    return res
+                if failed and idx < len(order):
+                    launch()
+            return last_bad
+        finally:
+            for t in pending:
+                t.cancel()
+
+    async def _attempt(self, r: str, msg: bytes, question: bytes, deadline: float) -> bytes | None:
+        host, port = parse_addr(r)
+        t0 = time.monotonic()
+        timeout = max(0.01, min(self.timeout, deadline - t0))
+        qid = random.getrandbits(16)
+        out = qid.to_bytes(2, "big") + msg[2:]
+        try:
+            data = await asyncio.wait_for(self._udp(host, port, out, qid, question), timeout)
+            if data[2] & 0x02:  # TC: ask again over TCP
+                left = max(0.01, min(self.timeout, deadline - time.monotonic()))
+                data = await asyncio.wait_for(self._tcp(host, port, out, qid), left)
+                _UP_LAT.labels("tcp").observe(time.monotonic() - t0)
+            else:
+                _UP_LAT.labels("udp").observe(time.monotonic() - t0)
+        except TimeoutError:
+            self._dead[r] = time.monotonic() + self.dead_for
+            _UP_RES.labels("timeout").inc()
+            log.debug("upstream timeout", upstream=r)
+            return None
+        except (OSError, ConnectionError, wire.WireError) as e:
+            _UP_RES.labels("error").inc()
+            log.debug("upstream error", upstream=r, error=str(e))
+            return None
+        self._dead.pop(r, None)
+        _UP_RES.labels("reply").inc()
+        return data
+
+    async def _udp(self, host: str, port: int, out: bytes, qid: int, question: bytes) -> bytes:
+        loop = asyncio.get_running_loop()
+        fut: asyncio.Future[bytes] = loop.create_future()
+        transport, _ = await loop.create_datagram_endpoint(lambda: _OneShot(fut, qid, question),
+                                                           remote_addr=(host, port))
+        try:
+            transport.sendto(out)
+            return await fut
+        finally:
+            transport.close()
+
+    async def _tcp(self, host: str, port: int, out: bytes, qid: int) -> bytes:
+        reader, writer = await asyncio.open_connection(host, port)
+        try:
+            writer.write(struct.pack("!H", len(out)) + out)
+            await writer.drain()
+            n = struct.unpack("!H", await reader.readexactly(2))[0]
+            data = await reader.readexactly(n)
+        except asyncio.IncompleteReadError as e:
+            raise ConnectionError("upstream closed TCP early") from e
+        finally:
+            writer.close()
+            with contextlib.suppress(Exception):
+                await writer.wait_closed()
+        if len(data) < 12 or data[0:2] != qid.to_bytes(2, "big"):
+            raise wire.WireError("bad TCP reply", None)
+        return data
