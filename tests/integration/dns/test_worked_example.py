@@ -8,7 +8,7 @@ import time
 import pytest
 from dnslib import QTYPE, RCODE, DNSRecord
 
-from tests.integration.dns.conftest import DnsProc, Dnsmasq, ip
+from tests.integration.dns.conftest import Dnsmasq, DnsProc, ip
 
 HOST = "127.0.0.5"  # a host process: matches no container view
 
