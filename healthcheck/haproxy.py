@@ -368,6 +368,7 @@ class HAProxy:
         self.live: dict[str, Check] = {}  # servers HAProxy has, as configured
         self.profiles: set[Profile] = set()  # backends of the running config
         self.parked: set[tuple[str, str]] = set()  # (backend, name) left in MAINT after a failed del
+        self.armed: set[str] = set()  # names (re)armed since the last take_armed()
         self.generation = 0  # bumps on every (re)start: states may have been restored
         self.running = asyncio.Event()
         self.crashed = asyncio.Event()
@@ -398,6 +399,10 @@ class HAProxy:
                     await self._reload(desired, reason="change")
             else:
                 await self._runtime(desired)
+
+    def take_armed(self) -> set[str]:
+        out, self.armed = self.armed, set()
+        return out
 
     async def show_stat(self) -> list[StatRow]:
         return await self.sock.show_stat()
@@ -521,6 +526,7 @@ class HAProxy:
         cmds: list[str] = []
         for n in fresh:
             cmds += _arm_cmds(servers[n])
+        self.armed.update(fresh)
         if stale:
             # A stale snapshot must not cause a report: force each check to the state last reported.
             for n, st in self.forced_health().items():
@@ -591,6 +597,7 @@ class HAProxy:
                 rest = [a.strip() for a in answers[4 * i + 1: 4 * i + 4]]
                 if ans == "New server registered." and not any(rest):
                     self.live[c.name] = c
+                    self.armed.add(c.name)
                 else:
                     _RUNTIME_CMDS.labels("error").inc()
                     errors.append(f"{c.name}: {ans or rest}")

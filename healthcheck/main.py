@@ -113,6 +113,7 @@ class Daemon:
     async def _apply(self, d: Desired) -> None:
         await self.hap.apply(d)
         self.tracker.sync(self.hap.live.keys())
+        self.tracker.rearm(self.hap.take_armed())
         _CHECKS.set(len(self.hap.live))
         self.health.set("haproxy", True, f"{len(self.hap.live)} checks")
         self._poke.set()
@@ -175,6 +176,7 @@ class Daemon:
             _POLLS.labels("ok").inc()
             if not self.hap.running.is_set() or gen != self.hap.generation:
                 continue  # HAProxy died or restarted during the poll: its rows say nothing of the containers
+            self.tracker.rearm(self.hap.take_armed())  # crash restarts arm checks too
             for rep in self.tracker.observe(rows, time.time()):
                 log.info("state change", check=rep.uuid, state=rep.state)
                 self.reporter.submit(rep)

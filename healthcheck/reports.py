@@ -63,6 +63,7 @@ def reduce_row(status: str, check_status: str) -> str:
 class _Track:
     last_sent: str | None = None
     last_seen: str = ""
+    arming: bool = True  # (re)armed: wait for a definite verdict (UP, or DOWN from a failed check)
 
 
 @dataclass(frozen=True)
@@ -100,6 +101,13 @@ class Tracker:
         for n in keep:
             self.checks.setdefault(n, _Track())
 
+    def rearm(self, names: Iterable[str]) -> None:
+        """These checks were (re)added to HAProxy and start over from a forced DOWN."""
+        for n in names:
+            t = self.checks.get(n)
+            if t is not None:
+                t.arming = True
+
     def last_sent(self) -> dict[str, str]:
         return {n: t.last_sent for n, t in self.checks.items() if t.last_sent}
 
@@ -121,10 +129,14 @@ class Tracker:
                 t.last_seen = red
                 continue
             t.last_seen = red
-            if not red or red == t.last_sent:
+            if not red:
                 continue
-            if red == "DOWN" and t.last_sent is None and r.check_status in PASS:
-                continue  # going up after arming: its first report is UP or a real failure
+            if t.arming:
+                if red == "DOWN" and r.check_status in PASS:
+                    continue  # going up after arming: its first verdict is UP or a real failure
+                t.arming = False
+            if red == t.last_sent:
+                continue
             uuid = r.name[len(self.prefix):] if r.name.startswith(self.prefix) else r.name
             reason = ""
             if red == "DOWN":
