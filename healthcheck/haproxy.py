@@ -374,7 +374,8 @@ class HAProxy:
         self.crashed = asyncio.Event()
         self.restarts = 0
         self.reloads = 0
-        self.reload_only = False  # --apply-mode=reload: every change is a reload with the state file
+        self.reload_only = False
+        self.quarantined: set[Profile] = set()  # --apply-mode=reload: every change is a reload with the state file
         self.runtime_commands = 0
         self._child: _Child | None = None
         self._lock = asyncio.Lock()
@@ -388,17 +389,50 @@ class HAProxy:
 
     # ---- public
     async def apply(self, desired: Desired) -> None:
+        """Make HAProxy run ``desired``; a profile HAProxy rejects is quarantined, the rest applies.
+
+        Raises :class:`InvalidConfig` while anything is quarantined, so the reconcile loop retries
+        the whole set with back-off (up to ``--retry-invalid``) and at every change.
+        """
         async with self._lock:
-            self._desired = desired
-            if not self.running.is_set():
-                await self._reload(desired, reason="start")
-            elif not desired.profiles <= self.profiles:
-                await self._reload(desired, reason="profiles")
-            elif self.reload_only:
-                if desired.by_name() != self.live:
-                    await self._reload(desired, reason="change")
-            else:
-                await self._runtime(desired)
+            try:
+                await self._apply(desired)
+                self.quarantined = set()
+                self._desired = desired
+            except InvalidConfig:
+                good, bad = await self._bisect(desired)
+                if not bad:
+                    raise
+                self.quarantined = bad
+                log.error("profiles quarantined, applying the other checks", profiles=sorted(p.backend for p in bad),
+                          checks=[c.name for c in desired.checks if c.profile in bad][:20])
+                await self._apply(good)
+                self._desired = good
+                raise InvalidConfig(f"{len(bad)} check profile(s) rejected by HAProxy, retrying later") from None
+
+    async def _apply(self, desired: Desired) -> None:
+        if not self.running.is_set():
+            await self._reload(desired, reason="start")
+        elif not desired.profiles <= self.profiles:
+            await self._reload(desired, reason="profiles")
+        elif self.reload_only:
+            if desired.by_name() != self.live:
+                await self._reload(desired, reason="change")
+        else:
+            await self._runtime(desired)
+
+    async def _bisect(self, desired: Desired) -> tuple[Desired, set[Profile]]:
+        """Check each profile on its own; return the desired set without the rejected ones."""
+        bad: set[Profile] = set()
+        for p in sorted(desired.profiles, key=lambda x: x.backend):
+            servers = [c for c in desired.checks if c.profile == p]
+            try:
+                await self._check_config(render_config(self.s, [p], servers), quiet=True)
+            except InvalidConfig:
+                bad.add(p)
+        good = Desired(desired.host_uuid, tuple(c for c in desired.checks if c.profile not in bad),
+                       desired.rejected, desired.warnings)
+        return good, bad
 
     def take_armed(self) -> set[str]:
         out, self.armed = self.armed, set()
@@ -468,7 +502,7 @@ class HAProxy:
             self._state_text = text
         return text
 
-    async def _check_config(self, text: str) -> None:
+    async def _check_config(self, text: str, quiet: bool = False) -> None:
         path = os.path.join(self.s.state_dir, "haproxy.cfg.new")
         _atomic_write(path, text)
         p = await asyncio.create_subprocess_exec(self.s.binary, "-c", "-q", "-f", path,
@@ -477,8 +511,9 @@ class HAProxy:
         out, _ = await p.communicate()
         if p.returncode != 0:
             msg = out.decode(errors="replace").strip()
-            _INVALID.inc()
-            log.error("haproxy rejected the config", rc=p.returncode, message=msg[-2000:])
+            if not quiet:
+                _INVALID.inc()
+                log.error("haproxy rejected the config", rc=p.returncode, message=msg[-2000:])
             raise InvalidConfig(f"haproxy -c failed: {msg[-500:]}")
 
     async def _reload(self, desired: Desired, *, reason: str, restore_text: str | None = None) -> None:

@@ -86,6 +86,20 @@ async def test_fail_hang_recover_and_tcp_only(metadata: Metadata, daemon: Daemon
     body = next(raw for _, b, raw in sink.got if b["reportedHealth"] == "DOWN" and "_fail_" in str(b["healthcheckUuid"]))
     assert body.startswith(b'{"externalTimestamp":') and body.endswith(b'_fail_1","reportedHealth":"DOWN"}')
     assert b'"healthcheckUuid":"host-a-uuid_fail_1"' in body
+    metrics = await asyncio.to_thread(_get, f"http://127.0.0.1:{daemon.admin_port}/metrics")
+    assert "corral_healthcheck_checks 4.0" in metrics
+    assert 'corral_healthcheck_check_states{state="DOWN"} 3.0' in metrics
+    assert 'corral_healthcheck_reports_total{outcome="ok",state="DOWN"}' in metrics
+    assert "corral_healthcheck_report_seconds_count" in metrics
+    assert "corral_healthcheck_haproxy_up 1.0" in metrics
+    assert (await asyncio.to_thread(_get, f"http://127.0.0.1:{daemon.admin_port}/healthz")).strip() == "ok"
+
+
+def _get(url: str) -> str:
+    import urllib.request
+
+    with urllib.request.urlopen(url, timeout=5) as r:
+        return r.read().decode()
 
 
 async def test_change_add_remove_leave_others_untouched(metadata: Metadata, daemon: Daemon, sink: Sink,

@@ -141,3 +141,43 @@ def _listening_inodes(pid: int) -> set[str]:
             if (f.startswith("udp") or parts[3] == "0A") and parts[9] in fds:
                 listening.add(parts[9])
     return listening
+
+
+async def test_rejected_profile_is_quarantined_and_retried(tmp_path: Path, flaky_factory) -> None:
+    """A config HAProxy refuses: logged, counted, the other checks still apply, retried later."""
+    import asyncio
+    import contextlib
+
+    from healthcheck.haproxy import HAProxySettings, InvalidConfig
+
+    flag = tmp_path / "reject"
+    wrapper = tmp_path / "haproxy-wrapper"
+    wrapper.write_text("#!/bin/sh\n"  # noqa: ASYNC240
+                       f'if [ "$1" = "-c" ] && [ -e {flag} ] && grep -q "/reject-me" "$4"; then\n'
+                       '  echo "[ALERT] (1) : config : fake rejection of /reject-me"; exit 1; fi\n'
+                       'exec haproxy "$@"\n')
+    wrapper.chmod(0o755)  # noqa: ASYNC240
+    flag.touch()  # noqa: ASYNC240
+    h = HAProxy(HAProxySettings(state_dir=str(tmp_path / "hc"), binary=str(wrapper)))
+    try:
+        ok = await flaky_factory("ok")
+        base = [container("a", hc(ok.port)), container("b", hc(ok.port, request_line="GET /other HTTP/1.0"))]
+        await h.apply(desired_from_tree(tree(base)))
+        await until(lambda: _count_up(h, 2), what="2 UP")
+        pid = h.pid
+        bad = [*base, container("c", hc(ok.port, request_line="GET /reject-me HTTP/1.0")),
+               container("d", hc(ok.port, interval=300))]
+        with contextlib.suppress(InvalidConfig):
+            await h.apply(desired_from_tree(tree(bad)))
+            raise AssertionError("expected InvalidConfig")
+        assert h.pid == pid, "the running HAProxy is kept"
+        assert len(h.quarantined) == 1
+        r = await rows(h)
+        assert sorted(n.split("_")[1] for n in r) == ["a", "b", "d"], "the good new check applied"
+        flag.unlink()  # noqa: ASYNC240
+        await h.apply(desired_from_tree(tree(bad)))  # the retry
+        assert not h.quarantined
+        await until(lambda: _count_up(h, 4), what="4 UP after the retry")
+    finally:
+        await h.stop()
+        await asyncio.sleep(0)
