@@ -152,12 +152,12 @@ async def test_rejected_profile_is_quarantined_and_retried(tmp_path: Path, flaky
 
     flag = tmp_path / "reject"
     wrapper = tmp_path / "haproxy-wrapper"
-    wrapper.write_text("#!/bin/sh\n"  # noqa: ASYNC240
+    wrapper.write_text("#!/bin/sh\n"
                        f'if [ "$1" = "-c" ] && [ -e {flag} ] && grep -q "/reject-me" "$4"; then\n'
                        '  echo "[ALERT] (1) : config : fake rejection of /reject-me"; exit 1; fi\n'
                        'exec haproxy "$@"\n')
-    wrapper.chmod(0o755)  # noqa: ASYNC240
-    flag.touch()  # noqa: ASYNC240
+    wrapper.chmod(0o755)
+    flag.touch()
     h = HAProxy(HAProxySettings(state_dir=str(tmp_path / "hc"), binary=str(wrapper)))
     try:
         ok = await flaky_factory("ok")
@@ -174,7 +174,7 @@ async def test_rejected_profile_is_quarantined_and_retried(tmp_path: Path, flaky
         assert len(h.quarantined) == 1
         r = await rows(h)
         assert sorted(n.split("_")[1] for n in r) == ["a", "b", "d"], "the good new check applied"
-        flag.unlink()  # noqa: ASYNC240
+        flag.unlink()
         await h.apply(desired_from_tree(tree(bad)))  # the retry
         assert not h.quarantined
         await until(lambda: _count_up(h, 4), what="4 UP after the retry")
