@@ -96,7 +96,8 @@ def parse_conf(conf: dict[str, Any], args: dict[str, str]) -> BridgeConf:
     if not isinstance(ipam, dict) or not isinstance(ipam.get("type"), str) or not ipam["type"]:
         raise CniError(E_INVALID_CONFIG, "IPAM config missing 'ipam' key" if ipam is None
                        else "invalid config: ipam.type missing")
-    dns = conf.get("dns") or {}
+    dns = conf.get("dns")
+    dns = {} if dns is None else dns
     if not isinstance(dns, dict):
         raise CniError(E_INVALID_CONFIG, "invalid config: dns must be an object")
     return BridgeConf(name, br, subnet, bip, _bool(conf, "isGateway") or is_dgw, is_dgw,
@@ -262,7 +263,7 @@ def cmd_add(conf: dict[str, Any], raw: bytes, env: Env, version: str) -> Result:
         if baddr is not None:
             add_addr(nl, br.index, *baddr)
         mac = env.args.get("MACAddress") or env.args.get("MAC") or ""
-        if c.ipam.get("type") in OWN_IPAM and not _ipam.is_local(c.ipam):
+        if c.ipam.get("type") in OWN_IPAM and not _ipam.is_local(c.ipam) and not mac:
             # metadata mode: the record carries the MAC too (one lookup for both, cni.md §3 step 6)
             from ._main import metadata_record
 
