@@ -1,0 +1,281 @@
+"""A real ``corral metadata`` (file mode) against real HTTP clients (raw sockets, urllib, curl)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import struct
+import subprocess
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.unit.metadata.test_golden import ROWS
+
+from .conftest import EXAMPLE, Metadata, fetch, loopback_example, read_reply, start_metadata
+
+J = "application/json"
+
+
+@pytest.mark.parametrize(("row", "path", "accept", "ip", "status", "body"), ROWS,
+                         ids=[f"{r[0]}:{r[1]}:{r[2] or 'text'}" for r in ROWS])
+def test_spec_examples_over_http(md_ro: Metadata, row: int, path: str, accept: str, ip: str, status: int,
+                                 body: bytes) -> None:
+    h = {}
+    if accept:
+        h["Accept"] = accept
+    if ip != "127.0.0.1":
+        h["X-Forwarded-For"] = ip
+    md = md_ro
+    r = md.get(path, headers=h)
+    assert (r.status, r.body) == (status, body)
+    assert r.header("Content-Length") == str(len(body))
+    assert r.header("Date")
+    if status == 301:
+        assert r.header("Location") == "/latest/containers"
+        assert r.header("Access-Control-Allow-Origin") is None
+        return
+    assert r.header("Access-Control-Allow-Origin") == "*"
+    want_ct = "application/json" if (accept == J and status == 200) else "text/plain; charset=utf-8"
+    if status == 200 and accept != J and body == b"":
+        want_ct = None
+    assert r.header("Content-Type") == want_ct
+    if status == 404:
+        assert r.header("X-Content-Type-Options") == "nosniff"
+    # the same request as HEAD: same headers, no body
+    hr = md.get(path, headers=h, method="HEAD")
+    assert hr.status == status and hr.body == b"" and hr.header("Content-Length") == str(len(body))
+
+
+def test_example_row20_long_poll(md: Metadata) -> None:
+    t0 = time.monotonic()
+    r = md.get("/latest/version?wait=true&value=init")
+    assert (r.status, r.body) == (200, b"42-5cc6db68") and time.monotonic() - t0 < 1.0
+    r = md.get("/latest/version?wait=true&value=42-5cc6db68&maxWait=2")
+    assert (r.status, r.body) == (200, b"42-5cc6db68")
+    assert 1.95 <= r.elapsed <= 2.3, r.elapsed  # maxWait ± 100 ms (with slack for a busy CI box)
+
+
+def test_router_errors_and_methods(md: Metadata) -> None:
+    for method in ("POST", "PUT", "DELETE", "OPTIONS"):
+        r = md.get("/latest/version", method=method)
+        assert (r.status, r.body) == (404, b"404 page not found\n")
+        assert r.header("Access-Control-Allow-Origin") is None
+    r = md.get("/favicon.ico")
+    assert (r.status, r.body) == (404, b"404 page not found\n")
+    r = md.get("/latest/a%zzb", check_closed=True)
+    assert r.status == 400 and r.closed and r.header("Connection") == "close"
+    # a POST with a body keeps the connection usable (the body is skipped)
+    raw = (b"POST /x HTTP/1.1\r\nContent-Length: 5\r\n\r\nhello"
+           b"GET /latest/version HTTP/1.1\r\n\r\n")
+    s = socket.create_connection(("127.0.0.1", md.port), timeout=5)
+    s.sendall(raw)
+    assert read_reply(s).status == 404
+    assert read_reply(s).body == b"42-5cc6db68"
+    s.close()
+
+
+def test_keepalive_pipelining_and_http10(md: Metadata) -> None:
+    s = socket.create_connection(("127.0.0.1", md.port), timeout=5)
+    s.sendall(b"GET /latest/version HTTP/1.1\r\n\r\nGET /latest/self/host/name HTTP/1.1\r\n\r\n")
+    assert read_reply(s).body == b"42-5cc6db68"
+    assert read_reply(s).body == b"node-a"
+    s.close()
+    r = fetch(md.port, "", raw=b"GET /latest/version HTTP/1.0\r\n\r\n", check_closed=True)
+    assert r.body == b"42-5cc6db68" and r.closed
+
+
+def test_curl_and_json_clients(md: Metadata) -> None:
+    if shutil.which("curl") is None:
+        pytest.skip("curl missing")
+    out = subprocess.run(["curl", "-sf", f"{md.url}/latest/self/host/name"], capture_output=True, check=True)
+    assert out.stdout == b"node-a"
+    out = subprocess.run(["curl", "-sf", "-H", "Accept: application/json", f"{md.url}/latest/containers"],
+                         capture_output=True, check=True)
+    assert [c["name"] for c in json.loads(out.stdout)] == ["shop-db-1", "shop-web-1", "shop-web-log-tail-1"]
+    out = subprocess.run(["curl", "-s", "-o", "/dev/null", "-w", "%{http_code} %{redirect_url}",
+                          f"{md.url}/latest//containers"], capture_output=True, check=True)
+    assert out.stdout.decode() == f"301 {md.url}/latest/containers"
+
+
+def test_xff_rules(md: Metadata) -> None:
+    assert md.get("/latest/self/container/name", headers={"X-Forwarded-For": "10.42.0.5"}).body == b"shop-web-1"
+    # Corral takes the right-most address of a multi-value header (the original: no match)
+    r = md.get("/latest/self/container/name", headers={"X-Forwarded-For": "10.1.1.1, 10.42.0.5"})
+    assert r.body == b"shop-web-1"
+    assert md.get("/latest/self", headers={"X-Forwarded-For": "10.9.9.9"}).body == b"host/\n"
+    assert md.get("/latest/self", headers={"X-Forwarded-For": ""}).body == b"host/\n"
+
+
+def test_xff_trusted_only(tmp_path: Path) -> None:
+    f = tmp_path / "a.json"
+    f.write_bytes(EXAMPLE.read_bytes())
+    m = start_metadata(f, "--xff", "--xff-trusted", "127.0.0.7/32")
+    try:
+        h = {"X-Forwarded-For": "10.42.0.5"}
+        assert m.get("/latest/self", headers=h).body == b"host/\n"  # peer 127.0.0.1 not trusted
+        assert m.get("/latest/self/container/name", headers=h, src="127.0.0.7").body == b"shop-web-1"
+    finally:
+        m.proc.stop()
+
+
+def test_self_by_peer_address(tmp_path: Path) -> None:
+    f = tmp_path / "a.json"
+    f.write_bytes(loopback_example())
+    m = start_metadata(f)  # no --xff: the TCP peer decides, XFF is ignored
+    try:
+        assert m.get("/latest/self/container/name", src="127.0.0.5").body == b"shop-web-1"
+        assert m.get("/latest/self/service/name", src="127.0.0.12").body == b"db"
+        assert m.get("/latest/self/container/network_uuid", src="127.0.0.12").body == b"net-host-uuid"
+        r = m.get("/latest/self/container", src="127.0.0.1", headers={"X-Forwarded-For": "127.0.0.5"})
+        assert (r.status, r.body) == (404, b"Not found\n")
+        assert m.get("/latest/self", src="127.0.0.9").body == b"host/\n"
+        # non-self paths are the same for everybody
+        assert m.get("/latest/containers/0/name", src="127.0.0.5").body == b"shop-db-1"
+    finally:
+        m.proc.stop()
+
+
+def _rewrite_version(path: Path, new: str) -> None:
+    data = EXAMPLE.read_bytes().replace(b'"version":"42-5cc6db68"', f'"version":"{new}"'.encode())
+    tmp = path.with_name("tmp.json")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)
+
+
+def test_long_poll_wakes_on_change_and_not_on_identical(md: Metadata) -> None:
+    res: dict[str, object] = {}
+
+    def poll(key: str, q: str) -> None:
+        t0 = time.monotonic()
+        r = md.get("/latest/version?wait=true&value=42-5cc6db68&" + q, headers={"Accept": J}, timeout=30)
+        res[key] = (r.body, time.monotonic() - t0)
+
+    # identical reload: nobody wakes, the poll runs to maxWait
+    t = threading.Thread(target=poll, args=("same", "maxWait=2"))
+    t.start()
+    md.wait_for(lambda: md.metric("corral_metadata_longpoll_waiters") == 1)
+    assert md.reload() == (200, "OK")
+    t.join()
+    body, dt = res["same"]  # type: ignore[misc]
+    assert body == b'"42-5cc6db68"' and dt >= 1.9
+
+    # a real change wakes the waiter long before its maxWait
+    t = threading.Thread(target=poll, args=("changed", "maxWait=30"))
+    t.start()
+    md.wait_for(lambda: md.metric("corral_metadata_longpoll_waiters") == 1)
+    _rewrite_version(md.answers, "43-aaaa")
+    t.join(10)
+    body, dt = res["changed"]  # type: ignore[misc]
+    assert body == b'"43-aaaa"' and dt < 5
+    assert md.metric("corral_metadata_longpoll_waiters") == 0
+
+
+def test_long_poll_missing_key_and_caps(md: Metadata) -> None:
+    t0 = time.monotonic()
+    r = md.get("/latest/nothere?wait=true&value=x&maxWait=1")
+    assert r.status == 404 and 0.9 <= time.monotonic() - t0 < 2.0
+    # not a long poll without value=
+    t0 = time.monotonic()
+    assert md.get("/latest/version?wait=true&maxWait=5").body == b"42-5cc6db68"
+    assert time.monotonic() - t0 < 1
+
+
+def test_waiter_cap(tmp_path: Path) -> None:
+    f = tmp_path / "a.json"
+    f.write_bytes(EXAMPLE.read_bytes())
+    m = start_metadata(f, "--max-waiters", "3")
+    socks = []
+    try:
+        for _ in range(3):
+            s = socket.create_connection(("127.0.0.1", m.port), timeout=5)
+            s.sendall(b"GET /latest/version?wait=true&value=42-5cc6db68&maxWait=60 HTTP/1.1\r\n\r\n")
+            socks.append(s)
+        m.wait_for(lambda: m.metric("corral_metadata_longpoll_waiters") == 3)
+        r = m.get("/latest/version?wait=true&value=42-5cc6db68&maxWait=60")
+        assert r.status == 503 and r.header("Retry-After") == "1"
+    finally:
+        for s in socks:
+            s.close()
+        m.proc.stop()
+
+
+def _fds(pid: int) -> int:
+    return len(os.listdir(f"/proc/{pid}/fd"))
+
+
+def test_ten_thousand_aborted_long_polls_leave_nothing(md: Metadata) -> None:
+    base = _fds(md.proc.pid)
+    req = b"GET /latest/version?wait=true&value=42-5cc6db68&maxWait=120 HTTP/1.1\r\n\r\n"
+    batch, total = 1000, 10_000
+    for i in range(total // batch):
+        socks = []
+        for _ in range(batch):
+            s = socket.create_connection(("127.0.0.1", md.port), timeout=10)
+            s.sendall(req)
+            socks.append(s)
+        md.wait_for(lambda: md.metric("corral_metadata_longpoll_waiters") == batch, timeout=30)
+        for j, s in enumerate(socks):
+            if (i + j) % 2:  # half abort with RST, half close normally
+                s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            s.close()
+        md.wait_for(lambda: md.metric("corral_metadata_longpoll_waiters") == 0, timeout=30)
+    md.wait_for(lambda: _fds(md.proc.pid) <= base, timeout=10)
+    assert md.metric("corral_metadata_connections") == 0
+    assert md.get("/latest/version").body == b"42-5cc6db68"
+
+
+def test_bad_answers_keep_last_good(md: Metadata) -> None:
+    for bad in (b"{not json", b'{"metadata_kind":"container","uuid":5}', b"[1,2]",
+                b'{"metadata_kind":"host","uuid":"h"}\n{"metadata_kind":"defaultData"}'):
+        md.answers.write_bytes(bad)
+        status, text = md.reload()
+        assert status == 500 and "answers" in text
+        assert md.get("/latest/version").body == b"42-5cc6db68"
+    assert md.metric("corral_metadata_apply_failures_total") >= 4
+    md.answers.write_bytes(EXAMPLE.read_bytes())
+    assert md.reload() == (200, "OK")
+
+
+def test_admin_endpoints(md: Metadata) -> None:
+    assert md.admin("/healthz") == (200, "ok\n")
+    status, body = md.admin("/ready")
+    assert status == 200 and json.loads(body)["ready"] is True
+    md.get("/latest/version")
+    md.get("/latest/nothere")
+    m = md.admin("/metrics")[1]
+    assert 'corral_metadata_requests_total{code="200",family="version"}' in m
+    assert 'corral_metadata_requests_total{code="404",family="other"}' in m
+    assert 'corral_metadata_answers_version_info{version="42-5cc6db68"} 1.0' in m
+    # the admin routes are not on the metadata port
+    assert md.get("/metrics").status == 404
+
+
+def test_legacy_file_and_missing_file(tmp_path: Path) -> None:
+    f = tmp_path / "legacy.yaml"
+    f.write_text("latest:\n  default: {version: v1, hosts: [{name: h}]}\n")
+    m = start_metadata(f, "--file-poll", "0.1")
+    try:
+        assert m.get("/latest/hosts/0/name").body == b"h"
+        f.unlink()
+        assert m.reload()[0] == 500
+        assert m.get("/latest/hosts/0/name").body == b"h"
+    finally:
+        m.proc.stop()
+    m = start_metadata(tmp_path / "none.json")
+    try:
+        assert m.get("/latest/version").body == b"Not found\n"
+        assert m.admin("/healthz")[0] == 200 and m.admin("/ready")[0] == 503
+    finally:
+        m.proc.stop()
+
+
+def test_sighup_rereads_file(md: Metadata) -> None:
+    data = EXAMPLE.read_bytes().replace(b'"version":"42-5cc6db68"', b'"version":"44-b"')
+    md.answers.write_bytes(data)
+    md.proc.signal(1)
+    md.wait_for(lambda: md.get("/latest/version").body == b"44-b")
