@@ -111,6 +111,8 @@ def normalised_result(res: dict[str, Any]) -> dict[str, Any]:
     res = json.loads(json.dumps(res))
     for i in res.get("interfaces", []):
         i.pop("mac", None)
+        if i.get("sandbox"):
+            i["sandbox"] = "<netns>"
         if not i.get("sandbox") and i["name"].startswith("veth"):
             i["name"] = "<veth>"
     return res
