@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from dnslib import CNAME as RD_CNAME
 from dnslib import NS as RD_NS
 from dnslib import PTR as RD_PTR
-from dnslib import QTYPE, RR, SOA, A, DNSHeader, DNSQuestion, DNSRecord
+from dnslib import QTYPE, RR, SOA, A, DNSHeader, DNSLabel, DNSQuestion, DNSRecord
 
 from dns import wire
 from dns.table import ZONE, Table, in_zone, resolve, resolve_chain
@@ -80,7 +80,7 @@ def _soa(table: Table, zone: str = ZONE) -> RR:
               rdata=SOA(ZONE, ZONE, (table.generation, 60, 10, 86400, table.ttl)))
 
 
-def prepare(name: str, qtype: int, rcode: int, answers: list[RR], authority: list[RR] | None = None,
+def prepare(name: str | DNSLabel, qtype: int, rcode: int, answers: list[RR], authority: list[RR] | None = None,
             additional: list[RR] | None = None, *, aa: bool = True, rotate_last: int = 0,
             kind: str = "local") -> Prepared:
     """Pack once with dnslib; keep only the bytes after the question.
@@ -104,14 +104,14 @@ def prepare(name: str, qtype: int, rcode: int, answers: list[RR], authority: lis
             rec.add_ar(r)
         packed = rec.pack()
         if not qlen:
-            qlen = len(wire.text_to_wire(name)) + 4
+            qlen = (len(wire.label_to_wire(name)) if isinstance(name, DNSLabel) else len(wire.text_to_wire(name))) + 4
             hdr_flags = int.from_bytes(packed[2:4], "big")
         rests.append(bytes(packed[12 + qlen:]))
     return Prepared(hdr_flags & ~wire.RD, len(answers), len(authority or []), len(additional or []),
                     tuple(rests), kind)
 
 
-def _a_rrs(owner: str, ips: tuple[str, ...], ttl: int) -> list[RR]:
+def _a_rrs(owner: str | DNSLabel, ips: tuple[str, ...], ttl: int) -> list[RR]:
     return [RR(owner, QTYPE.A, ttl=ttl, rdata=A(ip)) for ip in ips]
 
 
@@ -120,54 +120,72 @@ def _interior_zone(name: str) -> bool:
 
 
 def decide(table: Table | None, view_key: str, name: str, qtype: int, *, ptr: bool = True,
-           forward_single_label: bool = False) -> Decision:
-    """What to answer for ``name`` (lower-case fqdn) of ``qtype`` asked by a client of ``view_key``."""
+           forward_single_label: bool = False, qkey: bytes | None = None) -> Decision:
+    """What to answer for ``name`` (lower-case fqdn) of ``qtype`` asked by a client of ``view_key``.
+
+    ``qkey`` is the question name in wire form (lower-case): the prepared question and the
+    asked owner names are built from its exact labels, so the compression offsets of the
+    prepared sections match the client's question byte for byte, whatever odd bytes it holds.
+    """
     if table is None:
         return NOT_READY if in_zone(name) else FORWARD
     ttl = table.ttl
+    if qkey is not None:
+        asked = DNSLabel(wire.wire_labels(qkey))
+        return _decide(table, view_key, name, qtype, ptr, forward_single_label, asked)
+    return _decide(table, view_key, name, qtype, ptr, forward_single_label, name)
+
+
+def _decide(table: Table, view_key: str, name: str, qtype: int, ptr: bool, forward_single_label: bool,
+            asked: str | DNSLabel) -> Decision:
+    ttl = table.ttl
+    if "\\" in name:  # escaped odd bytes: never a table name
+        if in_zone(name) or _interior_zone(name):
+            return prepare(asked, qtype, wire.NXDOMAIN, [], [_soa(table)], kind="nxdomain")
+        return FORWARD
     if name == ZONE:
         if qtype == wire.SOA:
-            return prepare(name, qtype, wire.NOERROR, [_soa(table)])
+            return prepare(asked, qtype, wire.NOERROR, [_soa(table)])
         if qtype == wire.NS:
             ns = "rancher-metadata." + ZONE
             md = table.default.records.get(ns)
             extra = _a_rrs(ns, md.a, ttl) if md else []
-            return prepare(name, qtype, wire.NOERROR, [RR(ZONE, QTYPE.NS, ttl=ttl, rdata=RD_NS(ns))], [], extra)
-        return prepare(name, qtype, wire.NOERROR, [], [_soa(table)], kind="nodata")
+            return prepare(asked, qtype, wire.NOERROR, [RR(ZONE, QTYPE.NS, ttl=ttl, rdata=RD_NS(ns))], [], extra)
+        return prepare(asked, qtype, wire.NOERROR, [], [_soa(table)], kind="nodata")
     if ptr and name.endswith(".in-addr.arpa."):
         target = table.ptr.get(name)
         if target is not None:
             if qtype == wire.PTR:
-                return prepare(name, qtype, wire.NOERROR, [RR(name, QTYPE.PTR, ttl=ttl, rdata=RD_PTR(target))],
+                return prepare(asked, qtype, wire.NOERROR, [RR(asked, QTYPE.PTR, ttl=ttl, rdata=RD_PTR(target))],
                                kind="ptr")
-            return prepare(name, qtype, wire.NOERROR, [], [_soa(table, _zone_of(table, name) or ZONE)],
+            return prepare(asked, qtype, wire.NOERROR, [], [_soa(table, _zone_of(table, name) or ZONE)],
                            kind="nodata")
         zone = _zone_of(table, name)
         if zone is not None:
-            return prepare(name, qtype, wire.NXDOMAIN, [], [_soa(table, zone)], kind="nxdomain")
+            return prepare(asked, qtype, wire.NXDOMAIN, [], [_soa(table, zone)], kind="nxdomain")
         return FORWARD
     chain, final = resolve_chain(table, view_key, name)
     if chain or final is not None:
-        rrs = [RR(o, QTYPE.CNAME, ttl=ttl, rdata=RD_CNAME(t)) for o, t in chain]
+        rrs = [RR(asked if o == name else o, QTYPE.CNAME, ttl=ttl, rdata=RD_CNAME(t)) for o, t in chain]
         if final is not None:
             rttl = final.ttl if final.ttl is not None else ttl
             if qtype == wire.A:
-                owner = chain[-1][1] if chain else name
-                return prepare(name, qtype, wire.NOERROR, rrs + _a_rrs(owner, final.a, rttl),
+                owner: str | DNSLabel = chain[-1][1] if chain else asked
+                return prepare(asked, qtype, wire.NOERROR, rrs + _a_rrs(owner, final.a, rttl),
                                rotate_last=len(final.a))
             if qtype == wire.CNAME and rrs:
-                return prepare(name, qtype, wire.NOERROR, rrs[:1])
-            return prepare(name, qtype, wire.NOERROR, rrs, [_soa(table)], kind="nodata")
+                return prepare(asked, qtype, wire.NOERROR, rrs[:1])
+            return prepare(asked, qtype, wire.NOERROR, rrs, [_soa(table)], kind="nodata")
         target = chain[-1][1]
         if qtype in (wire.A, wire.AAAA) and not in_zone(target):
             return Upstream(tuple(chain), target, qtype, ttl)
         if qtype == wire.CNAME:
-            return prepare(name, qtype, wire.NOERROR, rrs[:1])
-        return prepare(name, qtype, wire.NOERROR, rrs, [_soa(table)], kind="nodata")
+            return prepare(asked, qtype, wire.NOERROR, rrs[:1])
+        return prepare(asked, qtype, wire.NOERROR, rrs, [_soa(table)], kind="nodata")
     if in_zone(name) or _interior_zone(name):
-        return prepare(name, qtype, wire.NXDOMAIN, [], [_soa(table)], kind="nxdomain")
+        return prepare(asked, qtype, wire.NXDOMAIN, [], [_soa(table)], kind="nxdomain")
     if name.count(".") == 1 and not forward_single_label:
-        return prepare(name, qtype, wire.NXDOMAIN, [], [], aa=False, kind="nxdomain")
+        return prepare(asked, qtype, wire.NXDOMAIN, [], [], aa=False, kind="nxdomain")
     return FORWARD
 
 

@@ -111,7 +111,8 @@ class Engine:
         mkey = (vk, q.qkey, qtype)
         d = self.memo.get(mkey)
         if d is None:
-            d = decide(table, vk, q.name, qtype, ptr=self.ptr, forward_single_label=self.forward_single_label)
+            d = decide(table, vk, q.name, qtype, ptr=self.ptr, forward_single_label=self.forward_single_label,
+                       qkey=q.qkey)
             if len(self.memo) < MEMO_MAX:
                 self.memo[mkey] = d
         view = "client" if vk else "default"

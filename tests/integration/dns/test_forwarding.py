@@ -1,0 +1,153 @@
+"""Forwarding against real dnsmasq upstreams: serve-stale, quick SERVFAIL, failover, TCP retry."""
+
+from __future__ import annotations
+
+import json
+import socket
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from dnslib import QTYPE, RCODE, DNSRecord
+
+from tests.helpers.procs import free_port
+from tests.integration.dns.conftest import Dnsmasq, start_dns
+
+pytestmark = pytest.mark.timeout(120)
+
+
+def rc(r: DNSRecord) -> str:
+    return str(RCODE[r.header.rcode])
+
+
+def a_set(r: DNSRecord) -> set[str]:
+    return {str(x.rdata) for x in r.rr if x.rtype == QTYPE.A}
+
+
+@pytest.fixture
+def answers(tmp_path: Path) -> Path:
+    p = tmp_path / "answers.json"
+    p.write_text(json.dumps({"default": {"a": {"local.rancher.internal.": {"answer": ["10.1.2.3"]}}}}))
+    return p
+
+
+@pytest.fixture
+def up(tmp_path: Path) -> Iterator[Dnsmasq]:
+    d = Dnsmasq(tmp_path)
+    yield d
+    d.stop()
+
+
+@pytest.fixture
+def blackhole() -> Iterator[str]:
+    """A UDP socket on loopback that reads queries and never answers (an upstream silently dropping)."""
+    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    s.bind(("127.0.0.54", 0))
+    yield f"127.0.0.54:{s.getsockname()[1]}"
+    s.close()
+
+
+def test_upstream_stopped_serves_stale_and_fails_fast(up: Dnsmasq, answers: Path) -> None:
+    dns = start_dns("--answers", str(answers), recursers=[up.addr])
+    try:
+        first = dns.ask("short.test.")
+        assert a_set(first) == {"203.0.113.9"} and first.rr[0].ttl <= 1
+        assert a_set(dns.ask("ext.test.")) == {"203.0.113.7"}
+        up.stop()
+        # the 1 s record expires; with every upstream down it is served stale (TTL 30)
+        deadline = time.monotonic() + 5
+        while True:
+            r = dns.ask("short.test.")
+            if r.rr and r.rr[0].ttl == 30:
+                break
+            assert time.monotonic() < deadline, "stale answer never served"
+            time.sleep(0.1)
+        assert rc(r) == "NOERROR" and a_set(r) == {"203.0.113.9"}
+        # names never seen: SERVFAIL, at once (closed port), no hang
+        t0 = time.monotonic()
+        r2 = dns.ask("never-seen.test.")
+        assert rc(r2) == "SERVFAIL"
+        assert time.monotonic() - t0 < 1.0
+        # local names keep working
+        assert a_set(dns.ask("local.rancher.internal.")) == {"10.1.2.3"}
+        # upstream back: the SERVFAIL is not kept (cached at most 2 s)
+        up.start()
+        deadline = time.monotonic() + 4
+        while rc(dns.ask("never-seen.test.")) == "SERVFAIL":
+            assert time.monotonic() < deadline, "SERVFAIL kept after the upstream came back"
+            time.sleep(0.1)
+        assert "stale" in dns.metrics()
+    finally:
+        dns.proc.stop()
+
+
+def test_blackholed_upstream_fails_over_and_budget_holds(up: Dnsmasq, blackhole: str, answers: Path) -> None:
+    dns = start_dns("--answers", str(answers), recursers=[blackhole, up.addr])
+    try:
+        t0 = time.monotonic()
+        r = dns.ask("ext.test.")
+        assert a_set(r) == {"203.0.113.7"}
+        assert time.monotonic() - t0 < 1.0  # hedged to the second after 300 ms
+    finally:
+        dns.proc.stop()
+    dns = start_dns("--answers", str(answers), recursers=[blackhole])
+    try:
+        t0 = time.monotonic()
+        r = dns.ask("ext.test.")
+        took = time.monotonic() - t0
+        assert rc(r) == "SERVFAIL"
+        assert took < 2.5  # --recurser-timeout 1 x 1 recurser, not a hang
+    finally:
+        dns.proc.stop()
+
+
+def test_refusing_upstream_is_skipped(up: Dnsmasq, tmp_path: Path, answers: Path) -> None:
+    # a second dnsmasq without any upstream or records answers REFUSED for everything
+    port = free_port("127.0.0.55")
+    import subprocess
+
+    refuser = subprocess.Popen(["dnsmasq", "--keep-in-foreground", "--no-resolv", "--no-hosts",
+                                "--conf-file=/dev/null", "--listen-address=127.0.0.55", "--bind-interfaces",
+                                f"--port={port}"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        dns = start_dns("--answers", str(answers), recursers=[f"127.0.0.55:{port}", up.addr])
+        try:
+            deadline = time.monotonic() + 3
+            while True:
+                r = dns.ask("ext.test.")
+                if a_set(r) == {"203.0.113.7"}:
+                    break
+                assert time.monotonic() < deadline, f"got {rc(r)}"
+                time.sleep(0.05)
+        finally:
+            dns.proc.stop()
+    finally:
+        refuser.terminate()
+        refuser.wait(5)
+
+
+def test_truncated_upstream_reply_retried_over_tcp(up: Dnsmasq, answers: Path) -> None:
+    dns = start_dns("--answers", str(answers), recursers=[up.addr])
+    try:
+        big = dns.ask("big.test.", "TXT", bufsize=4096)
+        assert rc(big) == "NOERROR" and not big.header.tc
+        assert sum(len(b) for x in big.rr for b in x.rdata.data) == 1000
+        small = dns.ask("big.test.", "TXT", edns=False)
+        assert small.header.tc and not small.rr  # does not fit 512: TC=1, never a silent cut
+        full = dns.ask("big.test.", "TXT", tcp=True, edns=False)
+        assert not full.header.tc and len(full.rr) == 1
+    finally:
+        dns.proc.stop()
+
+
+def test_upstream_nxdomain_and_negative_cache(up: Dnsmasq, answers: Path) -> None:
+    dns = start_dns("--answers", str(answers), recursers=[up.addr])
+    try:
+        for _ in range(3):
+            assert rc(dns.ask("nosuch.example.")) == "NXDOMAIN"
+        assert rc(dns.ask("nosuch.example.", "AAAA")) == "NXDOMAIN"  # not rewritten (orig: NOERROR)
+        log = up.log()
+        assert log.count("query[A] nosuch.example ") == 1  # the repeats came from the cache
+    finally:
+        dns.proc.stop()
