@@ -129,7 +129,6 @@ def decide(table: Table | None, view_key: str, name: str, qtype: int, *, ptr: bo
     """
     if table is None:
         return NOT_READY if in_zone(name) else FORWARD
-    ttl = table.ttl
     if qkey is not None:
         asked = DNSLabel(wire.wire_labels(qkey))
         return _decide(table, view_key, name, qtype, ptr, forward_single_label, asked)
