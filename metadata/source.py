@@ -24,6 +24,7 @@ from typing import Any
 
 import orjson
 
+from agents.backoff import Backoff
 from agents.errors import CorralError, InputError
 from agents.log import get_logger
 from agents.metrics import Health, counter, gauge, histogram
@@ -217,6 +218,8 @@ class SubscribeSource:
         self._last_error: str = ""
         self._last_download = 0.0
         self._stream_factory = stream_factory
+        self._retry = Backoff(1.0, 30.0)
+        self._retry_handle: asyncio.TimerHandle | None = None
 
     # -------------------------------------------------------------- downloads
     async def download_once(self) -> None:
@@ -266,6 +269,15 @@ class SubscribeSource:
                 self._last_error = err
                 self._done_gen = max(self._done_gen, target)
                 self._cond.notify_all()
+            if err:  # better than the original (which waited for the next event): retry with back-off
+                delay = self._retry.next()
+                log.info("answers download will be retried", seconds=round(delay, 2))
+                self._retry_handle = asyncio.get_running_loop().call_later(delay, self.kick)
+            else:
+                self._retry.reset()
+                if self._retry_handle is not None:
+                    self._retry_handle.cancel()
+                    self._retry_handle = None
 
     # -------------------------------------------------------------- events
     async def on_config_update(self, ev: Any) -> dict[str, Any] | None:

@@ -1,0 +1,146 @@
+"""End to end with the stand-in server: events, downloads, applied version, replies, outages, cache."""
+
+from __future__ import annotations
+
+import base64
+import json
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.helpers.procs import ROOT
+from tests.helpers.standin import StandIn
+
+from .conftest import Metadata, start_metadata
+
+SAMPLE = str(ROOT / "agents" / "server" / "sample_env.yaml")
+
+
+@pytest.fixture
+def env(standin_factory: Callable[..., StandIn], tmp_path: Path) -> Iterator[tuple[StandIn, Path]]:
+    s = standin_factory(load=SAMPLE)
+    yield s, tmp_path / "answers.json"
+
+
+def start_sub(s: StandIn, cache: Path, *extra: str) -> Metadata:
+    return start_metadata(cache, "--subscribe", "--reload-interval-limit", "200", "--ready-grace", "1",
+                          *extra, env=s.env())
+
+
+def names(m: Metadata) -> list[str]:
+    r = m.get("/latest/containers", headers={"Accept": "application/json"})
+    return [c["name"] for c in json.loads(r.body)] if r.status == 200 else []
+
+
+def ready(m: Metadata) -> bool:
+    return m.admin("/ready")[0] == 200
+
+
+def test_subscribe_sync_apply_and_reply(env: tuple[StandIn, Path]) -> None:
+    s, cache = env
+    m = start_sub(s, cache)
+    try:
+        m.wait_for(lambda: "shop-web-1" in names(m))
+        m.wait_for(lambda: ready(m))
+        # the cache was written atomically right after the apply, in the original's format
+        m.wait_for(cache.exists)
+        doc = json.loads(cache.read_text())
+        assert doc["Version"] == m.get("/latest/version").body.decode()
+        assert base64.b64decode(doc["Data"])
+        # a container created with `corral ctl` is served within 1 s
+        since = s.seq()
+        t0 = time.monotonic()
+        s.ctl("container", "create", "--name", "extra1", "--host", "node-a")
+        m.wait_for(lambda: "extra1" in names(m), timeout=5)
+        assert time.monotonic() - t0 < 1.0
+        # the event got a success reply, and the applied version was reported
+        rep = s.wait(kind="reply", name="config.update", since=since, timeout=10)
+        assert rep["status"] == "ok"
+        served = m.get("/latest/version").body.decode()
+        applied = s.wait(kind="config-applied", since=since, timeout=10)
+        assert applied["data"]["version"] == served
+        # the reply comes after the apply (the original replied before downloading)
+        assert applied["seq"] < rep["seq"]
+        assert m.get("/latest/self/host/name").body == b"node-a"  # this agent's host (defaultData.self)
+    finally:
+        m.proc.stop()
+
+
+def test_server_outage_keeps_serving_then_converges(env: tuple[StandIn, Path]) -> None:
+    s, cache = env
+    m = start_sub(s, cache)
+    try:
+        m.wait_for(lambda: "shop-web-1" in names(m) and ready(m))
+        s.stop()
+        # keeps serving, stays alive, turns not-ready after the grace period
+        assert "shop-web-1" in names(m)
+        m.wait_for(lambda: not ready(m), timeout=10)
+        assert m.admin("/healthz")[0] == 200
+        assert json.loads(m.admin("/ready")[1])["conditions"]["server"]["ok"] is False
+        assert "shop-web-1" in names(m)
+        s.start()
+        s.ctl("container", "create", "--name", "extra2", "--host", "node-b")
+        m.wait_for(lambda: "extra2" in names(m), timeout=30)
+        m.wait_for(lambda: ready(m), timeout=10)
+    finally:
+        m.proc.stop()
+
+
+def test_kill9_then_restart_with_server_down_serves_cache(env: tuple[StandIn, Path]) -> None:
+    s, cache = env
+    m = start_sub(s, cache)
+    m.wait_for(lambda: "shop-web-1" in names(m) and cache.exists())
+    version = m.get("/latest/version").body
+    m.proc.kill()
+    s.stop()
+    m2 = start_sub(s, cache)
+    try:
+        assert m2.get("/latest/version").body == version
+        assert "shop-web-1" in names(m2)
+        assert m2.get("/latest/self/host/name").body == b"node-a"
+        assert m2.admin("/healthz")[0] == 200
+    finally:
+        m2.proc.stop()
+
+
+def test_malformed_download_keeps_last_good_and_fails_event(env: tuple[StandIn, Path]) -> None:
+    s, cache = env
+    m = start_sub(s, cache)
+    try:
+        m.wait_for(lambda: "shop-web-1" in names(m) and ready(m))
+        since = s.seq()
+        s.ctl("fault", "truncate-configcontent", "--count", "1")
+        s.ctl("container", "create", "--name", "extra3", "--host", "node-a")
+        rep = s.wait(kind="reply", name="config.update", since=since, status="error", timeout=15)
+        assert "DEFLATE" in json.dumps(rep)
+        assert "shop-web-1" in names(m)
+        assert m.metric("corral_metadata_apply_failures_total") >= 1
+        # the download is retried with back-off and converges without another event
+        m.wait_for(lambda: "extra3" in names(m), timeout=15)
+    finally:
+        m.proc.stop()
+
+
+def test_corrupt_cache_moved_aside(env: tuple[StandIn, Path]) -> None:
+    s, cache = env
+    cache.write_text('{"Version": "1-x", "Data": "not base64!!"}')
+    m = start_sub(s, cache)
+    try:
+        assert cache.with_name("answers.json.corrupt").exists()
+        m.wait_for(lambda: "shop-web-1" in names(m))
+        m.wait_for(lambda: json.loads(cache.read_text())["Version"] == m.get("/latest/version").body.decode())
+    finally:
+        m.proc.stop()
+
+
+def test_missing_credentials_is_a_clear_config_error(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-m", "agents.cli", "metadata", "--subscribe", "--answers",
+                          str(tmp_path / "a.json"), "--listen", "127.0.0.1:0"],
+                         capture_output=True, text=True, env={"PATH": "/usr/bin:/bin", "PYTHONPATH": str(ROOT)},
+                         timeout=30)
+    assert out.returncode == 2 and "CATTLE_URL" in out.stderr
