@@ -1,0 +1,393 @@
+"""The stand-in server's core: store + journal + bus + faults, and the "cattle" behaviour
+that ties them together (allocation, health aggregation, config.update fan-out).
+
+All store writes happen under one asyncio lock so an operation that waits (for a scheduler
+reply, say) never interleaves its SQLite transaction with another one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+from agents.errors import InputError
+from agents.log import get_logger
+from agents.server import cattle
+from agents.server.answers import Answers
+from agents.server.bus import Bus, Conn
+from agents.server.faults import Faults
+from agents.server.health import aggregate, apply_report, parse_healthcheck_uuid, pick_reporters
+from agents.server.journal import Journal
+from agents.server.keys import Key, KeyRing
+from agents.server.store import KINDS, Store
+
+__all__ = ["Server", "Settings"]
+
+log = get_logger(__name__)
+T = TypeVar("T")
+
+CONFIG_ITEM = "metadata-answers"
+
+
+@dataclass(frozen=True)
+class Settings:
+    listen: str = "127.0.0.1:8080"
+    admin_listen: str = "127.0.0.1:8081"
+    state: str = ""
+    journal: str = ""
+    seed: int = 0
+    event_timeout_ms: int = 15000
+    event_retries: int = 3
+    ping_interval_ms: int = 5000
+    max_pings: int = 8640
+    public_url: str = "http://127.0.0.1:8080"
+
+
+class Server:
+    def __init__(self, settings: Settings, keys: KeyRing) -> None:
+        self.settings = settings
+        self.keys = keys
+        self.store = Store(settings.state)
+        if self.store.fresh:
+            cattle.ensure_networks(self.store)
+            self.store.commit("init", bump=False)
+        self.journal = Journal(settings.journal)
+        self.faults = Faults(settings.seed)
+        self.bus = Bus(self.journal, self.faults, ping_interval_ms=settings.ping_interval_ms,
+                       max_pings=settings.max_pings, event_timeout_ms=settings.event_timeout_ms,
+                       event_retries=settings.event_retries, seed=settings.seed)
+        self.bus.on_subscribe.append(self._on_subscribe)
+        self.lock = asyncio.Lock()
+        self._answers: Answers | None = None
+        self._config_tasks: dict[str, asyncio.Task[None]] = {}
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self.started = time.time()
+
+    async def close(self) -> None:
+        for t in list(self._config_tasks.values()) + list(self._tasks):
+            t.cancel()
+        for t in list(self._config_tasks.values()) + list(self._tasks):
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await t
+        for c in list(self.bus.conns.values()):
+            await self.bus.drop(c)
+        self.store.close()
+        self.journal.close()
+
+    def spawn(self, coro: Awaitable[Any]) -> asyncio.Task[Any]:
+        t: asyncio.Task[Any] = asyncio.ensure_future(coro)
+        self._tasks.add(t)
+        t.add_done_callback(self._tasks.discard)
+        return t
+
+    # -- answers ------------------------------------------------------------------------
+    def answers(self) -> Answers:
+        a = self._answers
+        if a is None or a.revision != self.store.revision:
+            a = self._answers = Answers(self.store, self.settings.seed)
+        return a
+
+    def host_for(self, key: Key | None, *, host_uuid: str = "", agent_id: str = "") -> str | None:
+        """The host a requesting agent runs on: ?hostUuid=, the key's hostUuid, or by agentId."""
+        if host_uuid:
+            h = self.store.find("host", host_uuid)
+            return h["uuid"] if h else host_uuid
+        if key is not None and key.host_uuid:
+            return key.host_uuid
+        aid = agent_id or (key.agent_id if key is not None else "")
+        if aid:
+            for h in self.store.all("host"):
+                if h.get("agentId") == aid:
+                    return str(h["uuid"])
+        return None
+
+    # -- mutations ----------------------------------------------------------------------
+    async def mutate(self, reason: str, op: Callable[[], Awaitable[T]]) -> T:
+        """Run ``op`` as one transaction: all or nothing, one revision bump, then notify."""
+        async with self.lock:
+            before = self.store.revision
+            try:
+                result = await op()
+            except BaseException:
+                self.store.rollback()
+                raise
+            rev = self.store.commit(reason)
+        if rev != before:
+            self.journal.add("mutation", name=reason, data={"revision": rev}, status="ok")
+            self._kick_config()
+        return result
+
+    async def bump(self, reason: str) -> int:
+        """A revision bump with no content change (config-storm)."""
+
+        async def op() -> None:
+            self.store.touch(reason)
+
+        await self.mutate(reason, op)
+        return self.store.revision
+
+    async def allocate(self, spec: dict[str, Any], hint: list[str] | None = None) -> str | None:
+        """Pick a host for a new container (deployment unit): round-robin over active hosts
+        (restricted to ``hint`` host names/uuids when given)."""
+        hosts = [h for h in self.store.all("host") if h.get("state") == "active"]
+        if hint:
+            wanted = [self.store.find("host", r) for r in hint]
+            hosts = [h for h in hosts if any(w is not None and w["id"] == h["id"] for w in wanted)] or hosts
+        if not hosts:
+            self.journal.add("allocation", name=spec.get("name"), status="no-hosts")
+            return None
+        n = int(self.store.kv_get("alloc", "rr", 0))
+        self.store.kv_set("alloc", "rr", n + 1)
+        host = hosts[n % len(hosts)]
+        self.journal.add("allocation", name=spec.get("name"), data={"host": host["uuid"]}, status="fallback")
+        return str(host["uuid"])
+
+    async def release(self, container: dict[str, Any]) -> None:
+        return None
+
+    async def reconcile_service(self, svc: dict[str, Any]) -> None:
+        add, remove = cattle.plan_scale(self.store, svc)
+        for c in remove:
+            if self.store.by_id("container", c["id"]) is not None:
+                cattle.remove(self.store, "container", c["id"])
+                await self.release(c)
+        top = int(svc.get("next_index") or 1)
+        for unit in add:
+            host = await self.allocate(unit[0], svc.get("hosts") or None)
+            for fields in unit:
+                cattle.create_container(self.store, fields, host)
+            top = max(top, int(unit[0]["service_index"]) + 1)
+        if top != svc.get("next_index"):
+            svc = dict(self.store.get("service", svc["id"]))
+            svc["next_index"] = top
+            self.store.put("service", svc)
+
+    async def create(self, kind: str, fields: dict[str, Any]) -> dict[str, Any]:
+        if kind not in KINDS:
+            raise InputError(f"unknown kind {kind!r}")
+
+        async def op() -> dict[str, Any]:
+            return await self._create(kind, fields)
+
+        return await self.mutate(f"{kind}.create", op)
+
+    async def _create(self, kind: str, fields: dict[str, Any]) -> dict[str, Any]:
+        if kind == "host":
+            return cattle.create_host(self.store, fields)
+        if kind == "stack":
+            st = cattle.create_stack(self.store, fields)
+            for s in fields.get("services") or []:
+                await self._create("service", {**s, "stack": st["uuid"]})
+            return st
+        if kind == "network":
+            return cattle.create_network(self.store, fields)
+        if kind == "service":
+            svc = cattle.create_service(self.store, fields)
+            await self.reconcile_service(svc)
+            return self.store.get("service", svc["id"])
+        host_ref = fields.get("host") or fields.get("host_uuid")
+        if host_ref:
+            h = self.store.find("host", str(host_ref))
+            if h is None:
+                raise InputError(f"container {fields.get('name')}: no host {host_ref!r}")
+            host_uuid: str | None = h["uuid"]
+        else:
+            host_uuid = await self.allocate(fields)
+        return cattle.create_container(self.store, fields, host_uuid)
+
+    async def update(self, kind: str, ref: str, fields: dict[str, Any]) -> dict[str, Any]:
+        async def op() -> dict[str, Any]:
+            obj = cattle.update(self.store, kind, ref, fields)
+            if kind == "service":
+                await self.reconcile_service(obj)
+                obj = self.store.get("service", obj["id"])
+            return obj
+
+        return await self.mutate(f"{kind}.update", op)
+
+    async def remove(self, kind: str, ref: str) -> list[dict[str, Any]]:
+        async def op() -> list[dict[str, Any]]:
+            removed = cattle.remove(self.store, kind, ref)
+            for r in removed:
+                if r["kind"] == "container":
+                    await self.release(r)
+            return removed
+
+        return await self.mutate(f"{kind}.remove", op)
+
+    async def reset(self) -> None:
+        async def op() -> None:
+            self.store.wipe()
+            self.store.kv_set("meta", "environment", Store.new_environment())
+            cattle.ensure_networks(self.store)
+
+        await self.mutate("reset", op)
+
+    def dump(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"format": "corral-state/1", "revision": self.store.revision,
+                               "environment": self.store.env}
+        for kind in KINDS:
+            out[kind + "s"] = self.store.all(kind)
+        out["counters"] = self.store.kv_all("counter")
+        return out
+
+    async def load(self, doc: dict[str, Any], *, replace: bool = True) -> dict[str, Any]:
+        if not isinstance(doc, dict):
+            raise InputError("an environment document must be a map")
+
+        async def op() -> dict[str, Any]:
+            if replace:
+                self.store.wipe()
+                env: dict[str, Any] = doc["environment"] if isinstance(doc.get("environment"), dict) else {}
+                base = Store.new_environment(str(env.get("name") or "Default"), env.get("uuid"))
+                base.update({k: v for k, v in env.items() if k in ("region_name", "system_stack_uuid", "id")})
+                self.store.kv_set("meta", "environment", base)
+            if doc.get("format") == "corral-state/1":
+                for kind in KINDS:
+                    for o in doc.get(kind + "s") or []:
+                        if not isinstance(o, dict) or "id" not in o:
+                            raise InputError(f"{kind}s: every entry needs an id in a corral-state document")
+                        self.store.put(kind, o)
+                for k, v in (doc.get("counters") or {}).items():
+                    self.store.kv_set("counter", k, v)
+                self.store.touch("load")
+                return {"loaded": "state"}
+            counts: dict[str, int] = {}
+            for n in doc.get("networks") or []:
+                await self._create("network", n)
+                counts["networks"] = counts.get("networks", 0) + 1
+            cattle.ensure_networks(self.store)
+            for h in doc.get("hosts") or []:
+                await self._create("host", h)
+                counts["hosts"] = counts.get("hosts", 0) + 1
+            for st in doc.get("stacks") or []:
+                if not isinstance(st, dict):
+                    raise InputError("stacks: every entry must be a map")
+                await self._create("stack", st)
+                counts["stacks"] = counts.get("stacks", 0) + 1
+            for s in doc.get("services") or []:
+                await self._create("service", s)
+            for c in doc.get("containers") or []:
+                await self._create("container", c)
+                counts["containers"] = counts.get("containers", 0) + 1
+            self.store.touch("load")
+            counts["services"] = len(self.store.all("service"))
+            return counts
+
+        return await self.mutate("load", op)
+
+    # -- health -------------------------------------------------------------------------
+    async def service_event(self, body: dict[str, Any], key: Key) -> dict[str, Any]:
+        hc_uuid = str(body.get("healthcheckUuid") or "")
+        health = str(body.get("reportedHealth") or "")
+        try:
+            ts = float(body.get("externalTimestamp") or 0)
+        except (TypeError, ValueError):
+            ts = 0.0
+        parsed = parse_healthcheck_uuid(hc_uuid)
+        result: dict[str, Any] = {"healthcheckUuid": hc_uuid, "reportedHealth": health, "externalTimestamp": ts}
+        if parsed is None:
+            self.journal.add("serviceevent", name=health, key=key.access, data=result, status="bad-uuid")
+            return {**result, "status": "bad-uuid"}
+        reporter, cuuid, _start = parsed
+
+        async def op() -> dict[str, Any]:
+            c = self.store.by_uuid("container", cuuid)
+            if c is None:
+                return {**result, "status": "unknown-container"}
+            stored = {h: (float(v[0]), str(v[1])) for h, v in (self.store.kv_get("health", cuuid) or {}).items()}
+            new, accepted = apply_report(stored, reporter, ts, health)
+            if accepted:
+                self.store.kv_set("health", cuuid, {h: list(v) for h, v in new.items()})
+            active = [h["uuid"] for h in self.store.all("host") if h.get("state") == "active"]
+            reporters = pick_reporters(self.settings.seed, cuuid, c.get("host_uuid"), active)
+            before = c.get("health_state")
+            after = aggregate(before, new, reporters)
+            if after != before:
+                self.store.put("container", {**c, "health_state": after})
+            return {**result, "container": c["name"], "container_uuid": cuuid, "reporter": reporter,
+                    "accepted": accepted, "health_state": after, "previous": before,
+                    "status": "changed" if after != before else ("stored" if accepted else "ignored")}
+
+        out = await self.mutate("serviceevent", op)
+        self.journal.add("serviceevent", name=health, id=hc_uuid, key=key.access, data=out, status=out["status"])
+        return out
+
+    async def external_host_event(self, body: dict[str, Any], key: Key) -> dict[str, Any]:
+        async def op() -> int:
+            n = self.store.next_number("externalhostevent")
+            self.store.kv_set("externalhostevents", str(n), {"n": n, "t": time.time(), "key": key.access, **body})
+            return n
+
+        n = await self.mutate("externalhostevent", op)
+        self.journal.add("externalhostevent", name=str(body.get("eventType") or ""), key=key.access, data=body,
+                         status="stored")
+        return {"id": f"1ehe{n}", "type": "externalHostEvent", **body}
+
+    # -- config items -------------------------------------------------------------------
+    def config_item(self, agent: str) -> dict[str, Any]:
+        d = self.store.kv_get("config", agent) or {}
+        return {"agent": agent, "name": CONFIG_ITEM, "requestedVersion": int(d.get("requestedVersion") or 0),
+                "appliedVersion": int(d.get("appliedVersion") or 0), "appliedVersionString": d.get("appliedVersionString"),
+                "appliedAt": d.get("appliedAt"), "downloads": int(d.get("downloads") or 0),
+                "updatesSent": int(d.get("updatesSent") or 0)}
+
+    async def _set_config(self, agent: str, **changes: Any) -> None:
+        async with self.lock:
+            d = dict(self.store.kv_get("config", agent) or {})
+            for k, v in changes.items():
+                if k in ("downloads", "updatesSent"):
+                    d[k] = int(d.get(k) or 0) + int(v)
+                else:
+                    d[k] = v
+            self.store.kv_set("config", agent, d)
+            self.store.commit(bump=False)
+
+    async def downloaded(self, agent: str) -> None:
+        await self._set_config(agent, downloads=1, lastDownloadAt=time.time())
+
+    async def applied(self, agent: str, version: str, key: Key) -> int:
+        head = version.split("-", 1)[0].strip()
+        try:
+            n = int(head)
+        except ValueError:
+            raise InputError(f"version {version!r} does not start with an integer revision") from None
+        await self._set_config(agent, appliedVersion=n, appliedVersionString=version, appliedAt=time.time())
+        self.journal.add("config-applied", name=CONFIG_ITEM, key=key.access, data={"agent": agent, "version": version},
+                         status="ok")
+        return n
+
+    def _on_subscribe(self, conn: Conn) -> None:
+        if "config.update" in conn.base:
+            self._kick_config()
+
+    def _kick_config(self) -> None:
+        agents = {c.key.agent for c in self.bus.conns.values() if "config.update" in c.base}
+        for agent in agents:
+            t = self._config_tasks.get(agent)
+            if t is not None and not t.done():
+                continue
+            if self.config_item(agent)["appliedVersion"] >= self.store.revision:
+                continue
+            self._config_tasks[agent] = asyncio.ensure_future(self._config_loop(agent))
+
+    async def _config_loop(self, agent: str) -> None:
+        await asyncio.sleep(0.02)  # let a burst of mutations settle into one update
+        sent_for = -1
+        while True:
+            rev = self.store.revision
+            if self.config_item(agent)["appliedVersion"] >= rev or rev == sent_for:
+                return
+            if not self.bus.subscribers("config.update", agent=agent):
+                return
+            sent_for = rev
+            await self._set_config(agent, requestedVersion=rev, updatesSent=1)
+            data = {"configUrl": f"{self.settings.public_url}/v1/configcontent",
+                    "items": [{"name": CONFIG_ITEM, "requestedVersion": rev}]}
+            res = await self.bus.call("config.update", data, agent=agent, resource_type="agent")
+            if res.status != "ok":
+                return

@@ -1,0 +1,137 @@
+"""``corral server``: the stand-in Rancher server (server-protocol.md §7).
+
+    corral server --listen 127.0.0.1:8080 --admin-listen 127.0.0.1:8081 --keys keys.yaml \\
+        --state state.db --journal journal.jsonl --seed N --event-timeout-ms 15000 \\
+        --event-retries 3 --ping-interval-ms 5000 --max-pings 8640 [--load env.yaml]
+
+Without ``--keys``, ``--access-key/--secret-key`` (or CATTLE_ACCESS_KEY/CATTLE_SECRET_KEY)
+give one admin key. Credentials are always required.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+from pathlib import Path
+from typing import Any
+
+import orjson
+import yaml
+from aiohttp import web
+
+from agents.config import add_common_args, env_str
+from agents.errors import ConfigError, InputError
+from agents.log import get_logger
+from agents.metrics import parse_listen
+
+__all__ = ["SAMPLE_ENV", "demo_argv", "load_env_file", "main"]
+
+log = get_logger(__name__)
+
+SAMPLE_ENV = Path(__file__).with_name("sample_env.yaml")
+DEMO_HINTS = [
+    "stand-in server: curl -u {access_key}:{secret_key} {server_url}",
+    "  corral ctl --admin {server_admin} host ls | corral ctl --admin {server_admin} journal --kind reply",
+]
+
+
+def load_env_file(path: str) -> Any:
+    try:
+        text = Path(path).read_text()
+    except OSError as e:
+        raise ConfigError(f"cannot read {path}: {e}") from e
+    try:
+        return orjson.loads(text) if path.endswith(".json") else yaml.safe_load(text)
+    except (orjson.JSONDecodeError, yaml.YAMLError) as e:
+        raise ConfigError(f"{path} is not valid {'JSON' if path.endswith('.json') else 'YAML'}: {e}") from e
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="corral server", description="the stand-in Rancher server")
+    p.add_argument("--listen", default="127.0.0.1:8080", help="API, websocket and configcontent listener")
+    p.add_argument("--admin-listen", default="127.0.0.1:8081", help="admin API listener (corral ctl)")
+    p.add_argument("--keys", default="", help="YAML list of {access, secret, role, agentId, hostUuid}")
+    p.add_argument("--access-key", default=env_str("CATTLE_ACCESS_KEY"), help="a single admin key (no --keys)")
+    p.add_argument("--secret-key", default=env_str("CATTLE_SECRET_KEY"), help="its secret")
+    p.add_argument("--state", default="", help="SQLite database (default: in memory, lost on exit)")
+    p.add_argument("--journal", default="", help="append the journal here as JSON lines")
+    p.add_argument("--load", default="", help="load this environment (YAML/JSON) at start when the state is empty")
+    p.add_argument("--seed", type=int, default=0, help="seed for reporter-host picks, reply ids, fault rates")
+    p.add_argument("--event-timeout-ms", type=int, default=15000)
+    p.add_argument("--event-retries", type=int, default=3)
+    p.add_argument("--ping-interval-ms", type=int, default=5000)
+    p.add_argument("--max-pings", type=int, default=8640, help="close a subscription after this many pings (0: never)")
+    p.add_argument("--public-url", default="", help="base URL agents use (default from --listen)")
+    add_common_args(p, metrics_listen="")
+    return p
+
+
+def main(argv: list[str]) -> int:
+    args = build_parser().parse_args(argv)
+    from agents.cli import run_daemon
+
+    async def serve(stop: asyncio.Event) -> None:
+        await run(args, stop)
+
+    return run_daemon("server", serve, debug=args.debug, log_file=args.log, log_json=args.log_json,
+                      pid_file=args.pid_file)
+
+
+def _keys(args: argparse.Namespace) -> Any:
+    from agents.server.keys import Key, KeyRing
+
+    ring = KeyRing.load(args.keys) if args.keys else KeyRing()
+    if args.access_key and args.secret_key:
+        ring.add(Key(args.access_key, args.secret_key, role="admin"))
+    if not len(ring):
+        raise ConfigError("no API keys: give --keys FILE or --access-key/--secret-key "
+                          "(or CATTLE_ACCESS_KEY/CATTLE_SECRET_KEY)")
+    return ring
+
+
+async def run(args: argparse.Namespace, stop: asyncio.Event) -> None:
+    from agents.server.admin import build_admin_app
+    from agents.server.app import Server, Settings
+    from agents.server.public import build_public_app
+
+    host, port = parse_listen(args.listen, "127.0.0.1")
+    ahost, aport = parse_listen(args.admin_listen, "127.0.0.1")
+    keys = _keys(args)
+    public_url = args.public_url or f"http://{'127.0.0.1' if host in ('0.0.0.0', '') else host}:{port}"
+    settings = Settings(listen=args.listen, admin_listen=args.admin_listen, state=args.state, journal=args.journal,
+                        seed=args.seed, event_timeout_ms=args.event_timeout_ms, event_retries=args.event_retries,
+                        ping_interval_ms=args.ping_interval_ms, max_pings=args.max_pings,
+                        public_url=public_url.rstrip("/"))
+    if args.state:
+        Path(args.state).absolute().parent.mkdir(parents=True, exist_ok=True)  # noqa: ASYNC240
+    server = Server(settings, keys)
+    if args.load and not server.store.all("host") and not server.store.all("service"):
+        try:
+            await server.load(load_env_file(args.load))
+        except InputError as e:
+            raise ConfigError(f"{args.load}: {e}") from e
+    runners: list[web.AppRunner] = []
+    try:
+        for app, h, p in ((build_public_app(server), host, port), (build_admin_app(server), ahost, aport)):
+            runner = web.AppRunner(app, access_log=None, handle_signals=False)
+            await runner.setup()
+            runners.append(runner)
+            try:
+                await web.TCPSite(runner, h, p, reuse_address=True).start()
+            except OSError as e:
+                raise ConfigError(f"cannot listen on {h}:{p}: {e}") from e
+        log.info("listening", api=f"{public_url}/v1", admin=f"http://{ahost}:{aport}",
+                 state=args.state or ":memory:", revision=server.store.revision, keys=len(keys))
+        await stop.wait()
+    finally:
+        for c in list(server.bus.conns.values()):
+            await server.bus.drop(c)
+        for r in runners:
+            await r.cleanup()
+        await server.close()
+
+
+def demo_argv(ctx: Any) -> list[str]:
+    """argv for ``corral demo`` (it fills in ports and the key)."""
+    return ["--listen", f"127.0.0.1:{ctx.server_port}", "--admin-listen", f"127.0.0.1:{ctx.server_admin_port}",
+            "--access-key", ctx.access_key, "--secret-key", ctx.secret_key, "--load", str(SAMPLE_ENV)]

@@ -1,0 +1,230 @@
+"""Resources of the stand-in server, kept in SQLite (WAL) and cached in memory.
+
+One table of resources (kind, id, JSON), one of key/value items (revision, id counters, the
+environment, config items, health reports). Every write goes to SQLite inside a transaction
+that :meth:`Store.commit` closes, bumping the global integer **revision** once per
+operation, so a restart of the stand-in loses nothing that was acknowledged.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import uuid as uuidlib
+from collections.abc import Iterator
+from typing import Any
+
+import orjson
+
+from agents.errors import InputError
+
+__all__ = ["ID_PREFIX", "KINDS", "PLURALS", "Store"]
+
+ID_PREFIX = {"host": "1h", "stack": "1st", "service": "1s", "container": "1i", "network": "1n"}
+KINDS = tuple(ID_PREFIX)
+PLURALS = {k + "s": k for k in KINDS}
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS resources (kind TEXT NOT NULL, id TEXT NOT NULL, data TEXT NOT NULL,
+                                      PRIMARY KEY (kind, id));
+CREATE TABLE IF NOT EXISTS kv (ns TEXT NOT NULL, k TEXT NOT NULL, v TEXT NOT NULL, PRIMARY KEY (ns, k));
+"""
+
+
+def _id_num(rid: str) -> int:
+    digits = "".join(ch for ch in rid if ch.isdigit())
+    try:
+        return int(digits[1:] or 0) if digits else 0
+    except ValueError:  # pragma: no cover
+        return 0
+
+
+class Store:
+    """In-memory view of every resource, written through to SQLite."""
+
+    def __init__(self, path: str = "") -> None:
+        self.path = path
+        self.db = sqlite3.connect(path or ":memory:", isolation_level=None, check_same_thread=False)
+        if path:
+            self.db.execute("PRAGMA journal_mode=WAL")
+            self.db.execute("PRAGMA synchronous=NORMAL")
+        self.db.executescript(_SCHEMA)
+        self._res: dict[str, dict[str, dict[str, Any]]] = {k: {} for k in KINDS}
+        self._kv: dict[str, dict[str, Any]] = {}
+        for kind, rid, data in self.db.execute("SELECT kind, id, data FROM resources"):
+            if kind in self._res:
+                self._res[kind][rid] = orjson.loads(data)
+        for ns, k, v in self.db.execute("SELECT ns, k, v FROM kv"):
+            self._kv.setdefault(ns, {})[k] = orjson.loads(v)
+        self._in_txn = False
+        self._changes: list[str] = []
+        self.revision = int(self.kv_get("meta", "revision", 0))
+        self.fresh = "environment" not in self._kv.get("meta", {})
+        if self.fresh:
+            self.kv_set("meta", "environment", self.new_environment())
+            self.commit("init", bump=False)
+
+    # -- environment ------------------------------------------------------------------
+    @staticmethod
+    def new_environment(name: str = "Default", uuid: str | None = None) -> dict[str, Any]:
+        return {"id": "1a5", "uuid": uuid or f"env-{uuidlib.uuid4()}", "name": name,
+                "system_stack_uuid": None, "region_name": ""}
+
+    @property
+    def env(self) -> dict[str, Any]:
+        env: dict[str, Any] = self.kv_get("meta", "environment") or self.new_environment()
+        return env
+
+    # -- transactions -----------------------------------------------------------------
+    def _begin(self) -> None:
+        if not self._in_txn:
+            self.db.execute("BEGIN")
+            self._in_txn = True
+
+    def commit(self, reason: str = "", *, bump: bool = True) -> int:
+        """Close the open transaction; bump the revision when anything changed."""
+        if self._changes and bump:
+            self.revision += 1
+            self.kv_set("meta", "revision", self.revision)
+        self._changes.clear()
+        if self._in_txn:
+            self.db.execute("COMMIT")
+            self._in_txn = False
+        return self.revision
+
+    def rollback(self) -> None:
+        """Throw away the open transaction and reload the cache from SQLite."""
+        if self._in_txn:
+            self.db.execute("ROLLBACK")
+            self._in_txn = False
+        self._changes.clear()
+        self._reload()
+
+    def _reload(self) -> None:
+        self._res = {k: {} for k in KINDS}
+        self._kv = {}
+        for kind, rid, data in self.db.execute("SELECT kind, id, data FROM resources"):
+            if kind in self._res:
+                self._res[kind][rid] = orjson.loads(data)
+        for ns, k, v in self.db.execute("SELECT ns, k, v FROM kv"):
+            self._kv.setdefault(ns, {})[k] = orjson.loads(v)
+        self.revision = int(self.kv_get("meta", "revision", 0))
+
+    @property
+    def dirty(self) -> bool:
+        return bool(self._changes)
+
+    def touch(self, what: str) -> None:
+        """Record a change that is not a resource write (forces a revision bump on commit)."""
+        self._begin()
+        self._changes.append(what)
+
+    def close(self) -> None:
+        if self._in_txn:
+            self.commit()
+        self.db.close()
+
+    # -- key/value --------------------------------------------------------------------
+    def kv_get(self, ns: str, k: str, default: Any = None) -> Any:
+        return self._kv.get(ns, {}).get(k, default)
+
+    def kv_all(self, ns: str) -> dict[str, Any]:
+        return dict(self._kv.get(ns, {}))
+
+    def kv_set(self, ns: str, k: str, v: Any) -> None:
+        self._begin()
+        self._kv.setdefault(ns, {})[k] = v
+        self.db.execute("INSERT OR REPLACE INTO kv (ns, k, v) VALUES (?, ?, ?)", (ns, k, orjson.dumps(v)))
+
+    def kv_del(self, ns: str, k: str) -> None:
+        self._begin()
+        self._kv.get(ns, {}).pop(k, None)
+        self.db.execute("DELETE FROM kv WHERE ns = ? AND k = ?", (ns, k))
+
+    def next_number(self, kind: str) -> int:
+        n = int(self.kv_get("counter", kind, 0)) + 1
+        self.kv_set("counter", kind, n)
+        return n
+
+    def next_id(self, kind: str) -> str:
+        return f"{ID_PREFIX[kind]}{self.next_number(kind)}"
+
+    # -- resources --------------------------------------------------------------------
+    def all(self, kind: str) -> list[dict[str, Any]]:
+        """Every resource of a kind, in creation order."""
+        return sorted(self._res[kind].values(), key=lambda o: _id_num(o["id"]))
+
+    def __iter__(self) -> Iterator[tuple[str, dict[str, Any]]]:
+        for kind in KINDS:
+            for o in self.all(kind):
+                yield kind, o
+
+    def by_id(self, kind: str, rid: str) -> dict[str, Any] | None:
+        return self._res[kind].get(rid)
+
+    def by_uuid(self, kind: str, uuid: str | None) -> dict[str, Any] | None:
+        if not uuid:
+            return None
+        for o in self._res[kind].values():
+            if o.get("uuid") == uuid:
+                return o
+        return None
+
+    def find(self, kind: str, ref: str) -> dict[str, Any] | None:
+        """Look a resource up by id, uuid, name ("stack/service" for services), case-insensitive last."""
+        objs = self._res[kind]
+        if ref in objs:
+            return objs[ref]
+        for o in objs.values():
+            if o.get("uuid") == ref:
+                return o
+        if kind == "service" and "/" in ref:
+            stack_ref, _, name = ref.partition("/")
+            st = self.find("stack", stack_ref)
+            if st is None:
+                return None
+            cands = [o for o in objs.values() if o.get("stack_uuid") == st["uuid"]]
+            for o in cands:
+                if o.get("name") == name:
+                    return o
+            for o in cands:
+                if str(o.get("name", "")).lower() == name.lower():
+                    return o
+            return None
+        named = [o for o in self.all(kind) if o.get("name") == ref]
+        if not named:
+            named = [o for o in self.all(kind) if str(o.get("name", "")).lower() == ref.lower()]
+        return named[0] if named else None
+
+    def get(self, kind: str, ref: str) -> dict[str, Any]:
+        o = self.find(kind, ref)
+        if o is None:
+            raise InputError(f"no {kind} {ref!r}")
+        return o
+
+    def put(self, kind: str, obj: dict[str, Any]) -> dict[str, Any]:
+        if kind not in self._res:
+            raise InputError(f"unknown resource kind {kind!r}")
+        self._begin()
+        self._res[kind][obj["id"]] = obj
+        self.db.execute("INSERT OR REPLACE INTO resources (kind, id, data) VALUES (?, ?, ?)",
+                        (kind, obj["id"], orjson.dumps(obj)))
+        self._changes.append(f"{kind}:{obj['id']}")
+        return obj
+
+    def delete(self, kind: str, rid: str) -> dict[str, Any] | None:
+        self._begin()
+        o = self._res[kind].pop(rid, None)
+        self.db.execute("DELETE FROM resources WHERE kind = ? AND id = ?", (kind, rid))
+        if o is not None:
+            self._changes.append(f"-{kind}:{rid}")
+        return o
+
+    def wipe(self) -> None:
+        """Delete every resource and key/value item except the revision (which keeps growing)."""
+        self._begin()
+        self.db.execute("DELETE FROM resources")
+        self.db.execute("DELETE FROM kv WHERE ns != 'meta' OR k != 'revision'")
+        rev = self.revision
+        self._res = {k: {} for k in KINDS}
+        self._kv = {"meta": {"revision": rev}}
+        self._changes.append("wipe")

@@ -1,0 +1,123 @@
+"""Stand-in server, state: resources via `corral ctl`, SQLite persistence across restarts, load/save."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from agents.server.ctl import CtlError
+from tests.helpers.procs import ROOT
+from tests.helpers.standin import StandIn
+
+SAMPLE = str(ROOT / "agents" / "server" / "sample_env.yaml")
+
+
+def _build(s: StandIn) -> None:
+    s.ctl("host", "add", "--name", "node-a", "--agent-ip", "127.0.0.11", "--label", "zone=a", "--uuid", "host-a-uuid")
+    s.ctl("host", "add", "--name", "node-b", "--agent-ip", "127.0.0.12")
+    s.ctl("stack", "create", "--name", "Shop")
+    s.ctl("service", "create", "--stack", "Shop", "--name", "web", "--scale", "2", "--port", "8080:80/tcp",
+          "--sidekick", "logger", "--health-check", '{"port": 80, "request_line": "GET / HTTP/1.0"}')
+
+
+@pytest.mark.parametrize("how", ["stop", "kill"])
+def test_state_created_with_ctl_survives_restart(standin: StandIn, how: str) -> None:
+    _build(standin)
+    before = standin.ctl("save")
+    names = sorted(c["name"] for c in before["containers"])
+    assert names == ["Shop-web-1", "Shop-web-2", "Shop-web-logger-1", "Shop-web-logger-2"]
+    if how == "stop":
+        assert standin.stop() == 0
+    else:
+        standin.kill()
+    standin.start()
+    after = standin.ctl("save")
+    assert after == before
+    assert standin.ctl("revision")["revision"] == before["revision"]
+    # ids keep counting from where they were
+    h = standin.ctl("host", "add", "--name", "node-c")
+    assert h["id"] == "1h3"
+
+
+def test_ctl_through_the_real_cli_process(standin: StandIn) -> None:
+    cmd = [sys.executable, "-m", "agents.cli", "ctl", "--admin", standin.admin_url, "host", "add", "--name", "n1",
+           "--agent-ip", "127.0.0.21"]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=30, cwd=ROOT)
+    assert out.returncode == 0, out.stderr
+    assert '"agent_ip": "127.0.0.21"' in out.stdout
+    bad = subprocess.run([*cmd[:-4], "host", "add", "--name", "n2", "--agent-ip", "not-an-ip"],
+                         capture_output=True, text=True, timeout=30, cwd=ROOT)
+    assert bad.returncode == 1
+    assert "not an IP address" in bad.stderr
+    env_cmd = [sys.executable, "-m", "agents.cli", "ctl", "host", "ls"]
+    ls = subprocess.run(env_cmd, capture_output=True, text=True, timeout=30, cwd=ROOT,
+                        env={"CORRAL_ADMIN_URL": standin.admin_url, "PATH": "/usr/bin:/bin", "PYTHONPATH": str(ROOT)})
+    assert ls.returncode == 0, ls.stderr
+    assert '"n1"' in ls.stdout and '"n2"' not in ls.stdout
+
+
+def test_every_mutation_bumps_revision_and_bad_input_changes_nothing(standin: StandIn) -> None:
+    r0 = standin.ctl("revision")["revision"]
+    standin.ctl("host", "add", "--name", "h1")
+    r1 = standin.ctl("revision")["revision"]
+    assert r1 == r0 + 1
+    standin.ctl("host", "label", "h1", "zone=z")
+    standin.ctl("host", "update", "h1", "--set", "agent_ip=127.0.0.99")
+    assert standin.ctl("revision")["revision"] == r1 + 2
+    h = standin.ctl("host", "get", "h1")
+    assert h["labels"] == {"zone": "z"} and h["agent_ip"] == "127.0.0.99"
+    with pytest.raises(CtlError):
+        standin.ctl("host", "add", "--name", "h1")  # duplicate
+    with pytest.raises(CtlError):
+        standin.ctl("service", "create", "--name", "x", "--stack", "S", "--set", "scale=-1")
+    with pytest.raises(CtlError) as e:
+        standin.ctl("host", "rm", "nope")
+    assert e.value.status == 404
+    assert standin.ctl("revision")["revision"] == r1 + 2
+    assert [s["name"] for s in standin.ctl("stack", "ls")] == []  # the failed service left no stack behind
+
+
+def test_scale_up_and_down_names_ips_and_sidekicks(standin: StandIn) -> None:
+    _build(standin)
+    cs = {c["name"]: c for c in standin.ctl("container", "ls")}
+    web1, log1 = cs["Shop-web-1"], cs["Shop-web-logger-1"]
+    assert web1["primary_ip"].startswith("10.42.")
+    assert log1["network_from_container_uuid"] == web1["uuid"]
+    assert log1["primary_ip"] == web1["primary_ip"] and log1["host_uuid"] == web1["host_uuid"]
+    assert cs["Shop-web-1"]["host_uuid"] != cs["Shop-web-2"]["host_uuid"]  # round-robin
+    assert len({c["primary_ip"] for c in cs.values()}) == 2
+    standin.ctl("service", "scale", "Shop/web", "3")
+    names = sorted(c["name"] for c in standin.ctl("container", "ls"))
+    assert "Shop-web-3" in names and "Shop-web-logger-3" in names
+    standin.ctl("service", "scale", "Shop/web", "1")
+    names = sorted(c["name"] for c in standin.ctl("container", "ls"))
+    assert names == ["Shop-web-1", "Shop-web-logger-1"]
+    standin.ctl("service", "rm", "Shop/web")
+    assert standin.ctl("container", "ls") == []
+    alloc = standin.journal(kind="allocation")
+    assert alloc and all(e["status"] == "fallback" for e in alloc)
+
+
+def test_load_save_reset(standin: StandIn, tmp_path: Path) -> None:
+    out = standin.ctl("load", SAMPLE)
+    assert out["hosts"] == 2 and out["stacks"] == 2
+    saved = tmp_path / "state.yaml"
+    standin.ctl("save", str(saved))
+    doc = yaml.safe_load(saved.read_text())
+    assert doc["format"] == "corral-state/1"
+    n_containers = len(doc["containers"])
+    assert n_containers >= 5
+    standin.ctl("reset")
+    assert standin.ctl("container", "ls") == []
+    assert [n["name"] for n in standin.ctl("network", "ls")] == ["managed", "host"]
+    standin.ctl("load", str(saved))
+    assert len(standin.ctl("container", "ls")) == n_containers
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("hosts: [{name: x, agent_ip: nope}]\n")
+    with pytest.raises(CtlError):
+        standin.ctl("load", str(bad))
+    assert len(standin.ctl("container", "ls")) == n_containers  # a failed load changes nothing
