@@ -278,8 +278,8 @@ class _Conn(asyncio.Protocol):
         srv = self.server
         buf = self.buf
         while self.waiter is None and not self.closing and self.transport is not None:
-            end = buf.find(b"\r\n\r\n")
-            if end < 0:
+            end = buf.find(b"\r\n\r\n", 0, MAX_HEAD + 4)
+            if end < 0 or end > MAX_HEAD:
                 if len(buf) > MAX_HEAD:
                     self.send(_BAD, b"GET", False)
                 return
