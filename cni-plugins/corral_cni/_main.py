@@ -113,6 +113,29 @@ def run(role: str, stdin: bytes, environ: Any) -> tuple[int, str]:
         return 1, dumps(error_object(CniError(E_PLUGIN, str(e)), version))
 
 
+def log_call(role: str, stdin: bytes, environ: Any, status: int, out: str) -> None:
+    """``logToFile`` (the originals' field): one JSON line per call, appended. Never fails the call."""
+    try:
+        import json
+
+        conf = json.loads(stdin)
+        path = conf.get("logToFile") if isinstance(conf, dict) else None
+        if not isinstance(path, str) or not path:
+            return
+        import time
+
+        line = {"ts": round(time.time(), 3), "plugin": role, "command": environ.get("CNI_COMMAND", ""),
+                "containerID": environ.get("CNI_CONTAINERID", ""), "netns": environ.get("CNI_NETNS", ""),
+                "ifname": environ.get("CNI_IFNAME", ""), "cniVersion": conf.get("cniVersion", ""),
+                "prevResult": isinstance(conf.get("prevResult"), dict), "status": status}
+        if status:
+            line["error"] = json.loads(out).get("msg", "")
+        with open(path, "a") as f:
+            f.write(json.dumps(line) + "\n")
+    except (OSError, ValueError, AttributeError):
+        pass
+
+
 def main(role: str) -> None:
     stdin = sys.stdin.buffer.read()
     environ = os.environ
@@ -131,6 +154,8 @@ def main(role: str) -> None:
                 if not environ.get(n):
                     sys.stderr.write(f"{n} env variable missing\n")
     status, out = run(role, stdin, environ)
+    if b"logToFile" in stdin:
+        log_call(role, stdin, environ, status, out)
     if out:
         sys.stdout.write(out)
     sys.stdout.flush()
