@@ -213,9 +213,10 @@ class Bus:
                 msg = await ws.receive()
             except (ConnectionError, RuntimeError):
                 break
+            await conn.unstalled.wait()  # a frame that arrived during a stall is handled after it
             if msg.type == WSMsgType.PING:
                 conn.last_ping_in = time.time()
-                if self.faults.active("no-pongs", conn=conn.id) is None and not conn.stalled:
+                if self.faults.active("no-pongs", conn=conn.id) is None:
                     with contextlib.suppress(ConnectionError, RuntimeError):
                         await ws.pong(msg.data)
             elif msg.type == WSMsgType.PONG:
