@@ -49,10 +49,7 @@ class _Generation:
         self.snap = snap
         self.cache: dict[tuple[str, str, str], Response] = {}
         self.bytes = 0
-        s: set[str] = set()
-        for api in snap.trees:
-            s.update(snap.ip_keys(api))
-        self.ip_set = frozenset(s)
+        self.ip_set = snap.ip_set()
 
 
 class _Waiter:

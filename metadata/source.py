@@ -102,7 +102,7 @@ class Applier:
         """Apply a compressed v2 body; InputError (nothing changed) when it is malformed."""
         t0 = time.perf_counter()
         try:
-            snap = await run_steps(build_steps(raw))
+            snap = await run_steps(build_steps(raw, prev=self.server.snapshot))
         except InputError as e:
             APPLY_FAILURES.labels(reason="malformed").inc()
             log.error("answer set rejected, keeping the last good data", error=str(e))

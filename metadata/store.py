@@ -27,7 +27,7 @@ import hashlib
 import json
 import re
 import zlib
-from collections.abc import Generator, Iterable
+from collections.abc import Callable, Generator, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -160,8 +160,9 @@ class Snapshot:
     raw: bytes = b""  # the compressed body as received (v2), kept for the cache file
     objects: int = 0
     warnings: tuple[str, ...] = ()
-    _self_src: dict[str, dict[str, Any]] = field(default_factory=dict)  # version -> ip -> self builder args
+    _self_src: dict[str, Any] = field(default_factory=dict)  # version -> _SelfMaps (ip -> self map)
     _ip_trees: dict[tuple[str, str], dict[str, Any]] = field(default_factory=dict)
+    line_cache: dict[bytes, dict[str, Any]] = field(default_factory=dict)  # stream line -> validated object
 
     def resolve(self, name: str) -> str | None:
         """API version name -> the key of ``trees`` (``latest`` aliases); None if unknown."""
@@ -173,54 +174,75 @@ class Snapshot:
         """Which client tree ``ip`` sees ("default" or the IP)."""
         if self.legacy:
             return ip if ip in self.trees[api] else "default"
-        return ip if ip in self._self_src.get(api, {}) else "default"
+        return ip if ip in self._self_src.get(self.latest or "", ()) else "default"
 
     def tree(self, api: str, key: str) -> Any:
         if key == "default" or self.legacy:
             return self.trees[api].get(key)
         t = self._ip_trees.get((api, key))
         if t is None:
-            base = self.trees[api]["default"]
+            base = self.trees[api]["default"]  # builds a lazy version first (fills _self_src)
             t = dict(base)
             t["self"] = self._self_src[api][key]
             self._ip_trees[(api, key)] = t
         return t
 
-    def ip_keys(self, api: str) -> Iterable[str]:
+    def ip_set(self) -> frozenset[str]:
+        """Client IPs that have their own tree (the same in every version of a v2 set)."""
         if self.legacy:
-            return [k for k in self.trees.get(api, {}) if k != "default"]
-        return self._self_src.get(api, {}).keys()
+            return frozenset(k for t in self.trees.values() for k in t if k != "default")
+        return frozenset(self._self_src[self.latest].keys()) if self.latest in self._self_src else frozenset()
 
 
 def empty_snapshot() -> Snapshot:
     return Snapshot(version="", digest="", trees={}, latest=None)
 
 
+def _ok_s(v: Any) -> bool:
+    return isinstance(v, str)
+
+
+def _ok_i(v: Any) -> bool:
+    return type(v) is int and -_INT_MAX <= v < _INT_MAX
+
+
+def _ok_b(v: Any) -> bool:
+    return isinstance(v, bool)
+
+
+def _ok_l(v: Any) -> bool:
+    return isinstance(v, list) and all(isinstance(x, str) for x in v)
+
+
+def _ok_bigl(v: Any) -> bool:
+    return isinstance(v, list)
+
+
+def _ok_m(v: Any) -> bool:
+    return isinstance(v, dict) and all(isinstance(x, str) for x in v.values())
+
+
+def _ok_o(v: Any) -> bool:
+    return isinstance(v, dict)
+
+
+_CHECK = {"s": _ok_s, "i": _ok_i, "b": _ok_b, "l": _ok_l, "L": _ok_bigl, "m": _ok_m, "o": _ok_o}
+_CHECKERS = {kind: {k: _CHECK[t] for k, t in table.items() if t != "j"} for kind, table in _TABLES.items()}
+_DEFAULTS = {kind: {k: None for k in table} for kind, table in _TABLES.items()}
+_EMPTY_LISTS = {kind: tuple(k for k, t in table.items() if t == "l") for kind, table in _TABLES.items()}
+_EMPTY_MAPS = {kind: tuple(k for k, t in table.items() if t == "m") for kind, table in _TABLES.items()}
+
+
 def _check_fields(kind: str, o: dict[str, Any], idx: int) -> None:
-    table = _TABLES[kind]
     uuid = o.get("uuid")
     if not isinstance(uuid, str) or not uuid:
         raise InputError(f"answers: {kind} object #{idx} has no uuid")
-    for k, t in table.items():
-        v = o.get(k)
+    checkers = _CHECKERS[kind]
+    for k, v in o.items():
         if v is None:
             continue
-        ok = True
-        if t == "s":
-            ok = isinstance(v, str)
-        elif t == "i":
-            ok = isinstance(v, int) and not isinstance(v, bool) and -_INT_MAX <= v < _INT_MAX
-        elif t == "b":
-            ok = isinstance(v, bool)
-        elif t == "l":
-            ok = isinstance(v, list) and all(isinstance(x, str) for x in v)
-        elif t == "L":
-            ok = isinstance(v, list)
-        elif t == "m":
-            ok = isinstance(v, dict) and all(isinstance(x, str) for x in v.values())
-        elif t == "o":
-            ok = isinstance(v, dict)
-        if not ok:
+        ok = checkers.get(k)
+        if ok is not None and not ok(v):
             raise InputError(f"answers: {kind} {uuid!r} field {k!r} has the wrong type ({type(v).__name__})")
 
 
@@ -264,27 +286,139 @@ def _ports(ports: list[str], version: str, host_ip: str | None) -> list[str]:
     return out
 
 
-def _base(kind: str, o: dict[str, Any], drop: tuple[str, ...] = ()) -> dict[str, Any]:
-    table = _TABLES[kind]
-    d: dict[str, Any] = {}
-    for k, t in table.items():
-        v = o.get(k)
-        if v is None:
-            v = [] if t == "l" else ({} if t == "m" else None)
-        d[k] = v
-    for k, v in o.items():
-        if k not in d:
-            d[k] = v
-    for k in drop:
-        d.pop(k, None)
+def _base(kind: str, o: dict[str, Any]) -> dict[str, Any]:
+    """Every field of the kind's table (null/[]/{} when absent) plus whatever else was sent."""
+    d = {**_DEFAULTS[kind], **o}
+    for k in _EMPTY_LISTS[kind]:
+        if d[k] is None:
+            d[k] = []
+    for k in _EMPTY_MAPS[kind]:
+        if d[k] is None:
+            d[k] = {}
     return d
 
 
 CHUNK = 500  # objects per build step between yields
 
 
+class _LazyTrees(dict[str, dict[str, Any]]):
+    """``api -> {"default": tree}``; versions listed in ``pending`` are built on first access."""
+
+    pending: dict[str, Callable[[str], Generator[None, None, dict[str, Any]]]]
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.pending = {}
+
+    def __missing__(self, api: str) -> dict[str, Any]:
+        mk = self.pending.pop(api, None)
+        if mk is None:
+            raise KeyError(api)
+        gen = mk(api)
+        while True:
+            try:
+                next(gen)
+            except StopIteration as stop:
+                self[api] = stop.value
+                return stop.value  # type: ignore[no-any-return]
+
+    def __contains__(self, api: object) -> bool:
+        return super().__contains__(api) or api in self.pending
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(sorted(set(super().keys()) | set(self.pending)))
+
+    def get(self, api: str, default: Any = None) -> Any:  # type: ignore[override]
+        return self[api] if api in self else default
+
+
+class _SelfMaps:
+    """The ``self`` map of each container IP, built on first use (never for every IP up front,
+    rancher#3884). Read-only views of one version's objects."""
+
+    __slots__ = ("cl", "hl", "ip_owner", "raw_services", "sl", "svc_by_key", "svc_key")
+
+    def __init__(self, ip_owner: dict[str, str], cl: dict[str, dict[str, Any]], svc_key: dict[str, str],
+                 svc_by_key: dict[str, dict[str, Any]], raw_services: dict[str, dict[str, Any]],
+                 sl: dict[str, dict[str, Any]], hl: dict[str, dict[str, Any]]) -> None:
+        self.ip_owner = ip_owner
+        self.cl = cl
+        self.svc_key = svc_key
+        self.svc_by_key = svc_by_key
+        self.raw_services = raw_services
+        self.sl = sl
+        self.hl = hl
+
+    def __contains__(self, ip: object) -> bool:
+        return ip in self.ip_owner
+
+    def keys(self) -> Iterable[str]:
+        return self.ip_owner.keys()
+
+    def __getitem__(self, ip: str) -> dict[str, Any]:
+        u = self.ip_owner[ip]
+        d = self.cl[u]
+        sm: dict[str, Any] = {"container": d}
+        skey = self.svc_key.get(u)
+        if skey is not None and d.get("stack_uuid"):
+            svc_d = self.svc_by_key.get(skey)
+            if svc_d is not None:
+                sv = dict(svc_d)
+                sv["token"] = self.raw_services[skey].get("token")  # the token only here (§3 Token)
+                sm["service"] = sv
+            stk = self.sl.get(d["stack_uuid"])
+            if stk is not None:
+                sm["stack"] = stk
+        hu = d.get("host_uuid")
+        if isinstance(hu, str) and hu in self.hl:
+            sm["host"] = self.hl[hu]
+        return sm
+
+
+def _parse_incremental(decoded: bytes, prev: dict[bytes, dict[str, Any]],
+                       ) -> tuple[list[dict[str, Any]], list[bool], dict[bytes, dict[str, Any]]] | None:
+    """Newline-separated streams: reuse the parsed (and already validated) object of every line
+    that is byte-identical to one of the previous answer set; parse only the changed lines."""
+    if b"}\n{" not in decoded and decoded.count(b"{") > 1:
+        return None
+    lines = decoded.split(b"\n")
+    objs: list[dict[str, Any]] = []
+    known: list[bool] = []
+    new_lines: list[bytes] = []
+    cache: dict[bytes, dict[str, Any]] = {}
+    for ln in lines:
+        if not ln.strip():
+            continue
+        o = prev.get(ln)
+        if o is not None:
+            objs.append(o)
+            known.append(True)
+            cache[ln] = o
+        else:
+            objs.append({})  # placeholder, filled below
+            known.append(False)
+            new_lines.append(ln)
+    if new_lines:
+        try:
+            parsed = orjson.loads(b"[" + b",".join(new_lines) + b"]")
+        except orjson.JSONDecodeError:
+            return None
+        if len(parsed) != len(new_lines):
+            return None
+        it = iter(zip(new_lines, parsed, strict=True))
+        for i, k in enumerate(known):
+            if not k:
+                ln, o = next(it)
+                if not isinstance(o, dict):
+                    raise InputError(f"answers: object #{i} is a {type(o).__name__}, not a JSON object")
+                objs[i] = o
+                cache[ln] = o
+    return objs, known, cache
+
+
 def build_steps(raw: bytes, objs: list[dict[str, Any]] | None = None,
-                decoded: bytes | None = None) -> Generator[None, None, Snapshot]:
+                decoded: bytes | None = None,
+                prev: Snapshot | None = None) -> Generator[None, None, Snapshot]:
     """Build a :class:`Snapshot` from a v2 answer set, yielding between chunks of work.
 
     ``raw`` is the compressed body (kept for the cache file). ``objs``/``decoded`` skip the
@@ -293,8 +427,14 @@ def build_steps(raw: bytes, objs: list[dict[str, Any]] | None = None,
     if decoded is None:
         decoded = decode_stream(raw)
         yield
+    known: list[bool] | None = None
+    line_cache: dict[bytes, dict[str, Any]] = {}
     if objs is None:
-        objs = parse_objects(decoded)
+        inc = _parse_incremental(decoded, prev.line_cache if prev is not None else {})
+        if inc is not None:
+            objs, known, line_cache = inc
+        else:
+            objs = parse_objects(decoded)
         yield
     digest = hashlib.sha256(decoded).hexdigest()
 
@@ -317,7 +457,8 @@ def build_steps(raw: bytes, objs: list[dict[str, Any]] | None = None,
         if not isinstance(kind, str):
             raise InputError(f"answers: object #{i} has no metadata_kind")
         if kind in _TABLES:
-            _check_fields(kind, o, i)
+            if known is None or not known[i]:
+                _check_fields(kind, o, i)
             if kind == "host":
                 hosts[o["uuid"]] = o
             elif kind == "stack":
@@ -360,22 +501,89 @@ def build_steps(raw: bytes, objs: list[dict[str, Any]] | None = None,
         raise InputError("answers: no defaultData object (version) in the answer set")
 
     version = default_data["version"]
-    trees: dict[str, dict[str, Any]] = {}
-    self_src: dict[str, dict[str, Any]] = {}
+    self_src: dict[str, _SelfMaps] = {}
 
     host_net_uuids = {n["uuid"] for n in networks if n.get("name") == "host"}
-    for api in API_VERSIONS:
+
+    # Containers: one dict for 2015-07-25/2015-12-19 (identical there), one for 2016-07-29.
+    c_old: dict[str, dict[str, Any]] = {}
+    c_new: dict[str, dict[str, Any]] = {}
+    c_skey: dict[str, str] = {}
+    for n, (u, c) in enumerate(containers.items()):
+        if n % CHUNK == CHUNK - 1:
+            yield
+        d = _base("container", c)
+        d.pop("host_ip", None)
+        ports = d["ports"]
+        host_ip = c.get("host_ip")
+        if not isinstance(host_ip, str) or not host_ip:
+            hh = hosts.get(c.get("host_uuid") or "")
+            host_ip = hh.get("agent_ip") if hh else None
+        links = ctr_links.get(u)
+        d["links"] = dict(links) if links else None
+        link = scl.get(u)
+        if link is not None:
+            skey = (link[0] + "_" + link[1]).lower()
+            svc = services.get(skey)
+            if svc is None:
+                warnings.append(f"container {u} links to missing service {link[0]}/{link[1]}")
+                d["service_name"] = d["service_uuid"] = d["stack_name"] = d["stack_uuid"] = None
+            else:
+                d["service_name"] = link[1]
+                d["service_uuid"] = link[0]
+                d["stack_name"] = svc.get("stack_name")
+                d["stack_uuid"] = svc.get("stack_uuid")
+                c_skey[u] = skey
+        d3 = dict(d)
+        if ports:
+            d["ports"] = _ports(ports, V1, host_ip)
+            d3["ports"] = _ports(ports, V3, host_ip)
+        for k in ("name", "service_name", "stack_name"):
+            v = d3[k]
+            if isinstance(v, str):
+                d3[k] = v.lower()
+        c_old[u] = d
+        c_new[u] = d3
+    yield
+    order = sorted(c_old, key=lambda u: _sort_key(c_old[u]))
+    member_uuids: dict[str, list[str]] = {}
+    for u in sorted(c_skey, key=lambda u: _ci_key(c_old[u])):
+        member_uuids.setdefault(c_skey[u], []).append(u)
+    # self: one container per IP, chosen deterministically (§2.5)
+    chosen: dict[str, tuple[Any, ...]] = {}
+    ip_owner: dict[str, str] = {}
+    for u, d in c_old.items():
+        ip = d.get("primary_ip")
+        if not isinstance(ip, str) or not ip:
+            continue
+        rank = (
+            1 if d.get("network_from_container_uuid") else 0,
+            1 if (d.get("network_uuid") in host_net_uuids
+                  or d["labels"].get("io.rancher.container.network") == "host") else 0,
+            d["create_index"] if isinstance(d.get("create_index"), int) else _INT_MAX,
+            str(d.get("name") or ""),
+            u,
+        )
+        best = chosen.get(ip)
+        if best is None or rank < best:
+            chosen[ip] = rank
+            ip_owner[ip] = u
+    yield
+    hosts_old: dict[str, dict[str, Any]] = {}
+    hosts_new: dict[str, dict[str, Any]] = {}
+    for u, h in hosts.items():
+        d = dict(h)  # hosts pass through as sent (§8 #15), minus hostId in 2016-07-29
+        if not d.get("name"):
+            d["name"] = d.get("hostname")
+        hosts_old[u] = d
+        d3 = dict(d)
+        d3.pop("hostId", None)
+        hosts_new[u] = d3
+
+    def make_tree(api: str) -> Generator[None, None, dict[str, Any]]:
         v3 = api == V3
-        # hosts
-        hl: dict[str, dict[str, Any]] = {}
-        for u, h in hosts.items():
-            d = dict(h)  # hosts pass through as sent (§8 #15), minus hostId in 2016-07-29
-            if v3:
-                d.pop("hostId", None)
-            if not d.get("name"):
-                d["name"] = d.get("hostname")
-            hl[u] = d
-        yield
+        hl = hosts_new if v3 else hosts_old
+        cl = c_new if v3 else c_old
         # stacks (services filled in below)
         sl: dict[str, dict[str, Any]] = {}
         for u, s in stacks.items():
@@ -383,39 +591,7 @@ def build_steps(raw: bytes, objs: list[dict[str, Any]] | None = None,
             if v3:
                 d["name"] = _lower(d["name"])
             sl[u] = d
-        # containers
-        cl: dict[str, dict[str, Any]] = {}
-        members: dict[str, list[dict[str, Any]]] = {}
-        for n, (u, c) in enumerate(containers.items()):
-            if n % CHUNK == CHUNK - 1:
-                yield
-            d = _base("container", c, drop=("host_ip",))
-            host_ip = c.get("host_ip")
-            if not isinstance(host_ip, str) or not host_ip:
-                hh = hosts.get(c.get("host_uuid") or "")
-                host_ip = hh.get("agent_ip") if hh else None
-            d["ports"] = _ports(d["ports"], api, host_ip)
-            links = ctr_links.get(u)
-            d["links"] = dict(links) if links else None
-            link = scl.get(u)
-            if link is not None:
-                skey = (link[0] + "_" + link[1]).lower()
-                svc = services.get(skey)
-                if svc is None:
-                    if api == V1:
-                        warnings.append(f"container {u} links to missing service {link[0]}/{link[1]}")
-                    d["service_name"] = d["service_uuid"] = d["stack_name"] = d["stack_uuid"] = None
-                else:
-                    d["service_name"] = link[1]
-                    d["service_uuid"] = link[0]
-                    d["stack_name"] = svc.get("stack_name")
-                    d["stack_uuid"] = svc.get("stack_uuid")
-                    members.setdefault(skey, []).append(d)
-            if v3:
-                for k in ("name", "service_name", "stack_name"):
-                    d[k] = _lower(d[k])
-            cl[u] = d
-        yield
+        members = {k: [cl[u] for u in us] for k, us in member_uuids.items()}
         # services
         svl: list[dict[str, Any]] = []
         svc_by_key: dict[str, dict[str, Any]] = {}
@@ -452,43 +628,9 @@ def build_steps(raw: bytes, objs: list[dict[str, Any]] | None = None,
         hsel = dself.get("host")
         if isinstance(hsel, dict) and isinstance(hsel.get("uuid"), str) and hsel["uuid"] in hl:
             dself["host"] = hl[hsel["uuid"]]
-        by_ip: dict[str, dict[str, Any]] = {}
-        chosen: dict[str, tuple[Any, ...]] = {}
-        for u, c in containers.items():
-            ip = c.get("primary_ip")
-            if not isinstance(ip, str) or not ip:
-                continue
-            d = cl[u]
-            rank = (
-                1 if d.get("network_from_container_uuid") else 0,
-                1 if (d.get("network_uuid") in host_net_uuids
-                      or (d.get("labels") or {}).get("io.rancher.container.network") == "host") else 0,
-                d["create_index"] if isinstance(d.get("create_index"), int) else _INT_MAX,
-                str(c.get("name") or ""),
-                u,
-            )
-            prev = chosen.get(ip)
-            if prev is not None and prev <= rank:
-                continue
-            chosen[ip] = rank
-            sm: dict[str, Any] = {"container": d}
-            link = scl.get(u)
-            if link is not None and d.get("stack_uuid"):
-                svc_d = svc_by_key.get((link[0] + "_" + link[1]).lower())
-                if svc_d is not None:
-                    sv = dict(svc_d)
-                    sv["token"] = services[(link[0] + "_" + link[1]).lower()].get("token")
-                    sm["service"] = sv
-                stk = sl.get(d["stack_uuid"])
-                if stk is not None:
-                    sm["stack"] = stk
-            hu = d.get("host_uuid")
-            if isinstance(hu, str) and hu in hl:
-                sm["host"] = hl[hu]
-            by_ip[ip] = sm
-        self_src[api] = by_ip
+        sm_api = _SelfMaps(ip_owner, cl, c_skey, svc_by_key, services, sl, hl)
         tree: dict[str, Any] = {
-            "containers": sorted(cl.values(), key=_sort_key),
+            "containers": [cl[u] for u in order],
             "services": svl,
             "stacks": sorted(sl.values(), key=_sort_key),
             "hosts": sorted(hl.values(), key=_sort_key),
@@ -502,11 +644,18 @@ def build_steps(raw: bytes, objs: list[dict[str, Any]] | None = None,
             tree["region_name"] = env.get("region_name")
             if v3:
                 tree["environments"] = []
-        trees[api] = {"default": tree}
-        yield
+        self_src[api] = sm_api
+        return {"default": tree}
+
+    trees: _LazyTrees = _LazyTrees()
+    # 2016-07-29 (= latest, what nearly everybody reads) is built now, between yields; the two
+    # older trees on first use (a few ms each even at 5k containers, well inside the stall budget).
+    trees[V3] = yield from make_tree(V3)
+    trees.pending = {api: make_tree for api in (V1, V2)}
     snap = Snapshot(version=version, digest=digest, trees=trees, latest=V3, raw=raw,
                     objects=len(objs), warnings=tuple(dict.fromkeys(warnings)))
     snap._self_src = self_src
+    snap.line_cache = line_cache
     return snap
 
 

@@ -229,3 +229,24 @@ def test_inflate_rejects_zlib_and_gzip_headers() -> None:
     body = EXAMPLE.read_bytes()
     with pytest.raises(InputError):
         decode_stream(zlib.compress(body))
+
+
+def test_incremental_parse_reuses_unchanged_lines_and_matches_full_build() -> None:
+    from metadata.store import build
+
+    base = EXAMPLE.read_bytes()
+    first = build(deflate(base))
+    changed = base.replace(b'"Shop-db-1"', b'"Shop-db-9"').replace(b'"42-5cc6db68"', b'"43-x"')
+    inc = build(deflate(changed), prev=first)
+    full = build(deflate(changed))
+    for p in [*PATHS, "/latest/containers/shop-db-9", "/2015-07-25/containers/Shop-db-9/name", "/latest/version"]:
+        for fmt in FORMATS:
+            assert respond(inc, p, "", fmt, "192.168.10.12")[0].body == respond(full, p, "", fmt, "192.168.10.12")[0].body
+    unchanged = next(ln for ln in base.splitlines() if b'"node-a"' in ln)
+    assert inc.line_cache[unchanged] is first.line_cache[unchanged]
+    # a changed line is validated again: a broken edit is still refused
+    with pytest.raises(InputError):
+        build(deflate(base.replace(b'"create_index":1,"start_count":1,"service_index":"1","state":"running",'
+                                   b'"system":false,"labels":{"io.rancher.container.network"',
+                                   b'"create_index":"bad","start_count":1,"service_index":"1","state":"running",'
+                                   b'"system":false,"labels":{"io.rancher.container.network"')), prev=first)
