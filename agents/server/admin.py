@@ -150,7 +150,7 @@ class AdminApi:
         return _json([c.public() for c in self.s.bus.conns.values()])
 
     async def config(self, request: web.Request) -> web.Response:
-        items = [self.s.config_item(a) for a in sorted(self.s.store.kv_all("config"))]
+        items = [self.s.config_item(a) for a in self.s.config_agents()]
         return _json({"revision": self.s.store.revision, "version": self.s.answers().version, "items": items})
 
     async def health(self, request: web.Request) -> web.Response:

@@ -65,6 +65,9 @@ class Server:
         self._answers: Answers | None = None
         self._config_tasks: dict[str, asyncio.Task[None]] = {}
         self._tasks: set[asyncio.Task[Any]] = set()
+        self._reserved: list[tuple[str, list[dict[str, Any]]]] = []
+        self._config: dict[str, dict[str, Any]] = self.store.kv_all("config")
+        self._config_dirty: set[str] = set()
         self.started = time.time()
 
     async def close(self) -> None:
@@ -75,6 +78,8 @@ class Server:
                 await t
         for c in list(self.bus.conns.values()):
             await self.bus.drop(c)
+        if not self.lock.locked():
+            self._flush_config()
         self.store.close()
         self.journal.close()
 
@@ -110,11 +115,18 @@ class Server:
         """Run ``op`` as one transaction: all or nothing, one revision bump, then notify."""
         async with self.lock:
             before = self.store.revision
+            self._reserved = []
             try:
                 result = await op()
             except BaseException:
                 self.store.rollback()
+                for host, unit in self._reserved:  # give back what the scheduler booked for this op
+                    for c in unit:
+                        await self.release({**c, "host_uuid": host})
                 raise
+            finally:
+                self._reserved = []
+            self._flush_config()
             rev = self.store.commit(reason)
         if rev != before:
             self.journal.add("mutation", name=reason, data={"revision": rev}, status="ok")
@@ -130,24 +142,96 @@ class Server:
         await self.mutate(reason, op)
         return self.store.revision
 
-    async def allocate(self, spec: dict[str, Any], hint: list[str] | None = None) -> str | None:
-        """Pick a host for a new container (deployment unit): round-robin over active hosts
-        (restricted to ``hint`` host names/uuids when given)."""
+    async def allocate(self, unit: list[dict[str, Any]], hint: list[str] | None = None) -> str | None:
+        """Pick a host for new containers placed together (a deployment unit).
+
+        With a scheduler subscribed: ``scheduler.prioritize``, then ``scheduler.reserve`` on the
+        candidates in order until one succeeds (server-protocol.md §7.5). Without one:
+        round-robin over active hosts (journaled as ``fallback``). ``hint`` (host names/uuids)
+        restricts the choice.
+        """
+        for f in unit:
+            f.setdefault("uuid", cattle._uuid())
+            f.setdefault("id", self.store.next_id("container"))
+        name = unit[0].get("name")
         hosts = [h for h in self.store.all("host") if h.get("state") == "active"]
         if hint:
-            wanted = [self.store.find("host", r) for r in hint]
-            hosts = [h for h in hosts if any(w is not None and w["id"] == h["id"] for w in wanted)] or hosts
+            wanted = {w["uuid"] for w in (self.store.find("host", r) for r in hint) if w is not None}
+            hosts = [h for h in hosts if h["uuid"] in wanted] or hosts
+        if self.bus.subscribers("scheduler.prioritize"):
+            return await self._allocate_scheduler(unit, [h["uuid"] for h in hosts] if hint else None)
         if not hosts:
-            self.journal.add("allocation", name=spec.get("name"), status="no-hosts")
+            self.journal.add("allocation", name=name, status="no-hosts")
             return None
         n = int(self.store.kv_get("alloc", "rr", 0))
         self.store.kv_set("alloc", "rr", n + 1)
         host = hosts[n % len(hosts)]
-        self.journal.add("allocation", name=spec.get("name"), data={"host": host["uuid"]}, status="fallback")
+        self.journal.add("allocation", name=name, data={"host": host["uuid"]}, status="fallback")
         return str(host["uuid"])
 
+    async def _allocate_scheduler(self, unit: list[dict[str, Any]], allowed: list[str] | None) -> str:
+        name = unit[0].get("name")
+        req = cattle.scheduler_request(unit, "instance.allocate")
+        res = await self.bus.call("scheduler.prioritize", {"schedulerRequest": req}, resource_id=unit[0]["id"],
+                                  resource_type="instance")
+        if res.status != "ok" or res.reply is None:
+            msg = (res.reply or {}).get("transitioningMessage") or res.status
+            self.journal.add("allocation", name=name, data={"phase": "prioritize", "error": msg}, status="failed")
+            raise InputError(f"Scheduling failed: {msg}")
+        cands = [str(c) for c in ((res.reply.get("data") or {}).get("prioritizedCandidates") or [])]
+        if allowed is not None:
+            cands = [c for c in cands if c in allowed]
+        errors = []
+        for host in cands:
+            if self.store.by_uuid("host", host) is None:
+                errors.append(f"{host}: unknown host")
+                continue
+            rreq = cattle.scheduler_request(unit, "instance.allocate", host)
+            r = await self.bus.call("scheduler.reserve", {"schedulerRequest": rreq}, resource_id=unit[0]["id"],
+                                    resource_type="instance")
+            if r.status == "ok":
+                self._reserved.append((host, unit))
+                self._apply_port_reservation(unit, (r.reply or {}).get("data") or {})
+                self.journal.add("allocation", name=name, data={"host": host, "candidates": cands},
+                                 status="scheduler")
+                return host
+            errors.append(f"{host}: {(r.reply or {}).get('transitioningMessage') or r.status}")
+        msg = "No healthy hosts with sufficient resources available" if not cands else "; ".join(errors)
+        self.journal.add("allocation", name=name, data={"candidates": cands, "errors": errors}, status="failed")
+        raise InputError(f"Scheduling failed: {msg}")
+
+    @staticmethod
+    def _apply_port_reservation(unit: list[dict[str, Any]], data: dict[str, Any]) -> None:
+        """Fill in public ports the scheduler picked for requests that had none."""
+        by_id = {f["id"]: f for f in unit}
+        for pr in data.get("portReservation") or []:
+            f = by_id.get(pr.get("instanceID"))
+            if f is None:
+                continue
+            ports = list(f.get("ports") or [])
+            for alloc in pr.get("allocatedIPs") or []:
+                for i, spec in enumerate(ports):
+                    p = cattle.parse_port(spec)
+                    if p and not p["publicPort"] and p["privatePort"] == alloc.get("privatePort") and \
+                            p["protocol"] == alloc.get("protocol", "tcp"):
+                        ports[i] = f"{alloc.get('allocatedIP') or '0.0.0.0'}:{alloc.get('publicPort')}:" \
+                                   f"{p['privatePort']}/{p['protocol']}"
+                        break
+            f["ports"] = ports
+
     async def release(self, container: dict[str, Any]) -> None:
-        return None
+        """``scheduler.release`` for a removed container (in the background; never blocks the removal)."""
+        if not container.get("host_uuid") or not self.bus.subscribers("scheduler.release"):
+            return
+        req = cattle.scheduler_request([container], "instance.deallocate", container["host_uuid"])
+
+        async def send() -> None:
+            res = await self.bus.call("scheduler.release", {"schedulerRequest": req}, resource_id=container.get("id"),
+                                      resource_type="instance")
+            self.journal.add("allocation", name=container.get("name"), data={"phase": "release",
+                             "host": container["host_uuid"]}, status=res.status)
+
+        self.spawn(send())
 
     async def reconcile_service(self, svc: dict[str, Any]) -> None:
         add, remove = cattle.plan_scale(self.store, svc)
@@ -157,7 +241,7 @@ class Server:
                 await self.release(c)
         top = int(svc.get("next_index") or 1)
         for unit in add:
-            host = await self.allocate(unit[0], svc.get("hosts") or None)
+            host = await self.allocate(unit, svc.get("hosts") or None)
             for fields in unit:
                 cattle.create_container(self.store, fields, host)
             top = max(top, int(unit[0]["service_index"]) + 1)
@@ -196,7 +280,8 @@ class Server:
                 raise InputError(f"container {fields.get('name')}: no host {host_ref!r}")
             host_uuid: str | None = h["uuid"]
         else:
-            host_uuid = await self.allocate(fields)
+            fields = dict(fields)
+            host_uuid = await self.allocate([fields])
         return cattle.create_container(self.store, fields, host_uuid)
 
     async def update(self, kind: str, ref: str, fields: dict[str, Any]) -> dict[str, Any]:
@@ -222,6 +307,7 @@ class Server:
     async def reset(self) -> None:
         async def op() -> None:
             self.store.wipe()
+            self._config_dirty.update(self._config)  # config items outlive a reset
             self.store.kv_set("meta", "environment", Store.new_environment())
             cattle.ensure_networks(self.store)
 
@@ -242,6 +328,7 @@ class Server:
         async def op() -> dict[str, Any]:
             if replace:
                 self.store.wipe()
+                self._config_dirty.update(self._config)
                 env: dict[str, Any] = doc["environment"] if isinstance(doc.get("environment"), dict) else {}
                 base = Store.new_environment(str(env.get("name") or "Default"), env.get("uuid"))
                 base.update({k: v for k, v in env.items() if k in ("region_name", "system_stack_uuid", "id")})
@@ -330,25 +417,35 @@ class Server:
 
     # -- config items -------------------------------------------------------------------
     def config_item(self, agent: str) -> dict[str, Any]:
-        d = self.store.kv_get("config", agent) or {}
+        d = self._config.get(agent) or {}
         return {"agent": agent, "name": CONFIG_ITEM, "requestedVersion": int(d.get("requestedVersion") or 0),
                 "appliedVersion": int(d.get("appliedVersion") or 0), "appliedVersionString": d.get("appliedVersionString"),
                 "appliedAt": d.get("appliedAt"), "downloads": int(d.get("downloads") or 0),
                 "updatesSent": int(d.get("updatesSent") or 0)}
 
-    async def _set_config(self, agent: str, **changes: Any) -> None:
-        async with self.lock:
-            d = dict(self.store.kv_get("config", agent) or {})
-            for k, v in changes.items():
-                if k in ("downloads", "updatesSent"):
-                    d[k] = int(d.get(k) or 0) + int(v)
-                else:
-                    d[k] = v
-            self.store.kv_set("config", agent, d)
+    def config_agents(self) -> list[str]:
+        return sorted(self._config)
+
+    def _flush_config(self) -> None:
+        """Write config items into the open (or a new) transaction; only ever called with no other
+        operation's transaction open (under the lock, or when the lock is free)."""
+        for agent in self._config_dirty:
+            self.store.kv_set("config", agent, self._config[agent])
+        self._config_dirty.clear()
+
+    def _set_config(self, agent: str, **changes: Any) -> None:
+        """Config item bookkeeping never waits for the mutation lock (an allocation waiting for the
+        scheduler must not block metadata downloads): kept in memory, written when it is safe."""
+        d = self._config.setdefault(agent, {})
+        for k, v in changes.items():
+            d[k] = int(d.get(k) or 0) + int(v) if k in ("downloads", "updatesSent") else v
+        self._config_dirty.add(agent)
+        if not self.lock.locked():
+            self._flush_config()
             self.store.commit(bump=False)
 
     async def downloaded(self, agent: str) -> None:
-        await self._set_config(agent, downloads=1, lastDownloadAt=time.time())
+        self._set_config(agent, downloads=1, lastDownloadAt=time.time())
 
     async def applied(self, agent: str, version: str, key: Key) -> int:
         head = version.split("-", 1)[0].strip()
@@ -356,7 +453,7 @@ class Server:
             n = int(head)
         except ValueError:
             raise InputError(f"version {version!r} does not start with an integer revision") from None
-        await self._set_config(agent, appliedVersion=n, appliedVersionString=version, appliedAt=time.time())
+        self._set_config(agent, appliedVersion=n, appliedVersionString=version, appliedAt=time.time())
         self.journal.add("config-applied", name=CONFIG_ITEM, key=key.access, data={"agent": agent, "version": version},
                          status="ok")
         return n
@@ -385,7 +482,7 @@ class Server:
             if not self.bus.subscribers("config.update", agent=agent):
                 return
             sent_for = rev
-            await self._set_config(agent, requestedVersion=rev, updatesSent=1)
+            self._set_config(agent, requestedVersion=rev, updatesSent=1)
             data = {"configUrl": f"{self.settings.public_url}/v1/configcontent",
                     "items": [{"name": CONFIG_ITEM, "requestedVersion": rev}]}
             res = await self.bus.call("config.update", data, agent=agent, resource_type="agent")

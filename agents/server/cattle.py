@@ -17,7 +17,7 @@ from agents.server.store import Store
 __all__ = [
     "DEFAULT_SUBNET", "create_container", "create_host", "create_network", "create_service",
     "create_stack", "default_networks", "ensure_networks", "host_network", "managed_network",
-    "plan_scale", "remove", "update",
+    "parse_port", "plan_scale", "remove", "scheduler_request", "update",
 ]
 
 DEFAULT_SUBNET = "10.42.0.0/16"
@@ -332,8 +332,8 @@ def create_container(store: Store, fields: dict[str, Any], host_uuid: str | None
         net_uuid = net_uuid or (mn["uuid"] if mn else None)
     hc = lc["health_check"]
     obj = {
-        "id": store.next_id("container"), "uuid": str(fields.get("uuid") or _uuid()), "name": name,
-        "host_uuid": host["uuid"] if host else None,
+        "id": str(fields.get("id") or store.next_id("container")), "uuid": str(fields.get("uuid") or _uuid()),
+        "name": name, "host_uuid": host["uuid"] if host else None,
         "service_uuid": fields.get("service_uuid"), "stack_uuid": fields.get("stack_uuid"),
         "launch_config_name": fields.get("launch_config_name"),
         "primary_ip": ip or None, "ips": [ip] if ip else [],
@@ -406,9 +406,8 @@ def _unit(stack: dict[str, Any], svc: dict[str, Any], n: int) -> list[dict[str, 
             "service_index": str(n), "deployment_unit": unit,
             "dns_search": lc.get("dns_search") if lc.get("dns_search") is not None else search,
         }
-        if primary:
-            fields["uuid"] = primary_uuid
-        elif lc.get("network_mode") == "container":
+        fields["uuid"] = primary_uuid if primary else _uuid()
+        if not primary and lc.get("network_mode") == "container":
             fields["network_from_container_uuid"] = primary_uuid
             fields["hostname"] = primary_name
         out.append(fields)
@@ -492,3 +491,49 @@ def remove(store: Store, kind: str, ref: str) -> list[dict[str, Any]]:
     store.delete(kind, obj["id"])
     removed.append({"kind": kind, **obj})
     return removed
+
+
+# -- scheduler requests (scheduler.md §2.2) ---------------------------------------------
+
+def parse_port(spec: str) -> dict[str, Any] | None:
+    """``[ip:]public:private[/proto]`` (or ``private[/proto]``) -> a scheduler port request."""
+    body, _, proto = str(spec).partition("/")
+    parts = body.split(":")
+    try:
+        if len(parts) == 3:
+            ip, pub, priv = parts[0], int(parts[1] or 0), int(parts[2])
+        elif len(parts) == 2:
+            ip, pub, priv = "", int(parts[0] or 0), int(parts[1])
+        elif len(parts) == 1:
+            ip, pub, priv = "", 0, int(parts[0])
+        else:
+            return None
+    except ValueError:
+        return None
+    return {"ipAddress": ip, "publicPort": pub, "privatePort": priv, "protocol": proto or "tcp"}
+
+
+def scheduler_request(containers: list[dict[str, Any]], phase: str, host_uuid: str | None = None) -> dict[str, Any]:
+    """The ``schedulerRequest`` for a set of containers placed together (a deployment unit)."""
+    mem = sum(int(c.get("memory_reservation") or 0) for c in containers)
+    cpu = sum(int(c.get("milli_cpu_reservation") or 0) for c in containers)
+    reqs: list[dict[str, Any]] = [{"type": "computePool", "resource": "instanceReservation",
+                                   "amount": len(containers)}]
+    if mem:
+        reqs.append({"type": "computePool", "resource": "memoryReservation", "amount": mem})
+    if cpu:
+        reqs.append({"type": "computePool", "resource": "cpuReservation", "amount": cpu})
+    for c in containers:
+        ports = [p for p in (parse_port(x) for x in c.get("ports") or []) if p is not None]
+        if ports:
+            reqs.append({"type": "portPool", "resource": "portReservation", "instanceID": c.get("id"),
+                         "resourceUUID": c.get("uuid"), "portRequests": ports})
+    req: dict[str, Any] = {
+        "phase": phase, "resourceRequests": reqs,
+        "context": [{"name": c.get("name"), "uuid": c.get("uuid"), "id": c.get("id"),
+                     "data": {"fields": {"labels": dict(c.get("labels") or {})}}} for c in containers],
+    }
+    if host_uuid is not None:
+        req["hostID"] = host_uuid
+        req["force"] = False
+    return req

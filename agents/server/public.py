@@ -164,7 +164,7 @@ class PublicApi:
             kind = head[:-1]
             return _json({"type": "collection", "resourceType": kind, "data": self.s.store.all(kind)})
         if head == "configitemstatuses" and method == "GET":
-            items = [self.s.config_item(a) for a in sorted(self.s.store.kv_all("config"))]
+            items = [self.s.config_item(a) for a in self.s.config_agents()]
             return _json({"type": "collection", "resourceType": "configItemStatus", "data": items})
         return _error(404, "NotFound", f"no such resource {rest}")
 
