@@ -11,11 +11,7 @@ when this call created it and nothing else joined it).
 
 from __future__ import annotations
 
-import hashlib
 import os
-import subprocess
-from dataclasses import dataclass
-from typing import Any
 
 from . import _ipam
 from ._netlink import Link, Netlink, NetlinkError, open_in_netns
@@ -28,6 +24,14 @@ from ._proto import (
     Result,
     parse_result,
 )
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    import subprocess
+    from dataclasses import dataclass
+    from typing import Any
+else:
+    from ._record import record as dataclass
 
 OWN_IPAM = ("corral-ipam", "rancher-cni-ipam")
 
@@ -150,6 +154,8 @@ def plan_ips(c: BridgeConf, res: Result, bridge_ip: str | None) -> Result:
 
 
 def masq_chain(name: str, container_id: str) -> str:
+    import hashlib
+
     return "CNI-" + hashlib.sha512((name + container_id).encode()).hexdigest()[:24]
 
 
@@ -177,6 +183,8 @@ def run_ipam(command: str, conf: dict[str, Any], raw: bytes, env: Env, version: 
         raise CniError(E_PLUGIN, f'failed to find plugin "{kind}" in path {env.path.split(os.pathsep)}')
     e = dict(os.environ)
     e["CNI_COMMAND"] = command
+    import subprocess
+
     proc = subprocess.run([path], input=raw, capture_output=True, env=e, check=False)
     if proc.returncode != 0:
         try:
@@ -373,6 +381,8 @@ def _sysctl(path: str, value: str) -> None:
 
 
 def _ipt(*args: str) -> subprocess.CompletedProcess[bytes]:
+    import subprocess
+
     return subprocess.run(["iptables", "-w", "-t", "nat", *args], capture_output=True, check=False)
 
 

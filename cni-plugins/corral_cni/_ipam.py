@@ -12,10 +12,15 @@ from __future__ import annotations
 import _socket
 import os
 import struct
-from dataclasses import dataclass
-from typing import Any
 
 from ._proto import E_INVALID_CONFIG, E_PLUGIN, E_TRY_AGAIN, CniError, Result
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from dataclasses import dataclass
+    from typing import Any
+else:
+    from ._record import record as dataclass
 
 _U32 = struct.Struct("!I")
 LINE_BREAK = "\r\n"

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import os
 import sys
-from typing import Any
 
 from ._proto import (
     E_INCOMPATIBLE,
@@ -28,6 +27,10 @@ from ._proto import (
     render,
     version_info,
 )
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Any
 
 _records: dict[str, dict[str, Any]] = {}
 

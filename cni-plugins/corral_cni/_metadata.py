@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import _socket
 import json
-from typing import Any
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Any
 
 
 class MetadataError(Exception):

@@ -11,8 +11,13 @@ from __future__ import annotations
 import _socket
 import os
 import struct
-from collections.abc import Iterator
-from dataclasses import dataclass
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from collections.abc import Iterator
+    from dataclasses import dataclass
+else:
+    from ._record import record as dataclass
 
 AF_NETLINK = 16
 AF_UNSPEC = 0

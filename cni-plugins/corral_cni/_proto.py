@@ -7,8 +7,13 @@ without root. Imports are kept to the bare minimum: this module sits on every pl
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
-from typing import Any
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from dataclasses import dataclass
+    from typing import Any
+else:
+    from ._record import record as dataclass
 
 SUPPORTED = ("0.1.0", "0.2.0", "0.3.0", "0.3.1", "0.4.0", "1.0.0")
 LEGACY = ("0.1.0", "0.2.0")
@@ -147,12 +152,18 @@ def version_info(conf: dict[str, Any]) -> dict[str, Any]:
 # possibly missing (IPAM results); render() converts to the caller's version.
 
 
-@dataclass
 class Result:
-    interfaces: list[dict[str, Any]] = field(default_factory=list)
-    ips: list[dict[str, Any]] = field(default_factory=list)
-    routes: list[dict[str, Any]] = field(default_factory=list)
-    dns: dict[str, Any] = field(default_factory=dict)
+    """A result in the internal (1.0.0-like) shape."""
+
+    def __init__(self, interfaces: list[dict[str, Any]] | None = None, ips: list[dict[str, Any]] | None = None,
+                 routes: list[dict[str, Any]] | None = None, dns: dict[str, Any] | None = None) -> None:
+        self.interfaces = interfaces if interfaces is not None else []
+        self.ips = ips if ips is not None else []
+        self.routes = routes if routes is not None else []
+        self.dns = dns if dns is not None else {}
+
+    def __repr__(self) -> str:
+        return f"Result({self.interfaces!r}, {self.ips!r}, {self.routes!r}, {self.dns!r})"
 
 
 def _ipv4(addr: str) -> bool:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 from corral_cni._main import run
@@ -72,8 +73,14 @@ fields = st.sampled_from(["cniVersion", "name", "bridge", "mtu", "ipam", "isGate
 def test_fuzzed_configs_always_give_a_result_or_error_object(conf: dict[str, object], cmd: str, role: str) -> None:
     # CNI_NETNS points nowhere and the IPAM dataDir is unset: nothing on the machine may change.
     if isinstance(conf.get("ipam"), dict):
-        conf["ipam"] = {**conf["ipam"], "dataDir": "/proc/corral-cni-fuzz"}  # type: ignore[dict-item]
-    rc, out = run(role, json.dumps(conf).encode(), {**ENV, "CNI_COMMAND": cmd})
+        # metadata mode: a closed local port and a short deadline (never the real 169.254.169.250)
+        conf["ipam"] = {**conf["ipam"], "dataDir": "/proc/corral-cni-fuzz",  # type: ignore[dict-item]
+                        "timeoutSeconds": 0.05}
+    os.environ["RANCHER_METADATA_ADDRESS"] = "127.0.0.1:1"
+    try:
+        rc, out = run(role, json.dumps(conf).encode(), {**ENV, "CNI_COMMAND": cmd})
+    finally:
+        del os.environ["RANCHER_METADATA_ADDRESS"]
     assert rc in (0, 1)
     if rc == 1:
         err = json.loads(out)

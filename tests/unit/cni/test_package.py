@@ -1,0 +1,75 @@
+"""The package step (rancher-cni-driver layout) and the plugin path's import budget."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from corral_cni._record import record
+
+PKG = Path(__file__).resolve().parents[3] / "cni-plugins" / "package.py"
+
+
+def load_package():  # type: ignore[no-untyped-def]
+    spec = importlib.util.spec_from_file_location("corral_cni_package", PKG)
+    assert spec is not None and spec.loader is not None
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_bundle_layout(tmp_path: Path) -> None:
+    mod = load_package()
+    bindir = mod.build(tmp_path / "vol", "/usr/bin/python3", network="ipsec")
+    vol = tmp_path / "vol"
+    assert sorted(os.listdir(bindir)) == ["corral-bridge", "corral-ipam", "rancher-bridge", "rancher-cni-ipam"]
+    assert os.readlink(bindir / "rancher-bridge") == "corral-bridge"
+    assert os.readlink(bindir / "rancher-cni-ipam") == "corral-ipam"
+    launcher = (bindir / "corral-bridge").read_text()
+    assert launcher.startswith("#!/usr/bin/python3 -IS\n") and str(vol / "lib") in launcher
+    assert os.access(bindir / "corral-bridge", os.X_OK)
+    conf = vol / "ipsec.d" / "10-rancher.conf"
+    assert json.loads(conf.read_text())["type"] == "rancher-bridge"
+    assert conf.read_text().startswith('{\n  "name"')  # 2-space JSON as the config writer does
+    assert oct(conf.stat().st_mode & 0o777) == "0o600" and oct((vol / "ipsec.d").stat().st_mode & 0o777) == "0o700"
+    assert os.readlink(vol / "managed.d") == "ipsec.d"
+    assert any(p.suffix == ".pyc" for p in (vol / "lib" / "corral_cni").rglob("*.pyc"))
+    # re-running switches the managed link atomically and keeps the bundle working
+    mod.build(vol, "/usr/bin/python3", network="vxlan")
+    assert os.readlink(vol / "managed.d") == "vxlan.d" and (vol / "ipsec.d").exists()
+
+
+def test_launcher_runs_version_and_imports_nothing_heavy(tmp_path: Path) -> None:
+    bindir = load_package().build(tmp_path / "vol", sys.executable, network=None)
+    p = subprocess.run([str(bindir / "corral-ipam")], input=b'{"cniVersion":"0.4.0"}', capture_output=True,
+                       env={"CNI_COMMAND": "VERSION"}, check=True)
+    assert json.loads(p.stdout)["cniVersion"] == "0.4.0"
+    # the modules a real ADD path loads: no asyncio, pyroute2, dataclasses/inspect, typing, subprocess
+    lib = str(tmp_path / "vol" / "lib")
+    code = (f"import sys; sys.path.insert(0, {lib!r}); import corral_cni._main, corral_cni._bridge, "
+            "corral_cni._ipam, corral_cni._metadata; print(' '.join(sorted(sys.modules)))")
+    mods = set(subprocess.run([sys.executable, "-I", "-S", "-c", code], capture_output=True, text=True,
+                              check=True).stdout.split())
+    for heavy in ("asyncio", "pyroute2", "dataclasses", "inspect", "typing", "subprocess", "urllib", "http",
+                  "agents"):
+        assert heavy not in mods, heavy
+
+
+def test_record_stand_in() -> None:
+    @record(frozen=True)
+    class P:
+        a: int
+        b: str = "x"
+
+    assert P(1) == P(1, "x") == P(a=1) and P(1) != P(2)
+    assert repr(P(1, b="y")) == "P(a=1, b='y')"
+    for bad in ((), (1, "x", 3)):
+        try:
+            P(*bad)
+        except TypeError:
+            continue
+        raise AssertionError(bad)
