@@ -38,14 +38,13 @@ class ApiClient:
         self.retries = retries
         self._backoff_base = backoff_base
         self._backoff_cap = backoff_cap
-        self._auth = aiohttp.BasicAuth(cfg.access_key, cfg.secret_key)
         self._session: aiohttp.ClientSession | None = None
 
     @property
     def session(self) -> aiohttp.ClientSession:
         if self._session is None or self._session.closed:
             self._session = aiohttp.ClientSession(
-                auth=self._auth,
+                headers={"Authorization": self.cfg.authorization},
                 timeout=aiohttp.ClientTimeout(total=self.cfg.timeout),
                 json_serialize=lambda o: orjson.dumps(o).decode(),
             )

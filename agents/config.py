@@ -9,6 +9,7 @@ settings dataclass by the daemon.
 from __future__ import annotations
 
 import argparse
+import base64
 import os
 from dataclasses import dataclass
 from urllib.parse import urlsplit, urlunsplit
@@ -70,6 +71,12 @@ class CattleConfig:
                     os.environ.pop(k, None)
                 else:
                     os.environ[k] = v
+
+    @property
+    def authorization(self) -> str:
+        """The ``Authorization`` header value (Basic, as the server expects on every call)."""
+        raw = f"{self.access_key}:{self.secret_key}".encode()
+        return "Basic " + base64.b64encode(raw).decode()
 
     @property
     def base(self) -> str:
