@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import gc
 import json
 import os
 import signal
@@ -30,7 +31,7 @@ from agents.metrics import AdminServer, Health, gauge, parse_listen
 from dns.cache import Cache
 from dns.forward import Upstreams
 from dns.server import Engine, Listener
-from dns.table import Settings, Table, build, build_from_answers, filter_recursers
+from dns.table import Settings, Table, build_from_answers, filter_recursers
 
 __all__ = ["DEMO_HINTS", "build_parser", "demo_argv", "main"]
 
@@ -95,7 +96,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="corral dns", description="the DNS service (rancher-dns compatible)")
     p.add_argument("--listen", default=":53", help="UDP and TCP listen address (default :53)")
     p.add_argument("--listenReload", dest="listen_reload", default="127.0.0.1:8113", help="POST /v1/reload address")
-    p.add_argument("--answers", default="./answers.yaml", help="answers file (file mode) / debug dump (metadata mode)")
+    p.add_argument("--answers", default=None,
+                   help="answers file (file mode, default ./answers.yaml) / JSON dump after each reload (metadata mode)")
     p.add_argument("--ttl", type=int, default=600, help="TTL of local answers")
     p.add_argument("--recurser-timeout", dest="recurser_timeout", type=float,
                    default=float(env("DNS_RECURSER_TIMEOUT") or 2), help="seconds per upstream attempt")
@@ -179,11 +181,10 @@ class Daemon:
                              ptr=args.ptr, forward_single_label=args.forward_single_label,
                              serve_stale=args.serve_stale)
         self.generation = 0
-        self.last_tree: dict[str, Any] | None = None
         self.md_ok_at = time.monotonic()
         self._resolv_mtime = 0.0
-        self._rebuild = asyncio.Event()
         self._reload_now = asyncio.Event()
+        self._executor: Any = None
         self.engine.fallback_recursers = self.default_recurse()
 
     def default_recurse(self, agent_ip: str = "") -> tuple[str, ...]:
@@ -196,68 +197,92 @@ class Daemon:
         got = filter_recursers(read_resolv_conf(a.resolv_conf), never)
         return got or ("8.8.8.8:53", "8.8.4.4:53")
 
-    def settings_for(self, tree: dict[str, Any]) -> Settings:
-        me = tree.get("self", {}).get("host", {}) if isinstance(tree.get("self"), dict) else {}
-        agent_ip = me.get("agent_ip", "") if isinstance(me, dict) else ""
-        md = tuple(agent_ip if x == "agent_ip" else x for x in self.settings.rancher_metadata_answer)
-        never = tuple(agent_ip if x == "agent_ip" else x for x in self.settings.never_recurse_to)
-        return replace(self.settings, rancher_metadata_answer=tuple(x for x in md if x), never_recurse_to=never,
-                       default_recurse=self.default_recurse(agent_ip))
-
-    def install(self, table: Table, took: float) -> None:
-        old = self.engine.table
-        if old is not None and old.default == table.default and old.views == table.views and old.ptr == table.ptr:
-            log.debug("table unchanged", version=table.version)
-            return
+    def install(self, table: Table, took: float, diff_size: int = -1) -> None:
         self.engine.swap(table)
+        gc.collect(1)
+        gc.freeze()  # the table is long-lived: keep it out of every later collection
         _GEN.set(table.generation)
         _RELOAD_MS.set(took * 1000)
         _VIEWS.set(len(table.views))
         self.health.set("table", True, f"generation {table.generation}")
         log.info("table installed", generation=table.generation, version=table.version,
-                 build_ms=round(took * 1000, 1), **table.summary())
-        if self.args.answers and self._dump_answers:
-            asyncio.get_running_loop().run_in_executor(None, _dump, table, self.args.answers)
-
-    _dump_answers = False
+                 build_ms=round(took * 1000, 1), changes=diff_size, **table.summary())
 
     # -------------------------------------------------------------- metadata mode
+    def _pool(self) -> Any:
+        if self._executor is None:
+            import multiprocessing
+            from concurrent.futures import ProcessPoolExecutor
+
+            self._executor = ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn"))
+        return self._executor
+
+    async def rebuild_from(self, url: str) -> None:
+        """Fetch+build+diff in the helper process; apply the diff and swap (one reference)."""
+        from concurrent.futures.process import BrokenProcessPool
+
+        from dns.rebuild import apply, helper_build
+
+        old = self.engine.table
+        base = old.generation if old is not None else 0
+        gen = max(self.generation, base) + 1
+        st = replace(self.settings, default_recurse=self.default_recurse())
+        t0 = time.perf_counter()
+        loop = asyncio.get_running_loop()
+        try:
+            d = await loop.run_in_executor(self._pool(), helper_build, url, st, gen, base, self.args.answers or "")
+        except BrokenProcessPool:
+            log.warning("rebuild helper died, restarting it")
+            self._executor = None
+            raise
+        if not d.changed:
+            log.debug("table unchanged", version=d.version)
+            return
+        self.generation = gen
+        table = apply(old if d.base else None, d)
+        self.install(table, time.perf_counter() - t0, diff_size=d.size())
+
     async def watch_metadata(self, stop: asyncio.Event, base: str, version: str) -> None:
+        """Long-poll ``/version`` with the shared client; rebuild on every change (bursts merge:
+        a change during a build is picked up by the next long-poll at once)."""
+        from concurrent.futures.process import BrokenProcessPool
+
+        from agents.backoff import Backoff
+        from agents.errors import ProtocolError, TransportError
         from agents.metadata_client import MetadataClient
+        from dns.rebuild import FetchError
 
         client = MetadataClient(base, api_version=version)
+        url = f"{base.rstrip('/')}/{version}"
+        bo = Backoff(0.2, 5.0)
+        last = ""
+        failing = False
         try:
-            async for snap in client.watch(stop, max_wait=5):
-                self.md_ok_at = time.monotonic()
-                self.last_tree = snap.raw
-                self._rebuild.set()
+            while not stop.is_set():
+                try:
+                    if last and not self._reload_now.is_set():
+                        v = await _first(client.wait_version(last, 5), stop, self._reload_now)
+                        if v is None or (v == last and not self._reload_now.is_set()):
+                            self.md_ok_at = time.monotonic() if client.reachable else self.md_ok_at
+                            continue
+                    else:
+                        v = await client.version()
+                    self._reload_now.clear()
+                    await self.rebuild_from(url)
+                    last = v
+                    self.md_ok_at = time.monotonic()
+                    if failing:
+                        log.info("metadata back")
+                        failing = False
+                    bo.reset()
+                except (TransportError, ProtocolError, FetchError, BrokenProcessPool, OSError) as e:
+                    if not failing:
+                        log.warning("metadata unavailable, serving the last good table", error=str(e))
+                        failing = True
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(stop.wait(), bo.next())
         finally:
             await client.close()
-
-    async def builder(self, stop: asyncio.Event) -> None:
-        """Rebuild off the loop whenever a new tree arrives; bursts merge into one build."""
-        while not stop.is_set():
-            waiter = asyncio.ensure_future(self._rebuild.wait())
-            stopper = asyncio.ensure_future(stop.wait())
-            await asyncio.wait({waiter, stopper}, return_when=asyncio.FIRST_COMPLETED)
-            waiter.cancel()
-            stopper.cancel()
-            if stop.is_set():
-                return
-            self._rebuild.clear()
-            tree = self.last_tree
-            if tree is None:
-                continue
-            self.generation += 1
-            gen = self.generation
-            st = self.settings_for(tree)
-            t0 = time.perf_counter()
-            try:
-                table = await asyncio.to_thread(build, tree, st, gen)
-            except Exception as e:  # a pure function failing is a bug: keep serving the old table
-                log.error("table build failed, keeping the last good table", error=repr(e))
-                continue
-            self.install(table, time.perf_counter() - t0)
 
     async def staleness(self, stop: asyncio.Event, client_mode: bool) -> None:
         last_log = 0.0
@@ -279,11 +304,11 @@ class Daemon:
                 with contextlib.suppress(OSError):
                     if os.stat(self.args.resolv_conf).st_mtime != self._resolv_mtime:
                         self.engine.fallback_recursers = self.default_recurse()
-                        self._rebuild.set()
+                        self._reload_now.set()
 
     # -------------------------------------------------------------- file mode
     def load_file(self) -> None:
-        path = Path(self.args.answers)
+        path = Path(self.args.answers or "./answers.yaml")
         if not path.exists():
             log.warning("answers file missing, starting empty", path=str(path))
             data: Any = {}
@@ -310,7 +335,7 @@ class Daemon:
         async def reload(_req: web.Request) -> web.Response:
             try:
                 if metadata_mode:
-                    self._rebuild.set()
+                    self._reload_now.set()
                 else:
                     self.load_file()
             except ConfigError as e:
@@ -336,8 +361,6 @@ class Daemon:
         md = _metadata_base(a)
         if md is None:
             self.load_file()
-        else:
-            self._dump_answers = "--answers" in sys.argv or a.answers != "./answers.yaml"
         listener = Listener(self.engine, host, port, reuse_port=a.reuse_port)
         try:
             await listener.start()
@@ -356,13 +379,12 @@ class Daemon:
 
             loop.add_signal_handler(signal.SIGHUP, on_hup)
         else:
-            loop.add_signal_handler(signal.SIGHUP, self._rebuild.set)
+            loop.add_signal_handler(signal.SIGHUP, self._reload_now.set)
         try:
             async with asyncio.TaskGroup() as tg:
                 tg.create_task(self.staleness(stop, md is not None))
                 if md is not None:
                     tg.create_task(self.watch_metadata(stop, *md))
-                    tg.create_task(self.builder(stop))
                 await stop.wait()
         finally:
             with contextlib.suppress(Exception):
@@ -371,26 +393,25 @@ class Daemon:
             await admin.stop()
             if reload_runner is not None:
                 await reload_runner.cleanup()
+            if self._executor is not None:
+                self._executor.shutdown(wait=False, cancel_futures=True)
 
 
-def _dump(table: Table, path: str) -> None:
-    """Write the table as a rancher-dns answers file (debug aid; correct ``authoritative`` spelling)."""
-    def view(v: Any, default: bool) -> dict[str, Any]:
-        d: dict[str, Any] = {"search": list(v.search), "recurse": list(v.recurse)}
-        d["a"] = {k: {"answer": list(r.a)} for k, r in sorted(v.records.items()) if r.cname is None}
-        d["cname"] = {k: {"answer": r.cname} for k, r in sorted(v.records.items()) if r.cname is not None}
-        if default:
-            d["authoritative"] = ["rancher.internal"]
-        return d
-
-    out = {"default": view(table.default, True), **{k: view(v, False) for k, v in sorted(table.views.items())}}
-    tmp = f"{path}.tmp"
+async def _first(coro: Any, *events: asyncio.Event) -> Any:
+    """Await ``coro`` unless one of ``events`` is set first (then cancel it and return None)."""
+    task = asyncio.ensure_future(coro)
+    waits = [asyncio.ensure_future(e.wait()) for e in events]
     try:
-        with open(tmp, "w") as f:
-            json.dump(out, f, indent=1)
-        os.replace(tmp, path)
-    except OSError as e:
-        log.warning("answers dump failed", path=path, error=str(e))
+        done, _ = await asyncio.wait({task, *waits}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for w in waits:
+            w.cancel()
+    if task in done:
+        return task.result()
+    task.cancel()
+    with contextlib.suppress(BaseException):
+        await task
+    return None
 
 
 def main(argv: list[str]) -> int:

@@ -1,0 +1,253 @@
+"""dns benchmark: corral dns beside dnsmasq serving the same names, in the same run.
+
+    .venv/bin/python -m bench.dns.bench_dns [--quick] [--no-write]
+
+Measures (dns.md §12), with dnsperf:
+- local names (services, containers, short names through server-side search, link aliases,
+  A and AAAA) asked from a container's view address: saturation QPS and latency at a fixed
+  rate; dnsmasq answers the same names from a hosts file;
+- forwarded names, cached (dnsmasq is Corral's upstream; the peer is dnsmasq answering them
+  itself);
+- table rebuild at 5,000 containers / 1,000 services / 50 stacks / 300 views, and query
+  latency while metadata changes every second.
+Results go to bench/RESULTS.md (section "dns") and are printed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from bench.dns import synth
+from bench.harness import ROOT, Table, percentile, tree_rss_mib, update_results
+from dns.table import Settings, build
+from tests.helpers.procs import Proc, free_port, start_corral, wait_http
+
+OUT = ROOT / "bench" / "out" / "dns"
+CLIENT = synth.ip(3)  # a container of this host: its own view
+UPSTREAM = "127.0.0.53"
+
+
+def write_metadata(path: Path, tree: dict[str, Any]) -> None:
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps({"2016-07-29": {"default": tree}, "latest": {"default": tree}}))
+    tmp.replace(path)
+
+
+def local_queries(tree: dict[str, Any]) -> tuple[list[str], dict[str, list[str]]]:
+    """Query lines and the hosts-file content (name -> IPs) answering them identically."""
+    t = build(tree, Settings())
+    view = t.views[CLIENT]
+    lines: list[str] = []
+    hosts: dict[str, list[str]] = {}
+    names = sorted(t.default.records)[:1500]
+    for n in names:
+        rec = t.default.records[n]
+        if rec.a:
+            hosts[n.rstrip(".")] = list(rec.a)
+            lines.append(f"{n.rstrip('.')} A")
+    me = next(c for c in tree["containers"] if c["primary_ip"] == CLIENT)
+    stack = me["stack_name"]
+    for s in tree["services"]:
+        if s["stack_name"] == stack:
+            rec = t.default.records.get(f"{s['name']}.{stack}.rancher.internal.")
+            if rec and rec.a:
+                hosts[s["name"]] = list(rec.a)
+                lines += [f"{s['name']} A"] * 20 + [f"{s['name']} AAAA"] * 5
+    for n, rec in view.records.items():
+        hosts[n.rstrip(".")] = list(rec.a)
+        lines += [f"{n.rstrip('.')} A"] * 5
+    return lines, hosts
+
+
+def dnsperf(port: int, qfile: Path, *, seconds: float, src: str = "127.0.0.1", rate: int = 0,
+            verbose: bool = False, clients: int = 8, outstanding: int = 200) -> dict[str, float]:
+    argv = ["dnsperf", "-s", "127.0.0.1", "-p", str(port), "-d", str(qfile), "-l", str(seconds), "-a", src,
+            "-c", str(clients), "-q", str(outstanding), "-t", "2"]
+    if rate:
+        argv += ["-Q", str(rate)]
+    if verbose:
+        argv.append("-v")
+    out = subprocess.run(argv, capture_output=True, text=True, check=True).stdout
+    res: dict[str, float] = {}
+    m = re.search(r"Queries per second:\s+([\d.]+)", out)
+    res["qps"] = float(m.group(1)) if m else 0.0
+    m = re.search(r"Queries lost:\s+(\d+)", out)
+    res["lost"] = float(m.group(1)) if m else 0.0
+    m = re.search(r"Average Latency \(s\):\s+([\d.]+)", out)
+    res["avg_ms"] = float(m.group(1)) * 1000 if m else 0.0
+    m = re.search(r"SERVFAIL (\d+)", out)
+    res["servfail"] = float(m.group(1)) if m else 0.0
+    if verbose:
+        lat = [float(x) * 1000 for x in re.findall(r"^> \S+ \S+ \S+ ([\d.]+)$", out, re.M)]
+        res["p50_ms"] = percentile(lat, 50)
+        res["p99_ms"] = percentile(lat, 99)
+        res["max_ms"] = max(lat) if lat else float("nan")
+    return res
+
+
+class Dnsmasq:
+    def __init__(self, hosts_file: Path) -> None:
+        self.port = free_port(UPSTREAM)
+        self.p = subprocess.Popen(
+            ["dnsmasq", "--keep-in-foreground", "--no-resolv", "--no-hosts", "--conf-file=/dev/null",
+             f"--listen-address={UPSTREAM}", "--bind-interfaces", f"--port={self.port}",
+             f"--addn-hosts={hosts_file}", "--address=/ext.test/203.0.113.7", "--local-ttl=600",
+             "--cache-size=10000"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        time.sleep(0.3)
+
+    def stop(self) -> None:
+        self.p.terminate()
+        self.p.wait(5)
+
+
+class DnsmasqOnLoopback(Dnsmasq):
+    """The peer: dnsmasq listening on 127.0.0.1 like Corral, answering everything itself."""
+
+    def __init__(self, hosts_file: Path) -> None:
+        self.port = free_port()
+        self.p = subprocess.Popen(
+            ["dnsmasq", "--keep-in-foreground", "--no-resolv", "--no-hosts", "--conf-file=/dev/null",
+             "--listen-address=127.0.0.1", "--bind-interfaces", f"--port={self.port}",
+             f"--addn-hosts={hosts_file}", "--address=/ext.test/203.0.113.7", "--local-ttl=600",
+             "--cache-size=10000"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        time.sleep(0.3)
+
+
+def start_corral_dns(md_url: str, upstream: str, workers: int) -> tuple[Proc, int, int]:
+    port, admin = free_port(), free_port()
+    p = start_corral("dns", "--listen", f"127.0.0.1:{port}", "--metadata-url", md_url, "--recurser", upstream,
+                     "--metrics-listen", f"127.0.0.1:{admin}", "--listenReload", "127.0.0.1:0", "--ttl", "600",
+                     "--workers", str(workers), name="dns-bench")
+    wait_http(f"http://127.0.0.1:{admin}/ready", timeout=30)
+    time.sleep(0.5 if workers > 1 else 0.0)  # the other workers load their table too
+    return p, port, admin
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--quick", action="store_true", help="short runs (smoke test of the bench itself)")
+    ap.add_argument("--no-write", action="store_true", help="print only, do not update bench/RESULTS.md")
+    ap.add_argument("--workers", default="1,2", help="worker counts to measure")
+    a = ap.parse_args(argv)
+    for tool in ("dnsperf", "dnsmasq"):
+        if shutil.which(tool) is None:
+            print(f"{tool} is not installed", file=sys.stderr)
+            return 2
+    secs = 3 if a.quick else 8
+    OUT.mkdir(parents=True, exist_ok=True)
+    tree = synth.tree()
+    lines, hosts = local_queries(tree)
+    qlocal = OUT / "local.txt"
+    qlocal.write_text("\n".join(lines) + "\n")
+    qfwd = OUT / "forwarded.txt"
+    qfwd.write_text("\n".join(f"name{i}.ext.test A" for i in range(1000)) + "\n")
+    hosts_file = OUT / "hosts"
+    hosts_file.write_text("".join(f"{ip} {n}\n" for n, ips in hosts.items() for ip in ips))
+    md_file = OUT / "metadata.json"
+    write_metadata(md_file, tree)
+
+    table = Table("dns", "dnsmasq")
+    # --- table rebuild (pure build, in-process)
+    st = Settings()
+    times = []
+    for i in range(7):
+        t0 = time.perf_counter()
+        build(tree, st, i)
+        times.append((time.perf_counter() - t0) * 1000)
+    table.add("table rebuild, 5k containers / 1k services / 300 views", statistics.median(times), None, "ms",
+              higher_is_better=False, note="median of 7; target < 200 ms")
+
+    upstream = Dnsmasq(hosts_file)
+    peer = DnsmasqOnLoopback(hosts_file)
+    md_port = free_port()
+    md = start_corral("metadata", "--answers", str(md_file), "--listen", f"127.0.0.1:{md_port}", "--listenReload",
+                      f"127.0.0.1:{free_port()}", "--metrics-listen", f"127.0.0.1:{free_port()}", "--file-poll", "0.1",
+                      name="md-bench")
+    procs: list[Proc] = [md]
+    try:
+        wait_http(f"http://127.0.0.1:{md_port}/latest/version", timeout=30)
+        md_url = f"http://127.0.0.1:{md_port}/2016-07-29"
+        # peer figures
+        dnsperf(peer.port, qlocal, seconds=1, src=CLIENT)  # warm
+        peer_local = dnsperf(peer.port, qlocal, seconds=secs, src=CLIENT)
+        peer_local_lat = dnsperf(peer.port, qlocal, seconds=min(secs, 4), src=CLIENT, rate=10000, verbose=True)
+        dnsperf(peer.port, qfwd, seconds=1, src=CLIENT)
+        peer_fwd = dnsperf(peer.port, qfwd, seconds=secs, src=CLIENT)
+        peer_fwd_lat = dnsperf(peer.port, qfwd, seconds=min(secs, 4), src=CLIENT, rate=10000, verbose=True)
+        best: dict[str, Any] = {}
+        for w in [int(x) for x in a.workers.split(",") if x]:
+            p, port, _admin = start_corral_dns(md_url, f"{UPSTREAM}:{upstream.port}", w)
+            procs.append(p)
+            dnsperf(port, qlocal, seconds=1, src=CLIENT)  # warm
+            loc = dnsperf(port, qlocal, seconds=secs, src=CLIENT)
+            dnsperf(port, qfwd, seconds=2, src=CLIENT)  # fill the cache
+            fwd = dnsperf(port, qfwd, seconds=secs, src=CLIENT)
+            rss = tree_rss_mib(p.pid)
+            table.add(f"local names QPS, {w} worker(s)", loc["qps"], peer_local["qps"], "q/s",
+                      note=f"lost {loc['lost']:.0f} / peer {peer_local['lost']:.0f}; SERVFAIL {loc['servfail']:.0f}")
+            table.add(f"forwarded cached QPS, {w} worker(s)", fwd["qps"], peer_fwd["qps"], "q/s",
+                      note=f"lost {fwd['lost']:.0f}; SERVFAIL {fwd['servfail']:.0f}; RSS {rss:.0f} MiB")
+            if not best or loc["qps"] > best["qps"]:
+                best = {"w": w, "qps": loc["qps"], "port": port}
+            if w != 1:
+                p.stop()
+                procs.remove(p)
+            else:
+                best["port1"] = port
+        port = best.get("port1", best["port"])
+        lat = dnsperf(port, qlocal, seconds=min(secs, 4), src=CLIENT, rate=10000, verbose=True)
+        table.add("local p50 at 10k q/s", lat["p50_ms"], peer_local_lat["p50_ms"], "ms", higher_is_better=False)
+        table.add("local p99 at 10k q/s", lat["p99_ms"], peer_local_lat["p99_ms"], "ms", higher_is_better=False)
+        flat = dnsperf(port, qfwd, seconds=min(secs, 4), src=CLIENT, rate=10000, verbose=True)
+        table.add("forwarded cached p50 at 10k q/s", flat["p50_ms"], peer_fwd_lat["p50_ms"], "ms",
+                  higher_is_better=False)
+        table.add("forwarded cached p99 at 10k q/s", flat["p99_ms"], peer_fwd_lat["p99_ms"], "ms",
+                  higher_is_better=False)
+        # --- latency while metadata changes every second (rebuild in flight)
+        quiet = dnsperf(port, qlocal, seconds=4, src=CLIENT, rate=5000, verbose=True)
+        changer = subprocess.Popen([sys.executable, "-c", _CHANGER, str(md_file), "5"], cwd=str(ROOT))
+        busy = dnsperf(port, qlocal, seconds=4, src=CLIENT, rate=5000, verbose=True)
+        changer.wait(10)
+        table.add("local p99 at 5k q/s, rebuild every 1 s (peer col: no rebuilds)", busy["p99_ms"],
+                  quiet["p99_ms"], "ms", higher_is_better=False,
+                  note=f"max {busy['max_ms']:.1f} ms vs {quiet['max_ms']:.1f} ms; lost {busy['lost']:.0f}")
+    finally:
+        for pr in procs:
+            pr.stop()
+        upstream.stop()
+        peer.stop()
+    table.print()
+    body = table.markdown() + (
+        f"\n\nBest local QPS with {best.get('w')} worker(s). dnsperf -c 8 -q 200 from a container view address "
+        f"({CLIENT}); local query mix: {len(lines)} lines (FQDN services and containers, short names through "
+        "server-side search, link aliases, A and AAAA). Peer: dnsmasq 2.90 with the same names in a hosts file. "
+        "Both share the machine's 2 cores with dnsperf itself.")
+    if not a.no_write:
+        update_results("dns", body, command=".venv/bin/python -m bench.dns.bench_dns")
+    return 0
+
+
+_CHANGER = """
+import json, sys, time
+sys.path.insert(0, '.')
+from bench.dns import synth
+from bench.dns.bench_dns import write_metadata
+from pathlib import Path
+p = Path(sys.argv[1])
+for i in range(int(sys.argv[2])):
+    write_metadata(p, synth.tree(version=str(100 + i), health_flip=i % 2))
+    time.sleep(1)
+"""
+
+
+if __name__ == "__main__":
+    sys.exit(main())

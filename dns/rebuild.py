@@ -1,0 +1,190 @@
+"""Table rebuilds in a helper process: fetch, parse, build and diff there; apply a small diff here.
+
+Why a process: at 5k containers the ``/latest`` tree is ~2 MB of JSON. Parsing it
+(one C call holding the GIL for tens of ms) and building typed objects on the daemon's
+event loop stalled queries for up to 300 ms in the benchmark; a thread only shares the GIL.
+The helper process fetches the tree itself (so the big bytes never enter the daemon), builds
+the new :class:`~dns.table.Table` with the pure :func:`dns.table.build`, compares it with the
+previous one it built and returns a :class:`Diff` of what changed (names, views, PTRs). The
+daemon copies its dicts (C-speed) and applies the diff, so a one-container change costs
+microseconds on the loop, and a full first load one unpickle.
+
+The helper keeps the table it last built and the generation the daemon acknowledged; a diff
+is relative to that generation, and when they disagree (helper restarted, diff dropped) the
+helper sends a full one.
+"""
+
+from __future__ import annotations
+
+import urllib.error
+import urllib.request
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+import orjson
+
+from dns.table import Rec, Settings, Table, View, build
+
+__all__ = ["Diff", "FetchError", "apply", "build_diff", "diff", "helper_build"]
+
+
+class FetchError(Exception):
+    """Metadata could not be fetched or parsed in the helper (message is picklable)."""
+
+
+@dataclass(frozen=True)
+class Diff:
+    base: int                                  # generation it applies to (0: full)
+    generation: int
+    version: str
+    ttl: int
+    ndots: int
+    default_search: tuple[str, ...]
+    default_recurse: tuple[str, ...]
+    reverse_zones: tuple[str, ...]
+    set_default: dict[str, Rec] = field(default_factory=dict)
+    del_default: tuple[str, ...] = ()
+    set_views: dict[str, View] = field(default_factory=dict)
+    del_views: tuple[str, ...] = ()
+    set_ptr: dict[str, str] = field(default_factory=dict)
+    del_ptr: tuple[str, ...] = ()
+    changed: bool = True
+
+    def size(self) -> int:
+        return (len(self.set_default) + len(self.del_default) + len(self.set_views) + len(self.del_views)
+                + len(self.set_ptr) + len(self.del_ptr))
+
+
+def _dict_diff(old: Any, new: Any) -> tuple[dict[Any, Any], tuple[Any, ...]]:
+    sets = {k: v for k, v in new.items() if old.get(k) != v}
+    dels = tuple(k for k in old if k not in new)
+    return sets, dels
+
+
+def diff(old: Table | None, new: Table) -> Diff:
+    """What turns ``old`` into ``new`` (everything when ``old`` is None)."""
+    common = dict(generation=new.generation, version=new.version, ttl=new.ttl, ndots=new.ndots,
+                  default_search=new.default.search, default_recurse=new.default.recurse,
+                  reverse_zones=new.reverse_zones)
+    if old is None:
+        return Diff(base=0, set_default=dict(new.default.records), set_views=dict(new.views), set_ptr=dict(new.ptr),
+                    **common)  # type: ignore[arg-type]
+    sd, dd = _dict_diff(old.default.records, new.default.records)
+    sv, dv = _dict_diff(old.views, new.views)
+    sp, dp = _dict_diff(old.ptr, new.ptr)
+    changed = bool(sd or dd or sv or dv or sp or dp or old.default.search != new.default.search
+                   or old.default.recurse != new.default.recurse or old.reverse_zones != new.reverse_zones
+                   or old.ttl != new.ttl or old.ndots != new.ndots)
+    return Diff(base=old.generation, set_default=sd, del_default=dd, set_views=sv, del_views=dv, set_ptr=sp,
+                del_ptr=dp, changed=changed, **common)  # type: ignore[arg-type]
+
+
+def apply(old: Table | None, d: Diff) -> Table:
+    """Build the new table from ``old`` and ``d`` (``old`` is left untouched)."""
+    if d.base == 0 or old is None:
+        records: dict[str, Rec] = {}
+        views: dict[str, View] = {}
+        ptr: dict[str, str] = {}
+    else:
+        if old.generation != d.base:
+            raise ValueError(f"diff for generation {d.base} cannot apply to {old.generation}")
+        records = dict(old.default.records)
+        views = dict(old.views)
+        ptr = dict(old.ptr)
+    for k in d.del_default:
+        records.pop(k, None)
+    records.update(d.set_default)
+    for k in d.del_views:
+        views.pop(k, None)
+    views.update(d.set_views)
+    for k in d.del_ptr:
+        ptr.pop(k, None)
+    ptr.update(d.set_ptr)
+    default = View(search=d.default_search, recurse=d.default_recurse, records=records)
+    return Table(version=d.version, default=default, views=views, ptr=ptr, reverse_zones=d.reverse_zones,
+                 generation=d.generation, ttl=d.ttl, ndots=d.ndots)
+
+
+# ---------------------------------------------------------------- helper-process side
+
+_prev: Table | None = None
+_acked: int = -1
+
+
+def fetch_tree(url: str, timeout: float = 10.0) -> dict[str, Any]:
+    req = urllib.request.Request(url, headers={"Accept": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as r:
+            body = r.read()
+    except urllib.error.HTTPError as e:
+        raise FetchError(f"metadata answered HTTP {e.code} for {url}") from None
+    except (OSError, ValueError) as e:
+        raise FetchError(f"metadata unreachable at {url}: {e}") from None
+    try:
+        tree = orjson.loads(body)
+    except orjson.JSONDecodeError as e:
+        raise FetchError(f"metadata sent invalid JSON: {e}") from None
+    if not isinstance(tree, dict):
+        raise FetchError("metadata tree is not an object")
+    return tree
+
+
+def build_diff(tree: dict[str, Any], settings: Settings, generation: int, base: int) -> Diff:
+    """Build and diff against the table the daemon holds (generation ``base``)."""
+    global _prev, _acked
+    new = build(tree, settings, generation)
+    prev = _prev if (_prev is not None and _acked == base and base > 0) else None
+    d = diff(prev, new)
+    if prev is not None and not d.changed:
+        _prev = replace(new, generation=base)
+        _acked = base
+        return d
+    _prev, _acked = new, generation
+    return d
+
+
+def helper_build(url: str, settings: Settings, generation: int, base: int, dump: str = "") -> Diff:
+    """Entry point run in the helper process: fetch ``url`` (the ``/<version>`` tree) and diff.
+
+    ``dump``: also write the table there as a rancher-dns answers file (the original's debug aid).
+    """
+    tree = fetch_tree(url)
+    settings = resolve_agent_ip(settings, tree)
+    d = build_diff(tree, settings, generation, base)
+    if dump and d.changed and _prev is not None:
+        dump_answers(_prev, dump)
+    return d
+
+
+def dump_answers(table: Table, path: str) -> None:
+    """Write ``table`` as a rancher-dns answers file (correct ``authoritative`` spelling)."""
+    import json
+    import os
+
+    def view(v: View, default: bool) -> dict[str, Any]:
+        d: dict[str, Any] = {"search": list(v.search), "recurse": list(v.recurse)}
+        d["a"] = {k: {"answer": list(r.a)} for k, r in sorted(v.records.items()) if r.cname is None}
+        d["cname"] = {k: {"answer": r.cname} for k, r in sorted(v.records.items()) if r.cname is not None}
+        if default:
+            d["authoritative"] = ["rancher.internal"]
+        return d
+
+    out = {"default": view(table.default, True), **{k: view(v, False) for k, v in sorted(table.views.items())}}
+    tmp = f"{path}.tmp"
+    try:
+        with open(tmp, "w") as f:
+            json.dump(out, f, indent=1)
+        os.replace(tmp, path)
+    except OSError:
+        pass
+
+
+def resolve_agent_ip(st: Settings, tree: dict[str, Any]) -> Settings:
+    """Replace the ``agent_ip`` placeholder of the original's flags with this host's address."""
+    me = tree.get("self") if isinstance(tree.get("self"), dict) else {}
+    host = me.get("host") if isinstance(me, dict) and isinstance(me.get("host"), dict) else {}
+    agent_ip = str(host.get("agent_ip") or "") if isinstance(host, dict) else ""
+    md = tuple(x for x in (agent_ip if v == "agent_ip" else v for v in st.rancher_metadata_answer) if x)
+    never = tuple(x for x in (agent_ip if v == "agent_ip" else v for v in st.never_recurse_to) if x)
+    rec = tuple(r for r in st.default_recurse if r.rpartition(":")[0] not in never)
+    return replace(st, rancher_metadata_answer=md, never_recurse_to=never, default_recurse=rec)
