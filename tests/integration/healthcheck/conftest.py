@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from healthcheck.haproxy import HAProxy, HAProxySettings
+from tests.helpers.standin import StandIn
 from tests.integration.healthcheck.flaky import Flaky
 
 if shutil.which("haproxy") is None:  # pragma: no cover
@@ -50,6 +51,10 @@ class Sink:
 
         self.got: list[tuple[float, dict[str, object], bytes]] = []
         self.mode = "ok"
+        self.hang: set[str] = set()
+        self.conflict: set[str] = set()
+        self.attempts: list[tuple[float, str]] = []
+        self._release = asyncio.Event()
         self.port = 0
         self._runner: web.AppRunner | None = None
         app = web.Application()
@@ -63,11 +68,14 @@ class Sink:
         from aiohttp import web
 
         body = await request.read()
-        if self.mode == "409":
+        uuid = str(json.loads(body).get("healthcheckUuid"))
+        self.attempts.append((time.time(), uuid))
+        if self.mode == "409" or any(p in uuid for p in self.conflict):
             return web.json_response({"code": "Conflict"}, status=409)
-        if self.mode == "hang":
-            await asyncio.sleep(3600)
-        self.got.append((time.monotonic(), json.loads(body), body))
+        if self.mode == "hang" or any(p in uuid for p in self.hang):
+            await self._release.wait()
+            raise web.HTTPServiceUnavailable()
+        self.got.append((time.time(), json.loads(body), body))
         return web.json_response({"type": "serviceEvent"}, status=201)
 
     async def start(self) -> Sink:
@@ -75,6 +83,7 @@ class Sink:
 
         from aiohttp import web
 
+        self._release = asyncio.Event()
         if not self.port:
             with socket.socket() as s:
                 s.bind(("127.0.0.1", 0))
@@ -85,6 +94,7 @@ class Sink:
         return self
 
     async def stop(self) -> None:
+        self._release.set()
         if self._runner is not None:
             await self._runner.cleanup()
             self._runner = None
@@ -96,7 +106,10 @@ class Sink:
     def states(self, uuid_part: str) -> list[str]:
         return [str(b["reportedHealth"]) for _, b, _ in self.got if uuid_part in str(b["healthcheckUuid"])]
 
-    def first_after(self, uuid_part: str, state: str, t0: float) -> float | None:
+    async def states_async(self, part: str) -> list[str]:
+        return self.states(part)
+
+    async def first_after(self, uuid_part: str, state: str, t0: float) -> float | None:
         for t, b, _ in self.got:
             if t >= t0 and uuid_part in str(b["healthcheckUuid"]) and b["reportedHealth"] == state:
                 return t - t0
@@ -108,3 +121,42 @@ async def sink() -> AsyncIterator[Sink]:
     s = await Sink().start()
     yield s
     await s.stop()
+
+
+class StandInReports:
+    """The stand-in server as the report sink: reads its journal (``ctl reports --kind health``)."""
+
+    def __init__(self, s: StandIn) -> None:
+        self.s = s
+
+    def env(self) -> dict[str, str]:
+        return self.s.env()
+
+    def entries(self) -> list[dict[str, object]]:
+        out: list[dict[str, object]] = self.s.ctl("reports", "--kind", "health")
+        return out
+
+    async def states_async(self, part: str) -> list[str]:
+        return self.states(part, await asyncio.to_thread(self.entries))
+
+    def states(self, part: str, entries: list[dict[str, object]] | None = None) -> list[str]:
+        es = self.entries() if entries is None else entries
+        return [str(e["name"]) for e in es if part in str(e.get("id"))]
+
+    async def first_after(self, part: str, state: str, t0: float) -> float | None:
+        for e in await asyncio.to_thread(self.entries):
+            t = float(e["t"])  # type: ignore[arg-type]
+            if t >= t0 and part in str(e.get("id")) and e.get("name") == state:
+                return t - t0
+        return None
+
+    async def stop(self) -> None:
+        await asyncio.to_thread(self.s.stop)
+
+    async def start(self) -> None:
+        await asyncio.to_thread(self.s.start)
+
+
+@pytest.fixture
+def server(standin: StandIn) -> StandInReports:
+    return StandInReports(standin)

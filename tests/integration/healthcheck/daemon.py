@@ -30,6 +30,7 @@ class Metadata:
 
     def start(self) -> Metadata:
         self.proc = start_corral("metadata", "--answers", str(self.path), "--listen", f"127.0.0.1:{self.port}",
+                                 "--listenReload", f"127.0.0.1:{free_port()}",
                                  "--metrics-listen", "127.0.0.1:0", "--file-poll", "0.05", name="metadata")
         wait_http(f"http://127.0.0.1:{self.port}/2015-12-19/version", timeout=15)
         return self

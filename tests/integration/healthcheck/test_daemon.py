@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 
 from tests.integration.healthcheck.common import container, hc, tree, until
-from tests.integration.healthcheck.conftest import Sink
+from tests.integration.healthcheck.conftest import Sink, StandInReports
 from tests.integration.healthcheck.daemon import Daemon, Metadata
 
 INTER, TIMEOUT, RISE, FALL = 200, 150, 2, 2
@@ -36,21 +36,21 @@ def metadata(tmp_path: Path) -> Iterator[Metadata]:
 
 
 @pytest.fixture
-async def daemon(tmp_path: Path, metadata: Metadata, sink: Sink) -> AsyncIterator[Daemon]:
-    d = Daemon(tmp_path, metadata.url, sink.env()).start()
+async def daemon(tmp_path: Path, metadata: Metadata, server: StandInReports) -> AsyncIterator[Daemon]:
+    d = Daemon(tmp_path, metadata.url, server.env()).start()
     yield d
     d.stop()
     assert "Traceback" not in d.log(), d.log()[-3000:]
 
 
-async def reported(sink: Sink, part: str, state: str, t0: float, timeout: float) -> float:
+async def reported(sink: Sink | StandInReports, part: str, state: str, t0: float, timeout: float) -> float:
     async def got() -> float | None:
-        return sink.first_after(part, state, t0)
+        return await sink.first_after(part, state, t0)
 
     return float(await until(got, timeout=timeout + 2, what=f"{part} reported {state}"))
 
 
-async def test_fail_hang_recover_and_tcp_only(metadata: Metadata, daemon: Daemon, sink: Sink,
+async def test_fail_hang_recover_and_tcp_only(metadata: Metadata, daemon: Daemon, server: StandInReports,
                                               flaky_factory: Any) -> None:
     names = ["fail", "hang", "recover", "tcp"]
     backs = {n: await flaky_factory("fail" if n == "recover" else "ok") for n in names}
@@ -59,33 +59,31 @@ async def test_fail_hang_recover_and_tcp_only(metadata: Metadata, daemon: Daemon
             for n, b in backs.items()]
     metadata.write(tree(ctrs))
     for n in ("fail", "hang", "tcp"):
-        await reported(sink, f"_{n}_", "UP", 0, 10)
-    await reported(sink, "_recover_", "DOWN", 0, 10)
-    assert sink.states("_fail_") == ["UP"], "a new check sends UP only, no INIT and no DOWN first"
+        await reported(server, f"_{n}_", "UP", 0, 10)
+    await reported(server, "_recover_", "DOWN", 0, 10)
+    assert await server.states_async("_fail_") == ["UP"], "a new check sends UP only, no INIT and no DOWN first"
 
-    t0 = time.monotonic()
+    t0 = time.time()
     await backs["fail"].set("fail")
     await backs["hang"].set("hang")
     await backs["recover"].set("ok")
     await backs["tcp"].set("fail")  # answers 503, but the TCP connection opens: stays UP
-    dt_fail = await reported(sink, "_fail_", "DOWN", t0, FAIL_BOUND)
-    dt_recover = await reported(sink, "_recover_", "UP", t0, RECOVER_BOUND)
-    dt_hang = await reported(sink, "_hang_", "DOWN", t0, HANG_BOUND)
+    dt_fail = await reported(server, "_fail_", "DOWN", t0, FAIL_BOUND)
+    dt_recover = await reported(server, "_recover_", "UP", t0, RECOVER_BOUND)
+    dt_hang = await reported(server, "_hang_", "DOWN", t0, HANG_BOUND)
     assert dt_fail <= FAIL_BOUND, dt_fail
     assert dt_recover <= RECOVER_BOUND, dt_recover
     assert dt_hang <= HANG_BOUND, dt_hang
     await backs["tcp"].set("hang")
     await asyncio.sleep(INTER * FALL * 2 / 1000)
-    assert sink.states("_tcp_") == ["UP"], "TCP-only check stays UP on 503 and on a hang"
-    t1 = time.monotonic()
+    assert await server.states_async("_tcp_") == ["UP"], "TCP-only check stays UP on 503 and on a hang"
+    t1 = time.time()
     await backs["tcp"].set("refuse")
-    assert await reported(sink, "_tcp_", "DOWN", t1, FAIL_BOUND) <= FAIL_BOUND
+    assert await reported(server, "_tcp_", "DOWN", t1, FAIL_BOUND) <= FAIL_BOUND
     # exactly one DOWN per failure: no DOWN 1/2, no UP 2/3, the comma did no harm
-    assert sink.states("_fail_") == ["UP", "DOWN"]
-    assert sink.states("_recover_") == ["DOWN", "UP"]
-    body = next(raw for _, b, raw in sink.got if b["reportedHealth"] == "DOWN" and "_fail_" in str(b["healthcheckUuid"]))
-    assert body.startswith(b'{"externalTimestamp":') and body.endswith(b'_fail_1","reportedHealth":"DOWN"}')
-    assert b'"healthcheckUuid":"host-a-uuid_fail_1"' in body
+    assert await server.states_async("_fail_") == ["UP", "DOWN"]
+    assert await server.states_async("_recover_") == ["DOWN", "UP"]
+    assert "host-a-uuid_fail_1" in {str(e["id"]) for e in await asyncio.to_thread(server.entries)}
     metrics = await asyncio.to_thread(_get, f"http://127.0.0.1:{daemon.admin_port}/metrics")
     assert "corral_healthcheck_checks 4.0" in metrics
     assert 'corral_healthcheck_check_states{state="DOWN"} 3.0' in metrics
@@ -102,19 +100,19 @@ def _get(url: str) -> str:
         return r.read().decode()
 
 
-async def test_change_add_remove_leave_others_untouched(metadata: Metadata, daemon: Daemon, sink: Sink,
+async def test_change_add_remove_leave_others_untouched(metadata: Metadata, daemon: Daemon, server: StandInReports,
                                                         flaky_factory: Any) -> None:
     ok, bad = await flaky_factory("ok"), await flaky_factory("fail")
     base = [container("keep", hc(ok.port)), container("keepdown", hc(bad.port)),
             container("change", hc(ok.port)), container("drop", hc(ok.port))]
     metadata.write(tree(base))
-    await reported(sink, "_keep_", "UP", 0, 10)
-    await reported(sink, "_keepdown_", "DOWN", 0, 10)
-    await reported(sink, "_change_", "UP", 0, 10)
-    await reported(sink, "_drop_", "UP", 0, 10)
+    await reported(server, "_keep_", "UP", 0, 10)
+    await reported(server, "_keepdown_", "DOWN", 0, 10)
+    await reported(server, "_change_", "UP", 0, 10)
+    await reported(server, "_drop_", "UP", 0, 10)
     before = await daemon.rows()
     pid = daemon.haproxy_pid()
-    n_before = len(sink.got)
+    n_before = len(await asyncio.to_thread(server.entries))
     changed = [container("keep", hc(ok.port)), container("keepdown", hc(bad.port)),
                container("change", hc(ok.port, interval=300, rise=3)), container("new", hc(ok.port))]
     metadata.write(tree(changed))
@@ -124,7 +122,7 @@ async def test_change_add_remove_leave_others_untouched(metadata: Metadata, daem
         return any("_new_" in n for n in r) and not any("_drop_" in n for n in r)
 
     await until(applied, what="change applied")
-    await reported(sink, "_new_", "UP", 0, 10)
+    await reported(server, "_new_", "UP", 0, 10)
     await asyncio.sleep(0.5)
     after = await daemon.rows()
     assert daemon.haproxy_pid() == pid, "no reload"
@@ -133,19 +131,19 @@ async def test_change_add_remove_leave_others_untouched(metadata: Metadata, daem
         assert (a.status, a.chkdown) == (b.status, b.chkdown), (b, a)
         assert a.lastchg is not None and b.lastchg is not None and a.lastchg >= b.lastchg
     assert after["cattle-host-a-uuid_change_1"].check_rise == 3
-    later = [b for _, b, _ in sink.got[n_before:]]
-    assert {str(b["healthcheckUuid"]).split("_")[1] for b in later} == {"new"}, later
+    later = (await asyncio.to_thread(server.entries))[n_before:]
+    assert {str(e["id"]).split("_")[1] for e in later} == {"new"}, later
 
 
-async def test_kill9_haproxy_recovered_with_all_checks(metadata: Metadata, daemon: Daemon, sink: Sink,
+async def test_kill9_haproxy_recovered_with_all_checks(metadata: Metadata, daemon: Daemon, server: StandInReports,
                                                        flaky_factory: Any) -> None:
     ok, bad = await flaky_factory("ok"), await flaky_factory("fail")
     metadata.write(tree([container(f"u{i}", hc(ok.port)) for i in range(4)] + [container("d", hc(bad.port))]))
     for i in range(4):
-        await reported(sink, f"_u{i}_", "UP", 0, 10)
-    await reported(sink, "_d_", "DOWN", 0, 10)
+        await reported(server, f"_u{i}_", "UP", 0, 10)
+    await reported(server, "_d_", "DOWN", 0, 10)
     await asyncio.sleep(0.6)  # one state snapshot
-    n = len(sink.got)
+    n = len(await asyncio.to_thread(server.entries))
     old = daemon.haproxy_pid()
     os.kill(old, signal.SIGKILL)
 
@@ -161,20 +159,20 @@ async def test_kill9_haproxy_recovered_with_all_checks(metadata: Metadata, daemo
 
     await until(back, timeout=5, what="HAProxy back with all checks")
     await asyncio.sleep(0.5)
-    assert sink.got[n:] == [], "no spurious report across the restart"
-    t0 = time.monotonic()
+    assert (await asyncio.to_thread(server.entries))[n:] == [], "no spurious report across the restart"
+    t0 = time.time()
     await ok.set("fail")
     for i in range(4):
-        await reported(sink, f"_u{i}_", "DOWN", t0, FAIL_BOUND)
+        await reported(server, f"_u{i}_", "DOWN", t0, FAIL_BOUND)
     assert "haproxy died" in daemon.log()
 
 
 async def test_metadata_unreachable_or_malformed_keeps_last_good_checks(
-        metadata: Metadata, daemon: Daemon, sink: Sink, flaky_factory: Any) -> None:
+        metadata: Metadata, daemon: Daemon, server: StandInReports, flaky_factory: Any) -> None:
     ok = await flaky_factory("ok")
     metadata.write(tree([container("a", hc(ok.port)), container("b", hc(ok.port))]))
-    await reported(sink, "_a_", "UP", 0, 10)
-    await reported(sink, "_b_", "UP", 0, 10)
+    await reported(server, "_a_", "UP", 0, 10)
+    await reported(server, "_b_", "UP", 0, 10)
     # malformed trees: no self host, containers not a list, not an object
     for bad in ({"version": "x", "services": [], "containers": []},
                 {**tree([]), "containers": {"oops": 1}},
@@ -187,9 +185,9 @@ async def test_metadata_unreachable_or_malformed_keeps_last_good_checks(
     metadata.stop()
     await asyncio.sleep(1.0)
     assert len(await daemon.rows()) == 2
-    t0 = time.monotonic()
+    t0 = time.time()
     await ok.set("fail")
-    await reported(sink, "_a_", "DOWN", t0, FAIL_BOUND)
+    await reported(server, "_a_", "DOWN", t0, FAIL_BOUND)
     # metadata back with a malformed field in one check: only that one goes
     metadata.write(tree([container("a", hc(ok.port)), container("b", hc(ok.port, interval=-5))]))
     metadata.start()
@@ -203,26 +201,26 @@ async def test_metadata_unreachable_or_malformed_keeps_last_good_checks(
     assert "-5" not in daemon.config()
 
 
-async def test_server_away_loses_no_state_change(metadata: Metadata, daemon: Daemon, sink: Sink,
+async def test_server_away_loses_no_state_change(metadata: Metadata, daemon: Daemon, server: StandInReports,
                                                  flaky_factory: Any) -> None:
     a, b = await flaky_factory("ok"), await flaky_factory("ok")
     metadata.write(tree([container("a", hc(a.port)), container("b", hc(b.port))]))
-    await reported(sink, "_a_", "UP", 0, 10)
-    await reported(sink, "_b_", "UP", 0, 10)
-    await sink.stop()
-    t_down = time.monotonic()
+    await reported(server, "_a_", "UP", 0, 10)
+    await reported(server, "_b_", "UP", 0, 10)
+    await server.stop()
+    t_down = time.time()
     await a.set("fail")  # a: UP -> DOWN while the server is away
     await b.set("fail")  # b: UP -> DOWN -> UP while away: latest state UP
     await until(lambda: _status(daemon, "_b_", "DOWN"), what="b down in HAProxy")
     await b.set("ok")
     await until(lambda: _status(daemon, "_b_", "UP"), what="b up again in HAProxy")
     await until(lambda: _status(daemon, "_a_", "DOWN"), what="a down in HAProxy")
-    await asyncio.sleep(max(0.0, OUTAGE - (time.monotonic() - t_down)))
-    t_back = time.monotonic()
-    await sink.start()
-    await reported(sink, "_a_", "DOWN", t_back, 3)
-    await reported(sink, "_b_", "UP", t_back, 3)
-    assert sink.states("_a_")[-1] == "DOWN" and sink.states("_b_")[-1] == "UP"
+    await asyncio.sleep(max(0.0, OUTAGE - (time.time() - t_down)))
+    t_back = time.time()
+    await server.start()
+    await reported(server, "_a_", "DOWN", t_back, 3)
+    await reported(server, "_b_", "UP", t_back, 3)
+    assert (await server.states_async("_a_"))[-1] == "DOWN" and (await server.states_async("_b_"))[-1] == "UP"
 
 
 OUTAGE = float(os.environ.get("CORRAL_HC_OUTAGE", "30"))
@@ -230,3 +228,36 @@ OUTAGE = float(os.environ.get("CORRAL_HC_OUTAGE", "30"))
 
 async def _status(d: Daemon, part: str, status: str) -> bool:
     return any(part in n and r.status == status for n, r in (await d.rows()).items())
+
+
+async def test_hung_post_does_not_delay_others_and_409_is_retried(
+        tmp_path: Path, metadata: Metadata, sink: Sink, flaky_factory: Any) -> None:
+    """fake-cattle for the faults the stand-in cannot make: a POST that hangs, a 409 reply."""
+    d = Daemon(tmp_path, metadata.url, sink.env(), "--report-timeout", "1s").start()
+    try:
+        ok = await flaky_factory("ok")
+        names = ["h", "c409", "x1", "x2", "x3"]
+        metadata.write(tree([container(n, hc(ok.port)) for n in names]))
+        for n in names:
+            await reported(sink, f"_{n}_", "UP", 0, 10)
+        sink.hang.add("_h_")
+        sink.conflict.add("_c409_")
+        t0 = time.time()
+        await ok.set("fail")
+        for n in ("x1", "x2", "x3"):
+            assert await reported(sink, f"_{n}_", "DOWN", t0, FAIL_BOUND) <= FAIL_BOUND, n
+        await until(lambda: _attempts(sink, "_c409_", t0, 2), what="409 retried")
+        sink.conflict.clear()
+        sink.hang.clear()
+        await reported(sink, "_c409_", "DOWN", t0, 4)
+        await reported(sink, "_h_", "DOWN", t0, 4)
+        raw = next(r for _, b, r in sink.got if b["reportedHealth"] == "DOWN" and "_x1_" in str(b["healthcheckUuid"]))
+        assert raw.startswith(b'{"externalTimestamp":')
+        assert raw.endswith(b',"healthcheckUuid":"host-a-uuid_x1_1","reportedHealth":"DOWN"}')
+        assert abs(int(raw[21:raw.index(b",")]) - t0) < 5, "unix seconds, integer"
+    finally:
+        d.stop()
+
+
+async def _attempts(sink: Sink, part: str, t0: float, n: int) -> bool:
+    return sum(1 for t, u in sink.attempts if t >= t0 and part in u) >= n

@@ -1,0 +1,73 @@
+"""Two hosts check one container through the stand-in server's own metadata and aggregate rule."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from tests.helpers.procs import free_port, start_corral, wait_http
+from tests.helpers.standin import StandIn
+from tests.integration.healthcheck.common import until
+from tests.integration.healthcheck.daemon import Daemon
+from tests.integration.healthcheck.flaky import Flaky
+
+
+async def test_two_hosts_report_and_server_aggregates(tmp_path: Path,
+                                                      standin_factory: Callable[..., StandIn]) -> None:
+    s = standin_factory(extra_keys=[{"access": "agent-b", "secret": "secret-b", "role": "agent", "agentId": "2",
+                                     "hostUuid": "host-b-uuid"}])
+    for name, uuid in (("node-a", "host-a-uuid"), ("node-b", "host-b-uuid"), ("node-c", "host-c-uuid")):
+        s.ctl("host", "add", "--name", name, "--uuid", uuid, "--agent-ip", "127.0.0.1")
+    back = await Flaky("ok", host="127.0.0.2").start()
+    check = {"port": back.port, "interval": 200, "response_timeout": 150, "healthy_threshold": 2,
+             "unhealthy_threshold": 2, "request_line": "GET /healthz HTTP/1.0"}
+    s.ctl("container", "create", "--name", "web1", "--uuid", "ctr-web-1", "--host", "node-c",
+          "--primary-ip", "127.0.0.2", "--health-check", json.dumps(check))
+    procs: list[Any] = []
+    daemons: list[Daemon] = []
+    try:
+        for host, env in (("a", s.env()), ("b", s.env("agent-b", "secret-b"))):
+            port = free_port()
+            m = start_corral("metadata", "--subscribe", "--listen", f"127.0.0.1:{port}",
+                             "--listenReload", f"127.0.0.1:{free_port()}", "--metrics-listen",
+                             "127.0.0.1:0", "--answers", str(tmp_path / f"answers-{host}.json"), env=env,
+                             name=f"metadata-{host}")
+            procs.append(m)
+            await asyncio.to_thread(wait_http, f"http://127.0.0.1:{port}/2015-12-19/version", 15)
+            daemons.append(Daemon(tmp_path, f"http://127.0.0.1:{port}", env, name=f"hc-{host}").start())
+
+        def health() -> str:
+            return str(s.ctl("container", "get", "web1").get("health_state"))
+
+        async def state(want: str) -> bool:
+            return await asyncio.to_thread(health) == want
+
+        def by_reporter() -> dict[str, list[str]]:
+            out: dict[str, list[str]] = {}
+            for e in s.ctl("reports", "--kind", "health"):
+                out.setdefault(str(e["id"]).split("_")[0], []).append(str(e["name"]))
+            return out
+
+        await until(lambda: state("healthy"), timeout=15, what="healthy")
+        await until(lambda: _both(by_reporter, "UP"), what="both hosts reported UP")
+        await back.set("refuse")
+        await until(lambda: state("unhealthy"), timeout=10, what="unhealthy once every reporter says DOWN")
+        reps = await asyncio.to_thread(by_reporter)
+        assert reps["host-a-uuid"][-1] == "DOWN" and reps["host-b-uuid"][-1] == "DOWN"
+        await back.set("ok")
+        await until(lambda: state("healthy"), timeout=10, what="healthy again")
+        assert set(await asyncio.to_thread(by_reporter)) == {"host-a-uuid", "host-b-uuid"}
+    finally:
+        for d in daemons:
+            d.stop()
+        for p in procs:
+            p.stop()
+        await back.stop()
+
+
+async def _both(f: Callable[[], dict[str, list[str]]], state: str) -> bool:
+    reps = await asyncio.to_thread(f)
+    return all(state in reps.get(h, []) for h in ("host-a-uuid", "host-b-uuid"))
