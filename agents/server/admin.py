@@ -18,6 +18,7 @@ from agents.errors import InputError
 from agents.server.app import Server
 from agents.server.faults import MALFORMED_KINDS, parse_duration
 from agents.server.public import malformed_frames
+from agents.server.stats import FAULTS
 from agents.server.store import PLURALS
 
 __all__ = ["build_admin_app"]
@@ -153,6 +154,24 @@ class AdminApi:
         items = [self.s.config_item(a) for a in self.s.config_agents()]
         return _json({"revision": self.s.store.revision, "version": self.s.answers().version, "items": items})
 
+    async def calls(self, request: web.Request) -> web.Response:
+        """Request/reply calls (``?name=scheduler.`` prefix filter): each attempt, reply, latency, outcome."""
+        prefix = request.query.get("name") or ""
+        calls: dict[str, dict[str, Any]] = {}
+        for e in self.s.journal.query(kind="call"):
+            if not str(e.get("name") or "").startswith(prefix):
+                continue
+            c = calls.setdefault(e["id"], {"id": e["id"], "name": e["name"], "attempts": [], "outcome": None})
+            if e["status"] == "sent":
+                c["attempts"].append({"t": e["t"], "conns": (e["data"] or {}).get("conns"),
+                                      "data": (e["data"] or {}).get("data")})
+            elif e["status"] != "attempt-timeout":
+                c["outcome"] = e["status"]
+                if isinstance(e["data"], dict):
+                    c["reply"] = e["data"].get("reply")
+                    c["latency_ms"] = e["data"].get("latency_ms")
+        return _json(list(calls.values()))
+
     async def health(self, request: web.Request) -> web.Response:
         return _json({h: self.s.store.kv_get("health", h) for h in sorted(self.s.store.kv_all("health"))})
 
@@ -203,6 +222,7 @@ class AdminApi:
         if ftype == "http" and params.get("status") and int(params["status"]) not in range(400, 600):
             return _err(422, "http fault status must be 4xx or 5xx")
         f = self.s.faults.add(ftype, params, count=count, for_s=for_s, conn=conn, rate=rate)
+        FAULTS.labels(ftype).inc()
         applied = await self.apply_now(f.type, f.id, params, conn, for_s, count)
         self.s.journal.add("fault", name=ftype, data={**f.public(), "applied": applied}, status="added")
         return _json({**f.public(), "applied": applied}, 201)
@@ -281,6 +301,7 @@ def build_admin_app(server: Server) -> web.Application:
     r.add_get("/_admin/conns", a.conns)
     r.add_get("/_admin/config", a.config)
     r.add_get("/_admin/health", a.health)
+    r.add_get("/_admin/calls", a.calls)
     r.add_post("/_admin/events", a.events)
     r.add_get("/_admin/faults", a.fault_list)
     r.add_post("/_admin/faults", a.fault_add)

@@ -23,6 +23,7 @@ from agents.server.faults import Faults
 from agents.server.health import aggregate, apply_report, parse_healthcheck_uuid, pick_reporters
 from agents.server.journal import Journal
 from agents.server.keys import Key, KeyRing
+from agents.server.stats import REVISION, SERVICE_EVENTS
 from agents.server.store import KINDS, Store
 
 __all__ = ["Server", "Settings"]
@@ -128,6 +129,7 @@ class Server:
                 self._reserved = []
             self._flush_config()
             rev = self.store.commit(reason)
+        REVISION.set(rev)
         if rev != before:
             self.journal.add("mutation", name=reason, data={"revision": rev}, status="ok")
             self._kick_config()
@@ -401,6 +403,7 @@ class Server:
                     "status": "changed" if after != before else ("stored" if accepted else "ignored")}
 
         out = await self.mutate("serviceevent", op)
+        SERVICE_EVENTS.labels(out["status"]).inc()
         self.journal.add("serviceevent", name=health, id=hc_uuid, key=key.access, data=out, status=out["status"])
         return out
 

@@ -26,6 +26,7 @@ from agents.log import get_logger
 from agents.server.faults import Faults
 from agents.server.journal import Journal
 from agents.server.keys import Key
+from agents.server.stats import CALL_SECONDS, CALLS, EVENTS_SENT, REPLIES, SUBSCRIBERS
 
 __all__ = ["Bus", "CallResult", "Conn", "make_event", "qualify"]
 
@@ -133,6 +134,7 @@ class Bus:
         base = {n.split(";", 1)[0] for n in names if n}
         conn = Conn(cid, key, qualified, base, ws, request, remote=request.remote or "")
         self.conns[cid] = conn
+        SUBSCRIBERS.set(len(self.conns))
         return conn
 
     def subscribers(self, name: str, *, agent: str | None = None, conn: str | None = None,
@@ -168,9 +170,21 @@ class Bus:
 
     async def writer(self, conn: Conn) -> None:
         ws = conn.ws
+        held: list[tuple[str | bytes, str | None, str | None]] = []
         while not ws.closed:
-            frame, name, eid = await conn.queue.get()
+            if held:
+                frame, name, eid = held.pop(0)
+            else:
+                frame, name, eid = await conn.queue.get()
             await conn.unstalled.wait()
+            if name and name != "ping" and not held and self.faults.take("reorder-events", conn=conn.id) is not None:
+                # hold this event back until the next one has gone out (or 1 s passes)
+                try:
+                    nxt = await asyncio.wait_for(conn.queue.get(), 1.0)
+                    held.append((frame, name, eid))
+                    frame, name, eid = nxt
+                except TimeoutError:
+                    pass
             if name and name != "ping":
                 f = self.faults.take("delay-events", conn=conn.id)
                 if f is not None:
@@ -189,6 +203,7 @@ class Bus:
                 break
             if name != "ping":
                 self.delivered += copies
+                EVENTS_SENT.inc(copies)
                 self.journal.add("ws-out", name=name, id=eid, conn=conn.id, key=conn.key.access,
                                  status="duplicated" if copies > 1 else None)
 
@@ -252,6 +267,7 @@ class Bus:
                 with contextlib.suppress(asyncio.CancelledError, Exception):
                     await t
             self.conns.pop(conn.id, None)
+            SUBSCRIBERS.set(len(self.conns))
             conn.closed.set()
             with contextlib.suppress(Exception):
                 await conn.ws.close()
@@ -268,6 +284,7 @@ class Bus:
             with contextlib.suppress(Exception):
                 await conn.ws.close(code=1001, message=b"server going away")
         self.conns.pop(conn.id, None)
+        SUBSCRIBERS.set(len(self.conns))
 
     def stall(self, conn: Conn, seconds: float | None) -> None:
         conn.unstalled.clear()
@@ -298,6 +315,7 @@ class Bus:
                 if not targets:
                     status = "no-subscribers"
                     self.journal.add("call", name=name, id=eid, data={"attempt": attempt + 1}, status=status)
+                    CALLS.labels(name, status).inc()
                     return CallResult(eid, name, status, None, attempts, (time.monotonic() - t0) * 1000)
                 attempts += 1
                 event["time"] = int(time.time() * 1000)
@@ -316,14 +334,17 @@ class Bus:
                         status = "error" if reply.get("transitioning") == "error" else "ok"
                         res = CallResult(eid, name, status, reply, attempts, (time.monotonic() - t0) * 1000)
                         self.journal.add("call", name=name, id=eid, data=res.public(), status=status)
+                        CALLS.labels(name, status).inc()
                         return res
                     if not done:
                         break  # timed out: re-send the same event
                 self.journal.add("call", name=name, id=eid, data={"attempt": attempts}, status="attempt-timeout")
             res = CallResult(eid, name, "timeout", None, attempts, (time.monotonic() - t0) * 1000)
             self.journal.add("call", name=name, id=eid, data=res.public(), status="timeout")
+            CALLS.labels(name, "timeout").inc()
             return res
         finally:
+            CALL_SECONDS.observe(time.monotonic() - t0)
             self._pending.pop(eid, None)
             if not p.future.done():
                 p.future.cancel()
@@ -333,6 +354,11 @@ class Bus:
 
     def on_reply(self, body: dict[str, Any], key: Key) -> str:
         """A ``reply.*`` publish: resolve its call, or journal it as late. Returns the status."""
+        status = self._on_reply(body, key)
+        REPLIES.labels(status).inc()
+        return status
+
+    def _on_reply(self, body: dict[str, Any], key: Key) -> str:
         ids = body.get("previousIds")
         if isinstance(ids, str):
             ids = [ids]

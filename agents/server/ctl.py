@@ -134,11 +134,11 @@ def _fields(a: argparse.Namespace) -> dict[str, Any]:
 
 
 KIND_VERBS = {
-    "host": ("add", "update", "rm", "ls", "get", "label", "state"),
-    "stack": ("create", "add", "update", "rm", "ls", "get"),
-    "service": ("create", "add", "update", "scale", "rm", "ls", "get"),
-    "container": ("create", "add", "update", "rm", "ls", "get", "state", "health"),
-    "network": ("add", "create", "update", "rm", "ls", "get"),
+    "host": ("add", "update", "rm", "ls", "list", "get", "label", "state"),
+    "stack": ("create", "add", "update", "rm", "ls", "list", "get"),
+    "service": ("create", "add", "update", "scale", "rm", "ls", "list", "get"),
+    "container": ("create", "add", "update", "rm", "ls", "list", "get", "state", "health"),
+    "network": ("add", "create", "update", "rm", "ls", "list", "get"),
 }
 
 
@@ -211,6 +211,10 @@ def build_parser() -> argparse.ArgumentParser:
     rp.add_argument("--kind", choices=["health", "reply", "externalhost"])
     rp.add_argument("--since", type=int, default=0)
     sub.add_parser("conns", help="websocket subscribers")
+    scp = sub.add_parser("scheduler", help="scheduler calls: request, attempts, reply, latency, outcome")
+    scp.add_argument("what", choices=["calls"])
+    callp = sub.add_parser("calls", help="every request/reply call")
+    callp.add_argument("--name", default="", help="event name prefix")
     cp = sub.add_parser("config", help="config items")
     cp.add_argument("what", choices=["status"])
     ep = sub.add_parser("events", help="send an event")
@@ -249,7 +253,7 @@ def _resource(c: AdminClient, a: argparse.Namespace) -> Any:
             raise CtlError(0, f"{kind} {verb} needs a reference (id, uuid or name)")
         return urllib.parse.quote(ref, safe="")
 
-    if verb == "ls":
+    if verb in ("ls", "list"):
         return c.get(coll)
     if verb == "get":
         return c.get(f"{coll}/{need_ref()}")
@@ -356,6 +360,10 @@ def run(a: argparse.Namespace) -> Any:
         return c.get("/_admin/reports", kind=a.kind, since=a.since)
     if a.cmd == "conns":
         return c.get("/_admin/conns")
+    if a.cmd == "scheduler":
+        return c.get("/_admin/calls", name="scheduler.")
+    if a.cmd == "calls":
+        return c.get("/_admin/calls", name=a.name)
     if a.cmd == "config":
         return c.get("/_admin/config")
     if a.cmd == "events":

@@ -24,15 +24,11 @@ from agents.errors import ConfigError, InputError
 from agents.log import get_logger
 from agents.metrics import parse_listen
 
-__all__ = ["SAMPLE_ENV", "demo_argv", "load_env_file", "main"]
+__all__ = ["SAMPLE_ENV", "load_env_file", "main"]
 
 log = get_logger(__name__)
 
 SAMPLE_ENV = Path(__file__).with_name("sample_env.yaml")
-DEMO_HINTS = [
-    "stand-in server: curl -u {access_key}:{secret_key} {server_url}",
-    "  corral ctl --admin {server_admin} host ls | corral ctl --admin {server_admin} journal --kind reply",
-]
 
 
 def load_env_file(path: str) -> Any:
@@ -111,6 +107,7 @@ async def run(args: argparse.Namespace, stop: asyncio.Event) -> None:
         except InputError as e:
             raise ConfigError(f"{args.load}: {e}") from e
     runners: list[web.AppRunner] = []
+    stack: list[Any] = []
     try:
         for app, h, p in ((build_public_app(server), host, port), (build_admin_app(server), ahost, aport)):
             runner = web.AppRunner(app, access_log=None, handle_signals=False)
@@ -120,6 +117,13 @@ async def run(args: argparse.Namespace, stop: asyncio.Event) -> None:
                 await web.TCPSite(runner, h, p, reuse_address=True).start()
             except OSError as e:
                 raise ConfigError(f"cannot listen on {h}:{p}: {e}") from e
+        if args.metrics_listen:
+            from agents.metrics import AdminServer, Health
+
+            health = Health()
+            metrics = AdminServer(args.metrics_listen, health)
+            await metrics.start()
+            stack.append(metrics)
         log.info("listening", api=f"{public_url}/v1", admin=f"http://{ahost}:{aport}",
                  state=args.state or ":memory:", revision=server.store.revision, keys=len(keys))
         await stop.wait()
@@ -128,10 +132,7 @@ async def run(args: argparse.Namespace, stop: asyncio.Event) -> None:
             await server.bus.drop(c)
         for r in runners:
             await r.cleanup()
+        for m in stack:
+            await m.stop()
         await server.close()
 
-
-def demo_argv(ctx: Any) -> list[str]:
-    """argv for ``corral demo`` (it fills in ports and the key)."""
-    return ["--listen", f"127.0.0.1:{ctx.server_port}", "--admin-listen", f"127.0.0.1:{ctx.server_admin_port}",
-            "--access-key", ctx.access_key, "--secret-key", ctx.secret_key, "--load", str(SAMPLE_ENV)]

@@ -21,6 +21,7 @@ from agents.server.app import CONFIG_ITEM, Server
 from agents.server.bus import make_event
 from agents.server.faults import MALFORMED_KINDS
 from agents.server.keys import Key
+from agents.server.stats import HTTP
 
 __all__ = ["REALM", "build_public_app", "malformed_frames"]
 
@@ -97,6 +98,11 @@ class PublicApi:
         return f"{request.scheme}://{request.host}/{prefix}"
 
     async def dispatch(self, request: web.Request) -> web.StreamResponse:
+        resp = await self._dispatch(request)
+        HTTP.labels(str(resp.status)).inc()
+        return resp
+
+    async def _dispatch(self, request: web.Request) -> web.StreamResponse:
         path = re.sub("/+", "/", request.path) or "/"
         if path in ("/ping", "/ping/"):
             return web.Response(text="pong")

@@ -101,6 +101,10 @@ async def test_event_delivered_replied_and_recorded_then_late_reply(standin: Sta
     assert late["name"] == "test.work"
     reports = standin.ctl("reports", "--kind", "reply")
     assert [e["kind"] for e in reports if e["id"] == ev["id"]] == ["reply", "late-reply"]
+    async with aiohttp.ClientSession() as http, http.get(f"{standin.admin_url}/metrics") as r:
+        metrics = await r.text()
+    assert 'corral_server_calls_total{name="test.work",status="ok"} 1.0' in metrics
+    assert 'corral_server_replies_total{status="late"} 1.0' in metrics
 
 
 async def test_error_reply_resolves_call_as_error(standin: StandIn, agent: Agent) -> None:

@@ -234,3 +234,69 @@ async def test_fault_validation(standin: StandIn) -> None:
         standin.admin("POST", "/_admin/faults", {"type": "http", "status": 200})
     with pytest.raises(CtlError):
         standin.admin("POST", "/_admin/faults", {"type": "http", "for": "soon"})
+
+
+async def test_reorder_events(standin: StandIn, agent: Agent) -> None:
+    await agent.subscribe("test.r")
+    standin.wait(kind="conn", status="connected")
+    standin.ctl("fault", "reorder-events", "--count", "1")
+    for n in (1, 2, 3):
+        standin.ctl("events", "send", "--name", "test.r", "--data", f'{{"n": {n}}}')
+    got = [(await agent.next_event())["data"]["n"] for _ in range(3)]
+    assert got == [2, 1, 3]
+
+
+async def test_delay_events(standin: StandIn, agent: Agent) -> None:
+    await agent.subscribe("test.d")
+    standin.wait(kind="conn", status="connected")
+    standin.ctl("fault", "delay-events", "300", "--count", "1")
+    t0 = time.monotonic()
+    standin.ctl("events", "send", "--name", "test.d")
+    await agent.next_event()
+    assert time.monotonic() - t0 >= 0.3
+
+
+async def test_handshake_delay(standin: StandIn, agent: Agent) -> None:
+    standin.ctl("fault", "handshake-delay", "300", "--count", "1")
+    t0 = time.monotonic()
+    await agent.subscribe("ping")
+    assert time.monotonic() - t0 >= 0.3
+
+
+async def test_no_pongs(standin: StandIn, agent: Agent) -> None:
+    ws = await agent.subscribe("test.p")
+    standin.ctl("fault", "no-pongs", "--for", "30s")
+    await ws.ping(b"one")
+    standin.ctl("events", "send", "--name", "test.p")
+    kinds = []
+    while True:
+        msg = await ws.receive(timeout=5)
+        kinds.append(msg.type)
+        if msg.type == aiohttp.WSMsgType.TEXT and orjson.loads(msg.data)["name"] == "test.p":
+            break
+    assert aiohttp.WSMsgType.PONG not in kinds
+    assert standin.ctl("conns")[0]["last_client_ping"] is not None  # it was received, just not answered
+    standin.ctl("fault", "clear")
+    await ws.ping(b"two")
+    while (msg := await ws.receive(timeout=5)).type != aiohttp.WSMsgType.PONG:
+        pass
+    assert msg.data == b"two"
+
+
+async def test_truncate_configcontent(standin: StandIn) -> None:
+    import zlib
+
+    standin.ctl("fault", "truncate-configcontent", "--count", "1")
+    async with aiohttp.ClientSession(headers=basic(standin.access_key, standin.secret_key)) as http:
+        url = f"{standin.url}/configcontent/metadata-answers?client=v2"
+        async with http.get(url) as r:
+            cut = await r.read()
+        async with http.get(url) as r:
+            whole = await r.read()
+    assert whole.startswith(cut) and len(cut) < len(whole)
+    d = zlib.decompressobj(wbits=-15)
+    d.decompress(cut)
+    assert not d.eof  # a client sees an unfinished stream
+    d2 = zlib.decompressobj(wbits=-15)
+    d2.decompress(whole)
+    assert d2.eof

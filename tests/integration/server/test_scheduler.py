@@ -57,6 +57,11 @@ async def test_prioritize_then_reserve_in_candidate_order(standin: StandIn, agen
     assert cs["S-web-1"]["host_uuid"] == cs["S-web-side-1"]["host_uuid"] == "ha"
     assert cs["S-web-1"]["ports"] == ["8080:80/tcp", "0.0.0.0:32769:9000/udp"]
     assert standin.wait(kind="allocation", status="scheduler")["data"]["host"] == "ha"
+    calls = standin.ctl("scheduler", "calls")
+    assert [(c["name"], c["outcome"]) for c in calls] == [
+        ("scheduler.prioritize", "ok"), ("scheduler.reserve", "error"), ("scheduler.reserve", "ok")]
+    assert calls[0]["reply"]["data"] == {"prioritizedCandidates": ["hb", "ha"]}
+    assert all(len(c["attempts"]) == 1 and c["latency_ms"] >= 0 for c in calls)
 
     # removal releases what was reserved
     await _ctl(standin, "container", "rm", "S-web-side-1")
