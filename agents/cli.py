@@ -12,6 +12,7 @@ signal exits at once), and a clean exit code.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import importlib
 import os
 import signal
@@ -63,7 +64,12 @@ def main(argv: list[str] | None = None) -> int:
             print(f"corral: command {name!r} is not built yet", file=sys.stderr)
             return 2
         raise
-    rc = mod.main(rest)
+    try:
+        rc = mod.main(rest)
+    except BrokenPipeError:  # `corral ctl ... | head`: the reader went away, not an error of ours
+        with contextlib.suppress(OSError):
+            sys.stdout = open(os.devnull, "w")
+        return 0
     return int(rc or 0)
 
 

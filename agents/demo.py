@@ -178,9 +178,9 @@ def main(argv: list[str]) -> int:
         only = {s for s in args.only.split(",") if s}
         hints: list[str] = [
             "stand-in server:",
-            f"  corral ctl --admin {ctx.admin_url} host list",
-            f"  corral ctl --admin {ctx.admin_url} service scale <stack>/<service> 3",
-            f"  corral ctl --admin {ctx.admin_url} reports",
+            f"  corral ctl --admin {ctx.admin_url} host ls",
+            f"  corral ctl --admin {ctx.admin_url} service scale Shop/Web 3",
+            f"  corral ctl --admin {ctx.admin_url} reports --kind health",
         ]
         started = ["server"]
         for name in DEMO_ORDER:
