@@ -67,7 +67,7 @@ def _normalise(argv: list[str]) -> list[str]:
     """Go ``flag`` spellings -> argparse: ``-name`` -> ``--name``, ``--bool=true/false``."""
     out: list[str] = []
     for a in argv:
-        if a.startswith("-") and not a.startswith("--") and len(a) > 2:
+        if a.startswith("-") and not a.startswith("--") and len(a) > 2 and not a[1].isdigit():
             a = "-" + a
         if a.startswith("--") and "=" in a:
             name, _, val = a[2:].partition("=")

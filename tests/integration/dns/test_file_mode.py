@@ -1,0 +1,148 @@
+"""File mode (no metadata): YAML/JSON answers, PTR keys, SIGHUP and POST /v1/reload, bad files
+rejected loudly, original-style flags on a real process, and the metadata-mode answers dump."""
+
+from __future__ import annotations
+
+import json
+import signal
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import pytest
+from dnslib import QTYPE, RCODE
+
+from tests.helpers.procs import free_port, start_corral
+from tests.integration.dns.conftest import DnsProc, Metadata, start_dns, write_legacy
+from tests.unit.dns import example
+
+pytestmark = pytest.mark.timeout(120)
+
+YAML = """
+default:
+  a:
+    foo.rancher.internal.: {answer: [10.1.1.1]}
+  cname:
+    bar.rancher.internal.: {answer: foo.rancher.internal.}
+  ptr:
+    10.1.1.1: foo.rancher.internal.
+  authorative: [rancher.internal]
+127.0.0.21:
+  search: [x.rancher.internal]
+  a:
+    only-me.rancher.internal.: {answer: [10.2.2.2]}
+"""
+
+
+def a_set(r) -> set[str]:  # type: ignore[no-untyped-def]
+    return {str(x.rdata) for x in r.rr if x.rtype == QTYPE.A}
+
+
+def reload(d: DnsProc) -> tuple[int, str]:
+    req = urllib.request.Request(f"http://127.0.0.1:{d.reload_port}/v1/reload", method="POST", data=b"")
+    try:
+        with urllib.request.urlopen(req, timeout=5) as r:
+            return r.status, r.read().decode()
+    except urllib.error.HTTPError as e:
+        return e.code, e.read().decode()
+
+
+def wait_a(d: DnsProc, name: str, want: set[str], **kw: str) -> None:
+    deadline = time.monotonic() + 5
+    while a_set(d.ask(name, **kw)) != want:
+        assert time.monotonic() < deadline, f"{name} never became {want}"
+        time.sleep(0.02)
+
+
+def test_yaml_answers_reload_and_bad_file(tmp_path: Path) -> None:
+    f = tmp_path / "answers.yaml"
+    f.write_text(YAML)
+    d = start_dns("--answers", str(f), recursers=["127.0.0.1:9"])
+    try:
+        assert a_set(d.ask("foo.rancher.internal.")) == {"10.1.1.1"}
+        r = d.ask("bar.rancher.internal.")
+        assert r.rr[0].rtype == QTYPE.CNAME and a_set(r) == {"10.1.1.1"}
+        assert str(d.ask("1.1.1.10.in-addr.arpa.", "PTR").rr[0].rdata) == "foo.rancher.internal."
+        assert a_set(d.ask("only-me.rancher.internal.", src="127.0.0.21")) == {"10.2.2.2"}
+        assert RCODE[d.ask("only-me.rancher.internal.").header.rcode] == "NXDOMAIN"
+        # POST /v1/reload
+        f.write_text(YAML.replace("10.1.1.1]", "10.1.1.9]"))
+        assert reload(d) == (200, "OK")
+        assert a_set(d.ask("foo.rancher.internal.")) == {"10.1.1.9"}
+        # SIGHUP
+        f.write_text(YAML.replace("10.1.1.1]", "10.1.1.7]"))
+        d.proc.signal(signal.SIGHUP)
+        wait_a(d, "foo.rancher.internal.", {"10.1.1.7"})
+        # a broken file is refused and the old answers stay
+        f.write_text("default: {a: {x.: [not-an-ip]}}")
+        status, body = reload(d)
+        assert status == 500 and "non-IPv4" in body
+        assert a_set(d.ask("foo.rancher.internal.")) == {"10.1.1.7"}
+    finally:
+        d.proc.stop()
+
+
+def test_unparseable_answers_file_exits_loudly(tmp_path: Path) -> None:
+    f = tmp_path / "answers.json"
+    f.write_text("{not json")
+    p = start_corral("dns", "--answers", str(f), "--listen", f"127.0.0.1:{free_port()}", "--metrics-listen",
+                     f"127.0.0.1:{free_port()}", "--listenReload", "127.0.0.1:0", name="dns-bad")
+    assert p.p is not None
+    assert p.p.wait(15) == 2
+    assert "does not parse" in p.log()
+
+
+def test_original_style_flags_on_a_real_process(tmp_path: Path) -> None:
+    f = tmp_path / "answers.json"
+    f.write_text(json.dumps({"default": {"a": {"x.rancher.internal.": {"answer": ["10.3.3.3"]}}}}))
+    port = free_port()
+    p = start_corral("dns", "-listen", f"127.0.0.1:{port}", "-answers", str(f), "-ttl", "1",
+                     "--recurser-timeout=1", "-cache-capacity", "50", "-ndots", "0", "-never-recurse-to",
+                     "169.254.169.250", "-rancher-metadata-answer", "10.9.9.9", "-metrics-listen",
+                     f"127.0.0.1:{free_port()}", "-listenReload", "127.0.0.1:0", name="dns-goflags")
+    d = DnsProc(p, port, 0, 0)
+    try:
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                r = d.ask("x.rancher.internal.")
+                break
+            except OSError:
+                assert time.monotonic() < deadline, p.log()
+                time.sleep(0.05)
+        assert a_set(r) == {"10.3.3.3"} and r.rr[0].ttl == 1
+    finally:
+        p.stop()
+
+
+def test_metadata_mode_switches_and_dump(tmp_path: Path) -> None:
+    md_file = tmp_path / "md.json"
+    tree = example.tree(prefix="127.42.0.")
+    for c in tree["containers"]:
+        if c["service_name"] == "db":
+            c["health_state"] = "unhealthy"
+    write_legacy(md_file, tree)
+    m = Metadata(md_file)
+    dump = tmp_path / "dump.json"
+    d = start_dns("--metadata-url", m.url, "--unhealthy-fallback", "none", "--ptr=false",
+                  "--forward-single-label=true", "--answers", str(dump), "--rancher-metadata-answer", "agent_ip",
+                  recursers=["127.0.0.1:9"])
+    try:
+        assert RCODE[d.ask("db.data.rancher.internal.").header.rcode] == "NXDOMAIN"  # no healthy, no fallback
+        assert a_set(d.ask("rancher-metadata.rancher.internal.")) == {"10.0.0.5"}   # agent_ip of this host
+        # --ptr=false: reverse names are forwarded (to a closed port here: SERVFAIL)
+        assert RCODE[d.ask("11.0.42.127.in-addr.arpa.", "PTR").header.rcode] == "SERVFAIL"
+        # --forward-single-label=true: unknown short names are forwarded too
+        assert RCODE[d.ask("nosuch.").header.rcode] == "SERVFAIL"
+        deadline = time.monotonic() + 5
+        while not dump.exists():
+            assert time.monotonic() < deadline, "answers dump not written"
+            time.sleep(0.05)
+        data = json.loads(dump.read_text())
+        assert "web.shop.rancher.internal." in data["default"]["a"]
+        assert data["default"]["authoritative"] == ["rancher.internal"]
+        assert "127.42.0.11" in data
+    finally:
+        d.proc.stop()
+        m.proc.stop()
