@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import os
 
-from . import _ipam
+from . import _ipam, _js
 from ._netlink import Link, Netlink, NetlinkError, open_in_netns
 from ._proto import (
     E_INVALID_CONFIG,
@@ -188,17 +188,13 @@ def run_ipam(command: str, conf: dict[str, Any], raw: bytes, env: Env, version: 
     proc = subprocess.run([path], input=raw, capture_output=True, env=e, check=False)
     if proc.returncode != 0:
         try:
-            import json
-
-            err = json.loads(proc.stdout)
+            err = _js.loads(proc.stdout)
             raise CniError(int(err.get("code", E_PLUGIN)), err.get("msg", "IPAM failed"), err.get("details", ""))
         except (ValueError, AttributeError):
             raise CniError(E_PLUGIN, f"IPAM plugin {kind} failed", proc.stderr.decode(errors="replace")) from None
     if command != "ADD":
         return None
-    import json
-
-    return parse_result(json.loads(proc.stdout))
+    return parse_result(_js.loads(proc.stdout))
 
 
 # -- apply: ADD ----------------------------------------------------------------------------------

@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import sys
 
+from . import _js
 from ._proto import (
     E_INCOMPATIBLE,
     E_PLUGIN,
@@ -88,9 +89,7 @@ def run(role: str, stdin: bytes, environ: Any) -> tuple[int, str]:
         conf = parse_config(stdin)
         command = environ.get("CNI_COMMAND", "")
         if command == "VERSION":
-            import json
-
-            return 0, json.dumps(version_info(conf), separators=(",", ":"))
+            return 0, _js.dumps(version_info(conf))
         version = config_version(conf)
         env = parse_env(environ, version)
         if env.command not in ("ADD", "DEL", "CHECK"):
@@ -119,9 +118,7 @@ def run(role: str, stdin: bytes, environ: Any) -> tuple[int, str]:
 def log_call(role: str, stdin: bytes, environ: Any, status: int, out: str) -> None:
     """``logToFile`` (the originals' field): one JSON line per call, appended. Never fails the call."""
     try:
-        import json
-
-        conf = json.loads(stdin)
+        conf = _js.loads(stdin)
         path = conf.get("logToFile") if isinstance(conf, dict) else None
         if not isinstance(path, str) or not path:
             return
@@ -132,9 +129,9 @@ def log_call(role: str, stdin: bytes, environ: Any, status: int, out: str) -> No
                 "ifname": environ.get("CNI_IFNAME", ""), "cniVersion": conf.get("cniVersion", ""),
                 "prevResult": isinstance(conf.get("prevResult"), dict), "status": status}
         if status:
-            line["error"] = json.loads(out).get("msg", "")
+            line["error"] = _js.loads(out).get("msg", "")
         with open(path, "a") as f:
-            f.write(json.dumps(line) + "\n")
+            f.write(_js.dumps(line) + "\n")
     except (OSError, ValueError, AttributeError):
         pass
 
@@ -145,9 +142,7 @@ def main(role: str) -> None:
     if environ.get("CNI_COMMAND") in ("ADD", "DEL", "CHECK"):
         # the original prints each missing variable on stderr before the error object
         try:
-            import json
-
-            v = json.loads(stdin or b"{}").get("cniVersion") or "0.1.0"
+            v = _js.loads(stdin or b"{}").get("cniVersion") or "0.1.0"
         except (ValueError, AttributeError):
             v = "0.1.0"
         if v in SUPPORTED:

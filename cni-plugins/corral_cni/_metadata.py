@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import _socket
-import json
+
+from . import _js
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -47,6 +48,6 @@ def get_json(address: str, path: str, timeout: float) -> Any:
     if len(status) < 2 or status[1] != b"200":
         raise MetadataError(f"GET {path}: HTTP {b' '.join(status[1:]).decode(errors='replace')}")
     try:
-        return json.loads(body)
+        return _js.loads(body)
     except ValueError as e:
         raise MetadataError(f"GET {path}: bad JSON: {e}") from None

@@ -332,15 +332,26 @@ class Netlink:
 CLONE_NEWNET = 0x40000000
 
 
+_setns_fn = None
+
+
 def setns(fd: int) -> None:
-    if hasattr(os, "setns"):  # Python >= 3.12
+    """setns(2) into a network namespace. ``os.setns`` on Python >= 3.12; on 3.11 the libc call
+    through ``_ctypes`` directly (the ``ctypes`` package would cost ~5 ms of class set-up)."""
+    global _setns_fn
+    if hasattr(os, "setns"):
         os.setns(fd, CLONE_NEWNET)
         return
-    import ctypes  # only on 3.11; ~4 ms
+    import _ctypes
 
-    libc = ctypes.CDLL(None, use_errno=True)
-    if libc.setns(fd, CLONE_NEWNET) != 0:
-        e = ctypes.get_errno()
+    if _setns_fn is None:
+
+        class _F(_ctypes.CFuncPtr):  # type: ignore[misc,name-defined]
+            _flags_ = _ctypes.FUNCFLAG_CDECL | _ctypes.FUNCFLAG_USE_ERRNO  # restype: C int (default)
+
+        _setns_fn = _F(_ctypes.dlsym(_ctypes.dlopen(None, 2), "setns"))  # type: ignore[arg-type]
+    if _setns_fn(fd, CLONE_NEWNET) != 0:
+        e = _ctypes.get_errno()
         raise OSError(e, os.strerror(e))
 
 
@@ -355,11 +366,3 @@ def open_in_netns(ns_fd: int) -> Netlink:
             setns(own)
     finally:
         os.close(own)
-
-
-def write_sysctl_in(ns_fd: int | None, path: str, value: str) -> None:
-    """Write /proc/sys/... (net.* is per namespace: resolved in the caller's current one)."""
-    with open(path, "r+") as f:
-        if f.read().strip() != value:
-            f.seek(0)
-            f.write(value)

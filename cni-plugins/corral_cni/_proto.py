@@ -6,7 +6,7 @@ without root. Imports are kept to the bare minimum: this module sits on every pl
 
 from __future__ import annotations
 
-import json
+from . import _js
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -119,7 +119,7 @@ def parse_env(environ: dict[str, str] | Any, version: str) -> Env:
 
 def parse_config(data: bytes) -> dict[str, Any]:
     try:
-        conf = json.loads(data) if data.strip() else {}
+        conf = _js.loads(data) if data.strip() else {}
     except ValueError as e:
         raise CniError(E_DECODE, "error decoding network config", str(e)) from None
     if not isinstance(conf, dict):
@@ -132,7 +132,7 @@ def config_version(conf: dict[str, Any]) -> str:
     v = conf.get("cniVersion") or "0.1.0"
     if not isinstance(v, str) or v not in SUPPORTED:
         raise CniError(E_INCOMPATIBLE, "incompatible CNI versions",
-                       f'config is "{v}", plugin supports {json.dumps(list(SUPPORTED), separators=(",", ":"))}')
+                       f'config is "{v}", plugin supports {_js.dumps(list(SUPPORTED))}')
     return v
 
 
@@ -141,7 +141,7 @@ def version_info(conf: dict[str, Any]) -> dict[str, Any]:
     v = conf.get("cniVersion") or "0.2.0"
     if not isinstance(v, str) or v not in SUPPORTED:
         raise CniError(E_INCOMPATIBLE, "incompatible CNI versions",
-                       f'config is "{v}", plugin supports {json.dumps(list(SUPPORTED), separators=(",", ":"))}')
+                       f'config is "{v}", plugin supports {_js.dumps(list(SUPPORTED))}')
     if v == "0.1.0":
         v = "0.2.0"
     return {"cniVersion": v, "supportedVersions": list(SUPPORTED)}
@@ -258,7 +258,7 @@ def _dns(d: dict[str, Any]) -> dict[str, Any]:
 
 def dumps(obj: dict[str, Any]) -> str:
     """Go's ``json.MarshalIndent(obj, "", "    ")``, no trailing newline."""
-    return json.dumps(obj, indent=4)
+    return _js.dumps(obj, indent=4)
 
 
 def error_object(err: CniError, version: str | None) -> dict[str, Any]:

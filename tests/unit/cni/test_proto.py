@@ -19,6 +19,8 @@ from corral_cni._proto import (
     render,
     version_info,
 )
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 RES = Result(
     interfaces=[{"name": "br0", "mac": "aa:bb:cc:dd:ee:01"}, {"name": "vethr0123456789", "mac": "aa:bb:cc:dd:ee:02"},
@@ -123,3 +125,39 @@ def test_dumps_is_four_space_indented_without_newline() -> None:
     s = dumps({"a": [1], "b": {}})
     assert s == '{\n    "a": [\n        1\n    ],\n    "b": {}\n}'
     assert json.loads(s) == {"a": [1], "b": {}}
+
+
+JSON_DOCS = ['{"a": [1, 2.5, -3e-07, true, false, null], "b": {"c": "\\u00e9\\n\\"x\\""}, "d": {}, "e": []}',
+             '  [ ]  ', '"s"', "0", '{"k": "\u2603"}']
+
+
+@pytest.mark.parametrize("doc", JSON_DOCS)
+def test_js_matches_stdlib_json(doc: str) -> None:
+    from corral_cni import _js
+
+    assert _js.loads(doc.encode()) == json.loads(doc)
+    obj = json.loads(doc)
+    assert _js.dumps(obj, indent=4) == json.dumps(obj, indent=4)
+    assert _js.dumps(obj) == json.dumps(obj, separators=(",", ":"))
+
+
+@pytest.mark.parametrize("bad", [b"", b"{", b"[1,]", b"{} x", b"\xff", b"{'a': 1}", b"nul"])
+def test_js_rejects_what_json_rejects(bad: bytes) -> None:
+    from corral_cni import _js
+
+    with pytest.raises(ValueError):
+        _js.loads(bad)
+
+
+_vals = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False, allow_infinity=False) | st.text(),
+    lambda kids: st.lists(kids, max_size=4) | st.dictionaries(st.text(), kids, max_size=4), max_leaves=20)
+
+
+@settings(max_examples=300, deadline=None)
+@given(_vals)
+def test_js_round_trip_equals_stdlib(v: object) -> None:
+    from corral_cni import _js
+
+    assert _js.dumps(v, indent=4) == json.dumps(v, indent=4)
+    assert _js.loads(_js.dumps(v).encode()) == json.loads(json.dumps(v))

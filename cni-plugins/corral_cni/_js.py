@@ -1,0 +1,103 @@
+"""JSON without the ``json`` package: ``json`` imports ``re`` (and with it enum, functools, the
+regex compiler), a few ms per plugin call. The C accelerator ``_json`` does the real work here:
+its scanner parses, its string escaper encodes; this module only adds the glue (whitespace,
+Go-style 4-space indentation). Error messages come from ``json.decoder`` (imported on error only).
+"""
+
+from __future__ import annotations
+
+import _json
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Any
+
+_WS = " \t\n\r"
+
+
+class _Ctx:
+    strict = True
+    object_hook = None
+    object_pairs_hook = None
+    parse_float = float
+    parse_int = int
+    parse_constant = {"-Infinity": float("-inf"), "Infinity": float("inf"), "NaN": float("nan")}.__getitem__
+    memo: dict[str, Any] = {}
+
+
+_scan = _json.make_scanner(_Ctx())  # type: ignore[arg-type]
+_esc = _json.encode_basestring_ascii
+
+
+class JSONError(ValueError):
+    pass
+
+
+def loads(data: bytes | str) -> Any:
+    try:
+        s = data.decode("utf-8-sig") if isinstance(data, bytes | bytearray) else data
+    except UnicodeDecodeError as e:
+        raise JSONError(f"not UTF-8: {e}") from None
+    i = len(s) - len(s.lstrip(_WS))
+    try:
+        obj, end = _scan(s, i)
+    except StopIteration as e:
+        raise JSONError(f"Expecting value: char {e.value}") from None
+    except ValueError as e:  # json.decoder.JSONDecodeError
+        raise JSONError(str(e)) from None
+    if s[end:].strip(_WS):
+        raise JSONError(f"Extra data: char {end}")
+    return obj
+
+
+def dumps(obj: Any, indent: int | None = None) -> str:
+    """``json.dumps(obj, indent=indent)``; compact (no spaces) when ``indent`` is None."""
+    out: list[str] = []
+    _enc(obj, out, indent, 0)
+    return "".join(out)
+
+
+def _enc(o: Any, out: list[str], indent: int | None, level: int) -> None:
+    if isinstance(o, str):
+        out.append(_esc(o))
+    elif o is None:
+        out.append("null")
+    elif o is True:
+        out.append("true")
+    elif o is False:
+        out.append("false")
+    elif isinstance(o, int):
+        out.append(int.__repr__(o))
+    elif isinstance(o, float):
+        if o != o or o in (float("inf"), float("-inf")):
+            out.append("NaN" if o != o else ("Infinity" if o > 0 else "-Infinity"))
+        else:
+            out.append(float.__repr__(o))
+    elif isinstance(o, dict):
+        if not o:
+            out.append("{}")
+            return
+        out.append("{")
+        first = True
+        for k, v in o.items():
+            if not isinstance(k, str):
+                k = str(k).lower() if isinstance(k, bool) else str(k)
+            out.append(("" if first else ",") + (("\n" + " " * (indent * (level + 1))) if indent is not None else ""))
+            first = False
+            out.append(_esc(k))
+            out.append(": " if indent is not None else ":")
+            _enc(v, out, indent, level + 1)
+        out.append(("\n" + " " * (indent * level)) if indent is not None else "")
+        out.append("}")
+    elif isinstance(o, list | tuple):
+        if not o:
+            out.append("[]")
+            return
+        out.append("[")
+        for n, v in enumerate(o):
+            out.append(("," if n else "") + (("\n" + " " * (indent * (level + 1))) if indent is not None else ""))
+            _enc(v, out, indent, level + 1)
+        out.append(("\n" + " " * (indent * level)) if indent is not None else "")
+        out.append("]")
+    else:
+        raise TypeError(f"Object of type {type(o).__name__} is not JSON serializable")
