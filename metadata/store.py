@@ -46,6 +46,7 @@ __all__ = [
     "empty_snapshot",
     "legacy_snapshot",
     "load_answers_bytes",
+    "load_steps",
     "parse_objects",
 ]
 
@@ -704,28 +705,46 @@ def legacy_snapshot(doc: Any, digest: str) -> Snapshot:
     return Snapshot(version=version, digest=digest, trees=trees, latest=latest, legacy=True)
 
 
-def load_answers_bytes(data: bytes) -> Snapshot:
+def load_answers_bytes(data: bytes, prev: Snapshot | None = None) -> Snapshot:
+    """Any supported answers file (see :func:`load_steps`), built in one go."""
+    gen = load_steps(data, prev)
+    while True:
+        try:
+            next(gen)
+        except StopIteration as stop:
+            return stop.value  # type: ignore[no-any-return]
+
+
+def _first_object(stripped: bytes) -> Any:
+    try:
+        return orjson.loads(stripped.split(b"\n", 1)[0])
+    except orjson.JSONDecodeError:
+        return None
+
+
+def load_steps(data: bytes, prev: Snapshot | None = None) -> Generator[None, None, Snapshot]:
     """Any supported answers file: the cache file ``{"Version","Data"}``, a legacy map (JSON or
-    YAML), a plain or raw-DEFLATE v2 stream. InputError when it is none of them."""
+    YAML), a plain or raw-DEFLATE v2 stream. InputError when it is none of them. v2 content is
+    built by :func:`build_steps` (yielding between chunks, reusing ``prev``'s unchanged lines)."""
     stripped = data.strip()
     if not stripped:
         raise InputError("answers: file is empty")
-    doc: Any = None
     if stripped[:1] == b"{":
+        first = _first_object(stripped)
+        if isinstance(first, dict) and "metadata_kind" in first:
+            return (yield from build_steps(b"", decoded=stripped, prev=prev))
         try:
             doc = orjson.loads(stripped)
         except orjson.JSONDecodeError:
-            doc = None
-            objs: list[dict[str, Any]] | None
             try:
                 objs = parse_objects(stripped)
             except InputError:
                 objs = []
             if objs and "metadata_kind" in objs[0]:
-                return build(b"", objs=objs, decoded=stripped)
-            if not objs:
-                raise InputError("answers: file is not valid JSON") from None
-    if isinstance(doc, dict):
+                return (yield from build_steps(b"", objs=objs, decoded=stripped))
+            raise InputError("answers: file is not valid JSON (nor a stream of metadata objects)") from None
+        if not isinstance(doc, dict):  # pragma: no cover - starts with "{"
+            raise InputError("answers: top level is not a map")
         if "Data" in doc:
             d = doc["Data"]
             if not isinstance(d, str):
@@ -734,19 +753,16 @@ def load_answers_bytes(data: bytes) -> Snapshot:
                 raw = base64.b64decode(d, validate=True)
             except (ValueError, TypeError) as e:
                 raise InputError(f"answers: cache file 'Data' is not base64: {e}") from e
-            return build(raw)
-        if "metadata_kind" in doc:
-            return build(b"", objs=[doc], decoded=stripped)
+            return (yield from build_steps(raw, prev=prev))
         return legacy_snapshot(doc, hashlib.sha256(stripped).hexdigest())
-    if doc is not None:
-        raise InputError(f"answers: top level is a {type(doc).__name__}, not a map")
-    if stripped[:1] not in (b"{", b"["):
-        try:
-            raw_ok = decode_stream(data)
-        except InputError:
-            raw_ok = None
-        if raw_ok is not None:
-            return build(data, decoded=raw_ok)
+    if stripped[:1] == b"[":
+        raise InputError("answers: top level is a list, not a map or a stream of objects")
+    try:
+        raw_ok = decode_stream(data)
+    except InputError:
+        raw_ok = None
+    if raw_ok is not None:
+        return (yield from build_steps(data, decoded=raw_ok, prev=prev))
     try:
         ydoc = yaml.load(stripped.decode("utf-8"), Loader=_YamlLoader)  # a SafeLoader subclass
     except (yaml.YAMLError, UnicodeDecodeError) as e:

@@ -73,7 +73,7 @@ def generate(n: int, *, seed: int = 1, revision: int = 1) -> list[dict[str, Any]
         out.append({"metadata_kind": "serviceContainerLink", "service_uuid": uuid, "service_name": sname,
                     "container_uuid": cu})
     for i in range(0, services_n - 1, 3):
-        u, _, stn, _ = services[i]
+        u, _, _, _ = services[i]
         _, n2, stn2, _ = services[i + 1]
         out.append({"metadata_kind": "serviceLink", "service_uuid": u, "key": f"{stn2}/{n2}", "value": "peer"})
     out.append({"metadata_kind": "defaultData", "version": f"{revision}-{rng.getrandbits(32):08x}",

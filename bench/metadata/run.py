@@ -1,0 +1,242 @@
+"""Benchmark: ``corral metadata`` beside nginx serving the same response bytes as static files.
+
+    .venv/bin/python -m bench.metadata.run [--sizes 1000,5000] [--duration 5]
+
+For each size: generate an answer set (bench/metadata/gen.py), start Corral in file mode, fetch
+the three measured responses from it and write exactly those bytes into an nginx docroot
+(nginx: one worker, like Corral's one process; sendfile, no access log). Then wrk (2 threads,
+50 connections) against both; apply time (POST /v1/reload of a changed set -> new version
+served) with a probe measuring scalar latency during the applies; start -> first correct
+answer; RSS after load. Results go to bench/RESULTS.md (section "metadata").
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import json
+import os
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+from bench.harness import Table, tree_rss_mib, update_results, wrk
+from bench.metadata.gen import deflate, generate, stream
+from tests.helpers.procs import free_port, start_corral
+
+ORIGINAL = {  # the original rancher-metadata on a 2-vCPU machine (metadata.md §7)
+    1000: {"scalar": "34.4k", "json": "82", "text": "3.9k", "apply": "0.1 s", "rss": "70 MiB", "start": "0.2 s"},
+    5000: {"scalar": "19.8k", "json": "10.3", "text": "589", "apply": "0.69 s", "rss": "359 MiB", "start": "0.8 s"},
+}
+
+
+def get(url: str, accept: str | None = None) -> bytes:
+    req = urllib.request.Request(url, headers={"Accept": accept} if accept else {})
+    with urllib.request.urlopen(req, timeout=30) as r:
+        return r.read()
+
+
+def post(url: str) -> tuple[int, bytes]:
+    req = urllib.request.Request(url, method="POST", data=b"")
+    with urllib.request.urlopen(req, timeout=60) as r:
+        return r.status, r.read()
+
+
+def cache_file(raw: bytes, version: str) -> bytes:
+    return json.dumps({"Version": version, "Data": base64.b64encode(raw).decode()}).encode()
+
+
+def start_nginx(root: Path, files: dict[str, bytes]) -> tuple[subprocess.Popen[bytes], int]:
+    www = root / "www"
+    www.mkdir(parents=True, exist_ok=True)
+    for d in (root, www):
+        d.chmod(0o755)
+    for name, body in files.items():
+        (www / name).write_bytes(body)
+        (www / name).chmod(0o644)
+    port = free_port()
+    conf = root / "nginx.conf"
+    conf.write_text(f"""
+worker_processes 1;
+daemon off;
+pid {root}/nginx.pid;
+error_log {root}/error.log;
+events {{ worker_connections 4096; }}
+http {{
+  access_log off;
+  sendfile on;
+  tcp_nopush on;
+  keepalive_requests 10000000;
+  open_file_cache max=64 inactive=60s;
+  open_file_cache_valid 60s;
+  default_type text/plain;
+  server {{
+    listen 127.0.0.1:{port};
+    root {www};
+    add_header Access-Control-Allow-Origin *;
+    location = /json {{ default_type application/json; }}
+  }}
+}}
+""")
+    p = subprocess.Popen(["nginx", "-p", str(root), "-c", str(conf), "-e", str(root / "error.log")],
+                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+            return p, port
+        except OSError:
+            time.sleep(0.02)
+    p.kill()
+    raise RuntimeError("nginx did not start")
+
+
+PROBE = r"""
+import json, socket, sys, time
+port, path, secs = int(sys.argv[1]), sys.argv[2], float(sys.argv[3])
+s = socket.create_connection(("127.0.0.1", port))
+req = ("GET %s HTTP/1.1\r\nHost: x\r\n\r\n" % path).encode()
+lat = []
+end = time.monotonic() + secs
+while time.monotonic() < end:
+    t0 = time.perf_counter()
+    s.sendall(req)
+    buf = b""
+    while b"\r\n\r\n" not in buf:
+        buf += s.recv(65536)
+    head, _, rest = buf.partition(b"\r\n\r\n")
+    n = int([ln.split(b":")[1] for ln in head.split(b"\r\n") if ln.lower().startswith(b"content-length")][0])
+    while len(rest) < n:
+        rest += s.recv(65536)
+    lat.append(time.perf_counter() - t0)
+lat.sort()
+print(json.dumps({"n": len(lat), "p99": lat[int(len(lat) * 0.99)], "max": lat[-1]}))
+"""
+
+
+def start_probe(port: int, path: str, secs: float) -> subprocess.Popen[str]:
+    """Sequential keep-alive requests in a separate process (its own GIL), latencies summarised."""
+    return subprocess.Popen([sys.executable, "-c", PROBE, str(port), path, str(secs)], stdout=subprocess.PIPE,
+                            text=True)
+
+
+def bench_size(n: int, duration: int, table: Table) -> None:
+    tmp = Path(tempfile.mkdtemp(prefix=f"corral-bench-md-{n}-"))
+    tmp.chmod(0o755)  # nginx workers run unprivileged and must read the docroot
+    objs = generate(n, revision=1)
+    raw = deflate(stream(objs))
+    version = objs[-1]["version"]
+    answers = tmp / "answers.json"
+    answers.write_bytes(cache_file(raw, version))
+    port, rport, aport = free_port(), free_port(), free_port()
+    t0 = time.monotonic()
+    md = start_corral("metadata", "--listen", f"127.0.0.1:{port}", "--listenReload", f"127.0.0.1:{rport}",
+                      "--metrics-listen", f"127.0.0.1:{aport}", "--answers", str(answers), "--file-poll", "3600")
+    base = f"http://127.0.0.1:{port}"
+    while True:
+        try:
+            if get(base + "/latest/version") == version.encode():
+                break
+        except OSError:
+            pass
+        if time.monotonic() - t0 > 60:
+            raise RuntimeError(md.log())
+        time.sleep(0.005)
+    start_s = time.monotonic() - t0
+    ng = None
+    try:
+        name = next(o["name"] for o in objs[len(objs) // 2:] if o["metadata_kind"] == "container").lower()
+        scalar = f"/latest/containers/{name}/primary_ip"
+        bodies = {"scalar": get(base + scalar), "containers.txt": get(base + "/latest/containers"),
+                  "json": get(base + "/latest/containers", "application/json")}
+        ng, nport = start_nginx(tmp / "nginx", bodies)
+        nbase = f"http://127.0.0.1:{nport}"
+        for nm in bodies:  # same bytes
+            assert get(nbase + "/" + nm) == bodies[nm], nm
+        o = ORIGINAL.get(n, {})
+        for label, cpath, npath, hdr, key in (
+            ("scalar by-name path", scalar, "/scalar", None, "scalar"),
+            (f"/latest/containers JSON ({len(bodies['json']) / 1e6:.1f} MB)", "/latest/containers", "/json",
+             {"Accept": "application/json"}, "json"),
+            (f"/latest/containers text ({len(bodies['containers.txt']) / 1e3:.0f} kB)", "/latest/containers",
+             "/containers.txt", None, "text"),
+        ):
+            c = wrk(base + cpath, duration=duration, headers=hdr)
+            p = wrk(nbase + npath, duration=duration, headers=hdr)
+            assert c["non2xx"] == 0 and c["errors"] == 0, c
+            table.add(f"{n // 1000}k: {label} req/s", c["req_s"], p["req_s"], "req/s",
+                      note=f"original {o.get(key, '?')} req/s")
+            table.add(f"{n // 1000}k: {label} p99", c["p99_ms"], p["p99_ms"], "ms", higher_is_better=False)
+        rss = tree_rss_mib(md.pid)
+        table.add(f"{n // 1000}k: RSS after load", rss, tree_rss_mib(ng.pid), "MiB", higher_is_better=False,
+                  note=f"original {o.get('rss', '?')}")
+        # apply: alternate two answer sets that differ in one container and the version
+        sets = []
+        for i in range(6):
+            rev = 2 + i
+            objs2 = generate(n, revision=rev)
+            for ob in objs2:
+                if ob["metadata_kind"] == "container":
+                    ob["state"] = f"state-{rev}"
+                    break
+            sets.append((objs2[-1]["version"], cache_file(deflate(stream(objs2)), objs2[-1]["version"])))
+        probe = start_probe(port, scalar, 6 * 0.5 + 1.0)
+        time.sleep(0.3)
+        times = []
+        for v2, body in sets:
+            answers.write_bytes(body)
+            t1 = time.perf_counter()
+            status, _ = post(f"http://127.0.0.1:{rport}/v1/reload")
+            got = get(base + "/latest/version")
+            times.append(time.perf_counter() - t1)
+            assert status == 200 and got == v2.encode(), (status, got, v2)
+            time.sleep(0.4)
+        out, _ = probe.communicate(timeout=30)
+        pr = json.loads(out)
+        table.add(f"{n // 1000}k: reload -> new answers served (median of 6)", statistics.median(times), None, "s",
+                  higher_is_better=False, note=f"original {o.get('apply', '?')}; target <= 0.2 s")
+        table.add(f"{n // 1000}k: scalar latency during applies, p99", pr["p99"] * 1000, None, "ms",
+                  higher_is_better=False,
+                  note=f"max {pr['max'] * 1000:.1f} ms over {pr['n']} requests (targets: p99 <= 20 ms, stall <= 50 ms)")
+        table.add(f"{n // 1000}k: start -> first correct answer", start_s, None, "s", higher_is_better=False,
+                  note=f"original {o.get('start', '?')} (ours includes Python start-up)")
+    finally:
+        md.stop()
+        if ng is not None:
+            ng.terminate()
+            ng.wait(5)
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--sizes", default="1000,5000")
+    ap.add_argument("--duration", type=int, default=5)
+    ap.add_argument("--no-write", action="store_true", help="print only, do not update bench/RESULTS.md")
+    a = ap.parse_args(argv)
+    if shutil.which("nginx") is None or shutil.which("wrk") is None:
+        print("needs nginx and wrk", file=sys.stderr)
+        return 2
+    table = Table("metadata", "nginx (static files, 1 worker)")
+    for n in (int(x) for x in a.sizes.split(",")):
+        bench_size(n, a.duration, table)
+    table.print()
+    if not a.no_write:
+        notes = ("Corral: one process (uvloop), precomputed response bytes per path/format/generation. "
+                 "nginx serves the identical bytes from files (sendfile, 1 worker). wrk: 2 threads, 50 connections, "
+                 f"{a.duration} s per figure. The original's figures are from the spec (another 2-vCPU machine, "
+                 "not this run). The machine is shared with other engineers' work, so figures are noisy.")
+        update_results("metadata", table.markdown() + "\n\n" + notes,
+                       command=f".venv/bin/python -m bench.metadata.run --sizes {a.sizes} --duration {a.duration}")
+    return 0
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("PYTHONPATH", str(Path(__file__).resolve().parents[2]))
+    sys.exit(main())
