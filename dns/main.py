@@ -44,7 +44,8 @@ _MD_STALE = gauge("dns", "metadata_stale_seconds", "Seconds since metadata last 
 
 DEMO_HINTS = [
     "dns:       dig @127.0.0.1 -p {dns_port} rancher-metadata.rancher.internal",
-    "           dig @127.0.0.1 -p {dns_port} <service>.<stack>.rancher.internal   (+tcp works too)",
+    "           dig @127.0.0.1 -p {dns_port} web.shop.rancher.internal   (+tcp works too; any <service>.<stack>)",
+    "           dig @127.0.0.1 -p {dns_port} db.shop.rancher.internal SRV   (NODATA + SOA, not NXDOMAIN)",
     "           curl http://127.0.0.1:{dns_admin_port}/metrics | grep corral_dns",
 ]
 

@@ -42,6 +42,7 @@ MEMO_MAX = 200_000
 FAIL_HOLD = 1.0            # seconds a fully failed lookup answers SERVFAIL at once
 TCP_MAX_QUERIES = 128
 TCP_IDLE = 8.0
+MAX_INFLIGHT = 4096        # concurrent upstream lookups from UDP; above, SERVFAIL at once
 
 log = get_logger(__name__)
 _QUERIES = counter("dns", "queries", "Queries by type, result and view", ["qtype", "result", "view"])
@@ -327,6 +328,11 @@ class _UdpReader:
                     self.send_drops += 1
                 except OSError as e:
                     log.debug("udp send error", error=str(e))
+                continue
+            if len(self.tasks) >= MAX_INFLIGHT:
+                self.engine.counts[("-", "overload", r.view)] += 1  # type: ignore[union-attr]
+                with contextlib.suppress(OSError):
+                    send(wire.error_reply(r.q, wire.SERVFAIL), addr)  # type: ignore[union-attr]
                 continue
             task = asyncio.ensure_future(self._slow(r, addr))  # type: ignore[arg-type]
             self.tasks.add(task)

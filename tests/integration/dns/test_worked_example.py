@@ -123,6 +123,14 @@ def test_row13_nxdomain_with_soa_serial_is_generation(dns: DnsProc, tcp: bool) -
     assert len(serials) == 1  # the generation, not a per-NXDOMAIN counter
 
 
+def test_search_flood_answered_locally(dns: DnsProc, upstream: Dnsmasq) -> None:
+    for name in ("foo.shop.rancher.internal.shop.rancher.internal.", "web.shop.rancher.internal.corp.example."):
+        r = dns.ask(name, src=ip(11))
+        assert rc(r) == "NXDOMAIN" and r.header.aa
+        soa_ok(r)
+    assert "rancher.internal.corp.example" not in upstream.log()
+
+
 def test_row16_ptr(dns: DnsProc, tcp: bool) -> None:
     r = dns.ask("11.0.42.127.in-addr.arpa.", "PTR", src=ip(11), tcp=tcp)
     assert rc(r) == "NOERROR" and str(r.rr[0].rdata) == "shop-web-1.rancher.internal."
