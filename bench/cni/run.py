@@ -66,7 +66,7 @@ def build_bundle(dest: Path) -> Path:
     assert spec is not None and spec.loader is not None
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
-    return mod.build(dest, sys.executable, network=None)  # type: ignore[no-any-return]
+    return mod.build(dest, "auto", network=None)  # type: ignore[no-any-return]
 
 
 class Peer:

@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -23,7 +22,7 @@ def build_bundle(dest: Path) -> Path:
     assert spec is not None and spec.loader is not None
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
-    return mod.build(dest, sys.executable, network=None)  # type: ignore[no-any-return]
+    return mod.build(dest, "auto", network=None)  # type: ignore[no-any-return]
 
 
 @dataclass

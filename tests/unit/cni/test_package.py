@@ -26,7 +26,7 @@ def test_bundle_layout(tmp_path: Path) -> None:
     mod = load_package()
     bindir = mod.build(tmp_path / "vol", "/usr/bin/python3", network="ipsec")
     vol = tmp_path / "vol"
-    assert sorted(os.listdir(bindir)) == ["corral-bridge", "corral-ipam", "rancher-bridge", "rancher-cni-ipam"]
+    assert sorted(os.listdir(bindir)) == [".interpreter", "corral-bridge", "corral-ipam", "rancher-bridge", "rancher-cni-ipam"]
     assert os.readlink(bindir / "rancher-bridge") == "corral-bridge"
     assert os.readlink(bindir / "rancher-cni-ipam") == "corral-ipam"
     launcher = (bindir / "corral-bridge").read_text()
@@ -73,3 +73,12 @@ def test_record_stand_in() -> None:
         except TypeError:
             continue
         raise AssertionError(bad)
+
+
+def test_auto_interpreter_is_a_working_python(tmp_path: Path) -> None:
+    mod = load_package()
+    chosen = mod.choose_python([sys.executable, "/nonexistent/python3", str(tmp_path)])
+    assert chosen == sys.executable
+    bindir = mod.build(tmp_path / "vol", "auto", network=None)
+    py = (bindir / ".interpreter").read_text().strip()
+    assert (bindir / "corral-bridge").read_text().startswith(f"#!{py} -IS\n")
