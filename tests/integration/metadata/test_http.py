@@ -279,3 +279,46 @@ def test_sighup_rereads_file(md: Metadata) -> None:
     md.answers.write_bytes(data)
     md.proc.signal(1)
     md.wait_for(lambda: md.get("/latest/version").body == b"44-b")
+
+
+def test_waiter_answered_within_50ms_of_a_change(md: Metadata) -> None:
+    got: dict[str, float] = {}
+
+    def poll() -> None:
+        r = md.get("/latest/version?wait=true&value=42-5cc6db68&maxWait=60", timeout=30)
+        got["at"] = time.monotonic()
+        got["body"] = r.body  # type: ignore[assignment]
+
+    t = threading.Thread(target=poll)
+    t.start()
+    md.wait_for(lambda: md.metric("corral_metadata_longpoll_waiters") == 1)
+    data = EXAMPLE.read_bytes().replace(b'"version":"42-5cc6db68"', b'"version":"45-c"')
+    tmp = md.answers.with_name("next.json")
+    tmp.write_bytes(data)
+    os.replace(tmp, md.answers)
+    status, _ = md.reload()  # answers after the new set is swapped in (the waiter is answered in the swap)
+    done = time.monotonic()
+    t.join(10)
+    assert status == 200 and got["body"] == b"45-c"
+    assert got["at"] - done < 0.05
+
+
+def test_go_style_client_against_corral(md: Metadata) -> None:
+    """The shared MetadataClient (go-rancher-metadata's calls: /version long poll with value=init and
+    Accept: application/json, GetContainers...) against the real daemon."""
+    import asyncio
+
+    from agents.metadata_client import MetadataClient
+
+    async def go() -> None:
+        async with MetadataClient(md.url) as c:
+            assert await c.version() == "42-5cc6db68"
+            snap = await c.snapshot()
+            assert [x.name for x in snap.containers] == ["shop-db-1", "shop-web-1", "shop-web-log-tail-1"]
+            assert snap.self_host is not None and snap.self_host.name == "node-a"
+            assert await c.wait_version("init", max_wait=5) == "42-5cc6db68"
+            t0 = time.monotonic()
+            assert await c.wait_version("42-5cc6db68", max_wait=1) == "42-5cc6db68"
+            assert time.monotonic() - t0 >= 0.9
+
+    asyncio.run(go())

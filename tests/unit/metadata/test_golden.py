@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from metadata.lookup import respond
@@ -57,6 +59,32 @@ ROWS = [
     (18, "/2099-01-01/version", "", LOCAL, 404, b"Invalid version\n"),
     (19, "/latest//containers", "", LOCAL, 301, b""),
     (20, "/2016-07-29/self/container", J, "192.168.10.12", 200, DB_SELF),
+    # ... and every row in the other rendering
+    (1, "/latest/environments", J, LOCAL, 200, b"[]"),
+    (3, "/2016-07-29/containers/2/name", J, LOCAL, 200, b'"shop-web-log-tail-1"'),
+    (4, "/2015-12-19/containers/0/name", J, LOCAL, 200, b'"Shop-db-1"'),
+    (5, "/2016-07-29/containers/shop-web-1/ports/0", J, LOCAL, 200, b'"0.0.0.0:8080:80/tcp"'),
+    (6, "/2015-07-25/containers/Shop-Web-1/ports/0", J, LOCAL, 200, b'"192.168.10.11:8080:80/tcp"'),
+    (7, "/2015-07-25/services/Web/containers", "", LOCAL, 200, b"0\n"),
+    (7, "/2015-07-25/services/web", J, LOCAL, 404, b'{"code":404,"message":"Not found","type":"error"}\n'),
+    (8, "/latest/self/container/name", J, "10.42.0.5", 200, b'"shop-web-1"'),
+    (9, "/latest/self/service/name", J, "192.168.10.12", 200, b'"db"'),
+    (10, "/latest/self/container", J, LOCAL, 404, b'{"code":404,"message":"Not found","type":"error"}\n'),
+    (11, "/latest/self/host/name", J, LOCAL, 200, b'"node-a"'),
+    (13, "/latest/containers/shop-web-1/links", "", LOCAL, 200, b"database\n"),
+    (14, "/latest/services/web/health_check", "", LOCAL, 200,
+     b"healthy_threshold\ninterval\nport\nrequest_line\nresponse_timeout\nunhealthy_threshold\n"),
+    (15, "/latest/hosts/node-b", "", LOCAL, 200,
+     b"agent_ip\nenvironment_uuid\nhostname\nlabels/\nlocal_storage_mb\nmemory\nmetadata_kind\nmilli_cpu\nname\nuuid\n"),
+    (16, "/latest/services/web/token", "", LOCAL, 200, b""),
+    (16, "/latest/self/service/token", "", "10.42.0.5", 200, b"tok-web-secret"),
+    (17, "/latest/containers/shop-web-1/dns_search", J, LOCAL, 200,
+     b'["shop.rancher.internal","web.shop.rancher.internal","rancher.internal"]'),
+    (19, "/latest//containers", J, LOCAL, 301, b""),
+    (20, "/2016-07-29/self/container", "", "192.168.10.12", 200,
+     b"".join(k.encode() + (b"/" if k in ("dns", "dns_search", "health_check_hosts", "ips", "labels", "ports")
+                            else b"") + b"\n"
+              for k in sorted(json.loads(DB_SELF)))),
 ]
 
 
@@ -74,8 +102,23 @@ def test_example_rows(snap: Snapshot, row: int, path: str, accept: str, ip: str,
     assert CORS in r.head
     if status == 404:
         assert CT_TEXT in r.head and b"X-Content-Type-Options: nosniff\r\n" in r.head
+    elif accept != J and body == b"":
+        assert b"Content-Type" not in r.head  # text null: no Content-Type, like the original
     else:
         assert (CT_JSON if accept == J else CT_TEXT) in r.head
+
+
+def test_row1_json_and_row3_json(snap: Snapshot) -> None:
+    r, _ = respond(snap, "/latest", "", "json", LOCAL)
+    doc = json.loads(r.body)
+    assert list(doc) == sorted(doc) and b" " not in r.body.split(b'"request_line"')[0][:50]
+    assert sorted(doc) == ["containers", "environments", "hosts", "name", "networks", "region_name", "self",
+                           "services", "stacks", "uuid", "version"]
+    r, _ = respond(snap, "/2016-07-29/containers", "", "json", LOCAL)
+    assert [c["name"] for c in json.loads(r.body)] == ["shop-db-1", "shop-web-1", "shop-web-log-tail-1"]
+    assert json.loads(r.body)[0] == json.loads(DB_SELF)
+    r, _ = respond(snap, "/latest/self", "", "json", LOCAL)
+    assert list(json.loads(r.body)) == ["host"]
 
 
 def test_text_null_has_no_content_type(snap: Snapshot) -> None:
