@@ -253,3 +253,22 @@ def test_legacy_catalog_config_golden(bundle: Path, host_ns: str, containers: Co
         d = cni(f"{bundle}/rancher-bridge", host_ns, "DEL", catalog, c_id, "", args=args)
         assert d.rc == 0, d.out
     assert "vethr" + c_id[:10] not in links(host_ns)
+
+
+def test_ip_masq_and_promisc(bundle: Path, host_ns: str, containers: Containers, data_dir: Path) -> None:
+    """ipMasq: upstream's per-container nat chain (in the scratch namespace's own iptables)."""
+    ns, c_id = containers.new(), cid()
+    cfg = conf(data_dir, hairpinMode=False, promiscMode=True, ipMasq=True)
+    r = cni(f"{bundle}/corral-bridge", host_ns, "ADD", cfg, c_id, f"/run/netns/{ns}")
+    assert r.rc == 0, r.out
+    assert "PROMISC" in links(host_ns)["cbr0"]["flags"]
+    import hashlib
+
+    chain = "CNI-" + hashlib.sha512(("testnet" + c_id).encode()).hexdigest()[:24]
+    rules = run_in_netns(host_ns, "iptables", "-w", "-t", "nat", "-S").stdout
+    assert "-A POSTROUTING -s 10.77.0.0/24 -m comment --comment" in rules and f"-j {chain}" in rules
+    assert f"-A {chain} -d 10.77.0.0/24" in rules and "-j MASQUERADE" in rules
+    for _ in range(2):
+        d = cni(f"{bundle}/corral-bridge", host_ns, "DEL", {**cfg, "prevResult": r.json}, c_id, f"/run/netns/{ns}")
+        assert d.rc == 0, d.out
+    assert chain not in run_in_netns(host_ns, "iptables", "-w", "-t", "nat", "-S").stdout
