@@ -85,10 +85,10 @@ def build_objects(store: Store, seed: int = 0) -> list[dict[str, Any]]:
         host = by_host.get(c.get("host_uuid") or "")
         hc = c.get("health_check")
         svc = svc_by_uuid.get(c.get("service_uuid") or "")
-        if (not hc or not hc.get("port")) and svc is not None:
+        if svc is not None:  # a service's containers follow its current launch config's check
             lc = svc["launch_config"] if c.get("launch_config_name") in (None, svc["name"]) else next(
                 (sk for sk in svc["sidekicks"] if sk["name"] == c.get("launch_config_name")), {})
-            hc = lc.get("health_check") or hc
+            hc = lc.get("health_check")
         reporters = pick_reporters(seed, c["uuid"], c.get("host_uuid"), active) if hc and hc.get("port") else []
         st = stacks.get(c.get("stack_uuid") or "", {})
         out.append({

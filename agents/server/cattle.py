@@ -449,6 +449,13 @@ def update(store: Store, kind: str, ref: str, fields: dict[str, Any]) -> dict[st
             raise InputError("a service cannot move to another stack")
     if kind == "container" and "health_check" in fields:
         fields["health_check"] = _health_check(fields["health_check"])
+    if kind == "container" and fields.get("state") == "running" and obj.get("state") != "running" \
+            and "start_count" not in fields:
+        # a (re)start: the server bumps start_count, and a checked container starts initializing again
+        fields["start_count"] = int(obj.get("start_count") or 0) + 1
+        has_check = (obj.get("health_check") or {}).get("port") or obj.get("service_uuid")
+        if has_check and obj.get("health_state") is not None and "health_state" not in fields:
+            fields["health_state"] = "initializing"
     if kind == "host" and "agent_ip" in fields and fields["agent_ip"]:
         try:
             ipaddress.ip_address(str(fields["agent_ip"]))

@@ -121,3 +121,19 @@ def test_load_save_reset(standin: StandIn, tmp_path: Path) -> None:
     with pytest.raises(CtlError):
         standin.ctl("load", str(bad))
     assert len(standin.ctl("container", "ls")) == n_containers  # a failed load changes nothing
+
+
+def test_container_restart_bumps_start_count_and_service_check_follows_updates(standin: StandIn) -> None:
+    _build(standin)
+    c = standin.ctl("container", "get", "Shop-web-1")
+    assert c["start_count"] == 1 and c["health_state"] == "initializing"
+    standin.ctl("container", "health", "Shop-web-1", "healthy")
+    standin.ctl("container", "state", "Shop-web-1", "stopped")
+    standin.ctl("container", "state", "Shop-web-1", "running")
+    c = standin.ctl("container", "get", "Shop-web-1")
+    assert c["start_count"] == 2 and c["health_state"] == "initializing"
+    standin.ctl("service", "update", "Shop/web", "--health-check", '{"port": 81, "request_line": ""}')
+    objs = standin.ctl("answers")["objects"]
+    web1 = next(o for o in objs if o["metadata_kind"] == "container" and o["name"] == "Shop-web-1")
+    svc = next(o for o in objs if o["metadata_kind"] == "service" and o["name"] == "web")
+    assert web1["health_check"]["port"] == svc["health_check"]["port"] == 81
