@@ -146,3 +146,47 @@ def test_metadata_mode_switches_and_dump(tmp_path: Path) -> None:
     finally:
         d.proc.stop()
         m.proc.stop()
+
+
+def test_big_service_truncates_by_rrset_over_udp_only(tmp_path: Path) -> None:
+    f = tmp_path / "answers.json"
+    ips = [f"10.42.1.{i}" for i in range(1, 41)]
+    f.write_text(json.dumps({"default": {"a": {"big.rancher.internal.": {"answer": ips}}}}))
+    d = start_dns("--answers", str(f), recursers=["127.0.0.1:9"])
+    try:
+        small = d.ask("big.rancher.internal.", edns=False)
+        assert small.header.tc and not small.rr
+        large = d.ask("big.rancher.internal.", bufsize=4096)
+        assert not large.header.tc and a_set(large) == set(ips)
+        assert any(x.rtype == QTYPE.OPT for x in large.ar)
+        tcp = d.ask("big.rancher.internal.", tcp=True, edns=False)
+        assert not tcp.header.tc and a_set(tcp) == set(ips)
+        out = d.dig("big.rancher.internal")  # dig advertises EDNS 1232: all 40 fit
+        assert all(ip in out for ip in ips)
+    finally:
+        d.proc.stop()
+
+
+def test_reuseport_workers_answer_and_stop_together(tmp_path: Path) -> None:
+    f = tmp_path / "answers.json"
+    f.write_text(json.dumps({"default": {"a": {"w.rancher.internal.": {"answer": ["10.4.4.4"]}}}}))
+    port = free_port()
+    p = start_corral("dns", "--workers", "2", "--listen", f"127.0.0.1:{port}", "--answers", str(f),
+                     "--metrics-listen", f"127.0.0.1:{free_port()}", "--listenReload", "127.0.0.1:0",
+                     name="dns-workers")
+    d = DnsProc(p, port, 0, 0)
+    try:
+        deadline = time.monotonic() + 15
+        while True:
+            try:
+                d.ask("w.rancher.internal.")
+                break
+            except OSError:
+                assert time.monotonic() < deadline, p.log()
+                time.sleep(0.05)
+        # different source ports hash to either worker: all must answer
+        for i in range(40):
+            assert a_set(d.ask("w.rancher.internal.", src=f"127.0.3.{i + 1}")) == {"10.4.4.4"}
+        assert p.log().count("listening") == 2
+    finally:
+        assert p.stop() == 0
