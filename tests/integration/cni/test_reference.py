@@ -57,3 +57,34 @@ def test_same_state_and_result_as_reference(bundle: Path, containers: Containers
     assert seen["corral"][0] == seen["ref"][0]
     assert seen["corral"][1] == seen["ref"][1]
     assert seen["corral"][2] == seen["ref"][2] == []
+
+
+@pytest.mark.parametrize("version", ["0.4.0", "1.0.0"])
+def test_chain_with_reference_tuning(bundle: Path, host_ns: str, containers: Containers, data_dir: Path,
+                                     version: str) -> None:
+    """A conflist chain as libcni runs it: corral-bridge, then the reference `tuning` fed our result as
+    prevResult; CHECK and DEL then get the chain's final result as prevResult."""
+    ns, c_id = containers.new(), cid()
+    netns = f"/run/netns/{ns}"
+    path = f"{bundle}:{REFERENCE}"
+    bridge = shape("corral", version, data_dir)
+    tuning = {"cniVersion": version, "name": "diffnet", "type": "tuning", "mtu": 1400,
+              "mac": "0a:58:0a:58:00:32", "sysctl": {"net.ipv4.conf.eth0.rp_filter": "2"}}
+    r1 = cni(f"{bundle}/corral-bridge", host_ns, "ADD", bridge, c_id, netns, path=path)
+    assert r1.rc == 0, r1.out
+    r2 = cni(f"{REFERENCE}/tuning", host_ns, "ADD", {**tuning, "prevResult": r1.json}, c_id, netns, path=path)
+    assert r2.rc == 0, r2.out
+    final = r2.json
+    assert final["ips"] == r1.json["ips"] and final["interfaces"][2]["mac"] == "0a:58:0a:58:00:32"
+    assert links(ns)["eth0"]["mtu"] == 1400
+    # CHECK of our plugin against the chain's final result: MAC from the result, MTU changed by tuning
+    chk = cni(f"{bundle}/corral-bridge", host_ns, "CHECK", {**bridge, "mtu": 1400, "prevResult": final}, c_id,
+              netns, path=path)
+    assert chk.rc == 0, chk.out
+    chk = cni(f"{bundle}/corral-bridge", host_ns, "CHECK", {**bridge, "prevResult": r1.json}, c_id, netns,
+              path=path)
+    assert chk.rc == 1 and "MAC" in chk.json["msg"]  # drift: tuning changed it after us
+    for plugin, conf in ((f"{REFERENCE}/tuning", tuning), (f"{bundle}/corral-bridge", bridge)):
+        d = cni(plugin, host_ns, "DEL", {**conf, "prevResult": final}, c_id, netns, path=path)
+        assert d.rc == 0, d.out
+    assert [n for n in links(host_ns) if n.startswith("veth")] == []
