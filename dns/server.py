@@ -51,9 +51,11 @@ _CACHE = gauge("dns", "cache_entries", "Entries in the forward cache")
 _CACHE_EV = gauge("dns", "cache_events", "Forward cache hits/misses/stale hits/evictions", ["event"])
 
 
+_QT = {1: "A", 28: "AAAA", 5: "CNAME", 12: "PTR", 6: "SOA", 2: "NS", 33: "SRV", 16: "TXT", 15: "MX", 255: "ANY"}
+
+
 def _qt(t: int) -> str:
-    return {1: "A", 28: "AAAA", 5: "CNAME", 12: "PTR", 6: "SOA", 2: "NS", 33: "SRV", 16: "TXT", 15: "MX",
-            255: "ANY"}.get(t, "other")
+    return _QT.get(t, "other")
 
 
 @dataclass(frozen=True, slots=True)
@@ -410,7 +412,7 @@ class Listener:
                     return
                 n = struct.unpack("!H", hdr)[0]
                 if n < 12:
-                    self.engine._bad(wire.WireError(f"tcp length prefix {n}", None))
+                    self.engine._bad(wire.WireError("tcp length prefix below 12", None))
                     return
                 try:
                     data = await asyncio.wait_for(reader.readexactly(n), TCP_IDLE)

@@ -134,7 +134,7 @@ def parse_query(data: bytes) -> Query:
     if opcode != 0:
         raise WireError("opcode not QUERY", REFUSED, _bare(qid, flags))
     if qd != 1:
-        raise WireError(f"qdcount {qd}", FORMERR, _bare(qid, flags))
+        raise WireError("qdcount not 1", FORMERR, _bare(qid, flags))
     # question name: labels only, no compression in a question
     i = 12
     while True:
