@@ -70,7 +70,9 @@ class MetadataServer:
     """Serves the current snapshot; ``swap(snap)`` installs a new one."""
 
     def __init__(self, *, xff: bool = False, xff_trusted: Iterable[str] = (), max_waiters: int = 10_000,
-                 stats: dict[tuple[str, int], int] | None = None) -> None:
+                 stats: dict[tuple[str, int], int] | None = None, idle_timeout: float = 120.0) -> None:
+        self.idle_timeout = idle_timeout
+        self._idle_handle: asyncio.TimerHandle | None = None
         self.xff = xff
         self.xff_trusted = [ipaddress.ip_network(c, strict=False) for c in xff_trusted]
         self.max_waiters = max_waiters
@@ -88,6 +90,8 @@ class MetadataServer:
     async def start(self, host: str, port: int, *, reuse_port: bool = False, sock: socket.socket | None = None) -> None:
         loop = asyncio.get_running_loop()
         self._tick_date()
+        if self._idle_handle is None and self.idle_timeout > 0:
+            self._idle_handle = loop.call_later(max(1.0, self.idle_timeout / 4), self._sweep_idle)
         if sock is not None:
             srv = await loop.create_server(lambda: _Conn(self), sock=sock, backlog=4096)
         else:
@@ -114,6 +118,18 @@ class MetadataServer:
         self._servers.clear()
         if self._date_handle is not None:
             self._date_handle.cancel()
+        if self._idle_handle is not None:
+            self._idle_handle.cancel()
+            self._idle_handle = None
+
+    def _sweep_idle(self) -> None:
+        """Close keep-alive connections idle for longer than ``idle_timeout`` (waiters excepted)."""
+        now = time.monotonic()
+        for c in list(self.conns):
+            if c.waiter is None and now - c.last > self.idle_timeout and c.transport is not None:
+                c.transport.close()
+        self._idle_handle = asyncio.get_running_loop().call_later(max(1.0, self.idle_timeout / 4),
+                                                                  self._sweep_idle)
 
     def _tick_date(self) -> None:
         now = time.time()
@@ -209,7 +225,7 @@ class MetadataServer:
 
 
 class _Conn(asyncio.Protocol):
-    __slots__ = ("buf", "closing", "peer", "server", "skip", "transport", "waiter")
+    __slots__ = ("buf", "closing", "last", "peer", "server", "skip", "transport", "waiter")
 
     def __init__(self, server: MetadataServer) -> None:
         self.server = server
@@ -219,6 +235,7 @@ class _Conn(asyncio.Protocol):
         self.waiter: _Waiter | None = None
         self.closing = False
         self.skip = 0
+        self.last = time.monotonic()
 
     def connection_made(self, transport: Any) -> None:
         self.transport = transport
@@ -242,6 +259,7 @@ class _Conn(asyncio.Protocol):
         return False  # close
 
     def data_received(self, data: bytes) -> None:
+        self.last = time.monotonic()
         if self.skip:
             n = min(self.skip, len(data))
             self.skip -= n

@@ -68,6 +68,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-waiters", type=int, default=10_000, help="concurrent long-poll waiters (503 above)")
     p.add_argument("--ready-grace", type=float, default=30.0,
                    help="seconds the server may be unreachable before /ready reports degraded")
+    p.add_argument("--idle-timeout", type=float, default=120.0,
+                   help="close keep-alive connections idle this many seconds (0: never)")
     p.add_argument("--file-poll", type=float, default=0.5, help="seconds between answers-file change checks")
     add_common_args(p, metrics_listen="127.0.0.1:9112")
     for a in p._actions:  # Go-style single-dash spellings of the common flags
@@ -122,7 +124,7 @@ async def serve(args: argparse.Namespace, stop: asyncio.Event) -> None:
     health = Health()
     health.require("synced")
     server = MetadataServer(xff=args.xff, xff_trusted=args.xff_trusted, max_waiters=args.max_waiters,
-                            stats=_STATS)
+                            stats=_STATS, idle_timeout=args.idle_timeout)
     gauge("metadata", "longpoll_waiters", "long-poll requests waiting").set_function(lambda: len(server.waiters))
     gauge("metadata", "connections", "open metadata API connections").set_function(lambda: len(server.conns))
     answers = Path(args.answers)
@@ -164,13 +166,15 @@ async def serve(args: argparse.Namespace, stop: asyncio.Event) -> None:
         return await sub.wait_done(sub.kick())
 
     async def on_reload(request: web.Request) -> web.Response:
+        if request.method != "POST":  # the original's router: anything else is a plain 404
+            return web.Response(status=404, text="404 page not found\n")
         err = await reload_now()
         if err:
             return web.Response(status=500, text=err)
         return web.Response(text="OK")
 
     rapp = web.Application()
-    rapp.router.add_post("/v1/reload", on_reload)
+    rapp.router.add_route("*", "/v1/reload", on_reload)
     rrunner = web.AppRunner(rapp, access_log=None)
     await rrunner.setup()
     rhost, rport = parse_listen(args.listen_reload, "127.0.0.1")

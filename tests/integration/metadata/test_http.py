@@ -322,3 +322,31 @@ def test_go_style_client_against_corral(md: Metadata) -> None:
             assert time.monotonic() - t0 >= 0.9
 
     asyncio.run(go())
+
+
+def test_reload_endpoint_methods(md: Metadata) -> None:
+    import urllib.error
+    import urllib.request
+
+    for method in ("GET", "PUT", "DELETE"):
+        req = urllib.request.Request(f"http://127.0.0.1:{md.reload_port}/v1/reload", method=method)
+        with pytest.raises(urllib.error.HTTPError) as e:
+            urllib.request.urlopen(req, timeout=5)
+        assert e.value.code == 404
+    assert md.reload() == (200, "OK")
+
+
+def test_idle_connections_are_closed(tmp_path: Path) -> None:
+    f = tmp_path / "a.json"
+    f.write_bytes(EXAMPLE.read_bytes())
+    m = start_metadata(f, "--idle-timeout", "1")
+    try:
+        idle = socket.create_connection(("127.0.0.1", m.port), timeout=10)
+        poll = socket.create_connection(("127.0.0.1", m.port), timeout=10)
+        poll.sendall(b"GET /latest/version?wait=true&value=42-5cc6db68&maxWait=3 HTTP/1.1\r\n\r\n")
+        assert idle.recv(1) == b""  # closed by the server after ~1-2 s of silence
+        assert read_reply(poll).body == b"42-5cc6db68"  # a waiting long poll is not idle
+        idle.close()
+        poll.close()
+    finally:
+        m.proc.stop()

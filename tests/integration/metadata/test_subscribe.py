@@ -144,3 +144,18 @@ def test_missing_credentials_is_a_clear_config_error(tmp_path: Path) -> None:
                          capture_output=True, text=True, env={"PATH": "/usr/bin:/bin", "PYTHONPATH": str(ROOT)},
                          timeout=30)
     assert out.returncode == 2 and "CATTLE_URL" in out.stderr
+
+
+def test_malformed_events_are_skipped(env: tuple[StandIn, Path]) -> None:
+    s, cache = env
+    m = start_sub(s, cache)
+    try:
+        m.wait_for(lambda: "shop-web-1" in names(m) and ready(m))
+        for i, kind in enumerate(("bad-json", "not-object", "array-previousIds", "missing-name", "huge-data",
+                                  "binary-frame", "wrong-time-type")):
+            s.ctl("fault", "malformed", "--kind", kind, "--count", "1")
+            s.ctl("container", "create", "--name", f"m{i}", "--host", "node-a")
+            m.wait_for(lambda i=i: f"m{i}" in names(m), timeout=15)  # type: ignore[misc]
+        assert m.proc.alive() and m.admin("/healthz")[0] == 200
+    finally:
+        m.proc.stop()
