@@ -130,7 +130,8 @@ def test_corrupt_cache_moved_aside(env: tuple[StandIn, Path]) -> None:
     try:
         assert cache.with_name("answers.json.corrupt").exists()
         m.wait_for(lambda: "shop-web-1" in names(m))
-        m.wait_for(lambda: json.loads(cache.read_text())["Version"] == m.get("/latest/version").body.decode())
+        m.wait_for(lambda: cache.exists()
+                   and json.loads(cache.read_text())["Version"] == m.get("/latest/version").body.decode())
     finally:
         m.proc.stop()
 
