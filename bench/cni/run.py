@@ -104,6 +104,62 @@ class Peer:
         return dt, (json.loads(out) if out.strip() else None)
 
 
+EXAMPLE = ROOT / "tests" / "unit" / "metadata" / "example.jsonl"
+
+
+def time_to_first_success(bundle: Path, work: Path, delay: float, reps: int) -> list[float]:
+    """ADD starts, the container's metadata record appears ``delay`` s later (corral metadata in file
+    mode, polling its file every 50 ms): seconds from the record's appearance to ADD success."""
+    answers = work / "answers.jsonl"
+    answers.write_bytes(EXAMPLE.read_bytes())
+    md = subprocess.Popen([sys.executable, "-m", "agents.cli", "metadata", "--listen", "127.0.0.1:8099",
+                           "--listenReload", "127.0.0.1:8098", "--answers", str(answers), "--file-poll", "0.05"],
+                          cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    out: list[float] = []
+    try:
+        import socket
+
+        deadline = time.monotonic() + 15
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", 8099), timeout=0.2).close()
+                break
+            except OSError:
+                if time.monotonic() > deadline:
+                    raise RuntimeError("corral metadata did not start") from None
+                time.sleep(0.05)
+        conf = {"name": "rancher-cni-network", "type": "rancher-bridge", "bridge": "bmd0",
+                "bridgeSubnet": "10.42.0.0/16", "isDefaultGateway": True, "mtu": 1500,
+                "ipam": {"type": "rancher-cni-ipam", "subnetPrefixSize": "/16", "timeoutSeconds": delay + 10}}
+        with namespaces(reps, "m") as nss:
+            for i, ns in enumerate(nss):
+                c = secrets.token_hex(32)
+                env = {"PATH": os.environ.get("PATH", ""), "CNI_COMMAND": "ADD", "CNI_CONTAINERID": c,
+                       "CNI_NETNS": f"/run/netns/{ns}", "CNI_IFNAME": "eth0", "CNI_PATH": str(bundle),
+                       "CNI_ARGS": "IgnoreUnknown=1;DOCKER=true", "RANCHER_METADATA_ADDRESS": "127.0.0.1:8099"}
+                p = subprocess.Popen([str(bundle / "rancher-bridge")], stdin=subprocess.PIPE,
+                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+                assert p.stdin is not None
+                p.stdin.write(json.dumps(conf).encode())
+                p.stdin.close()
+                time.sleep(delay)
+                with answers.open("a") as f:
+                    f.write(json.dumps({"metadata_kind": "container", "name": f"c{i}", "uuid": f"u{i}",
+                                        "primary_ip": f"10.42.5.{i + 2}", "primary_mac_address": "",
+                                        "external_id": c, "state": "running"}) + "\n")
+                t_appear = time.perf_counter()
+                rc = p.wait(delay + 20)
+                took = time.perf_counter() - t_appear
+                if rc != 0:
+                    assert p.stdout is not None
+                    raise RuntimeError(f"ADD failed: {p.stdout.read().decode()}")
+                out.append(took)
+    finally:
+        md.terminate()
+        md.wait(10)
+    return out
+
+
 def run(seq: int, par: int, rounds: int) -> Table:
     work = Path(tempfile.mkdtemp(prefix="corral-bench-cni-"))
     bundle = build_bundle(work / "bundle")
@@ -161,6 +217,7 @@ def run(seq: int, par: int, rounds: int) -> Table:
                         if proc.returncode != 0:
                             raise RuntimeError(f"{p.name} parallel DEL failed: {out.decode()} {err.decode()}")
                         lat.setdefault(("del", "par", p.name), []).append((time.perf_counter() - t0) * 1000)
+        ttfs = time_to_first_success(bundle, work, 1.0, 5)
     finally:
         os.setns(own, 0x40000000) if hasattr(os, "setns") else _setns_fd(own)
         os.close(own)
@@ -181,6 +238,9 @@ def run(seq: int, par: int, rounds: int) -> Table:
     cthr, rthr = sorted(thr["corral"]), sorted(thr["reference"])
     t.add(f"{par}-way parallel ADD throughput (median of {rounds})", cthr[len(cthr) // 2], rthr[len(rthr) // 2],
           unit="att/s", higher_is_better=True, note="spec target ≥ 20 att/s")
+    t.add("metadata record appears 1 s after ADD starts: extra time to success (max of 5)", max(ttfs) * 1000,
+          unit="ms", higher_is_better=False,
+          note="spec target ≤ 500 ms; includes corral metadata's 50 ms file poll; original polls every 500 ms")
     return t
 
 

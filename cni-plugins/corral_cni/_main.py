@@ -113,6 +113,8 @@ def run(role: str, stdin: bytes, environ: Any) -> tuple[int, str]:
         return 1, dumps(error_object(e, version))
     except OSError as e:
         return 1, dumps(error_object(CniError(E_PLUGIN, str(e)), version))
+    except Exception as e:  # a bug must still answer with an error object, never a traceback
+        return 1, dumps(error_object(CniError(E_PLUGIN, f"internal error: {type(e).__name__}: {e}"), version))
 
 
 def log_call(role: str, stdin: bytes, environ: Any, status: int, out: str) -> None:

@@ -172,6 +172,23 @@ def _ipv4(addr: str) -> bool:
 
 def parse_result(obj: dict[str, Any]) -> Result:
     """A prevResult (or delegated IPAM result) in any version, normalised to the internal shape."""
+    try:
+        res = _parse_result(obj)
+        for ip in res.ips:
+            if not isinstance(ip.get("address"), str) or "/" not in ip["address"]:
+                raise ValueError(f"bad address {ip.get('address')!r}")
+        for r in res.routes:
+            if not isinstance(r.get("dst"), str):
+                raise ValueError(f"bad route {r!r}")
+        for i in res.interfaces:
+            if not isinstance(i.get("name"), str):
+                raise ValueError(f"bad interface {i!r}")
+        return res
+    except (TypeError, KeyError, AttributeError, ValueError) as e:
+        raise CniError(E_INVALID_CONFIG, "invalid prevResult", str(e)) from None
+
+
+def _parse_result(obj: dict[str, Any]) -> Result:
     if "ip4" in obj or "ip6" in obj:
         ips = []
         routes: list[dict[str, Any]] = []

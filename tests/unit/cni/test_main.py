@@ -85,3 +85,13 @@ def test_fuzzed_configs_always_give_a_result_or_error_object(conf: dict[str, obj
     if rc == 1:
         err = json.loads(out)
         assert isinstance(err["code"], int) and isinstance(err["msg"], str)
+
+
+@pytest.mark.parametrize("prev", [{"interfaces": 5}, {"ips": [{"address": 7}]}, {"ips": [{}]},
+                                  {"routes": [{"gw": "1.2.3.4"}]}, {"interfaces": [{"mac": "x"}]}, {"ip4": {"ip": 5}}])
+def test_malformed_prev_result_is_a_config_error(prev: dict[str, object]) -> None:
+    conf = {"cniVersion": "1.0.0", "name": "n", "bridge": "brx", "prevResult": prev,
+            "ipam": {"type": "corral-ipam", "subnet": "10.0.0.0/24", "dataDir": "/proc/corral-cni-none"}}
+    rc, out = run("bridge", json.dumps(conf).encode(), {**ENV, "CNI_COMMAND": "DEL", "CNI_NETNS": ""})
+    err = json.loads(out)
+    assert rc == 1 and err["code"] == 7 and err["msg"] == "invalid prevResult", out
