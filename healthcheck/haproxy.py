@@ -10,7 +10,7 @@ Design (healthcheck.md §5.2, §6):
   touched, so the other checks keep their state and counters.
 * A new profile needs a reload: render, ``haproxy -c``, save ``show servers state`` to the
   state file (dropping lines whose address moved, haproxy#985), start the new process with
-  ``-sf <old>``. Servers the state file does not know start ``disabled`` and are armed as above.
+  ``-sf <old>``. Servers the state file does not know are forced DOWN before anything reads them.
 * HAProxy runs as our foreground child (``-db``), unprivileged, with no listener at all; its
   stdout carries ``Server b/s is UP|DOWN`` lines, used only as a hint to poll at once.
 * A child that dies is restarted with back-off from the latest state snapshot (taken every
@@ -23,7 +23,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import csv
-import io
 import os
 import re
 import time
@@ -186,39 +185,40 @@ def _opt_int(v: str | None) -> int | None:
 
 
 def parse_stat_csv(text: str) -> list[StatRow]:
-    """Parse ``show stat`` output: header by name, real CSV quoting, server rows only."""
+    """Parse ``show stat`` output: header by name, real CSV quoting, server rows only.
+
+    Lines without a quote (almost all) are split directly; a line with a quoted field (a
+    reason phrase with a comma, the original's crash) goes through the csv module.
+    """
     if not text.startswith("# "):
         raise ProtocolError(f"show stat: no CSV header in {text[:80]!r}")
-    reader = csv.reader(io.StringIO(text[2:]))
-    try:
-        header = next(reader)
-    except StopIteration:  # pragma: no cover - text starts with "# "
-        raise ProtocolError("show stat: empty") from None
+    lines = text[2:].split("\n")
+    header = next(csv.reader([lines[0]]))
     idx = {name: i for i, name in enumerate(header) if name}
     for need in ("pxname", "svname", "status"):
         if need not in idx:
             raise ProtocolError(f"show stat: column {need} missing")
-
-    def col(row: list[str], name: str) -> str:
-        i = idx.get(name)
-        return row[i] if i is not None and i < len(row) else ""
-
+    names = ("pxname", "svname", "status", "check_status", "check_code", "last_chk", "check_desc", "lastchg",
+             "chkfail", "chkdown", "check_rise", "check_fall", "addr")
+    pos = [idx.get(n, 1 << 30) for n in names]
     out: list[StatRow] = []
-    for row in reader:
-        if not row or len(row) < 3:
+    for ln in lines[1:]:
+        if not ln:
             continue
-        sv = col(row, "svname")
-        if sv in ("FRONTEND", "BACKEND"):
+        row = ln.split(",") if '"' not in ln else next(csv.reader([ln]))
+        if len(row) < 3:
             continue
-        cs = col(row, "check_status")
+        n = len(row)
+        v = [row[i] if i < n else "" for i in pos]
+        if v[1] in ("FRONTEND", "BACKEND"):
+            continue
+        cs = v[3]
         if cs.startswith("* "):
             cs = cs[2:]
         out.append(StatRow(
-            backend=col(row, "pxname"), name=sv, status=col(row, "status"), check_status=cs,
-            check_code=col(row, "check_code"), last_chk=col(row, "last_chk"), check_desc=col(row, "check_desc"),
-            lastchg=_opt_int(col(row, "lastchg")), chkfail=_opt_int(col(row, "chkfail")),
-            chkdown=_opt_int(col(row, "chkdown")), check_rise=_opt_int(col(row, "check_rise")),
-            check_fall=_opt_int(col(row, "check_fall")), addr=col(row, "addr"),
+            backend=v[0], name=v[1], status=v[2], check_status=cs, check_code=v[4], last_chk=v[5],
+            check_desc=v[6], lastchg=_opt_int(v[7]), chkfail=_opt_int(v[8]), chkdown=_opt_int(v[9]),
+            check_rise=_opt_int(v[10]), check_fall=_opt_int(v[11]), addr=v[12],
         ))
     return out
 
@@ -530,7 +530,9 @@ class HAProxy:
         stale = old is None  # restored from a periodic snapshot, not one taken just now
         state, restored = filter_state(restore_text or "", servers)
         fresh = [n for n in servers if n not in restored]
-        cfg = render_config(self.s, profiles, servers.values(), disabled=fresh)
+        # Fresh servers start enabled, so HAProxy spreads their first checks over `inter`; they are
+        # forced DOWN right after start (before any poll may read them) and need `rise` to come UP.
+        cfg = render_config(self.s, profiles, servers.values())
         await self._check_config(cfg)
         _atomic_write(self.s.state_path, state)
         _atomic_write(self.s.config_path, cfg)
@@ -539,17 +541,26 @@ class HAProxy:
             argv += ["-sf", str(old.proc.pid)]
             old.expected_exit = True
         t0 = time.monotonic()
+        was_running = self.running.is_set()
+        self.running.clear()  # no poll until the new process is armed and forced
         try:
-            proc = await asyncio.create_subprocess_exec(
-                *argv, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
-                stderr=asyncio.subprocess.PIPE, start_new_session=True)
-        except OSError as e:
-            raise ConfigError(f"cannot start {self.s.binary}: {e}") from e
-        child = _Child(proc)
-        child.tasks = [asyncio.create_task(self._read_stdout(child)),
-                       asyncio.create_task(self._read_stderr(child)),
-                       asyncio.create_task(self._watch(child))]
-        await self._wait_ready(child)
+            try:
+                proc = await asyncio.create_subprocess_exec(
+                    *argv, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
+                    stderr=asyncio.subprocess.PIPE, start_new_session=True)
+            except OSError as e:
+                raise ConfigError(f"cannot start {self.s.binary}: {e}") from e
+            child = _Child(proc)
+            child.tasks = [asyncio.create_task(self._read_stdout(child)),
+                           asyncio.create_task(self._read_stderr(child)),
+                           asyncio.create_task(self._watch(child))]
+            await self._wait_ready(child)
+        except BaseException:
+            if old is not None and old.proc.returncode is None:
+                old.expected_exit = False  # the old process keeps serving
+                if was_running:
+                    self.running.set()
+            raise
         self._child = child
         _atomic_write(self.s.pid_path, f"{proc.pid}\n")
         self.live = dict(servers)
@@ -560,7 +571,8 @@ class HAProxy:
         _RELOADS.labels(reason).inc()
         cmds: list[str] = []
         for n in fresh:
-            cmds += _arm_cmds(servers[n])
+            c = servers[n]
+            cmds.append(f"set server {c.profile.backend}/{n} health down")
         self.armed.update(fresh)
         if stale:
             # A stale snapshot must not cause a report: force each check to the state last reported.

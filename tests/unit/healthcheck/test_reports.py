@@ -157,3 +157,22 @@ async def test_409_is_retried_and_403_parks_until_metadata_changes() -> None:
     await wait(lambda: any(r.uuid == "b" for r in srv.got))
     stop.set()
     await task
+
+
+def test_stat_csv_roundtrip_of_any_reason_phrase() -> None:
+    import csv
+    import io
+
+    from hypothesis import given
+    from hypothesis import strategies as st
+
+    @given(st.text(alphabet=st.characters(min_codepoint=32, max_codepoint=126), max_size=40))
+    def check(reason: str) -> None:
+        buf = io.StringIO()
+        w = csv.writer(buf, lineterminator="\n")
+        w.writerow(["pxname", "svname", "status", "check_status", "last_chk"])
+        w.writerow(["hcp-a", "cattle-H_c_1", "DOWN", "L7STS", reason])
+        rows = parse_stat_csv("# " + buf.getvalue())
+        assert [(r.name, r.status, r.last_chk) for r in rows] == [("cattle-H_c_1", "DOWN", reason)]
+
+    check()
