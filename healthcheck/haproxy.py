@@ -571,17 +571,16 @@ class HAProxy:
         _RELOADS.labels(reason).inc()
         cmds: list[str] = []
         for n in fresh:
-            c = servers[n]
-            cmds.append(f"set server {c.profile.backend}/{n} health down")
+            cmds.append(f"set server {servers[n].profile.backend}/{n} health down")
         self.armed.update(fresh)
         if stale:
             # A stale snapshot must not cause a report: force each check to the state last reported.
             for n, st in self.forced_health().items():
-                c = servers.get(n)
-                if c is not None and n in restored:
-                    cmds.append(f"set server {c.profile.backend}/{n} health {'up' if st == 'UP' else 'down'}")
+                srv = servers.get(n)
+                if srv is not None and n in restored:
+                    cmds.append(f"set server {srv.profile.backend}/{n} health {'up' if st == 'UP' else 'down'}")
         answers = await self._cmds(cmds)
-        bad = [(c, a) for c, a in zip(cmds, answers, strict=False) if a.strip()]
+        bad = [(cmd, a) for cmd, a in zip(cmds, answers, strict=False) if a.strip()]
         if bad:
             log.warning("arming answered unexpectedly", first=bad[0][0], answer=bad[0][1], count=len(bad))
         self.running.set()  # only now: a poll must not see states the forcing above corrects
