@@ -70,6 +70,8 @@ class AdminApi:
         except InputError as e:
             msg = str(e)
             return _err(404 if msg.startswith("no ") else 422, msg)
+        except (ValueError, TypeError) as e:  # a badly typed admin parameter (count, timeout, ...)
+            return _err(422, f"bad parameter: {e}")
 
     # -- resources ----------------------------------------------------------------------
     async def list(self, request: web.Request) -> web.Response:

@@ -34,6 +34,27 @@ T = TypeVar("T")
 CONFIG_ITEM = "metadata-answers"
 
 
+def _check_state_object(kind: str, o: Any) -> None:
+    """Shape check of one resource of a ``corral-state/1`` document (as written by ``save``)."""
+    if not isinstance(o, dict):
+        raise InputError(f"{kind}s: every entry must be a map")
+    for f in ("id", "uuid", "name"):
+        if not isinstance(o.get(f), str) or not o.get(f):
+            raise InputError(f"{kind}s: every entry needs a string {f}")
+    for f in ("labels", "links", "launch_config", "metadata"):
+        if f in o and o[f] is not None and not isinstance(o[f], dict):
+            raise InputError(f"{kind} {o['name']}: {f} must be a map")
+    for f in ("ports", "ips", "expose", "subnets", "dns", "dns_search", "sidekicks", "external_ips", "hosts"):
+        if f in o and o[f] is not None and not isinstance(o[f], list):
+            raise InputError(f"{kind} {o['name']}: {f} must be a list")
+    if kind == "service":
+        if not isinstance(o.get("stack_uuid"), str) or not isinstance(o.get("launch_config"), dict):
+            raise InputError(f"service {o['name']}: needs stack_uuid and launch_config")
+        if not isinstance(o.get("scale"), int) or not all(
+                isinstance(sk, dict) and isinstance(sk.get("name"), str) for sk in o.get("sidekicks") or []):
+            raise InputError(f"service {o['name']}: scale must be an integer and sidekicks named maps")
+
+
 @dataclass(frozen=True)
 class Settings:
     listen: str = "127.0.0.1:8080"
@@ -262,11 +283,16 @@ class Server:
         return await self.mutate(f"{kind}.create", op)
 
     async def _create(self, kind: str, fields: dict[str, Any]) -> dict[str, Any]:
+        if not isinstance(fields, dict):
+            raise InputError(f"a {kind} must be a map of fields, not {type(fields).__name__}")
         if kind == "host":
             return cattle.create_host(self.store, fields)
         if kind == "stack":
+            services = fields.get("services") or []
+            if not isinstance(services, list) or not all(isinstance(x, dict) for x in services):
+                raise InputError(f"stack {fields.get('name')}: services must be a list of maps")
             st = cattle.create_stack(self.store, fields)
-            for s in fields.get("services") or []:
+            for s in services:
                 await self._create("service", {**s, "stack": st["uuid"]})
             return st
         if kind == "network":
@@ -287,6 +313,11 @@ class Server:
         return cattle.create_container(self.store, fields, host_uuid)
 
     async def update(self, kind: str, ref: str, fields: dict[str, Any]) -> dict[str, Any]:
+        if kind not in KINDS:
+            raise InputError(f"unknown kind {kind!r}")
+        if not isinstance(fields, dict):
+            raise InputError(f"an update of a {kind} must be a map of fields")
+
         async def op() -> dict[str, Any]:
             obj = cattle.update(self.store, kind, ref, fields)
             if kind == "service":
@@ -337,14 +368,27 @@ class Server:
                 self.store.kv_set("meta", "environment", base)
             if doc.get("format") == "corral-state/1":
                 for kind in KINDS:
+                    if not isinstance(doc.get(kind + "s") or [], list):
+                        raise InputError(f"{kind}s must be a list")
                     for o in doc.get(kind + "s") or []:
-                        if not isinstance(o, dict) or "id" not in o:
-                            raise InputError(f"{kind}s: every entry needs an id in a corral-state document")
+                        _check_state_object(kind, o)
                         self.store.put(kind, o)
-                for k, v in (doc.get("counters") or {}).items():
-                    self.store.kv_set("counter", k, v)
+                counters = doc.get("counters") or {}
+                if not isinstance(counters, dict) or not all(isinstance(v, int) for v in counters.values()):
+                    raise InputError("counters must be a map of integers")
+                for k, v in counters.items():
+                    self.store.kv_set("counter", str(k), v)
                 self.store.touch("load")
+                try:  # everything that reads the state must be able to: render once before accepting it
+                    probe = Answers(self.store, self.settings.seed)
+                    probe.v1(None)
+                    probe.v2(None)
+                except (KeyError, TypeError, ValueError, AttributeError) as e:
+                    raise InputError(f"state document is inconsistent: {type(e).__name__}: {e}") from None
                 return {"loaded": "state"}
+            for section in ("networks", "hosts", "stacks", "services", "containers"):
+                if doc.get(section) is not None and not isinstance(doc.get(section), list):
+                    raise InputError(f"{section} must be a list")
             counts: dict[str, int] = {}
             for n in doc.get("networks") or []:
                 await self._create("network", n)

@@ -225,6 +225,8 @@ def _links(v: Any, stack_name: str) -> dict[str, str]:
 
 
 def _sidekicks(v: Any, what: str) -> list[dict[str, Any]]:
+    if v is not None and not isinstance(v, list):
+        raise InputError(f"{what}.sidekicks must be a list of names or launch configs")
     out = []
     for i, sk in enumerate(v or []):
         if isinstance(sk, str):
@@ -416,7 +418,39 @@ def _unit(stack: dict[str, Any], svc: dict[str, Any], n: int) -> list[dict[str, 
 
 # -- generic update / remove -----------------------------------------------------------
 
-_READONLY = {"id", "uuid"}
+_READONLY = {"id", "uuid", "stack_uuid", "service_uuid", "launch_config_name", "deployment_unit", "next_index"}
+_STR = {"name", "hostname", "agent_ip", "state", "agentId", "kind", "image", "network_mode", "external_id",
+        "default_policy_action", "service_index", "selector", "fqdn", "vip", "token"}
+_OPT_STR = {"primary_ip", "health_state", "primary_mac_address", "network_uuid", "network_from_container_uuid",
+            "host_uuid"}
+_LIST = {"ports", "expose", "ips", "subnets", "dns", "dns_search", "external_ips", "hosts"}
+_INT = {"memory", "milli_cpu", "local_storage_mb", "start_count", "create_index", "memory_reservation",
+        "milli_cpu_reservation"}
+_BOOL = {"system", "is_default", "host_ports"}
+
+
+def _check_types(kind: str, fields: dict[str, Any]) -> None:
+    for k in list(fields):
+        v = fields[k]
+        what = f"{kind}.{k}"
+        if k in _STR:
+            if not isinstance(v, str | int | float) or isinstance(v, bool) or (k == "name" and not str(v).strip()):
+                raise InputError(f"{what} must be a non-empty string" if k == "name" else f"{what} must be a string")
+            fields[k] = str(v).strip() if k == "name" else str(v)
+        elif k in _OPT_STR:
+            if v is not None and not isinstance(v, str):
+                raise InputError(f"{what} must be a string or null")
+        elif k in _LIST:
+            fields[k] = _strs(v, what)
+        elif k in _INT:
+            fields[k] = _int(v, what)
+        elif k in _BOOL:
+            if not isinstance(v, bool):
+                raise InputError(f"{what} must be true or false")
+        elif k == "links" and kind == "container":
+            fields[k] = {str(a): str(b) for a, b in _dict(v, what).items()}
+        elif k == "policy" and v is not None and not isinstance(v, list):
+            raise InputError(f"{what} must be a list or null")
 
 
 def update(store: Store, kind: str, ref: str, fields: dict[str, Any]) -> dict[str, Any]:
@@ -447,6 +481,15 @@ def update(store: Store, kind: str, ref: str, fields: dict[str, Any]) -> dict[st
             obj["scale"] = s
         if "stack" in fields:
             raise InputError("a service cannot move to another stack")
+    _check_types(kind, fields)
+    if "name" in fields and fields["name"] != obj.get("name"):
+        others = [o for o in store.all(kind) if o["id"] != obj["id"]]
+        if kind == "service":
+            others = [o for o in others if o.get("stack_uuid") == obj.get("stack_uuid")]
+        if any(str(o.get("name", "")).lower() == fields["name"].lower() for o in others):
+            raise InputError(f"{kind} {fields['name']!r} already exists")
+    if kind == "container" and fields.get("host_uuid") and store.by_uuid("host", fields["host_uuid"]) is None:
+        raise InputError(f"no host {fields['host_uuid']!r}")
     if kind == "container" and "health_check" in fields:
         fields["health_check"] = _health_check(fields["health_check"])
     if kind == "container" and fields.get("state") == "running" and obj.get("state") != "running" \
