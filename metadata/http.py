@@ -157,9 +157,16 @@ class MetadataServer:
 
     def _client_key(self, path: str, ip: str) -> str:
         g = self.gen
-        if ip in g.ip_set and (g.snap.legacy or "self" in path):
+        if (ip in g.ip_set or ip.startswith("ctr:")) and (g.snap.legacy or "self" in path):
             return ip
         return ""
+
+    def self_ref(self, peer: str, ref: bytes) -> str | None:
+        """``X-Corral-Container`` from a caller that is the local host -> ``ctr:<uuid>`` (or None)."""
+        snap = self.gen.snap
+        if not (peer.startswith("127.") or peer == "::1" or peer in snap.local_ips):
+            return None
+        return snap.container_key(ref.decode("latin-1").strip())
 
     def lookup(self, path: str, query: str, fmt: str, ip: str) -> Response:
         g = self.gen
@@ -306,7 +313,7 @@ class _Conn(asyncio.Protocol):
                 self.send(_BAD, b"GET", False)
                 return
             method, target, ver = rl
-            accept = xff = None
+            accept = xff = ctr = None
             keep = ver == b"HTTP/1.1"
             clen = 0
             for ln in lines[1:]:
@@ -319,6 +326,8 @@ class _Conn(asyncio.Protocol):
                     accept = value.strip()
                 elif n == b"x-forwarded-for":
                     xff = value.strip()
+                elif n == b"x-corral-container":
+                    ctr = value.strip()
                 elif n == b"connection":
                     v = value.strip().lower()
                     if v == b"close":
@@ -361,6 +370,8 @@ class _Conn(asyncio.Protocol):
                 continue
             fmt = srv.fmt_for(accept)
             ip = srv.client_ip(self.peer, xff) if xff else self.peer
+            if ctr:
+                ip = srv.self_ref(self.peer, ctr) or ip
             if query and "wait=" in query and "value=" in query:
                 if self._long_poll(method, path, query, fmt, ip, keep):
                     return

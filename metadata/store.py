@@ -164,6 +164,8 @@ class Snapshot:
     _self_src: dict[str, Any] = field(default_factory=dict)  # version -> _SelfMaps (ip -> self map)
     _ip_trees: dict[tuple[str, str], dict[str, Any]] = field(default_factory=dict)
     line_cache: dict[bytes, dict[str, Any]] = field(default_factory=dict)  # stream line -> validated object
+    local_ips: frozenset[str] = frozenset()  # this host's agent_ip (callers that are the local host)
+    hostnet: dict[str, str] = field(default_factory=dict)  # local host-network container uuid/name -> uuid
 
     def resolve(self, name: str) -> str | None:
         """API version name -> the key of ``trees`` (``latest`` aliases); None if unknown."""
@@ -171,8 +173,15 @@ class Snapshot:
             return self.latest
         return name if name in self.trees else None
 
+    def container_key(self, ref: str) -> str | None:
+        """``ctr:<uuid>`` for the one local host-network container named/identified by ``ref``."""
+        u = self.hostnet.get(ref) or self.hostnet.get(ref.lower())
+        return "ctr:" + u if u else None
+
     def client_key(self, api: str, ip: str) -> str:
-        """Which client tree ``ip`` sees ("default" or the IP)."""
+        """Which client tree ``ip`` sees ("default", the IP, or ``ctr:<uuid>``)."""
+        if ip.startswith("ctr:") and not self.legacy:
+            return ip if ip[4:] in self.hostnet.values() else "default"
         if self.legacy:
             return ip if ip in self.trees[api] else "default"
         return ip if ip in self._self_src.get(self.latest or "", ()) else "default"
@@ -184,7 +193,8 @@ class Snapshot:
         if t is None:
             base = self.trees[api]["default"]  # builds a lazy version first (fills _self_src)
             t = dict(base)
-            t["self"] = self._self_src[api][key]
+            sm = self._self_src[api]
+            t["self"] = sm.for_container(key[4:]) if key.startswith("ctr:") else sm[key]
             self._ip_trees[(api, key)] = t
         return t
 
@@ -357,7 +367,9 @@ class _SelfMaps:
         return self.ip_owner.keys()
 
     def __getitem__(self, ip: str) -> dict[str, Any]:
-        u = self.ip_owner[ip]
+        return self.for_container(self.ip_owner[ip])
+
+    def for_container(self, u: str) -> dict[str, Any]:
         d = self.cl[u]
         sm: dict[str, Any] = {"container": d}
         skey = self.svc_key.get(u)
@@ -570,6 +582,22 @@ def build_steps(raw: bytes, objs: list[dict[str, Any]] | None = None,
             chosen[ip] = rank
             ip_owner[ip] = u
     yield
+    # host-network containers of the local host, by uuid and (lower-case) name: a caller that is
+    # this host may name itself with X-Corral-Container (§2.5 "Better"); ambiguous names map to none
+    local_sel = (default_data.get("self") or {}).get("host")
+    local_uuid = local_sel.get("uuid") if isinstance(local_sel, dict) else None
+    local_host = hosts.get(local_uuid) if isinstance(local_uuid, str) else None
+    local_ips = frozenset(x for x in ((local_host or {}).get("agent_ip"),) if isinstance(x, str) and x)
+    hostnet: dict[str, set[str]] = {}
+    for u, d in c_old.items():
+        if d.get("host_uuid") == local_uuid and local_uuid and (
+                d.get("network_uuid") in host_net_uuids
+                or d["labels"].get("io.rancher.container.network") == "host"):
+            hostnet.setdefault(u, set()).add(u)
+            nm = d.get("name")
+            if isinstance(nm, str):
+                hostnet.setdefault(nm.lower(), set()).add(u)
+    hostnet_one = {k: next(iter(v)) for k, v in hostnet.items() if len(v) == 1}
     hosts_old: dict[str, dict[str, Any]] = {}
     hosts_new: dict[str, dict[str, Any]] = {}
     for u, h in hosts.items():
@@ -657,6 +685,8 @@ def build_steps(raw: bytes, objs: list[dict[str, Any]] | None = None,
                     objects=len(objs), warnings=tuple(dict.fromkeys(warnings)))
     snap._self_src = self_src
     snap.line_cache = line_cache
+    snap.local_ips = local_ips
+    snap.hostnet = hostnet_one
     return snap
 
 

@@ -350,3 +350,19 @@ def test_idle_connections_are_closed(tmp_path: Path) -> None:
         poll.close()
     finally:
         m.proc.stop()
+
+
+def test_host_network_self_by_header(tmp_path: Path) -> None:
+    f = tmp_path / "a.json"
+    f.write_bytes(EXAMPLE.read_bytes().replace(
+        b'"host_uuid":"host-b-uuid","host_ip":"192.168.10.12","hostname":"node-b"',
+        b'"host_uuid":"host-a-uuid","host_ip":"192.168.10.11","hostname":"node-a"'))
+    m = start_metadata(f)
+    try:
+        h = {"X-Corral-Container": "shop-db-1"}
+        assert m.get("/latest/self/container/name", headers=h).body == b"shop-db-1"
+        assert m.get("/latest/self/stack/name", headers=h).body == b"shop"
+        assert m.get("/latest/self", headers={"X-Corral-Container": "shop-web-1"}).body == b"host/\n"
+        assert m.get("/latest/self").body == b"host/\n"
+    finally:
+        m.proc.stop()

@@ -164,3 +164,31 @@ def test_empty_snapshot_errors() -> None:
     assert get(s, "/") == (200, b"latest\n")
     assert get(s, "/latest/version") == (404, b"Not found\n")
     assert get(s, "/2016-07-29/version") == (404, b"Invalid version\n")
+
+
+def test_host_network_container_by_header_from_local_host(example_bytes: bytes) -> None:
+    # make db a host-network container of the local host (node-a, where this instance runs)
+    body = example_bytes.replace(b'"host_uuid":"host-b-uuid","host_ip":"192.168.10.12","hostname":"node-b"',
+                                 b'"host_uuid":"host-a-uuid","host_ip":"192.168.10.11","hostname":"node-a"')
+    s = build(deflate(body))
+    key = s.container_key("Shop-db-1")
+    assert key == "ctr:ctr-db-1" and s.container_key("ctr-db-1") == key
+    assert get(s, "/latest/self/container/name", ip=key) == (200, b"shop-db-1")
+    assert get(s, "/latest/self/service/token", "json", ip=key)[1] == b'"tok-db-secret"'
+    assert s.container_key("shop-web-1") is None  # not on the host network
+    assert s.local_ips == frozenset({"192.168.10.11"})
+    # a remote host's host-network container is never reachable this way
+    assert build(deflate(example_bytes)).container_key("shop-db-1") is None
+
+
+def test_self_ref_only_from_the_local_host(example_bytes: bytes) -> None:
+    from metadata.http import MetadataServer
+
+    body = example_bytes.replace(b'"host_uuid":"host-b-uuid","host_ip":"192.168.10.12","hostname":"node-b"',
+                                 b'"host_uuid":"host-a-uuid","host_ip":"192.168.10.11","hostname":"node-a"')
+    srv = MetadataServer()
+    srv.swap(build(deflate(body)))
+    assert srv.self_ref("127.0.0.1", b"shop-db-1") == "ctr:ctr-db-1"
+    assert srv.self_ref("192.168.10.11", b"ctr-db-1") == "ctr:ctr-db-1"
+    assert srv.self_ref("10.42.0.9", b"shop-db-1") is None
+    assert srv.self_ref("127.0.0.1", b"nope") is None
