@@ -197,7 +197,7 @@ def parse_request_line(line: str) -> HttpRequest:
 
 
 def _build_check(host_uuid: str, ctr: Mapping[str, Any], ip: str, hc: Mapping[str, Any],
-                 warnings: list[str]) -> Check:
+                 warnings: list[str], networks: Sequence[str] = ()) -> Check:
     cuuid = str(ctr.get("uuid") or "")
     if not _UUID_PART.match(cuuid):
         raise _Bad(f"container uuid {cuuid!r} cannot be used in a server name"[:200])
@@ -226,6 +226,8 @@ def _build_check(host_uuid: str, ctr: Mapping[str, Any], ip: str, hc: Mapping[st
         warnings.append(f"{cuuid}: interval {interval} < response_timeout {timeout}: a hung check spans both")
     if not _valid_ip(ip):
         raise _Bad(f"primary_ip {ip!r} is not an IP address"[:200])
+    if networks and not _in_networks(ip, networks):
+        raise _Bad(f"primary_ip {ip} is outside the allowed check networks {', '.join(networks)}")
     profile = Profile(mode="http" if request else "tcp", request=request, response_timeout=timeout)
     return Check(name=f"{NAME_PREFIX}{host_uuid}_{cuuid}_{sc}", container_uuid=cuuid, ip=ip, port=port,
                  profile=profile, interval=interval, rise=rise, fall=fall)
@@ -241,6 +243,17 @@ def _valid_ip(ip: str) -> bool:
     return True
 
 
+def _in_networks(ip: str, networks: Sequence[str]) -> bool:
+    import ipaddress
+
+    addr = ipaddress.ip_address(ip)
+    for n in networks:
+        net = ipaddress.ip_network(n, strict=False)
+        if addr.version == net.version and addr in net:
+            return True
+    return False
+
+
 def _port_of(hc: Any) -> Any:
     return hc.get("port") if isinstance(hc, Mapping) else None
 
@@ -249,8 +262,13 @@ def _nonzero(v: Any) -> bool:
     return v not in (None, 0, "", "0", False)
 
 
-def desired_checks(host_uuid: str, services: Sequence[Any], containers: Sequence[Any]) -> Desired:
-    """The checks ``host_uuid`` runs, from the 2015-12-19 ``/services`` and ``/containers`` lists."""
+def desired_checks(host_uuid: str, services: Sequence[Any], containers: Sequence[Any],
+                   networks: Sequence[str] = ()) -> Desired:
+    """The checks ``host_uuid`` runs, from the 2015-12-19 ``/services`` and ``/containers`` lists.
+
+    ``networks`` (CIDRs), when given, limits the addresses HAProxy may connect to; a check
+    outside them is rejected like a malformed one (``--check-networks``).
+    """
     if not host_uuid or not _UUID_PART.match(host_uuid):
         raise ValueError(f"host uuid {host_uuid!r} cannot be used in a server name")
     services = [s for s in services if isinstance(s, Mapping)]
@@ -303,7 +321,7 @@ def desired_checks(host_uuid: str, services: Sequence[Any], containers: Sequence
         try:
             if not isinstance(hc, Mapping):
                 raise _Bad("health_check is not an object")
-            chk = _build_check(host_uuid, c, ip, hc, warnings)
+            chk = _build_check(host_uuid, c, ip, hc, warnings, networks)
         except _Bad as e:
             rejected.append(Rejected(container_uuid=cuuid, name=str(c.get("name") or ""), reason=str(e)))
             continue
@@ -317,7 +335,8 @@ def desired_checks(host_uuid: str, services: Sequence[Any], containers: Sequence
     return Desired(host_uuid=host_uuid, checks=checks, rejected=rej, warnings=tuple(warnings))
 
 
-def desired_from_tree(tree: Mapping[str, Any], host_uuid: str | None = None) -> Desired:
+def desired_from_tree(tree: Mapping[str, Any], host_uuid: str | None = None,
+                      networks: Sequence[str] = ()) -> Desired:
     """From the whole ``/2015-12-19`` JSON tree. Raises ValueError when the tree is unusable.
 
     An unusable tree (no self host, lists that are not lists) must never shrink the set: the
@@ -336,4 +355,4 @@ def desired_from_tree(tree: Mapping[str, Any], host_uuid: str | None = None) -> 
     for key, v in (("services", services), ("containers", containers)):
         if v is not None and not isinstance(v, list):
             raise ValueError(f"metadata {key} is not a list")
-    return desired_checks(host_uuid, services or [], containers or [])
+    return desired_checks(host_uuid, services or [], containers or [], networks)

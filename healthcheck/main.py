@@ -12,9 +12,12 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import ipaddress
 import os
 import time
 from typing import Any
+
+from aiohttp import web
 
 from agents.api import ApiClient
 from agents.cli import run_daemon
@@ -38,14 +41,34 @@ _BAD_META = counter("healthcheck", "metadata_malformed", "Metadata snapshots tha
 _POLLS = counter("healthcheck", "polls", "Stats polls by outcome", ["outcome"])
 
 DEMO_HINTS = [
-    "healthcheck: HAProxy checks in {workdir}/healthcheck; reports: corral ctl reports --kind health",
-    "healthcheck: metrics at http://127.0.0.1:{healthcheck_port}/metrics",
+    "healthcheck (HAProxy checks, state in {workdir}/healthcheck):",
+    "  toggle the demo container's health: curl http://127.0.0.1:{healthcheck_port}/demo/toggle",
+    "  then watch: corral ctl --admin {admin} reports --kind health ; corral ctl --admin {admin} container get toggle-me",
+    "  metrics: curl http://127.0.0.1:{healthcheck_port}/metrics | grep corral_healthcheck",
 ]
 
 
 def demo_argv(ctx: Any) -> list[str]:
+    """Checks only loopback targets (the sample containers' 10.42.x addresses are rejected) and adds a
+    container `toggle-me` on the other host, whose check hits this daemon's toggleable demo backend."""
+    import json
+    import subprocess
+    import sys
+
+    port = ctx.port("healthcheck")
+    check = {"port": port, "interval": 1000, "response_timeout": 1000, "healthy_threshold": 2,
+             "unhealthy_threshold": 2, "request_line": "GET /demo/backend HTTP/1.0"}
+    hosts = subprocess.run([sys.executable, "-m", "agents.cli", "ctl", "--admin", ctx.admin_url, "host", "ls"],
+                           capture_output=True, text=True, timeout=30).stdout
+    other = "node-b" if "node-b" in hosts else ""
+    argv = [sys.executable, "-m", "agents.cli", "ctl", "--admin", ctx.admin_url, "container", "create",
+            "--name", "toggle-me", "--primary-ip", "127.0.0.1", "--health-check", json.dumps(check)]
+    if other:
+        argv += ["--host", other]
+    subprocess.run(argv, capture_output=True, text=True, timeout=30)
     return ["--metadata-address", ctx.metadata_url, "--state-dir", str(ctx.workdir / "healthcheck"),
-            "--metrics-listen", f"127.0.0.1:{ctx.port('healthcheck')}", "--poll-interval", "1s"]
+            "--metrics-listen", f"127.0.0.1:{port}", "--poll-interval", "1s", "--check-networks", "127.0.0.0/8",
+            "--host-uuid", ctx.host_uuid, "--demo-backend"]
 
 
 def parse_duration(v: str) -> float:
@@ -80,6 +103,10 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--retry-invalid", type=parse_duration, default=30.0)
     p.add_argument("--state-interval", type=parse_duration, default=10.0, help="server state snapshot period")
     p.add_argument("--host-uuid", default="", help="override /self/host uuid (tests)")
+    p.add_argument("--check-networks", default="",
+                   help="comma-separated CIDRs checks may target (default: any); others are rejected")
+    p.add_argument("--demo-backend", action="store_true",
+                   help="serve a toggleable backend on the admin listener (/demo/backend, /demo/toggle)")
     add_cattle_args(p)
     add_common_args(p, metrics_listen="127.0.0.1:9114")
     return p
@@ -106,6 +133,8 @@ class Daemon:
         self.reconciler: Reconciler[Desired] = Reconciler("healthcheck", self._apply, health=self.health,
                                                           retry_min=0.5, retry_max=args.retry_invalid)
         self._rejected_seen: set[tuple[str, str]] = set()
+        self.networks = tuple(n.strip() for n in args.check_networks.split(",") if n.strip())
+        self.demo_healthy = True
 
     async def _post(self, r: Report) -> None:
         await self.api.post_json("/serviceevents", report_dict(r))
@@ -141,7 +170,8 @@ class Daemon:
         try:
             async for snap in client.watch(stop, max_wait=self.args.metadata_wait):
                 try:
-                    d = desired_from_tree(snap.raw, host_uuid=self.args.host_uuid or None)
+                    d = desired_from_tree(snap.raw, host_uuid=self.args.host_uuid or None,
+                                          networks=self.networks)
                 except ValueError as e:
                     _BAD_META.inc()
                     log.error("metadata unusable, keeping the last good checks", version=snap.version, error=str(e))
@@ -186,6 +216,15 @@ class Daemon:
             for k, v in counts.items():
                 _STATES.labels(k).set(v)
 
+    async def _demo_backend(self, request: web.Request) -> web.Response:
+        if self.demo_healthy:
+            return web.Response(text="healthy\n")
+        return web.Response(status=503, reason="Down, really", text="unhealthy\n")
+
+    async def _demo_toggle(self, request: web.Request) -> web.Response:
+        self.demo_healthy = not self.demo_healthy
+        return web.Response(text=f"demo backend is now {'healthy' if self.demo_healthy else 'failing'}\n")
+
     async def serve(self, stop: asyncio.Event) -> None:
         major, minor = await haproxy_version(self.args.haproxy_bin)
         mode = self.args.apply_mode
@@ -193,7 +232,9 @@ class Daemon:
             mode = "runtime" if (major, minor) >= (2, 5) else "reload"
         self.hap.reload_only = mode == "reload"
         log.info("starting", haproxy=f"{major}.{minor}", apply_mode=mode, state_dir=self.args.state_dir)
-        admin = AdminServer(self.args.metrics_listen, self.health)
+        extra = {"/demo/backend": self._demo_backend, "/demo/toggle": self._demo_toggle} if self.args.demo_backend \
+            else None
+        admin = AdminServer(self.args.metrics_listen, self.health, extra=extra)
         await admin.start()
         try:
             async with asyncio.TaskGroup() as tg:
@@ -215,6 +256,11 @@ def main(argv: list[str]) -> int:
         cattle = CattleConfig.from_args(args)
         if args.report_concurrency < 1 or args.poll_interval <= 0:
             raise ConfigError("--report-concurrency must be >= 1 and --poll-interval > 0")
+        for n in (x.strip() for x in args.check_networks.split(",") if x.strip()):
+            try:
+                ipaddress.ip_network(n, strict=False)
+            except ValueError as e:
+                raise ConfigError(f"--check-networks: {e}") from None
         await Daemon(args, cattle).serve(stop)
 
     return run_daemon("healthcheck", serve, debug=args.debug, log_file=args.log, log_json=args.log_json,

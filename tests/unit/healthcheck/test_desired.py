@@ -221,3 +221,10 @@ def test_any_input_gives_a_valid_check_or_a_rejection(fields: dict[str, Any], li
         for ln in body.splitlines():
             assert "\r" not in ln
         assert cfg.count("\nbackend ") == 1 and cfg.count("    server ") == 1
+
+
+def test_check_networks_limit_targets() -> None:
+    d = desired_checks(H, [], [ctr("lo", ip="127.0.0.5", check=hc(90)), ctr("far", ip="10.42.0.3", check=hc(90)),
+                               ctr("v6", ip="::1", check=hc(90))], networks=("127.0.0.0/8", "::1/128"))
+    assert sorted(c.container_uuid for c in d.checks) == ["lo", "v6"]
+    assert [r.container_uuid for r in d.rejected] == ["far"] and "outside" in d.rejected[0].reason
