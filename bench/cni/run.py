@@ -19,6 +19,7 @@ import contextlib
 import ctypes
 import json
 import os
+import re
 import secrets
 import subprocess
 import sys
@@ -143,10 +144,12 @@ def time_to_first_success(bundle: Path, work: Path, delay: float, reps: int) -> 
                 p.stdin.write(json.dumps(conf).encode())
                 p.stdin.close()
                 time.sleep(delay)
-                with answers.open("a") as f:
-                    f.write(json.dumps({"metadata_kind": "container", "name": f"c{i}", "uuid": f"u{i}",
-                                        "primary_ip": f"10.42.5.{i + 2}", "primary_mac_address": "",
-                                        "external_id": c, "state": "running"}) + "\n")
+                text = re.sub(r'"version":"[^"]*"', f'"version":"{100 + i}-bench"', answers.read_text())
+                rec = json.dumps({"metadata_kind": "container", "name": f"c{i}", "uuid": f"u{i}",
+                                  "primary_ip": f"10.42.5.{i + 2}", "primary_mac_address": "",
+                                  "external_id": c, "state": "running"})
+                (work / "answers.tmp").write_text(text + rec + "\n")
+                (work / "answers.tmp").replace(answers)  # a change gets a new version, as in Rancher
                 t_appear = time.perf_counter()
                 rc = p.wait(delay + 20)
                 took = time.perf_counter() - t_appear
@@ -240,7 +243,7 @@ def run(seq: int, par: int, rounds: int) -> Table:
           unit="att/s", higher_is_better=True, note="spec target ≥ 20 att/s")
     t.add("metadata record appears 1 s after ADD starts: extra time to success (max of 5)", max(ttfs) * 1000,
           unit="ms", higher_is_better=False,
-          note="spec target ≤ 500 ms; includes corral metadata's 50 ms file poll; original polls every 500 ms")
+          note="spec target ≤ 500 ms; includes corral metadata's 50 ms file poll; long-poll on /version")
     return t
 
 

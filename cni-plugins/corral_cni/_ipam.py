@@ -384,8 +384,21 @@ def metadata_result(cfg: MetadataConfig, record: dict[str, Any]) -> Result:
     return Result([], [{"address": ip}], [dict(r) for r in cfg.routes], {})
 
 
+def _urlsafe(v: str) -> str:
+    ok = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-._~"
+    return "".join(c if c in ok else "".join(f"%{b:02X}" for b in c.encode()) for c in v)
+
+
 def metadata_lookup(cfg: MetadataConfig, container_id: str, uuid: str) -> dict[str, Any]:
-    """Poll metadata until the record shows up or the deadline passes (code 11 then)."""
+    """Find this container's record, waiting for it until the deadline (code 11 then).
+
+    Hot path: one GET of /containers. On a miss: note the answer set's version, look again (closes
+    the race with a change in between), then long-poll ``/version?wait=true&value=V`` (at most 2 s,
+    so a source that does not bump its version is still re-read) instead of polling /containers:
+    the record is seen as soon as metadata has it, and a burst of waiting ADDs costs metadata one
+    parked request each. A server that does not park the request (answers at once, same version)
+    or fails gets the back-off polling of before (50 ms doubling to 0.5 s).
+    """
     import time
 
     from ._metadata import MetadataError, get_json
@@ -393,20 +406,39 @@ def metadata_lookup(cfg: MetadataConfig, container_id: str, uuid: str) -> dict[s
     deadline = time.monotonic() + cfg.timeout
     delay = 0.05
     last_err = ""
+    version: str | None = None
+    misses = 0
     while True:
         left = deadline - time.monotonic()
+        if left <= 0:
+            raise CniError(E_TRY_AGAIN, "No IP address found", f"metadata at {cfg.address}: {last_err}")
+        timeout = min(2.0, max(left, 0.05))
         try:
-            data = get_json(cfg.address, "/2015-12-19/containers", min(2.0, max(left, 0.05)))
+            if version is not None:
+                wait = max(1, min(2, int(left)))
+                t0 = time.monotonic()
+                now = get_json(cfg.address, f"/2015-12-19/version?wait=true&value={_urlsafe(version)}"
+                               f"&maxWait={wait}", min(wait + 1.0, max(left, 0.05)))
+                if now == version and time.monotonic() - t0 < 0.5 * wait:
+                    version = None  # not parked: fall back to polling
+                    raise MetadataError("long poll not supported")
+            if misses:
+                v = get_json(cfg.address, "/2015-12-19/version", timeout)
+                version = v if isinstance(v, str) and v else None
+            data = get_json(cfg.address, "/2015-12-19/containers", timeout)
             if not isinstance(data, list):
                 raise MetadataError("unexpected /containers answer")
             rec = find_record(data, container_id, uuid)
             if rec is not None:
                 return rec
             last_err = "No IP address found"
+            misses += 1
+            if version is not None or misses == 1:
+                continue
         except MetadataError as e:
             last_err = str(e)
+            version = None
         left = deadline - time.monotonic()
-        if left <= 0:
-            raise CniError(E_TRY_AGAIN, "No IP address found", f"metadata at {cfg.address}: {last_err}")
-        time.sleep(min(delay, left))
-        delay = min(delay * 2, 0.5)
+        if left > 0:
+            time.sleep(min(delay, left))
+            delay = min(delay * 2, 0.5)

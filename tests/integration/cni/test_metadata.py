@@ -4,6 +4,7 @@ that stands for the host, on its loopback (the plugins reach it via RANCHER_META
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import threading
 import time
@@ -53,9 +54,15 @@ class Metadata:
             time.sleep(0.05)
         raise TimeoutError(f"metadata never served {want!r} at {path}:\n{self.proc.log()[-2000:]}")
 
-    def add(self, line: str) -> None:
-        with self.answers.open("a") as f:
-            f.write(line + "\n")
+    def add(self, line: str, bump: bool = True) -> None:
+        """Append a record; like Rancher, a change gets a new answer-set version (unless told not to)."""
+        text = self.answers.read_text()
+        if bump:
+            self.n = getattr(self, "n", 42) + 1
+            text = re.sub(r'"version":"[^"]*"', f'"version":"{self.n}-cni"', text)
+        tmp = self.answers.with_suffix(".tmp")
+        tmp.write_text(text + line + "\n")
+        tmp.replace(self.answers)
 
 
 @pytest.fixture
@@ -127,6 +134,21 @@ def test_record_appearing_late_still_succeeds(bundle: Path, host_ns: str, contai
         t.cancel()
     assert r.rc == 0, r.out
     assert addrs(ns, "eth0") == ["10.42.9.9/16"]
+
+
+def test_late_record_without_version_bump_is_found_by_the_periodic_reread(
+        bundle: Path, host_ns: str, containers: Containers, metadata: Metadata) -> None:
+    ns, c_id = containers.new(), cid()
+    t = threading.Timer(0.5, metadata.add, args=(record(c_id, "10.42.9.10", "02:42:0a:2a:09:0a"),),
+                        kwargs={"bump": False})
+    t.start()
+    try:
+        r = cni(f"{bundle}/rancher-bridge", host_ns, "ADD", catalog(timeoutSeconds=20), c_id, f"/run/netns/{ns}",
+                args=ARGS, extra=ENV)
+    finally:
+        t.cancel()
+    assert r.rc == 0, r.out
+    assert addrs(ns, "eth0") == ["10.42.9.10/16"]
 
 
 @pytest.mark.parametrize("running", [True, False], ids=["never-listed", "metadata-down"])
