@@ -160,3 +160,27 @@ def test_malformed_events_are_skipped(env: tuple[StandIn, Path]) -> None:
         assert m.proc.alive() and m.admin("/healthz")[0] == 200
     finally:
         m.proc.stop()
+
+
+@pytest.mark.parametrize("fault", [
+    ("http", "--path", "*/configcontent/*", "--status", "500"),
+    ("http", "--path", "*/configcontent/*", "--status", "401"),
+    ("http", "--path", "*/configcontent/*", "--status", "503", "--count", "5"),
+    ("truncate-configcontent",),
+], ids=["500", "401", "503x5", "truncated"])
+def test_download_failures_keep_last_good_and_converge(env: tuple[StandIn, Path], fault: tuple[str, ...]) -> None:
+    s, cache = env
+    m = start_sub(s, cache)
+    try:
+        m.wait_for(lambda: "shop-web-1" in names(m) and ready(m))
+        before = m.get("/latest/version").body
+        args = ("fault", *fault) if "--count" in fault else ("fault", *fault, "--count", "1")
+        s.ctl(*args)
+        s.ctl("container", "create", "--name", "after-fault", "--host", "node-a")
+        m.wait_for(lambda: "after-fault" in names(m), timeout=20)
+        assert m.get("/latest/version").body != before
+        assert m.admin("/healthz")[0] == 200
+        log = m.proc.log()
+        assert "answer set rejected" in log or "answers download failed" in log or "503" in fault
+    finally:
+        m.proc.stop()
