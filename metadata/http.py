@@ -192,7 +192,7 @@ class MetadataServer:
     def client_ip(self, peer: str, xff: bytes | None) -> str:
         if self.xff and xff:
             cand = xff.decode("latin-1").split(",")[-1].strip()
-            if cand:
+            if cand and not cand.startswith("ctr:"):  # only the local host may name a container
                 if not self.xff_trusted:
                     return cand
                 try:

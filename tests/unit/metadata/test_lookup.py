@@ -192,3 +192,14 @@ def test_self_ref_only_from_the_local_host(example_bytes: bytes) -> None:
     assert srv.self_ref("192.168.10.11", b"ctr-db-1") == "ctr:ctr-db-1"
     assert srv.self_ref("10.42.0.9", b"shop-db-1") is None
     assert srv.self_ref("127.0.0.1", b"nope") is None
+
+
+def test_xff_cannot_name_a_container() -> None:
+    from metadata.http import MetadataServer
+
+    srv = MetadataServer(xff=True)
+    assert srv.client_ip("10.0.0.1", b"ctr:ctr-db-1") == "10.0.0.1"
+    assert srv.client_ip("10.0.0.1", b"1.2.3.4, 10.42.0.5") == "10.42.0.5"
+    trusted = MetadataServer(xff=True, xff_trusted=["127.0.0.0/8"])
+    assert trusted.client_ip("10.0.0.1", b"10.42.0.5") == "10.0.0.1"
+    assert trusted.client_ip("127.0.0.3", b"10.42.0.5") == "10.42.0.5"
