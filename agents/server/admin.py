@@ -200,9 +200,16 @@ class AdminApi:
                                         retries=int(b["retries"]) if b.get("retries") is not None else None, **target)
             return _json(res.public())
         from agents.server.bus import make_event
-        ev = make_event(name, data, resource_id=b.get("resourceId"), resource_type=b.get("resourceType"))
-        n = self.s.bus.send(ev, self.s.bus.subscribers(name, **target))
-        return _json({"id": ev["id"], "name": name, "delivered": n})
+        repeat = int(b.get("repeat") or 1)
+        if not 1 <= repeat <= 1_000_000:
+            return _err(422, "repeat must be between 1 and 1000000")
+        conns = self.s.bus.subscribers(name, **target)
+        ev: dict[str, Any] = {}
+        for i in range(repeat):  # repeat: a burst of distinct events (benchmarks)
+            ev = make_event(name, {**data, "seq": i} if repeat > 1 else data, resource_id=b.get("resourceId"),
+                            resource_type=b.get("resourceType"))
+            self.s.bus.send(ev, conns)
+        return _json({"id": ev["id"], "name": name, "delivered": len(conns), "repeat": repeat})
 
     async def fault_add(self, request: web.Request) -> web.Response:
         b = await self.dict_body(request)
