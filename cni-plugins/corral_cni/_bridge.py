@@ -109,10 +109,17 @@ def parse_conf(conf: dict[str, Any], args: dict[str, str]) -> BridgeConf:
                       overhead, hairpin, promisc, _bool(conf, "skipBridgeConfigureIP"), ipam, dns)
 
 
-def host_veth_name(container_id: str) -> str:
+def host_veth_name(container_id: str, ifname: str = "eth0") -> str:
+    """``vethr`` + first 10 chars of the ID (the original's name) for ``eth0``; for any other
+    container interface (a second network on one container) the last 4 of those 10 chars are a
+    CRC of the ifname, so the attachments cannot delete each other's "leftover" host end."""
     if len(container_id) < 10:
         raise CniError(E_PLUGIN, f"container ID {container_id!r} is shorter than 10 characters")
-    return "vethr" + container_id[:10]
+    if ifname == "eth0":
+        return "vethr" + container_id[:10]
+    import zlib
+
+    return "vethr" + container_id[:6] + f"{zlib.crc32(ifname.encode()) & 0xFFFF:04x}"
 
 
 def bridge_address(c: BridgeConf) -> tuple[str, int] | None:
@@ -250,7 +257,7 @@ def add_addr(nl: Netlink, index: int, ip: str, plen: int) -> None:
 
 def cmd_add(conf: dict[str, Any], raw: bytes, env: Env, version: str) -> Result:
     c = parse_conf(conf, env.args)
-    veth = host_veth_name(env.container_id)
+    veth = host_veth_name(env.container_id, env.ifname)
     ns_fd = _open_netns(env.netns)
     if ns_fd is None:
         raise CniError(E_PLUGIN, f'failed to open netns "{env.netns}"', "no such file or directory")
@@ -416,7 +423,7 @@ def cmd_del(conf: dict[str, Any], raw: bytes, env: Env, version: str) -> None:
     prev = parse_result(conf["prevResult"]) if isinstance(conf.get("prevResult"), dict) else None
     hosts = [i["name"] for i in prev.interfaces if not i.get("sandbox") and i["name"] != c.bridge] if prev else []
     if len(env.container_id) >= 10:
-        hosts.append(host_veth_name(env.container_id))
+        hosts.append(host_veth_name(env.container_id, env.ifname))
     subnets: list[str] = []
     if prev:
         for ip in prev.ips:
@@ -492,7 +499,7 @@ def cmd_check(conf: dict[str, Any], raw: bytes, env: Env, version: str) -> None:
         if br is None or br.kind != "bridge":
             raise CniError(E_PLUGIN, f"bridge {c.bridge} missing")
         hname = next((i["name"] for i in prev.interfaces if not i.get("sandbox") and i["name"] != c.bridge),
-                     host_veth_name(env.container_id))
+                     host_veth_name(env.container_id, env.ifname))
         host = nl.get_link(hname)
         if host is None or host.master != br.index:
             raise CniError(E_PLUGIN, f"host veth {hname} is not attached to {c.bridge}")

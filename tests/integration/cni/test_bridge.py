@@ -272,3 +272,21 @@ def test_ip_masq_and_promisc(bundle: Path, host_ns: str, containers: Containers,
         d = cni(f"{bundle}/corral-bridge", host_ns, "DEL", {**cfg, "prevResult": r.json}, c_id, f"/run/netns/{ns}")
         assert d.rc == 0, d.out
     assert chain not in run_in_netns(host_ns, "iptables", "-w", "-t", "nat", "-S").stdout
+
+
+def test_two_interfaces_of_one_container(bundle: Path, host_ns: str, containers: Containers,
+                                         data_dir: Path) -> None:
+    """Two attachments (eth0, net1) of one container on one bridge: distinct host ends and addresses;
+    DEL of one leaves the other working."""
+    ns, c_id = containers.new(), cid()
+    cfg = conf(data_dir, isDefaultGateway=False)
+    r0 = cni(f"{bundle}/corral-bridge", host_ns, "ADD", cfg, c_id, f"/run/netns/{ns}", ifname="eth0")
+    r1 = cni(f"{bundle}/corral-bridge", host_ns, "ADD", cfg, c_id, f"/run/netns/{ns}", ifname="net1")
+    assert r0.rc == 0 and r1.rc == 0, (r0.out, r1.out)
+    h0, h1 = r0.json["interfaces"][1]["name"], r1.json["interfaces"][1]["name"]
+    assert h0 != h1 and {h0, h1} <= set(links(host_ns))
+    assert addrs(ns, "eth0") == ["10.77.0.2/24"] and addrs(ns, "net1") == ["10.77.0.3/24"]
+    assert cni(f"{bundle}/corral-bridge", host_ns, "DEL", cfg, c_id, f"/run/netns/{ns}", ifname="net1").rc == 0
+    assert h1 not in links(host_ns) and h0 in links(host_ns)
+    assert sorted(f for f in os.listdir(data_dir / "testnet") if f[0].isdigit()) == ["10.77.0.2"]
+    run_in_netns(host_ns, "busybox", "ping", "-c", "1", "-w", "5", "10.77.0.2")

@@ -41,6 +41,9 @@ def test_bad_bridge_configs(patch: dict[str, object], msg: str) -> None:
 
 def test_host_veth_name() -> None:
     assert _bridge.host_veth_name("0123456789abcdef") == "vethr0123456789"
+    other = {_bridge.host_veth_name("0123456789abcdef", f"net{i}") for i in range(50)}
+    assert len(other) == 50 and "vethr0123456789" not in other
+    assert all(len(n) == 15 and n.startswith("vethr012345") for n in other)
     with pytest.raises(CniError):
         _bridge.host_veth_name("short")
 
