@@ -215,7 +215,10 @@ class Daemon:
             import multiprocessing
             from concurrent.futures import ProcessPoolExecutor
 
-            self._executor = ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn"))
+            from dns.rebuild import helper_init
+
+            self._executor = ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn"),
+                                                 initializer=helper_init)
         return self._executor
 
     async def rebuild_from(self, url: str) -> None:

@@ -25,7 +25,7 @@ import orjson
 
 from dns.table import Rec, Settings, Table, View, build
 
-__all__ = ["Diff", "FetchError", "apply", "build_diff", "diff", "helper_build"]
+__all__ = ["Diff", "FetchError", "apply", "build_diff", "diff", "helper_build", "helper_init"]
 
 
 class FetchError(Exception):
@@ -106,6 +106,16 @@ def apply(old: Table | None, d: Diff) -> Table:
 
 
 # ---------------------------------------------------------------- helper-process side
+
+
+def helper_init() -> None:
+    """Runs once in the helper process: lower its CPU priority so serving always wins the CPU."""
+    import os
+
+    try:
+        os.nice(10)
+    except OSError:
+        pass
 
 _prev: Table | None = None
 _acked: int = -1

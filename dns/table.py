@@ -20,7 +20,7 @@ Service A sets keep only healthy endpoints, with the deterministic fallback of Â
 
 from __future__ import annotations
 
-import ipaddress
+import socket
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -126,9 +126,10 @@ def fqdn(*labels: str) -> str:
 
 
 def _ip4(s: str) -> bool:
+    """Strict dotted-quad check (inet_pton: no shorthand forms), C speed."""
     try:
-        ipaddress.IPv4Address(s)
-    except ValueError:
+        socket.inet_pton(socket.AF_INET, s)
+    except (OSError, TypeError, ValueError):
         return False
     return True
 

@@ -15,7 +15,7 @@ EXPORTS = {
     "dns.cache": {"Cache", "Entry", "Key"},
     "dns.forward": {"Upstreams", "parse_addr"},
     "dns.server": {"CHAIN", "Engine", "Listener", "Slow"},
-    "dns.rebuild": {"Diff", "FetchError", "apply", "build_diff", "diff", "helper_build"},
+    "dns.rebuild": {"Diff", "FetchError", "apply", "build_diff", "diff", "helper_build", "helper_init"},
     "dns.main": {"DEMO_HINTS", "build_parser", "demo_argv", "main"},
 }
 
