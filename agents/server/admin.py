@@ -152,6 +152,19 @@ class AdminApi:
     async def conns(self, request: web.Request) -> web.Response:
         return _json([c.public() for c in self.s.bus.conns.values()])
 
+    async def logout(self, request: web.Request) -> web.Response:
+        """What the server does on a ``disconnect`` event for an account: write ``{"name":"logout"}``
+        and close the socket (server-protocol.md §3.1)."""
+        cid = request.match_info.get("id", "all")
+        bus = self.s.bus
+        targets = [c for c in list(bus.conns.values()) if cid in ("all", c.id)]
+        if cid != "all" and not targets:
+            return _err(404, f"no connection {cid!r}")
+        for c in targets:
+            bus.enqueue(c, '{"name":"logout"}', "logout", None)
+            c.logout = True
+        return _json({"logout": [c.id for c in targets]})
+
     async def config(self, request: web.Request) -> web.Response:
         items = [self.s.config_item(a) for a in self.s.config_agents()]
         return _json({"revision": self.s.store.revision, "version": self.s.answers().version, "items": items})
@@ -308,6 +321,8 @@ def build_admin_app(server: Server) -> web.Application:
     r.add_get("/_admin/wait", a.wait)
     r.add_get("/_admin/reports", a.reports)
     r.add_get("/_admin/conns", a.conns)
+    r.add_post("/_admin/conns/logout", a.logout)
+    r.add_post("/_admin/conns/{id}/logout", a.logout)
     r.add_get("/_admin/config", a.config)
     r.add_get("/_admin/health", a.health)
     r.add_get("/_admin/calls", a.calls)

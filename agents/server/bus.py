@@ -71,6 +71,7 @@ class Conn:
     queue: asyncio.Queue[tuple[str | bytes, str | None, str | None]] = field(default_factory=asyncio.Queue)
     unstalled: asyncio.Event = field(default_factory=asyncio.Event)
     closed: asyncio.Event = field(default_factory=asyncio.Event)
+    logout: bool = False
 
     def __post_init__(self) -> None:
         self.unstalled.set()
@@ -200,6 +201,11 @@ class Bus:
                         await ws.send_str(frame)
                     conn.frames_out += 1
             except (ConnectionError, RuntimeError):
+                break
+            if name == "logout" and conn.logout:
+                self.journal.add("conn", conn=conn.id, key=conn.key.access, status="logout")
+                with contextlib.suppress(Exception):
+                    await ws.close()
                 break
             if name != "ping":
                 self.delivered += copies

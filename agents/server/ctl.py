@@ -210,7 +210,9 @@ def build_parser() -> argparse.ArgumentParser:
     rp = sub.add_parser("reports", help="health reports and event replies")
     rp.add_argument("--kind", choices=["health", "reply", "externalhost"])
     rp.add_argument("--since", type=int, default=0)
-    sub.add_parser("conns", help="websocket subscribers")
+    cnp = sub.add_parser("conns", help="websocket subscribers; `conns logout [ID]` sends logout and closes")
+    cnp.add_argument("what", nargs="?", choices=["ls", "logout"], default="ls")
+    cnp.add_argument("conn", nargs="?", help="connection id (default: all)")
     scp = sub.add_parser("scheduler", help="scheduler calls: request, attempts, reply, latency, outcome")
     scp.add_argument("what", choices=["calls"])
     callp = sub.add_parser("calls", help="every request/reply call")
@@ -359,6 +361,8 @@ def run(a: argparse.Namespace) -> Any:
     if a.cmd == "reports":
         return c.get("/_admin/reports", kind=a.kind, since=a.since)
     if a.cmd == "conns":
+        if a.what == "logout":
+            return c.post(f"/_admin/conns/{a.conn}/logout" if a.conn else "/_admin/conns/logout")
         return c.get("/_admin/conns")
     if a.cmd == "scheduler":
         return c.get("/_admin/calls", name="scheduler.")

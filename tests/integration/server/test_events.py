@@ -197,3 +197,24 @@ async def test_ctl_events_send_wait_reply_uses_call(standin: StandIn, agent: Age
     await t
     assert res["status"] == "ok"
     assert res["reply"]["data"] == {"pong": "x"}
+
+
+async def test_logout_then_close(standin: StandIn, agent: Agent) -> None:
+    ws = await agent.subscribe("test.l")
+    standin.wait(kind="conn", status="connected")
+    assert standin.ctl("conns", "logout", "c1") == {"logout": ["c1"]}
+    ev = await agent.next_event()
+    assert ev == {"name": "logout"}
+    msg = await ws.receive(timeout=5)
+    assert msg.type in (aiohttp.WSMsgType.CLOSE, aiohttp.WSMsgType.CLOSED)
+    standin.wait(kind="conn", status="logout")
+
+
+async def test_burst_of_distinct_events(standin: StandIn, agent: Agent) -> None:
+    await agent.subscribe("test.burst")
+    standin.wait(kind="conn", status="connected")
+    out = standin.admin("POST", "/_admin/events", {"name": "test.burst", "repeat": 5, "data": {"k": 1}})
+    assert out["repeat"] == 5 and out["delivered"] == 1
+    evs = [await agent.next_event() for _ in range(5)]
+    assert [e["data"] for e in evs] == [{"k": 1, "seq": i} for i in range(5)]
+    assert len({e["id"] for e in evs}) == 5
