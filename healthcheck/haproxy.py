@@ -520,14 +520,15 @@ class HAProxy:
         servers = desired.by_name()
         profiles = set(desired.profiles)  # profiles nobody uses any more go away here
         old = self._child if self._child and self._child.proc.returncode is None else None
+        orphan = await self._find_orphan() if old is None else None
         if restore_text is None:
             restore_text = self._state_text
-            if old is not None:
+            if old is not None or orphan is not None:
                 try:
                     restore_text = await self._snapshot_state()
                 except TransportError as e:
                     log.warning("could not save server state before reload", error=str(e))
-        stale = old is None  # restored from a periodic snapshot, not one taken just now
+        stale = old is None and orphan is None  # restored from a periodic snapshot, not one taken now
         state, restored = filter_state(restore_text or "", servers)
         fresh = [n for n in servers if n not in restored]
         # Fresh servers start enabled, so HAProxy spreads their first checks over `inter`; they are
@@ -540,6 +541,8 @@ class HAProxy:
         if old is not None:
             argv += ["-sf", str(old.proc.pid)]
             old.expected_exit = True
+        elif orphan is not None:
+            argv += ["-sf", str(orphan)]  # the HAProxy of a daemon that died: take over its state, stop it
         t0 = time.monotonic()
         was_running = self.running.is_set()
         self.running.clear()  # no poll until the new process is armed and forced
@@ -587,6 +590,22 @@ class HAProxy:
         _UP.set(1)
         log.info("haproxy started", reason=reason, pid=proc.pid, servers=len(servers), profiles=len(profiles),
                  restored=len(restored), fresh=len(fresh), took=round(time.monotonic() - t0, 3))
+
+    async def _find_orphan(self) -> int | None:
+        """A live HAProxy left by a previous daemon (its pid file, and its socket answers with that pid)."""
+        pid = _read_pid(self.s.pid_path)
+        if pid is None:
+            return None
+        try:
+            os.kill(pid, 0)
+            info = await self.sock.info()
+        except (OSError, TransportError):
+            return None
+        if info.get("Pid") != str(pid):
+            return None
+        log.info("found the HAProxy of a previous run, taking over its state", pid=pid)
+        asyncio.get_running_loop().call_later(6.0, _kill_if_alive, pid, self.s.config_path)
+        return pid
 
     async def _wait_ready(self, child: _Child, timeout: float = 15.0) -> None:
         deadline = time.monotonic() + timeout
@@ -683,6 +702,26 @@ class HAProxy:
         _UP.set(0)
         log.error("haproxy died", rc=rc, pid=child.proc.pid, stderr=list(child.stderr)[-5:])
         self.crashed.set()
+
+
+def _read_pid(path: str) -> int | None:
+    try:
+        return int(Path(path).read_text().strip())
+    except (OSError, ValueError):
+        return None
+
+
+def _kill_if_alive(pid: int, config_path: str) -> None:
+    """The previous run's HAProxy got -sf; if it still lives (it is not our child), terminate it.
+
+    Only if that pid is still an haproxy running our config (never a recycled pid)."""
+    try:
+        cmd = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+    except OSError:
+        return
+    if any(b"haproxy" in a for a in cmd[:1]) and config_path.encode() in cmd:
+        with contextlib.suppress(OSError):
+            os.kill(pid, 15)
 
 
 def _arm_cmds(c: Check, new: bool = False, fastinter: int = 0) -> list[str]:

@@ -261,3 +261,43 @@ async def test_hung_post_does_not_delay_others_and_409_is_retried(
 
 async def _attempts(sink: Sink, part: str, t0: float, n: int) -> bool:
     return sum(1 for t, u in sink.attempts if t >= t0 and part in u) >= n
+
+
+async def test_daemon_killed_and_restarted_keeps_haproxy_state(
+        metadata: Metadata, daemon: Daemon, server: StandInReports, flaky_factory: Any) -> None:
+    """kill -9 of the daemon: the next run takes over the old HAProxy's state (no resets, no leak)."""
+    ok, bad = await flaky_factory("ok"), await flaky_factory("fail")
+    metadata.write(tree([container("u", hc(ok.port)), container("d", hc(bad.port))]))
+    await reported(server, "_u_", "UP", 0, 10)
+    await reported(server, "_d_", "DOWN", 0, 10)
+    old = daemon.haproxy_pid()
+    assert daemon.proc is not None
+    daemon.proc.kill()
+    t0 = time.time()
+    daemon.start()
+
+    async def taken_over() -> bool:
+        try:
+            pid = daemon.haproxy_pid()
+        except (OSError, ValueError):
+            return False
+        return pid != old and len(await daemon.rows()) == 2
+
+    await until(taken_over, what="a new HAProxy")
+    rows = await daemon.rows()
+    assert {n.split("_")[1]: r.status for n, r in rows.items()} == {"u": "UP", "d": "DOWN"}, "states kept"
+    await until(lambda: _gone(old), timeout=8, what="the old HAProxy exited")
+    # the one-time resync re-sends the states last reported, nothing else
+    await reported(server, "_u_", "UP", t0, 5)
+    await reported(server, "_d_", "DOWN", t0, 5)
+    await asyncio.sleep(0.5)
+    assert [s for s in await server.states_async("_u_")] == ["UP", "UP"]
+    assert [s for s in await server.states_async("_d_")] == ["DOWN", "DOWN"]
+
+
+async def _gone(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    return False
