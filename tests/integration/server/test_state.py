@@ -137,3 +137,29 @@ def test_container_restart_bumps_start_count_and_service_check_follows_updates(s
     web1 = next(o for o in objs if o["metadata_kind"] == "container" and o["name"] == "Shop-web-1")
     svc = next(o for o in objs if o["metadata_kind"] == "service" and o["name"] == "web")
     assert web1["health_check"]["port"] == svc["health_check"]["port"] == 81
+
+
+def test_server_refuses_to_start_without_credentials_or_with_a_bad_env(tmp_path: Path) -> None:
+    env = {"PATH": "/usr/bin:/bin", "PYTHONPATH": str(ROOT)}
+    base = [sys.executable, "-m", "agents.cli", "server", "--listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0"]
+    out = subprocess.run(base, capture_output=True, text=True, timeout=30, env=env, cwd=ROOT)
+    assert out.returncode == 2 and "no API keys" in out.stderr
+    bad = tmp_path / "env.yaml"
+    bad.write_text("hosts: [{name: a, agent_ip: 1.2.3}]\n")
+    out = subprocess.run([*base, "--access-key", "a", "--secret-key", "s", "--load", str(bad)],
+                         capture_output=True, text=True, timeout=30, env=env, cwd=ROOT)
+    assert out.returncode == 2 and "not an IP address" in out.stderr
+    keys = tmp_path / "keys.yaml"
+    keys.write_text("- {access: a, role: agent}\n")
+    out = subprocess.run([*base, "--keys", str(keys)], capture_output=True, text=True, timeout=30, env=env, cwd=ROOT)
+    assert out.returncode == 2 and "access and secret" in out.stderr
+
+
+def test_ctl_wait_returns_the_entry(standin: StandIn) -> None:
+    since = standin.seq()
+    standin.ctl("host", "add", "--name", "w1")
+    e = standin.ctl("wait", "--kind", "mutation", "--name", "host.create", "--since", str(since))
+    assert e["kind"] == "mutation" and e["seq"] > since
+    with pytest.raises(CtlError) as err:
+        standin.ctl("wait", "--kind", "reply", "--since", str(e["seq"]), "--wait-timeout", "0.2")
+    assert err.value.status == 408
