@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import sqlite3
 from pathlib import Path
 from typing import Any
 
@@ -100,7 +101,10 @@ async def run(args: argparse.Namespace, stop: asyncio.Event) -> None:
                         public_url=public_url.rstrip("/"))
     if args.state:
         Path(args.state).absolute().parent.mkdir(parents=True, exist_ok=True)  # noqa: ASYNC240
-    server = Server(settings, keys)
+    try:
+        server = Server(settings, keys)
+    except sqlite3.DatabaseError as e:
+        raise ConfigError(f"state file {args.state}: {e} (move it aside to start empty)") from e
     if args.load and not server.store.all("host") and not server.store.all("service"):
         try:
             await server.load(load_env_file(args.load))

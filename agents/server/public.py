@@ -104,8 +104,6 @@ class PublicApi:
 
     async def _dispatch(self, request: web.Request) -> web.StreamResponse:
         path = re.sub("/+", "/", request.path) or "/"
-        if path in ("/ping", "/ping/"):
-            return web.Response(text="pong")
         f = self.s.faults.take("http", path=path)
         if f is not None:
             self.s.journal.add("fault", name="http", data={"path": path, "fault": f.id}, status=str(f.params.get("status")))
@@ -115,6 +113,8 @@ class PublicApi:
             status = f.params.get("status")
             if status:
                 return _error(int(status), "InjectedFault", f"fault {f.id}")
+        if path in ("/ping", "/ping/"):
+            return web.Response(text="pong")
         m = _PREFIX.match(path)
         if m is None:
             return _error(404, "NotFound", f"no such path {path}")

@@ -163,3 +163,14 @@ def test_ctl_wait_returns_the_entry(standin: StandIn) -> None:
     with pytest.raises(CtlError) as err:
         standin.ctl("wait", "--kind", "reply", "--since", str(e["seq"]), "--wait-timeout", "0.2")
     assert err.value.status == 408
+
+
+def test_corrupt_state_file_is_a_clear_error(tmp_path: Path) -> None:
+    db = tmp_path / "state.db"
+    db.write_bytes(b"this is not a database" * 100)
+    out = subprocess.run([sys.executable, "-m", "agents.cli", "server", "--listen", "127.0.0.1:0", "--admin-listen",
+                          "127.0.0.1:0", "--access-key", "a", "--secret-key", "s", "--state", str(db)],
+                         capture_output=True, text=True, timeout=30, cwd=ROOT,
+                         env={"PATH": "/usr/bin:/bin", "PYTHONPATH": str(ROOT)})
+    assert out.returncode == 2 and "state file" in out.stderr and "move it aside" in out.stderr
+    assert db.read_bytes().startswith(b"this is not a database")  # nothing overwritten
