@@ -189,7 +189,9 @@ async def test_metadata_unreachable_or_malformed_keeps_last_good_checks(
     await ok.set("fail")
     await reported(server, "_a_", "DOWN", t0, FAIL_BOUND)
     # metadata back with a malformed field in one check: only that one goes
-    metadata.write(tree([container("a", hc(ok.port)), container("b", hc(ok.port, interval=-5))]))
+    metadata.write(tree([container("a", hc(ok.port)), container("b", hc(ok.port, interval=-5)),
+                         container("c", hc(ok.port, request_line="GET / HTTP/1.0\r\n\r\nbackend evil")),
+                         container("z", hc(ok.port, timeout=2.5)), container("y", hc(ok.port, rise=10**9))]))
     metadata.start()
 
     async def only_a() -> bool:
@@ -197,8 +199,12 @@ async def test_metadata_unreachable_or_malformed_keeps_last_good_checks(
         return list(r) == ["cattle-host-a-uuid_a_1"]
 
     await until(only_a, what="b rejected, a kept")
-    assert "health check rejected" in daemon.log() and "interval out of range" in daemon.log()
-    assert "-5" not in daemon.config()
+    log = daemon.log()
+    assert "health check rejected" in log and "interval out of range" in log
+    assert "control character (raw CR/LF injection?)" in log
+    assert "response_timeout must be an integer" in log and "healthy_threshold out of range" in log
+    cfg = daemon.config()
+    assert "-5" not in cfg and "evil" not in cfg and "2.5" not in cfg and "rise 1000000000" not in cfg
 
 
 async def test_server_away_loses_no_state_change(metadata: Metadata, daemon: Daemon, server: StandInReports,
