@@ -190,3 +190,35 @@ def test_reuseport_workers_answer_and_stop_together(tmp_path: Path) -> None:
         assert p.log().count("listening") == 2
     finally:
         assert p.stop() == 0
+
+
+def _alive(pid: str) -> bool:
+    try:
+        return "State:\tZ" not in Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return False
+
+
+def test_rebuild_helper_dies_with_the_daemon(tmp_path: Path) -> None:
+    import os
+    import subprocess
+
+    md_file = tmp_path / "md.json"
+    write_legacy(md_file, example.tree(prefix="127.42.0."))
+    m = Metadata(md_file)
+    d = start_dns("--metadata-url", m.url, recursers=["127.0.0.1:9"])
+    kids: list[str] = []
+    try:
+        kids = subprocess.run(["pgrep", "-P", str(d.proc.pid)], capture_output=True, text=True).stdout.split()
+        assert kids, "no rebuild helper found"
+        d.proc.kill()  # SIGKILL: no clean-up by the daemon itself
+        deadline = time.monotonic() + 5
+        while any(_alive(k) for k in kids):
+            assert time.monotonic() < deadline, "rebuild helper outlived the daemon"
+            time.sleep(0.05)
+    finally:
+        d.proc.stop()
+        m.proc.stop()
+        for k in kids:
+            if _alive(k):
+                os.kill(int(k), 9)
