@@ -21,6 +21,7 @@ __all__ = [
 ]
 
 DEFAULT_SUBNET = "10.42.0.0/16"
+CONTAINERLESS = ("externalService", "dnsService")
 
 HOST_FIELDS = ("uuid", "name", "hostname", "agent_ip", "labels", "milli_cpu", "memory", "local_storage_mb",
                "state", "agentId")
@@ -251,14 +252,15 @@ def create_service(store: Store, fields: dict[str, Any]) -> dict[str, Any]:
     for s in store.all("service"):
         if s["stack_uuid"] == stack["uuid"] and s["name"].lower() == name.lower():
             raise InputError(f"service {stack['name']}/{name} already exists")
-    scale = _int(fields.get("scale"), "scale", 1)
+    kind = str(fields.get("kind") or "service")
+    scale = _int(fields.get("scale"), "scale", 0 if kind in CONTAINERLESS else 1)
     assert scale is not None
     if scale < 0:
         raise InputError("scale must be >= 0")
     lc = _launch_config(fields, f"service {name}")
     obj = {
         "id": store.next_id("service"), "uuid": str(fields.get("uuid") or _uuid()), "name": name,
-        "stack_uuid": stack["uuid"], "kind": str(fields.get("kind") or "service"), "scale": scale,
+        "stack_uuid": stack["uuid"], "kind": kind, "scale": scale,
         "launch_config": lc, "sidekicks": _sidekicks(fields.get("sidekicks"), f"service {name}"),
         "links": _links(fields.get("links"), stack["name"]), "state": str(fields.get("state") or "active"),
         "metadata": fields.get("metadata") if fields.get("metadata") is not None else {},
@@ -363,6 +365,8 @@ def plan_scale(store: Store, svc: dict[str, Any]) -> tuple[list[list[dict[str, A
     """Containers to add (one list per deployment unit: primary first, then sidekicks, not yet placed)
     and containers to remove, so the service has ``scale`` units."""
     stack = store.by_uuid("stack", svc["stack_uuid"]) or {"name": "?", "uuid": svc["stack_uuid"]}
+    if svc.get("kind") in CONTAINERLESS:
+        return [], []  # external and alias (dns) services have no containers
     mine = [c for c in store.all("container") if c.get("service_uuid") == svc["uuid"]]
     units: dict[str, list[dict[str, Any]]] = {}
     for c in mine:

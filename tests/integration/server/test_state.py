@@ -174,3 +174,18 @@ def test_corrupt_state_file_is_a_clear_error(tmp_path: Path) -> None:
                          env={"PATH": "/usr/bin:/bin", "PYTHONPATH": str(ROOT)})
     assert out.returncode == 2 and "state file" in out.stderr and "move it aside" in out.stderr
     assert db.read_bytes().startswith(b"this is not a database")  # nothing overwritten
+
+
+def test_external_and_alias_services_have_no_containers(standin: StandIn) -> None:
+    standin.ctl("host", "add", "--name", "h")
+    standin.ctl("service", "create", "--stack", "S", "--name", "ext", "--kind", "externalService",
+                "--set", "hostname=api.example", "--set", "external_ips=[127.0.0.77]")
+    standin.ctl("service", "create", "--stack", "S", "--name", "alias", "--kind", "dnsService", "--link", "ext")
+    assert standin.ctl("container", "ls") == []
+    objs = standin.ctl("answers")["objects"]
+    ext = next(o for o in objs if o["metadata_kind"] == "service" and o["name"] == "ext")
+    assert ext["kind"] == "externalService" and ext["hostname"] == "api.example"
+    assert ext["external_ips"] == ["127.0.0.77"]
+    assert {"metadata_kind": "serviceLink", "service_uuid": next(
+        o["uuid"] for o in objs if o["metadata_kind"] == "service" and o["name"] == "alias"),
+        "key": "S/ext", "value": "ext"} in objs
