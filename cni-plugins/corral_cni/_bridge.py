@@ -456,6 +456,25 @@ def cmd_del(conf: dict[str, Any], raw: bytes, env: Env, version: str) -> None:
         teardown_masq(c.name, env.container_id, subnets)
 
 
+def cmd_gc(conf: dict[str, Any], raw: bytes, env: Env, version: str) -> None:
+    """GC (CNI 1.1): remove host ends on this bridge that belong to no valid attachment, then let
+    the IPAM release addresses. Only Corral's own links are touched: ``vethr*`` veths enslaved to
+    this plugin's bridge (another runtime's ports on the same bridge are left alone)."""
+    from ._main import valid_attachments
+
+    c = parse_conf(conf, env.args)
+    valid = valid_attachments(conf)
+    keep = {host_veth_name(cid, ifn) for cid, ifn in valid if len(cid) >= 10}
+    with Netlink() as nl:
+        br = nl.get_link(c.bridge)
+        if br is not None and br.kind == "bridge":
+            for ln in nl.links():
+                if ln.master == br.index and ln.kind == "veth" and ln.name.startswith("vethr") \
+                        and ln.name not in keep:
+                    nl.del_link(ln.index)
+    run_ipam("GC", conf, raw, env, version)
+
+
 def cmd_check(conf: dict[str, Any], raw: bytes, env: Env, version: str) -> None:
     c = parse_conf(conf, env.args)
     if not isinstance(conf.get("prevResult"), dict):

@@ -365,6 +365,46 @@ def local_check(cfg: LocalConfig, container_id: str, ifname: str) -> list[int]:
     return mine
 
 
+def local_gc(cfg: LocalConfig, valid: set[tuple[str, str]]) -> list[int]:
+    """GC (CNI 1.1): release every allocation whose (containerID, ifname) is not in ``valid``."""
+    if not os.path.isdir(os.path.join(cfg.data_dir, cfg.name)):
+        return []
+    keep = {cid.strip() + LINE_BREAK + ifn for cid, ifn in valid}
+    gone = []
+    with Store(cfg.data_dir, cfg.name) as st:
+        for ip, content in st.allocations().items():
+            if content not in keep:
+                try:
+                    os.unlink(os.path.join(st.dir, ntoa(ip)))
+                    gone.append(ip)
+                except FileNotFoundError:
+                    pass
+    return sorted(gone)
+
+
+def local_status(cfg: LocalConfig) -> None:
+    """STATUS (CNI 1.1): 50 when the store cannot be used, 51 when every range set is full."""
+    try:
+        st = Store(cfg.data_dir, cfg.name)
+    except OSError as e:
+        raise CniError(50, "IPAM store unavailable", str(e)) from None
+    with st:
+        taken = set(st.allocations())
+    for idx, rs in enumerate(cfg.rangesets):
+        if pick(rs, taken, None) is None:
+            raise CniError(51, "no IP addresses available in range set: " + ",".join(r.text() for r in rs),
+                           f"range set {idx}")
+
+
+def metadata_status(cfg: MetadataConfig) -> None:
+    from ._metadata import MetadataError, get_json
+
+    try:
+        get_json(cfg.address, "/2015-12-19/version", 2.0)
+    except MetadataError as e:
+        raise CniError(50, "metadata unreachable", str(e)) from None
+
+
 # -- metadata mode -------------------------------------------------------------------------------
 
 

@@ -59,6 +59,21 @@ def _requested(conf: dict[str, Any], env: Env) -> list[str]:
     return out
 
 
+def valid_attachments(conf: dict[str, Any]) -> set[tuple[str, str]]:
+    """GC's ``cni.dev/valid-attachments``: the (containerID, ifname) pairs to keep."""
+    from ._proto import E_INVALID_CONFIG
+
+    raw = conf.get("cni.dev/valid-attachments")
+    if raw is None:
+        raw = []
+    if not isinstance(raw, list) or not all(
+            isinstance(a, dict) and isinstance(a.get("containerID"), str) and isinstance(a.get("ifname"), str)
+            for a in raw):
+        raise CniError(E_INVALID_CONFIG, "invalid cni.dev/valid-attachments",
+                       "need a list of {containerID, ifname}")
+    return {(a["containerID"], a["ifname"]) for a in raw}
+
+
 def ipam_command(command: str, conf: dict[str, Any], env: Env, version: str) -> Result | None:
     from . import _ipam
 
@@ -71,10 +86,17 @@ def ipam_command(command: str, conf: dict[str, Any], env: Env, version: str) -> 
             _ipam.local_del(cfg, env.container_id, env.ifname)
         elif command == "CHECK":
             _ipam.local_check(cfg, env.container_id, env.ifname)
+        elif command == "GC":
+            _ipam.local_gc(cfg, valid_attachments(conf))
+        elif command == "STATUS":
+            _ipam.local_status(cfg)
         return None
     mcfg = _ipam.parse_metadata(conf, os.environ)
+    if command == "STATUS":
+        _ipam.metadata_status(mcfg)
+        return None
     if command != "ADD":
-        return None  # metadata mode keeps no local state: DEL/CHECK are metadata-free
+        return None  # metadata mode keeps no local state: DEL/CHECK/GC are metadata-free
     fixed = env.args.get("IPAddress")
     if fixed:
         _ipam.parse_cidr(fixed)
@@ -92,10 +114,12 @@ def run(role: str, stdin: bytes, environ: Any) -> tuple[int, str]:
             return 0, _js.dumps(version_info(conf))
         version = config_version(conf)
         env = parse_env(environ, version)
-        if env.command not in ("ADD", "DEL", "CHECK"):
+        if env.command not in ("ADD", "DEL", "CHECK", "GC", "STATUS"):
             raise CniError(E_PLUGIN if version in LEGACY else 4, f"unknown CNI_COMMAND: {env.command}")
         if env.command == "CHECK" and not at_least(version, "0.4.0"):
             raise CniError(E_INCOMPATIBLE, "config version does not allow CHECK")
+        if env.command in ("GC", "STATUS") and not at_least(version, "1.1.0"):
+            raise CniError(E_INCOMPATIBLE, f"config version does not allow {env.command}")
         check_unknown_args(env.args)
         if role == "bridge":
             from . import _bridge
@@ -104,8 +128,12 @@ def run(role: str, stdin: bytes, environ: Any) -> tuple[int, str]:
                 return 0, dumps(render(_bridge.cmd_add(conf, stdin, env, version), version))
             if env.command == "DEL":
                 _bridge.cmd_del(conf, stdin, env, version)
-            else:
+            elif env.command == "CHECK":
                 _bridge.cmd_check(conf, stdin, env, version)
+            elif env.command == "GC":
+                _bridge.cmd_gc(conf, stdin, env, version)
+            else:
+                _bridge.run_ipam("STATUS", conf, stdin, env, version)
             return 0, ""
         res = ipam_command(env.command, conf, env, version)
         return 0, (dumps(render(res, version)) if res is not None else "")

@@ -15,7 +15,8 @@ if TYPE_CHECKING:
 else:
     from ._record import record as dataclass
 
-SUPPORTED = ("0.1.0", "0.2.0", "0.3.0", "0.3.1", "0.4.0", "1.0.0")
+SUPPORTED = ("0.1.0", "0.2.0", "0.3.0", "0.3.1", "0.4.0", "1.0.0", "1.1.0")
+WITH_IP_VERSION = ("0.3.0", "0.3.1", "0.4.0")
 LEGACY = ("0.1.0", "0.2.0")
 
 # CNI error codes (spec §7); 100 is the originals' catch-all.
@@ -94,6 +95,8 @@ def required_env(command: str, version: str) -> tuple[str, ...]:
         need = ("CNI_IFNAME", "CNI_PATH")
     elif command == "CHECK":
         need = ("CNI_NETNS", "CNI_IFNAME", "CNI_PATH")
+    elif command in ("GC", "STATUS"):
+        return ("CNI_PATH",)  # no container: CNI_CONTAINERID/NETNS/IFNAME are not sent
     else:
         return ()
     if version not in LEGACY:
@@ -237,7 +240,7 @@ def render(result: Result, version: str) -> dict[str, Any]:
     ips = []
     for ip in result.ips:
         o: dict[str, Any] = {}
-        if version != "1.0.0":
+        if version in WITH_IP_VERSION:
             o["version"] = "4" if _ipv4(ip["address"]) else "6"
         if "interface" in ip:
             o["interface"] = ip["interface"]

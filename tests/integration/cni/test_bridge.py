@@ -16,7 +16,7 @@ from tests.helpers.netns import run_in_netns, sh
 from .cnitool import addrs, cni, links, routes, sysctl
 from .conftest import Containers
 
-SUPPORTED = ["0.1.0", "0.2.0", "0.3.0", "0.3.1", "0.4.0", "1.0.0"]
+SUPPORTED = ["0.1.0", "0.2.0", "0.3.0", "0.3.1", "0.4.0", "1.0.0", "1.1.0"]
 
 
 def cid() -> str:
@@ -53,7 +53,7 @@ def check_result_schema(res: dict[str, Any], version: str, netns: str) -> tuple[
     assert ifs[2]["sandbox"] == netns and ifs[0]["name"] == "cbr0"
     (ip,) = res["ips"]
     assert ip["interface"] == 2 and ifs[ip["interface"]]["name"] == "eth0"
-    if version == "1.0.0":
+    if version in ("1.0.0", "1.1.0"):
         assert "version" not in ip
     else:
         assert ip["version"] == "4"
@@ -91,7 +91,7 @@ def test_add_check_del_per_version(bundle: Path, host_ns: str, containers: Conta
     # it works: the host reaches the container and the container its gateway
     run_in_netns(host_ns, "busybox", "ping", "-c", "1", "-w", "5", "10.77.0.2")
     run_in_netns(ns, "busybox", "ping", "-c", "1", "-w", "5", "10.77.0.1")
-    if version in ("0.4.0", "1.0.0"):
+    if version in ("0.4.0", "1.0.0", "1.1.0"):
         chk = cni(f"{bundle}/corral-bridge", host_ns, "CHECK", {**cfg, "prevResult": res}, c_id, netns)
         assert chk.rc == 0, chk.out
     # DEL (with prevResult where the version knows it) three times: always fine
@@ -103,7 +103,7 @@ def test_add_check_del_per_version(bundle: Path, host_ns: str, containers: Conta
     assert not (data_dir / "testnet" / "10.77.0.2").exists()
 
 
-@pytest.mark.parametrize("version", ["0.4.0", "1.0.0"])
+@pytest.mark.parametrize("version", ["0.4.0", "1.0.0", "1.1.0"])
 def test_check_detects_drift(bundle: Path, host_ns: str, containers: Containers, data_dir: Path,
                              version: str) -> None:
     ns = containers.new()

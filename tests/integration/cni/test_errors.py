@@ -22,7 +22,7 @@ BAD_CONFIGS: list[tuple[str, Any, int]] = [
     ("not-json", b'{"cniVersion": "1.0.0", "name": ', 6),
     ("array", b"[]", 6),
     ("unknown-version", {"cniVersion": "0.5.0"}, 1),
-    ("future-version", {"cniVersion": "1.1.0"}, 1),
+    ("future-version", {"cniVersion": "1.2.0"}, 1),
     ("no-ipam", {"ipam": None}, 7),
     ("bad-mtu", {"mtu": "big"}, 7),
     ("hairpin+promisc", {"promiscMode": True}, 7),
@@ -78,15 +78,17 @@ def test_missing_env(bundle: Path, host_ns: str, containers: Containers, data_di
 def test_missing_command_and_unknown_command(bundle: Path, host_ns: str, data_dir: Path) -> None:
     r = cni(f"{bundle}/corral-ipam", host_ns, "", conf(data_dir), cid(), "/run/netns/x", drop=("CNI_COMMAND",))
     assert r.rc == 1 and r.json["code"] == 4
+    r = cni(f"{bundle}/corral-ipam", host_ns, "FROB", conf(data_dir), cid(), "/run/netns/x")
+    assert r.rc == 1 and r.json == {"cniVersion": "1.0.0", "code": 4, "msg": "unknown CNI_COMMAND: FROB"}
     r = cni(f"{bundle}/corral-ipam", host_ns, "GC", conf(data_dir), cid(), "/run/netns/x")
-    assert r.rc == 1 and r.json == {"cniVersion": "1.0.0", "code": 4, "msg": "unknown CNI_COMMAND: GC"}
+    assert r.rc == 1 and r.json == {"cniVersion": "1.0.0", "code": 1, "msg": "config version does not allow GC"}
 
 
 def test_version_command_both_plugins(bundle: Path, host_ns: str) -> None:
     for plugin in ("corral-bridge", "corral-ipam", "rancher-bridge", "rancher-cni-ipam"):
         r = cni(f"{bundle}/{plugin}", host_ns, "VERSION", {"cniVersion": "1.0.0"}, "", "dummy", "dummy", path="dummy")
         assert r.rc == 0 and json.loads(r.out) == {
-            "cniVersion": "1.0.0", "supportedVersions": ["0.1.0", "0.2.0", "0.3.0", "0.3.1", "0.4.0", "1.0.0"]}
+            "cniVersion": "1.0.0", "supportedVersions": ["0.1.0", "0.2.0", "0.3.0", "0.3.1", "0.4.0", "1.0.0", "1.1.0"]}
         bad = cni(f"{bundle}/{plugin}", host_ns, "VERSION", {"cniVersion": "9.9.9"}, "", "dummy", "dummy")
         assert bad.rc == 1 and bad.json["code"] == 1
 

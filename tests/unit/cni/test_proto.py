@@ -54,8 +54,9 @@ def test_03x_04_results_have_ip_version(v: str) -> None:
     assert out["dns"] == {}
 
 
-def test_100_result_has_no_ip_version() -> None:
-    out = render(RES, "1.0.0")
+@pytest.mark.parametrize("v", ["1.0.0", "1.1.0"])
+def test_100_result_has_no_ip_version(v: str) -> None:
+    out = render(RES, v)
     assert out["ips"] == [{"interface": 2, "address": "10.42.18.7/16", "gateway": "10.42.0.1"}]
     assert list(out) == ["cniVersion", "interfaces", "ips", "routes", "dns"]
 
@@ -73,7 +74,7 @@ def test_missing_version_means_010_and_unknown_is_code_1() -> None:
     with pytest.raises(CniError) as e:
         config_version({"cniVersion": "0.3.2"})
     assert e.value.code == 1 and e.value.msg == "incompatible CNI versions"
-    assert e.value.details == 'config is "0.3.2", plugin supports ["0.1.0","0.2.0","0.3.0","0.3.1","0.4.0","1.0.0"]'
+    assert e.value.details == 'config is "0.3.2", plugin supports ["0.1.0","0.2.0","0.3.0","0.3.1","0.4.0","1.0.0","1.1.0"]'
 
 
 def test_version_info_echoes_the_callers_version() -> None:
