@@ -505,7 +505,7 @@ class HAProxy:
     async def _check_config(self, text: str, quiet: bool = False) -> None:
         path = os.path.join(self.s.state_dir, "haproxy.cfg.new")
         _atomic_write(path, text)
-        p = await asyncio.create_subprocess_exec(self.s.binary, "-c", "-q", "-f", path,
+        p = await asyncio.create_subprocess_exec(self.s.binary, "-c", "-f", path,
                                                  stdout=asyncio.subprocess.PIPE,
                                                  stderr=asyncio.subprocess.STDOUT)
         out, _ = await p.communicate()

@@ -7,7 +7,7 @@ import signal
 from pathlib import Path
 
 from healthcheck.desired import desired_from_tree
-from healthcheck.haproxy import HAProxy, StatRow
+from healthcheck.haproxy import HAProxy, HAProxySettings, StatRow
 from tests.integration.healthcheck.common import container, hc, tree, until
 
 
@@ -149,12 +149,12 @@ async def test_rejected_profile_is_quarantined_and_retried(tmp_path: Path, flaky
     import asyncio
     import contextlib
 
-    from healthcheck.haproxy import HAProxySettings, InvalidConfig
+    from healthcheck.haproxy import InvalidConfig
 
     flag = tmp_path / "reject"
     wrapper = tmp_path / "haproxy-wrapper"
     wrapper.write_text("#!/bin/sh\n"
-                       f'if [ "$1" = "-c" ] && [ -e {flag} ] && grep -q "/reject-me" "$4"; then\n'
+                       f'if [ "$1" = "-c" ] && [ -e {flag} ] && grep -q "/reject-me" "$3"; then\n'
                        '  echo "[ALERT] (1) : config : fake rejection of /reject-me"; exit 1; fi\n'
                        'exec haproxy "$@"\n')
     wrapper.chmod(0o755)
@@ -182,3 +182,42 @@ async def test_rejected_profile_is_quarantined_and_retried(tmp_path: Path, flaky
     finally:
         await h.stop()
         await asyncio.sleep(0)
+
+
+async def test_haproxy_runs_unprivileged(tmp_path: Path, flaky_factory) -> None:
+    """HAProxy needs no privilege: run it as `nobody` (via a --haproxy-bin wrapper) with the same config."""
+    import pwd
+    import shutil
+
+    import pytest
+
+    if os.geteuid() != 0 or shutil.which("setpriv") is None:
+        pytest.skip("needs root and setpriv to switch to nobody")
+    import tempfile
+
+    nobody = pwd.getpwnam("nobody")
+    base = Path(tempfile.mkdtemp(prefix="corral-hc-nobody-"))  # pytest's tmp dirs are 0700
+    os.chmod(base, 0o755)
+    sd = base / "hc"
+    sd.mkdir()
+    os.chown(sd, nobody.pw_uid, nobody.pw_gid)
+    wrapper = base / "haproxy-nobody"
+    wrapper.write_text(f"#!/bin/sh\nexec setpriv --reuid {nobody.pw_uid} --regid {nobody.pw_gid} --clear-groups "
+                       'haproxy "$@"\n')
+    wrapper.chmod(0o755)
+    h = HAProxy(HAProxySettings(state_dir=str(sd), binary=str(wrapper)))
+    try:
+        ok = await flaky_factory("ok")
+        await h.apply(desired_from_tree(tree([container("a", hc(ok.port))])))
+        await until(lambda: _count_up(h, 1), what="UP")
+        pid = h.pid
+        assert pid is not None
+        uid = next(int(ln.split()[1]) for ln in Path(f"/proc/{pid}/status").read_text().splitlines()  # noqa: ASYNC240
+                   if ln.startswith("Uid:"))
+        assert uid == nobody.pw_uid
+        st = os.stat(h.s.socket_path)
+        assert st.st_uid == nobody.pw_uid and oct(st.st_mode & 0o777) == "0o600"
+        assert _listening_inodes(pid) == set()
+    finally:
+        await h.stop()
+        shutil.rmtree(base, ignore_errors=True)
