@@ -100,10 +100,11 @@ def build_objects(store: Store, seed: int = 0) -> list[dict[str, Any]]:
             "network_uuid": c.get("network_uuid"), "network_from_container_uuid": c.get("network_from_container_uuid"),
             "environment_uuid": env_uuid, "create_index": c.get("create_index"), "start_count": c.get("start_count"),
             "memory_reservation": c.get("memory_reservation"), "milli_cpu_reservation": c.get("milli_cpu_reservation"),
-            "system": bool(c.get("system")), "ips": list(c.get("ips") or []), "ports": list(c.get("ports") or []),
-            "expose": list(c.get("expose") or []), "dns": list(c.get("dns") or []),
-            "dns_search": list(c.get("dns_search") or []), "health_check_hosts": reporters,
-            "labels": dict(c.get("labels") or {}), "health_check": hc,
+            # stored objects are never mutated in place (updates replace them), so no copies here
+            "system": bool(c.get("system")), "ips": c.get("ips") or [], "ports": c.get("ports") or [],
+            "expose": c.get("expose") or [], "dns": c.get("dns") or [],
+            "dns_search": c.get("dns_search") or [], "health_check_hosts": reporters,
+            "labels": c.get("labels") or {}, "health_check": hc,
             "service_name": c.get("launch_config_name") if svc else None, "service_uuid": c.get("service_uuid"),
             "stack_name": st.get("name"), "stack_uuid": c.get("stack_uuid"),
         })
@@ -146,10 +147,8 @@ def build_objects(store: Store, seed: int = 0) -> list[dict[str, Any]]:
 
 
 def digest(objects: Sequence[dict[str, Any]]) -> str:
-    h = hashlib.sha256()
-    for o in objects:
-        h.update(orjson.dumps(o, option=orjson.OPT_SORT_KEYS))
-    return h.hexdigest()
+    """Content digest: sha256 of the objects as they go on the wire (built in a fixed key order)."""
+    return hashlib.sha256(b"".join(orjson.dumps(o) for o in objects)).hexdigest()
 
 
 def version_string(revision: int, objects: Sequence[dict[str, Any]]) -> str:
@@ -163,16 +162,17 @@ def _host_obj(objects: Sequence[dict[str, Any]], host_uuid: str | None) -> dict[
     return None
 
 
-def v2_stream(objects: Sequence[dict[str, Any]], version: str, self_host: str | None) -> bytes:
-    """Raw DEFLATE (wbits -15) of the concatenated JSON objects plus ``defaultData``."""
+def v2_stream(objects: Sequence[dict[str, Any]], version: str, self_host: str | None,
+              body: bytes | None = None) -> bytes:
+    """Raw DEFLATE (wbits -15) of the concatenated JSON objects plus ``defaultData``
+    (``body``: the objects already serialized and concatenated)."""
     host = _host_obj(objects, self_host)
     default = {"metadata_kind": "defaultData", "version": version,
                "self": {"host": host if host is not None else ({"uuid": self_host} if self_host else None)}}
+    if body is None:
+        body = b"".join(orjson.dumps(o) for o in objects)
     comp = zlib.compressobj(6, zlib.DEFLATED, -15)
-    parts = [comp.compress(orjson.dumps(o)) for o in objects]
-    parts.append(comp.compress(orjson.dumps(default)))
-    parts.append(comp.flush())
-    return b"".join(parts)
+    return comp.compress(body) + comp.compress(orjson.dumps(default)) + comp.flush()
 
 
 # -- v1 document (1.2 format) ------------------------------------------------------------
@@ -296,14 +296,15 @@ class Answers:
     def __init__(self, store: Store, seed: int) -> None:
         self.revision = store.revision
         self.objects = build_objects(store, seed)
-        self.version = version_string(self.revision, self.objects)
+        self._body = b"".join(orjson.dumps(o) for o in self.objects)
+        self.version = f"{self.revision}-{hashlib.sha256(self._body).hexdigest()[:8]}"
         self._v2: dict[str | None, bytes] = {}
         self._v1: dict[str | None, bytes] = {}
 
     def v2(self, self_host: str | None) -> bytes:
         body = self._v2.get(self_host)
         if body is None:
-            body = self._v2[self_host] = v2_stream(self.objects, self.version, self_host)
+            body = self._v2[self_host] = v2_stream(self.objects, self.version, self_host, self._body)
         return body
 
     def v1(self, self_host: str | None) -> bytes:
