@@ -307,3 +307,38 @@ async def _gone(pid: int) -> bool:
     except ProcessLookupError:
         return True
     return False
+
+
+async def test_unrelated_metadata_changes_cause_no_reload_and_no_command(
+        metadata: Metadata, daemon: Daemon, server: StandInReports, flaky_factory: Any) -> None:
+    ok = await flaky_factory("ok")
+    mine = [container("a", hc(ok.port)), container("b", hc(ok.port))]
+    metadata.write(tree(mine))
+    await reported(server, "_a_", "UP", 0, 10)
+    await reported(server, "_b_", "UP", 0, 10)
+    url = f"http://127.0.0.1:{daemon.admin_port}/metrics"
+
+    def counters(text: str) -> tuple[str, ...]:
+        keep = ("corral_healthcheck_runtime_commands_total", "corral_healthcheck_haproxy_reloads_total",
+                "corral_reconcile_applies_total")
+        return tuple(sorted(ln for ln in text.splitlines() if ln.startswith(keep)))
+
+    text0 = await asyncio.to_thread(_get, url)
+    before = counters(text0)
+    n = len(await asyncio.to_thread(server.entries))
+    pid = daemon.haproxy_pid()
+    for i in range(10):  # another host's containers come and go
+        other = [container(f"o{j}", hc(ok.port), hosts=("host-z-uuid",)) for j in range(i)]
+        metadata.write(tree(mine + other))
+        await asyncio.sleep(0.15)
+    await asyncio.sleep(0.5)
+    text1 = await asyncio.to_thread(_get, url)
+    assert _fetches(text1) >= _fetches(text0) + 10, "the daemon did read the new versions"
+    assert counters(text1) == before
+    assert daemon.haproxy_pid() == pid
+    assert len(await asyncio.to_thread(server.entries)) == n
+
+
+def _fetches(text: str) -> float:
+    return sum(float(ln.rsplit(" ", 1)[1]) for ln in text.splitlines()
+               if ln.startswith('corral_metadata_client_fetches_total{outcome="ok"}'))
