@@ -24,6 +24,7 @@ from dnslib import CNAME as RD_CNAME
 from dnslib import NS as RD_NS
 from dnslib import PTR as RD_PTR
 from dnslib import QTYPE, RR, SOA, A, DNSHeader, DNSLabel, DNSQuestion, DNSRecord
+from dnslib import TXT as RD_TXT
 
 from dns import wire
 from dns.table import ZONE, Table, in_zone, resolve, resolve_chain
@@ -111,6 +112,12 @@ def prepare(name: str | DNSLabel, qtype: int, rcode: int, answers: list[RR], aut
                     tuple(rests), kind)
 
 
+def _chunks(text: str) -> list[bytes]:
+    """A TXT string longer than 255 bytes becomes several character-strings (the original dropped it)."""
+    b = text.encode()
+    return [b[i : i + 255] for i in range(0, len(b), 255)] or [b""]
+
+
 def _a_rrs(owner: str | DNSLabel, ips: tuple[str, ...], ttl: int) -> list[RR]:
     return [RR(owner, QTYPE.A, ttl=ttl, rdata=A(ip)) for ip in ips]
 
@@ -168,12 +175,16 @@ def _decide(table: Table, view_key: str, name: str, qtype: int, ptr: bool, forwa
         rrs = [RR(asked if o == name else o, QTYPE.CNAME, ttl=ttl, rdata=RD_CNAME(t)) for o, t in chain]
         if final is not None:
             rttl = final.ttl if final.ttl is not None else ttl
-            if qtype == wire.A:
+            if qtype == wire.A and final.a:
                 owner: str | DNSLabel = chain[-1][1] if chain else asked
                 return prepare(asked, qtype, wire.NOERROR, rrs + _a_rrs(owner, final.a, rttl),
                                rotate_last=len(final.a))
             if qtype == wire.CNAME and rrs:
                 return prepare(asked, qtype, wire.NOERROR, rrs[:1])
+            if qtype == wire.TXT and final.txt:
+                towner = chain[-1][1] if chain else asked
+                txts = [RR(towner, QTYPE.TXT, ttl=rttl, rdata=RD_TXT(_chunks(t))) for t in final.txt]
+                return prepare(asked, qtype, wire.NOERROR, rrs + txts)
             return prepare(asked, qtype, wire.NOERROR, rrs, [_soa(table)], kind="nodata")
         target = chain[-1][1]
         if qtype in (wire.A, wire.AAAA) and not in_zone(target):

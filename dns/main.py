@@ -307,8 +307,15 @@ class Daemon:
             if not self.args.recurser:
                 with contextlib.suppress(OSError):
                     if os.stat(self.args.resolv_conf).st_mtime != self._resolv_mtime:
+                        log.info("resolv.conf changed, re-reading upstreams", path=self.args.resolv_conf)
                         self.engine.fallback_recursers = self.default_recurse()
-                        self._reload_now.set()
+                        if client_mode:
+                            self._reload_now.set()
+                        else:
+                            try:
+                                self.load_file()
+                            except ConfigError as e:
+                                log.error("reload failed, keeping the old answers", error=str(e))
 
     # -------------------------------------------------------------- file mode
     def load_file(self) -> None:

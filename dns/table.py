@@ -46,11 +46,12 @@ RUNNING = frozenset({"running", "starting"})
 
 @dataclass(frozen=True)
 class Rec:
-    """What one name holds in one view: an A set, or a CNAME (never both)."""
+    """What one name holds in one view: an A set, or a CNAME (never both); TXT from answers files."""
 
     a: tuple[str, ...] = ()
     cname: str | None = None
     ttl: int | None = None
+    txt: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -423,6 +424,12 @@ def build_from_answers(answers: Mapping[str, Any], settings: Settings, generatio
             if not all(isinstance(i, str) and _ip4(i) for i in ips):
                 raise ValueError(f"view {key!r}: A record {name!r} has a non-IPv4 answer")
             recs[fqdn(name)] = Rec(a=tuple(ips), ttl=ttl if isinstance(ttl, int) else None)
+        for name, body in _d(v.get("txt")).items():
+            texts = _l(_d(body).get("answer")) if isinstance(body, dict) else _l(body)
+            if not all(isinstance(x, str) for x in texts):
+                raise ValueError(f"view {key!r}: TXT record {name!r} must be a list of strings")
+            old = recs.get(fqdn(name))
+            recs[fqdn(name)] = Rec(a=old.a if old else (), ttl=old.ttl if old else None, txt=tuple(texts))
         for name, body in _d(v.get("cname")).items():
             target = _s(_d(body).get("answer")) if isinstance(body, dict) else _s(body)
             if not target:

@@ -222,3 +222,25 @@ def test_rebuild_helper_dies_with_the_daemon(tmp_path: Path) -> None:
         for k in kids:
             if _alive(k):
                 os.kill(int(k), 9)
+
+
+def test_resolv_conf_change_switches_upstream(tmp_path: Path) -> None:
+    """No --recurser: upstreams come from resolv.conf (loopback entries are dropped like the
+    original does, so a loopback test upstream is only reachable via the answers file's
+    default recurse list); a resolv.conf change is picked up without a restart."""
+    resolv = tmp_path / "resolv.conf"
+    resolv.write_text("nameserver 127.0.0.1\n")  # dropped (loopback): falls back to nothing usable
+    f = tmp_path / "answers.json"
+    f.write_text(json.dumps({"default": {"recurse": ["127.0.0.1:9"]}}))
+    d = start_dns("--answers", str(f), "--resolv-conf", str(resolv), recursers=[])
+    try:
+        assert RCODE[d.ask("x.example.").header.rcode] == "SERVFAIL"  # 127.0.0.1:9 refuses
+        assert "resolv.conf changed" not in d.proc.log()
+        time.sleep(0.01)
+        resolv.write_text("nameserver 127.0.0.1\nnameserver 169.254.169.250\n")
+        deadline = time.monotonic() + 5
+        while "resolv.conf changed" not in d.proc.log():
+            assert time.monotonic() < deadline, "resolv.conf change not noticed"
+            time.sleep(0.05)
+    finally:
+        d.proc.stop()

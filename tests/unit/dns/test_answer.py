@@ -170,3 +170,26 @@ def test_truncation_by_rrset_udp_only() -> None:
     pb = wire.parse_query(big.pack())
     full = DNSRecord.parse(d.render(pb, 0, tcp=False))
     assert not full.header.tc and len(full.rr) == 60
+
+
+def test_txt_from_answers_file_split_into_255_byte_strings() -> None:
+    from dns.table import build_from_answers
+
+    t = build_from_answers({"default": {"txt": {"t.rancher.internal.": {"answer": ["x" * 600, "short"]}},
+                                        "a": {"t.rancher.internal.": ["10.0.0.1"]}}}, Settings())
+    q = DNSRecord.question("t.rancher.internal.", "TXT").pack()
+    pq = wire.parse_query(bytes(q))
+    d = decide(t, "", pq.name, pq.qtype, qkey=pq.qkey)
+    assert isinstance(d, Prepared)
+    r = DNSRecord.parse(d.render(pq, 0, True))
+    assert [[len(c) for c in x.rdata.data] for x in r.rr] == [[255, 255, 90], [5]]
+    qa = wire.parse_query(bytes(DNSRecord.question("t.rancher.internal.", "A").pack()))
+    da = decide(t, "", qa.name, qa.qtype, qkey=qa.qkey)
+    assert isinstance(da, Prepared)
+    assert {str(x.rdata) for x in DNSRecord.parse(da.render(qa, 0, False)).rr} == {"10.0.0.1"}
+    t2 = build_from_answers({"default": {"txt": {"only.rancher.internal.": ["hello"]}}}, Settings())
+    qo = wire.parse_query(bytes(DNSRecord.question("only.rancher.internal.", "A").pack()))
+    do = decide(t2, "", qo.name, qo.qtype, qkey=qo.qkey)
+    assert isinstance(do, Prepared)
+    ro = DNSRecord.parse(do.render(qo, 0, False))
+    assert ro.header.rcode == 0 and not ro.rr and ro.auth[0].rtype == QTYPE.SOA  # NODATA, not an empty A

@@ -164,3 +164,5 @@ def test_answers_file() -> None:
         build_from_answers({"default": {"a": {"x.": ["not-an-ip"]}}}, ST)
     with pytest.raises(ValueError):
         build_from_answers(["x"], ST)  # type: ignore[arg-type]
+    with pytest.raises(ValueError):
+        build_from_answers({"default": {"txt": {"x.": [1]}}}, ST)
