@@ -78,8 +78,13 @@ class Journal:
         deadline = asyncio.get_running_loop().time() + timeout
         scanned = since
         while True:
-            for e in self._entries:
-                if e["seq"] > scanned and _match(e, kind, name, since, id, status, conn):
+            fresh: list[dict[str, Any]] = []
+            for e in reversed(self._entries):  # only what arrived since the last look
+                if e["seq"] <= scanned:
+                    break
+                fresh.append(e)
+            for e in reversed(fresh):
+                if _match(e, kind, name, since, id, status, conn):
                     return e
             scanned = max(scanned, self.seq)
             left = deadline - asyncio.get_running_loop().time()
