@@ -53,6 +53,7 @@ class BridgeConf:
     skip_bridge_ip: bool
     ipam: dict[str, Any]
     dns: dict[str, Any]
+    skip_fast_path: bool = False
 
 
 def _bool(conf: dict[str, Any], key: str) -> bool:
@@ -106,7 +107,8 @@ def parse_conf(conf: dict[str, Any], args: dict[str, str]) -> BridgeConf:
         raise CniError(E_INVALID_CONFIG, "invalid config: dns must be an object")
     return BridgeConf(name, br, subnet, bip, _bool(conf, "isGateway") or is_dgw, is_dgw,
                       _bool(conf, "useBridgeIPAsGateway"), _bool(conf, "ipMasq"), _int(conf, "mtu"),
-                      overhead, hairpin, promisc, _bool(conf, "skipBridgeConfigureIP"), ipam, dns)
+                      overhead, hairpin, promisc, _bool(conf, "skipBridgeConfigureIP"), ipam, dns,
+                      skip_fast_path=_bool(conf, "skipFastPath"))
 
 
 def host_veth_name(container_id: str, ifname: str = "eth0") -> str:
@@ -273,15 +275,28 @@ def cmd_add(conf: dict[str, Any], raw: bytes, env: Env, version: str) -> Result:
         baddr = bridge_address(c)
         if baddr is not None:
             add_addr(nl, br.index, *baddr)
-        mac = env.args.get("MACAddress") or env.args.get("MAC") or ""
-        if c.ipam.get("type") in OWN_IPAM and not _ipam.is_local(c.ipam) and not mac:
+        fast = None
+        if not c.skip_fast_path and not _ipam.is_local(c.ipam):
+            # the originals' fast path: IP and MAC from the container's Docker labels
+            from . import _docker
+
+            fast = _docker.fast_path(_docker.labels(
+                env.container_id, os.environ.get("DOCKER_HOST") or "unix:///var/run/docker.sock"))
+        mac = (fast[1] if fast else "") or env.args.get("MACAddress") or env.args.get("MAC") or ""
+        if fast is None and c.ipam.get("type") in OWN_IPAM and not _ipam.is_local(c.ipam) and not mac:
             # metadata mode: the record carries the MAC too (one lookup for both, cni.md §3 step 6)
             from ._main import metadata_record
 
             rec = metadata_record(conf, env)
             mac = mac or rec.get("primary_mac_address") or ""
-        ipam_res = run_ipam("ADD", conf, raw, env, version)
-        ipam_done = True
+        if fast is not None:
+            _ipam.parse_cidr(fast[0])
+            # IP only from the labels; unlike the original, the configured IPAM routes still apply
+            ipam_res: Result | None = Result([], [{"address": fast[0]}],
+                                             [dict(r) for r in _ipam.parse_routes(c.ipam.get("routes"))], {})
+        else:
+            ipam_res = run_ipam("ADD", conf, raw, env, version)
+            ipam_done = True
         assert ipam_res is not None
         bridge_ip = None
         if c.use_bridge_ip_as_gateway:

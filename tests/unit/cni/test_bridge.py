@@ -76,3 +76,17 @@ def test_masq_chain_name_matches_upstream_formula() -> None:
     h = hashlib.sha512(b"mynetabc").hexdigest()
     assert _bridge.masq_chain("mynet", "abc") == "CNI-" + h[:24]
     assert len(_bridge.masq_chain("mynet", "abc")) == 28
+
+
+def test_fast_path_labels() -> None:
+    from corral_cni._docker import fast_path, labels
+
+    both = {"io.rancher.container.ip": "10.42.1.2/16", "io.rancher.container.mac_address": "02:42:0a:2a:01:02"}
+    assert fast_path(both) == ("10.42.1.2/16", "02:42:0a:2a:01:02")
+    ann = {**both, "annotation.io.rancher.container.ip": "10.42.9.9/16"}
+    assert fast_path(ann) == ("10.42.9.9/16", "02:42:0a:2a:01:02")  # annotation first, as the original
+    assert fast_path({"io.rancher.container.ip": "10.42.1.2/16"}) is None
+    assert fast_path(None) is None and fast_path({}) is None
+    assert labels("abc", "unix:///nonexistent/docker.sock") is None
+    assert labels("abc", "npipe:////./pipe/docker") is None
+    assert labels("../x", "unix:///var/run/docker.sock") is None
