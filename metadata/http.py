@@ -25,8 +25,8 @@ from typing import Any
 from urllib.parse import parse_qs
 
 from agents.log import get_logger
-from metadata.lookup import Response, bad_request, respond, router_404, unavailable
-from metadata.render import negotiate
+from metadata.lookup import Deferred, Response, bad_request, finish, respond, router_404, unavailable
+from metadata.render import negotiate, render_steps
 from metadata.store import Snapshot, empty_snapshot
 
 __all__ = ["MetadataServer"]
@@ -40,6 +40,7 @@ CACHE_BYTES = 512 * 1024 * 1024
 _ROUTER_404 = router_404()
 _BAD = bad_request()
 _BUSY = unavailable()
+_INTERNAL = unavailable("render failed")
 
 
 class _Generation:
@@ -66,6 +67,31 @@ class _Waiter:
         self.timer: asyncio.TimerHandle | None = None
 
 
+class _Parked:
+    """A request waiting for its big response to be rendered in slices."""
+
+    __slots__ = ("conn", "job", "keep", "method")
+
+    def __init__(self, conn: _Conn, job: _Render, method: bytes, keep: bool) -> None:
+        self.conn = conn
+        self.job = job
+        self.method = method
+        self.keep = keep
+
+
+class _Render:
+    __slots__ = ("gen", "key", "parked", "task")
+
+    def __init__(self, gen: _Generation, key: tuple[str, str, str]) -> None:
+        self.gen = gen
+        self.key = key
+        self.parked: set[_Parked] = set()
+        self.task: asyncio.Task[None] | None = None
+
+
+RENDER_BUDGET = 0.005  # seconds of rendering per loop turn for big responses
+
+
 class MetadataServer:
     """Serves the current snapshot; ``swap(snap)`` installs a new one."""
 
@@ -78,6 +104,7 @@ class MetadataServer:
         self.max_waiters = max_waiters
         self.gen = _Generation(empty_snapshot())
         self.waiters: set[_Waiter] = set()
+        self.renders: dict[tuple[int, str, str, str], _Render] = {}
         self.conns: set[_Conn] = set()
         self.stats: dict[tuple[str, int], int] = stats if stats is not None else {}
         self._servers: list[asyncio.AbstractServer] = []
@@ -107,6 +134,9 @@ class MetadataServer:
             s.close()
         for w in list(self.waiters):
             self._drop(w)
+        for job in list(self.renders.values()):
+            if job.task is not None:
+                job.task.cancel()
         for c in list(self.conns):
             if c.transport is not None:
                 c.transport.close()
@@ -150,7 +180,7 @@ class MetadataServer:
         for w in list(self.waiters):
             k = (w.path, self._client_key(w.path, w.ip), w.old)
             if k not in seen:
-                r = self.lookup(w.path, "", "text", w.ip)
+                r = self.lookup_text(w.path, w.ip)
                 seen[k] = r if (r.value_text is not None and r.value_text != w.old) else None
             if seen[k] is not None:
                 self._finish(w)
@@ -168,16 +198,73 @@ class MetadataServer:
             return None
         return snap.container_key(ref.decode("latin-1").strip())
 
-    def lookup(self, path: str, query: str, fmt: str, ip: str) -> Response:
+    def lookup(self, path: str, query: str, fmt: str, ip: str) -> Response | Deferred:
         g = self.gen
         key = (path, fmt, self._client_key(path, ip))
         r = g.cache.get(key)
         if r is None:
-            r, cacheable = respond(g.snap, path, query, fmt, ip)
-            if cacheable and len(g.cache) < CACHE_ENTRIES and g.bytes + len(r.body) < CACHE_BYTES:
-                g.cache[key] = r
-                g.bytes += len(r.body) + len(r.head)
+            res, cacheable = respond(g.snap, path, query, fmt, ip, defer=fmt != "text")
+            if isinstance(res, Deferred):
+                return res
+            r = res
+            if cacheable:
+                self._store(g, key, r)
         return r
+
+    def lookup_text(self, path: str, ip: str) -> Response:
+        r = self.lookup(path, "", "text", ip)
+        assert isinstance(r, Response)  # text is never deferred
+        return r
+
+    @staticmethod
+    def _store(g: _Generation, key: tuple[str, str, str], r: Response) -> None:
+        if len(g.cache) < CACHE_ENTRIES and g.bytes + len(r.body) < CACHE_BYTES:
+            g.cache[key] = r
+            g.bytes += len(r.body) + len(r.head)
+
+    # ------------------------------------------------------------------ big responses
+    def park(self, conn: _Conn, d: Deferred, path: str, ip: str, method: bytes, keep: bool) -> None:
+        """Answer ``conn`` once ``d`` is rendered; one render per (generation, path, format, client)."""
+        g = self.gen
+        key = (path, d.fmt, self._client_key(path, ip))
+        jk = (id(g), *key)
+        job = self.renders.get(jk)
+        if job is None or job.gen is not g:
+            job = _Render(g, key)
+            self.renders[jk] = job
+            job.task = asyncio.get_running_loop().create_task(self._render(jk, job, d))
+        p = _Parked(conn, job, method, keep)
+        job.parked.add(p)
+        conn.waiter = p
+
+    async def _render(self, jk: tuple[int, str, str, str], job: _Render, d: Deferred) -> None:
+        try:
+            gen = render_steps(d.value, d.fmt)
+            t0 = time.perf_counter()
+            while True:
+                try:
+                    next(gen)
+                except StopIteration as stop:
+                    body: bytes = stop.value
+                    break
+                if time.perf_counter() - t0 > RENDER_BUDGET:
+                    await asyncio.sleep(0)
+                    t0 = time.perf_counter()
+            r = finish(d, body)
+            self._store(job.gen, job.key, r)
+        except Exception as e:  # pragma: no cover - a renderer bug must not leave clients hanging
+            log.error("render failed", path=job.key[0], error=f"{type(e).__name__}: {e}")
+            r = _INTERNAL
+        finally:
+            self.renders.pop(jk, None)
+        for p in list(job.parked):
+            job.parked.discard(p)
+            c = p.conn
+            if c.waiter is p:
+                c.waiter = None
+            c.send(r, p.method, p.keep)
+            if c.transport is not None and not c.closing:
+                c.process()
 
     def fmt_for(self, accept: bytes | None) -> str:
         if not accept:
@@ -212,7 +299,12 @@ class MetadataServer:
         self.waiters.add(w)
         w.timer = asyncio.get_running_loop().call_later(max_wait, self._finish, w)
 
-    def _drop(self, w: _Waiter) -> None:
+    def _drop(self, w: _Waiter | _Parked) -> None:
+        if isinstance(w, _Parked):
+            w.job.parked.discard(w)
+            if w.conn.waiter is w:
+                w.conn.waiter = None
+            return
         self.waiters.discard(w)
         if w.timer is not None:
             w.timer.cancel()
@@ -226,6 +318,9 @@ class MetadataServer:
         self._drop(w)
         c = w.conn
         r = self.lookup(w.path, "", w.fmt, w.ip)
+        if isinstance(r, Deferred):
+            self.park(c, r, w.path, w.ip, w.method, w.keep)
+            return
         c.send(r, w.method, w.keep)
         if c.transport is not None and not c.closing:
             c.process()
@@ -239,7 +334,7 @@ class _Conn(asyncio.Protocol):
         self.transport: Any = None
         self.buf = bytearray()
         self.peer = ""
-        self.waiter: _Waiter | None = None
+        self.waiter: _Waiter | _Parked | None = None
         self.closing = False
         self.skip = 0
         self.last = time.monotonic()
@@ -376,15 +471,27 @@ class _Conn(asyncio.Protocol):
                 if self._long_poll(method, path, query, fmt, ip, keep):
                     return
                 continue
-            self.send(srv.lookup(path, query, fmt, ip), method, keep)
+            r = srv.lookup(path, query, fmt, ip)
+            if isinstance(r, Deferred):
+                srv.park(self, r, path, ip, method, keep)
+                return
+            self.send(r, method, keep)
+
+    def _answer(self, path: str, query: str, fmt: str, ip: str, method: bytes, keep: bool) -> bool:
+        """Send (or park) the response; True when the connection now waits for a render."""
+        r = self.server.lookup(path, query, fmt, ip)
+        if isinstance(r, Deferred):
+            self.server.park(self, r, path, ip, method, keep)
+            return True
+        self.send(r, method, keep)
+        return False
 
     def _long_poll(self, method: bytes, path: str, query: str, fmt: str, ip: str, keep: bool) -> bool:
         """Start a long poll; True when this connection now waits."""
         srv = self.server
         q = parse_qs(query, keep_blank_values=True)
         if q.get("wait", [""])[0] != "true" or "value" not in q:
-            self.send(srv.lookup(path, query, fmt, ip), method, keep)
-            return False
+            return self._answer(path, query, fmt, ip, method, keep)
         old = q["value"][0].encode("utf-8", "surrogateescape")
         mw_s = q.get("maxWait", [""])[0]
         try:
@@ -394,14 +501,9 @@ class _Conn(asyncio.Protocol):
         if mw <= 0:
             mw = 60
         mw = min(mw, 120)
-        r = srv.lookup(path, query, fmt, ip)
-        if r.status == 301 or r.status == 400:
-            self.send(r, method, keep)
-            return False
-        probe = r if fmt == "text" else srv.lookup(path, query, "text", ip)
-        if probe.value_text is not None and probe.value_text != old:
-            self.send(r, method, keep)
-            return False
+        probe = srv.lookup_text(path, ip)
+        if probe.status in (301, 400) or (probe.value_text is not None and probe.value_text != old):
+            return self._answer(path, query, fmt, ip, method, keep)
         if len(srv.waiters) >= srv.max_waiters:
             self.send(_BUSY, method, keep)
             return False

@@ -14,10 +14,10 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import unquote_to_bytes
 
-from metadata.render import CONTENT_TYPES, TEXT, error_body, render
+from metadata.render import CONTENT_TYPES, TEXT, error_body, needs_slices, render
 from metadata.store import Snapshot
 
-__all__ = ["MISSING", "Response", "bad_request", "clean_path", "respond", "router_404", "walk"]
+__all__ = ["MISSING", "Deferred", "Response", "bad_request", "clean_path", "finish", "respond", "router_404", "walk"]
 
 MISSING: Any = object()
 _REASONS = {200: "OK", 301: "Moved Permanently", 400: "Bad Request", 404: "Not Found",
@@ -35,6 +35,20 @@ class Response:
     family: str = "other"
     close: bool = False
     value_text: bytes | None = None  # text form of the value (long-poll comparisons); None if missing
+
+
+@dataclass(frozen=True, slots=True)
+class Deferred:
+    """A big JSON/YAML value: the HTTP layer renders it in slices, then calls :func:`finish`."""
+
+    value: Any
+    fmt: str
+    family: str
+
+
+def finish(d: Deferred, body: bytes) -> Response:
+    hdrs = [_CORS, (b"Content-Type", CONTENT_TYPES[d.fmt])]
+    return Response(200, _head(200, hdrs, len(body)), body, d.family, value_text=render(d.value, TEXT))
 
 
 def _head(status: int, headers: list[tuple[bytes, bytes]], body_len: int) -> bytes:
@@ -142,8 +156,10 @@ def root_listing(snap: Snapshot, fmt: str) -> Response:
     return _ok({n: "/" + n for n in names}, fmt, "root")
 
 
-def respond(snap: Snapshot, path: str, query: str, fmt: str, ip: str) -> tuple[Response, bool]:
-    """The response to ``GET path?query`` from ``ip`` in format ``fmt``; (response, cacheable)."""
+def respond(snap: Snapshot, path: str, query: str, fmt: str, ip: str,
+            defer: bool = False) -> tuple[Response | Deferred, bool]:
+    """The response to ``GET path?query`` from ``ip`` in format ``fmt``; (response, cacheable).
+    With ``defer``, a value too big to render in one go comes back as :class:`Deferred`."""
     if path == "/":
         return root_listing(snap, fmt), True
     cp = clean_path(path)
@@ -177,6 +193,8 @@ def respond(snap: Snapshot, path: str, query: str, fmt: str, ip: str) -> tuple[R
             val = walk(tree, low)
     if val is MISSING:
         return _error(404, "Not found", fmt, family), True
+    if defer and fmt != TEXT and needs_slices(val, fmt):
+        return Deferred(val, fmt, family), False
     try:
         return _ok(val, fmt, family), True
     except (TypeError, ValueError, OverflowError, RecursionError):  # pragma: no cover - defensive

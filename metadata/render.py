@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import json
 import math
+import re
+from collections.abc import Generator
 from typing import Any
 from urllib.parse import quote_plus
 
@@ -16,9 +18,12 @@ import yaml
 __all__ = [
     "FORMATS",
     "error_body",
+    "is_big",
+    "needs_slices",
     "negotiate",
     "render",
     "render_json",
+    "render_steps",
     "render_text",
     "render_yaml",
     "text_scalar",
@@ -153,13 +158,132 @@ def render_json(v: Any) -> bytes:
     return out
 
 
-class _Dumper(yaml.SafeDumper):
-    pass
+_SafeBase: Any = getattr(yaml, "CSafeDumper", yaml.SafeDumper)  # libyaml's emitter when available
+
+
+class _Dumper(_SafeBase):  # type: ignore[misc]
+    """Block style, sorted keys, and never anchors/aliases: the trees share objects (a service's
+    containers are the same dicts as /containers) but clients expect plain copies."""
+
+    def ignore_aliases(self, data: Any) -> bool:
+        return True
 
 
 def render_yaml(v: Any) -> bytes:
     return yaml.dump(v, Dumper=_Dumper, default_flow_style=False, sort_keys=True,
                      allow_unicode=True).encode("utf-8")
+
+
+# ---------------------------------------------------------------- big values, rendered in slices
+
+BIG_LIST = 256  # a list this long (or a map holding a list longer than SPLIT) is rendered in slices
+SPLIT = 64
+_PLAIN_KEY = re.compile(r"^[A-Za-z_][A-Za-z0-9_.-]*$")
+
+
+def is_big(v: Any) -> bool:
+    """Whether rendering ``v`` as JSON/YAML could hold the loop for long (whole trees, big lists)."""
+    if isinstance(v, list):
+        return len(v) > BIG_LIST
+    if isinstance(v, dict):
+        return any(isinstance(x, list) and len(x) > SPLIT for x in v.values())
+    return False
+
+
+def needs_slices(v: Any, fmt: str) -> bool:
+    """Whether to render ``v`` in slices off the request path rather than in one go."""
+    if fmt == JSON:
+        return is_big(v)
+    if fmt == YAML:  # PyYAML is ~50x slower than orjson: anything with nested maps goes in slices
+        return _dict_list(v) or _heavy_map(v)
+    return False
+
+
+def _json_parts(v: Any, out: list[bytes], every: int) -> Generator[None, None, None]:
+    if isinstance(v, list) and len(v) > SPLIT:
+        out.append(b"[")
+        for i, el in enumerate(v):
+            if i:
+                out.append(b",")
+            if is_big(el):
+                yield from _json_parts(el, out, every)
+            else:
+                out.append(render_json(el))
+            if i % every == every - 1:
+                yield
+        out.append(b"]")
+    elif isinstance(v, dict) and is_big(v) and all(isinstance(k, str) for k in v):
+        out.append(b"{")
+        for i, k in enumerate(sorted(v)):
+            if i:
+                out.append(b",")
+            out.append(render_json(k) + b":")
+            yield from _json_parts(v[k], out, every)
+        out.append(b"}")
+    else:
+        out.append(render_json(v))
+
+
+def _plain_map(v: Any) -> bool:
+    return isinstance(v, dict) and bool(v) and all(isinstance(k, str) and _PLAIN_KEY.match(k) for k in v)
+
+
+def _dict_list(x: Any) -> bool:
+    return isinstance(x, list) and bool(x) and any(isinstance(e, dict) for e in x)
+
+
+def _heavy_map(v: Any) -> bool:
+    """A plain-keyed map holding a list of maps (a stack, a service, a version tree)."""
+    return _plain_map(v) and any(_dict_list(x) or _heavy_map(x) for x in v.values())
+
+
+def _indent(text: bytes, first: bytes, rest: bytes) -> bytes:
+    lines = text.split(b"\n")
+    tail = lines[-1] == b""
+    body = [first + lines[0]] + [rest + ln if ln else ln for ln in lines[1:-1 if tail else None]]
+    return b"\n".join(body) + (b"\n" if tail else b"")
+
+
+def _yaml_parts(v: Any, out: list[bytes], every: int) -> Generator[None, None, None]:
+    """Block YAML of ``v`` in slices: sequences item by item, and maps holding long lists key by
+    key, recursing into items that are themselves heavy (a stack with its services...)."""
+    if isinstance(v, list) and v:
+        for i, el in enumerate(v):  # a block sequence is the concatenation of one-item sequences
+            if _heavy_map(el):
+                sub: list[bytes] = []
+                yield from _yaml_parts(el, sub, every)
+                out.append(_indent(b"".join(sub), b"- ", b"  "))
+            else:
+                out.append(render_yaml([el]))
+            if i % every == every - 1:
+                yield
+    elif _plain_map(v):
+        for k in sorted(v):
+            x = v[k]
+            if _dict_list(x):
+                out.append(k.encode() + b":\n")  # PyYAML's indentless sequence under a key
+                yield from _yaml_parts(x, out, every)
+            elif _heavy_map(x):
+                sub2: list[bytes] = []
+                yield from _yaml_parts(x, sub2, every)
+                out.append(k.encode() + b":\n" + _indent(b"".join(sub2), b"  ", b"  "))
+            else:
+                out.append(render_yaml({k: x}))
+            yield
+    else:
+        out.append(render_yaml(v))
+
+
+def render_steps(v: Any, fmt: str, every: int = 1) -> Generator[None, None, bytes]:
+    """Render ``v`` like :func:`render`, yielding every ``every`` list elements (big values)."""
+    out: list[bytes] = []
+    if fmt == JSON:
+        yield from _json_parts(v, out, every)
+    elif fmt == YAML:
+        yield from _yaml_parts(v, out, every)
+    else:
+        out.append(render_text(v))
+    return b"".join(out)
 
 
 def render(v: Any, fmt: str) -> bytes:

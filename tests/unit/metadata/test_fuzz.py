@@ -250,3 +250,37 @@ def test_incremental_parse_reuses_unchanged_lines_and_matches_full_build() -> No
                                    b'"system":false,"labels":{"io.rancher.container.network"',
                                    b'"create_index":"bad","start_count":1,"service_index":"1","state":"running",'
                                    b'"system":false,"labels":{"io.rancher.container.network"')), prev=first)
+
+
+def _drain(gen: Any) -> bytes:
+    while True:
+        try:
+            next(gen)
+        except StopIteration as stop:
+            return stop.value  # type: ignore[no-any-return]
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(v=st.recursive(json_scalar | st.dictionaries(st.from_regex(r"[a-z_]{1,6}", fullmatch=True), json_scalar,
+                                                     max_size=3),
+                      lambda c: st.lists(c, max_size=80) | st.dictionaries(
+                          st.from_regex(r"[a-z_][a-z0-9_]{0,5}", fullmatch=True) | st.text(max_size=4), c,
+                          max_size=5), max_leaves=200),
+       fmt=st.sampled_from(["json", "yaml"]))
+def test_sliced_rendering_is_byte_identical(v: Any, fmt: str) -> None:
+    from metadata.render import render, render_steps
+
+    assert _drain(render_steps(v, fmt)) == render(v, fmt)
+
+
+def test_sliced_rendering_of_whole_trees(snap: Snapshot) -> None:
+    from bench.metadata.gen import generate, stream
+    from metadata.render import render, render_steps
+
+    big = build(deflate(stream(generate(120))))
+    for s in (snap, big):
+        for api in ("2015-07-25", "2015-12-19", "2016-07-29"):
+            root = s.trees[api]["default"]
+            for v in (root, root["containers"], root["services"], root["stacks"]):
+                for fmt in ("json", "yaml"):
+                    assert _drain(render_steps(v, fmt)) == render(v, fmt)
