@@ -46,8 +46,9 @@ def setup_logging(component: str, *, debug: bool = False, json: bool | None = No
 
 
 def get_logger(name: str | None = None, **bound: Any) -> Any:
-    """A structlog logger; ``name`` becomes the ``logger`` key."""
-    log = structlog.get_logger()
+    """A structlog logger; ``name`` becomes the ``module`` key."""
     if name:
-        bound = {"logger": name, **bound}
-    return log.bind(**bound) if bound else log
+        bound = {"module": name, **bound}
+    # Initial values, not .bind(): binding a lazy proxy at import time would freeze the default
+    # configuration into module-level loggers, before setup_logging runs.
+    return structlog.get_logger(**bound)
