@@ -176,14 +176,27 @@ class MetadataServer:
         self.gen = _Generation(snap)
         if not self.waiters:
             return
-        seen: dict[tuple[str, str, bytes], Response | None] = {}
-        for w in list(self.waiters):
+        seen: dict[tuple[str, str, bytes], bool] = {}
+        due: list[_Waiter] = []
+        for w in self.waiters:
             k = (w.path, self._client_key(w.path, w.ip), w.old)
-            if k not in seen:
+            hit = seen.get(k)
+            if hit is None:
                 r = self.lookup_text(w.path, w.ip)
-                seen[k] = r if (r.value_text is not None and r.value_text != w.old) else None
-            if seen[k] is not None:
-                self._finish(w)
+                hit = seen[k] = r.value_text is not None and r.value_text != w.old
+            if hit:
+                due.append(w)
+        self._finish_batch(due, 0)
+
+    WAKE_BATCH = 500
+
+    def _finish_batch(self, due: list[_Waiter], start: int) -> None:
+        """Answer woken waiters a batch per loop turn (10k at once would hold the loop ~50 ms)."""
+        end = min(len(due), start + self.WAKE_BATCH)
+        for w in due[start:end]:
+            self._finish(w)
+        if end < len(due):
+            asyncio.get_running_loop().call_soon(self._finish_batch, due, end)
 
     def _client_key(self, path: str, ip: str) -> str:
         g = self.gen

@@ -405,3 +405,20 @@ def test_big_responses_render_in_slices_without_stalling(tmp_path: Path) -> None
         assert m.metric("corral_metadata_connections") <= 1
     finally:
         m.proc.stop()
+
+
+def test_many_waiters_all_woken_by_one_change(md: Metadata) -> None:
+    n = 2000
+    socks = []
+    for _ in range(n):
+        s = socket.create_connection(("127.0.0.1", md.port), timeout=20)
+        s.sendall(b"GET /latest/version?wait=true&value=42-5cc6db68&maxWait=60 HTTP/1.1\r\n\r\n")
+        socks.append(s)
+    md.wait_for(lambda: md.metric("corral_metadata_longpoll_waiters") == n, timeout=30)
+    _rewrite_version(md.answers, "46-many")
+    assert md.reload() == (200, "OK")
+    bodies = {read_reply(s).body for s in socks}
+    for s in socks:
+        s.close()
+    assert bodies == {b"46-many"}
+    assert md.metric("corral_metadata_longpoll_waiters") == 0
