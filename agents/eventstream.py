@@ -266,26 +266,21 @@ class EventStream:
         resync: asyncio.Task[None] | None = None
         if self.on_connect is not None:
             resync = asyncio.create_task(self._run_on_connect(), name=f"{self.component}-resync")
-        stop_wait = asyncio.create_task(stop.wait())
+        closer = asyncio.create_task(self._close_on_stop(ws, stop))
         try:
-            while True:
-                recv = asyncio.create_task(ws.recv())
-                done, _ = await asyncio.wait({recv, stop_wait}, return_when=asyncio.FIRST_COMPLETED)
-                if recv not in done:
-                    recv.cancel()
-                    with contextlib.suppress(BaseException):
-                        await recv
-                    await ws.close()
-                    return
-                try:
-                    frame = recv.result()
-                except ConnectionClosed:
-                    return
+            async for frame in ws:  # ends when the socket closes (or ``closer`` closes it)
                 self._accept(frame)
+        except ConnectionClosed:
+            pass
         finally:
-            stop_wait.cancel()
+            closer.cancel()
             if resync is not None and not resync.done():
                 resync.cancel()
+
+    @staticmethod
+    async def _close_on_stop(ws: ClientConnection, stop: asyncio.Event) -> None:
+        await stop.wait()
+        await ws.close()
 
     async def _run_on_connect(self) -> None:
         assert self.on_connect is not None
