@@ -164,6 +164,7 @@ class Snapshot:
     _self_src: dict[str, Any] = field(default_factory=dict)  # version -> _SelfMaps (ip -> self map)
     _ip_trees: dict[tuple[str, str], dict[str, Any]] = field(default_factory=dict)
     line_cache: dict[bytes, dict[str, Any]] = field(default_factory=dict)  # stream line -> validated object
+    container_cache: dict[int, tuple[Any, ...]] = field(default_factory=dict)  # id(raw) -> (raw, deps, old, new)
     local_ips: frozenset[str] = frozenset()  # this host's agent_ip (callers that are the local host)
     hostnet: dict[str, str] = field(default_factory=dict)  # local host-network container uuid/name -> uuid
 
@@ -522,31 +523,46 @@ def build_steps(raw: bytes, objs: list[dict[str, Any]] | None = None,
     c_old: dict[str, dict[str, Any]] = {}
     c_new: dict[str, dict[str, Any]] = {}
     c_skey: dict[str, str] = {}
+    prev_cc = prev.container_cache if prev is not None else {}
+    container_cache: dict[int, tuple[Any, ...]] = {}
     for n, (u, c) in enumerate(containers.items()):
         if n % CHUNK == CHUNK - 1:
             yield
-        d = _base("container", c)
-        d.pop("host_ip", None)
-        ports = d["ports"]
         host_ip = c.get("host_ip")
         if not isinstance(host_ip, str) or not host_ip:
             hh = hosts.get(c.get("host_uuid") or "")
             host_ip = hh.get("agent_ip") if hh else None
         links = ctr_links.get(u)
-        d["links"] = dict(links) if links else None
         link = scl.get(u)
+        skey = (link[0] + "_" + link[1]).lower() if link is not None else None
+        svc = services.get(skey) if skey is not None else None
         if link is not None:
-            skey = (link[0] + "_" + link[1]).lower()
-            svc = services.get(skey)
             if svc is None:
                 warnings.append(f"container {u} links to missing service {link[0]}/{link[1]}")
+            else:
+                c_skey[u] = skey  # type: ignore[assignment]
+        # everything the two derived dicts depend on besides the (unchanged) raw object itself
+        dep = (host_ip, tuple(links.items()) if links else None, link,
+               (svc.get("stack_name"), svc.get("stack_uuid")) if svc is not None else None)
+        ent = prev_cc.get(id(c))
+        if ent is not None and ent[0] is c and ent[1] == dep:
+            d, d3 = ent[2], ent[3]
+            container_cache[id(c)] = ent
+            c_old[u] = d
+            c_new[u] = d3
+            continue
+        d = _base("container", c)
+        d.pop("host_ip", None)
+        ports = d["ports"]
+        d["links"] = dict(links) if links else None
+        if link is not None:
+            if svc is None:
                 d["service_name"] = d["service_uuid"] = d["stack_name"] = d["stack_uuid"] = None
             else:
                 d["service_name"] = link[1]
                 d["service_uuid"] = link[0]
                 d["stack_name"] = svc.get("stack_name")
                 d["stack_uuid"] = svc.get("stack_uuid")
-                c_skey[u] = skey
         d3 = dict(d)
         if ports:
             d["ports"] = _ports(ports, V1, host_ip)
@@ -555,6 +571,8 @@ def build_steps(raw: bytes, objs: list[dict[str, Any]] | None = None,
             v = d3[k]
             if isinstance(v, str):
                 d3[k] = v.lower()
+        if known is not None:  # only objects that came from the line cache can recur
+            container_cache[id(c)] = (c, dep, d, d3)
         c_old[u] = d
         c_new[u] = d3
     yield
@@ -685,6 +703,7 @@ def build_steps(raw: bytes, objs: list[dict[str, Any]] | None = None,
                     objects=len(objs), warnings=tuple(dict.fromkeys(warnings)))
     snap._self_src = self_src
     snap.line_cache = line_cache
+    snap.container_cache = container_cache
     snap.local_ips = local_ips
     snap.hostnet = hostnet_one
     return snap

@@ -284,3 +284,35 @@ def test_sliced_rendering_of_whole_trees(snap: Snapshot) -> None:
             for v in (root, root["containers"], root["services"], root["stacks"]):
                 for fmt in ("json", "yaml"):
                     assert _drain(render_steps(v, fmt)) == render(v, fmt)
+
+
+@pytest.mark.parametrize(("old", "new"), [
+    (b'"key":"database","value":"ctr-db-1"', b'"key":"db2","value":"ctr-db-1"'),  # containerLink
+    (b'"service_uuid":"svc-web-uuid","service_name":"log-tail","container_uuid":"ctr-logtail-1"',
+     b'"service_uuid":"svc-db-uuid","service_name":"db","container_uuid":"ctr-logtail-1"'),  # membership
+    (b'"name":"db","uuid":"svc-db-uuid","stack_name":"Shop"', b'"name":"db","uuid":"svc-db-uuid","stack_name":"Shop2"'),
+    (b'"host_ip":"192.168.10.11",', b""),  # ports fall back to the host's agent_ip
+    (b'"agent_ip":"192.168.10.11"', b'"agent_ip":"192.168.10.99"'),
+])
+def test_incremental_build_tracks_every_dependency(old: bytes, new: bytes) -> None:
+    base = EXAMPLE.read_bytes()
+    first = build(deflate(base))
+    changed = base.replace(old, new)
+    assert changed != base
+    inc = build(deflate(changed), prev=first)
+    full = build(deflate(changed))
+    for api in ("2015-07-25", "2015-12-19", "2016-07-29"):
+        for fmt in ("json", "text"):
+            for p in ("", "/containers", "/services", "/stacks"):
+                a = respond(inc, f"/{api}{p}", "", fmt, "10.42.0.5")[0].body
+                assert a == respond(full, f"/{api}{p}", "", fmt, "10.42.0.5")[0].body, (api, p)
+
+
+def test_incremental_build_follows_host_ip_fallback() -> None:
+    base = EXAMPLE.read_bytes().replace(b'"host_ip":"192.168.10.11",', b"")
+    first = build(deflate(base))
+    assert respond(first, "/2015-07-25/containers/Shop-Web-1/ports/0", "", "text", "x")[0].body == \
+        b"192.168.10.11:8080:80/tcp"
+    moved = build(deflate(base.replace(b'"agent_ip":"192.168.10.11"', b'"agent_ip":"192.168.10.99"')), prev=first)
+    assert respond(moved, "/2015-07-25/containers/Shop-Web-1/ports/0", "", "text", "x")[0].body == \
+        b"192.168.10.99:8080:80/tcp"
