@@ -255,7 +255,8 @@ def _check_fields(kind: str, o: dict[str, Any], idx: int) -> None:
             continue
         ok = checkers.get(k)
         if ok is not None and not ok(v):
-            raise InputError(f"answers: {kind} {uuid!r} field {k!r} has the wrong type ({type(v).__name__})")
+            raise InputError(f"answers: {kind} {uuid[:80]!r} field {k[:80]!r} has the wrong type "
+                             f"({type(v).__name__})")
 
 
 def _lower(v: Any) -> Any:
