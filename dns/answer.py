@@ -1,8 +1,8 @@
 """Pure: (table, view, name, type) -> what to answer, with the wire bytes prepared once.
 
 A :class:`Prepared` answer holds the response *after the question* (answer, authority and
-additional sections, names compressed against the question at offset 12) for a few
-rotations of the A set; serving it is: new header (query ID, query RD, counts) + the
+additional sections, packed here by hand: owners equal to the asked name are a pointer to the
+question at offset 12, other names uncompressed) for a few rotations of the A set; serving it is: new header (query ID, query RD, counts) + the
 query's own question bytes (so owner names echo the asker's case through the compression
 pointer) + one rotation + OPT when the query had one. Nothing else happens per query.
 
@@ -18,18 +18,14 @@ Decisions (dns.md §5 "Corral must", §6, §13):
 
 from __future__ import annotations
 
+import socket
+import struct
 from dataclasses import dataclass
-
-from dnslib import CNAME as RD_CNAME
-from dnslib import NS as RD_NS
-from dnslib import PTR as RD_PTR
-from dnslib import QTYPE, RR, SOA, A, DNSHeader, DNSLabel, DNSQuestion, DNSRecord
-from dnslib import TXT as RD_TXT
 
 from dns import wire
 from dns.table import ZONE, Table, in_zone, resolve, resolve_chain
 
-__all__ = ["FORWARD", "NOT_READY", "Prepared", "Upstream", "decide", "prepare"]
+__all__ = ["ASKED", "FORWARD", "NOT_READY", "Prepared", "Upstream", "decide", "prepare"]
 
 MAX_ROTATIONS = 8
 
@@ -76,40 +72,38 @@ NOT_READY = "not-ready"
 Decision = Prepared | Upstream | str
 
 
-def _soa(table: Table, zone: str = ZONE) -> RR:
-    return RR(zone, QTYPE.SOA, ttl=table.ttl,
-              rdata=SOA(ZONE, ZONE, (table.generation, 60, 10, 86400, table.ttl)))
+ASKED = b"\xc0\x0c"  # owner = the question's name (compression pointer to offset 12)
+_RRH = struct.Struct("!HHIH")
 
 
-def prepare(name: str | DNSLabel, qtype: int, rcode: int, answers: list[RR], authority: list[RR] | None = None,
-            additional: list[RR] | None = None, *, aa: bool = True, rotate_last: int = 0,
+def _rr(owner: bytes, rtype: int, ttl: int, rdata: bytes) -> bytes:
+    return owner + _RRH.pack(rtype, 1, ttl, len(rdata)) + rdata
+
+
+def _n(name: str) -> bytes:
+    return wire.text_to_wire(name)
+
+
+def _soa(table: Table, zone: str = ZONE) -> bytes:
+    rdata = _n(ZONE) + _n(ZONE) + struct.pack("!IIIII", table.generation & 0xFFFFFFFF, 60, 10, 86400, table.ttl)
+    return _rr(_n(zone), wire.SOA, table.ttl, rdata)
+
+
+def prepare(rcode: int, answers: list[bytes], authority: list[bytes] | None = None,
+            additional: list[bytes] | None = None, *, aa: bool = True, rotate_last: int = 0,
             kind: str = "local") -> Prepared:
-    """Pack once with dnslib; keep only the bytes after the question.
-
-    ``rotate_last``: the trailing ``rotate_last`` answer RRs form the A set to rotate.
-    """
-    fixed, rot = (answers[: len(answers) - rotate_last], answers[len(answers) - rotate_last:]) \
-        if rotate_last > 1 else (answers, [])
-    n = min(len(rot), MAX_ROTATIONS) if rot else 1
-    rests = []
-    hdr_flags = 0
-    qlen = 0
-    for k in range(n):
-        order = rot[k:] + rot[:k] if rot else []
-        rec = DNSRecord(DNSHeader(id=0, qr=1, aa=int(aa), ra=1, rcode=rcode), q=DNSQuestion(name, qtype))
-        for r in fixed + order:
-            rec.add_answer(r)
-        for r in authority or []:
-            rec.add_auth(r)
-        for r in additional or []:
-            rec.add_ar(r)
-        packed = rec.pack()
-        if not qlen:
-            qlen = (len(wire.label_to_wire(name)) if isinstance(name, DNSLabel) else len(wire.text_to_wire(name))) + 4
-            hdr_flags = int.from_bytes(packed[2:4], "big")
-        rests.append(bytes(packed[12 + qlen:]))
-    return Prepared(hdr_flags & ~wire.RD, len(answers), len(authority or []), len(additional or []),
-                    tuple(rests), kind)
+    """Concatenate packed RRs once; the trailing ``rotate_last`` answers (the A set) in up to
+    ``MAX_ROTATIONS`` rotations. Owner names are either :data:`ASKED` or uncompressed."""
+    auth = b"".join(authority or [])
+    add = b"".join(additional or [])
+    if rotate_last > 1:
+        fixed = b"".join(answers[: len(answers) - rotate_last])
+        rot = answers[len(answers) - rotate_last:]
+        rests = tuple(fixed + b"".join(rot[k:] + rot[:k]) + auth + add for k in range(min(len(rot), MAX_ROTATIONS)))
+    else:
+        rests = (b"".join(answers) + auth + add,)
+    flags = wire.QR | (wire.AA if aa else 0) | wire.RA | rcode
+    return Prepared(flags, len(answers), len(authority or []), len(additional or []), rests, kind)
 
 
 def _chunks(text: str) -> list[bytes]:
@@ -118,8 +112,8 @@ def _chunks(text: str) -> list[bytes]:
     return [b[i : i + 255] for i in range(0, len(b), 255)] or [b""]
 
 
-def _a_rrs(owner: str | DNSLabel, ips: tuple[str, ...], ttl: int) -> list[RR]:
-    return [RR(owner, QTYPE.A, ttl=ttl, rdata=A(ip)) for ip in ips]
+def _a_rrs(owner: bytes, ips: tuple[str, ...], ttl: int) -> list[bytes]:
+    return [_rr(owner, wire.A, ttl, socket.inet_aton(ip)) for ip in ips]
 
 
 def _interior_zone(name: str) -> bool:
@@ -130,72 +124,60 @@ def decide(table: Table | None, view_key: str, name: str, qtype: int, *, ptr: bo
            forward_single_label: bool = False, qkey: bytes | None = None) -> Decision:
     """What to answer for ``name`` (lower-case fqdn) of ``qtype`` asked by a client of ``view_key``.
 
-    ``qkey`` is the question name in wire form (lower-case): the prepared question and the
-    asked owner names are built from its exact labels, so the compression offsets of the
-    prepared sections match the client's question byte for byte, whatever odd bytes it holds.
+    Records owned by the asked name point at the question (offset 12), so they echo the
+    client's bytes and case whatever they are; ``qkey`` is accepted for callers that have it.
     """
     if table is None:
         return NOT_READY if in_zone(name) else FORWARD
-    if qkey is not None:
-        asked = DNSLabel(wire.wire_labels(qkey))
-        return _decide(table, view_key, name, qtype, ptr, forward_single_label, asked)
-    return _decide(table, view_key, name, qtype, ptr, forward_single_label, name)
-
-
-def _decide(table: Table, view_key: str, name: str, qtype: int, ptr: bool, forward_single_label: bool,
-            asked: str | DNSLabel) -> Decision:
     ttl = table.ttl
     if "\\" in name:  # escaped odd bytes: never a table name
         if in_zone(name) or _interior_zone(name):
-            return prepare(asked, qtype, wire.NXDOMAIN, [], [_soa(table)], kind="nxdomain")
+            return prepare(wire.NXDOMAIN, [], [_soa(table)], kind="nxdomain")
         return FORWARD
     if name == ZONE:
         if qtype == wire.SOA:
-            return prepare(asked, qtype, wire.NOERROR, [_soa(table)])
+            return prepare(wire.NOERROR, [_soa(table)])
         if qtype == wire.NS:
             ns = "rancher-metadata." + ZONE
             md = table.default.records.get(ns)
-            extra = _a_rrs(ns, md.a, ttl) if md else []
-            return prepare(asked, qtype, wire.NOERROR, [RR(ZONE, QTYPE.NS, ttl=ttl, rdata=RD_NS(ns))], [], extra)
-        return prepare(asked, qtype, wire.NOERROR, [], [_soa(table)], kind="nodata")
+            extra = _a_rrs(_n(ns), md.a, ttl) if md else []
+            return prepare(wire.NOERROR, [_rr(ASKED, wire.NS, ttl, _n(ns))], [], extra)
+        return prepare(wire.NOERROR, [], [_soa(table)], kind="nodata")
     if ptr and name.endswith(".in-addr.arpa."):
         target = table.ptr.get(name)
         if target is not None:
             if qtype == wire.PTR:
-                return prepare(asked, qtype, wire.NOERROR, [RR(asked, QTYPE.PTR, ttl=ttl, rdata=RD_PTR(target))],
-                               kind="ptr")
-            return prepare(asked, qtype, wire.NOERROR, [], [_soa(table, _zone_of(table, name) or ZONE)],
-                           kind="nodata")
+                return prepare(wire.NOERROR, [_rr(ASKED, wire.PTR, ttl, _n(target))], kind="ptr")
+            return prepare(wire.NOERROR, [], [_soa(table, _zone_of(table, name) or ZONE)], kind="nodata")
         zone = _zone_of(table, name)
         if zone is not None:
-            return prepare(asked, qtype, wire.NXDOMAIN, [], [_soa(table, zone)], kind="nxdomain")
+            return prepare(wire.NXDOMAIN, [], [_soa(table, zone)], kind="nxdomain")
         return FORWARD
     chain, final = resolve_chain(table, view_key, name)
     if chain or final is not None:
-        rrs = [RR(asked if o == name else o, QTYPE.CNAME, ttl=ttl, rdata=RD_CNAME(t)) for o, t in chain]
+        rrs = [_rr(ASKED if i == 0 else _n(o), wire.CNAME, ttl, _n(t)) for i, (o, t) in enumerate(chain)]
+        owner = _n(chain[-1][1]) if chain else ASKED
         if final is not None:
             rttl = final.ttl if final.ttl is not None else ttl
             if qtype == wire.A and final.a:
-                owner: str | DNSLabel = chain[-1][1] if chain else asked
-                return prepare(asked, qtype, wire.NOERROR, rrs + _a_rrs(owner, final.a, rttl),
-                               rotate_last=len(final.a))
+                return prepare(wire.NOERROR, rrs + _a_rrs(owner, final.a, rttl), rotate_last=len(final.a))
             if qtype == wire.CNAME and rrs:
-                return prepare(asked, qtype, wire.NOERROR, rrs[:1])
+                return prepare(wire.NOERROR, rrs[:1])
             if qtype == wire.TXT and final.txt:
-                towner = chain[-1][1] if chain else asked
-                txts = [RR(towner, QTYPE.TXT, ttl=rttl, rdata=RD_TXT(_chunks(t))) for t in final.txt]
-                return prepare(asked, qtype, wire.NOERROR, rrs + txts)
-            return prepare(asked, qtype, wire.NOERROR, rrs, [_soa(table)], kind="nodata")
+                txts = [_rr(owner, wire.TXT, rttl, b"".join(bytes([len(c)]) + c for c in _chunks(t)))
+                        for t in final.txt]
+                return prepare(wire.NOERROR, rrs + txts)
+            return prepare(wire.NOERROR, rrs, [_soa(table)], kind="nodata")
         target = chain[-1][1]
         if qtype in (wire.A, wire.AAAA) and not in_zone(target):
             return Upstream(tuple(chain), target, qtype, ttl)
         if qtype == wire.CNAME:
-            return prepare(asked, qtype, wire.NOERROR, rrs[:1])
-        return prepare(asked, qtype, wire.NOERROR, rrs, [_soa(table)], kind="nodata")
+            return prepare(wire.NOERROR, rrs[:1])
+        return prepare(wire.NOERROR, rrs, [_soa(table)], kind="nodata")
     if in_zone(name) or _interior_zone(name):
-        return prepare(asked, qtype, wire.NXDOMAIN, [], [_soa(table)], kind="nxdomain")
+        return prepare(wire.NXDOMAIN, [], [_soa(table)], kind="nxdomain")
     if name.count(".") == 1 and not forward_single_label:
-        return prepare(asked, qtype, wire.NXDOMAIN, [], [], aa=False, kind="nxdomain")
+        return prepare(wire.NXDOMAIN, [], [], aa=False, kind="nxdomain")
     return FORWARD
 
 

@@ -156,6 +156,19 @@ def filter_recursers(addrs: Iterable[str], never: Iterable[str], *, allow_loopba
     return tuple(out)
 
 
+def valid_name(name: str) -> bool:
+    """Can ``name`` go on the wire: ASCII, labels of 1-63 bytes, at most 255 bytes encoded."""
+    if not name.isascii():
+        return False
+    labels = name.strip(".").split(".")
+    return all(0 < len(x) < 64 for x in labels) and len(name.strip(".")) + 2 <= 255
+
+
+def _clean(records: dict[str, Rec]) -> dict[str, Rec]:
+    """Drop records whose name or CNAME target could not be encoded (odd metadata names)."""
+    return {k: v for k, v in records.items() if valid_name(k) and (v.cname is None or valid_name(v.cname))}
+
+
 def reverse_name(ip: str) -> str:
     return ".".join(reversed(ip.split("."))) + ".in-addr.arpa."
 
@@ -363,7 +376,8 @@ class _Builder:
             if st.ptr:
                 for ip in md:
                     ptr.setdefault(reverse_name(ip), fqdn("rancher-metadata", ZONE))
-        default = View(search=("rancher.internal",), recurse=st.default_recurse, records=recs)
+        default = View(search=("rancher.internal",), recurse=st.default_recurse, records=_clean(recs))
+        ptr = {k: v for k, v in ptr.items() if valid_name(v)}
 
         views: dict[str, View] = {}
         for c in sorted(e.containers, key=lambda c: (bool(_s(c.get("network_from_container_uuid"))),
@@ -396,7 +410,7 @@ class _Builder:
                     vrecs[fqdn(al, tstack, ZONE)] = rec
             search = tuple(x for x in (_s(d).strip().strip(".").lower() for d in _l(c.get("dns_search"))) if x)
             recurse = filter_recursers(_l(c.get("dns")), st.never_recurse_to)
-            views[ip] = View(search=search, recurse=recurse, records=vrecs)
+            views[ip] = View(search=search, recurse=recurse, records=_clean(vrecs))
         return Table(version=version, default=default, views=views, ptr=ptr, reverse_zones=tuple(sorted(zones)),
                      generation=generation, ttl=st.ttl, ndots=st.ndots)
 
@@ -437,7 +451,7 @@ def build_from_answers(answers: Mapping[str, Any], settings: Settings, generatio
             recs[fqdn(name)] = Rec(cname=fqdn(target))
         search = tuple(_s(x).strip(".").lower() for x in _l(v.get("search")) if _s(x))
         recurse = filter_recursers(_l(v.get("recurse")), settings.never_recurse_to, allow_loopback=key == "default")
-        return View(search=search, recurse=recurse, records=recs)
+        return View(search=search, recurse=recurse, records=_clean(recs))
 
     default = view("default", answers.get("default", {}))
     if not default.search:
@@ -450,7 +464,8 @@ def build_from_answers(answers: Mapping[str, Any], settings: Settings, generatio
         for name, body in _d(_d(v).get("ptr")).items():
             target = _s(_d(body).get("answer")) if isinstance(body, dict) else _s(body)
             key = reverse_name(name) if _ip4(name) else fqdn(name)
-            ptr[key] = fqdn(target)
+            if valid_name(fqdn(target)):
+                ptr[key] = fqdn(target)
     return Table(version=str(generation), default=default, views=views, ptr=ptr, generation=generation,
                  ttl=settings.ttl, ndots=settings.ndots)
 

@@ -9,7 +9,7 @@ import pytest
 EXPORTS = {
     "dns.table": {"ZONE", "Rec", "Resolved", "Settings", "Table", "View", "build", "build_from_answers", "resolve",
                   "reverse_name"},
-    "dns.answer": {"FORWARD", "NOT_READY", "Prepared", "Upstream", "decide", "prepare"},
+    "dns.answer": {"ASKED", "FORWARD", "NOT_READY", "Prepared", "Upstream", "decide", "prepare"},
     "dns.wire": {"ANY", "FORMERR", "NOERROR", "NOTIMP", "NXDOMAIN", "OPT", "REFUSED", "SERVFAIL", "Query", "Scan",
                  "WireError", "error_reply", "make_opt", "parse_query", "scan"},
     "dns.cache": {"Cache", "Entry", "Key"},

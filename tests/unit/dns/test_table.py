@@ -166,3 +166,15 @@ def test_answers_file() -> None:
         build_from_answers(["x"], ST)  # type: ignore[arg-type]
     with pytest.raises(ValueError):
         build_from_answers({"default": {"txt": {"x.": [1]}}}, ST)
+
+
+def test_names_that_cannot_go_on_the_wire_are_dropped() -> None:
+    tree = example.tree()
+    tree["containers"][0]["name"] = "x" * 70
+    tree["containers"][1]["name"] = "caf\u00e9"
+    tree["services"][3]["hostname"] = "y" * 64 + ".example"
+    t = build(tree, ST)
+    names = set(t.default.records)
+    assert not any(n.startswith("x" * 70) or n.startswith("caf") for n in names)
+    assert "payments.data.rancher.internal." not in names
+    assert "web.shop.rancher.internal." in names
