@@ -232,14 +232,14 @@ async def test_stalled_stream_is_detected_by_the_pong_watchdog(standin: StandIn,
     await client.connected()
     standin.ctl("fault", "ws-stall", "--for", "30s")
     t0 = time.monotonic()
-    while client.es.connected:
+    # The watchdog drops the stalled socket and the client reconnects at once (a new connection
+    # is not stalled), so watch the connection count rather than the brief disconnected window.
+    while client.es.connects < 2:
         assert time.monotonic() - t0 < 20, "stall not detected"
-        await asyncio.sleep(0.1)
+        await asyncio.sleep(0.05)
     detected = time.monotonic() - t0
-    assert 5 <= detected <= 16, detected
-    standin.ctl("fault", "clear")
-    await client.connected(timeout=10)
-    assert client.es.connects == 2
+    assert 5 <= detected <= 16.5, detected
+    assert client.es.connected
 
 
 async def test_clean_shutdown_closes_the_socket(standin: StandIn) -> None:
