@@ -115,19 +115,20 @@ def time_to_first_success(bundle: Path, work: Path, delay: float, reps: int) -> 
     answers.write_bytes(EXAMPLE.read_bytes())
     md = subprocess.Popen([sys.executable, "-m", "agents.cli", "metadata", "--listen", "127.0.0.1:8099",
                            "--listenReload", "127.0.0.1:8098", "--answers", str(answers), "--file-poll", "0.05"],
-                          cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                          cwd=ROOT, stdout=(work / "metadata.log").open("wb"), stderr=subprocess.STDOUT)
     out: list[float] = []
     try:
         import socket
 
-        deadline = time.monotonic() + 15
+        deadline = time.monotonic() + 30
         while True:
             try:
                 socket.create_connection(("127.0.0.1", 8099), timeout=0.2).close()
                 break
             except OSError:
-                if time.monotonic() > deadline:
-                    raise RuntimeError("corral metadata did not start") from None
+                if time.monotonic() > deadline or md.poll() is not None:
+                    log = (work / "metadata.log").read_text(errors="replace")[-2000:]
+                    raise RuntimeError(f"corral metadata did not start:\n{log}") from None
                 time.sleep(0.05)
         conf = {"name": "rancher-cni-network", "type": "rancher-bridge", "bridge": "bmd0",
                 "bridgeSubnet": "10.42.0.0/16", "isDefaultGateway": True, "mtu": 1500,
