@@ -23,7 +23,7 @@ import struct
 from dataclasses import dataclass
 
 from dns import wire
-from dns.table import ZONE, Table, in_zone, resolve, resolve_chain
+from dns.table import ZONE, Table, in_zone, resolve_chain
 
 __all__ = ["ASKED", "FORWARD", "NOT_READY", "Prepared", "Upstream", "decide", "prepare"]
 
@@ -186,9 +186,3 @@ def _zone_of(table: Table, name: str) -> str | None:
         if name.endswith("." + z) or name == z:
             return z
     return None
-
-
-def resolve_name(table: Table, view_key: str, name: str) -> tuple[str, ...]:
-    """The A set a name resolves to (tests and debugging)."""
-    r = resolve(table, view_key, name)
-    return r.rec.a if r is not None else ()

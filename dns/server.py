@@ -94,7 +94,6 @@ class Engine:
         self.counts: Counter[tuple[str, str, str]] = Counter()
         self.malformed: Counter[str] = Counter()
         self._malformed_logged = 0.0
-        self._malformed_last = ""
 
     # ------------------------------------------------------------ table
     def swap(self, table: Table) -> None:

@@ -95,21 +95,6 @@ def wire_to_text(w: bytes) -> str:
     return ".".join(out) + "."
 
 
-def wire_labels(w: bytes) -> list[bytes]:
-    out = []
-    i = 0
-    while i < len(w) and w[i]:
-        n = w[i]
-        out.append(bytes(w[i + 1 : i + 1 + n]))
-        i += 1 + n
-    return out
-
-
-def label_to_wire(label: object) -> bytes:
-    labels = getattr(label, "label", ())
-    return b"".join(bytes([len(x)]) + x for x in labels) + b"\x00"
-
-
 def text_to_wire(name: str) -> bytes:
     out = bytearray()
     for lab in name.strip(".").split("."):
