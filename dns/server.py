@@ -215,8 +215,10 @@ class Engine:
                     log.warning("bad upstream reply", reason=e.reason)
                     scan = None
             now = time.monotonic()
-            if scan is not None:
-                self.cache.put(key, scan, now)
+            failed = scan is None or scan.rcode in (wire.SERVFAIL, wire.REFUSED)
+            if scan is not None and not (failed and self.serve_stale and self.cache.get_stale(key, now)):
+                self.cache.put(key, scan, now)  # an upstream SERVFAIL never replaces a servable stale answer
+            if not failed:
                 self._failed.pop(key, None)
             else:
                 self._failed[key] = now + FAIL_HOLD

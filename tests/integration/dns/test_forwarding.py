@@ -151,3 +151,31 @@ def test_upstream_nxdomain_and_negative_cache(up: Dnsmasq, answers: Path) -> Non
         assert log.count("query[A] nosuch.example ") == 1  # the repeats came from the cache
     finally:
         dns.proc.stop()
+
+
+def test_upstream_servfail_does_not_evict_stale_answer(up: Dnsmasq, answers: Path) -> None:
+    import subprocess
+
+    dns = start_dns("--answers", str(answers), recursers=[up.addr])
+    try:
+        assert a_set(dns.ask("short.test.")) == {"203.0.113.9"}
+        up.stop()
+        # same address and port, now a dnsmasq that REFUSEs everything (no records, no upstream)
+        refuser = subprocess.Popen(["dnsmasq", "--keep-in-foreground", "--no-resolv", "--no-hosts",
+                                    "--conf-file=/dev/null", "--listen-address=127.0.0.53", "--bind-interfaces",
+                                    f"--port={up.port}"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        try:
+            deadline = time.monotonic() + 5
+            while True:
+                r = dns.ask("short.test.")
+                if r.rr and r.rr[0].ttl == 30:
+                    break
+                assert time.monotonic() < deadline, f"no stale answer, got {rc(r)}"
+                time.sleep(0.1)
+            assert a_set(r) == {"203.0.113.9"}
+            assert rc(dns.ask("other.test.")) == "REFUSED"  # nothing stale: the upstream's answer
+        finally:
+            refuser.terminate()
+            refuser.wait(5)
+    finally:
+        dns.proc.stop()
