@@ -267,6 +267,7 @@ def cmd_add(conf: dict[str, Any], raw: bytes, env: Env, version: str) -> Result:
     cnl = open_in_netns(ns_fd)
     legacy = version in LEGACY
     created_bridge = ipam_done = veth_done = False
+    lock_fd = bridge_lock(c.bridge)
     try:
         existing = cnl.get_link(env.ifname)
         if existing is not None and not legacy:
@@ -377,15 +378,40 @@ def cmd_add(conf: dict[str, Any], raw: bytes, env: Env, version: str) -> Result:
                 run_ipam("DEL", conf, raw, env, version)
             except CniError:
                 pass
-        if created_bridge:
+        if created_bridge and bridge_lock_exclusive(lock_fd):
+            # no other ADD on this bridge is in flight (they all hold the lock shared)
             br2 = nl.get_link(c.bridge)
             if br2 is not None and not any(ln.master == br2.index for ln in nl.links()):
                 nl.del_link(br2.index)
         raise
     finally:
+        os.close(lock_fd)
         nl.close()
         cnl.close()
         os.close(ns_fd)
+
+
+def bridge_lock(bridge: str) -> int:
+    """The bridges' lock, held *shared* by every ADD from before the bridge is ensured until the
+    call ends, so a failing ADD that created the bridge removes it only when it can take the lock
+    exclusively (nobody else is about to enslave a port). The lock is the network namespace's own
+    inode (``flock`` on /proc/self/ns/net): per namespace, like the bridges, and no lock files
+    are left anywhere. (``bridge`` is unused: one namespace rarely has several of our bridges.)"""
+    import fcntl
+
+    fd = os.open("/proc/self/ns/net", os.O_RDONLY)
+    fcntl.flock(fd, fcntl.LOCK_SH)
+    return fd
+
+
+def bridge_lock_exclusive(fd: int) -> bool:
+    import fcntl
+
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return False
+    return True
 
 
 def _sysctl(path: str, value: str) -> None:
