@@ -295,8 +295,6 @@ class Daemon:
                 await asyncio.wait_for(stop.wait(), 1.0)
             self.engine.flush_metrics()
             if client_mode:
-                from agents.metrics import REGISTRY  # noqa: F401  (registry already holds our gauges)
-
                 age = time.monotonic() - self.md_ok_at
                 stale = age > 15
                 _MD_STALE.set(age if stale else 0)

@@ -244,3 +244,27 @@ def test_resolv_conf_change_switches_upstream(tmp_path: Path) -> None:
             time.sleep(0.05)
     finally:
         d.proc.stop()
+
+
+def test_starts_without_metadata_and_comes_back_by_itself(tmp_path: Path) -> None:
+    md_file = tmp_path / "md.json"
+    write_legacy(md_file, example.tree(prefix="127.42.0."))
+    m = Metadata(md_file)
+    m.proc.stop()  # metadata is down when dns starts
+    port, admin = free_port(), free_port()
+    p = start_corral("dns", "--listen", f"127.0.0.1:{port}", "--metadata-url", m.url, "--metrics-listen",
+                     f"127.0.0.1:{admin}", "--listenReload", "127.0.0.1:0", "--recurser", "127.0.0.1:9",
+                     name="dns-nomd")
+    d = DnsProc(p, port, admin, 0)
+    try:
+        from tests.helpers.procs import wait_http
+
+        wait_http(f"http://127.0.0.1:{admin}/ready", status=503, timeout=15)
+        # in-zone names: SERVFAIL (never a wrong NXDOMAIN) until the first table
+        assert RCODE[d.ask("web.shop.rancher.internal.").header.rcode] == "SERVFAIL"
+        m.proc.start()
+        wait_http(f"http://127.0.0.1:{admin}/ready", timeout=20)
+        assert a_set(d.ask("web.shop.rancher.internal.")) == {"127.42.0.11", "127.42.0.12"}
+    finally:
+        p.stop()
+        m.proc.stop()
