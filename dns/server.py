@@ -43,6 +43,7 @@ FAIL_HOLD = 1.0            # seconds a fully failed lookup answers SERVFAIL at o
 TCP_MAX_QUERIES = 128
 TCP_IDLE = 8.0
 MAX_INFLIGHT = 4096        # concurrent upstream lookups from UDP; above, SERVFAIL at once
+MAX_TCP_CONNS = 1024       # concurrent TCP clients; above, new connections are closed at once
 
 log = get_logger(__name__)
 _QUERIES = counter("dns", "queries", "Queries by type, result and view", ["qtype", "result", "view"])
@@ -402,6 +403,10 @@ class Listener:
 
     async def _serve_tcp(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         task = asyncio.current_task()
+        if len(self._conns) >= MAX_TCP_CONNS:
+            self.engine._bad(wire.WireError("too many tcp connections", None))
+            writer.close()
+            return
         if task is not None:
             self._conns.add(task)
         peer = writer.get_extra_info("peername") or ("", 0)
