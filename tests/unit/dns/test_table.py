@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from dns.table import Rec, Settings, build, build_from_answers, filter_recursers, resolve
 from tests.unit.dns import example
@@ -178,3 +180,34 @@ def test_names_that_cannot_go_on_the_wire_are_dropped() -> None:
     assert not any(n.startswith("x" * 70) or n.startswith("caf") for n in names)
     assert "payments.data.rancher.internal." not in names
     assert "web.shop.rancher.internal." in names
+
+
+# ---------------------------------------------------------------- hostile metadata
+
+
+_scalar = st.one_of(st.none(), st.booleans(), st.integers(-5, 5), st.text(max_size=8),
+                    st.sampled_from(["10.42.0.1", "127.0.0.1", "running", "healthy", "host-1", "svc-web", "shop",
+                                     "externalService", "dnsService", "web", "a/b"]))
+_json = st.recursive(_scalar, lambda inner: st.one_of(st.lists(inner, max_size=3),
+                                                      st.dictionaries(st.text(max_size=6), inner, max_size=3)),
+                     max_leaves=8)
+_obj = st.fixed_dictionaries({}, optional={k: _json for k in (
+    "name", "uuid", "primary_ip", "host_uuid", "state", "health_state", "service_name", "service_uuid",
+    "stack_name", "dns", "dns_search", "links", "network_from_container_uuid", "environment_uuid", "kind",
+    "hostname", "vip", "external_ips", "health_check", "primary_service_name", "containers", "create_index")})
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(_obj, max_size=6), st.lists(_obj, max_size=6), _json)
+def test_build_survives_any_metadata_shape(containers: list, services: list, self_: object) -> None:  # type: ignore[type-arg]
+    """Garbage field types in metadata never crash the build; every produced name is encodable."""
+    from dns.table import valid_name
+
+    tree = {"containers": containers + example.tree()["containers"], "services": services,
+            "self": self_, "version": 1, "hosts": containers}
+    t = build(tree, ST)
+    for view in (t.default, *t.views.values()):
+        for name, rec in view.records.items():
+            assert valid_name(name) and all(isinstance(ip, str) for ip in rec.a)
+    for name in ("web.", "web.shop.rancher.internal.", "x.y."):
+        resolve(t, t.view_key("10.42.0.11"), name)
