@@ -7,7 +7,6 @@ becomes given the reports stored per reporter.
 from __future__ import annotations
 
 import hashlib
-import random
 from collections.abc import Mapping, Sequence
 
 __all__ = ["MAX_REPORTERS", "aggregate", "apply_report", "parse_healthcheck_uuid", "pick_reporters"]
@@ -16,16 +15,22 @@ MAX_REPORTERS = 3
 
 
 def pick_reporters(seed: int, container_uuid: str, own_host: str | None, active_hosts: Sequence[str]) -> list[str]:
-    """Up to 3 reporter hosts, random among active hosts (seeded: the same container gets the same
-    hosts for the same seed and host set), avoiding the container's own host unless it is the only one."""
+    """Up to 3 reporter hosts, random among active hosts, avoiding the container's own host unless
+    it is the only one.
+
+    Rendezvous hashing (each host scored by a seeded hash of container and host, best 3 win): as
+    random as a shuffle, but stable: a new host only changes the sets it ranks into, and a host that
+    goes away only changes the sets it was in (the real server keeps its picks; so do we, mostly).
+    """
     hosts = sorted(set(active_hosts))
     if not hosts:
         return []
-    others = [h for h in hosts if h != own_host]
-    pool = others or hosts
-    digest = hashlib.sha256(f"{seed}:{container_uuid}".encode()).digest()
-    rnd = random.Random(int.from_bytes(digest[:8], "big"))
-    return sorted(rnd.sample(pool, min(MAX_REPORTERS, len(pool))))
+    pool = [h for h in hosts if h != own_host] or hosts
+
+    def score(h: str) -> bytes:
+        return hashlib.sha256(f"{seed}:{container_uuid}:{h}".encode()).digest()
+
+    return sorted(sorted(pool, key=score)[:MAX_REPORTERS])
 
 
 def parse_healthcheck_uuid(hc_uuid: str) -> tuple[str, str, int] | None:

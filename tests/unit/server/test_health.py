@@ -27,6 +27,20 @@ def test_reporters_spread_over_hosts() -> None:
     assert len(seen) == 8
 
 
+def test_reporters_are_stable_when_hosts_come_and_go() -> None:
+    hosts = [f"h{i}" for i in range(6)]
+    before = {f"c{i}": pick_reporters(5, f"c{i}", "h0", hosts) for i in range(200)}
+    after = {c: pick_reporters(5, c, "h0", [*hosts, "h-new"]) for c in before}
+    for c in before:
+        if "h-new" not in after[c]:
+            assert after[c] == before[c]  # only sets the new host ranks into change
+    assert sum(before[c] != after[c] for c in before) < 120  # ~3/6 expected, not all
+    gone = {c: pick_reporters(5, c, "h0", [h for h in hosts if h != "h3"]) for c in before}
+    for c in before:
+        if "h3" not in before[c]:
+            assert gone[c] == before[c]
+
+
 @given(st.lists(st.text(min_size=1, max_size=5), max_size=10, unique=True), st.integers(), st.text(max_size=8))
 def test_reporters_properties(hosts: list[str], seed: int, own: str) -> None:
     r = pick_reporters(seed, "c", own, hosts)
