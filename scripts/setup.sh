@@ -10,7 +10,7 @@ APT_PACKAGES=(
   iproute2 iptables conntrack ethtool
   haproxy dnsmasq-base dnsutils nginx-light
   strongswan strongswan-swanctl
-  containernetworking-plugins podman busybox-static
+  containernetworking-plugins podman runc busybox-static
   curl procps psmisc
 )
 missing=()
