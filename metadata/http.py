@@ -43,6 +43,64 @@ _BUSY = unavailable()
 _INTERNAL = unavailable("render failed")
 
 
+_LOOKUP, _NOTFOUND, _BADPATH = 0, 1, 2
+_BAD_HEAD: Any = ("bad",)
+
+
+def parse_head(head: bytes, fmt_for: Any) -> Any:
+    """Request line and headers -> (method, path, query, fmt, xff, ctr, keep, content-length, kind),
+    or ``_BAD_HEAD``. Pure: the result depends on the bytes only, so it is memoised per head."""
+    lines = head.split(b"\r\n")
+    rl = lines[0].split(b" ")
+    if len(rl) != 3 or not rl[2].startswith(b"HTTP/1."):
+        return _BAD_HEAD
+    method, target, ver = rl
+    accept = xff = ctr = None
+    keep = ver == b"HTTP/1.1"
+    clen = 0
+    for ln in lines[1:]:
+        name, sep, value = ln.partition(b":")
+        if not sep:
+            return _BAD_HEAD
+        n = name.lower()
+        if n == b"accept":
+            accept = value.strip()
+        elif n == b"x-forwarded-for":
+            xff = value.strip()
+        elif n == b"x-corral-container":
+            ctr = value.strip()
+        elif n == b"connection":
+            v = value.strip().lower()
+            if v == b"close":
+                keep = False
+            elif v == b"keep-alive":
+                keep = True
+        elif n == b"content-length":
+            try:
+                clen = int(value.strip())
+            except ValueError:
+                return _BAD_HEAD
+            if clen < 0:
+                return _BAD_HEAD
+        elif n == b"transfer-encoding":
+            keep = False  # we never read request bodies; close after answering
+    fmt = fmt_for(accept)
+    if method != b"GET" and method != b"HEAD":
+        return (method, "", "", fmt, xff, ctr, keep, clen, _NOTFOUND)
+    if target.startswith(b"http://") or target.startswith(b"https://"):
+        slash = target.find(b"/", target.find(b"//") + 2)
+        target = target[slash:] if slash >= 0 else b"/"
+    if not target.startswith(b"/"):
+        return (method, "", "", fmt, xff, ctr, False, clen, _BADPATH)
+    try:
+        t = target.decode("utf-8")
+    except UnicodeDecodeError:
+        t = target.decode("latin-1")
+    path, _, query = t.partition("?")
+    kind = _NOTFOUND if path == "/favicon.ico" else _LOOKUP
+    return (method, path, query, fmt, xff or None, ctr or None, keep, clen, kind)
+
+
 class _Generation:
     __slots__ = ("bytes", "cache", "ip_set", "snap")
 
@@ -109,6 +167,7 @@ class MetadataServer:
         self.stats: dict[tuple[str, int], int] = stats if stats is not None else {}
         self._servers: list[asyncio.AbstractServer] = []
         self._accept_cache: dict[bytes, str] = {}
+        self.heads: dict[bytes, Any] = {}
         self.date = b""
         self._date_handle: asyncio.TimerHandle | None = None
         self.port = 0
@@ -407,6 +466,7 @@ class _Conn(asyncio.Protocol):
     def process(self) -> None:
         srv = self.server
         buf = self.buf
+        heads = srv.heads
         while self.waiter is None and not self.closing and self.transport is not None:
             end = buf.find(b"\r\n\r\n", 0, MAX_HEAD + 4)
             if end < 0 or end > MAX_HEAD:
@@ -414,70 +474,35 @@ class _Conn(asyncio.Protocol):
                     self.send(_BAD, b"GET", False)
                 return
             head = bytes(buf[:end])
-            del buf[: end + 4]
-            lines = head.split(b"\r\n")
-            rl = lines[0].split(b" ")
-            if len(rl) != 3 or not rl[2].startswith(b"HTTP/1."):
+            if len(buf) == end + 4:
+                buf.clear()
+            else:
+                del buf[: end + 4]
+            req = heads.get(head)
+            if req is None:
+                req = parse_head(head, srv.fmt_for)
+                if len(head) <= 1024:  # clients repeat the same few heads: parse each once
+                    if len(heads) >= 4096:
+                        heads.clear()
+                    heads[head] = req
+            if req is _BAD_HEAD:
                 self.send(_BAD, b"GET", False)
                 return
-            method, target, ver = rl
-            accept = xff = ctr = None
-            keep = ver == b"HTTP/1.1"
-            clen = 0
-            for ln in lines[1:]:
-                name, sep, value = ln.partition(b":")
-                if not sep:
-                    self.send(_BAD, b"GET", False)
-                    return
-                n = name.lower()
-                if n == b"accept":
-                    accept = value.strip()
-                elif n == b"x-forwarded-for":
-                    xff = value.strip()
-                elif n == b"x-corral-container":
-                    ctr = value.strip()
-                elif n == b"connection":
-                    v = value.strip().lower()
-                    if v == b"close":
-                        keep = False
-                    elif v == b"keep-alive":
-                        keep = True
-                elif n == b"content-length":
-                    try:
-                        clen = int(value.strip())
-                    except ValueError:
-                        self.send(_BAD, b"GET", False)
-                        return
-                    if clen < 0:
-                        self.send(_BAD, b"GET", False)
-                        return
-                elif n == b"transfer-encoding":
-                    keep = False  # we never read request bodies; close after answering
+            method, path, query, fmt, xff, ctr, keep, clen, kind = req  # type: ignore[misc]
             if clen:
                 if len(buf) >= clen:
                     del buf[:clen]
                 else:
                     self.skip = clen - len(buf)
                     buf.clear()
-            if method != b"GET" and method != b"HEAD":
-                self.send(_ROUTER_404, method, keep)
+            if kind != _LOOKUP:
+                self.send(_BAD if kind == _BADPATH else _ROUTER_404, method, keep and kind != _BADPATH)
+                if kind == _BADPATH:
+                    return
                 continue
-            if target.startswith(b"http://") or target.startswith(b"https://"):
-                slash = target.find(b"/", target.find(b"//") + 2)
-                target = target[slash:] if slash >= 0 else b"/"
-            if not target.startswith(b"/"):
-                self.send(_BAD, method, False)
-                return
-            try:
-                t = target.decode("utf-8")
-            except UnicodeDecodeError:
-                t = target.decode("latin-1")
-            path, _, query = t.partition("?")
-            if path == "/favicon.ico":
-                self.send(_ROUTER_404, method, keep)
-                continue
-            fmt = srv.fmt_for(accept)
-            ip = srv.client_ip(self.peer, xff) if xff else self.peer
+            ip = self.peer
+            if xff:
+                ip = srv.client_ip(ip, xff)
             if ctr:
                 ip = srv.self_ref(self.peer, ctr) or ip
             if query and "wait=" in query and "value=" in query:
