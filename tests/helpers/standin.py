@@ -29,7 +29,7 @@ __all__ = ["StandIn"]
 
 class StandIn:
     def __init__(self, *, host_uuid: str = "host-a-uuid", agent_id: str = "1", role: str = "agent",
-                 extra_keys: list[dict[str, str]] | None = None, load: str | None = None,
+                 extra_keys: list[dict[str, str]] | None = None, load: str | dict[str, Any] | None = None,
                  ping_interval_ms: int = 5000, max_pings: int = 8640, event_timeout_ms: int = 15000,
                  event_retries: int = 3, seed: int = 7, args: tuple[str, ...] = (), start: bool = True) -> None:
         self.port = free_port()
@@ -57,6 +57,10 @@ class StandIn:
             "--seed", str(seed), "--ping-interval-ms", str(ping_interval_ms), "--max-pings", str(max_pings),
             "--event-timeout-ms", str(event_timeout_ms), "--event-retries", str(event_retries), *args,
         ]
+        if isinstance(load, dict):  # an environment document: written next to the db
+            env_file = self.dir / "env.yaml"
+            env_file.write_text(yaml.safe_dump(load))
+            load = str(env_file)
         if load:
             self.argv += ["--load", load]
         self.proc: Proc | None = None

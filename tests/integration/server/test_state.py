@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -189,3 +190,13 @@ def test_external_and_alias_services_have_no_containers(standin: StandIn) -> Non
     assert {"metadata_kind": "serviceLink", "service_uuid": next(
         o["uuid"] for o in objs if o["metadata_kind"] == "service" and o["name"] == "alias"),
         "key": "S/ext", "value": "ext"} in objs
+
+
+def test_standin_loads_an_environment_dict(standin_factory: Callable[..., StandIn]) -> None:
+    s = standin_factory(load={"hosts": [{"name": "only", "agent_ip": "127.0.4.1"}],
+                              "stacks": [{"name": "S", "services": [{"name": "a", "scale": 2}]}]})
+    assert [h["name"] for h in s.ctl("host", "ls")] == ["only"]
+    assert sorted(c["name"] for c in s.ctl("container", "ls")) == ["S-a-1", "S-a-2"]
+    s.stop()
+    s.start()  # --load only applies to an empty state: a restart keeps what is there
+    assert len(s.ctl("container", "ls")) == 2
