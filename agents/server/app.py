@@ -507,9 +507,11 @@ class Server:
 
     def _on_subscribe(self, conn: Conn) -> None:
         if "config.update" in conn.base:
-            self._kick_config()
+            # an agent resyncs by itself on connect: give its own download + PUT a moment to land
+            # before telling it about a revision it has not applied
+            self._kick_config(delay=0.5)
 
-    def _kick_config(self) -> None:
+    def _kick_config(self, delay: float = 0.02) -> None:
         agents = {c.key.agent for c in self.bus.conns.values() if "config.update" in c.base}
         for agent in agents:
             t = self._config_tasks.get(agent)
@@ -517,10 +519,10 @@ class Server:
                 continue
             if self.config_item(agent)["appliedVersion"] >= self.store.revision:
                 continue
-            self._config_tasks[agent] = asyncio.ensure_future(self._config_loop(agent))
+            self._config_tasks[agent] = asyncio.ensure_future(self._config_loop(agent, delay))
 
-    async def _config_loop(self, agent: str) -> None:
-        await asyncio.sleep(0.02)  # let a burst of mutations settle into one update
+    async def _config_loop(self, agent: str, delay: float) -> None:
+        await asyncio.sleep(delay)  # let a burst of mutations settle into one update
         sent_for = -1
         while True:
             rev = self.store.revision

@@ -218,3 +218,11 @@ async def test_config_updates_coalesce_per_agent(standin_factory: Callable[..., 
         assert len({e["id"] for e in calls}) <= 2
     finally:
         await a.close()
+
+
+async def test_subscriber_behind_gets_config_update_on_connect(standin: StandIn, agent: Agent) -> None:
+    standin.ctl("host", "add", "--name", "h")
+    rev = standin.ctl("revision")["revision"]
+    await agent.subscribe("config.update")
+    ev = await agent.next_event()
+    assert ev["data"]["items"] == [{"name": "metadata-answers", "requestedVersion": rev}]
