@@ -218,3 +218,20 @@ async def test_burst_of_distinct_events(standin: StandIn, agent: Agent) -> None:
     evs = [await agent.next_event() for _ in range(5)]
     assert [e["data"] for e in evs] == [{"k": 1, "seq": i} for i in range(5)]
     assert len({e["id"] for e in evs}) == 5
+
+
+async def test_events_send_to_one_connection_or_key(standin_factory: Callable[..., StandIn]) -> None:
+    s = standin_factory(extra_keys=[{"access": "agent2", "secret": "s2", "role": "agent", "agentId": "2"}])
+    one, two = Agent(s), Agent(s, "agent2", "s2")
+    try:
+        await one.subscribe("test.to")
+        s.wait(kind="conn", status="connected", conn="c1")
+        await two.subscribe("test.to")
+        s.wait(kind="conn", status="connected", conn="c2")
+        assert s.ctl("events", "send", "--name", "test.to", "--to", "c2", "--data", '{"n": 1}')["delivered"] == 1
+        assert s.ctl("events", "send", "--name", "test.to", "--to", s.access_key, "--data", '{"n": 2}')["delivered"] == 1
+        assert (await two.next_event())["data"] == {"n": 1}
+        assert (await one.next_event())["data"] == {"n": 2}
+    finally:
+        await one.close()
+        await two.close()
