@@ -13,9 +13,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import random
+import socket
 import struct
 import time
-from typing import Any
 
 from agents.log import get_logger
 from agents.metrics import counter, histogram
@@ -36,29 +36,72 @@ def parse_addr(r: str) -> tuple[str, int]:
     return host, int(port)
 
 
-class _OneShot(asyncio.DatagramProtocol):
-    def __init__(self, fut: asyncio.Future[bytes], qid: int, question: bytes) -> None:
-        self.fut = fut
-        self.qid = qid
-        self.question = question
+class _UpSock:
+    """A connected UDP socket to one recursor, shared by many queries (matched by ID and question).
 
-    def datagram_received(self, data: bytes, addr: Any) -> None:
-        if self.fut.done() or len(data) < 12:
-            return
-        if data[0:2] != self.qid.to_bytes(2, "big") or not data[2] & 0x80:
-            return
-        q = self.question
-        if data[12 : 12 + len(q)].lower() != q.lower():
-            return
-        self.fut.set_result(data)
+    Connected, so only that recursor's replies arrive and an ICMP port-unreachable surfaces as
+    ECONNREFUSED, which fails every pending query on the socket at once (they all went to the
+    same dead recursor). Sockets are replaced after ``ROTATE`` queries, so the source port keeps
+    changing (spoofing needs the ID and the port).
+    """
 
-    def error_received(self, exc: Exception) -> None:
-        if not self.fut.done():
-            self.fut.set_exception(ConnectionRefusedError(str(exc)))
+    ROTATE = 2000
 
-    def connection_lost(self, exc: Exception | None) -> None:
-        if not self.fut.done():
-            self.fut.set_exception(ConnectionError("closed"))
+    def __init__(self, host: str, port: int) -> None:
+        self.sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_DGRAM)
+        self.sock.setblocking(False)
+        with contextlib.suppress(OSError):
+            self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 20)
+        self.sock.connect((host, port))
+        self.pending: dict[int, tuple[asyncio.Future[bytes], bytes]] = {}
+        self.uses = 0
+        self.loop = asyncio.get_running_loop()
+        self.loop.add_reader(self.sock.fileno(), self._readable)
+        self.closed = False
+
+    def _readable(self) -> None:
+        for _ in range(256):
+            try:
+                data = self.sock.recv(65535)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as e:
+                # ICMP unreachable (or worse): fail everything pending on this socket and retire it;
+                # the next query opens a fresh one (an errored socket may not report again).
+                for fut, _q in self.pending.values():
+                    if not fut.done():
+                        fut.set_exception(ConnectionRefusedError(str(e)))
+                self.pending.clear()
+                self.close()
+                return
+            if len(data) < 12 or not data[2] & 0x80:
+                continue
+            ent = self.pending.get(int.from_bytes(data[:2], "big"))
+            if ent is None:
+                continue
+            fut, question = ent
+            if data[12 : 12 + len(question)].lower() != question.lower():
+                continue
+            del self.pending[int.from_bytes(data[:2], "big")]
+            if not fut.done():
+                fut.set_result(data)
+
+    def new_id(self) -> int:
+        while True:
+            qid = random.getrandbits(16)
+            if qid not in self.pending:
+                return qid
+
+    def close(self) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        self.loop.remove_reader(self.sock.fileno())
+        self.sock.close()
+        for fut, _q in self.pending.values():
+            if not fut.done():
+                fut.set_exception(ConnectionError("upstream socket closed"))
+        self.pending.clear()
 
 
 class Upstreams:
@@ -68,6 +111,31 @@ class Upstreams:
         self.budget = budget
         self.dead_for = dead_for
         self._dead: dict[str, float] = {}
+        self._socks: dict[str, list[_UpSock | None]] = {}
+        self._rr = 0
+
+    POOL = 8  # sockets per recursor: bursts spread over 8 receive buffers and 8 source ports
+
+    def close(self) -> None:
+        for pool in self._socks.values():
+            for us in pool:
+                if us is not None:
+                    us.close()
+        self._socks.clear()
+
+    def _sock(self, r: str) -> _UpSock:
+        pool = self._socks.get(r)
+        if pool is None:
+            pool = self._socks[r] = [None] * self.POOL
+        self._rr = (self._rr + 1) % self.POOL
+        us = pool[self._rr]
+        if us is None or us.closed or us.uses >= _UpSock.ROTATE:
+            if us is not None and not us.closed:
+                us.loop.call_later(self.timeout + 0.5, us.close)  # let its pending replies arrive
+            host, port = parse_addr(r)
+            us = pool[self._rr] = _UpSock(host, port)
+        us.uses += 1
+        return us
 
     async def query(self, msg: bytes, recursers: tuple[str, ...], qend: int) -> bytes | None:
         """Ask ``recursers`` for ``msg``; the best reply, or None when all failed.
@@ -126,10 +194,11 @@ class Upstreams:
         host, port = parse_addr(r)
         t0 = time.monotonic()
         timeout = max(0.01, min(self.timeout, deadline - t0))
-        qid = random.getrandbits(16)
-        out = qid.to_bytes(2, "big") + msg[2:]
         try:
-            data = await asyncio.wait_for(self._udp(host, port, out, qid, question), timeout)
+            us = self._sock(r)
+            qid = us.new_id()
+            out = qid.to_bytes(2, "big") + msg[2:]
+            data = await asyncio.wait_for(self._udp(us, out, qid, question), timeout)
             if data[2] & 0x02:  # TC: ask again over TCP
                 left = max(0.01, min(self.timeout, deadline - time.monotonic()))
                 data = await asyncio.wait_for(self._tcp(host, port, out, qid), left)
@@ -149,16 +218,18 @@ class Upstreams:
         _UP_RES.labels("reply").inc()
         return data
 
-    async def _udp(self, host: str, port: int, out: bytes, qid: int, question: bytes) -> bytes:
-        loop = asyncio.get_running_loop()
-        fut: asyncio.Future[bytes] = loop.create_future()
-        transport, _ = await loop.create_datagram_endpoint(lambda: _OneShot(fut, qid, question),
-                                                           remote_addr=(host, port))
+    async def _udp(self, us: _UpSock, out: bytes, qid: int, question: bytes) -> bytes:
+        fut: asyncio.Future[bytes] = us.loop.create_future()
+        us.pending[qid] = (fut, question)
         try:
-            transport.sendto(out)
+            try:
+                us.sock.send(out)
+            except OSError:
+                us.close()  # an error queued on the socket surfaced on send: retire it
+                raise
             return await fut
         finally:
-            transport.close()
+            us.pending.pop(qid, None)
 
     async def _tcp(self, host: str, port: int, out: bytes, qid: int) -> bytes:
         reader, writer = await asyncio.open_connection(host, port)

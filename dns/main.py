@@ -404,6 +404,7 @@ class Daemon:
                 await reload_runner.cleanup()
             if self._executor is not None:
                 self._executor.shutdown(wait=False, cancel_futures=True)
+            self.engine.up.close()
 
 
 async def _first(coro: Any, *events: asyncio.Event) -> Any:

@@ -179,3 +179,28 @@ def test_upstream_servfail_does_not_evict_stale_answer(up: Dnsmasq, answers: Pat
             refuser.wait(5)
     finally:
         dns.proc.stop()
+
+
+async def test_upstream_sockets_rotate_and_survive_refusals(up: Dnsmasq, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Shared upstream sockets: replies matched by ID, sockets replaced every ROTATE queries (new
+    source ports), and a refused recursor fails fast every time, not every other time."""
+    from dns import forward
+
+    monkeypatch.setattr(forward._UpSock, "ROTATE", 3)
+    ups = forward.Upstreams(1.0)
+    ports = set()
+    try:
+        for i in range(30):
+            m = bytes(DNSRecord.question(f"n{i}.ext.test.", "A").pack())
+            r = await ups.query(m, (up.addr,), len(m))
+            assert r is not None and DNSRecord.parse(r).rr[0].rdata.toZone() == "203.0.113.7"
+            for pool in ups._socks.values():
+                ports |= {us.sock.getsockname()[1] for us in pool if us is not None and not us.closed}
+        assert len(ports) > forward.Upstreams.POOL  # rotated onto new source ports
+        for i in range(6):
+            m = bytes(DNSRecord.question(f"r{i}.ext.test.", "A").pack())
+            t0 = time.monotonic()
+            assert await ups.query(m, ("127.0.0.1:9",), len(m)) is None
+            assert time.monotonic() - t0 < 0.5
+    finally:
+        ups.close()
