@@ -35,6 +35,7 @@ log = get_logger(__name__)
 
 MAX_HEAD = 64 * 1024
 MAX_BUFFER = 256 * 1024
+CHUNK = 256 * 1024  # big bodies are written this much at a time, as the socket drains
 CACHE_ENTRIES = 200_000
 CACHE_BYTES = 512 * 1024 * 1024
 _ROUTER_404 = router_404()
@@ -399,7 +400,8 @@ class MetadataServer:
 
 
 class _Conn(asyncio.Protocol):
-    __slots__ = ("buf", "closing", "last", "peer", "server", "skip", "transport", "waiter")
+    __slots__ = ("buf", "close_after", "closing", "last", "out", "out_off", "paused", "peer", "server", "skip",
+                 "transport", "waiter")
 
     def __init__(self, server: MetadataServer) -> None:
         self.server = server
@@ -410,6 +412,10 @@ class _Conn(asyncio.Protocol):
         self.closing = False
         self.skip = 0
         self.last = time.monotonic()
+        self.out: bytes | None = None  # a big body being written chunk by chunk
+        self.out_off = 0
+        self.paused = False
+        self.close_after = False
 
     def connection_made(self, transport: Any) -> None:
         self.transport = transport
@@ -425,11 +431,15 @@ class _Conn(asyncio.Protocol):
             self.server._drop(self.waiter)
         self.server.conns.discard(self)
         self.transport = None
+        self.out = None
         self.buf = bytearray()
 
     def eof_received(self) -> bool:
         if self.waiter is not None:  # client gave up on its long poll
             self.server._drop(self.waiter)
+        if self.out is not None:  # half-closed after asking for a big body: finish it, then close
+            self.close_after = True
+            return True
         return False  # close
 
     def data_received(self, data: bytes) -> None:
@@ -439,7 +449,7 @@ class _Conn(asyncio.Protocol):
             self.skip -= n
             data = data[n:]
         self.buf += data
-        if self.waiter is not None:
+        if self.waiter is not None or self.out is not None:
             if len(self.buf) > MAX_BUFFER:
                 self.transport.close()
             return
@@ -457,17 +467,51 @@ class _Conn(asyncio.Protocol):
             t.write(r.head + srv.date + tail)
         elif len(r.body) < 16384:
             t.write(r.head + srv.date + tail + r.body)
-        else:
+        elif len(r.body) <= CHUNK:
             t.writelines((r.head, srv.date, tail, r.body))
+        else:
+            # Big bodies go out a chunk at a time as the socket drains (flow control): fair between
+            # connections and at most ~one chunk per connection buffered in user space.
+            t.write(r.head + srv.date + tail)
+            self.out, self.out_off, self.close_after = r.body, 0, close
+            self._pump()
+            return
         if close:
             self.closing = True
             t.close()
+
+    def _pump(self) -> None:
+        t = self.transport
+        body = self.out
+        if t is None or body is None:
+            self.out = None
+            return
+        mv = memoryview(body)
+        while not self.paused and self.out_off < len(body):
+            end = self.out_off + CHUNK
+            t.write(mv[self.out_off:end])
+            self.out_off = end
+        if self.out_off >= len(body):
+            self.out = None
+            if self.close_after:
+                self.closing = True
+                t.close()
+            elif self.waiter is None and self.buf:
+                self.process()
+
+    def pause_writing(self) -> None:
+        self.paused = True
+
+    def resume_writing(self) -> None:
+        self.paused = False
+        if self.out is not None:
+            self._pump()
 
     def process(self) -> None:
         srv = self.server
         buf = self.buf
         heads = srv.heads
-        while self.waiter is None and not self.closing and self.transport is not None:
+        while self.waiter is None and self.out is None and not self.closing and self.transport is not None:
             end = buf.find(b"\r\n\r\n", 0, MAX_HEAD + 4)
             if end < 0 or end > MAX_HEAD:
                 if len(buf) > MAX_HEAD:

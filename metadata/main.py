@@ -145,19 +145,20 @@ async def serve(args: argparse.Namespace, stop: asyncio.Event) -> None:
                     os.replace(answers, aside)
                 log.error("corrupt answers cache moved aside, starting empty", path=str(aside), error=str(e))
 
-    host, port = parse_listen(args.listen, "0.0.0.0")
-    await server.start(host, port)
-    log.info("metadata listening", listen=f"{host}:{server.port}")
-    admin = AdminServer(args.metrics_listen, health)
-    await admin.start()
-
     file_src: FileSource | None = None
     sub: SubscribeSource | None = None
     if args.subscribe:
         sub = SubscribeSource(cfg, applier, health, interval_limit=args.reload_interval_limit / 1000.0,
                               grace=args.ready_grace)
-    else:
+    else:  # file mode: the file is loaded before the port opens, so nobody sees an empty answer
         file_src = FileSource(answers, applier, poll=args.file_poll)
+        await file_src.reload()
+
+    host, port = parse_listen(args.listen, "0.0.0.0")
+    await server.start(host, port)
+    log.info("metadata listening", listen=f"{host}:{server.port}")
+    admin = AdminServer(args.metrics_listen, health)
+    await admin.start()
 
     async def reload_now() -> str:
         if file_src is not None:

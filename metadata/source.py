@@ -220,7 +220,8 @@ class FileSource:
         return ""
 
     async def run(self, stop: asyncio.Event) -> None:
-        await self.reload()
+        if self._stamp is None:
+            await self.reload()
         while not stop.is_set():
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), self.poll)
