@@ -20,9 +20,11 @@ import orjson
 from agents.server.health import pick_reporters
 from agents.server.store import Store
 
-__all__ = ["API_VERSIONS", "Answers", "build_objects", "v1_document", "v2_stream", "version_string"]
+__all__ = ["API_VERSIONS", "Answers", "RenderCache", "build_objects", "v1_document", "v2_stream", "version_string"]
 
 API_VERSIONS = ("2015-07-25", "2015-12-19", "2016-07-29")
+LEVEL = 3  # DEFLATE level: 4x faster than 6 for ~25 % more bytes (bench/RESULTS.md "server")
+_NO_STACK: dict[str, Any] = {}  # shared (never mutated) so the render cache can compare it by identity
 
 
 def _num(rid: str) -> int:
@@ -34,7 +36,26 @@ def _live_hosts(store: Store) -> list[dict[str, Any]]:
     return [h for h in store.all("host") if h.get("state") != "removed"]
 
 
-def build_objects(store: Store, seed: int = 0) -> list[dict[str, Any]]:
+class RenderCache:
+    """Container objects of the previous render, reused when nothing they derive from changed.
+
+    Stored resources are never mutated in place (an update stores a new dict), so identity of the
+    container, its host, service and stack dicts, plus the active-host set and the environment,
+    says whether a rendered container object (and its serialized bytes) is still right.
+    """
+
+    def __init__(self) -> None:
+        self.entries: dict[str, tuple[Any, ...]] = {}
+        self.blobs: dict[int, bytes] = {}
+
+    def blob(self, obj: dict[str, Any]) -> bytes:
+        b = self.blobs.get(id(obj))
+        if b is None:
+            b = orjson.dumps(obj)
+        return b
+
+
+def build_objects(store: Store, seed: int = 0, cache: RenderCache | None = None) -> list[dict[str, Any]]:
     """Every ``metadata_kind`` object except ``defaultData``, in a deterministic order."""
     env = store.env
     env_uuid = env["uuid"]
@@ -81,33 +102,61 @@ def build_objects(store: Store, seed: int = 0) -> list[dict[str, Any]]:
                 "health_check": lc.get("health_check"), "lb_config": s.get("lb_config") if primary else None,
             })
     containers = [c for c in store.all("container") if c.get("state") not in ("removed", "purged")]
+    active_key = hashlib.sha1("\n".join(active).encode()).hexdigest() + f":{seed}:{env_uuid}"
+    old_entries = cache.entries if cache is not None else {}
+    new_entries: dict[str, tuple[Any, ...]] = {}
     for c in containers:
         host = by_host.get(c.get("host_uuid") or "")
-        hc = c.get("health_check")
         svc = svc_by_uuid.get(c.get("service_uuid") or "")
-        if svc is not None:  # a service's containers follow its current launch config's check
-            lc = svc["launch_config"] if c.get("launch_config_name") in (None, svc["name"]) else next(
-                (sk for sk in svc["sidekicks"] if sk["name"] == c.get("launch_config_name")), {})
-            hc = lc.get("health_check")
-        reporters = pick_reporters(seed, c["uuid"], c.get("host_uuid"), active) if hc and hc.get("port") else []
-        st = stacks.get(c.get("stack_uuid") or "", {})
-        out.append({
-            "metadata_kind": "container", "name": c["name"], "uuid": c["uuid"], "primary_ip": c.get("primary_ip"),
-            "primary_mac_address": c.get("primary_mac_address"), "hostname": c.get("hostname"),
-            "external_id": c.get("external_id"), "host_uuid": c.get("host_uuid"),
-            "host_ip": host.get("agent_ip") if host else None, "state": c.get("state"),
-            "health_state": c.get("health_state"), "service_index": c.get("service_index"),
-            "network_uuid": c.get("network_uuid"), "network_from_container_uuid": c.get("network_from_container_uuid"),
-            "environment_uuid": env_uuid, "create_index": c.get("create_index"), "start_count": c.get("start_count"),
-            "memory_reservation": c.get("memory_reservation"), "milli_cpu_reservation": c.get("milli_cpu_reservation"),
-            # stored objects are never mutated in place (updates replace them), so no copies here
-            "system": bool(c.get("system")), "ips": c.get("ips") or [], "ports": c.get("ports") or [],
-            "expose": c.get("expose") or [], "dns": c.get("dns") or [],
-            "dns_search": c.get("dns_search") or [], "health_check_hosts": reporters,
-            "labels": c.get("labels") or {}, "health_check": hc,
-            "service_name": c.get("launch_config_name") if svc else None, "service_uuid": c.get("service_uuid"),
-            "stack_name": st.get("name"), "stack_uuid": c.get("stack_uuid"),
-        })
+        st = stacks.get(c.get("stack_uuid") or "", _NO_STACK)
+        hit = old_entries.get(c["id"])
+        if hit is not None and hit[0] is c and hit[1] is host and hit[2] is svc and hit[3] is st \
+                and hit[4] == active_key:
+            out.append(hit[5])
+            new_entries[c["id"]] = hit
+            continue
+        obj = _container(c, host, svc, st, seed, active, env_uuid)
+        out.append(obj)
+        new_entries[c["id"]] = (c, host, svc, st, active_key, obj)
+    if cache is not None:
+        blobs = {id(e[5]): cache.blobs[id(e[5])] for e in new_entries.values() if id(e[5]) in cache.blobs}
+        for e in new_entries.values():
+            if id(e[5]) not in blobs:
+                blobs[id(e[5])] = orjson.dumps(e[5])
+        cache.entries, cache.blobs = new_entries, blobs
+    _links(out, containers, services, svc_by_uuid, stacks)
+    return out
+
+
+def _container(c: dict[str, Any], host: dict[str, Any] | None, svc: dict[str, Any] | None, st: dict[str, Any],
+               seed: int, active: list[str], env_uuid: str) -> dict[str, Any]:
+    hc = c.get("health_check")
+    if svc is not None:  # a service's containers follow its current launch config's check
+        lc = svc["launch_config"] if c.get("launch_config_name") in (None, svc["name"]) else next(
+            (sk for sk in svc["sidekicks"] if sk["name"] == c.get("launch_config_name")), {})
+        hc = lc.get("health_check")
+    reporters = pick_reporters(seed, c["uuid"], c.get("host_uuid"), active) if hc and hc.get("port") else []
+    return {
+        "metadata_kind": "container", "name": c["name"], "uuid": c["uuid"], "primary_ip": c.get("primary_ip"),
+        "primary_mac_address": c.get("primary_mac_address"), "hostname": c.get("hostname"),
+        "external_id": c.get("external_id"), "host_uuid": c.get("host_uuid"),
+        "host_ip": host.get("agent_ip") if host else None, "state": c.get("state"),
+        "health_state": c.get("health_state"), "service_index": c.get("service_index"),
+        "network_uuid": c.get("network_uuid"), "network_from_container_uuid": c.get("network_from_container_uuid"),
+        "environment_uuid": env_uuid, "create_index": c.get("create_index"), "start_count": c.get("start_count"),
+        "memory_reservation": c.get("memory_reservation"), "milli_cpu_reservation": c.get("milli_cpu_reservation"),
+        # stored objects are never mutated in place (updates replace them), so no copies here
+        "system": bool(c.get("system")), "ips": c.get("ips") or [], "ports": c.get("ports") or [],
+        "expose": c.get("expose") or [], "dns": c.get("dns") or [],
+        "dns_search": c.get("dns_search") or [], "health_check_hosts": reporters,
+        "labels": c.get("labels") or {}, "health_check": hc,
+        "service_name": c.get("launch_config_name") if svc else None, "service_uuid": c.get("service_uuid"),
+        "stack_name": st.get("name"), "stack_uuid": c.get("stack_uuid"),
+    }
+
+
+def _links(out: list[dict[str, Any]], containers: list[dict[str, Any]], services: list[dict[str, Any]],
+           svc_by_uuid: dict[str, dict[str, Any]], stacks: dict[str, dict[str, Any]]) -> None:
     for c in containers:
         if c.get("service_uuid") in svc_by_uuid:
             out.append({"metadata_kind": "serviceContainerLink", "service_uuid": c["service_uuid"],
@@ -143,7 +192,6 @@ def build_objects(store: Store, seed: int = 0) -> list[dict[str, Any]]:
         for alias, target_uuid in sorted(links.items()):
             out.append({"metadata_kind": "containerLink", "container_uuid": c["uuid"], "key": alias,
                         "value": target_uuid})
-    return out
 
 
 def digest(objects: Sequence[dict[str, Any]]) -> str:
@@ -166,13 +214,17 @@ def v2_stream(objects: Sequence[dict[str, Any]], version: str, self_host: str | 
               body: bytes | None = None) -> bytes:
     """Raw DEFLATE (wbits -15) of the concatenated JSON objects plus ``defaultData``
     (``body``: the objects already serialized and concatenated)."""
-    host = _host_obj(objects, self_host)
-    default = {"metadata_kind": "defaultData", "version": version,
-               "self": {"host": host if host is not None else ({"uuid": self_host} if self_host else None)}}
+    default = default_data(objects, version, self_host)
     if body is None:
         body = b"".join(orjson.dumps(o) for o in objects)
-    comp = zlib.compressobj(6, zlib.DEFLATED, -15)
+    comp = zlib.compressobj(LEVEL, zlib.DEFLATED, -15)
     return comp.compress(body) + comp.compress(orjson.dumps(default)) + comp.flush()
+
+
+def default_data(objects: Sequence[dict[str, Any]], version: str, self_host: str | None) -> dict[str, Any]:
+    host = _host_obj(objects, self_host)
+    return {"metadata_kind": "defaultData", "version": version,
+            "self": {"host": host if host is not None else ({"uuid": self_host} if self_host else None)}}
 
 
 # -- v1 document (1.2 format) ------------------------------------------------------------
@@ -293,18 +345,28 @@ def v1_document(objects: Sequence[dict[str, Any]], version: str, self_host: str 
 class Answers:
     """Answers for one revision, rendered lazily and cached (objects once, bodies per host)."""
 
-    def __init__(self, store: Store, seed: int) -> None:
+    def __init__(self, store: Store, seed: int, cache: RenderCache | None = None) -> None:
         self.revision = store.revision
-        self.objects = build_objects(store, seed)
-        self._body = b"".join(orjson.dumps(o) for o in self.objects)
+        self.objects = build_objects(store, seed, cache)
+        blob = cache.blob if cache is not None else orjson.dumps
+        self._body = b"".join(blob(o) for o in self.objects)
         self.version = f"{self.revision}-{hashlib.sha256(self._body).hexdigest()[:8]}"
         self._v2: dict[str | None, bytes] = {}
         self._v1: dict[str | None, bytes] = {}
+        self._base: Any = None
+        self._prefix = b""
 
     def v2(self, self_host: str | None) -> bytes:
+        """The shared objects are compressed once (then sync-flushed); each host's ``defaultData``
+        continues from a copy of that compressor, so one more host costs a few hundred bytes."""
         body = self._v2.get(self_host)
         if body is None:
-            body = self._v2[self_host] = v2_stream(self.objects, self.version, self_host, self._body)
+            if self._base is None:
+                self._base = zlib.compressobj(LEVEL, zlib.DEFLATED, -15)
+                self._prefix = self._base.compress(self._body) + self._base.flush(zlib.Z_SYNC_FLUSH)
+            comp = self._base.copy()
+            tail = comp.compress(orjson.dumps(default_data(self.objects, self.version, self_host))) + comp.flush()
+            body = self._v2[self_host] = self._prefix + tail
         return body
 
     def v1(self, self_host: str | None) -> bytes:

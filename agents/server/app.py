@@ -17,7 +17,7 @@ from typing import Any, TypeVar
 from agents.errors import InputError
 from agents.log import get_logger
 from agents.server import cattle
-from agents.server.answers import Answers
+from agents.server.answers import Answers, RenderCache
 from agents.server.bus import Bus, Conn
 from agents.server.faults import Faults
 from agents.server.health import aggregate, apply_report, parse_healthcheck_uuid, pick_reporters
@@ -85,6 +85,7 @@ class Server:
         self.bus.on_subscribe.append(self._on_subscribe)
         self.lock = asyncio.Lock()
         self._answers: Answers | None = None
+        self._render_cache = RenderCache()
         self._config_tasks: dict[str, asyncio.Task[None]] = {}
         self._tasks: set[asyncio.Task[Any]] = set()
         self._reserved: list[tuple[str, list[dict[str, Any]]]] = []
@@ -115,7 +116,7 @@ class Server:
     def answers(self) -> Answers:
         a = self._answers
         if a is None or a.revision != self.store.revision:
-            a = self._answers = Answers(self.store, self.settings.seed)
+            a = self._answers = Answers(self.store, self.settings.seed, self._render_cache)
         return a
 
     def host_for(self, key: Key | None, *, host_uuid: str = "", agent_id: str = "") -> str | None:

@@ -48,6 +48,7 @@ class Store:
             self.db.execute("PRAGMA journal_mode=WAL")
             self.db.execute("PRAGMA synchronous=NORMAL")
         self.db.executescript(_SCHEMA)
+        self._sorted: dict[str, list[dict[str, Any]]] = {}
         self._res: dict[str, dict[str, dict[str, Any]]] = {k: {} for k in KINDS}
         self._kv: dict[str, dict[str, Any]] = {}
         for kind, rid, data in self.db.execute("SELECT kind, id, data FROM resources"):
@@ -100,6 +101,7 @@ class Store:
         self._reload()
 
     def _reload(self) -> None:
+        self._sorted = {}
         self._res = {k: {} for k in KINDS}
         self._kv = {}
         for kind, rid, data in self.db.execute("SELECT kind, id, data FROM resources"):
@@ -151,7 +153,10 @@ class Store:
     # -- resources --------------------------------------------------------------------
     def all(self, kind: str) -> list[dict[str, Any]]:
         """Every resource of a kind, in creation order."""
-        return sorted(self._res[kind].values(), key=lambda o: _id_num(o["id"]))
+        cached = self._sorted.get(kind)
+        if cached is None:
+            cached = self._sorted[kind] = sorted(self._res[kind].values(), key=lambda o: _id_num(o["id"]))
+        return list(cached)
 
     def __iter__(self) -> Iterator[tuple[str, dict[str, Any]]]:
         for kind in KINDS:
@@ -206,6 +211,7 @@ class Store:
             raise InputError(f"unknown resource kind {kind!r}")
         self._begin()
         self._res[kind][obj["id"]] = obj
+        self._sorted.pop(kind, None)
         self.db.execute("INSERT OR REPLACE INTO resources (kind, id, data) VALUES (?, ?, ?)",
                         (kind, obj["id"], orjson.dumps(obj)))
         self._changes.append(f"{kind}:{obj['id']}")
@@ -214,6 +220,7 @@ class Store:
     def delete(self, kind: str, rid: str) -> dict[str, Any] | None:
         self._begin()
         o = self._res[kind].pop(rid, None)
+        self._sorted.pop(kind, None)
         self.db.execute("DELETE FROM resources WHERE kind = ? AND id = ?", (kind, rid))
         if o is not None:
             self._changes.append(f"-{kind}:{rid}")
@@ -225,6 +232,7 @@ class Store:
         self.db.execute("DELETE FROM resources")
         self.db.execute("DELETE FROM kv WHERE ns != 'meta' OR k != 'revision'")
         rev = self.revision
+        self._sorted = {}
         self._res = {k: {} for k in KINDS}
         self._kv = {"meta": {"revision": rev}}
         self._changes.append("wipe")

@@ -70,3 +70,30 @@ def test_stream_roundtrip_and_self_host() -> None:
                         "self": {"host": next(o for o in a.objects if o.get("uuid") == "hb"
                                               and o["metadata_kind"] == "host")}}
     assert _inflate(v2_stream(a.objects, a.version, None))[-1]["self"] == {"host": None}
+
+
+def test_render_cache_reuses_unchanged_containers_only() -> None:
+    from agents.server.answers import RenderCache
+
+    s = _env()
+    cattle.create_container(s, {"name": "solo"}, "hb")
+    s.commit()
+    cache = RenderCache()
+    a1 = Answers(s, 0, cache)
+    assert a1.objects == build_objects(s, 0)
+    cattle.update(s, "container", "solo", {"labels": {"x": "y"}})
+    s.commit()
+    a2 = Answers(s, 0, cache)
+    assert a2.objects == build_objects(s, 0)
+    assert a2.version == Answers(s, 0).version
+    ctr = {o["name"]: o for o in a1.objects if o["metadata_kind"] == "container"}
+    ctr2 = {o["name"]: o for o in a2.objects if o["metadata_kind"] == "container"}
+    assert ctr2["S-web-1"] is ctr["S-web-1"]  # reused
+    assert ctr2["solo"] is not ctr["solo"] and ctr2["solo"]["labels"] == {"x": "y"}
+    cattle.update(s, "host", "a", {"agent_ip": "127.0.0.99"})  # host change: its containers re-render
+    s.commit()
+    a3 = Answers(s, 0, cache)
+    ctr3 = {o["name"]: o for o in a3.objects if o["metadata_kind"] == "container"}
+    assert ctr3["S-web-1"]["host_ip"] == "127.0.0.99"
+    assert ctr3["solo"] is ctr2["solo"]
+    assert _inflate(a3.v2(None))[:-1] == build_objects(s, 0)
