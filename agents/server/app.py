@@ -103,6 +103,7 @@ class Server:
             await self.bus.drop(c)
         if not self.lock.locked():
             self._flush_config()
+            self.store.commit(bump=False)
         self.store.close()
         self.journal.close()
 

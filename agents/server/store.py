@@ -121,8 +121,10 @@ class Store:
         self._changes.append(what)
 
     def close(self) -> None:
+        """Close the database; a transaction still open belongs to an unfinished operation: dropped."""
         if self._in_txn:
-            self.commit()
+            self.db.execute("ROLLBACK")
+            self._in_txn = False
         self.db.close()
 
     # -- key/value --------------------------------------------------------------------
