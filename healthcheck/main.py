@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import ipaddress
 import os
 import time
@@ -140,6 +139,11 @@ class Daemon:
         await self.api.post_json("/serviceevents", report_dict(r))
 
     async def _apply(self, d: Desired) -> None:
+        want, live = d.by_name(), self.hap.live
+        # Checks about to go are forgotten first, changed ones re-armed: a poll during the apply
+        # must neither warn about their maintenance state nor report their fresh state.
+        self.tracker.sync(n for n in live if n in want)
+        self.tracker.rearm(n for n in live if n in want and want[n] != live[n])
         await self.hap.apply(d)
         self.tracker.sync(self.hap.live.keys())
         self.tracker.rearm(self.hap.take_armed())
@@ -184,8 +188,10 @@ class Daemon:
         interval = self.args.poll_interval
         failing = False
         while not stop.is_set():
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._poke.wait(), interval)
+            waits = [asyncio.ensure_future(self._poke.wait()), asyncio.ensure_future(stop.wait())]
+            await asyncio.wait(waits, timeout=interval, return_when=asyncio.FIRST_COMPLETED)
+            for w in waits:
+                w.cancel()
             if self._poke.is_set():
                 await asyncio.sleep(0.01)  # let a burst of hints merge into one poll
                 self._poke.clear()

@@ -182,7 +182,7 @@ async def test_metadata_unreachable_or_malformed_keeps_last_good_checks(
         assert len(await daemon.rows()) == 2
     assert "metadata unusable, keeping the last good checks" in daemon.log() or \
         "metadata unavailable" in daemon.log()
-    metadata.stop()
+    await asyncio.to_thread(metadata.stop)  # never block the loop: the backends live in it
     await asyncio.sleep(1.0)
     assert len(await daemon.rows()) == 2
     t0 = time.time()
@@ -192,7 +192,7 @@ async def test_metadata_unreachable_or_malformed_keeps_last_good_checks(
     metadata.write(tree([container("a", hc(ok.port)), container("b", hc(ok.port, interval=-5)),
                          container("c", hc(ok.port, request_line="GET / HTTP/1.0\r\n\r\nbackend evil")),
                          container("z", hc(ok.port, timeout=2.5)), container("y", hc(ok.port, rise=10**9))]))
-    metadata.start()
+    await asyncio.to_thread(metadata.start)
 
     async def only_a() -> bool:
         r = await daemon.rows()
@@ -278,9 +278,9 @@ async def test_daemon_killed_and_restarted_keeps_haproxy_state(
     await reported(server, "_d_", "DOWN", 0, 10)
     old = daemon.haproxy_pid()
     assert daemon.proc is not None
-    daemon.proc.kill()
+    await asyncio.to_thread(daemon.proc.kill)
     t0 = time.time()
-    daemon.start()
+    await asyncio.to_thread(daemon.start)
 
     async def taken_over() -> bool:
         try:

@@ -37,7 +37,9 @@ async def test_two_hosts_report_and_server_aggregates(tmp_path: Path,
                              name=f"metadata-{host}")
             procs.append(m)
             await asyncio.to_thread(wait_http, f"http://127.0.0.1:{port}/2015-12-19/version", 15)
-            daemons.append(Daemon(tmp_path, f"http://127.0.0.1:{port}", env, name=f"hc-{host}").start())
+            d = Daemon(tmp_path, f"http://127.0.0.1:{port}", env, name=f"hc-{host}")
+            await asyncio.to_thread(d.start)
+            daemons.append(d)
 
         def health() -> str:
             return str(s.ctl("container", "get", "web1").get("health_state"))
