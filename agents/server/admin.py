@@ -15,6 +15,7 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from agents.errors import InputError
+from agents.log import get_logger
 from agents.server.app import Server
 from agents.server.faults import MALFORMED_KINDS, parse_duration
 from agents.server.public import malformed_frames
@@ -22,6 +23,8 @@ from agents.server.stats import FAULTS
 from agents.server.store import PLURALS
 
 __all__ = ["build_admin_app"]
+
+log = get_logger(__name__)
 
 
 def _json(obj: Any, status: int = 200) -> web.Response:
@@ -247,6 +250,7 @@ class AdminApi:
         FAULTS.labels(ftype).inc()
         applied = await self.apply_now(f.type, f.id, params, conn, for_s, count)
         self.s.journal.add("fault", name=ftype, data={**f.public(), "applied": applied}, status="added")
+        log.info("fault added", fault=f.id, type=ftype, params=params, count=count, for_s=for_s, conn=conn)
         return _json({**f.public(), "applied": applied}, 201)
 
     async def apply_now(self, ftype: str, fid: str, params: dict[str, Any], conn: str, for_s: float | None,

@@ -154,6 +154,7 @@ class Server:
             rev = self.store.commit(reason)
         REVISION.set(rev)
         if rev != before:
+            log.debug("mutation", reason=reason, revision=rev)
             self.journal.add("mutation", name=reason, data={"revision": rev}, status="ok")
             self._kick_config()
         return result
