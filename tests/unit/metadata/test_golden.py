@@ -11,9 +11,11 @@ from metadata.render import negotiate
 from metadata.store import Snapshot
 
 J = "application/json"
+Y = "application/yaml"
 LOCAL = "127.0.0.1"
 CT_TEXT = b"Content-Type: text/plain; charset=utf-8\r\n"
 CT_JSON = b"Content-Type: application/json\r\n"
+CT_YAML = b"Content-Type: application/yaml\r\n"
 CORS = b"Access-Control-Allow-Origin: *\r\n"
 HOST_B = (b'{"agent_ip":"192.168.10.12","environment_uuid":"env-demo-0001","hostname":"node-b",'
           b'"labels":{"zone":"b"},"local_storage_mb":40960,"memory":8589934592,"metadata_kind":"host",'
@@ -81,6 +83,18 @@ ROWS = [
     (17, "/latest/containers/shop-web-1/dns_search", J, LOCAL, 200,
      b'["shop.rancher.internal","web.shop.rancher.internal","rancher.internal"]'),
     (19, "/latest//containers", J, LOCAL, 301, b""),
+    # YAML (block style, keys sorted, like Go's yaml.v2 for these values)
+    (2, "/latest/version", Y, LOCAL, 200, b"42-5cc6db68\n"),
+    (7, "/2015-07-25/services/Web/containers", Y, LOCAL, 200, b"- Shop-Web-1\n"),
+    (7, "/2015-07-25/services/web", Y, LOCAL, 404, b"code: 404\nmessage: Not found\ntype: error\n"),
+    (12, "/latest/services/web/links", Y, LOCAL, 200, b"shop/db: database\n"),
+    (14, "/latest/services/web/health_check", Y, LOCAL, 200,
+     b"healthy_threshold: 2\ninterval: 2000\nport: 80\nrequest_line: GET /healthz HTTP/1.0\n"
+     b"response_timeout: 2000\nunhealthy_threshold: 3\n"),
+    (16, "/latest/services/web/token", Y, LOCAL, 200, b"null\n"),
+    (17, "/latest/containers/shop-web-1/dns_search", Y, LOCAL, 200,
+     b"- shop.rancher.internal\n- web.shop.rancher.internal\n- rancher.internal\n"),
+    (18, "/2099-01-01/version", Y, LOCAL, 404, b"code: 404\nmessage: Invalid version\ntype: error\n"),
     (20, "/2016-07-29/self/container", "", "192.168.10.12", 200,
      b"".join(k.encode() + (b"/" if k in ("dns", "dns_search", "health_check_hosts", "ips", "labels", "ports")
                             else b"") + b"\n"
@@ -102,10 +116,10 @@ def test_example_rows(snap: Snapshot, row: int, path: str, accept: str, ip: str,
     assert CORS in r.head
     if status == 404:
         assert CT_TEXT in r.head and b"X-Content-Type-Options: nosniff\r\n" in r.head
-    elif accept != J and body == b"":
+    elif accept not in (J, Y) and body == b"":
         assert b"Content-Type" not in r.head  # text null: no Content-Type, like the original
     else:
-        assert (CT_JSON if accept == J else CT_TEXT) in r.head
+        assert {J: CT_JSON, Y: CT_YAML}.get(accept, CT_TEXT) in r.head
 
 
 def test_row1_json_and_row3_json(snap: Snapshot) -> None:
