@@ -67,6 +67,7 @@ class Settings:
     ping_interval_ms: int = 5000
     max_pings: int = 8640
     public_url: str = "http://127.0.0.1:8080"
+    max_queue: int = 10000
 
 
 class Server:
@@ -81,7 +82,7 @@ class Server:
         self.faults = Faults(settings.seed)
         self.bus = Bus(self.journal, self.faults, ping_interval_ms=settings.ping_interval_ms,
                        max_pings=settings.max_pings, event_timeout_ms=settings.event_timeout_ms,
-                       event_retries=settings.event_retries, seed=settings.seed)
+                       event_retries=settings.event_retries, seed=settings.seed, max_queue=settings.max_queue)
         self.bus.on_subscribe.append(self._on_subscribe)
         self.lock = asyncio.Lock()
         self._answers: Answers | None = None

@@ -72,6 +72,7 @@ class Conn:
     unstalled: asyncio.Event = field(default_factory=asyncio.Event)
     closed: asyncio.Event = field(default_factory=asyncio.Event)
     logout: bool = False
+    overflowed: bool = False
 
     def __post_init__(self) -> None:
         self.unstalled.set()
@@ -112,7 +113,8 @@ class _Pending:
 
 class Bus:
     def __init__(self, journal: Journal, faults: Faults, *, ping_interval_ms: int = 5000, max_pings: int = 8640,
-                 event_timeout_ms: int = 15000, event_retries: int = 3, seed: int = 0) -> None:
+                 event_timeout_ms: int = 15000, event_retries: int = 3, seed: int = 0,
+                 max_queue: int = 10000) -> None:
         self.journal = journal
         self.faults = faults
         self.ping_interval = ping_interval_ms / 1000.0
@@ -125,6 +127,8 @@ class Bus:
         self._finished: OrderedDict[str, str] = OrderedDict()
         self._rnd = random.Random(seed)
         self.on_subscribe: list[Any] = []
+        self.max_queue = max_queue
+        self._drops: set[asyncio.Future[None]] = set()
         self.delivered = 0
 
     # -- subscriptions ------------------------------------------------------------------
@@ -157,6 +161,17 @@ class Bus:
 
     # -- sending ------------------------------------------------------------------------
     def enqueue(self, conn: Conn, frame: str | bytes, name: str | None = None, eid: str | None = None) -> None:
+        if conn.queue.qsize() >= self.max_queue:
+            # a subscriber that stopped reading: drop it rather than buffer without bound
+            if not conn.overflowed:
+                conn.overflowed = True
+                log.warning("slow subscriber dropped", conn=conn.id, key=conn.key.access, queued=conn.queue.qsize())
+                self.journal.add("conn", conn=conn.id, key=conn.key.access, status="slow-consumer",
+                                 data={"queued": conn.queue.qsize()})
+                t = asyncio.ensure_future(self.drop(conn, reset=True))
+                self._drops.add(t)
+                t.add_done_callback(self._drops.discard)
+            return
         conn.queue.put_nowait((frame, name, eid))
 
     def send(self, event: dict[str, Any], conns: list[Conn]) -> int:

@@ -59,6 +59,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ping-interval-ms", type=int, default=5000)
     p.add_argument("--max-pings", type=int, default=8640, help="close a subscription after this many pings (0: never)")
     p.add_argument("--public-url", default="", help="base URL agents use (default from --listen)")
+    p.add_argument("--max-queue", type=int, default=10000,
+                   help="frames queued for one subscriber before it is dropped as too slow")
     add_common_args(p, metrics_listen="")
     return p
 
@@ -98,7 +100,7 @@ async def run(args: argparse.Namespace, stop: asyncio.Event) -> None:
     settings = Settings(listen=args.listen, admin_listen=args.admin_listen, state=args.state, journal=args.journal,
                         seed=args.seed, event_timeout_ms=args.event_timeout_ms, event_retries=args.event_retries,
                         ping_interval_ms=args.ping_interval_ms, max_pings=args.max_pings,
-                        public_url=public_url.rstrip("/"))
+                        public_url=public_url.rstrip("/"), max_queue=args.max_queue)
     if args.state:
         Path(args.state).absolute().parent.mkdir(parents=True, exist_ok=True)  # noqa: ASYNC240
     try:

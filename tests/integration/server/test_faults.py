@@ -300,3 +300,20 @@ async def test_truncate_configcontent(standin: StandIn) -> None:
     d2 = zlib.decompressobj(wbits=-15)
     d2.decompress(whole)
     assert d2.eof
+
+
+async def test_subscriber_that_stops_reading_is_dropped(standin_factory: Callable[..., StandIn]) -> None:
+    s = standin_factory(args=("--max-queue", "50"))
+    a = Agent(s)
+    try:
+        ws = await a.subscribe("test.q")
+        s.wait(kind="conn", status="connected")
+        s.ctl("fault", "ws-stall", "--for", "30s")  # the server's writer stops: frames pile up
+        s.admin("POST", "/_admin/events", {"name": "test.q", "repeat": 60})
+        e = s.wait(kind="conn", status="slow-consumer")
+        assert e["data"]["queued"] == 50
+        while (await ws.receive(timeout=5)).type == aiohttp.WSMsgType.TEXT:
+            pass
+        assert s.ctl("conns") == []
+    finally:
+        await a.close()
