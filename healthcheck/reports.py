@@ -174,7 +174,6 @@ class Reporter:
         self.retry_min = retry_min
         self.retry_max = retry_max
         self.boxes: dict[str, _Box] = {}
-        self.delivered: dict[str, Report] = {}
         self._queue: asyncio.Queue[str] = asyncio.Queue()
         self.sent = 0
         self.failed = 0
@@ -289,7 +288,6 @@ class Reporter:
                 self.sent += 1
                 _SENT.labels(rep.state, "ok").inc()
                 _LATENCY.observe(max(0.0, time.time() - rep.observed))
-                self.delivered[uuid] = rep
                 if box.latest is rep:
                     del self.boxes[uuid]
                 else:

@@ -56,11 +56,14 @@ def ctr(uuid: str, port: int, http: bool, ip: str = "127.0.0.1") -> dict[str, An
 class Sink:
     def __init__(self) -> None:
         self.got: list[tuple[float, str, str]] = []
+        self.delay = 0.0
         self.port = free_port()
         self.runner: web.AppRunner | None = None
 
     async def _post(self, request: web.Request) -> web.Response:
         b = json.loads(await request.read())
+        if self.delay:
+            await asyncio.sleep(self.delay)
         self.got.append((time.time(), str(b["healthcheckUuid"]), str(b["reportedHealth"])))
         return web.json_response({"type": "serviceEvent"}, status=201)
 
@@ -149,11 +152,16 @@ async def main_async(a: argparse.Namespace) -> None:
     work = Path(tempfile.mkdtemp(prefix="corral-bench-hc-"))
     procs: list[Proc] = []
     nginx, nport = start_nginx(work)
+    (work / "n2").mkdir()
+    nginx2, nport2 = start_nginx(work / "n2")
     sink = Sink()
     await sink.start()
     backs = [await Flaky("ok", host="127.0.0.3").start() for _ in range(a.trials)]
     try:
-        bulk = [ctr(f"bulk-{i:05d}", nport, False) for i in range(a.checks - a.trials)]
+        n_burst = min(a.burst, a.checks // 2)
+        bulk = [ctr(f"bulk-{i:05d}", nport2 if i >= a.checks - a.trials - n_burst else nport, False)
+                for i in range(a.checks - a.trials)]
+        burst_names = {f"{HOST}_bulk-{i:05d}_1" for i in range(a.checks - a.trials - n_burst, a.checks - a.trials)}
         trials = [ctr(f"trial-{i:03d}", b.port, True, ip="127.0.0.3") for i, b in enumerate(backs)]
         answers = work / "answers.json"
         write_answers(answers, bulk + trials, 1)
@@ -227,6 +235,25 @@ async def main_async(a: argparse.Namespace) -> None:
         rec = await trial_round(sock, backend, sink, backs, trial_names, "ok", "UP", 30)
         hang = await trial_round(sock, backend, sink, backs, trial_names, "hang", "DOWN", 40)
         await trial_round(sock, backend, sink, backs, trial_names, "ok", "UP", 30)
+
+        # report burst: the burst checks' backend dies, every POST takes 200 ms
+        sink.delay = 0.2
+        t_kill = time.time()
+        nginx2.terminate()
+        nginx2.wait(5)
+        burst_hap: float | None = None
+        burst_done: float | None = None
+        while time.time() - t_kill < 120 and burst_done is None:
+            if burst_hap is None:
+                text = await sock.raw("show stat -1 4 -1")
+                down = {r.name[len("cattle-"):] for r in parse_stat_csv(text) if r.status == "DOWN"}
+                if burst_names <= down:
+                    burst_hap = time.time() - t_kill
+            got = {u for t, u, st in sink.got if t >= t_kill and st == "DOWN"}
+            if burst_names <= got:
+                burst_done = time.time() - t_kill
+            await asyncio.sleep(0.1)
+        sink.delay = 0.0
         t_cpu_d = cpu_seconds(d.pid)
 
         fb, hb, rb = INTER * FALL / 1000 + 1, (INTER + TIMEOUT) * FALL / 1000 + 1, INTER * RISE / 1000 + 1
@@ -253,6 +280,12 @@ async def main_async(a: argparse.Namespace) -> None:
         tab.add("churn: other checks reset / UP x/y / reported", resets + partial + others_reported, None, "",
                 higher_is_better=False, note=f"must be 0 (resets {resets}, partial {partial}, "
                                              f"reports {others_reported}); same HAProxy pid: {same_pid}")
+        if n_burst:
+            bound = n_burst * 0.2 / 8 + FALL * INTER / 1000 + 2
+            tab.add(f"burst: {n_burst} checks DOWN at once, 200 ms per POST -> all delivered",
+                    burst_done if burst_done is not None else float("nan"), burst_hap, "s", higher_is_better=False,
+                    note=f"target ≤ {bound:.0f} s (8 workers; from the backend's death); original serial ≥ "
+                         f"{n_burst * 0.2:.0f} s")
         tab.add("start: all checks reported UP", t_all_up, None, "s", higher_is_better=False,
                 note="from daemon start; includes rise × inter warm-up")
         tab.print()
@@ -266,8 +299,10 @@ async def main_async(a: argparse.Namespace) -> None:
     finally:
         for p in reversed(procs):
             p.stop()
-        nginx.terminate()
-        nginx.wait(5)
+        for ng in (nginx, nginx2):
+            if ng.poll() is None:
+                ng.terminate()
+                ng.wait(5)
         for b in backs:
             await b.stop()
         if sink.runner is not None:
@@ -280,6 +315,7 @@ def main() -> None:
     ap.add_argument("--checks", type=int, default=5000)
     ap.add_argument("--steady", type=float, default=60.0)
     ap.add_argument("--trials", type=int, default=25)
+    ap.add_argument("--burst", type=int, default=1000, help="checks that go DOWN at once (report burst)")
     ap.add_argument("--no-write", action="store_true", help="print only, do not update bench/RESULTS.md")
     asyncio.run(main_async(ap.parse_args()))
 
