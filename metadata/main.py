@@ -47,6 +47,16 @@ def demo_ready_url(ctx: Any) -> str:
     return f"http://127.0.0.1:{ctx.port('metadata')}/"
 
 
+def _go_bool(v: str) -> bool:
+    """Go's flag package also accepts ``-xff=true`` / ``-subscribe=false``."""
+    low = v.strip().lower()
+    if low in ("1", "t", "true"):
+        return True
+    if low in ("0", "f", "false"):
+        return False
+    raise argparse.ArgumentTypeError(f"not a boolean: {v!r}")
+
+
 def _alias(p: argparse.ArgumentParser, *names: str, **kw: Any) -> None:
     opts = []
     for n in names:
@@ -59,10 +69,12 @@ def build_parser() -> argparse.ArgumentParser:
     _alias(p, "listen", default=":80", help="metadata API address (default :80)")
     _alias(p, "listenReload", dest="listen_reload", default="127.0.0.1:8112", help="reload API address")
     _alias(p, "answers", default="./answers.json", help="answers file (file mode) / cache file (subscribe)")
-    _alias(p, "subscribe", action="store_true", help="subscribe to the server (else serve the file)")
+    _alias(p, "subscribe", nargs="?", const=True, default=False, type=_go_bool,
+           help="subscribe to the server (else serve the file)")
     _alias(p, "reload-interval-limit", dest="reload_interval_limit", type=int, default=1000,
            help="minimum ms between two downloads")
-    _alias(p, "xff", action="store_true", help="take the client IP from X-Forwarded-For (right-most)")
+    _alias(p, "xff", nargs="?", const=True, default=False, type=_go_bool,
+           help="take the client IP from X-Forwarded-For (right-most)")
     p.add_argument("--xff-trusted", action="append", default=[], metavar="CIDR",
                    help="only peers in CIDR may set X-Forwarded-For (repeatable; default: any)")
     p.add_argument("--max-waiters", type=int, default=10_000, help="concurrent long-poll waiters (503 above)")

@@ -36,3 +36,12 @@ def test_demo_hook() -> None:
     a = md_main.build_parser().parse_args(argv)
     assert a.subscribe and a.listen == "127.0.0.1:1" and a.answers == "/tmp/w/metadata-answers.json"
     assert all("{" not in h or "{metadata}" in h for h in md_main.DEMO_HINTS)
+
+
+def test_go_bool_forms() -> None:
+    p = md_main.build_parser()
+    assert p.parse_args(["-xff=true", "-subscribe=false"]).xff is True
+    assert p.parse_args(["-xff=true", "-subscribe=false"]).subscribe is False
+    assert p.parse_args(["--subscribe", "--listen", ":1"]).subscribe is True
+    with pytest.raises(SystemExit):
+        p.parse_args(["-xff=maybe"])
