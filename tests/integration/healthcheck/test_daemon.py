@@ -7,6 +7,7 @@ fail <= inter*fall + 1 s, hang <= inter*fall + timeout + 1 s, recover <= inter*r
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
 import time
@@ -342,3 +343,78 @@ async def test_unrelated_metadata_changes_cause_no_reload_and_no_command(
 def _fetches(text: str) -> float:
     return sum(float(ln.rsplit(" ", 1)[1]) for ln in text.splitlines()
                if ln.startswith('corral_metadata_client_fetches_total{outcome="ok"}'))
+
+
+class FakeMetadata:
+    """fake-metadata for the one fault the real one cannot make: HTTP 500 on the tree after a bump."""
+
+    def __init__(self) -> None:
+        self.tree: dict[str, Any] = tree([])
+        self.fail = False
+        self.requests_500 = 0
+        self.port = 0
+        self._changed = asyncio.Event()
+
+    def set(self, t: dict[str, Any]) -> None:
+        self.tree = {**t, "version": str(int(self.tree["version"]) + 1)}
+        self._changed.set()
+        self._changed = asyncio.Event()
+
+    async def start(self) -> Any:
+        from aiohttp import web
+
+        async def version(request: web.Request) -> web.Response:
+            if request.query.get("wait") == "true" and request.query.get("value") == self.tree["version"]:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._changed.wait(), float(request.query.get("maxWait", "1")))
+            return web.json_response(self.tree["version"])
+
+        async def whole(request: web.Request) -> web.Response:
+            if self.fail:
+                self.requests_500 += 1
+                return web.Response(status=500, text="boom")
+            return web.json_response(self.tree)
+
+        app = web.Application()
+        app.router.add_get("/2015-12-19/version", version)
+        app.router.add_get("/2015-12-19", whole)
+        app.router.add_get("/2015-12-19/", whole)
+        runner = web.AppRunner(app)
+        await runner.setup()
+        site = web.TCPSite(runner, "127.0.0.1", 0)
+        await site.start()
+        self.port = runner.addresses[0][1]
+        return runner
+
+
+async def test_metadata_500_keeps_checks_and_sends_nothing(tmp_path: Path, server: StandInReports,
+                                                           flaky_factory: Any) -> None:
+    fake = FakeMetadata()
+    runner = await fake.start()
+    ok = await flaky_factory("ok")
+    fake.set(tree([container("a", hc(ok.port)), container("b", hc(ok.port))]))
+    d = Daemon(tmp_path, f"http://127.0.0.1:{fake.port}", server.env())
+    await asyncio.to_thread(d.start)
+    try:
+        await reported(server, "_a_", "UP", 0, 10)
+        await reported(server, "_b_", "UP", 0, 10)
+        n = len(await asyncio.to_thread(server.entries))
+        fake.fail = True
+        fake.set(tree([container("a", hc(ok.port))]))  # b would go, but the tree answers 500
+        await until(lambda: _true(fake.requests_500 >= 2), what="the daemon hit the 500")
+        await asyncio.sleep(0.5)
+        assert len(await d.rows()) == 2, "no server removed on a failed read"
+        assert len(await asyncio.to_thread(server.entries)) == n, "no report"
+        fake.fail = False
+
+        async def only_a() -> bool:
+            return list(await d.rows()) == ["cattle-host-a-uuid_a_1"]
+
+        await until(only_a, timeout=15, what="the diff applied after recovery")
+    finally:
+        await asyncio.to_thread(d.stop)
+        await runner.cleanup()
+
+
+async def _true(v: bool) -> bool:
+    return v
