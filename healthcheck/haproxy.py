@@ -369,6 +369,7 @@ class HAProxy:
         self.profiles: set[Profile] = set()  # backends of the running config
         self.parked: set[tuple[str, str]] = set()  # (backend, name) left in MAINT after a failed del
         self.armed: set[str] = set()  # names (re)armed since the last take_armed()
+        self.restored: set[str] = set()  # names whose state came from a previous HAProxy (take_restored())
         self.generation = 0  # bumps on every (re)start: states may have been restored
         self.running = asyncio.Event()
         self.crashed = asyncio.Event()
@@ -433,6 +434,10 @@ class HAProxy:
         good = Desired(desired.host_uuid, tuple(c for c in desired.checks if c.profile not in bad),
                        desired.rejected, desired.warnings)
         return good, bad
+
+    def take_restored(self) -> set[str]:
+        out, self.restored = self.restored, set()
+        return out
 
     def take_armed(self) -> set[str]:
         out, self.armed = self.armed, set()
@@ -576,6 +581,8 @@ class HAProxy:
         for n in fresh:
             cmds.append(f"set server {servers[n].profile.backend}/{n} health down")
         self.armed.update(fresh)
+        if orphan is not None:
+            self.restored.update(restored)
         if stale:
             # A stale snapshot must not cause a report: force each check to the state last reported.
             for n, st in self.forced_health().items():

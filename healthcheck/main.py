@@ -98,6 +98,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--report-timeout", type=parse_duration, default=10.0)
     p.add_argument("--report-retry-max", type=parse_duration, default=30.0, help="longest back-off between retries")
     p.add_argument("--emit-init", action="store_true", help="send INIT before UP like the original")
+    p.add_argument("--resync-rate", type=float, default=50.0,
+                   help="reports/s for the one-time re-send of states taken over from a previous run (0: no limit)")
     p.add_argument("--fastinter", type=int, default=0, help="HAProxy fastinter (ms) for faster hang detection")
     p.add_argument("--retry-invalid", type=parse_duration, default=30.0)
     p.add_argument("--state-interval", type=parse_duration, default=10.0, help="server state snapshot period")
@@ -123,7 +125,8 @@ class Daemon:
         self.api = ApiClient(cattle, retries=0)
         self.tracker = Tracker(emit_init=args.emit_init)
         self.reporter = Reporter(self._post, concurrency=args.report_concurrency, timeout=args.report_timeout,
-                                 retry_max=args.report_retry_max, retry_min=min(1.0, args.report_retry_max))
+                                 retry_max=args.report_retry_max, retry_min=min(1.0, args.report_retry_max),
+                                 resync_rate=args.resync_rate)
         self._poke = asyncio.Event()
         self.hap = HAProxy(HAProxySettings(state_dir=args.state_dir, binary=args.haproxy_bin,
                                            stats_socket=args.stats_socket, threads=args.haproxy_threads,
@@ -147,6 +150,7 @@ class Daemon:
         await self.hap.apply(d)
         self.tracker.sync(self.hap.live.keys())
         self.tracker.rearm(self.hap.take_armed())
+        self.tracker.mark_resync(self.hap.take_restored())
         _CHECKS.set(len(self.hap.live))
         self.health.set("haproxy", True, f"{len(self.hap.live)} checks")
         self._poke.set()

@@ -64,6 +64,7 @@ class _Track:
     last_sent: str | None = None
     last_seen: str = ""
     arming: bool = True  # (re)armed: wait for a definite verdict (UP, or DOWN from a failed check)
+    resync: bool = False  # its state was restored from a previous run: the first report is a re-send
 
 
 @dataclass(frozen=True)
@@ -72,6 +73,7 @@ class Report:
     state: str  # UP / DOWN (INIT with --emit-init)
     observed: float  # wall-clock seconds when the state was seen
     reason: str = ""
+    resync: bool = False  # first report of a state restored from a previous run (rate-limited)
 
 
 def report_dict(r: Report) -> dict[str, object]:
@@ -107,6 +109,12 @@ class Tracker:
             t = self.checks.get(n)
             if t is not None:
                 t.arming = True
+
+    def mark_resync(self, names: Iterable[str]) -> None:
+        for n in names:
+            t = self.checks.get(n)
+            if t is not None and t.last_sent is None:
+                t.resync = True
 
     def last_sent(self) -> dict[str, str]:
         return {n: t.last_sent for n, t in self.checks.items() if t.last_sent}
@@ -144,7 +152,8 @@ class Tracker:
                 log.info("check down", check=uuid, status=r.status, reason=reason)
             if red == "UP" and self.emit_init and t.last_sent != "INIT":
                 out.append(Report(uuid, "INIT", now))
-            out.append(Report(uuid, red, now, reason))
+            out.append(Report(uuid, red, now, reason, resync=t.resync))
+            t.resync = False
             t.last_sent = red
         return out
 
@@ -167,13 +176,15 @@ class Reporter:
     """Deliver reports: latest state per check wins, N concurrent POSTs, retries forever."""
 
     def __init__(self, post: Poster, *, concurrency: int = 8, timeout: float = 10.0,
-                 retry_min: float = 1.0, retry_max: float = 30.0) -> None:
+                 retry_min: float = 1.0, retry_max: float = 30.0, resync_rate: float = 0.0) -> None:
         self.post = post
         self.concurrency = max(1, concurrency)
         self.timeout = timeout
         self.retry_min = retry_min
         self.retry_max = retry_max
         self.boxes: dict[str, _Box] = {}
+        self.resync_rate = resync_rate
+        self._next_slot = 0.0
         self._queue: asyncio.Queue[str] = asyncio.Queue()
         self.sent = 0
         self.failed = 0
@@ -191,8 +202,16 @@ class Reporter:
                 box.attempts, box.parked = 0, False
             box.latest = r
         _PENDING.set(len(self.boxes))
-        if not box.in_flight and not box.parked and box.retry_handle is None:
-            self._enqueue(r.uuid)
+        if box.in_flight or box.parked or box.retry_handle is not None:
+            return
+        if r.resync and self.resync_rate > 0:
+            loop = asyncio.get_running_loop()
+            slot = max(loop.time(), self._next_slot)
+            self._next_slot = slot + 1.0 / self.resync_rate
+            if slot > loop.time():
+                self._later(r.uuid, box, slot - loop.time())
+                return
+        self._enqueue(r.uuid)
 
     def metadata_changed(self) -> None:
         """A 403 may mean the reporter map moved: try parked reports again."""
@@ -211,8 +230,9 @@ class Reporter:
     def _retry_later(self, uuid: str, box: _Box) -> None:
         if box.backoff is None:
             box.backoff = Backoff(self.retry_min, self.retry_max, reset_after=1e9)
-        delay = box.backoff.next()
+        self._later(uuid, box, box.backoff.next())
 
+    def _later(self, uuid: str, box: _Box, delay: float) -> None:
         def fire() -> None:
             box.retry_handle = None
             if self.boxes.get(uuid) is box and not box.parked:

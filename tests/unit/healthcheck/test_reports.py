@@ -176,3 +176,35 @@ def test_stat_csv_roundtrip_of_any_reason_phrase() -> None:
         assert [(r.name, r.status, r.last_chk) for r in rows] == [("cattle-H_c_1", "DOWN", reason)]
 
     check()
+
+
+async def test_resync_reports_are_rate_limited_and_others_are_not() -> None:
+    srv = Server()
+    arrivals: dict[str, float] = {}
+    loop = asyncio.get_running_loop()
+
+    async def post(r: Report) -> None:
+        arrivals[r.uuid] = loop.time()
+        await srv.post(r)
+
+    rep = Reporter(post, concurrency=4, resync_rate=50)
+    stop = asyncio.Event()
+    task = asyncio.create_task(rep.run(stop))
+    t0 = loop.time()
+    for i in range(10):
+        rep.submit(Report(f"r{i}", "UP", 1.0, resync=True))
+    rep.submit(Report("live", "DOWN", 1.0))
+    await wait(lambda: len(srv.got) == 11)
+    assert arrivals["live"] - t0 < 0.1, "a real change is not held behind the resync"
+    assert arrivals["r9"] - t0 >= 9 / 50 * 0.9, "10 resyncs at 50/s span ~0.18 s"
+    stop.set()
+    await task
+
+
+def test_tracker_marks_first_report_of_restored_state_as_resync() -> None:
+    t = Tracker()
+    t.sync([N])
+    t.mark_resync([N])
+    r1 = t.observe([row("UP", "L7OK")], 1.0)
+    r2 = t.observe([row("DOWN", "L7STS")], 2.0)
+    assert [(r.state, r.resync) for r in r1 + r2] == [("UP", True), ("DOWN", False)]
