@@ -221,3 +221,24 @@ async def test_haproxy_runs_unprivileged(tmp_path: Path, flaky_factory) -> None:
     finally:
         await h.stop()
         shutil.rmtree(base, ignore_errors=True)
+
+
+async def test_reload_mode_keeps_states_through_the_state_file(hap: HAProxy, flaky_factory) -> None:
+    """--apply-mode=reload (HAProxy < 2.5): every change reloads, states come back from the state file."""
+    hap.reload_only = True
+    ok, bad = await flaky_factory("ok"), await flaky_factory("fail")
+    base = [container("u", hc(ok.port)), container("d", hc(bad.port))]
+    await hap.apply(desired_from_tree(tree(base)))
+    await until(lambda: _down(hap, "d"), what="d DOWN")
+    await until(lambda: _status(hap, "u", "UP"), what="u UP")
+    before = await rows(hap)
+    pid = hap.pid
+    await hap.apply(desired_from_tree(tree([*base, container("n", hc(ok.port))])))
+    assert hap.pid != pid, "reload mode reloads"
+    after = await rows(hap)
+    for n, b in before.items():
+        assert after[n].status == b.status, (n, b.status, after[n].status)
+        assert (after[n].lastchg or 0) >= (b.lastchg or 0)
+    new = next(x for n, x in after.items() if "_n_" in n)
+    assert new.status.startswith("DOWN"), "a new check still needs rise successes"
+    await until(lambda: _status(hap, "n", "UP"), what="n UP")
