@@ -161,3 +161,27 @@ def test_fuzz_upstream_reply_scan(data: bytes) -> None:
     assert len(s.wire) <= len(data)
     for off, _ttl in s.ttl_offsets:
         assert 0 <= off <= len(s.wire) - 4
+
+
+def test_reply_cache_matches_the_full_path() -> None:
+    """The UDP reply cache (plain queries of local answers) stores exactly what fast() renders."""
+    e = engine()
+    q = DNSRecord.question("web.", "A")
+    data = bytes(q.pack())
+    first = e.fast(data, "10.42.0.11", False)
+    assert isinstance(first, bytes)
+    outs, ckey = e.replies[("10.42.0.11", data[2:])]
+    assert ckey == ("A", "local", "client") and len(outs) == 2
+    assert {data[:2] + o for o in outs} == {e.fast(data, "10.42.0.11", False) for _ in range(4)}  # type: ignore[misc]
+    # queries with EDNS options, or over TCP, are never stored
+    q2 = DNSRecord.question("web.", "A")
+    q2.add_ar(EDNS0(udp_len=1232, opts=[]))
+    raw = bytearray(q2.pack())
+    raw[-2:] = struct.pack("!H", 8)
+    raw += struct.pack("!HH", 10, 4) + b"abcd"  # a COOKIE-like option
+    e.fast(bytes(raw), "10.42.0.11", False)
+    e.fast(bytes(DNSRecord.question("db.data.rancher.internal.", "A").pack()), "10.42.0.11", True)
+    assert len(e.replies) == 1
+    # a new table empties it
+    e.swap(build(example.tree(), Settings()))
+    assert not e.replies
