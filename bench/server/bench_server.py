@@ -30,7 +30,7 @@ from typing import Any
 
 import aiohttp
 
-from bench.harness import ROOT, Table, percentile, update_results
+from bench.harness import ROOT, Table, cpu_seconds, percentile, rss_mib, update_results
 from tests.helpers.procs import Proc, free_port, wait_http
 from tests.helpers.standin import StandIn
 
@@ -78,6 +78,24 @@ def fanout(ws_url: str, access: str, secret: str, trigger: Any, subs: int, event
         return subs * events / (t1 - t0)
     finally:
         p.wait(30)
+
+
+def idle(ws_url: str, access: str, secret: str, pid: int, subs: int, seconds: float) -> tuple[float, float]:
+    """RSS (MiB) and CPU (% of one core) of ``pid`` holding ``subs`` idle subscriptions."""
+    p = subprocess.Popen([sys.executable, "-m", "bench.server.subscribers", ws_url, access, secret, str(subs),
+                          "1000000000"], stdout=subprocess.PIPE, text=True, cwd=ROOT)
+    try:
+        assert p.stdout is not None
+        if not p.stdout.readline().startswith("READY"):
+            raise RuntimeError("subscribers did not start")
+        time.sleep(1.0)  # settle after the connection burst
+        c0, t0 = cpu_seconds(pid), time.monotonic()
+        time.sleep(seconds)  # the measurement itself: idle CPU over a span
+        cpu = (cpu_seconds(pid) - c0) / (time.monotonic() - t0) * 100
+        return rss_mib(pid), cpu
+    finally:
+        p.kill()
+        p.wait(10)
 
 
 def _post(url: str, body: dict[str, Any] | None = None) -> None:
@@ -202,6 +220,20 @@ def main(argv: list[str] | None = None) -> int:
             peer.stop()
         t.add(f"event fan-out, {subs} subscribers x {events} events", rate, prate, "events/s",
               note="peer: bare aiohttp+orjson broadcast")
+
+        n_idle = 200 if args.quick else 1000
+        assert s.proc is not None
+        s_rss, s_cpu = idle(ws, s.access_key, s.secret_key, s.proc.pid, n_idle, dur)
+        port = free_port()
+        peer = Proc([sys.executable, "-m", "bench.server.peer_broadcast", str(port)], name="peer", cwd=str(ROOT))
+        try:
+            wait_http(f"http://127.0.0.1:{port}/send", status=None)
+            p_rss, p_cpu = idle(f"ws://127.0.0.1:{port}/v1", "x", "y", peer.pid, n_idle, dur)
+        finally:
+            peer.stop()
+        t.add(f"{n_idle} idle subscribers: RSS", s_rss, p_rss, "MiB", higher_is_better=False,
+              note="stand-in pings every 5 s; peer sends nothing")
+        t.add(f"{n_idle} idle subscribers: CPU", s_cpu, p_cpu, "% of a core", higher_is_better=False)
 
         lat = asyncio.run(rtt(s, 300 if args.quick else 1000))
         t.add("call() round trip p50 (local agent)", percentile(lat, 50), None, "ms", higher_is_better=False)
