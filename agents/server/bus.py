@@ -230,7 +230,7 @@ class Bus:
 
     async def pinger(self, conn: Conn) -> None:
         while not conn.ws.closed:
-            if self.faults.active("no-pings", conn=conn.id) is None:
+            if self.faults.take("no-pings", conn=conn.id) is None:
                 if self.max_pings > 0 and conn.pings_sent >= self.max_pings:
                     log.info("max pings reached, closing subscription", conn=conn.id, pings=conn.pings_sent)
                     self.journal.add("conn", conn=conn.id, key=conn.key.access, status="max-pings")
@@ -252,7 +252,7 @@ class Bus:
             await conn.unstalled.wait()  # a frame that arrived during a stall is handled after it
             if msg.type == WSMsgType.PING:
                 conn.last_ping_in = time.time()
-                if self.faults.active("no-pongs", conn=conn.id) is None:
+                if self.faults.take("no-pongs", conn=conn.id) is None:
                     with contextlib.suppress(ConnectionError, RuntimeError):
                         await ws.pong(msg.data)
             elif msg.type == WSMsgType.PONG:

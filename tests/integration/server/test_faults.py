@@ -317,3 +317,20 @@ async def test_subscriber_that_stops_reading_is_dropped(standin_factory: Callabl
         assert s.ctl("conns") == []
     finally:
         await a.close()
+
+
+async def test_no_pings_count_skips_exactly_n(standin_factory: Callable[..., StandIn]) -> None:
+    s = standin_factory(ping_interval_ms=100)
+    a = Agent(s)
+    try:
+        ws = await a.subscribe("ping")
+        await ws.receive(timeout=5)
+        s.ctl("fault", "no-pings", "--count", "3")
+        t0 = time.monotonic()
+        await ws.receive(timeout=5)  # maybe one already on its way
+        await ws.receive(timeout=5)
+        gap = time.monotonic() - t0
+        assert gap >= 0.25  # three intervals went by without a ping
+        assert s.ctl("fault", "list")[0]["count"] == 0
+    finally:
+        await a.close()
