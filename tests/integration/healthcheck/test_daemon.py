@@ -418,3 +418,16 @@ async def test_metadata_500_keeps_checks_and_sends_nothing(tmp_path: Path, serve
 
 async def _true(v: bool) -> bool:
     return v
+
+
+def test_missing_credentials_exit_with_a_clear_error(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CATTLE_")}
+    r = subprocess.run([sys.executable, "-m", "agents.cli", "healthcheck", "--state-dir", str(tmp_path),
+                        "--metadata-address", "http://127.0.0.1:9", "--metrics-listen", "127.0.0.1:0"],
+                       env=env, capture_output=True, text=True, timeout=60)
+    assert r.returncode != 0
+    assert "CATTLE_URL" in r.stderr and "CATTLE_ACCESS_KEY" in r.stderr
+    assert not (tmp_path / "haproxy.pid").exists(), "no HAProxy started without credentials"
