@@ -375,8 +375,8 @@ class HAProxy:
         self.crashed = asyncio.Event()
         self.restarts = 0
         self.reloads = 0
-        self.reload_only = False
-        self.quarantined: set[Profile] = set()  # --apply-mode=reload: every change is a reload with the state file
+        self.reload_only = False  # --apply-mode=reload: every change is a reload with the state file
+        self.quarantined: set[Profile] = set()  # profiles HAProxy rejected (retried by the reconcile loop)
         self.runtime_commands = 0
         self._child: _Child | None = None
         self._lock = asyncio.Lock()
@@ -677,6 +677,11 @@ class HAProxy:
                         # It exists but is not armed: a placeholder makes the retry remove and re-add it.
                         self.live[c.name] = Check(c.name, c.container_uuid, c.ip, 0, c.profile)
         log.info("checks changed at run time", added=len(add), removed=len(remove), errors=len(errors))
+        if errors and self.parked:
+            # A server we could not delete is in the way: a reload sweeps every leftover.
+            log.warning("runtime add failed with leftovers parked, reloading to sweep them", parked=len(self.parked))
+            await self._reload(desired, reason="sweep")
+            return
         if errors:
             raise TransportError(f"{len(errors)} runtime command(s) failed, first: {errors[0]}")
 
