@@ -18,7 +18,7 @@ from typing import Any
 import orjson
 
 from agents.server.health import pick_reporters
-from agents.server.store import Store
+from agents.server.store import Resources
 
 __all__ = ["API_VERSIONS", "Answers", "RenderCache", "build_objects", "v1_document", "v2_stream", "version_string"]
 
@@ -32,7 +32,7 @@ def _num(rid: str) -> int:
     return int(d[1:] or 0) if d else 0
 
 
-def _live_hosts(store: Store) -> list[dict[str, Any]]:
+def _live_hosts(store: Resources) -> list[dict[str, Any]]:
     return [h for h in store.all("host") if h.get("state") != "removed"]
 
 
@@ -55,7 +55,7 @@ class RenderCache:
         return b
 
 
-def build_objects(store: Store, seed: int = 0, cache: RenderCache | None = None) -> list[dict[str, Any]]:
+def build_objects(store: Resources, seed: int = 0, cache: RenderCache | None = None) -> list[dict[str, Any]]:
     """Every ``metadata_kind`` object except ``defaultData``, in a deterministic order."""
     env = store.env
     env_uuid = env["uuid"]
@@ -345,7 +345,7 @@ def v1_document(objects: Sequence[dict[str, Any]], version: str, self_host: str 
 class Answers:
     """Answers for one revision, rendered lazily and cached (objects once, bodies per host)."""
 
-    def __init__(self, store: Store, seed: int, cache: RenderCache | None = None) -> None:
+    def __init__(self, store: Resources, seed: int, cache: RenderCache | None = None) -> None:
         self.revision = store.revision
         self.objects = build_objects(store, seed, cache)
         blob = cache.blob if cache is not None else orjson.dumps

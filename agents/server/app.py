@@ -116,9 +116,11 @@ class Server:
 
     # -- answers ------------------------------------------------------------------------
     def answers(self) -> Answers:
+        """Answers of the last committed state (never of an operation in progress)."""
         a = self._answers
-        if a is None or a.revision != self.store.revision:
-            a = self._answers = Answers(self.store, self.settings.seed, self._render_cache)
+        view = self.store.committed
+        if a is None or a.revision != view.revision:
+            a = self._answers = Answers(view, self.settings.seed, self._render_cache)
         return a
 
     def host_for(self, key: Key | None, *, host_uuid: str = "", agent_id: str = "") -> str | None:

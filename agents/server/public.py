@@ -168,7 +168,7 @@ class PublicApi:
             return await self.configcontent(request, parts[1], key)
         if head in ("hosts", "containers", "stacks", "services") and len(parts) == 1 and method == "GET":
             kind = head[:-1]
-            return _json({"type": "collection", "resourceType": kind, "data": self.s.store.all(kind)})
+            return _json({"type": "collection", "resourceType": kind, "data": self.s.store.committed.all(kind)})
         if head == "configitemstatuses" and method == "GET":
             items = [self.s.config_item(a) for a in self.s.config_agents()]
             return _json({"type": "collection", "resourceType": "configItemStatus", "data": items})

@@ -11,13 +11,13 @@ from __future__ import annotations
 import sqlite3
 import uuid as uuidlib
 from collections.abc import Iterator
-from typing import Any
+from typing import Any, Protocol
 
 import orjson
 
 from agents.errors import InputError
 
-__all__ = ["ID_PREFIX", "KINDS", "PLURALS", "Store"]
+__all__ = ["ID_PREFIX", "KINDS", "PLURALS", "Committed", "Resources", "Store"]
 
 ID_PREFIX = {"host": "1h", "stack": "1st", "service": "1s", "container": "1i", "network": "1n"}
 KINDS = tuple(ID_PREFIX)
@@ -36,6 +36,39 @@ def _id_num(rid: str) -> int:
         return int(digits[1:] or 0) if digits else 0
     except ValueError:  # pragma: no cover
         return 0
+
+
+class Resources(Protocol):
+    """What renderers read: a :class:`Store` (work in progress) or a :class:`Committed` view."""
+
+    revision: int
+
+    @property
+    def env(self) -> dict[str, Any]: ...
+
+    def all(self, kind: str) -> list[dict[str, Any]]: ...
+
+
+class Committed:
+    """The resources as of the last commit. Stored dicts are never mutated in place, so a shallow
+    copy of the id maps is a consistent snapshot; readers that must not see an operation in
+    progress (the metadata answers, while an allocation waits for the scheduler) read this."""
+
+    def __init__(self, res: dict[str, dict[str, dict[str, Any]]], env: dict[str, Any], revision: int) -> None:
+        self._res = res
+        self._env = env
+        self.revision = revision
+        self._sorted: dict[str, list[dict[str, Any]]] = {}
+
+    @property
+    def env(self) -> dict[str, Any]:
+        return self._env
+
+    def all(self, kind: str) -> list[dict[str, Any]]:
+        cached = self._sorted.get(kind)
+        if cached is None:
+            cached = self._sorted[kind] = sorted(self._res[kind].values(), key=lambda o: _id_num(o["id"]))
+        return list(cached)
 
 
 class Store:
@@ -59,6 +92,8 @@ class Store:
         self._in_txn = False
         self._changes: list[str] = []
         self.revision = int(self.kv_get("meta", "revision", 0))
+        self._snapshot_due = True
+        self.committed = self._snapshot()
         self.fresh = "environment" not in self._kv.get("meta", {})
         if self.fresh:
             self.kv_set("meta", "environment", self.new_environment())
@@ -86,11 +121,18 @@ class Store:
         if self._changes and bump:
             self.revision += 1
             self.kv_set("meta", "revision", self.revision)
+            self._snapshot_due = True
         self._changes.clear()
         if self._in_txn:
             self.db.execute("COMMIT")
             self._in_txn = False
+        if self._snapshot_due:
+            self.committed = self._snapshot()
         return self.revision
+
+    def _snapshot(self) -> Committed:
+        self._snapshot_due = False
+        return Committed({k: dict(v) for k, v in self._res.items()}, dict(self.env), self.revision)
 
     def rollback(self) -> None:
         """Throw away the open transaction and reload the cache from SQLite."""
@@ -99,6 +141,7 @@ class Store:
             self._in_txn = False
         self._changes.clear()
         self._reload()
+        self._snapshot_due = False  # the committed view is still right
 
     def _reload(self) -> None:
         self._sorted = {}
@@ -138,6 +181,8 @@ class Store:
         self._begin()
         self._kv.setdefault(ns, {})[k] = v
         self.db.execute("INSERT OR REPLACE INTO kv (ns, k, v) VALUES (?, ?, ?)", (ns, k, orjson.dumps(v)))
+        if ns == "meta" and k == "environment":
+            self._snapshot_due = True
 
     def kv_del(self, ns: str, k: str) -> None:
         self._begin()
@@ -214,6 +259,7 @@ class Store:
         self._begin()
         self._res[kind][obj["id"]] = obj
         self._sorted.pop(kind, None)
+        self._snapshot_due = True
         self.db.execute("INSERT OR REPLACE INTO resources (kind, id, data) VALUES (?, ?, ?)",
                         (kind, obj["id"], orjson.dumps(obj)))
         self._changes.append(f"{kind}:{obj['id']}")
@@ -223,6 +269,7 @@ class Store:
         self._begin()
         o = self._res[kind].pop(rid, None)
         self._sorted.pop(kind, None)
+        self._snapshot_due = True
         self.db.execute("DELETE FROM resources WHERE kind = ? AND id = ?", (kind, rid))
         if o is not None:
             self._changes.append(f"-{kind}:{rid}")
@@ -235,6 +282,7 @@ class Store:
         self.db.execute("DELETE FROM kv WHERE ns != 'meta' OR k != 'revision'")
         rev = self.revision
         self._sorted = {}
+        self._snapshot_due = True
         self._res = {k: {} for k in KINDS}
         self._kv = {"meta": {"revision": rev}}
         self._changes.append("wipe")

@@ -11,6 +11,7 @@ import pytest
 from agents.server.ctl import CtlError
 from tests.helpers.standin import StandIn
 from tests.integration.server.conftest import Agent
+from tests.integration.server.test_answers import decode_stream
 
 
 def _hosts(s: StandIn) -> None:
@@ -123,9 +124,17 @@ async def test_metadata_download_not_blocked_by_a_pending_allocation(standin: St
     standin.wait(kind="conn", status="connected")
     job = asyncio.create_task(_ctl(standin, "container", "create", "--name", "x"))
     pri = await agent.next_event()
+    url = f"{standin.url}/configcontent/metadata-answers?client=v2"
     async with aiohttp.ClientSession(headers=basic(standin.access_key, standin.secret_key)) as http:
-        async with http.get(f"{standin.url}/configcontent/metadata-answers?client=v2") as r:
+        async with http.get(url) as r:
             assert r.status == 200  # answered while the allocation waits for the scheduler
-    await agent.reply(pri, {"prioritizedCandidates": ["hb"]})
-    await agent.reply(await agent.next_event(), None)
-    assert (await job)["host_uuid"] == "hb"
+            during = decode_stream(await r.read())
+        # the answers are of the last committed state: the container being placed is not in them
+        assert "x" not in [o.get("name") for o in during if o["metadata_kind"] == "container"]
+        await agent.reply(pri, {"prioritizedCandidates": ["hb"]})
+        await agent.reply(await agent.next_event(), None)
+        assert (await job)["host_uuid"] == "hb"
+        async with http.get(url) as r:
+            after = decode_stream(await r.read())
+    assert "x" in [o.get("name") for o in after if o["metadata_kind"] == "container"]
+    assert after[-1]["version"] != during[-1]["version"]

@@ -138,3 +138,20 @@ def test_bad_inputs_are_clear() -> None:
         cattle.create_service(s, {"name": "x", "stack": "s", "scale": "many"})
     with pytest.raises(InputError, match="labels"):
         cattle.create_host(s, {"name": "y", "labels": ["a"]})
+
+
+def test_committed_view_never_shows_work_in_progress() -> None:
+    s = Store()
+    cattle.create_host(s, {"name": "a"})
+    assert s.committed.all("host") == []
+    s.commit()
+    assert [h["name"] for h in s.committed.all("host")] == ["a"]
+    rev = s.committed.revision
+    cattle.create_host(s, {"name": "b"})
+    assert [h["name"] for h in s.committed.all("host")] == ["a"]
+    s.rollback()
+    assert [h["name"] for h in s.committed.all("host")] == ["a"] and s.committed.revision == rev
+    cattle.update(s, "host", "a", {"labels": {"k": "v"}})
+    assert s.committed.all("host")[0]["labels"] == {}
+    s.commit()
+    assert s.committed.all("host")[0]["labels"] == {"k": "v"} and s.committed.revision == rev + 1
