@@ -40,6 +40,7 @@ __all__ = ["CHAIN", "Engine", "Listener", "Slow"]
 CHAIN = ("parse", "guard", "local", "cache", "upstream")
 MEMO_MAX = 200_000
 REPLIES_MAX = 50_000
+_FOREVER = float("inf")
 FAIL_HOLD = 1.0            # seconds a fully failed lookup answers SERVFAIL at once
 TCP_MAX_QUERIES = 128
 TCP_IDLE = 8.0
@@ -84,9 +85,11 @@ class Engine:
                  ptr: bool = True, forward_single_label: bool = False, serve_stale: bool = True) -> None:
         self.table: Table | None = None
         self.memo: dict[tuple[str, bytes, int], Any] = {}
-        # UDP reply cache: (view key, query bytes after the ID) -> (replies after the ID, counter key).
-        # Only plain queries (no OPT options) of local answers; read by _UdpReader before fast().
-        self.replies: dict[tuple[str, bytes], tuple[tuple[bytes, ...], tuple[str, str, str]]] = {}
+        # UDP reply cache: (view key, query bytes after the ID) -> (replies after the ID, counter key,
+        # valid until). Only plain queries (no EDNS options); local answers stay valid for the
+        # table's life, cached forwarded answers until their TTLs tick down by one second.
+        # _UdpReader reads it before calling fast().
+        self.replies: dict[tuple[str, bytes], tuple[tuple[bytes, ...], tuple[str, str, str], float]] = {}
         self.views: Any = {}
         self.cache = cache
         self.up = upstreams
@@ -141,7 +144,7 @@ class Engine:
             if not tcp and (len(data) == q.qend or (q.edns and len(data) == q.qend + 11)) \
                     and len(self.replies) < REPLIES_MAX:
                 outs = tuple(d.render(q, k, False)[2:] for k in range(len(d.rests)))  # type: ignore[attr-defined]
-                self.replies[(vk, data[2:])] = (outs, ckey)
+                self.replies[(vk, data[2:])] = (outs, ckey, _FOREVER)
             return d.render(q, self._n, tcp)  # type: ignore[no-any-return]
         if d is NOT_READY:
             self.counts[(_qt(qtype), "not-ready", view)] += 1
@@ -152,8 +155,14 @@ class Engine:
             now = time.monotonic()
             hit = self.cache.get(key, now)
             if hit is not None:
-                self.counts[(_qt(qtype), "cache", view)] += 1
-                return hit.render(q, now, tcp)
+                ckey = (_qt(qtype), "cache", view)
+                self.counts[ckey] += 1
+                out = hit.render(q, now, tcp)
+                if not tcp and (len(data) == q.qend or (q.edns and len(data) == q.qend + 11)) \
+                        and len(self.replies) < REPLIES_MAX:
+                    tick = hit.stored + int(now - hit.stored) + 1  # TTLs change at the next whole second
+                    self.replies[(vk, data[2:])] = ((out[2:],), ckey, min(tick, hit.expires))
+                return out
             return Slow(q, data, FORWARD, recs, key, view)
         assert isinstance(d, Upstream)
         recs = table.recursers(vk) if table is not None else self.fallback_recursers
@@ -329,6 +338,7 @@ class _UdpReader:
         replies = eng.replies  # swapped with the table; a swap happens between callbacks only
         views = eng.views
         counts = eng.counts
+        now = time.monotonic()
         for _ in range(self.BATCH):
             try:
                 data, addr = recv(wire.MAX_UDP_QUERY + 1)
@@ -339,8 +349,8 @@ class _UdpReader:
                 continue
             ip = addr[0]
             hit = replies.get((ip if ip in views else "", data[2:]))
-            if hit is not None:  # a plain query answered before: ID + stored reply (A sets rotate)
-                outs, ckey = hit
+            if hit is not None and hit[2] > now:  # a plain query answered before: ID + stored reply
+                outs, ckey, _until = hit
                 eng._n += 1
                 counts[ckey] += 1
                 try:

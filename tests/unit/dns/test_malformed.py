@@ -170,7 +170,7 @@ def test_reply_cache_matches_the_full_path() -> None:
     data = bytes(q.pack())
     first = e.fast(data, "10.42.0.11", False)
     assert isinstance(first, bytes)
-    outs, ckey = e.replies[("10.42.0.11", data[2:])]
+    outs, ckey, _until = e.replies[("10.42.0.11", data[2:])]
     assert ckey == ("A", "local", "client") and len(outs) == 2
     assert {data[:2] + o for o in outs} == {e.fast(data, "10.42.0.11", False) for _ in range(4)}  # type: ignore[misc]
     # queries with EDNS options, or over TCP, are never stored
@@ -185,3 +185,26 @@ def test_reply_cache_matches_the_full_path() -> None:
     # a new table empties it
     e.swap(build(example.tree(), Settings()))
     assert not e.replies
+
+
+def test_reply_cache_for_forwarded_answers_expires_with_the_ttl_tick() -> None:
+    import time as _t
+
+    from dnslib import QTYPE, RR, A
+
+    e = engine()
+    e.table = build(example.tree(), Settings(default_recurse=("127.0.0.1:53",)))
+    e.swap(e.table)
+    q = DNSRecord.question("ext.example.", "A")
+    data = bytes(q.pack())
+    slow = e.fast(data, "10.42.0.99", False)
+    assert isinstance(slow, Slow) and slow.key is not None
+    r = q.reply()
+    r.add_answer(RR("ext.example.", QTYPE.A, ttl=60, rdata=A("192.0.2.1")))
+    now = _t.monotonic()
+    e.cache.put(slow.key, wire.scan(bytes(r.pack())), now - 0.5)
+    out = e.fast(data, "10.42.0.99", False)
+    assert isinstance(out, bytes) and DNSRecord.parse(out).rr[0].ttl == 60
+    outs, ckey, until = e.replies[("", data[2:])]
+    assert ckey == ("A", "cache", "default") and data[:2] + outs[0] == out
+    assert now < until <= now + 0.5 + 1e-6  # valid only until the TTL ticks down
