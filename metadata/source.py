@@ -310,6 +310,8 @@ class SubscribeSource:
             if err:  # better than the original (which waited for the next event): retry with back-off
                 delay = self._retry.next()
                 log.info("answers download will be retried", seconds=round(delay, 2))
+                if self._retry_handle is not None:
+                    self._retry_handle.cancel()
                 self._retry_handle = asyncio.get_running_loop().call_later(delay, self.kick)
             else:
                 self._retry.reset()
