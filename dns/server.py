@@ -111,6 +111,16 @@ class Engine:
         self.views = table.views
 
     # ------------------------------------------------------------ hot path
+    def cached(self, data: bytes, client_ip: str, now: float) -> bytes | None:
+        """The reply cache (UDP only): a plain query answered before gets ID + the stored reply."""
+        hit = self.replies.get((client_ip if client_ip in self.views else "", data[2:]))
+        if hit is None or hit[2] <= now:
+            return None
+        outs, ckey, _until = hit
+        self._n += 1
+        self.counts[ckey] += 1
+        return data[:2] + outs[self._n % len(outs)]
+
     def fast(self, data: bytes, client_ip: str, tcp: bool) -> bytes | Slow | None:
         try:
             q = wire.parse_query(data)
@@ -335,9 +345,7 @@ class _UdpReader:
         fast = eng.fast
         recv = sock.recvfrom
         send = sock.sendto
-        replies = eng.replies  # swapped with the table; a swap happens between callbacks only
-        views = eng.views
-        counts = eng.counts
+        cached = eng.cached
         now = time.monotonic()
         for _ in range(self.BATCH):
             try:
@@ -348,13 +356,10 @@ class _UdpReader:
                 log.debug("udp receive error", error=str(e))
                 continue
             ip = addr[0]
-            hit = replies.get((ip if ip in views else "", data[2:]))
-            if hit is not None and hit[2] > now:  # a plain query answered before: ID + stored reply
-                outs, ckey, _until = hit
-                eng._n += 1
-                counts[ckey] += 1
+            out = cached(data, ip, now)
+            if out is not None:  # a plain query answered before: ID + stored reply
                 try:
-                    send(data[:2] + outs[eng._n % len(outs)], addr)
+                    send(out, addr)
                 except (BlockingIOError, InterruptedError):
                     self.send_drops += 1
                 except OSError as e:

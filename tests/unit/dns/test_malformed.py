@@ -208,3 +208,37 @@ def test_reply_cache_for_forwarded_answers_expires_with_the_ttl_tick() -> None:
     outs, ckey, until = e.replies[("", data[2:])]
     assert ckey == ("A", "cache", "default") and data[:2] + outs[0] == out
     assert now < until <= now + 0.5 + 1e-6  # valid only until the TTL ticks down
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.lists(st.tuples(st.integers(1, 4), st.sampled_from(["healthy", "unhealthy"])), min_size=1, max_size=6))
+def test_caches_never_outlive_a_table_swap(states: list[tuple[int, str]]) -> None:
+    import time as _time
+
+    """Sequences of metadata states through one engine (memo + reply cache warm) answer exactly
+    like a fresh engine built for the last state."""
+    e = engine()
+    names = [("web.", "10.42.0.11"), ("db.data.rancher.internal.", "10.42.0.99"), ("shop-web-3.", "10.42.0.31"),
+             ("web.shop.rancher.internal.", "10.42.0.21")]
+    for gen, (scale, health) in enumerate(states, 2):
+        t = build(example.tree(web_scale=scale, db2_health=health), Settings(), gen)
+        for name, src in names:  # warm every cache with the previous table
+            q = bytes(DNSRecord.question(name, "A").pack())
+            e.fast(q, src, False)
+            assert e.table is None or e.cached(q, src, _time.monotonic()) is not None
+        e.swap(t)
+        fresh = Engine(cache=Cache(10), upstreams=Upstreams(1.0))
+        fresh.swap(t)
+        for name, src in names:
+            data = bytes(DNSRecord.question(name, "A").pack())
+            assert e.cached(data, src, _time.monotonic()) is None  # emptied by the swap
+            got = e.fast(data, src, False)
+            again = e.cached(data, src, _time.monotonic())
+            want = fresh.fast(data, src, False)
+            assert again is not None
+            assert {str(x.rdata) for x in DNSRecord.parse(again).rr} == {str(x.rdata) for x in DNSRecord.parse(want).rr}
+            assert isinstance(got, bytes) and isinstance(want, bytes)
+            a, b = DNSRecord.parse(got), DNSRecord.parse(want)
+            assert a.header.rcode == b.header.rcode
+            assert {str(x.rdata) for x in a.rr} == {str(x.rdata) for x in b.rr}
+            assert [x.rdata.times[0] for x in a.auth] == [x.rdata.times[0] for x in b.auth]  # SOA serial
