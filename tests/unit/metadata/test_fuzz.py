@@ -316,3 +316,26 @@ def test_incremental_build_follows_host_ip_fallback() -> None:
     moved = build(deflate(base.replace(b'"agent_ip":"192.168.10.11"', b'"agent_ip":"192.168.10.99"')), prev=first)
     assert respond(moved, "/2015-07-25/containers/Shop-Web-1/ports/0", "", "text", "x")[0].body == \
         b"192.168.10.99:8080:80/tcp"
+
+
+async def test_many_applies_do_not_grow_memory() -> None:
+    """gc.freeze() after each apply must not pin old snapshots: the frozen set stays flat."""
+    import gc
+
+    from bench.metadata.gen import generate, stream
+
+    srv = MetadataServer()
+    ap = Applier(srv, Health())
+    bodies = []
+    for r in range(3):
+        o = generate(200, revision=r + 1)
+        o[50 + r]["state"] = f"x{r}"
+        bodies.append(deflate(stream(o)))
+    counts = []
+    for i in range(60):
+        await ap.apply_v2(bodies[i % 3], persist=False)
+        srv.lookup("/latest/containers", "", "json", "1")
+        srv.lookup("/2015-07-25/containers", "", "text", "1")
+        if i in (9, 59):
+            counts.append(gc.get_freeze_count())
+    assert counts[1] <= counts[0] * 1.05 + 100, counts
