@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import re
 from typing import Any
+from urllib.parse import unquote
 
 import orjson
 from aiohttp import web
@@ -241,7 +242,6 @@ class PublicApi:
             m = _VERSION.findall(request.query_string)
             if not m or not m[-1]:
                 return _error(422, "MissingRequired", "version is required", "version")
-            from urllib.parse import unquote
             version = unquote(m[-1])
             n = await self.s.applied(agent, version, key)
             return _json({"type": "configItemStatus", "name": item, "agent": agent, "appliedVersion": n,
