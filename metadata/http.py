@@ -102,6 +102,29 @@ def parse_head(head: bytes, fmt_for: Any) -> Any:
     return (method, path, query, fmt, xff or None, ctr or None, keep, clen, kind)
 
 
+_LOCAL: tuple[float, frozenset[str]] = (0.0, frozenset())
+
+
+def local_addresses(max_age: float = 10.0) -> frozenset[str]:
+    """IPv4 addresses of this machine (the kernel's LOCAL routes), re-read at most every 10 s."""
+    global _LOCAL
+    now = time.monotonic()
+    if now - _LOCAL[0] < max_age and _LOCAL[0]:
+        return _LOCAL[1]
+    out: set[str] = set()
+    try:
+        with open("/proc/net/fib_trie") as f:
+            prev = ""
+            for line in f:
+                if "/32 host LOCAL" in line and prev.strip().startswith("|--"):
+                    out.add(prev.strip()[3:].strip())
+                prev = line
+    except OSError:
+        pass
+    _LOCAL = (now, frozenset(out))
+    return _LOCAL[1]
+
+
 class _Generation:
     __slots__ = ("bytes", "cache", "ip_set", "snap")
 
@@ -265,9 +288,10 @@ class MetadataServer:
         return ""
 
     def self_ref(self, peer: str, ref: bytes) -> str | None:
-        """``X-Corral-Container`` from a caller that is the local host -> ``ctr:<uuid>`` (or None)."""
+        """``X-Corral-Container`` from a caller that is the local host (loopback, this host's
+        ``agent_ip`` or any address of this machine, e.g. the docker bridge) -> ``ctr:<uuid>``."""
         snap = self.gen.snap
-        if not (peer.startswith("127.") or peer == "::1" or peer in snap.local_ips):
+        if not (peer.startswith("127.") or peer == "::1" or peer in snap.local_ips or peer in local_addresses()):
             return None
         return snap.container_key(ref.decode("latin-1").strip())
 

@@ -203,3 +203,9 @@ def test_xff_cannot_name_a_container() -> None:
     trusted = MetadataServer(xff=True, xff_trusted=["127.0.0.0/8"])
     assert trusted.client_ip("10.0.0.1", b"10.42.0.5") == "10.0.0.1"
     assert trusted.client_ip("127.0.0.3", b"10.42.0.5") == "10.42.0.5"
+
+
+def test_local_addresses_include_loopback() -> None:
+    from metadata.http import local_addresses
+
+    assert "127.0.0.1" in local_addresses(max_age=0)
