@@ -57,7 +57,7 @@ async def test_ws_stall_stops_frames_and_pongs(standin_factory: Callable[..., St
     try:
         ws = await a.subscribe("ping", "test.x")
         await ws.receive(timeout=5)
-        s.ctl("fault", "ws-stall", "--for", "1s")
+        s.ctl("fault", "ws-stall", "--for", "2s")
         t0 = time.monotonic()
         await ws.ping(b"are-you-there")
         s.ctl("events", "send", "--name", "test.x")
@@ -68,10 +68,10 @@ async def test_ws_stall_stops_frames_and_pongs(standin_factory: Callable[..., St
             if msg.type == aiohttp.WSMsgType.TEXT and orjson.loads(msg.data)["name"] == "test.x":
                 break
         # nothing (no pong, no ping, no event) while stalled, except frames already in flight
-        assert not [g for g in got if 0.2 < g[0] < 0.8], got
+        assert not [g for g in got if 0.5 < g[0] < 1.8], got
         pong = [g for g in got if g[1] == aiohttp.WSMsgType.PONG and g[2] == b"are-you-there"]
-        assert pong and pong[0][0] >= 0.8
-        assert got[-1][0] >= 0.8
+        assert pong and pong[0][0] >= 1.8
+        assert got[-1][0] >= 1.8
     finally:
         await a.close()
 
