@@ -135,6 +135,7 @@ class Daemon:
         self.reconciler: Reconciler[Desired] = Reconciler("healthcheck", self._apply, health=self.health,
                                                           retry_min=0.5, retry_max=args.retry_invalid)
         self._rejected_seen: set[tuple[str, str]] = set()
+        self._warned: set[str] = set()
         self.networks = tuple(n.strip() for n in args.check_networks.split(",") if n.strip())
         self.demo_healthy = True
 
@@ -165,7 +166,9 @@ class Daemon:
         self._rejected_seen = seen
         _REJECTED.set(len(d.rejected))
         for w in d.warnings:
-            log.warning("health check warning", detail=w)
+            if w not in self._warned:
+                log.warning("health check warning", detail=w)
+        self._warned = set(d.warnings)
         cur = self.reconciler.current
         if cur is None or cur != d:
             log.info("desired checks", checks=len(d.checks), rejected=len(d.rejected))
@@ -206,7 +209,11 @@ class Daemon:
             if stop.is_set():
                 return
             if not self.hap.running.is_set():
+                if self.reconciler.applied:
+                    self.health.set("haproxy", False, "HAProxy is not running (restarting)")
                 continue
+            if self.reconciler.applied:
+                self.health.set("haproxy", True, f"{len(self.hap.live)} checks")
             gen = self.hap.generation
             try:
                 rows = await self.hap.show_stat()
