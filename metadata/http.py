@@ -126,11 +126,14 @@ def local_addresses(max_age: float = 10.0) -> frozenset[str]:
 
 
 class _Generation:
-    __slots__ = ("bytes", "cache", "ip_set", "snap")
+    __slots__ = ("bytes", "cache", "ip_set", "snap", "values")
 
     def __init__(self, snap: Snapshot) -> None:
         self.snap = snap
         self.cache: dict[tuple[str, str, str], Response] = {}
+        # big renders by (id(value), format): every spelling of a path (case, trailing slash...)
+        # that reaches the same object shares one render and one body
+        self.values: dict[tuple[int, str], Response] = {}
         self.bytes = 0
         self.ip_set = snap.ip_set()
 
@@ -302,7 +305,11 @@ class MetadataServer:
         if r is None:
             res, cacheable = respond(g.snap, path, query, fmt, ip, defer=fmt != "text")
             if isinstance(res, Deferred):
-                return res
+                hit = g.values.get((id(res.value), res.fmt))
+                if hit is None:
+                    return res
+                self._store(g, key, hit, shared=True)
+                return hit
             r = res
             if cacheable:
                 self._store(g, key, r)
@@ -314,17 +321,18 @@ class MetadataServer:
         return r
 
     @staticmethod
-    def _store(g: _Generation, key: tuple[str, str, str], r: Response) -> None:
-        if len(g.cache) < CACHE_ENTRIES and g.bytes + len(r.body) < CACHE_BYTES:
+    def _store(g: _Generation, key: tuple[str, str, str], r: Response, shared: bool = False) -> None:
+        size = len(r.head) + (0 if shared else len(r.body))
+        if len(g.cache) < CACHE_ENTRIES and g.bytes + size < CACHE_BYTES:
             g.cache[key] = r
-            g.bytes += len(r.body) + len(r.head)
+            g.bytes += size
 
     # ------------------------------------------------------------------ big responses
     def park(self, conn: _Conn, d: Deferred, path: str, ip: str, method: bytes, keep: bool) -> None:
         """Answer ``conn`` once ``d`` is rendered; one render per (generation, path, format, client)."""
         g = self.gen
         key = (path, d.fmt, self._client_key(path, ip))
-        jk = (id(g), *key)
+        jk = (id(g), str(id(d.value)), d.fmt, "")
         job = self.renders.get(jk)
         if job is None or job.gen is not g:
             job = _Render(g, key)
@@ -348,6 +356,7 @@ class MetadataServer:
                     await asyncio.sleep(0)
                     t0 = time.perf_counter()
             r = finish(d, body)
+            job.gen.values[(id(d.value), d.fmt)] = r
             self._store(job.gen, job.key, r)
         except Exception as e:  # pragma: no cover - a renderer bug must not leave clients hanging
             log.error("render failed", path=job.key[0], error=f"{type(e).__name__}: {e}")
@@ -459,6 +468,9 @@ class _Conn(asyncio.Protocol):
         self.buf = bytearray()
 
     def eof_received(self) -> bool:
+        if isinstance(self.waiter, _Parked):  # half-closed while its big body renders: answer, then close
+            self.waiter.keep = False
+            return True
         if self.waiter is not None:  # client gave up on its long poll
             self.server._drop(self.waiter)
         if self.out is not None:  # half-closed after asking for a big body: finish it, then close

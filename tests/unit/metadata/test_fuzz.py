@@ -339,3 +339,22 @@ async def test_many_applies_do_not_grow_memory() -> None:
         if i in (9, 59):
             counts.append(gc.get_freeze_count())
     assert counts[1] <= counts[0] * 1.05 + 100, counts
+
+
+async def test_path_spellings_share_one_big_render() -> None:
+    from bench.metadata.gen import generate, stream
+
+    srv = MetadataServer()
+    srv.swap(build(deflate(stream(generate(400)))))
+    await srv.start("127.0.0.1", 0)
+    try:
+        paths = ["/latest/containers", "/latest/containers/", "/latest/CONTAINERS", "/latest/Containers//"[:-1],
+                 "/2016-07-29/containers"]
+        outs = [await _roundtrip(srv.port, f"GET {p} HTTP/1.1\r\nAccept: application/json\r\n"
+                                 f"Connection: close\r\n\r\n".encode()) for p in paths]
+        bodies = {o.split(b"\r\n\r\n", 1)[1] for o in outs}
+        assert len(bodies) == 1 and len(bodies.pop()) > 100_000
+        assert len(srv.gen.values) == 1  # one render, shared by every spelling
+        assert srv.gen.bytes < 2 * 1024 * 1024
+    finally:
+        await srv.stop()
