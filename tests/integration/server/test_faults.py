@@ -334,3 +334,16 @@ async def test_no_pings_count_skips_exactly_n(standin_factory: Callable[..., Sta
         assert s.ctl("fault", "list")[0]["count"] == 0
     finally:
         await a.close()
+
+
+async def test_http_delay_only_then_normal_answer(standin: StandIn) -> None:
+    standin.ctl("fault", "http", "--path", "/v1", "--delay", "300", "--count", "1")
+    async with aiohttp.ClientSession(headers=basic(standin.access_key, standin.secret_key)) as http:
+        t0 = time.monotonic()
+        async with http.get(standin.url) as r:
+            assert r.status == 200 and "X-API-Schemas" in r.headers
+        assert time.monotonic() - t0 >= 0.3
+        async with http.get(standin.url) as r:
+            assert r.status == 200
+    f = standin.ctl("fault", "list")[0]
+    assert f["hits"] == 1 and f["count"] == 0 and not f["active"]  # only the next one was delayed
