@@ -10,7 +10,7 @@ from typing import Any
 HOST = "host-a-uuid"
 
 
-def hc(port: int, *, interval: int = 200, timeout: int = 150, rise: int = 2, fall: int = 2,
+def hc(port: int, *, interval: int = 200, timeout: int = 400, rise: int = 2, fall: int = 2,
        request_line: str = "GET /healthz HTTP/1.0") -> dict[str, Any]:
     return {"port": port, "interval": interval, "response_timeout": timeout, "healthy_threshold": rise,
             "unhealthy_threshold": fall, "request_line": request_line, "strategy": "recreate",

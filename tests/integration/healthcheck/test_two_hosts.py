@@ -22,7 +22,7 @@ async def test_two_hosts_report_and_server_aggregates(tmp_path: Path,
     for name, uuid in (("node-a", "host-a-uuid"), ("node-b", "host-b-uuid"), ("node-c", "host-c-uuid")):
         s.ctl("host", "add", "--name", name, "--uuid", uuid, "--agent-ip", "127.0.0.1")
     back = await Flaky("ok", host="127.0.0.2").start()
-    check = {"port": back.port, "interval": 200, "response_timeout": 150, "healthy_threshold": 2,
+    check = {"port": back.port, "interval": 200, "response_timeout": 400, "healthy_threshold": 2,
              "unhealthy_threshold": 2, "request_line": "GET /healthz HTTP/1.0"}
     s.ctl("container", "create", "--name", "web1", "--uuid", "ctr-web-1", "--host", "node-c",
           "--primary-ip", "127.0.0.2", "--health-check", json.dumps(check))
