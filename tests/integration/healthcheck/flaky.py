@@ -25,7 +25,8 @@ class Flaky:
 
     async def start(self) -> Flaky:
         if self.port == 0:
-            with socket.socket() as s:
+            fam = socket.AF_INET6 if ":" in self.host else socket.AF_INET
+            with socket.socket(fam) as s:
                 s.bind((self.host, 0))
                 self.port = s.getsockname()[1]
         if self.mode != "refuse":

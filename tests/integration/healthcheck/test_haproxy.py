@@ -242,3 +242,33 @@ async def test_reload_mode_keeps_states_through_the_state_file(hap: HAProxy, fla
     new = next(x for n, x in after.items() if "_n_" in n)
     assert new.status.startswith("DOWN"), "a new check still needs rise successes"
     await until(lambda: _status(hap, "n", "UP"), what="n UP")
+
+
+async def test_ipv6_target_runtime_and_reload(hap: HAProxy) -> None:
+    import socket
+
+    import pytest
+
+    from tests.integration.healthcheck.flaky import Flaky
+
+    try:
+        with socket.socket(socket.AF_INET6) as s:
+            s.bind(("::1", 0))
+    except OSError:
+        pytest.skip("no IPv6 loopback")
+    b = await Flaky("ok", host="::1").start()
+    try:
+        v6 = [container("a", hc(b.port), ip="::1")]
+        await hap.apply(desired_from_tree(tree(v6)))  # start: rendered in the config
+        await until(lambda: _status(hap, "a", "UP"), what="a UP over IPv6")
+        more = [*v6, container("b", hc(b.port), ip="::1")]
+        await hap.apply(desired_from_tree(tree(more)))  # runtime: add server [::1]:port
+        await until(lambda: _status(hap, "b", "UP"), what="b UP over IPv6")
+        pid = hap.pid
+        reload = [*more, container("c", hc(b.port, request_line="GET /v6 HTTP/1.0"), ip="::1")]
+        await hap.apply(desired_from_tree(tree(reload)))  # reload: state file keeps a and b UP
+        assert hap.pid != pid
+        r = await rows(hap)
+        assert r["cattle-host-a-uuid_a_1"].status == "UP" and r["cattle-host-a-uuid_b_1"].status == "UP"
+    finally:
+        await b.stop()
