@@ -539,8 +539,8 @@ class HAProxy:
         # Fresh servers start enabled, so HAProxy spreads their first checks over `inter`; they are
         # forced DOWN right after start (before any poll may read them) and need `rise` to come UP.
         cfg = render_config(self.s, profiles, servers.values())
+        _atomic_write(self.s.state_path, state)  # first: `haproxy -c` warns about a missing state file
         await self._check_config(cfg)
-        _atomic_write(self.s.state_path, state)
         _atomic_write(self.s.config_path, cfg)
         argv = [self.s.binary, "-db", "-f", self.s.config_path]
         if old is not None:
