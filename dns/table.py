@@ -20,6 +20,7 @@ Service A sets keep only healthy endpoints, with the deterministic fallback of Â
 
 from __future__ import annotations
 
+import re
 import socket
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
@@ -156,12 +157,13 @@ def filter_recursers(addrs: Iterable[str], never: Iterable[str], *, allow_loopba
     return tuple(out)
 
 
+_NAME_RE = re.compile(r"(?:[!-\-/-~]{1,63}\.)+", re.ASCII)  # printable ASCII labels of 1-63, no dots
+
+
 def valid_name(name: str) -> bool:
-    """Can ``name`` go on the wire: ASCII, labels of 1-63 bytes, at most 255 bytes encoded."""
-    if not name.isascii():
-        return False
-    labels = name.strip(".").split(".")
-    return all(0 < len(x) < 64 for x in labels) and len(name.strip(".")) + 2 <= 255
+    """Can ``name`` (lower-case, final dot) go on the wire: printable ASCII labels of 1-63 bytes,
+    at most 255 bytes encoded."""
+    return len(name) <= 254 and _NAME_RE.fullmatch(name) is not None
 
 
 def _clean(records: dict[str, Rec]) -> dict[str, Rec]:
