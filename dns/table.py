@@ -40,6 +40,7 @@ __all__ = [
 ]
 
 ZONE = "rancher.internal."
+K8S_ZONE = "svc.cluster.local."
 _ZONE_SUFFIX = "." + ZONE
 HEALTHY = frozenset({"healthy", "updating-healthy"})
 RUNNING = frozenset({"running", "starting"})
@@ -320,8 +321,6 @@ class _Builder:
                 return Rec(cname=host.lower() + ".")
             ips = tuple(ip for ip in _l(s.get("external_ips")) if isinstance(ip, str) and _ip4(ip))
             return Rec(a=ips) if ips else None
-        if kind == "kubernetesService":
-            return None
         vip = _s(s.get("vip"))
         if vip and _ip4(vip):
             return Rec(a=(vip,))
@@ -353,6 +352,15 @@ class _Builder:
             prim = _s(s.get("primary_service_name")).lower()
             rec = self.service_rec(s)
             if rec is None:
+                continue
+            if _s(s.get("kind")) == "kubernetesService":
+                # <svc>.<stack>.svc.cluster.local and <container>.<svc>.<stack>.svc.cluster.local;
+                # cluster.local is not authoritative: misses there are forwarded (dns.md §3)
+                recs[fqdn(name, stack, K8S_ZONE)] = rec
+                for c in e.service_members(s):
+                    ip = e.ip.get(_s(c.get("uuid")))
+                    if ip and _s(c.get("name")):
+                        recs[fqdn(_s(c.get("name")), name, stack, K8S_ZONE)] = Rec(a=(ip,))
                 continue
             svc_recs[(stack, name)] = rec
             if prim and prim != name:

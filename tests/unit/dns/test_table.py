@@ -211,3 +211,21 @@ def test_build_survives_any_metadata_shape(containers: list, services: list, sel
             assert valid_name(name) and all(isinstance(ip, str) for ip in rec.a)
     for name in ("web.", "web.shop.rancher.internal.", "x.y."):
         resolve(t, t.view_key("10.42.0.11"), name)
+
+
+def test_kubernetes_services_under_cluster_local() -> None:
+    tree = example.tree()
+    tree["services"].append({"name": "api", "uuid": "svc-k8s", "stack_name": "kube", "kind": "kubernetesService",
+                             "vip": "10.43.0.10", "environment_uuid": example.ENV})
+    tree["containers"].append({"name": "api-pod-1", "uuid": "ctr-pod", "primary_ip": "10.42.0.50",
+                               "host_uuid": "host-2", "state": "running", "service_name": "api",
+                               "service_uuid": "svc-k8s", "stack_name": "kube", "environment_uuid": example.ENV})
+    t = build(tree, ST)
+    r = t.default.records
+    assert r["api.kube.svc.cluster.local."].a == ("10.43.0.10",)
+    assert r["api-pod-1.api.kube.svc.cluster.local."].a == ("10.42.0.50",)
+    assert "api.kube.rancher.internal." not in r
+    # not authoritative: a miss under cluster.local is forwarded, not NXDOMAIN
+    from dns.answer import FORWARD, decide
+
+    assert decide(t, "", "nosuch.kube.svc.cluster.local.", 1) == FORWARD
