@@ -464,3 +464,26 @@ def test_big_bodies_stream_with_flow_control(tmp_path: Path) -> None:
         assert m.get("/latest/version").status == 200
     finally:
         m.proc.stop()
+
+
+def test_shared_client_watch_follows_changes(md: Metadata) -> None:
+    """MetadataClient.watch (go-rancher-metadata's OnChange): a snapshot at once, then one per change."""
+    import asyncio
+
+    from agents.metadata_client import MetadataClient
+
+    async def go() -> list[str]:
+        stop = asyncio.Event()
+        seen: list[str] = []
+        async with MetadataClient(md.url) as c:
+            async for snap in c.watch(stop, max_wait=5):
+                seen.append(snap.version)
+                if len(seen) == 1:
+                    await asyncio.to_thread(_rewrite_version, md.answers, "47-watch")
+                    await asyncio.to_thread(md.reload)
+                else:
+                    stop.set()
+                    break
+        return seen
+
+    assert asyncio.run(go()) == ["42-5cc6db68", "47-watch"]

@@ -209,3 +209,17 @@ def test_local_addresses_include_loopback() -> None:
     from metadata.http import local_addresses
 
     assert "127.0.0.1" in local_addresses(max_age=0)
+
+
+def test_shared_host_ip_tie_break_create_index_then_name(example_bytes: bytes) -> None:
+    hostnet0 = (b'\n{"metadata_kind":"container","name":"Shop-db-0","uuid":"ctr-db-0","primary_ip":"192.168.10.12",'
+                b'"host_uuid":"host-b-uuid","network_uuid":"net-host-uuid","create_index":0,'
+                b'"labels":{"io.rancher.container.network":"host"}}')
+    managed = (b'\n{"metadata_kind":"container","name":"A-managed","uuid":"ctr-a","primary_ip":"192.168.10.12",'
+               b'"host_uuid":"host-b-uuid","network_uuid":"net-managed-uuid","create_index":9}')
+    s = build(deflate(example_bytes + hostnet0 + managed))
+    # non-host network first (ctr-a), even with a higher create_index
+    assert get(s, "/latest/self/container/name", ip="192.168.10.12")[1] == b"a-managed"
+    s2 = build(deflate(example_bytes + hostnet0))
+    # among host-network containers: lowest create_index (Shop-db-0 has 0, Shop-db-1 has 1)
+    assert get(s2, "/latest/self/container/name", ip="192.168.10.12")[1] == b"shop-db-0"
