@@ -101,7 +101,7 @@ async def reconnect_time(s: StandIn) -> float:
 
 
 async def main_async(args: argparse.Namespace) -> Table:
-    s = StandIn()
+    s = StandIn(args=("--max-queue", str(args.events * 2)))  # one burst must fit the per-connection queue
     try:
         corral, peer, rec = [], [], []
         for _ in range(args.rounds):
