@@ -15,9 +15,8 @@ from __future__ import annotations
 
 import time
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from aiohttp import web
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
     REGISTRY,
@@ -27,6 +26,9 @@ from prometheus_client import (
     Histogram,
     generate_latest,
 )
+
+if TYPE_CHECKING:  # aiohttp costs ~100 ms of start-up: imported only when a listener starts
+    from aiohttp import web
 
 __all__ = ["NAMESPACE", "AdminServer", "Health", "counter", "gauge", "histogram", "parse_listen"]
 
@@ -119,6 +121,8 @@ class AdminServer:
     def __init__(
         self, listen: str, health: Health, registry: CollectorRegistry = REGISTRY, extra: dict[str, Any] | None = None
     ) -> None:
+        from aiohttp import web
+
         self.host, self.port = parse_listen(listen, "127.0.0.1")
         self.health = health
         self.registry = registry
@@ -131,19 +135,27 @@ class AdminServer:
         self._runner: web.AppRunner | None = None
 
     async def _healthz(self, request: web.Request) -> web.Response:
+        from aiohttp import web
+
         if not self.health.alive:
             return web.Response(status=503, text="not alive\n")
         return web.Response(text="ok\n")
 
     async def _ready(self, request: web.Request) -> web.Response:
+        from aiohttp import web
+
         rep = self.health.report()
         return web.json_response(rep, status=200 if rep["ready"] else 503)
 
     async def _metrics(self, request: web.Request) -> web.Response:
+        from aiohttp import web
+
         body = generate_latest(self.registry)
         return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
 
     async def start(self) -> None:
+        from aiohttp import web
+
         self._runner = web.AppRunner(self.app, access_log=None)
         await self._runner.setup()
         site = web.TCPSite(self._runner, self.host, self.port, reuse_address=True)

@@ -102,7 +102,7 @@ def wrk(url: str, *, duration: float = 5, threads: int = 2, connections: int = 5
     script = ROOT / "bench" / "out" / "wrk_report.lua"
     script.parent.mkdir(parents=True, exist_ok=True)
     script.write_text(_WRK_LUA)
-    cmd = ["wrk", "-t", str(threads), "-c", str(connections), "-d", f"{duration}s", "--timeout", timeout,
+    cmd = ["wrk", "-t", str(threads), "-c", str(connections), "-d", f"{duration:g}s", "--timeout", timeout,
            "-s", str(script)]
     for k, v in (headers or {}).items():
         cmd += ["-H", f"{k}: {v}"]
