@@ -292,10 +292,11 @@ async def main_async(a: argparse.Namespace) -> None:
         body = tab.markdown() + (
             f"\n\nHAProxy CPU {cpu_h:.1f} % and RSS {rss_h:.0f} MiB over {a.steady:g} s steady state "
             f"(original: ~14 % and ~100 MB at 5000 checks). Latencies: fault -> POST at the sink (Corral) and "
-            f"fault -> state on HAProxy's socket polled every 50 ms (HAProxy alone), {a.trials} checks flipped "
-            f"at once per round on a machine shared with other work. Daemon CPU total {t_cpu_d:.1f} s.\n")
+            f"fault -> state on HAProxy's socket polled every 50 ms (HAProxy alone), {a.trials} checks per round, "
+            f"each flipped at a random point of its check cycle, on a machine shared with other work. Daemon CPU total {t_cpu_d:.1f} s.\n")
         if not a.no_write:
-            update_results("healthcheck", body)
+            argv = " ".join(f"--{k.replace('_', '-')} {v}" for k, v in vars(a).items() if k != "no_write")
+            update_results("healthcheck", body, command=f".venv/bin/python -m bench.healthcheck.run {argv}")
     finally:
         for p in reversed(procs):
             p.stop()
