@@ -374,7 +374,7 @@ class _Builder:
             name = _s(c.get("name")).lower()
             if not ip or not name:
                 continue
-            owner = fqdn(name, ZONE)
+            owner = f"{name.strip('.')}.{ZONE}"
             recs[owner] = Rec(a=(ip,))
             if st.ptr and ip not in e.host_ips and not _s(c.get("network_from_container_uuid")):
                 ptr.setdefault(reverse_name(ip), owner)
@@ -390,10 +390,9 @@ class _Builder:
         ptr = {k: v for k, v in ptr.items() if valid_name(v)}
 
         views: dict[str, View] = {}
-        for c in sorted(e.containers, key=lambda c: (bool(_s(c.get("network_from_container_uuid"))),
-                                                     _s(c.get("name")), _s(c.get("uuid")))):
-            if _s(c.get("host_uuid")) != e.host_uuid or not e.host_uuid:
-                continue
+        local = [c for c in e.containers if e.host_uuid and c.get("host_uuid") == e.host_uuid]
+        for c in sorted(local, key=lambda c: (bool(_s(c.get("network_from_container_uuid"))),
+                                              _s(c.get("name")), _s(c.get("uuid")))):
             ip = _s(c.get("primary_ip"))
             if not ip or ip in views:
                 continue
