@@ -39,11 +39,15 @@ _REJECTED = gauge("healthcheck", "checks_rejected", "Checks left out because a h
 _BAD_META = counter("healthcheck", "metadata_malformed", "Metadata snapshots that could not be used")
 _POLLS = counter("healthcheck", "polls", "Stats polls by outcome", ["outcome"])
 
+# The toggle-me container's address: its own loopback address, so that callers from 127.0.0.1 (curl
+# in the demo's hints) keep metadata's default `self` instead of being taken for this container.
+DEMO_BACKEND_IP = "127.0.0.21"
+
 DEMO_HINTS = [
     "healthcheck (HAProxy checks, state in {workdir}/healthcheck):",
-    "  toggle the demo container's health: curl http://127.0.0.1:{healthcheck_port}/demo/toggle",
+    "  toggle the demo container's health: curl http://127.0.0.21:{healthcheck_port}/demo/toggle",
     "  then watch: corral ctl --admin {admin} reports --kind health ; corral ctl --admin {admin} container get toggle-me",
-    "  metrics: curl http://127.0.0.1:{healthcheck_port}/metrics | grep corral_healthcheck",
+    "  metrics: curl http://127.0.0.21:{healthcheck_port}/metrics | grep corral_healthcheck",
 ]
 
 
@@ -61,12 +65,12 @@ def demo_argv(ctx: Any) -> list[str]:
                            capture_output=True, text=True, timeout=30).stdout
     other = "node-b" if "node-b" in hosts else ""
     argv = [sys.executable, "-m", "agents.cli", "ctl", "--admin", ctx.admin_url, "container", "create",
-            "--name", "toggle-me", "--primary-ip", "127.0.0.1", "--health-check", json.dumps(check)]
+            "--name", "toggle-me", "--primary-ip", DEMO_BACKEND_IP, "--health-check", json.dumps(check)]
     if other:
         argv += ["--host", other]
     subprocess.run(argv, capture_output=True, text=True, timeout=30)
     return ["--metadata-address", ctx.metadata_url, "--state-dir", str(ctx.workdir / "healthcheck"),
-            "--metrics-listen", f"127.0.0.1:{port}", "--poll-interval", "1s", "--check-networks", "127.0.0.0/8",
+            "--metrics-listen", f"{DEMO_BACKEND_IP}:{port}", "--poll-interval", "1s", "--check-networks", "127.0.0.0/8",
             "--host-uuid", ctx.host_uuid, "--demo-backend"]
 
 
