@@ -61,7 +61,7 @@ def demo_argv(ctx: Any) -> list[str]:
 
 # ------------------------------------------------------------------ flags
 
-_GO_BOOLS = {"debug", "version", "ptr", "forward-single-label", "serve-stale"}
+_GO_BOOLS = {"debug", "version", "ptr", "forward-single-label", "serve-stale", "udp-batch"}
 
 
 def _normalise(argv: list[str]) -> list[str]:
@@ -74,7 +74,7 @@ def _normalise(argv: list[str]) -> list[str]:
             name, _, val = a[2:].partition("=")
             if name in _GO_BOOLS:
                 v = val.strip().lower()
-                if name in ("ptr", "forward-single-label", "serve-stale"):
+                if name in ("ptr", "forward-single-label", "serve-stale", "udp-batch"):
                     out.append(f"--{name}={'true' if v in ('1', 't', 'true', 'yes') else 'false'}")
                 elif v in ("1", "t", "true", "yes"):
                     out.append(f"--{name}")
@@ -130,6 +130,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--stale-window", dest="stale_window", type=float, default=3600.0,
                    help="seconds an expired answer stays servable")
     p.add_argument("--workers", type=int, default=1, help="SO_REUSEPORT worker processes (1: none)")
+    p.add_argument("--udp-batch", dest="udp_batch", type=_bool, default=True, nargs="?", const=True,
+                   help="read and answer UDP in batches with recvmmsg/sendmmsg (IPv4)")
     p.add_argument("--reuse-port", dest="reuse_port", action="store_true", help=argparse.SUPPRESS)
     add_common_args(p, metrics_listen="127.0.0.1:9113")
     return p
@@ -370,7 +372,7 @@ class Daemon:
         md = _metadata_base(a)
         if md is None:
             self.load_file()
-        listener = Listener(self.engine, host, port, reuse_port=a.reuse_port)
+        listener = Listener(self.engine, host, port, reuse_port=a.reuse_port, batch=a.udp_batch)
         try:
             await listener.start()
         except OSError as e:

@@ -399,13 +399,15 @@ class _UdpReader:
 class Listener:
     """The UDP and TCP sockets on one address."""
 
-    def __init__(self, engine: Engine, host: str, port: int, *, reuse_port: bool = False) -> None:
+    def __init__(self, engine: Engine, host: str, port: int, *, reuse_port: bool = False,
+                 batch: bool = True) -> None:
         self.engine = engine
+        self.batch = batch
         self.host = host
         self.port = port
         self.reuse_port = reuse_port
         self._sock: socket.socket | None = None
-        self._reader: _UdpReader | None = None
+        self._reader: Any = None
         self._tcp: asyncio.Server | None = None
         self._conns: set[asyncio.Task[None]] = set()
 
@@ -423,11 +425,17 @@ class Listener:
             self.port = us.getsockname()[1]
         us.setblocking(False)
         self._sock = us
-        self._reader = _UdpReader(self.engine, us)
+        from dns import batch
+
+        if self.batch and fam == socket.AF_INET and batch.available():
+            self._reader = batch.BatchReader(self.engine, us)
+        else:
+            self._reader = _UdpReader(self.engine, us)
         loop.add_reader(us.fileno(), self._reader.on_readable)
         self._tcp = await asyncio.start_server(self._serve_tcp, self.host, self.port, reuse_address=True,
                                                reuse_port=self.reuse_port or None)
-        log.info("listening", address=f"{self.host}:{self.port}", proto="udp+tcp")
+        log.info("listening", address=f"{self.host}:{self.port}", proto="udp+tcp",
+                 udp_reader=type(self._reader).__name__)
 
     async def stop(self) -> None:
         if self._sock is not None:

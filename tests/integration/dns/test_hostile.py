@@ -21,12 +21,16 @@ from tests.integration.dns.conftest import DnsProc, make_q, start_dns, tcp_query
 pytestmark = pytest.mark.timeout(120)
 
 
-@pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DnsProc]:
+@pytest.fixture(scope="module", params=["batch", "plain"])
+def server(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[DnsProc]:
+    """Both UDP readers: recvmmsg/sendmmsg batches (default) and the plain recvfrom/sendto loop."""
     p = tmp_path_factory.mktemp("hostile") / "answers.json"
     p.write_text(json.dumps({"default": {"a": {"ok.rancher.internal.": {"answer": ["10.9.9.9"]}}}}))
     # an upstream that refuses every connection: forwarded junk fails fast
-    d = start_dns("--answers", str(p), recursers=["127.0.0.1:9"])
+    d = start_dns("--answers", str(p), f"--udp-batch={'true' if request.param == 'batch' else 'false'}",
+                  recursers=["127.0.0.1:9"])
+    reader = "BatchReader" if request.param == "batch" else "_UdpReader"
+    assert f"udp_reader={reader}" in d.proc.log() or f'"udp_reader": "{reader}"' in d.proc.log()
     yield d
     d.proc.stop()
 
@@ -34,6 +38,8 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DnsProc]:
 def healthy(d: DnsProc) -> None:
     r = d.ask("ok.rancher.internal.")
     assert r.header.rcode == 0 and str(r.rr[0].rdata) == "10.9.9.9"
+    r = d.ask("forwarded.example.")  # through the slow path: the closed upstream port -> SERVFAIL
+    assert r.header.rcode == 2
     r = d.ask("ok.rancher.internal.", tcp=True)
     assert r.header.rcode == 0 and str(r.rr[0].rdata) == "10.9.9.9"
 
