@@ -27,6 +27,7 @@ __all__ = ["BatchReader", "available"]
 log = get_logger(__name__)
 N = 64
 BUF = wire.MAX_UDP_QUERY + 1
+SEND_BUF = 1232
 MSG_DONTWAIT = 0x40
 _EAGAIN = (11,)
 
@@ -72,7 +73,7 @@ class BatchReader:
         self.tasks: set[asyncio.Task[None]] = set()
         self.send_drops = 0
         self._bufs = [ctypes.create_string_buffer(BUF) for _ in range(N)]
-        self._names = [ctypes.create_string_buffer(16) for _ in range(N)]
+        self._names = [ctypes.create_string_buffer(16) for _ in range(N)]  # sockaddr_in of each sender
         self._baddr = [ctypes.addressof(b) for b in self._bufs]
         self._naddr = [ctypes.addressof(n) for n in self._names]
         riov = (_Iovec * N)(*[_Iovec(a, BUF) for a in self._baddr])
@@ -84,7 +85,11 @@ class BatchReader:
             h.msg_namelen = 16
             h.msg_iov = ctypes.pointer(riov[i])
             h.msg_iovlen = 1
-        self._siov = (_Iovec * N)()
+        # replies are copied into fixed per-slot buffers (one memmove) instead of pointing iovecs at
+        # Python bytes (a cast per reply); replies longer than the slot go out with a plain sendto
+        self._sbufs = [ctypes.create_string_buffer(SEND_BUF) for _ in range(N)]
+        self._saddr = [ctypes.addressof(b) for b in self._sbufs]
+        self._siov = (_Iovec * N)(*[_Iovec(a, 0) for a in self._saddr])
         self._smsgs = (_Mmsghdr * N)()
         for i in range(N):
             h = self._smsgs[i].msg_hdr
@@ -97,8 +102,9 @@ class BatchReader:
         cached = eng.cached
         fast = eng.fast
         rmsgs, smsgs, siov = self._rmsgs, self._smsgs, self._siov
-        baddr, naddr, names = self._baddr, self._naddr, self._names
+        baddr, naddr, saddr = self._baddr, self._naddr, self._saddr
         string_at = ctypes.string_at
+        memmove = ctypes.memmove
         ntoa = socket.inet_ntoa
         now = time.monotonic()
         for _round in range(4):
@@ -109,32 +115,33 @@ class BatchReader:
                 if n < 0 and ctypes.get_errno() not in _EAGAIN:
                     log.debug("udp receive error", errno=ctypes.get_errno())
                 return
-            keep: list[bytes] = []
             j = 0
             for i in range(n):
                 data = string_at(baddr[i], rmsgs[i].msg_len)
-                raw = names[i].raw
-                ip = ntoa(raw[4:8])
+                sa = string_at(naddr[i], 8)
+                ip = ntoa(sa[4:8])
                 out = cached(data, ip, now)
                 if out is None:
                     r = fast(data, ip, False)
                     if r is None:
                         continue
                     if r.__class__ is not bytes:
-                        self._spawn(r, (ip, int.from_bytes(raw[2:4], "big")))
+                        self._spawn(r, (ip, int.from_bytes(sa[2:4], "big")))
                         continue
                     out = r
-                keep.append(out)
-                v = siov[j]
-                v.iov_base = ctypes.cast(ctypes.c_char_p(out), ctypes.c_void_p)
-                v.iov_len = len(out)
+                ln = len(out)
+                if ln > SEND_BUF:
+                    with contextlib.suppress(OSError):
+                        self.sock.sendto(out, (ip, int.from_bytes(sa[2:4], "big")))
+                    continue
+                memmove(saddr[j], out, ln)
+                siov[j].iov_len = ln
                 smsgs[j].msg_hdr.msg_name = naddr[i]
                 j += 1
             if j:
                 sent = _LIBC.sendmmsg(self.fd, smsgs, j, MSG_DONTWAIT)
                 if sent < j:
                     self.send_drops += j - max(sent, 0)
-            del keep
             if n < N:
                 return
 

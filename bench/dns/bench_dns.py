@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.dns import synth
-from bench.harness import ROOT, Table, percentile, tree_rss_mib, update_results
+from bench.harness import ROOT, Table, cpu_seconds, percentile, tree_rss_mib, update_results
 from dns.table import Settings, build
 from tests.helpers.procs import Proc, free_port, start_corral, wait_http
 
@@ -82,15 +82,21 @@ def local_queries(tree: dict[str, Any]) -> tuple[list[str], dict[str, list[str]]
 
 
 def dnsperf(port: int, qfile: Path, *, seconds: float, src: str = "127.0.0.1", rate: int = 0,
-            verbose: bool = False, clients: int = 8, outstanding: int = 200, server: str = "127.0.0.1") -> dict[str, float]:
+            verbose: bool = False, clients: int = 8, outstanding: int = 200, server: str = "127.0.0.1",
+            pid: int = 0) -> dict[str, float]:
+    """One dnsperf run; with ``pid``, also the server's CPU time per completed query (``cpu_us``)."""
     argv = ["taskset", "-c", ",".join(map(str, sorted(CLIENT_CPU))), "dnsperf", "-s", server, "-p", str(port), "-d", str(qfile), "-l", str(seconds), "-a", src,
             "-c", str(clients), "-q", str(outstanding), "-t", "2"]
     if rate:
         argv += ["-Q", str(rate)]
     if verbose:
         argv.append("-v")
+    cpu0 = cpu_seconds(pid) if pid else 0.0
     out = subprocess.run(argv, capture_output=True, text=True, check=True).stdout
     res: dict[str, float] = {}
+    m = re.search(r"Queries completed:\s+(\d+)", out)
+    done = float(m.group(1)) if m else 0.0
+    res["cpu_us"] = (cpu_seconds(pid) - cpu0) / done * 1e6 if pid and done else float("nan")
     m = re.search(r"Queries per second:\s+([\d.]+)", out)
     res["qps"] = float(m.group(1)) if m else 0.0
     m = re.search(r"Queries lost:\s+(\d+)", out)
@@ -229,10 +235,10 @@ def main(argv: list[str] | None = None) -> int:
             dnsperf(port, qfwd, seconds=2, src=CLIENT)  # fill the cache
             runs: dict[str, list[dict[str, float]]] = {"loc": [], "ploc": [], "fwd": [], "pfwd": []}
             for _ in range(a.rounds):
-                runs["ploc"].append(dnsperf(peer.port, qlocal, seconds=secs, src=CLIENT))
-                runs["loc"].append(dnsperf(port, qlocal, seconds=secs, src=CLIENT))
-                runs["pfwd"].append(dnsperf(peer.port, qfwd, seconds=secs, src=CLIENT))
-                runs["fwd"].append(dnsperf(port, qfwd, seconds=secs, src=CLIENT))
+                runs["ploc"].append(dnsperf(peer.port, qlocal, seconds=secs, src=CLIENT, pid=peer.p.pid))
+                runs["loc"].append(dnsperf(port, qlocal, seconds=secs, src=CLIENT, pid=p.pid if w == 1 else 0))
+                runs["pfwd"].append(dnsperf(peer.port, qfwd, seconds=secs, src=CLIENT, pid=peer.p.pid))
+                runs["fwd"].append(dnsperf(port, qfwd, seconds=secs, src=CLIENT, pid=p.pid if w == 1 else 0))
             med = {k: statistics.median(r["qps"] for r in v) for k, v in runs.items()}
             lost = {k: sum(r["lost"] for r in v) for k, v in runs.items()}
             sfail = sum(r["servfail"] for k in ("loc", "fwd") for r in runs[k])
@@ -245,6 +251,12 @@ def main(argv: list[str] | None = None) -> int:
             table.add(f"forwarded cached QPS, {w} worker(s)", med["fwd"], med["pfwd"], "q/s",
                       note=f"median of {a.rounds} (Corral {spread['fwd']}, dnsmasq {spread['pfwd']}); "
                            f"lost {lost['fwd']:.0f}; RSS {rss:.0f} MiB")
+            if w == 1:
+                cpu = {k: statistics.median(r["cpu_us"] for r in v) for k, v in runs.items()}
+                table.add("server CPU per local query, 1 worker", cpu["loc"], cpu["ploc"], "us",
+                          higher_is_better=False, note="CPU time of the server process / queries completed")
+                table.add("server CPU per forwarded cached query, 1 worker", cpu["fwd"], cpu["pfwd"], "us",
+                          higher_is_better=False)
             if not best or med["loc"] > best["qps"]:
                 best = {"w": w, "qps": med["loc"]}
             if w != 1:

@@ -151,7 +151,9 @@ def test_metadata_mode_switches_and_dump(tmp_path: Path) -> None:
 def test_big_service_truncates_by_rrset_over_udp_only(tmp_path: Path) -> None:
     f = tmp_path / "answers.json"
     ips = [f"10.42.1.{i}" for i in range(1, 41)]
-    f.write_text(json.dumps({"default": {"a": {"big.rancher.internal.": {"answer": ips}}}}))
+    huge = [f"10.42.2.{i}" for i in range(1, 121)]  # ~2 KB: above the batch reader's send slot
+    f.write_text(json.dumps({"default": {"a": {"big.rancher.internal.": {"answer": ips},
+                                               "huge.rancher.internal.": {"answer": huge}}}}))
     d = start_dns("--answers", str(f), recursers=["127.0.0.1:9"])
     try:
         small = d.ask("big.rancher.internal.", edns=False)
@@ -163,6 +165,9 @@ def test_big_service_truncates_by_rrset_over_udp_only(tmp_path: Path) -> None:
         assert not tcp.header.tc and a_set(tcp) == set(ips)
         out = d.dig("big.rancher.internal")  # dig advertises EDNS 1232: all 40 fit
         assert all(ip in out for ip in ips)
+        for _ in range(2):  # the second one comes from the reply cache
+            h = d.ask("huge.rancher.internal.", bufsize=4096)
+            assert not h.header.tc and a_set(h) == set(huge)
     finally:
         d.proc.stop()
 
