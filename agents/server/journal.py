@@ -42,6 +42,7 @@ class Journal:
         self.seq = 0
         self._entries: deque[dict[str, Any]] = deque(maxlen=maxlen)
         self._changed = asyncio.Event()
+        self._waiters = 0
         self._file: TextIO | None = open(path, "a", buffering=1 << 16) if path else None
         self._flush_scheduled = False
 
@@ -82,8 +83,9 @@ class Journal:
             except (OSError, TypeError):  # pragma: no cover - journal file trouble must not stop serving
                 pass
             self._schedule_flush()
-        ev, self._changed = self._changed, asyncio.Event()
-        ev.set()
+        if self._waiters:  # wake long-polls (only when someone waits: this runs per frame under load)
+            ev, self._changed = self._changed, asyncio.Event()
+            ev.set()
         return e
 
     def query(self, *, kind: str | None = None, name: str | None = None, since: int = 0, id: str | None = None,
@@ -113,7 +115,10 @@ class Journal:
             if left <= 0:
                 return None
             changed = self._changed
+            self._waiters += 1
             try:
                 await asyncio.wait_for(changed.wait(), left)
             except TimeoutError:
                 return None
+            finally:
+                self._waiters -= 1
