@@ -101,6 +101,9 @@ class PublicApi:
     async def dispatch(self, request: web.Request) -> web.StreamResponse:
         resp = await self._dispatch(request)
         HTTP.labels(str(resp.status)).inc()
+        if not isinstance(resp, web.WebSocketResponse) and request.path.strip("/") != "ping":
+            self.s.journal.add("http", name=f"{request.method} {re.sub('/+', '/', request.path)}",
+                               key=request.get("corral_key"), status=str(resp.status))
         return resp
 
     async def _dispatch(self, request: web.Request) -> web.StreamResponse:
@@ -125,10 +128,8 @@ class PublicApi:
             return _unauthorized()
         key = self.s.keys.check(request.headers.get("Authorization"))
         if key is None:
-            self.s.journal.add("http", name=f"{request.method} {path}", status="401")
             return _unauthorized()
-        if rest != "/subscribe":
-            self.s.journal.add("http", name=f"{request.method} {path}", key=key.access, status="in")
+        request["corral_key"] = key.access
         try:
             return await self.route(request, prefix, rest, key)
         except InputError as e:
@@ -207,7 +208,6 @@ class PublicApi:
             status = self.s.bus.on_reply(body, key)
             return _json({"type": "publish", "id": f"1pub{self.s.journal.seq}", **body, "corral": status}, 201)
         if not key.raw:
-            self.s.journal.add("http", name="publish", key=key.access, data=body, status="403")
             return _error(403, "Forbidden", f"only reply.* names may be published with a {key.role} key")
         event = make_event(name, body.get("data") if isinstance(body.get("data"), dict) else {},
                            id=body.get("id") or None, resource_id=body.get("resourceId"),

@@ -76,6 +76,9 @@ async def test_agent_key_may_only_publish_replies(standin: StandIn) -> None:
             assert (await r.json())["fieldName"] == "name"
         async with http.post(f"{standin.url}/publish", data=b"{not json") as r:
             assert r.status == 422
+    statuses = [e["status"] for e in standin.journal(kind="http", name="POST /v1/publish")]
+    assert statuses == ["403", "422", "422"]
+    assert all(e["key"] == standin.access_key for e in standin.journal(kind="http", name="POST /v1/publish"))
 
 
 async def test_admin_key_publishes_any_name_and_it_is_delivered(standin: StandIn) -> None:
