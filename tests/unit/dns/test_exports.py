@@ -17,6 +17,7 @@ EXPORTS = {
     "dns.server": {"CHAIN", "Engine", "Listener", "Slow"},
     "dns.rebuild": {"Diff", "FetchError", "apply", "build_diff", "diff", "helper_build", "helper_init"},
     "dns.main": {"DEMO_HINTS", "build_parser", "demo_argv", "main"},
+    "dns.batch": {"BatchReader", "available"},
 }
 
 
