@@ -11,7 +11,8 @@ APT_PACKAGES=(
   haproxy dnsmasq-base dnsutils nginx-light
   strongswan strongswan-swanctl
   containernetworking-plugins podman runc busybox-static
-  curl procps psmisc
+  curl procps psmisc util-linux
+  wrk dnsperf  # benchmarks only (bench/), never run in CI
 )
 missing=()
 for p in "${APT_PACKAGES[@]}"; do
