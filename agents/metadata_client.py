@@ -24,6 +24,7 @@ from urllib.parse import quote
 import aiohttp
 import orjson
 
+from agents.aio import first_of
 from agents.backoff import Backoff
 from agents.errors import ProtocolError, TransportError
 from agents.log import get_logger
@@ -336,10 +337,10 @@ class MetadataClient:
         while not stop.is_set():
             try:
                 if last:
-                    v = await self._interruptible(self.wait_version(last, max_wait), stop)
+                    v = await first_of(self.wait_version(last, max_wait), stop)
                     if v is None or v == last:
                         continue
-                snap = await self._interruptible(self.snapshot(), stop)
+                snap = await first_of(self.snapshot(), stop)
                 if snap is None:
                     continue
             except (TransportError, ProtocolError) as e:
@@ -357,18 +358,3 @@ class MetadataClient:
             if snap.version != last:
                 last = snap.version
                 yield snap
-
-    @staticmethod
-    async def _interruptible(coro: Any, stop: asyncio.Event) -> Any:
-        task = asyncio.ensure_future(coro)
-        stopper = asyncio.ensure_future(stop.wait())
-        try:
-            done, _ = await asyncio.wait({task, stopper}, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            stopper.cancel()
-        if task in done:
-            return task.result()
-        task.cancel()
-        with contextlib.suppress(BaseException):
-            await task
-        return None

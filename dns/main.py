@@ -24,6 +24,7 @@ from typing import Any
 
 from aiohttp import web
 
+from agents.aio import first_of
 from agents.config import add_common_args
 from agents.errors import ConfigError
 from agents.log import get_logger
@@ -267,7 +268,7 @@ class Daemon:
             while not stop.is_set():
                 try:
                     if last and not self._reload_now.is_set():
-                        v = await _first(client.wait_version(last, 5), stop, self._reload_now)
+                        v = await first_of(client.wait_version(last, 5), stop, self._reload_now)
                         if v is None or (v == last and not self._reload_now.is_set()):
                             self.md_ok_at = time.monotonic() if client.reachable else self.md_ok_at
                             continue
@@ -407,23 +408,6 @@ class Daemon:
             if self._executor is not None:
                 self._executor.shutdown(wait=False, cancel_futures=True)
             self.engine.up.close()
-
-
-async def _first(coro: Any, *events: asyncio.Event) -> Any:
-    """Await ``coro`` unless one of ``events`` is set first (then cancel it and return None)."""
-    task = asyncio.ensure_future(coro)
-    waits = [asyncio.ensure_future(e.wait()) for e in events]
-    try:
-        done, _ = await asyncio.wait({task, *waits}, return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        for w in waits:
-            w.cancel()
-    if task in done:
-        return task.result()
-    task.cancel()
-    with contextlib.suppress(BaseException):
-        await task
-    return None
 
 
 def main(argv: list[str]) -> int:
