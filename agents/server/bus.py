@@ -182,6 +182,12 @@ class Bus:
         frame = orjson.dumps(event).decode()
         for c in conns:
             self.enqueue(c, frame, event.get("name"), event.get("id"))
+        if conns and event.get("name") != "ping":
+            # one journal entry per event (not per frame: fan-out to many subscribers stays cheap)
+            self.journal.add("ws-out", name=event.get("name"), id=event.get("id"),
+                             conn=conns[0].id if len(conns) == 1 else None,
+                             key=conns[0].key.access if len(conns) == 1 else None,
+                             data={"conns": [c.id for c in conns]} if len(conns) > 1 else None, status="queued")
         return len(conns)
 
     async def writer(self, conn: Conn) -> None:
@@ -193,7 +199,8 @@ class Bus:
             else:
                 frame, name, eid = await conn.queue.get()
             await conn.unstalled.wait()
-            if name and name != "ping" and not held and self.faults.take("reorder-events", conn=conn.id) is not None:
+            faults = bool(self.faults) and bool(name) and name != "ping"
+            if faults and not held and self.faults.take("reorder-events", conn=conn.id) is not None:
                 # hold this event back until the next one has gone out (or 1 s passes)
                 try:
                     nxt = await asyncio.wait_for(conn.queue.get(), 1.0)
@@ -201,12 +208,12 @@ class Bus:
                     frame, name, eid = nxt
                 except TimeoutError:
                     pass
-            if name and name != "ping":
+            if faults:
                 f = self.faults.take("delay-events", conn=conn.id)
                 if f is not None:
                     await asyncio.sleep(float(f.params.get("ms", 0)) / 1000.0)
             copies = 1
-            if name and name != "ping" and self.faults.take("duplicate-events", conn=conn.id) is not None:
+            if faults and self.faults.take("duplicate-events", conn=conn.id) is not None:
                 copies = 2
             try:
                 for _ in range(copies):
@@ -225,8 +232,9 @@ class Bus:
             if name != "ping":
                 self.delivered += copies
                 EVENTS_SENT.inc(copies)
-                self.journal.add("ws-out", name=name, id=eid, conn=conn.id, key=conn.key.access,
-                                 status="duplicated" if copies > 1 else None)
+                if copies > 1 or eid is None:  # regular events were journaled when queued (send)
+                    self.journal.add("ws-out", name=name, id=eid, conn=conn.id, key=conn.key.access,
+                                     status="duplicated" if copies > 1 else "sent")
 
     async def pinger(self, conn: Conn) -> None:
         while not conn.ws.closed:

@@ -87,6 +87,12 @@ class Faults:
         self._faults[f.id] = f
         return f
 
+    def __bool__(self) -> bool:
+        return bool(self._faults)
+
+    def __len__(self) -> int:
+        return len(self._faults)
+
     def all(self) -> list[Fault]:
         return list(self._faults.values())
 
