@@ -12,6 +12,7 @@ import argparse
 import contextlib
 import importlib
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -215,6 +216,9 @@ def main(argv: list[str]) -> int:
         print(f"Corral demo running: {', '.join(started)}")
         print(f"logs and state in {workdir}")
         print("\nTry:")
+        here = Path(sys.executable).parent
+        if shutil.which("corral") is None and (here / "corral").exists():
+            print(f"  export PATH={here}:$PATH    # so that `corral` below is found")
         for h in hints:
             print(h)
         print("\nCtrl-C stops everything.")
