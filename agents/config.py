@@ -12,11 +12,44 @@ import argparse
 import base64
 import os
 from dataclasses import dataclass
+from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
-from agents.errors import ConfigError
+from agents.errors import ConfigError, InputError
 
-__all__ = ["CattleConfig", "add_cattle_args", "add_common_args", "env_bool", "env_str"]
+__all__ = [
+    "CattleConfig", "add_cattle_args", "add_common_args", "duration_arg", "env_bool", "env_str", "parse_duration",
+]
+
+
+def parse_duration(v: Any) -> float | None:
+    """``2s``, ``500ms``, ``1m``, ``1h``, ``1.5`` (seconds) -> seconds; None or "" -> None.
+
+    Raises :class:`InputError` naming the bad value.
+    """
+    if v is None or v == "":
+        return None
+    if isinstance(v, int | float) and not isinstance(v, bool):
+        return float(v)
+    s = str(v).strip().lower()
+    try:
+        for suffix, mult in (("ms", 0.001), ("s", 1.0), ("m", 60.0), ("h", 3600.0)):
+            if s.endswith(suffix):
+                return float(s[: -len(suffix)]) * mult
+        return float(s)
+    except ValueError:
+        raise InputError(f"bad duration {v!r} (use e.g. 500ms, 2s, 1m)") from None
+
+
+def duration_arg(v: str) -> float:
+    """argparse ``type=`` for a duration flag (``--poll-interval 2s``)."""
+    try:
+        d = parse_duration(v)
+    except InputError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    if d is None:
+        raise argparse.ArgumentTypeError("empty duration")
+    return d
 
 
 def env_str(name: str, default: str = "") -> str:

@@ -20,7 +20,7 @@ from aiohttp import web
 
 from agents.api import ApiClient
 from agents.cli import run_daemon
-from agents.config import CattleConfig, add_cattle_args, add_common_args, env_str
+from agents.config import CattleConfig, add_cattle_args, add_common_args, duration_arg, env_str
 from agents.errors import ConfigError, TransportError
 from agents.log import get_logger
 from agents.metadata_client import MetadataClient
@@ -74,16 +74,7 @@ def demo_argv(ctx: Any) -> list[str]:
             "--host-uuid", ctx.host_uuid, "--demo-backend"]
 
 
-def parse_duration(v: str) -> float:
-    """``2s``, ``200ms``, ``1m`` or a plain number of seconds."""
-    s = v.strip().lower()
-    try:
-        for suffix, mult in (("ms", 0.001), ("s", 1.0), ("m", 60.0)):
-            if s.endswith(suffix):
-                return float(s[: -len(suffix)]) * mult
-        return float(s)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a duration: {v!r}") from None
+parse_duration = duration_arg  # the flag type, under the name this module has always exported
 
 
 def _parser() -> argparse.ArgumentParser:

@@ -13,6 +13,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+from agents.config import parse_duration
 from agents.errors import InputError
 
 __all__ = ["MALFORMED_KINDS", "TYPES", "Fault", "Faults", "parse_duration"]
@@ -24,22 +25,6 @@ TYPES = (
 )
 MALFORMED_KINDS = ("bad-json", "not-object", "array-previousIds", "missing-name", "huge-data", "binary-frame",
                    "wrong-time-type")
-
-
-def parse_duration(v: Any) -> float | None:
-    """``2s``, ``500ms``, ``1m``, ``1.5`` (seconds) -> seconds; None/"" -> None."""
-    if v is None or v == "":
-        return None
-    if isinstance(v, int | float):
-        return float(v)
-    s = str(v).strip().lower()
-    try:
-        for suffix, mult in (("ms", 0.001), ("s", 1.0), ("m", 60.0), ("h", 3600.0)):
-            if s.endswith(suffix):
-                return float(s[: -len(suffix)]) * mult
-        return float(s)
-    except ValueError:
-        raise InputError(f"bad duration {v!r} (use e.g. 500ms, 2s, 1m)") from None
 
 
 @dataclass
