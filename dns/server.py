@@ -323,6 +323,18 @@ def _edns(do: bool) -> Any:
     return EDNS0(udp_len=wire.EDNS_PAYLOAD, flags="do" if do else "")
 
 
+async def answer_slow(engine: Engine, sock: socket.socket, s: Slow, addr: Any) -> None:
+    """Answer a query the fast path passed on (forwarding, cache misses) over UDP; SERVFAIL on a bug."""
+    try:
+        out = await engine.slow(s, False)
+    except Exception as e:
+        log.error("slow path failed", error=repr(e))
+        out = wire.error_reply(s.q, wire.SERVFAIL)
+    if out is not None:
+        with contextlib.suppress(OSError):
+            sock.sendto(out, addr)
+
+
 class _UdpReader:
     """UDP without a transport: on readable, drain the socket in a loop, answer inline.
 
@@ -386,14 +398,7 @@ class _UdpReader:
             task.add_done_callback(self.tasks.discard)
 
     async def _slow(self, s: Slow, addr: Any) -> None:
-        try:
-            out = await self.engine.slow(s, False)
-        except Exception as e:
-            log.error("slow path failed", error=repr(e))
-            out = wire.error_reply(s.q, wire.SERVFAIL)
-        if out is not None:
-            with contextlib.suppress(OSError):
-                self.sock.sendto(out, addr)
+        await answer_slow(self.engine, self.sock, s, addr)
 
 
 class Listener:
