@@ -450,6 +450,7 @@ class HAProxy:
         """Restart a dead child (with back-off) and snapshot server state periodically."""
         bo = Backoff(0.5, 10.0, reset_after=30.0)
         next_snap = time.monotonic() + self.s.state_interval
+        failing = False  # a restart failed: every further attempt backs off (no 20/s spawn loop)
         while not stop.is_set():
             waits = [asyncio.ensure_future(stop.wait()), asyncio.ensure_future(self.crashed.wait())]
             timeout = max(0.05, next_snap - time.monotonic())
@@ -459,8 +460,11 @@ class HAProxy:
             if stop.is_set():
                 return
             if self.crashed.is_set():
-                delay = bo.next() if self.restarts else 0.05
-                await asyncio.sleep(delay)
+                delay = bo.next() if self.restarts or failing else 0.05
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(stop.wait(), delay)  # a back-off never delays shutdown
+                if stop.is_set():
+                    return
                 async with self._lock:
                     self.crashed.clear()
                     if self._desired is None or self.running.is_set():
@@ -470,7 +474,9 @@ class HAProxy:
                         self.restarts += 1
                         _RESTARTS.inc()
                         bo.mark_up()
+                        failing = False
                     except Exception as e:
+                        failing = True
                         log.error("haproxy restart failed", error=str(e))
                         self.crashed.set()
                 continue

@@ -272,3 +272,50 @@ async def test_ipv6_target_runtime_and_reload(hap: HAProxy) -> None:
         assert r["cattle-host-a-uuid_a_1"].status == "UP" and r["cattle-host-a-uuid_b_1"].status == "UP"
     finally:
         await b.stop()
+
+
+async def test_start_failure_loop_backs_off_and_recovers(tmp_path: Path, flaky_factory) -> None:
+    """HAProxy dies, then every restart fails at once: the supervisor must back off, not spin at
+    20 starts a second; once starting works again it comes back by itself."""
+    import asyncio
+    import contextlib
+
+    broken = tmp_path / "broken"
+    starts = tmp_path / "starts"
+    wrapper = tmp_path / "haproxy-wrapper"
+    wrapper.write_text("#!/bin/sh\n"
+                       f'if [ "$1" != "-c" ] && [ -e {broken} ]; then\n'
+                       f'  date +%s.%N >> {starts}; echo "[ALERT] (1) : fake start failure" >&2; exit 1; fi\n'
+                       'exec haproxy "$@"\n')
+    wrapper.chmod(0o755)
+    h = HAProxy(HAProxySettings(state_dir=str(tmp_path / "hc"), binary=str(wrapper), state_interval=0.5))
+    stop = asyncio.Event()
+    sup = asyncio.create_task(h.supervise(stop))
+    try:
+        ok = await flaky_factory("ok")
+        await h.apply(desired_from_tree(tree([container("a", hc(ok.port))])))
+        await until(lambda: _count_up(h, 1), what="UP")
+        pid = h.pid
+        assert pid is not None
+        broken.touch()
+        os.kill(pid, signal.SIGKILL)
+
+        async def failed_starts() -> list[float] | None:
+            t = [float(x) for x in starts.read_text().split()] if starts.exists() else []
+            return t if len(t) >= 4 else None
+
+        t = await until(failed_starts, timeout=20, what="4 failed start attempts")
+        # Back-off floors (full jitter within [c/2, c], c = 0.5, 1, 2 s): >= 0.25 + 0.5 + 1 s.
+        gaps = [round(t[i + 1] - t[i], 3) for i in range(len(t) - 1)]
+        assert t[3] - t[0] >= 1.5, f"restart attempts are not backed off: gaps {gaps}"
+        assert h.restarts == 0 and not h.running.is_set()
+        broken.unlink()
+        await until(lambda: _new_pid(h, pid), timeout=20, what="HAProxy back once starting works")
+        await until(lambda: _count_up(h, 1), what="UP again")
+        assert h.restarts == 1
+    finally:
+        stop.set()
+        await h.stop()
+        sup.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await sup
