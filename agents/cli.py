@@ -136,6 +136,9 @@ def run_daemon(
         return 2
     except KeyboardInterrupt:
         return 130
+    except Exception as e:  # a crash is logged in the daemon's own log format, then exit 1
+        log.exception("daemon crashed", error=str(e), error_type=type(e).__name__)
+        return 1
     finally:
         if pid_file:
             try:

@@ -243,6 +243,10 @@ class EventStream:
             except (OSError, TimeoutError, InvalidHandshake, ConnectionClosed) as e:
                 reason = f"{type(e).__name__}: {e}"
                 _RECONNECTS.labels("error").inc()
+            except Exception as e:  # anything else (a bad URL, a library bug) must not end the loop
+                reason = f"unexpected {type(e).__name__}: {e}"
+                _RECONNECTS.labels("error").inc()
+                log.error("event stream connect failed unexpectedly", error=reason, url=url)
             finally:
                 self._ws = None
                 self._set_connected(False)

@@ -256,3 +256,24 @@ async def test_clean_shutdown_closes_the_socket(standin: StandIn) -> None:
         conns = standin.ctl("conns")
     with contextlib.suppress(Exception):
         await c.api.close()
+
+
+async def test_a_bad_url_is_logged_and_retried_never_ends_the_loop() -> None:
+    import structlog
+
+    cfg = CattleConfig("ftp://127.0.0.1:1/v1", "a", "s", timeout=1)
+    api = ApiClient(cfg)
+    es = EventStream(cfg, api, component="test")
+    es.backoff.base = 0.05
+    es.backoff.cap = 0.1
+    stop = asyncio.Event()
+    with structlog.testing.capture_logs() as logs:
+        task = asyncio.create_task(es.run(stop))
+        deadline = time.monotonic() + 5
+        while sum(e["event"] == "event stream connect failed unexpectedly" for e in logs) < 3:
+            assert time.monotonic() < deadline and not task.done(), logs
+            await asyncio.sleep(0.02)
+    assert not task.done()
+    stop.set()
+    await asyncio.wait_for(task, 5)
+    await api.close()
