@@ -96,16 +96,26 @@ def read_cache(path: Path) -> bytes | None:
 
 
 def persist_cache(path: Path, version: str, raw: bytes) -> None:
-    """Write ``{"Version","Data"}`` atomically: temp file, fsync, rename, fsync the directory."""
+    """Write ``{"Version","Data"}`` atomically: temp file, fsync, rename, fsync the directory.
+
+    ``os.write`` may write only part of the data (disk nearly full, file size limit): keep
+    writing until all of it is out, so a short write ends in an error (ENOSPC/EFBIG) instead
+    of a truncated cache renamed over the last good one. A failed temp file is removed."""
     tmp = path.with_name(path.name + ".temp")
-    data = orjson.dumps({"Version": version, "Data": base64.b64encode(raw).decode()})
+    data = memoryview(orjson.dumps({"Version": version, "Data": base64.b64encode(raw).decode()}))
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     try:
-        os.write(fd, data)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.replace(tmp, path)
+        try:
+            while data:
+                data = data[os.write(fd, data):]
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
     dfd = os.open(path.parent, os.O_RDONLY)
     try:
         os.fsync(dfd)

@@ -184,3 +184,40 @@ def test_download_failures_keep_last_good_and_converge(env: tuple[StandIn, Path]
         assert "answer set rejected" in log or "answers download failed" in log or "503" in fault
     finally:
         m.proc.stop()
+
+
+def test_persist_short_write_keeps_the_last_good_cache(env: tuple[StandIn, Path]) -> None:
+    """Disk full while persisting: the kernel accepts part of the write (a short write), then
+    refuses the rest. The cache on disk must stay the last complete one, no partial temp file
+    left behind, and a kill -9 + restart with the server down still serves it."""
+    import os
+    import subprocess
+
+    s, cache = env
+    m = start_sub(s, cache)
+    try:
+        m.wait_for(lambda: "shop-web-1" in names(m) and cache.exists())
+        good = cache.read_bytes()
+        version = m.get("/latest/version").body
+        # the daemon may now write files of at most 256 KiB (RLIMIT_FSIZE: a real short write at
+        # the limit, then EFBIG; Python ignores SIGXFSZ); its log file stays far below that
+        limit = 256 * 1024
+        assert os.path.getsize(m.proc.log_path) < limit // 2
+        subprocess.run(["prlimit", f"--fsize={limit}", "--pid", str(m.proc.pid)], check=True)
+        # an answer set whose cache file is bigger than the limit (incompressible label value)
+        s.ctl("container", "create", "--name", "bulky", "--host", "node-a",
+              "--label", "blob=" + base64.b64encode(os.urandom(300 * 1024)).decode())
+        m.wait_for(lambda: "bulky" in names(m), timeout=10)
+        m.wait_for(lambda: "cannot persist" in m.proc.log() or cache.read_bytes() != good, timeout=10)
+        assert cache.read_bytes() == good
+        assert not cache.with_name(cache.name + ".temp").exists()
+        m.proc.kill()
+        s.stop()
+        m2 = start_sub(s, cache)
+        try:
+            assert m2.get("/latest/version").body == version
+            assert "shop-web-1" in names(m2)
+        finally:
+            m2.proc.stop()
+    finally:
+        m.proc.stop()
