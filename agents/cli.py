@@ -146,6 +146,7 @@ def run_daemon(
             except OSError:
                 pass
         if stream is not None:
+            setup_logging(component, debug=debug, json=log_json)  # nothing may log to a closed file
             stream.close()
 
 
