@@ -168,7 +168,7 @@ class Daemon:
         if cur is None or cur != d:
             log.info("desired checks", checks=len(d.checks), rejected=len(d.rejected))
             self.reconciler.submit(d)
-        self.reporter.metadata_changed()
+        self.reporter.metadata_changed({c.uuid for c in d.checks})
 
     async def watch_metadata(self, stop: asyncio.Event) -> None:
         client = MetadataClient(_metadata_url(self.args.metadata_address), api_version="2015-12-19",

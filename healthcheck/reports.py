@@ -22,7 +22,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable, Collection, Iterable
 from dataclasses import dataclass
 
 import orjson
@@ -213,12 +213,23 @@ class Reporter:
                 return
         self._enqueue(r.uuid)
 
-    def metadata_changed(self) -> None:
-        """A 403 may mean the reporter map moved: try parked reports again."""
-        for uuid, box in self.boxes.items():
-            if box.parked:
-                box.parked, box.attempts = False, 0
-                self._enqueue(uuid)
+    def metadata_changed(self, live: Collection[str] | None = None) -> None:
+        """A 403 may mean the reporter map moved: try parked reports again.
+
+        ``live``: the report uuids of the checks in the new snapshot. A parked report of a check
+        that is gone is dropped: retrying it can only be refused again, and keeping it would grow
+        the mailboxes with every removed container."""
+        for uuid, box in list(self.boxes.items()):
+            if not box.parked:
+                continue
+            if live is not None and uuid not in live:
+                if box.retry_handle is not None:
+                    box.retry_handle.cancel()
+                del self.boxes[uuid]
+                continue
+            box.parked, box.attempts = False, 0
+            self._enqueue(uuid)
+        _PENDING.set(len(self.boxes))
 
     def _enqueue(self, uuid: str) -> None:
         box = self.boxes.get(uuid)

@@ -208,3 +208,29 @@ def test_tracker_marks_first_report_of_restored_state_as_resync() -> None:
     r1 = t.observe([row("UP", "L7OK")], 1.0)
     r2 = t.observe([row("DOWN", "L7STS")], 2.0)
     assert [(r.state, r.resync) for r in r1 + r2] == [("UP", True), ("DOWN", False)]
+
+
+async def test_parked_report_of_a_removed_check_is_dropped_not_retried_at_every_metadata_change() -> None:
+    """A container goes away and the server refuses its last report (4xx): parked. The check is not in
+    the next metadata snapshot, so its box must go (not be re-posted 3 times at every later change,
+    nor kept forever: with container churn that grows without bound)."""
+    srv = Server()
+    rep = Reporter(srv.post, concurrency=2, retry_min=0.01, retry_max=0.02)
+    stop = asyncio.Event()
+    task = asyncio.create_task(rep.run(stop))
+    srv.status = {"gone": 404, "kept": 403}
+    rep.submit(Report("gone", "DOWN", 1.0))
+    rep.submit(Report("kept", "DOWN", 1.0))
+    await wait(lambda: rep.boxes["gone"].parked and rep.boxes["kept"].parked)
+    calls = srv.calls
+    for _ in range(5):  # five later metadata versions, "gone" is in none of them
+        rep.metadata_changed({"kept", "other"})
+        await wait(lambda: rep.boxes["kept"].parked)
+    assert "gone" not in rep.boxes, "the parked report of a removed check is dropped"
+    assert srv.calls - calls == 5 * 3, "only the check that still exists is tried again (3 tries per change)"
+    srv.status = {}
+    rep.metadata_changed({"kept"})
+    await wait(lambda: rep.pending == 0)
+    assert [r.uuid for r in srv.got] == ["kept"]
+    stop.set()
+    await task
