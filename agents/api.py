@@ -26,7 +26,6 @@ __all__ = ["ApiClient"]
 log = get_logger(__name__)
 _REQUESTS = counter("api", "requests", "Server API requests by method and outcome", ["method", "outcome"])
 _LATENCY = histogram("api", "request_seconds", "Server API request latency", ["method"])
-_RETRYABLE = {502, 503, 504}
 
 
 class ApiClient:
@@ -97,7 +96,7 @@ class ApiClient:
                     return status, body
                 _REQUESTS.labels(method, str(status)).inc()
                 err = ApiError(status, reason, body.decode("utf-8", "replace"), url)
-                if status not in _RETRYABLE:
+                if not err.retryable:  # 4xx: our request is wrong, asking again will not help
                     raise err
             if attempt > self.retries:
                 raise err

@@ -50,7 +50,7 @@ class ApiError(TransportError):
 
     @property
     def retryable(self) -> bool:
-        return self.status in (429, 502, 503, 504) or self.status >= 500
+        return self.status == 429 or self.status >= 500
 
 
 class ProtocolError(TransportError):

@@ -277,3 +277,33 @@ async def test_a_bad_url_is_logged_and_retried_never_ends_the_loop() -> None:
     stop.set()
     await asyncio.wait_for(task, 5)
     await api.close()
+
+
+async def test_api_client_retries_5xx_and_fails_fast_on_4xx(standin: StandIn) -> None:
+    cfg = CattleConfig(standin.url, standin.access_key, standin.secret_key, timeout=5)
+    api = ApiClient(cfg, retries=3, backoff_base=0.02, backoff_cap=0.05)
+    try:
+        standin.ctl("fault", "http", "--path", "*/serviceevents", "--status", "500", "--count", "2")
+        seq = standin.seq()
+        await api.post_json("/serviceevents", {"externalTimestamp": int(time.time()),
+                                               "healthcheckUuid": "host-a-uuid_nope_1", "reportedHealth": "UP"})
+        first = standin.wait(kind="serviceevent", since=seq)
+        assert first["data"]["reportedHealth"] == "UP"
+        # 403: a non-admin key may only publish reply.* names; no retry, the go-rancher style message.
+        t0 = time.monotonic()
+        with pytest.raises(ApiError) as e:
+            await api.publish({"name": "not-a-reply", "previousIds": ["x"]})
+        assert e.value.status == 403 and not e.value.retryable
+        assert "Bad response statusCode [403]" in str(e.value) and "/publish" in str(e.value)
+        assert time.monotonic() - t0 < 1
+        # Nothing listening at all: a TransportError after the retries, not an aiohttp exception.
+        from agents.errors import TransportError
+
+        dead = ApiClient(CattleConfig(f"http://127.0.0.1:{standin.port}/v1", "a", "b", timeout=1),
+                         retries=1, backoff_base=0.01, backoff_cap=0.01)
+        standin.stop()
+        with pytest.raises(TransportError):
+            await dead.get_json("/")
+        await dead.close()
+    finally:
+        await api.close()
