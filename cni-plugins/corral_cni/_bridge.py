@@ -451,6 +451,17 @@ def teardown_masq(name: str, container_id: str, subnets: list[str]) -> None:
     for s in subnets:
         while _ipt("-D", "POSTROUTING", "-s", s, "-j", chain, "-m", "comment", "--comment", comment).returncode == 0:
             pass
+    # Without prevResult (never sent below 0.4.0) and with the namespace gone, the subnets are
+    # unknown: every POSTROUTING jump to this container's chain goes, whatever its source.
+    listing = _ipt("-S", "POSTROUTING")
+    if listing.returncode == 0 and chain.encode() in listing.stdout:
+        import shlex
+
+        for line in listing.stdout.decode(errors="replace").splitlines():
+            words = shlex.split(line)
+            if len(words) > 2 and words[0] == "-A" and any(
+                    words[i] == "-j" and words[i + 1] == chain for i in range(len(words) - 1)):
+                _ipt("-D", *words[1:])
     _ipt("-F", chain)
     _ipt("-X", chain)
 

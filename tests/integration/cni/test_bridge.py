@@ -274,6 +274,26 @@ def test_ip_masq_and_promisc(bundle: Path, host_ns: str, containers: Containers,
     assert chain not in run_in_netns(host_ns, "iptables", "-w", "-t", "nat", "-S").stdout
 
 
+@pytest.mark.parametrize("version", ["0.3.1", "1.0.0"])
+def test_ip_masq_del_without_prev_result_or_netns_leaves_no_rule(bundle: Path, host_ns: str, containers: Containers,
+                                                                 data_dir: Path, version: str) -> None:
+    """DEL of a container whose namespace is already gone (CNI_NETNS empty) and without prevResult
+    (never sent below 0.4.0): the POSTROUTING jump and the per-container chain must still go."""
+    ns, c_id = containers.new(), cid()
+    cfg = conf(data_dir, version, ipMasq=True)
+    r = cni(f"{bundle}/corral-bridge", host_ns, "ADD", cfg, c_id, f"/run/netns/{ns}")
+    assert r.rc == 0, r.out
+    import hashlib
+
+    chain = "CNI-" + hashlib.sha512(("testnet" + c_id).encode()).hexdigest()[:24]
+    assert f"-j {chain}" in run_in_netns(host_ns, "iptables", "-w", "-t", "nat", "-S").stdout
+    for _ in range(2):
+        d = cni(f"{bundle}/corral-bridge", host_ns, "DEL", cfg, c_id, "")
+        assert d.rc == 0, d.out
+    rules = run_in_netns(host_ns, "iptables", "-w", "-t", "nat", "-S").stdout
+    assert chain not in rules, rules
+
+
 def test_two_interfaces_of_one_container(bundle: Path, host_ns: str, containers: Containers,
                                          data_dir: Path) -> None:
     """Two attachments (eth0, net1) of one container on one bridge: distinct host ends and addresses;
