@@ -38,6 +38,10 @@ MAX_BUFFER = 256 * 1024
 CHUNK = 256 * 1024  # big bodies are written this much at a time, as the socket drains
 CACHE_ENTRIES = 200_000
 CACHE_BYTES = 512 * 1024 * 1024
+# error answers (404, 400) are cached only for short paths and only this many per generation:
+# a scanner asking for endless distinct missing paths must not pin memory until the next swap
+ERROR_ENTRIES = 10_000
+ERROR_PATH_MAX = 256
 _ROUTER_404 = router_404()
 _BAD = bad_request()
 _BUSY = unavailable()
@@ -126,7 +130,7 @@ def local_addresses(max_age: float = 10.0) -> frozenset[str]:
 
 
 class _Generation:
-    __slots__ = ("bytes", "cache", "ip_set", "snap", "values")
+    __slots__ = ("bytes", "cache", "errors", "ip_set", "snap", "values")
 
     def __init__(self, snap: Snapshot) -> None:
         self.snap = snap
@@ -135,6 +139,7 @@ class _Generation:
         # that reaches the same object shares one render and one body
         self.values: dict[tuple[int, str], Response] = {}
         self.bytes = 0
+        self.errors = 0
         self.ip_set = snap.ip_set()
 
 
@@ -311,7 +316,9 @@ class MetadataServer:
                 self._store(g, key, hit, shared=True)
                 return hit
             r = res
-            if cacheable:
+            if cacheable and (r.status == 200 or (len(path) <= ERROR_PATH_MAX and g.errors < ERROR_ENTRIES)):
+                if r.status != 200:
+                    g.errors += 1
                 self._store(g, key, r)
         return r
 
@@ -322,7 +329,7 @@ class MetadataServer:
 
     @staticmethod
     def _store(g: _Generation, key: tuple[str, str, str], r: Response, shared: bool = False) -> None:
-        size = len(r.head) + (0 if shared else len(r.body))
+        size = len(key[0]) + len(key[2]) + len(r.head) + (0 if shared else len(r.body))
         if len(g.cache) < CACHE_ENTRIES and g.bytes + size < CACHE_BYTES:
             g.cache[key] = r
             g.bytes += size
