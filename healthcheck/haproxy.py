@@ -557,6 +557,7 @@ class HAProxy:
         t0 = time.monotonic()
         was_running = self.running.is_set()
         self.running.clear()  # no poll until the new process is armed and forced
+        child = None
         try:
             try:
                 proc = await asyncio.create_subprocess_exec(
@@ -570,6 +571,12 @@ class HAProxy:
                            asyncio.create_task(self._watch(child))]
             await self._wait_ready(child)
         except BaseException:
+            if child is not None and child.proc.returncode is None:
+                # not ready (or cancelled while waiting): it runs in its own session and nobody
+                # else would ever stop it
+                child.expected_exit = True
+                with contextlib.suppress(ProcessLookupError):
+                    child.proc.kill()
             if old is not None and old.proc.returncode is None:
                 old.expected_exit = False  # the old process keeps serving
                 if was_running:

@@ -319,3 +319,38 @@ async def test_start_failure_loop_backs_off_and_recovers(tmp_path: Path, flaky_f
         sup.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await sup
+
+
+async def test_start_cancelled_midway_leaves_no_haproxy(tmp_path: Path, flaky_factory) -> None:
+    """The daemon is stopped while a (re)start waits for the new HAProxy to answer: that process
+    must not outlive the call (it has its own session: nothing else would ever stop it)."""
+    import asyncio
+    import contextlib
+
+    pidfile = tmp_path / "started"
+    wrapper = tmp_path / "haproxy-slow"
+    wrapper.write_text("#!/bin/sh\n"
+                       f'if [ "$1" != "-c" ]; then echo $$ > {pidfile}; sleep 0.5 >/dev/null 2>&1; fi\n'
+                       'exec haproxy "$@"\n')
+    wrapper.chmod(0o755)
+    h = HAProxy(HAProxySettings(state_dir=str(tmp_path / "hc"), binary=str(wrapper)))
+    ok = await flaky_factory("ok")
+    task = asyncio.create_task(h.apply(desired_from_tree(tree([container("a", hc(ok.port))]))))
+
+    async def started() -> int | None:
+        return int(pidfile.read_text()) if pidfile.exists() and pidfile.read_text().strip() else None
+
+    pid = await until(started, what="the new HAProxy spawned")
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
+    await h.stop()
+
+    async def gone() -> bool:
+        return not os.path.exists(f"/proc/{pid}")  # noqa: ASYNC240 -- neither running nor a zombie
+
+    try:
+        await until(gone, timeout=5, what=f"HAProxy {pid} killed and reaped after the cancelled start")
+    finally:
+        with contextlib.suppress(OSError):
+            os.kill(pid, signal.SIGKILL)
