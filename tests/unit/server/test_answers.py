@@ -97,3 +97,38 @@ def test_render_cache_reuses_unchanged_containers_only() -> None:
     assert ctr3["S-web-1"]["host_ip"] == "127.0.0.99"
     assert ctr3["solo"] is ctr2["solo"]
     assert _inflate(a3.v2(None))[:-1] == build_objects(s, 0)
+
+
+def test_render_pauses_the_cyclic_gc_and_always_restores_it() -> None:
+    """Answers() renders with the cyclic GC off (a speed-up); it must be back on afterwards, also
+    when the render fails, and stay off when the caller had it off."""
+    import gc
+
+    import pytest
+
+    s = _env()
+    seen: list[bool] = []
+    orig = s.all
+
+    def spy(kind: str) -> list[dict[str, Any]]:
+        seen.append(gc.isenabled())
+        if kind == "network" and getattr(spy, "fail", False):
+            raise RuntimeError("store broke mid-render")
+        return orig(kind)
+
+    s.all = spy  # type: ignore[method-assign]
+    assert gc.isenabled()
+    Answers(s, 0).v2("ha")
+    assert seen and not any(seen), "GC paused during the render"
+    assert gc.isenabled()
+    spy.fail = True  # type: ignore[attr-defined]
+    with pytest.raises(RuntimeError):
+        Answers(s, 0)
+    assert gc.isenabled(), "restored after a failed render"
+    gc.disable()
+    try:
+        spy.fail = False  # type: ignore[attr-defined]
+        Answers(s, 0)
+        assert not gc.isenabled(), "a caller's disabled GC stays disabled"
+    finally:
+        gc.enable()
