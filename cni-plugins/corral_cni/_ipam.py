@@ -269,10 +269,18 @@ class Store:
             fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644)
         except FileExistsError:
             return False
-        with os.fdopen(fd, "w", newline="") as f:
-            f.write(container_id.strip() + LINE_BREAK + ifname)
-        with open(os.path.join(self.dir, f"last_reserved_ip.{idx}"), "w") as f:
-            f.write(ntoa(ip))
+        try:
+            with os.fdopen(fd, "w", newline="") as f:
+                f.write(container_id.strip() + LINE_BREAK + ifname)
+            with open(os.path.join(self.dir, f"last_reserved_ip.{idx}"), "w") as f:
+                f.write(ntoa(ip))
+        except BaseException:
+            # disk full: an empty (ownerless) file would hold the address forever, as upstream knew
+            try:
+                os.unlink(path)
+            except OSError:
+                pass
+            raise
         return True
 
     def release_by_id(self, container_id: str, ifname: str) -> list[int]:

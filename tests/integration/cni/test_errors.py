@@ -109,3 +109,46 @@ def test_ipam_plugin_standalone(bundle: Path, host_ns: str, data_dir: Path) -> N
         assert cni(f"{bundle}/corral-ipam", host_ns, "DEL", c, c_id, "/run/netns/whatever").rc == 0
     chk = cni(f"{bundle}/corral-ipam", host_ns, "CHECK", c, c_id, "/run/netns/whatever")
     assert chk.rc == 1 and "Failed to find address" in chk.json["msg"]
+
+
+DISK_FULL = r"""
+set -u
+D=$1; B=$2
+mount -t tmpfs -o size=256k tmpfs "$D"
+mkdir -p "$D/ipam"
+add() {
+  echo '{"cniVersion":"1.0.0","name":"testnet","type":"corral-ipam","ipam":{"type":"corral-ipam",'\
+'"dataDir":"'"$D"'/ipam","ranges":[[{"subnet":"10.77.0.0/24"}]]}}' |
+  CNI_COMMAND=ADD CNI_CONTAINERID=$1 CNI_NETNS=/none CNI_IFNAME=eth0 CNI_PATH=$B "$B/corral-ipam"
+  echo "rc=$?"
+}
+add aaaaaaaaaaaaaaaa
+dd if=/dev/zero of="$D/fill" bs=4k 2>/dev/null
+add bbbbbbbbbbbbbbbb
+rm -f "$D/fill"
+echo "--- left:"
+for f in "$D"/ipam/testnet/10.*; do printf '%s=%s\n' "$(basename "$f")" "$(head -n 1 "$f")"; done
+"""
+
+
+def test_ipam_disk_full_leaves_no_ownerless_reservation(bundle: Path, tmp_path: Path) -> None:
+    """ENOSPC while writing a reservation: the ADD fails with an error object and the address is not
+    left reserved by an empty file (no DEL could ever release it). A private mount namespace with a
+    full 256k tmpfs: nothing outside the test sees it."""
+    import shutil
+    import subprocess
+
+    if shutil.which("unshare") is None:
+        pytest.skip("needs unshare")
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    p = subprocess.run(["unshare", "-m", "--propagation", "private", "sh", "-c", DISK_FULL, "sh", str(mnt),
+                        str(bundle)], capture_output=True, text=True, timeout=60, check=False)
+    out = p.stdout
+    assert p.returncode == 0, (out, p.stderr)
+    first, rest = out.split("rc=", 1)
+    assert json.loads(first)["ips"][0]["address"] == "10.77.0.2/24"
+    second, left = rest.split("--- left:", 1)
+    err = json.loads(second.split("\n", 1)[1].rsplit("rc=", 1)[0])
+    assert second.rstrip().endswith("rc=1") and err["code"] == 100 and "No space left" in err["msg"]
+    assert left.split() == ["10.77.0.2=aaaaaaaaaaaaaaaa"], f"reservations left: {left.split()}"
