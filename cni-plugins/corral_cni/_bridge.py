@@ -266,7 +266,7 @@ def cmd_add(conf: dict[str, Any], raw: bytes, env: Env, version: str) -> Result:
     nl = Netlink()
     cnl = open_in_netns(ns_fd)
     legacy = version in LEGACY
-    created_bridge = ipam_done = veth_done = False
+    created_bridge = ipam_done = veth_done = masq_started = False
     lock_fd = bridge_lock(c.bridge)
     try:
         existing = cnl.get_link(env.ifname)
@@ -356,6 +356,7 @@ def cmd_add(conf: dict[str, Any], raw: bytes, env: Env, version: str) -> Result:
                 add_addr(nl, br.index, gw4, plen)
             _sysctl("/proc/sys/net/ipv4/ip_forward", "1")
         if c.ip_masq:
+            masq_started = True
             for ip in res.ips:
                 a, plen = _ipam.parse_cidr(ip["address"])
                 setup_masq(c.name, env.container_id, f"{_ipam.ntoa(_ipam.network_of(a, plen))}/{plen}")
@@ -371,6 +372,8 @@ def cmd_add(conf: dict[str, Any], raw: bytes, env: Env, version: str) -> Result:
             res.dns = dict(c.dns)
         return res
     except BaseException:
+        if masq_started:
+            teardown_masq(c.name, env.container_id, [])  # the chain is this container's own
         if veth_done:
             nl.del_link(name=veth)
         if ipam_done:

@@ -294,6 +294,32 @@ def test_ip_masq_del_without_prev_result_or_netns_leaves_no_rule(bundle: Path, h
     assert chain not in rules, rules
 
 
+def test_ip_masq_failing_midway_rolls_back_the_chain(bundle: Path, host_ns: str, containers: Containers,
+                                                    data_dir: Path, tmp_path: Path) -> None:
+    """iptables refuses the POSTROUTING jump (after the chain and its rules were made): the ADD fails
+    and undoes everything, the per-container chain included."""
+    import hashlib
+    import shutil
+
+    real = shutil.which("iptables")
+    assert real is not None
+    wrap = tmp_path / "bin"
+    wrap.mkdir()
+    (wrap / "iptables").write_text("#!/bin/sh\n"
+                                   'case "$*" in *"-A POSTROUTING"*) echo "fake: refused" >&2; exit 4;; esac\n'
+                                   f'exec {real} "$@"\n')
+    (wrap / "iptables").chmod(0o755)
+    ns, c_id = containers.new(), cid()
+    cfg = conf(data_dir, ipMasq=True)
+    r = cni(f"{bundle}/corral-bridge", host_ns, "ADD", cfg, c_id, f"/run/netns/{ns}",
+            extra={"PATH": f"{wrap}:{os.environ.get('PATH', '/usr/sbin:/usr/bin:/sbin:/bin')}"})
+    assert r.rc == 1 and "masquerade" in r.json["msg"], r.out
+    chain = "CNI-" + hashlib.sha512(("testnet" + c_id).encode()).hexdigest()[:24]
+    rules = run_in_netns(host_ns, "iptables", "-w", "-t", "nat", "-S").stdout
+    assert chain not in rules, rules
+    assert "eth0" not in links(ns) and not [f for f in os.listdir(data_dir / "testnet") if f[0].isdigit()]
+
+
 def test_two_interfaces_of_one_container(bundle: Path, host_ns: str, containers: Containers,
                                          data_dir: Path) -> None:
     """Two attachments (eth0, net1) of one container on one bridge: distinct host ends and addresses;
