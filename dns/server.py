@@ -487,7 +487,14 @@ class Listener:
                 if r is None:
                     continue
                 writer.write(struct.pack("!H", len(r)) + r)  # type: ignore[arg-type]
-                await writer.drain()
+                try:
+                    await asyncio.wait_for(writer.drain(), TCP_IDLE)
+                except TimeoutError:
+                    # the peer takes nothing: without this it would hold its task and one of the
+                    # MAX_TCP_CONNS slots forever; abort (close() would wait for the buffer to drain)
+                    self.engine._bad(wire.WireError("tcp client stopped reading", None))
+                    writer.transport.abort()
+                    return
         except (ConnectionError, OSError):
             return
         finally:
