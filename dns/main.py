@@ -325,7 +325,12 @@ class Daemon:
             log.warning("answers file missing, starting empty", path=str(path))
             data: Any = {}
         else:
-            text = path.read_text()
+            try:
+                text = path.read_text()
+            except OSError as e:
+                raise ConfigError(f"cannot read answers file {path}: {e.strerror or e}") from e
+            except UnicodeDecodeError as e:
+                raise ConfigError(f"answers file {path} does not decode as UTF-8: {e}") from e
             try:
                 if path.suffix == ".json":
                     data = json.loads(text)
