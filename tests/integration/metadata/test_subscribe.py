@@ -181,7 +181,9 @@ def test_download_failures_keep_last_good_and_converge(env: tuple[StandIn, Path]
         assert m.get("/latest/version").body != before
         assert m.admin("/healthz")[0] == 200
         log = m.proc.log()
-        assert "answer set rejected" in log or "answers download failed" in log or "503" in fault
+        # a single 5xx is now retried inside the shared ApiClient (e194553), which logs "api retry"
+        assert ("answer set rejected" in log or "answers download failed" in log or "api retry" in log
+                or "503" in fault)
     finally:
         m.proc.stop()
 
