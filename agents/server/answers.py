@@ -107,6 +107,7 @@ def build_objects(store: Resources, seed: int = 0, cache: RenderCache | None = N
     active_key = hashlib.sha1("\n".join(active).encode()).hexdigest() + f":{seed}:{env_uuid}"
     old_entries = cache.entries if cache is not None else {}
     new_entries: dict[str, tuple[Any, ...]] = {}
+    member_links: list[dict[str, Any]] = []  # serviceContainerLink objects, after every container
     for c in containers:
         host = by_host.get(c.get("host_uuid") or "")
         svc = svc_by_uuid.get(c.get("service_uuid") or "")
@@ -114,17 +115,25 @@ def build_objects(store: Resources, seed: int = 0, cache: RenderCache | None = N
         hit = old_entries.get(c["id"])
         if hit is not None and hit[0] is c and hit[1] is host and hit[2] is svc and hit[3] is st \
                 and hit[4] == active_key:
-            out.append(hit[5])
-            new_entries[c["id"]] = hit
-            continue
-        obj = _container(c, host, svc, st, seed, active, env_uuid)
-        out.append(obj)
-        new_entries[c["id"]] = (c, host, svc, st, active_key, obj)
+            new_entries[c["id"]] = entry = hit
+        else:
+            link = None if svc is None else {
+                "metadata_kind": "serviceContainerLink", "service_uuid": c["service_uuid"],
+                "service_name": c.get("launch_config_name") or svc["name"], "container_uuid": c["uuid"]}
+            new_entries[c["id"]] = entry = (c, host, svc, st, active_key,
+                                            _container(c, host, svc, st, seed, active, env_uuid), link)
+        out.append(entry[5])
+        if entry[6] is not None:
+            member_links.append(entry[6])
+    out.extend(member_links)
     if cache is not None:
-        blobs = {id(e[5]): cache.blobs[id(e[5])] for e in new_entries.values() if id(e[5]) in cache.blobs}
+        old_blobs = cache.blobs
+        blobs: dict[int, bytes] = {}
         for e in new_entries.values():
-            if id(e[5]) not in blobs:
-                blobs[id(e[5])] = orjson.dumps(e[5])
+            for obj in (e[5], e[6]):
+                if obj is not None:
+                    b = old_blobs.get(id(obj))
+                    blobs[id(obj)] = orjson.dumps(obj) if b is None else b
         cache.entries, cache.blobs = new_entries, blobs
     _links(out, containers, services, svc_by_uuid, stacks)
     return out
@@ -159,36 +168,49 @@ def _container(c: dict[str, Any], host: dict[str, Any] | None, svc: dict[str, An
 
 def _links(out: list[dict[str, Any]], containers: list[dict[str, Any]], services: list[dict[str, Any]],
            svc_by_uuid: dict[str, dict[str, Any]], stacks: dict[str, dict[str, Any]]) -> None:
-    for c in containers:
-        if c.get("service_uuid") in svc_by_uuid:
-            out.append({"metadata_kind": "serviceContainerLink", "service_uuid": c["service_uuid"],
-                        "service_name": c.get("launch_config_name") or svc_by_uuid[c["service_uuid"]]["name"],
-                        "container_uuid": c["uuid"]})
+    linking = False
+    for s in services:
+        for key, alias in sorted(s.get("links", {}).items()):
+            linking = True
+            out.append({"metadata_kind": "serviceLink", "service_uuid": s["uuid"], "key": key, "value": alias})
+    if not linking and not any(c.get("links") for c in containers):
+        return
     by_stack_name = {s["name"].lower(): s for s in stacks.values()}
     primaries: dict[str, list[dict[str, Any]]] = {}
     for c in containers:
         ps = svc_by_uuid.get(c.get("service_uuid") or "")
         if ps is not None and c.get("launch_config_name") in (None, ps["name"]):
             primaries.setdefault(ps["uuid"], []).append(c)
-    for s in services:
-        for key, alias in sorted(s.get("links", {}).items()):
-            out.append({"metadata_kind": "serviceLink", "service_uuid": s["uuid"], "key": key, "value": alias})
-    cname = {c["name"]: c for c in containers}
-    for c in containers:
-        links: dict[str, str] = {}
-        cs = svc_by_uuid.get(c.get("service_uuid") or "")
-        if cs is not None and c.get("launch_config_name") in (None, cs["name"]):
+    by_name = {(t["stack_uuid"], t["name"].lower()): t for t in reversed(services)}  # first one wins
+    resolved: dict[str, dict[str, str]] = {}  # a service's links, resolved once for all its containers
+
+    def service_links(cs: dict[str, Any]) -> dict[str, str]:
+        got = resolved.get(cs["uuid"])
+        if got is None:
+            got = resolved[cs["uuid"]] = {}
             for key, alias in sorted(cs.get("links", {}).items()):
                 st_name, _, sv_name = key.partition("/")
                 tst = by_stack_name.get(st_name.lower())
-                target = next((t for t in services if tst and t["stack_uuid"] == tst["uuid"]
-                               and t["name"].lower() == sv_name.lower()), None)
-                cands = sorted(primaries.get(target["uuid"], []) if target else [],
-                               key=lambda x: (x.get("create_index") or 0, x["name"]))
+                target = by_name.get((tst["uuid"], sv_name.lower())) if tst else None
+                cands = primaries.get(target["uuid"], []) if target else []
                 if cands:
-                    links[alias] = cands[0]["uuid"]
-        for alias, ref in (c.get("links") or {}).items():
-            t = cname.get(str(ref)) or next((x for x in containers if x["uuid"] == ref), None)
+                    got[alias] = min(cands, key=lambda x: (x.get("create_index") or 0, x["name"]))["uuid"]
+        return got
+
+    cname = {c["name"]: c for c in containers}
+    by_uuid: dict[str, dict[str, Any]] = {}
+    for c in containers:
+        by_uuid.setdefault(c["uuid"], c)
+    for c in containers:
+        cs = svc_by_uuid.get(c.get("service_uuid") or "")
+        own = c.get("links")
+        if not own and (cs is None or not cs.get("links")):
+            continue
+        links: dict[str, str] = {}
+        if cs is not None and c.get("launch_config_name") in (None, cs["name"]):
+            links.update(service_links(cs))
+        for alias, ref in (own or {}).items():
+            t = cname.get(str(ref)) or (by_uuid.get(ref) if isinstance(ref, str) else None)
             if t is not None:
                 links[str(alias)] = t["uuid"]
         for alias, target_uuid in sorted(links.items()):

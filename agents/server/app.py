@@ -440,7 +440,7 @@ class Server:
                 return {**result, "status": "unknown-container"}
             stored = {h: (float(v[0]), str(v[1])) for h, v in (self.store.kv_get("health", cuuid) or {}).items()}
             new, accepted = apply_report(stored, reporter, ts, health)
-            if accepted:
+            if accepted and new != stored:  # a repeated report (a retry) needs no write
                 self.store.kv_set("health", cuuid, {h: list(v) for h, v in new.items()})
             active = [h["uuid"] for h in self.store.all("host") if h.get("state") == "active"]
             reporters = pick_reporters(self.settings.seed, cuuid, c.get("host_uuid"), active)
