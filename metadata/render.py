@@ -9,6 +9,7 @@ import json
 import math
 import re
 from collections.abc import Generator
+from functools import lru_cache
 from typing import Any
 from urllib.parse import quote_plus
 
@@ -224,8 +225,19 @@ def _json_parts(v: Any, out: list[bytes], every: int) -> Generator[None, None, N
         out.append(render_json(v))
 
 
+@lru_cache(maxsize=4096)
+def _yaml_key(k: str) -> bytes | None:
+    """``k`` as PyYAML writes it before ``:`` (``'on'``, ``'null'`` come quoted: YAML 1.1 booleans
+    and nulls), or None when it is not a one-line simple key (PyYAML's ``? `` form past 128 chars)."""
+    text = render_yaml({k: None})
+    if not text.endswith(b": null\n") or b"\n" in text[:-1] or text.startswith(b"?"):
+        return None
+    return text[:-len(b": null\n")]
+
+
 def _plain_map(v: Any) -> bool:
-    return isinstance(v, dict) and bool(v) and all(isinstance(k, str) and _PLAIN_KEY.match(k) for k in v)
+    return isinstance(v, dict) and bool(v) and all(
+        isinstance(k, str) and _PLAIN_KEY.match(k) and _yaml_key(k) is not None for k in v)
 
 
 def _dict_list(x: Any) -> bool:
@@ -260,13 +272,14 @@ def _yaml_parts(v: Any, out: list[bytes], every: int) -> Generator[None, None, N
     elif _plain_map(v):
         for k in sorted(v):
             x = v[k]
+            key = _yaml_key(k) or k.encode()  # never None here: _plain_map checked every key
             if _dict_list(x):
-                out.append(k.encode() + b":\n")  # PyYAML's indentless sequence under a key
+                out.append(key + b":\n")  # PyYAML's indentless sequence under a key
                 yield from _yaml_parts(x, out, every)
             elif _heavy_map(x):
                 sub2: list[bytes] = []
                 yield from _yaml_parts(x, sub2, every)
-                out.append(k.encode() + b":\n" + _indent(b"".join(sub2), b"  ", b"  "))
+                out.append(key + b":\n" + _indent(b"".join(sub2), b"  ", b"  "))
             else:
                 out.append(render_yaml({k: x}))
             yield

@@ -9,7 +9,7 @@ import zlib
 from typing import Any
 
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from agents.errors import InputError
@@ -267,6 +267,8 @@ def _drain(gen: Any) -> bytes:
                           st.from_regex(r"[a-z_][a-z0-9_]{0,5}", fullmatch=True) | st.text(max_size=4), c,
                           max_size=5), max_leaves=200),
        fmt=st.sampled_from(["json", "yaml"]))
+@example(v={"_": None, "on": [{}]}, fmt="yaml")  # YAML 1.1 boolean key: PyYAML quotes it ('on')
+@example(v={"null": {"a": [{"b": 1}]}, "k" * 200: [{}]}, fmt="yaml")  # quoted key over a heavy map; ? key form
 def test_sliced_rendering_is_byte_identical(v: Any, fmt: str) -> None:
     from metadata.render import render, render_steps
 
