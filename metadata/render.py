@@ -230,7 +230,7 @@ def _yaml_key(k: str) -> bytes | None:
     """``k`` as PyYAML writes it before ``:`` (``'on'``, ``'null'`` come quoted: YAML 1.1 booleans
     and nulls), or None when it is not a one-line simple key (PyYAML's ``? `` form past 128 chars)."""
     text = render_yaml({k: None})
-    if not text.endswith(b": null\n") or b"\n" in text[:-1] or text.startswith(b"?"):
+    if not text.endswith(b": null\n") or b"\n" in text[:-1]:
         return None
     return text[:-len(b": null\n")]
 
