@@ -27,6 +27,8 @@ from typing import Any
 
 import yaml
 
+from agents.children import die_with_parent
+
 __all__ = ["DEMO_ORDER", "DemoContext", "main"]
 
 DEMO_ORDER = ["metadata", "dns", "healthcheck", "scheduler", "netmanager"]
@@ -97,15 +99,6 @@ def _wait_http(url: str, timeout: float = 15.0) -> bool:
     return False
 
 
-def _die_with_parent() -> None:
-    """In the child before exec: SIGTERM it when the demo dies, even by SIGKILL (no orphans)."""
-    import ctypes
-
-    pr_set_pdeathsig = 1
-    with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(pr_set_pdeathsig, signal.SIGTERM)
-
-
 class _Procs:
     def __init__(self, workdir: Path) -> None:
         self.workdir = workdir
@@ -115,7 +108,7 @@ class _Procs:
         log = open(self.workdir / f"{name}.log", "ab")
         p = subprocess.Popen([sys.executable, "-m", "agents.cli", *argv], stdout=log, stderr=subprocess.STDOUT,
                              stdin=subprocess.DEVNULL, env={**os.environ, **env, "PYTHONUNBUFFERED": "1"},
-                             start_new_session=True, preexec_fn=_die_with_parent)
+                             start_new_session=True, preexec_fn=die_with_parent)
         log.close()
         self.procs.append((name, p))
         return p

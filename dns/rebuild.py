@@ -111,15 +111,11 @@ def apply(old: Table | None, d: Diff) -> Table:
 def helper_init() -> None:
     """Runs once in the helper process: die with the daemon (even on SIGKILL) and yield the CPU
     to it (nice 10), so serving always wins."""
-    import ctypes
     import os
-    import signal
 
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(1, signal.SIGTERM, 0, 0, 0)  # PR_SET_PDEATHSIG
-    except (OSError, AttributeError):
-        pass
+    from agents.children import die_with_parent
+
+    die_with_parent()
     try:
         os.nice(10)
     except OSError:
