@@ -14,7 +14,7 @@ names of those that are not ready (CoreDNS's ``ready`` plugin does the same).
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 from prometheus_client import (
@@ -119,13 +119,17 @@ class AdminServer:
     """aiohttp listener serving ``/healthz``, ``/ready`` and ``/metrics`` (and extra routes)."""
 
     def __init__(
-        self, listen: str, health: Health, registry: CollectorRegistry = REGISTRY, extra: dict[str, Any] | None = None
+        self, listen: str, health: Health, registry: CollectorRegistry = REGISTRY, extra: dict[str, Any] | None = None,
+        on_scrape: Callable[[], None] | None = None,
     ) -> None:
+        """``on_scrape`` runs before each ``/metrics`` (a daemon that batches counter updates
+        flushes them there, so a scrape is never behind)."""
         from aiohttp import web
 
         self.host, self.port = parse_listen(listen, "127.0.0.1")
         self.health = health
         self.registry = registry
+        self.on_scrape = on_scrape
         self.app = web.Application()
         self.app.router.add_get("/healthz", self._healthz)
         self.app.router.add_get("/ready", self._ready)
@@ -150,6 +154,8 @@ class AdminServer:
     async def _metrics(self, request: web.Request) -> web.Response:
         from aiohttp import web
 
+        if self.on_scrape is not None:
+            self.on_scrape()
         body = generate_latest(self.registry)
         return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
 

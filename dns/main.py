@@ -33,6 +33,7 @@ from dns.cache import Cache
 from dns.forward import Upstreams
 from dns.server import Engine, Listener
 from dns.table import Settings, Table, build_from_answers, filter_recursers
+from dns.workers import Supervisor, write_ports
 
 __all__ = ["DEMO_HINTS", "build_parser", "demo_argv", "main"]
 
@@ -134,6 +135,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--udp-batch", dest="udp_batch", type=_bool, default=True, nargs="?", const=True,
                    help="read and answer UDP in batches with recvmmsg/sendmmsg (IPv4)")
     p.add_argument("--reuse-port", dest="reuse_port", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--ports-file", dest="ports_file", default="", help=argparse.SUPPRESS)  # a worker's, for --workers
     add_common_args(p, metrics_listen="127.0.0.1:9113")
     return p
 
@@ -185,6 +187,7 @@ class Daemon:
                              ptr=args.ptr, forward_single_label=args.forward_single_label,
                              serve_stale=args.serve_stale)
         self.generation = 0
+        self.reload_port = 0
         self.md_ok_at = time.monotonic()
         self._resolv_mtime = 0.0
         self._reload_now = asyncio.Event()
@@ -370,6 +373,7 @@ class Daemon:
             log.warning("reload listener not started", address=self.args.listen_reload, error=str(e))
             await runner.cleanup()
             return None
+        self.reload_port = int(runner.addresses[0][1])
         return runner
 
     async def serve(self, stop: asyncio.Event) -> None:
@@ -383,9 +387,11 @@ class Daemon:
             await listener.start()
         except OSError as e:
             raise ConfigError(f"cannot listen on {a.listen}: {e}") from e
-        admin = AdminServer(a.metrics_listen, self.health)
+        admin = AdminServer(a.metrics_listen, self.health, on_scrape=self.engine.flush_metrics)
         await admin.start()
         reload_runner = await self.reload_app(stop, md is not None)
+        if a.ports_file:
+            write_ports(a.ports_file, admin.port, self.reload_port)
         loop = asyncio.get_running_loop()
         if md is None:
             def on_hup() -> None:
@@ -427,45 +433,13 @@ def main(argv: list[str]) -> int:
     from agents.cli import run_daemon
 
     if args.workers > 1:
-        return _run_workers(args, argv)
+        sup = Supervisor(args, list(argv))
+        rc = run_daemon("dns", sup.serve, debug=args.debug, log_file=args.log, log_json=args.log_json,
+                        pid_file=args.pid_file)
+        return rc or sup.exit_code
 
     async def serve(stop: asyncio.Event) -> None:
         await Daemon(args).serve(stop)
 
     return run_daemon("dns", serve, debug=args.debug, log_file=args.log, log_json=args.log_json,
                       pid_file=args.pid_file)
-
-
-def _run_workers(args: argparse.Namespace, argv: list[str]) -> int:
-    """SO_REUSEPORT: N independent processes on one address, each with its own metadata watch."""
-    import subprocess
-
-    clean: list[str] = []
-    skip = False
-    for a in argv:
-        if skip:
-            skip = False
-            continue
-        if a in ("--workers", "-workers"):
-            skip = True
-            continue
-        if a.startswith(("--workers=", "-workers=")):
-            continue
-        clean.append(a)
-    admin_host, _ = parse_listen(args.metrics_listen, "127.0.0.1")
-    procs = []
-    for i in range(args.workers):
-        extra = ["--reuse-port"]
-        if i > 0:
-            extra += ["--metrics-listen", f"{admin_host}:0", "--listenReload", "127.0.0.1:0"]
-        procs.append(subprocess.Popen([sys.executable, "-m", "agents.cli", "dns", *clean, *extra]))
-
-    def forward(sig: int, _frame: Any) -> None:
-        for pr in procs:
-            if pr.poll() is None:
-                pr.send_signal(sig)
-
-    signal.signal(signal.SIGTERM, forward)
-    signal.signal(signal.SIGINT, forward)
-    signal.signal(signal.SIGHUP, forward)
-    return max(pr.wait() for pr in procs)

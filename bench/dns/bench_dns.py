@@ -149,8 +149,7 @@ def start_corral_dns(md_url: str, upstream: str, workers: int) -> tuple[Proc, in
                      "--workers", str(workers), name="dns-bench")
     if workers == 1 and len(CPUS) > 1:
         pin(p.pid, SERVER_CPU)  # before the helper is spawned: it inherits the mask (and runs niced)
-    wait_http(f"http://127.0.0.1:{admin}/ready", timeout=30)
-    time.sleep(0.5 if workers > 1 else 0.0)  # the other workers load their table too
+    wait_http(f"http://127.0.0.1:{admin}/ready", timeout=30)  # with --workers: every worker is ready
     return p, port, admin
 
 

@@ -172,29 +172,118 @@ def test_big_service_truncates_by_rrset_over_udp_only(tmp_path: Path) -> None:
         d.proc.stop()
 
 
-def test_reuseport_workers_answer_and_stop_together(tmp_path: Path) -> None:
+def _http(url: str, data: bytes | None = None) -> tuple[int, str]:
+    try:
+        with urllib.request.urlopen(urllib.request.Request(url, data=data), timeout=10) as r:
+            return r.status, r.read().decode()
+    except urllib.error.HTTPError as e:
+        return e.code, e.read().decode()
+    except OSError as e:  # not listening yet (URLError is an OSError)
+        return 0, str(e)
+
+
+def _worker_queries(metrics: str) -> dict[str, float]:
+    """Local A answers counted per worker in a /metrics text."""
+    out: dict[str, float] = {}
+    for line in metrics.splitlines():
+        if line.startswith("corral_dns_queries_total{") and 'result="local"' in line:
+            worker = line.split('worker="', 1)[1].split('"', 1)[0]
+            out[worker] = out.get(worker, 0.0) + float(line.rsplit(" ", 1)[1])
+    return out
+
+
+def test_reuseport_workers_share_reload_metrics_and_restart(tmp_path: Path) -> None:
     f = tmp_path / "answers.json"
     f.write_text(json.dumps({"default": {"a": {"w.rancher.internal.": {"answer": ["10.4.4.4"]}}}}))
-    port = free_port()
+    port, admin, reload = free_port(), free_port(), free_port()
     p = start_corral("dns", "--workers", "2", "--listen", f"127.0.0.1:{port}", "--answers", str(f),
-                     "--metrics-listen", f"127.0.0.1:{free_port()}", "--listenReload", "127.0.0.1:0",
+                     "--metrics-listen", f"127.0.0.1:{admin}", "--listenReload", f"127.0.0.1:{reload}",
                      name="dns-workers")
     d = DnsProc(p, port, 0, 0)
+
+    def all_answer(ip: str, n: int = 40) -> None:
+        # different source addresses hash to either worker: every one must give the same answer
+        for i in range(n):
+            assert a_set(d.ask("w.rancher.internal.", src=f"127.0.3.{i + 1}")) == {ip}, i
+
+    def ready_pids() -> list[int] | None:
+        status, body = _http(f"http://127.0.0.1:{admin}/ready")
+        doc = json.loads(body) if status in (200, 503) else {}
+        return [w["pid"] for w in doc["workers"]] if status == 200 else None
+
     try:
         deadline = time.monotonic() + 15
-        while True:
-            try:
-                d.ask("w.rancher.internal.")
-                break
-            except OSError:
-                assert time.monotonic() < deadline, p.log()
-                time.sleep(0.05)
-        # different source ports hash to either worker: all must answer
-        for i in range(40):
-            assert a_set(d.ask("w.rancher.internal.", src=f"127.0.3.{i + 1}")) == {"10.4.4.4"}
-        assert p.log().count("listening") == 2
+        while ready_pids() is None:
+            assert time.monotonic() < deadline, p.log()
+            time.sleep(0.05)
+        all_answer("10.4.4.4")
+        assert p.log().count('"listening"') == 2
+        # one reload on the daemon's own address reaches every worker
+        f.write_text(json.dumps({"default": {"a": {"w.rancher.internal.": {"answer": ["10.5.5.5"]}}}}))
+        assert _http(f"http://127.0.0.1:{reload}/v1/reload", b"") == (200, "OK")
+        all_answer("10.5.5.5")
+        # a broken file: 500 naming each worker, and both keep the last good answers
+        f.write_text("{broken")
+        status, body = _http(f"http://127.0.0.1:{reload}/v1/reload", b"")
+        assert status == 500 and "worker 0: answers file" in body and "worker 1: answers file" in body, body
+        all_answer("10.5.5.5")
+        # /metrics on the daemon's admin address: both workers' counters, labelled
+        _, metrics = _http(f"http://127.0.0.1:{admin}/metrics")
+        per_worker = _worker_queries(metrics)
+        assert set(per_worker) == {"0", "1"} and all(v > 0 for v in per_worker.values()), per_worker
+        assert sum(per_worker.values()) >= 120, per_worker
+        assert metrics.count("# TYPE corral_dns_queries_total counter") == 1
+        assert _http(f"http://127.0.0.1:{admin}/healthz") == (200, "ok\n")
+        # a worker killed outright is replaced; the other one never stopped answering
+        pids = ready_pids()
+        assert pids is not None and len(set(pids)) == 2
+        f.write_text(json.dumps({"default": {"a": {"w.rancher.internal.": {"answer": ["10.5.5.5"]}}}}))
+        import os
+        os.kill(pids[0], signal.SIGKILL)
+        deadline = time.monotonic() + 15
+        while (now := ready_pids()) is None or now[0] == pids[0]:
+            assert time.monotonic() < deadline, p.log()
+            time.sleep(0.05)
+        assert now[1] == pids[1]
+        all_answer("10.5.5.5")
+        assert "dns worker exited, restarting" in p.log()
     finally:
         assert p.stop() == 0
+    for pid in {*pids, *now}:
+        assert not _alive(str(pid)), f"worker {pid} outlived the supervisor"
+
+
+def test_workers_supervisor_killed_takes_its_workers(tmp_path: Path) -> None:
+    f = tmp_path / "answers.json"
+    f.write_text(json.dumps({"default": {"a": {"w.rancher.internal.": {"answer": ["10.4.4.4"]}}}}))
+    port, admin = free_port(), free_port()
+    p = start_corral("dns", "--workers", "2", "--listen", f"127.0.0.1:{port}", "--answers", str(f),
+                     "--metrics-listen", f"127.0.0.1:{admin}", "--listenReload", "127.0.0.1:0", name="dns-workers")
+    try:
+        deadline = time.monotonic() + 15
+        while _http(f"http://127.0.0.1:{admin}/ready")[0] != 200:
+            assert time.monotonic() < deadline, p.log()
+            time.sleep(0.05)
+        pids = [w["pid"] for w in json.loads(_http(f"http://127.0.0.1:{admin}/ready")[1])["workers"]]
+        p.kill()  # kill -9: no clean-up by the supervisor
+        deadline = time.monotonic() + 10
+        while any(_alive(str(pid)) for pid in pids):
+            assert time.monotonic() < deadline, "workers outlived a killed supervisor"
+            time.sleep(0.05)
+    finally:
+        p.stop()
+
+
+def test_workers_that_cannot_serve_stop_the_daemon(tmp_path: Path) -> None:
+    f = tmp_path / "answers.json"
+    f.write_text("{broken")  # every worker exits at start: the daemon must exit too, not restart forever
+    p = start_corral("dns", "--workers", "2", "--listen", f"127.0.0.1:{free_port()}", "--answers", str(f),
+                     "--metrics-listen", f"127.0.0.1:{free_port()}", "--listenReload", "127.0.0.1:0",
+                     name="dns-workers")
+    assert p.p is not None
+    rc = p.p.wait(timeout=20)
+    assert rc != 0 and "failed before it served" in p.log(), p.log()
+    assert "does not parse" in p.log()
 
 
 def _alive(pid: str) -> bool:
