@@ -198,7 +198,7 @@ class Supervisor:
                 bo.mark_up()
                 log.info("dns worker serving", worker=w.n, pid=w.proc.pid)
             rc = await first_of(w.proc.wait(), stop)
-            if rc is None:  # stopping
+            if rc is None or stop.is_set():  # stopping: the supervisor ends the workers
                 return
             if not w.served:
                 log.error("dns worker failed before it served, stopping", worker=w.n, code=rc)
@@ -242,7 +242,7 @@ class Supervisor:
 
     async def _stop_workers(self, grace: float = 10.0) -> None:
         self._forward(signal.SIGTERM)
-        procs = [w.proc for w in self.workers if w.proc is not None]
+        procs = [w.proc for w in self.workers if w.proc is not None and w.proc.returncode is None]
         try:
             codes = await asyncio.wait_for(asyncio.gather(*(p.wait() for p in procs)), grace)
         except TimeoutError:
