@@ -65,6 +65,45 @@ def test_random_junk_flood_then_still_serving(server: DnsProc) -> None:
     assert 'corral_dns_malformed_total{reason=' in server.metrics()
 
 
+def test_burst_from_many_senders_each_gets_its_own_reply(server: DnsProc) -> None:
+    """One burst lands in a few receive batches with junk between the queries (so reply j answers
+    query i != j): every sender must get exactly its own answer, with its own ID and question."""
+    names = ["ok.rancher.internal.", "forwarded.example."]  # a local answer and a slow-path SERVFAIL
+    socks = []
+    try:
+        junk = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        socks.append(junk)
+        for i in range(150):
+            c = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+            c.bind((f"127.0.4.{i % 50 + 1}", 0))
+            c.settimeout(5)
+            socks.append(c)
+        for round_ in range(3):
+            sent = {}
+            for i, c in enumerate(socks[1:]):
+                junk.sendto(b"\x00" * (i % 11), ("127.0.0.1", server.port))  # dropped: shifts reply slots
+                q = make_q(names[1] if i % 7 == 0 else names[0])
+                q.header.id = (round_ * 1000 + i) & 0xFFFF
+                c.sendto(bytes(q.pack()), ("127.0.0.1", server.port))
+                sent[c] = q
+            for c, q in sent.items():
+                r = DNSRecord.parse(c.recv(4096))
+                assert r.header.id == q.header.id and r.q.qname == q.q.qname, (r.header.id, q.header.id)
+                if str(q.q.qname) == "ok.rancher.internal.":
+                    assert r.header.rcode == 0 and str(r.rr[0].rdata) == "10.9.9.9"
+                else:
+                    assert r.header.rcode == 2
+            time.sleep(0.3)
+            for c in sent:  # and nothing else came to any sender
+                c.setblocking(False)
+                with pytest.raises(BlockingIOError):
+                    c.recv(4096)
+                c.settimeout(5)
+    finally:
+        for c in socks:
+            c.close()
+
+
 @pytest.mark.parametrize(
     ("name", "pkt", "rcode"),
     [
