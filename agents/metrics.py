@@ -116,7 +116,8 @@ def parse_listen(spec: str, default_host: str = "0.0.0.0") -> tuple[str, int]:
 
 
 class AdminServer:
-    """aiohttp listener serving ``/healthz``, ``/ready`` and ``/metrics`` (and extra routes)."""
+    """aiohttp listener serving ``/healthz``, ``/ready`` and ``/metrics`` (and ``extra`` GET routes,
+    which may replace those three)."""
 
     def __init__(
         self, listen: str, health: Health, registry: CollectorRegistry = REGISTRY, extra: dict[str, Any] | None = None,
@@ -131,10 +132,8 @@ class AdminServer:
         self.registry = registry
         self.on_scrape = on_scrape
         self.app = web.Application()
-        self.app.router.add_get("/healthz", self._healthz)
-        self.app.router.add_get("/ready", self._ready)
-        self.app.router.add_get("/metrics", self._metrics)
-        for path, handler in (extra or {}).items():
+        routes = {"/healthz": self._healthz, "/ready": self._ready, "/metrics": self._metrics, **(extra or {})}
+        for path, handler in routes.items():  # an extra route may replace a default one
             self.app.router.add_get(path, handler)
         self._runner: web.AppRunner | None = None
 

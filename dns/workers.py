@@ -38,7 +38,7 @@ from agents.backoff import Backoff
 from agents.children import die_with_parent
 from agents.errors import ConfigError
 from agents.log import get_logger
-from agents.metrics import parse_listen
+from agents.metrics import AdminServer, Health, parse_listen
 
 __all__ = ["Supervisor", "merge_metrics"]
 
@@ -175,17 +175,17 @@ class Supervisor:
             return web.Response(status=500, text="\n".join(errors) + "\n")
         return web.Response(text="OK")
 
-    async def _listen(self, spec: str, routes: list[web.RouteDef]) -> web.AppRunner:
+    async def _reload_listener(self) -> web.AppRunner:
         app = web.Application()
-        app.add_routes(routes)
+        app.router.add_post("/v1/reload", self._reload)
         runner = web.AppRunner(app, access_log=None)
         await runner.setup()
-        host, port = parse_listen(spec, "127.0.0.1")
+        host, port = parse_listen(self.args.listen_reload, "127.0.0.1")
         try:
             await web.TCPSite(runner, host, port, reuse_address=True).start()
         except OSError as e:
             await runner.cleanup()
-            raise ConfigError(f"cannot listen on {spec}: {e}") from e
+            raise ConfigError(f"cannot listen on {self.args.listen_reload}: {e}") from e
         return runner
 
     # ---- the workers
@@ -214,12 +214,13 @@ class Supervisor:
         loop = asyncio.get_running_loop()
         failed = asyncio.Event()
         self._session = aiohttp.ClientSession(timeout=_TIMEOUT)
-        runners: list[web.AppRunner] = []
+        admin = AdminServer(self.args.metrics_listen, Health(), extra={
+            "/metrics": self._metrics, "/healthz": self._healthz, "/ready": self._ready})  # the workers' answers
+        reload: web.AppRunner | None = None
         loop.add_signal_handler(signal.SIGHUP, self._forward, signal.SIGHUP)
         try:
-            runners.append(await self._listen(self.args.metrics_listen, [
-                web.get("/metrics", self._metrics), web.get("/healthz", self._healthz), web.get("/ready", self._ready)]))
-            runners.append(await self._listen(self.args.listen_reload, [web.post("/v1/reload", self._reload)]))
+            await admin.start()
+            reload = await self._reload_listener()
             halt = asyncio.Event()
             keepers = [asyncio.ensure_future(self._keep(w, halt, failed)) for w in self.workers]
             await first_of(stop.wait(), failed)
@@ -229,8 +230,9 @@ class Supervisor:
         finally:
             with contextlib.suppress(Exception):
                 loop.remove_signal_handler(signal.SIGHUP)
-            for r in runners:
-                await r.cleanup()
+            await admin.stop()
+            if reload is not None:
+                await reload.cleanup()
             await self._session.close()
             shutil.rmtree(self.dir, ignore_errors=True)
 
