@@ -177,7 +177,13 @@ class Table:
 
 def update_results(section: str, body: str, command: str | None = None) -> None:
     """Replace (or add) ``## <section>`` in bench/RESULTS.md with ``body``."""
-    cmd = command or " ".join([Path(sys.executable).name, *sys.argv])
+    spec = getattr(sys.modules.get("__main__"), "__spec__", None)
+    if command:
+        cmd = command
+    elif spec is not None and spec.name:  # run with -m: say so (argv[0] is then the file's full path)
+        cmd = " ".join([".venv/bin/python", "-m", spec.name.removesuffix(".__main__"), *sys.argv[1:]])
+    else:
+        cmd = " ".join([Path(sys.executable).name, *sys.argv])
     stamp = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
     block = f"## {section}\n\nRun {stamp} on {machine()}.\nCommand: `{cmd}`\n\n{body.strip()}\n"
     text = RESULTS.read_text() if RESULTS.exists() else (
