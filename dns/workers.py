@@ -40,7 +40,7 @@ from agents.errors import ConfigError
 from agents.log import get_logger
 from agents.metrics import AdminServer, Health, parse_listen
 
-__all__ = ["Supervisor", "merge_metrics"]
+__all__ = ["Supervisor", "merge_metrics", "write_ports"]
 
 log = get_logger(__name__)
 _TIMEOUT = aiohttp.ClientTimeout(total=5)
