@@ -202,7 +202,7 @@ class Supervisor:
                 return
             if not w.served:
                 log.error("dns worker failed before it served, stopping", worker=w.n, code=rc)
-                self.exit_code = rc or 1
+                self.exit_code = rc if rc > 0 else 1  # killed by a signal: 1
                 failed.set()
                 return
             delay = bo.next()
