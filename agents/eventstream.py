@@ -23,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
+import weakref
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -48,6 +49,8 @@ _MALFORMED = counter("eventstream", "malformed_frames", "Frames that were not a 
 _RECONNECTS = counter("eventstream", "reconnects", "Websocket (re)connect attempts, by outcome", ["outcome"])
 _CONNECTED = gauge("eventstream", "connected", "1 while the event stream is connected")
 _QUEUE = gauge("eventstream", "queue_depth", "Events waiting for a worker")
+_STREAMS: weakref.WeakSet[EventStream] = weakref.WeakSet()  # read at scrape time, not per event
+_QUEUE.set_function(lambda: sum(s._queue.qsize() for s in list(_STREAMS)))
 
 PING_INTERVAL = 5.0
 PONG_TIMEOUT = 9.0  # + 1 s close timeout: a stall is detected 10-15 s after it starts, as the original
@@ -184,6 +187,8 @@ class EventStream:
         self._handlers: dict[str, Handler] = {"ping": _noop}
         self._queue: asyncio.Queue[Event] = asyncio.Queue(maxsize=queue_size)
         self._seen = _Seen()
+        self._ok: dict[str, Any] = {}  # event name -> its "ok" counter child
+        _STREAMS.add(self)
         self._locks: dict[str, asyncio.Lock] = {}
         self._ws: ClientConnection | None = None
         self.connected = False
@@ -317,13 +322,11 @@ class EventStream:
             _EVENTS.labels(ev.name, "queue_full").inc()
             log.error("event queue full, event left for the server's retry", name=ev.name, id=ev.id)
             return
-        _QUEUE.set(self._queue.qsize())
 
     # -- dispatch -----------------------------------------------------------------------------
     async def _worker(self, stop: asyncio.Event) -> None:
         while not stop.is_set():
             ev = await self._queue.get()
-            _QUEUE.set(self._queue.qsize())
             if not ev.name:
                 continue
             try:
@@ -368,7 +371,10 @@ class EventStream:
             log.error("handler failed, replying with error", name=ev.name, id=ev.id, error=str(e),
                       error_type=type(e).__name__)
             return self._reply(ev, Reply(transitioning="error", message=str(e) or type(e).__name__))
-        _EVENTS.labels(ev.name, "ok").inc()
+        ok = self._ok.get(ev.name)
+        if ok is None:  # labels() is a locked lookup: once per event name, not per event
+            ok = self._ok[ev.name] = _EVENTS.labels(ev.name, "ok")
+        ok.inc()
         if isinstance(result, Reply):
             return self._reply(ev, result)
         return self._reply(ev, Reply(data=result))

@@ -62,3 +62,35 @@ def test_reply_shape_success_and_error():
     assert err is not None and err["transitioning"] == "error" and err["transitioningMessage"] == "boom"
     no_reply_to = Event.parse('{"id":"e2","name":"x"}')
     assert EventStream._reply(no_reply_to, Reply(data={})) is None
+
+
+async def test_queue_depth_and_handled_counter_are_exported() -> None:
+    from prometheus_client import REGISTRY
+
+    from agents.api import ApiClient
+    from agents.config import CattleConfig
+
+    def sample(name: str, labels: dict[str, str] | None = None) -> float:
+        v = REGISTRY.get_sample_value(name, labels or {})
+        return 0.0 if v is None else v
+
+    cfg = CattleConfig("http://127.0.0.1:1/v1", "a", "b")
+    api = ApiClient(cfg)
+    es = EventStream(cfg, api, component="t")
+    seen: list[str] = []
+
+    async def h(ev: Event) -> None:
+        seen.append(ev.id)
+
+    es.on("unit.depth", h)
+    depth0 = sample("corral_eventstream_queue_depth")
+    ok0 = sample("corral_eventstream_events_total", {"name": "unit.depth", "outcome": "ok"})
+    for i in range(3):
+        es._accept(orjson.dumps({"name": "unit.depth", "id": f"d{i}"}))
+    assert sample("corral_eventstream_queue_depth") == depth0 + 3
+    for _ in range(3):
+        await es._handle(es._queue.get_nowait())
+    assert seen == ["d0", "d1", "d2"]
+    assert sample("corral_eventstream_queue_depth") == depth0
+    assert sample("corral_eventstream_events_total", {"name": "unit.depth", "outcome": "ok"}) == ok0 + 3
+    await api.close()
