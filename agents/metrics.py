@@ -30,7 +30,7 @@ from prometheus_client import (
 if TYPE_CHECKING:  # aiohttp costs ~100 ms of start-up: imported only when a listener starts
     from aiohttp import web
 
-__all__ = ["NAMESPACE", "AdminServer", "Health", "counter", "gauge", "histogram", "parse_listen"]
+__all__ = ["NAMESPACE", "AdminServer", "Health", "counter", "gauge", "histogram", "parse_listen", "start_listener"]
 
 NAMESPACE = "corral"
 _metrics: dict[str, Any] = {}
@@ -115,6 +115,21 @@ def parse_listen(spec: str, default_host: str = "0.0.0.0") -> tuple[str, int]:
     return (host or default_host), port
 
 
+async def start_listener(host: str, port: int, app: web.Application) -> web.AppRunner:
+    """Serve ``app`` on ``host:port`` (0: an ephemeral port, see ``runner.addresses``); a bind
+    failure raises OSError with nothing left behind."""
+    from aiohttp import web
+
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    try:
+        await web.TCPSite(runner, host, port, reuse_address=True).start()
+    except OSError:
+        await runner.cleanup()
+        raise
+    return runner
+
+
 class AdminServer:
     """aiohttp listener serving ``/healthz``, ``/ready`` and ``/metrics`` (and ``extra`` GET routes,
     which may replace those three)."""
@@ -159,16 +174,8 @@ class AdminServer:
         return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
 
     async def start(self) -> None:
-        from aiohttp import web
-
-        self._runner = web.AppRunner(self.app, access_log=None)
-        await self._runner.setup()
-        site = web.TCPSite(self._runner, self.host, self.port, reuse_address=True)
-        await site.start()
-        if self.port == 0 and site._server is not None:  # ephemeral port: learn it
-            socks = getattr(site._server, "sockets", None) or []
-            if socks:
-                self.port = socks[0].getsockname()[1]
+        self._runner = await start_listener(self.host, self.port, self.app)
+        self.port = int(self._runner.addresses[0][1])  # the bound one (an ephemeral port when 0)
 
     async def stop(self) -> None:
         if self._runner is not None:

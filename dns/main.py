@@ -33,7 +33,7 @@ from dns.cache import Cache
 from dns.forward import Upstreams
 from dns.server import Engine, Listener
 from dns.table import Settings, Table, build_from_answers, filter_recursers
-from dns.workers import Supervisor, write_ports
+from dns.workers import Supervisor, reload_listener, write_ports
 
 __all__ = ["DEMO_HINTS", "build_parser", "demo_argv", "main"]
 
@@ -364,16 +364,9 @@ class Daemon:
 
         app = web.Application()
         app.router.add_post("/v1/reload", reload)
-        runner = web.AppRunner(app, access_log=None)
-        await runner.setup()
-        host, port = parse_listen(self.args.listen_reload, "127.0.0.1")
-        try:
-            await web.TCPSite(runner, host, port, reuse_address=True).start()
-        except OSError as e:
-            log.warning("reload listener not started", address=self.args.listen_reload, error=str(e))
-            await runner.cleanup()
-            return None
-        self.reload_port = int(runner.addresses[0][1])
+        runner = await reload_listener(self.args.listen_reload, app)
+        if runner is not None:
+            self.reload_port = int(runner.addresses[0][1])
         return runner
 
     async def serve(self, stop: asyncio.Event) -> None:

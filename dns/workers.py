@@ -36,11 +36,10 @@ from prometheus_client.parser import text_string_to_metric_families
 from agents.aio import first_of
 from agents.backoff import Backoff
 from agents.children import die_with_parent
-from agents.errors import ConfigError
 from agents.log import get_logger
-from agents.metrics import AdminServer, Health, parse_listen
+from agents.metrics import AdminServer, Health, parse_listen, start_listener
 
-__all__ = ["Supervisor", "merge_metrics", "write_ports"]
+__all__ = ["Supervisor", "merge_metrics", "reload_listener", "write_ports"]
 
 log = get_logger(__name__)
 _TIMEOUT = aiohttp.ClientTimeout(total=5)
@@ -175,19 +174,6 @@ class Supervisor:
             return web.Response(status=500, text="\n".join(errors) + "\n")
         return web.Response(text="OK")
 
-    async def _reload_listener(self) -> web.AppRunner:
-        app = web.Application()
-        app.router.add_post("/v1/reload", self._reload)
-        runner = web.AppRunner(app, access_log=None)
-        await runner.setup()
-        host, port = parse_listen(self.args.listen_reload, "127.0.0.1")
-        try:
-            await web.TCPSite(runner, host, port, reuse_address=True).start()
-        except OSError as e:
-            await runner.cleanup()
-            raise ConfigError(f"cannot listen on {self.args.listen_reload}: {e}") from e
-        return runner
-
     # ---- the workers
     async def _keep(self, w: Worker, stop: asyncio.Event, failed: asyncio.Event) -> None:
         bo = Backoff(0.2, 10.0, reset_after=30.0)
@@ -220,7 +206,9 @@ class Supervisor:
         loop.add_signal_handler(signal.SIGHUP, self._forward, signal.SIGHUP)
         try:
             await admin.start()
-            reload = await self._reload_listener()
+            app = web.Application()
+            app.router.add_post("/v1/reload", self._reload)
+            reload = await reload_listener(self.args.listen_reload, app)
             halt = asyncio.Event()
             keepers = [asyncio.ensure_future(self._keep(w, halt, failed)) for w in self.workers]
             await first_of(stop.wait(), failed)
@@ -252,6 +240,17 @@ class Supervisor:
             codes = await asyncio.gather(*(p.wait() for p in procs))
         if any(c not in (0, -signal.SIGTERM) for c in codes):
             self.exit_code = self.exit_code or 1
+
+
+async def reload_listener(listen: str, app: web.Application) -> web.AppRunner | None:
+    """The ``--listenReload`` listener, one process or a supervisor alike: a bind failure is
+    logged and the daemon serves on without it (SIGHUP still reloads)."""
+    host, port = parse_listen(listen, "127.0.0.1")
+    try:
+        return await start_listener(host, port, app)
+    except OSError as e:
+        log.warning("reload listener not started", address=listen, error=str(e))
+        return None
 
 
 def write_ports(path: str, admin: int, reload: int) -> None:

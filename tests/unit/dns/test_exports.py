@@ -18,7 +18,7 @@ EXPORTS = {
     "dns.rebuild": {"Diff", "FetchError", "apply", "build_diff", "diff", "helper_build", "helper_init"},
     "dns.main": {"DEMO_HINTS", "build_parser", "demo_argv", "main"},
     "dns.batch": {"BatchReader", "available"},
-    "dns.workers": {"Supervisor", "merge_metrics", "write_ports"},
+    "dns.workers": {"Supervisor", "merge_metrics", "reload_listener", "write_ports"},
 }
 
 
