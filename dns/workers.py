@@ -122,13 +122,17 @@ class Supervisor:
         self._session: aiohttp.ClientSession | None = None
 
     # ---- the user's listeners
-    async def _get(self, w: Worker, path: str) -> tuple[int, str]:
+    async def _call(self, method: str, port: int, path: str) -> tuple[int, str]:
+        """One request to a worker's loopback listener: (status, body), or (0, the error)."""
         assert self._session is not None
         try:
-            async with self._session.get(f"http://127.0.0.1:{w.admin}{path}") as r:
+            async with self._session.request(method, f"http://127.0.0.1:{port}{path}") as r:
                 return r.status, await r.text()
         except (aiohttp.ClientError, TimeoutError) as e:
             return 0, f"{type(e).__name__}: {e}"
+
+    async def _get(self, w: Worker, path: str) -> tuple[int, str]:
+        return await self._call("GET", w.admin, path)
 
     async def _metrics(self, _req: web.Request) -> web.Response:
         live = [w for w in self.workers if w.up]
@@ -143,31 +147,25 @@ class Supervisor:
         return web.Response(text="ok\n")
 
     async def _ready(self, _req: web.Request) -> web.Response:
-        reports: list[dict[str, Any]] = []
-        for w in self.workers:
+        async def one(w: Worker) -> dict[str, Any]:
             rep: dict[str, Any] = {"worker": w.n, "pid": w.proc.pid if w.proc else None, "ready": False}
             if w.up:
                 status, text = await self._get(w, "/ready")
                 with contextlib.suppress(ValueError):
                     rep.update(json.loads(text))
                 rep["ready"] = status == 200
-            reports.append(rep)
+            return rep
+
+        reports = await asyncio.gather(*(one(w) for w in self.workers))  # all workers at once, like /metrics
         ready = all(r["ready"] for r in reports)
         return web.json_response({"ready": ready, "workers": reports}, status=200 if ready else 503)
 
     async def _reload(self, _req: web.Request) -> web.Response:
-        session = self._session
-        assert session is not None
-
         async def one(w: Worker) -> str:
             if not w.up:
                 return f"worker {w.n}: not running"
-            try:
-                async with session.post(f"http://127.0.0.1:{w.reload}/v1/reload") as r:
-                    text = await r.text()
-                    return "" if r.status == 200 else f"worker {w.n}: {text.strip()}"
-            except (aiohttp.ClientError, TimeoutError) as e:
-                return f"worker {w.n}: {type(e).__name__}: {e}"
+            status, text = await self._call("POST", w.reload, "/v1/reload")
+            return "" if status == 200 else f"worker {w.n}: {text.strip()}"
 
         errors = [e for e in await asyncio.gather(*(one(w) for w in self.workers)) if e]
         if errors:
