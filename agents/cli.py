@@ -26,9 +26,9 @@ from agents.log import get_logger, setup_logging
 __all__ = ["SUBCOMMANDS", "main", "run_daemon"]
 
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
-    "server": ("agents.server.main", "the stand-in Rancher server"),
-    "ctl": ("agents.server.ctl", "drive the stand-in server (resources, faults, journal)"),
-    "demo": ("agents.demo", "run the whole suite on one node against the stand-in server"),
+    "server": ("standin.main", "the stand-in Rancher server"),
+    "ctl": ("standin.ctl", "drive the stand-in server (resources, faults, journal)"),
+    "demo": ("standin.demo", "run the whole suite on one node against the stand-in server"),
     "metadata": ("metadata.main", "the metadata service"),
     "dns": ("dns.main", "the DNS service"),
     "healthcheck": ("healthcheck.main", "HAProxy-driven health checks"),

@@ -149,8 +149,8 @@ async def rtt(s: StandIn, n: int) -> list[float]:
 
 
 def render(hosts: int, containers: int) -> tuple[float, float, float, int]:
-    from agents.server.answers import Answers, RenderCache
-    from agents.server.store import Store
+    from standin.answers import Answers, RenderCache
+    from standin.store import Store
 
     st = Store()
     for i in range(hosts):

@@ -118,14 +118,14 @@ class StandIn:
 
     # -- admin API ----------------------------------------------------------------------
     def admin(self, method: str, path: str, body: Any = None, timeout: float = 30.0) -> Any:
-        from agents.server.ctl import AdminClient
+        from standin.ctl import AdminClient
 
         return AdminClient(self.admin_url, timeout).request(method, path, body)
 
     def ctl(self, *args: str) -> Any:
         """Run ``corral ctl --admin <admin_url> <args>`` (in-process, real HTTP) and return its JSON.
-        Raises ``agents.server.ctl.CtlError`` when the server refuses."""
-        from agents.server import ctl
+        Raises ``standin.ctl.CtlError`` when the server refuses."""
+        from standin import ctl
 
         parsed: argparse.Namespace = ctl.build_parser().parse_args(["--admin", self.admin_url, *args])
         out = ctl.run(parsed)

@@ -15,7 +15,7 @@ from tests.helpers.standin import StandIn
 
 from .conftest import Metadata, start_metadata
 
-SAMPLE = str(ROOT / "agents" / "server" / "sample_env.yaml")
+SAMPLE = str(ROOT / "standin" / "sample_env.yaml")
 
 
 @pytest.fixture

@@ -17,7 +17,7 @@ from tests.helpers.procs import ROOT
 from tests.helpers.standin import StandIn
 from tests.integration.server.conftest import Agent, basic
 
-SAMPLE = str(ROOT / "agents" / "server" / "sample_env.yaml")
+SAMPLE = str(ROOT / "standin" / "sample_env.yaml")
 
 S, INT, B, LS, MAP = str, int, bool, list, dict
 # field -> type, per metadata.md §3 (None allowed for any field)

@@ -10,7 +10,7 @@ import aiohttp
 import orjson
 import pytest
 
-from agents.server.faults import MALFORMED_KINDS
+from standin.faults import MALFORMED_KINDS
 from tests.helpers.standin import StandIn
 from tests.integration.server.conftest import Agent, basic
 
@@ -224,7 +224,7 @@ async def test_config_storm_coalesces(standin: StandIn, agent: Agent) -> None:
 
 
 async def test_fault_validation(standin: StandIn) -> None:
-    from agents.server.ctl import CtlError
+    from standin.ctl import CtlError
 
     with pytest.raises(CtlError):
         standin.admin("POST", "/_admin/faults", {"type": "nope"})

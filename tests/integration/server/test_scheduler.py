@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from agents.server.ctl import CtlError
+from standin.ctl import CtlError
 from tests.helpers.standin import StandIn
 from tests.integration.server.conftest import Agent
 from tests.integration.server.test_answers import decode_stream

@@ -10,11 +10,11 @@ from pathlib import Path
 import pytest
 import yaml
 
-from agents.server.ctl import CtlError
+from standin.ctl import CtlError
 from tests.helpers.procs import ROOT
 from tests.helpers.standin import StandIn
 
-SAMPLE = str(ROOT / "agents" / "server" / "sample_env.yaml")
+SAMPLE = str(ROOT / "standin" / "sample_env.yaml")
 
 
 def _build(s: StandIn) -> None:

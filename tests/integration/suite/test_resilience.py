@@ -19,7 +19,7 @@ import pytest
 from tests.helpers.procs import ROOT, Proc, free_port, start_corral, wait_http
 from tests.helpers.standin import StandIn
 
-SAMPLE = ROOT / "agents" / "server" / "sample_env.yaml"
+SAMPLE = ROOT / "standin" / "sample_env.yaml"
 
 
 def http(url: str) -> tuple[int, bytes]:

@@ -6,9 +6,9 @@ import json
 import zlib
 from typing import Any
 
-from agents.server import cattle
-from agents.server.answers import Answers, build_objects, v2_stream, version_string
-from agents.server.store import Store
+from standin import cattle
+from standin.answers import Answers, build_objects, v2_stream, version_string
+from standin.store import Store
 
 
 def _env() -> Store:
@@ -73,7 +73,7 @@ def test_stream_roundtrip_and_self_host() -> None:
 
 
 def test_render_cache_reuses_unchanged_containers_only() -> None:
-    from agents.server.answers import RenderCache
+    from standin.answers import RenderCache
 
     s = _env()
     cattle.create_container(s, {"name": "solo"}, "hb")

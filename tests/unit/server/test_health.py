@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from agents.server.health import aggregate, apply_report, parse_healthcheck_uuid, pick_reporters
+from standin.health import aggregate, apply_report, parse_healthcheck_uuid, pick_reporters
 
 
 def test_reporters_avoid_own_host_and_cap_at_three() -> None:

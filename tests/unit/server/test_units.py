@@ -11,11 +11,11 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from agents.errors import ConfigError, InputError
-from agents.server import cattle
-from agents.server.faults import Faults, parse_duration
-from agents.server.journal import Journal
-from agents.server.keys import Key, KeyRing, parse_basic
-from agents.server.store import Store
+from standin import cattle
+from standin.faults import Faults, parse_duration
+from standin.journal import Journal
+from standin.keys import Key, KeyRing, parse_basic
+from standin.store import Store
 
 
 def _hdr(a: str, s: str) -> str:

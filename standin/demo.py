@@ -1,6 +1,6 @@
 """``corral demo``: the whole suite on one node against the embedded stand-in server.
 
-Starts ``corral server`` with the sample environment (agents/server/sample_env.yaml), then
+Starts ``corral server`` with the sample environment (standin/sample_env.yaml), then
 every daemon whose ``<pkg>/main.py`` defines ``demo_argv(ctx)``, each as its own process
 (as they run in production: one container each), on loopback and non-privileged ports.
 Prints what to try, and stops everything cleanly on Ctrl-C (SIGINT) or SIGTERM.
@@ -32,7 +32,7 @@ from agents.children import die_with_parent
 __all__ = ["DEMO_ORDER", "DemoContext", "main"]
 
 DEMO_ORDER = ["metadata", "dns", "healthcheck", "scheduler", "netmanager"]
-SAMPLE = Path(__file__).resolve().parent / "server" / "sample_env.yaml"
+SAMPLE = Path(__file__).resolve().parent / "sample_env.yaml"
 
 
 @dataclass

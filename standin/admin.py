@@ -16,11 +16,11 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from agents.errors import InputError
 from agents.log import get_logger
-from agents.server.app import Server
-from agents.server.faults import MALFORMED_KINDS, parse_duration
-from agents.server.public import malformed_frames
-from agents.server.stats import FAULTS
-from agents.server.store import PLURALS
+from standin.app import Server
+from standin.faults import MALFORMED_KINDS, parse_duration
+from standin.public import malformed_frames
+from standin.stats import FAULTS
+from standin.store import PLURALS
 
 __all__ = ["build_admin_app"]
 
@@ -215,7 +215,7 @@ class AdminApi:
                                         timeout_ms=int(b["timeout_ms"]) if b.get("timeout_ms") else None,
                                         retries=int(b["retries"]) if b.get("retries") is not None else None, **target)
             return _json(res.public())
-        from agents.server.bus import make_event
+        from standin.bus import make_event
         repeat = int(b.get("repeat") or 1)
         if not 1 <= repeat <= 1_000_000:
             return _err(422, "repeat must be between 1 and 1000000")

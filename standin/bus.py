@@ -23,10 +23,10 @@ import orjson
 from aiohttp import WSMsgType, web
 
 from agents.log import get_logger
-from agents.server.faults import Faults
-from agents.server.journal import Journal
-from agents.server.keys import Key
-from agents.server.stats import CALL_SECONDS, CALLS, EVENTS_SENT, REPLIES, SUBSCRIBERS
+from standin.faults import Faults
+from standin.journal import Journal
+from standin.keys import Key
+from standin.stats import CALL_SECONDS, CALLS, EVENTS_SENT, REPLIES, SUBSCRIBERS
 
 __all__ = ["Bus", "CallResult", "Conn", "make_event", "qualify"]
 

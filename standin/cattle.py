@@ -1,6 +1,6 @@
 """What the real server does when resources change: defaults, names, IPs, containers of a service.
 
-These functions work on a :class:`~agents.server.store.Store` but do no I/O of their own
+These functions work on a :class:`~standin.store.Store` but do no I/O of their own
 beyond it; host allocation is passed in (round-robin or the scheduler, decided by the app).
 """
 
@@ -12,7 +12,7 @@ import uuid as uuidlib
 from typing import Any
 
 from agents.errors import InputError
-from agents.server.store import Store
+from standin.store import Store
 
 __all__ = [
     "DEFAULT_SUBNET", "create_container", "create_host", "create_network", "create_service",

@@ -77,7 +77,7 @@ def main(argv: list[str]) -> int:
 
 
 def _keys(args: argparse.Namespace) -> Any:
-    from agents.server.keys import Key, KeyRing
+    from standin.keys import Key, KeyRing
 
     ring = KeyRing.load(args.keys) if args.keys else KeyRing()
     if args.access_key and args.secret_key:
@@ -89,9 +89,9 @@ def _keys(args: argparse.Namespace) -> Any:
 
 
 async def run(args: argparse.Namespace, stop: asyncio.Event) -> None:
-    from agents.server.admin import build_admin_app
-    from agents.server.app import Server, Settings
-    from agents.server.public import build_public_app
+    from standin.admin import build_admin_app
+    from standin.app import Server, Settings
+    from standin.public import build_public_app
 
     host, port = parse_listen(args.listen, "127.0.0.1")
     ahost, aport = parse_listen(args.admin_listen, "127.0.0.1")

@@ -19,8 +19,8 @@ from typing import Any
 
 import orjson
 
-from agents.server.health import pick_reporters
-from agents.server.store import Resources
+from standin.health import pick_reporters
+from standin.store import Resources
 
 __all__ = ["API_VERSIONS", "Answers", "RenderCache", "build_objects", "v1_document", "v2_stream", "version_string"]
 

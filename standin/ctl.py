@@ -31,7 +31,7 @@ from typing import Any
 
 import yaml
 
-from agents.server.faults import MALFORMED_KINDS, TYPES
+from standin.faults import MALFORMED_KINDS, TYPES
 
 __all__ = ["AdminClient", "CtlError", "main"]
 

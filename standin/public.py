@@ -18,11 +18,11 @@ from aiohttp import web
 
 from agents.errors import InputError
 from agents.log import get_logger
-from agents.server.app import CONFIG_ITEM, Server
-from agents.server.bus import make_event
-from agents.server.faults import MALFORMED_KINDS
-from agents.server.keys import Key
-from agents.server.stats import HTTP
+from standin.app import CONFIG_ITEM, Server
+from standin.bus import make_event
+from standin.faults import MALFORMED_KINDS
+from standin.keys import Key
+from standin.stats import HTTP
 
 __all__ = ["REALM", "build_public_app", "malformed_frames"]
 

@@ -16,15 +16,15 @@ from typing import Any, TypeVar
 
 from agents.errors import InputError
 from agents.log import get_logger
-from agents.server import cattle
-from agents.server.answers import Answers, RenderCache
-from agents.server.bus import Bus, Conn
-from agents.server.faults import Faults
-from agents.server.health import aggregate, apply_report, parse_healthcheck_uuid, pick_reporters
-from agents.server.journal import Journal
-from agents.server.keys import Key, KeyRing
-from agents.server.stats import REVISION, SERVICE_EVENTS
-from agents.server.store import KINDS, Store
+from standin import cattle
+from standin.answers import Answers, RenderCache
+from standin.bus import Bus, Conn
+from standin.faults import Faults
+from standin.health import aggregate, apply_report, parse_healthcheck_uuid, pick_reporters
+from standin.journal import Journal
+from standin.keys import Key, KeyRing
+from standin.stats import REVISION, SERVICE_EVENTS
+from standin.store import KINDS, Store
 
 __all__ = ["Server", "Settings"]
 
