@@ -1,9 +1,11 @@
 """The benchmark harness every daemon's bench reuses.
 
 A benchmark runs a peer (nginx, dnsmasq, the reference CNI plugins, ...) and Corral in the
-same run, on the same machine, and reports each figure beside the peer's as a ratio. Results
-go to ``bench/RESULTS.md`` under a section per benchmark (replaced on each run), with the
-command that produced them and the machine. Benchmarks are never collected by pytest.
+same run, on the same machine, and reports each figure beside the peer's as a ratio. Each run
+writes its section to ``bench/results/<section>.md`` (ignored by git), with the command that
+produced it and the machine. The tracked ``bench/RESULTS.md`` changes only when asked: run the
+benchmark with ``--update-results`` (or ``CORRAL_BENCH_UPDATE=1``) and its section there is
+replaced. Benchmarks are never collected by pytest.
 """
 
 from __future__ import annotations
@@ -24,6 +26,12 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "RESULTS.md"
+RESULTS_DIR = ROOT / "bench" / "results"
+
+# ``--update-results`` is the harness's own flag: taken out of argv before a benchmark parses it.
+UPDATE_RESULTS = os.environ.get("CORRAL_BENCH_UPDATE", "") not in ("", "0") or "--update-results" in sys.argv
+if "--update-results" in sys.argv:
+    sys.argv.remove("--update-results")
 
 __all__ = [
     "Row", "Table", "cpu_seconds", "machine", "percentile", "rss_mib", "update_results", "wrk",
@@ -176,7 +184,8 @@ class Table:
 
 
 def update_results(section: str, body: str, command: str | None = None) -> None:
-    """Replace (or add) ``## <section>`` in bench/RESULTS.md with ``body``."""
+    """Write ``## <section>`` to bench/results/<section>.md; with ``--update-results`` (or
+    CORRAL_BENCH_UPDATE=1) also replace (or add) that section of the tracked bench/RESULTS.md."""
     spec = getattr(sys.modules.get("__main__"), "__spec__", None)
     if command:
         cmd = command
@@ -186,6 +195,12 @@ def update_results(section: str, body: str, command: str | None = None) -> None:
         cmd = " ".join([Path(sys.executable).name, *sys.argv])
     stamp = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
     block = f"## {section}\n\nRun {stamp} on {machine()}.\nCommand: `{cmd}`\n\n{body.strip()}\n"
+    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
+    out = RESULTS_DIR / (re.sub(r"[^A-Za-z0-9._-]+", "-", section).strip("-") + ".md")
+    out.write_text(block)
+    if not UPDATE_RESULTS:
+        print(f"results written to {out.relative_to(ROOT)} (bench/RESULTS.md unchanged; --update-results updates it)")
+        return
     text = RESULTS.read_text() if RESULTS.exists() else (
         "# Benchmark results\n\nLatest figures of each benchmark, Corral beside a peer measured in the same run.\n"
         "Regenerate a section with the command shown under it. Ratios are Corral / peer.\n\n")

@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
-"""Build the CNI plugin bundle in the rancher-cni-driver volume layout (netmanager.md §8.1).
+"""Build the CNI plugin bundle in the rancher-cni-driver volume layout.
 
-    python3 cni-plugins/package.py DEST [--python /work/main/.venv/bin/python3]
+    python3 cni-plugins/package.py DEST [--python /usr/bin/python3]
                                         [--network ipsec] [--config FILE ...] [--no-config]
 
 DEST/

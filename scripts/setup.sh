@@ -23,9 +23,12 @@ if [ ${#missing[@]} -gt 0 ]; then
   apt-get update -qq
   apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
 fi
-# Debian's nginx/haproxy/dnsmasq packages may start system services; Corral runs its own.
+# Debian's nginx/haproxy/dnsmasq packages may start system services; Corral runs its own. Each is
+# stopped and disabled, so it does not take port 80 (or 53) back after a reboot.
 for svc in nginx haproxy dnsmasq; do
   (systemctl stop "$svc" || service "$svc" stop) >/dev/null 2>&1 || true
+  systemctl disable "$svc" >/dev/null 2>&1 || true
+  [ ! -e "/etc/init.d/$svc" ] || update-rc.d "$svc" disable >/dev/null 2>&1 || true
 done
 
 PY=${PYTHON:-python3}
