@@ -101,6 +101,7 @@ def parse_conf(conf: dict[str, Any], args: dict[str, str]) -> BridgeConf:
     if not isinstance(ipam, dict) or not isinstance(ipam.get("type"), str) or not ipam["type"]:
         raise CniError(E_INVALID_CONFIG, "IPAM config missing 'ipam' key" if ipam is None
                        else "invalid config: ipam.type missing")
+    check_plugin_name(ipam["type"])
     dns = conf.get("dns")
     dns = {} if dns is None else dns
     if not isinstance(dns, dict):
@@ -175,19 +176,36 @@ def masq_comment(name: str, container_id: str) -> str:
 # -- IPAM delegation ----------------------------------------------------------------------------
 
 
+def check_plugin_name(kind: str) -> None:
+    """A delegated plugin is a name looked up in CNI_PATH, never a path (the reference's rule)."""
+    if os.sep in kind or kind in (".", ".."):
+        raise CniError(E_INVALID_CONFIG, f"invalid plugin name: {kind}")
+
+
+def find_plugin(kind: str, cni_path: str) -> str | None:
+    """The first regular, executable file named ``kind`` in the CNI_PATH directories."""
+    import stat
+
+    check_plugin_name(kind)
+    for d in cni_path.split(os.pathsep):
+        if not d:
+            continue
+        p = os.path.join(d, kind)
+        try:
+            st = os.stat(p)
+        except OSError:
+            continue
+        if stat.S_ISREG(st.st_mode) and os.access(p, os.X_OK):
+            return p
+    return None
+
+
 def run_ipam(command: str, conf: dict[str, Any], raw: bytes, env: Env, version: str) -> Result | None:
     """IPAM ADD/DEL/CHECK: in-process for Corral's own IPAM, else exec ``ipam.type`` from CNI_PATH."""
     kind = conf["ipam"]["type"]
     if kind in OWN_IPAM:
-        from ._main import ipam_command
-
-        return ipam_command(command, conf, env, version)
-    path = None
-    for d in env.path.split(os.pathsep):
-        p = os.path.join(d, kind)
-        if d and os.access(p, os.X_OK):
-            path = p
-            break
+        return _ipam.ipam_command(command, conf, env, version)
+    path = find_plugin(kind, env.path)
     if path is None:
         raise CniError(E_PLUGIN, f'failed to find plugin "{kind}" in path {env.path.split(os.pathsep)}')
     e = dict(os.environ)
@@ -286,9 +304,7 @@ def cmd_add(conf: dict[str, Any], raw: bytes, env: Env, version: str) -> Result:
         mac = (fast[1] if fast else "") or env.args.get("MACAddress") or env.args.get("MAC") or ""
         if fast is None and c.ipam.get("type") in OWN_IPAM and not _ipam.is_local(c.ipam) and not mac:
             # metadata mode: the record carries the MAC too (one lookup for both, cni.md §3 step 6)
-            from ._main import metadata_record
-
-            rec = metadata_record(conf, env)
+            rec = _ipam.metadata_record(conf, env)
             mac = mac or rec.get("primary_mac_address") or ""
         if fast is not None:
             _ipam.parse_cidr(fast[0])
@@ -515,10 +531,8 @@ def cmd_gc(conf: dict[str, Any], raw: bytes, env: Env, version: str) -> None:
     """GC (CNI 1.1): remove host ends on this bridge that belong to no valid attachment, then let
     the IPAM release addresses. Only Corral's own links are touched: ``vethr*`` veths enslaved to
     this plugin's bridge (another runtime's ports on the same bridge are left alone)."""
-    from ._main import valid_attachments
-
     c = parse_conf(conf, env.args)
-    valid = valid_attachments(conf)
+    valid = _ipam.valid_attachments(conf)
     keep = {host_veth_name(cid, ifn) for cid, ifn in valid if len(cid) >= 10}
     with Netlink() as nl:
         br = nl.get_link(c.bridge)

@@ -13,7 +13,7 @@ import _socket
 import os
 import struct
 
-from ._proto import E_INVALID_CONFIG, E_PLUGIN, E_TRY_AGAIN, CniError, Result
+from ._proto import E_INVALID_CONFIG, E_PLUGIN, E_TRY_AGAIN, LEGACY, CniError, Env, Result
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -490,3 +490,71 @@ def metadata_lookup(cfg: MetadataConfig, container_id: str, uuid: str) -> dict[s
         if left > 0:
             time.sleep(min(delay, left))
             delay = min(delay * 2, 0.5)
+
+
+# -- dispatch (shared by corral-ipam and the bridge's in-process IPAM) -----------------------------
+
+
+_records: dict[str, dict[str, Any]] = {}
+
+
+def metadata_record(conf: dict[str, Any], env: Env) -> dict[str, Any]:
+    """The metadata record for this container (looked up once per process)."""
+    key = env.container_id + "|" + env.args.get("RancherContainerUUID", "")
+    if key not in _records:
+        cfg = parse_metadata(conf, os.environ)
+        _records[key] = metadata_lookup(cfg, env.container_id, env.args.get("RancherContainerUUID", ""))
+    return _records[key]
+
+
+def _requested(conf: dict[str, Any], env: Env) -> list[str]:
+    out: list[str] = []
+    for key in ("IP", "IPAddress"):
+        v = env.args.get(key)
+        if v:
+            out.extend(x for x in v.split(",") if x)
+    for src in ((conf.get("runtimeConfig") or {}).get("ips"), ((conf.get("args") or {}).get("cni") or {}).get("ips")):
+        if isinstance(src, list):
+            out.extend(x for x in src if isinstance(x, str))
+    return out
+
+
+def valid_attachments(conf: dict[str, Any]) -> set[tuple[str, str]]:
+    """GC's ``cni.dev/valid-attachments``: the (containerID, ifname) pairs to keep."""
+    raw = conf.get("cni.dev/valid-attachments")
+    if raw is None:
+        raw = []
+    if not isinstance(raw, list) or not all(
+            isinstance(a, dict) and isinstance(a.get("containerID"), str) and isinstance(a.get("ifname"), str)
+            for a in raw):
+        raise CniError(E_INVALID_CONFIG, "invalid cni.dev/valid-attachments",
+                       "need a list of {containerID, ifname}")
+    return {(a["containerID"], a["ifname"]) for a in raw}
+
+
+def ipam_command(command: str, conf: dict[str, Any], env: Env, version: str) -> Result | None:
+    ipam = ipam_section(conf)
+    if is_local(ipam):
+        cfg = parse_local(conf)
+        if command == "ADD":
+            return local_add(cfg, env.container_id, env.ifname, _requested(conf, env), reuse=version in LEGACY)
+        if command == "DEL":
+            local_del(cfg, env.container_id, env.ifname)
+        elif command == "CHECK":
+            local_check(cfg, env.container_id, env.ifname)
+        elif command == "GC":
+            local_gc(cfg, valid_attachments(conf))
+        elif command == "STATUS":
+            local_status(cfg)
+        return None
+    mcfg = parse_metadata(conf, os.environ)
+    if command == "STATUS":
+        metadata_status(mcfg)
+        return None
+    if command != "ADD":
+        return None  # metadata mode keeps no local state: DEL/CHECK/GC are metadata-free
+    fixed = env.args.get("IPAddress")
+    if fixed:
+        parse_cidr(fixed)
+        return Result([], [{"address": fixed}], [dict(r) for r in mcfg.routes], {})
+    return metadata_result(mcfg, metadata_record(conf, env))

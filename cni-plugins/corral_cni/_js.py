@@ -40,14 +40,30 @@ def loads(data: bytes | str) -> Any:
         raise JSONError(f"not UTF-8: {e}") from None
     i = len(s) - len(s.lstrip(_WS))
     try:
-        obj, end = _scan(s, i)
+        try:
+            obj, end = _scan(s, i)
+        except SystemError:
+            # The C scanner raises its syntax errors as json.decoder.JSONDecodeError, which it
+            # looks up in sys.modules only: when nothing has imported json.decoder yet it fails
+            # with "returned NULL without setting an exception". Load it (error path only, ~3 ms)
+            # and scan again for the real message.
+            import json.decoder  # noqa: F401
+
+            obj, end = _scan(s, i)
     except StopIteration as e:
-        raise JSONError(f"Expecting value: char {e.value}") from None
+        raise JSONError(_at_end(s, e.value) or f"Expecting value: char {e.value}") from None
     except ValueError as e:  # json.decoder.JSONDecodeError
-        raise JSONError(str(e)) from None
+        raise JSONError(_at_end(s, getattr(e, "pos", -1)) or str(e)) from None
+    except RecursionError:
+        raise JSONError("nested too deeply") from None
     if s[end:].strip(_WS):
         raise JSONError(f"Extra data: char {end}")
     return obj
+
+
+def _at_end(s: str, pos: int) -> str:
+    """Go's wording for a document cut short (what the reference plugins answer)."""
+    return "unexpected end of JSON input" if pos >= len(s.rstrip(_WS)) else ""
 
 
 def dumps(obj: Any, indent: int | None = None) -> str:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+from pathlib import Path
 
 import pytest
 from corral_cni._main import run
@@ -95,3 +96,39 @@ def test_malformed_prev_result_is_a_config_error(prev: dict[str, object]) -> Non
     rc, out = run("bridge", json.dumps(conf).encode(), {**ENV, "CNI_COMMAND": "DEL", "CNI_NETNS": ""})
     err = json.loads(out)
     assert rc == 1 and err["code"] == 7 and err["msg"] == "invalid prevResult", out
+
+
+@pytest.mark.parametrize("kind", ["{script}", "../{name}", "./{name}", ".."])
+@pytest.mark.parametrize("cmd", ["ADD", "DEL", "CHECK"])
+def test_ipam_type_is_a_plugin_name_never_a_path(tmp_path: Path, kind: str, cmd: str) -> None:
+    # a script that would leave a mark if it were ever executed
+    marker = tmp_path / "ran"
+    script = tmp_path / "ipam.sh"
+    script.write_text(f"#!/bin/sh\ntouch {marker}\necho '{{}}'\n")
+    script.chmod(0o755)
+    (tmp_path / "bin").mkdir()
+    kind = kind.format(script=script, name=script.name)
+    conf = {"cniVersion": "0.4.0", "name": "n", "bridge": "brx", "ipam": {"type": kind},
+            "prevResult": {"ips": [{"address": "10.0.0.2/24"}]}}
+    rc, out = run("bridge", json.dumps(conf).encode(),
+                  {**ENV, "CNI_COMMAND": cmd, "CNI_PATH": str(tmp_path / "bin"),
+                   **({"CNI_NETNS": ""} if cmd == "DEL" else {})})
+    assert rc == 1 and json.loads(out)["msg"] == f"invalid plugin name: {kind}", out
+    assert not marker.exists()
+
+
+def test_delegated_ipam_is_found_in_cni_path_only(tmp_path: Path) -> None:
+    marker = tmp_path / "ran"
+    for d in ("a", "b"):
+        (tmp_path / d).mkdir()
+    (tmp_path / "a" / "myipam").mkdir()  # a directory of that name is no plugin
+    script = tmp_path / "b" / "myipam"
+    script.write_text(f"#!/bin/sh\ntouch {marker}\n")
+    script.chmod(0o755)
+    conf = json.dumps({"cniVersion": "0.4.0", "name": "n", "bridge": "brx", "ipam": {"type": "myipam"}}).encode()
+    rc, out = run("bridge", conf, {**ENV, "CNI_COMMAND": "DEL", "CNI_NETNS": "", "CNI_PATH": str(tmp_path / "a")})
+    assert rc == 1 and json.loads(out)["msg"].startswith('failed to find plugin "myipam" in path'), out
+    assert not marker.exists()
+    rc, out = run("bridge", conf, {**ENV, "CNI_COMMAND": "DEL", "CNI_NETNS": "",
+                                   "CNI_PATH": f"{tmp_path / 'a'}:{tmp_path / 'b'}"})
+    assert (rc, out) == (0, "") and marker.exists()
