@@ -1,0 +1,177 @@
+"""iptables text in and out, pure: parse ``iptables-save``, diff against a :class:`Ruleset`,
+render one ``iptables-restore --noflush`` payload.
+
+Comparison is on token tuples, never on raw strings: a line read back is split into tokens
+and compared with the desired tuple (the original compared the text of ``iptables -S`` with a
+hand-written string, which flapped when iptables printed the rule in its canonical form).
+
+The payload rewrites only what differs: an owned chain whose content differs is declared and
+rebuilt whole (``:CHAIN -``, ``-F CHAIN``, its rules); a built-in chain whose head is not our
+hooks in order gets every copy of our jump rules deleted (``-D`` by spec) and the hooks
+inserted at positions 1..n. Foreign rules are never touched: a foreign rule inserted above our
+hooks ends up below them. ``CATTLE_NETWORK_POLICY`` is created when missing, never flushed (its
+content belongs to the network-policy manager).
+"""
+
+from __future__ import annotations
+
+import shlex
+from dataclasses import dataclass, field
+
+from netmanager.desired import OWNED_CHAINS, POLICY_CHAIN, Rule, Ruleset
+
+__all__ = [
+    "TABLES", "Drift", "Tables", "diff", "hook_positions", "jump_targets", "parse_save", "render", "render_payload",
+]
+
+TABLES = ("raw", "nat", "filter")
+Tables = dict[str, dict[str, list[Rule]]]  # table -> chain -> rules (chain present = exists)
+
+
+def jump_targets() -> frozenset[str]:
+    return frozenset({c for _, c in OWNED_CHAINS} | {POLICY_CHAIN[1]})
+
+
+_OURS = jump_targets()
+
+
+def _tokens(rest: str) -> Rule:
+    return tuple(shlex.split(rest)) if ('"' in rest or "'" in rest) else tuple(rest.split())
+
+
+def parse_save(text: str) -> Tables:
+    """``iptables-save`` output -> {table: {chain: [rule tokens]}} (``-A CHAIN`` stripped)."""
+    tables: Tables = {}
+    cur: dict[str, list[Rule]] | None = None
+    for line in text.splitlines():
+        if not line or line[0] == "#":
+            continue
+        c = line[0]
+        if c == "-" and line.startswith("-A ") and cur is not None:
+            _, chain, *rest = line.split(" ", 2)
+            cur.setdefault(chain, []).append(_tokens(rest[0]) if rest else ())
+        elif c == ":" and cur is not None:
+            cur.setdefault(line[1:].split(" ", 1)[0], [])
+        elif c == "*":
+            cur = tables.setdefault(line[1:].strip(), {})
+        elif line.startswith("COMMIT"):
+            cur = None
+    return tables
+
+
+def _is_ours(rule: Rule) -> bool:
+    for i, t in enumerate(rule):
+        if t in ("-j", "-g") and i + 1 < len(rule):
+            return rule[i + 1] in _OURS
+    return False
+
+
+def _hook_chains(rs: Ruleset) -> dict[tuple[str, str], list[Rule]]:
+    out: dict[tuple[str, str], list[Rule]] = {("filter", "FORWARD"): []}
+    for h in rs.hooks:
+        out.setdefault((h.table, h.chain), []).append(h.rule)
+    return out
+
+
+@dataclass
+class Drift:
+    """What differs between the kernel and a ruleset (empty = in sync)."""
+
+    chains: list[tuple[str, str]] = field(default_factory=list)  # owned chains to rebuild
+    hooks: list[tuple[str, str]] = field(default_factory=list)  # built-in chains to re-hook
+    create_policy: bool = False
+    lines: list[str] = field(default_factory=list)  # human-readable diff, for the log
+
+    def __bool__(self) -> bool:
+        return bool(self.chains or self.hooks or self.create_policy)
+
+
+def render(chain: str, rule: Rule, op: str = "-A") -> str:
+    return " ".join((op, chain, *(shlex.quote(t) if (" " in t or not t) else t for t in rule)))
+
+
+def _chain_diff(table: str, chain: str, want: tuple[Rule, ...], have: list[Rule] | None,
+                lines: list[str], limit: int = 5) -> None:
+    if have is None:
+        lines.append(f"{table}/{chain}: chain missing ({len(want)} rules wanted)")
+        return
+    hs, ws = set(have), set(want)
+    missing = [r for r in want if r not in hs]
+    extra = [r for r in have if r not in ws]
+    if not missing and not extra:
+        lines.append(f"{table}/{chain}: same rules, wrong order or duplicates")
+        return
+    lines.append(f"{table}/{chain}: {len(missing)} missing, {len(extra)} unexpected")
+    lines += [f"  + {render(chain, r)}" for r in missing[:limit]]
+    lines += [f"  - {render(chain, r)}" for r in extra[:limit]]
+
+
+def diff(rs: Ruleset, tables: Tables) -> Drift:
+    d = Drift()
+    for table, chain, want in rs.chains:
+        have = tables.get(table, {}).get(chain)
+        if have is None or tuple(have) != want:
+            d.chains.append((table, chain))
+            _chain_diff(table, chain, want, have, d.lines)
+    for (table, chain), want_hooks in _hook_chains(rs).items():
+        have = tables.get(table, {}).get(chain, [])
+        ours = [r for r in have if _is_ours(r)]
+        n = len(want_hooks)
+        if tuple(have[:n]) != tuple(want_hooks) or len(ours) != n:
+            d.hooks.append((table, chain))
+            d.lines.append(f"{table}/{chain}: hooks {[' '.join(r) for r in want_hooks]} not at 1..{n} "
+                           f"(head: {[' '.join(r) for r in have[:n + 1]]})")
+    if POLICY_CHAIN[1] not in tables.get(POLICY_CHAIN[0], {}):
+        d.create_policy = True
+        d.lines.append(f"{POLICY_CHAIN[0]}/{POLICY_CHAIN[1]}: chain missing")
+    return d
+
+
+def render_payload(rs: Ruleset, tables: Tables, drift: Drift | None = None) -> str:
+    """One ``iptables-restore --noflush`` payload repairing ``drift`` (default: everything)."""
+    if drift is None:
+        drift = Drift(chains=[(t, c) for t, c, _ in rs.chains], hooks=list(_hook_chains(rs)),
+                      create_policy=POLICY_CHAIN[1] not in tables.get(POLICY_CHAIN[0], {}))
+    fix_chains = set(drift.chains)
+    fix_hooks = set(drift.hooks)
+    hooks = _hook_chains(rs)
+    out: list[str] = []
+    for table in TABLES:
+        body: list[str] = []
+        declared = tables.get(table, {})
+        for t, chain, rules in rs.chains:
+            if t != table:
+                continue
+            if (t, chain) in fix_chains or chain not in declared:
+                body.append(f":{chain} - [0:0]")
+                body.append(f"-F {chain}")
+                body.extend(render(chain, r) for r in rules)
+        if table == POLICY_CHAIN[0] and drift.create_policy:
+            body.append(f":{POLICY_CHAIN[1]} - [0:0]")
+        for (t, chain), want in hooks.items():
+            if t != table or (t, chain) not in fix_hooks:
+                continue
+            for r in declared.get(chain, []):
+                if _is_ours(r):
+                    body.append(render(chain, r, "-D"))
+            for i, r in enumerate(want, 1):
+                body.append(f"-I {chain} {i} " + render(chain, r)[len(f"-A {chain} "):])
+        if body:
+            out.append(f"*{table}")
+            out.extend(body)
+            out.append("COMMIT")
+    return "\n".join(out) + "\n" if out else ""
+
+
+def hook_positions(tables: Tables) -> list[tuple[str, str, int, Rule]]:
+    """(table, chain, 1-based position, rule) of every jump to one of our chains (tests, logs)."""
+    out = []
+    for table, chains in tables.items():
+        for chain, rules in chains.items():
+            if chain in _OURS:
+                continue
+            for i, r in enumerate(rules, 1):
+                if _is_ours(r):
+                    out.append((table, chain, i, r))
+    return out
+
