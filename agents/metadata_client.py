@@ -220,7 +220,7 @@ class Snapshot:
             raise ProtocolError("metadata tree has no version")
         for key in ("hosts", "stacks", "services", "containers", "networks"):
             v = tree.get(key)
-            if v is not None and not isinstance(v, list):
+            if v is not None and not isinstance(v, list | tuple):
                 raise ProtocolError(f"metadata tree: {key} must be a list, got {type(v).__name__}")
         me = tree.get("self") if isinstance(tree.get("self"), dict) else {}
         assert isinstance(me, dict)

@@ -1,0 +1,148 @@
+"""The shared metadata watch without a metadata service: parsing, the state file, staleness,
+subscribers. Time is a manual clock; the helper process is real."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from pathlib import Path
+from types import MappingProxyType
+from typing import Any
+
+import orjson
+import pytest
+from prometheus_client import REGISTRY
+
+from agents._fetch import FetchError, fetch
+from agents.clock import ManualClock, settle
+from agents.metadata_watch import MetadataSnapshot, MetadataWatch, decode
+from agents.metrics import Health
+
+
+def tree(version: str = "7", n: int = 3) -> dict[str, Any]:
+    return {
+        "version": version,
+        "containers": [{"uuid": f"c-{i}", "name": f"web-{i}", "labels": {"a": "é\u2028"}, "ips": [f"10.0.0.{i}"]}
+                       for i in range(n)],
+        "services": [{"name": "web", "containers": [f"web-{i}" for i in range(n)]}],
+        "hosts": [], "stacks": [], "networks": [],
+        "self": {"host": {"uuid": "h1", "agent_ip": "10.1.1.1"}},
+    }
+
+
+def tupled(t: dict[str, Any]) -> dict[str, Any]:
+    return {k: tuple(v) if isinstance(v, list) else v for k, v in t.items()}
+
+
+@pytest.mark.parametrize("split", [True, False])
+async def test_split_and_whole_decode_to_the_same_tree(tmp_path: Path, split: bool) -> None:
+    p = tmp_path / "tree.json"
+    p.write_bytes(orjson.dumps(tree(n=200)))
+    f = fetch(path=str(p), split=split)
+    assert f.version == "7" and f.size == p.stat().st_size
+    got = await decode(f, budget=0.0)  # a zero budget yields after every slice: still the same tree
+    assert got == tupled(tree(n=200)) and list(got) == list(tree())
+
+
+@pytest.mark.parametrize("body,err", [(b"{not json", "invalid JSON"), (b"[1,2]", "must be an object"),
+                                      (b'{"containers": []}', "no version")])
+def test_bad_trees_are_named_errors(tmp_path: Path, body: bytes, err: str) -> None:
+    p = tmp_path / "tree.json"
+    p.write_bytes(body)
+    with pytest.raises(FetchError, match=err):
+        fetch(path=str(p))
+    with pytest.raises(FetchError, match="cannot read"):
+        fetch(path=str(tmp_path / "missing.json"))
+
+
+async def test_snapshot_is_read_only_and_typed_lazily() -> None:
+    snap = MetadataSnapshot("7", MappingProxyType(tupled(tree())))
+    with pytest.raises(TypeError):
+        snap.tree["version"] = "8"  # type: ignore[index]
+    assert snap.containers[1]["name"] == "web-1" and snap.self["host"]["uuid"] == "h1" and snap.hosts == ()
+    assert "typed" not in snap.__dict__
+    assert snap.typed.containers[0].ips == ("10.0.0.0",) and snap.typed is snap.typed
+
+
+@pytest.mark.parametrize("parse_in", ["process", "thread"])
+async def test_state_file_loads_and_age_comes_from_it(tmp_path: Path, parse_in: Any) -> None:
+    state = tmp_path / "state.json"
+    state.write_bytes(orjson.dumps(tree("41")))
+    clock = ManualClock(wall_start=state.stat().st_mtime + 5)
+    health = Health()
+    w = MetadataWatch("http://127.0.0.1:9", component="wtest", state_file=state, stale_after=30, health=health,
+                      parse_in=parse_in, clock=clock)
+    snap = await w.load_state()
+    assert snap is not None and snap.source == "state-file" and snap.version == "41"
+    assert snap.tree == tupled(tree("41")) and w.latest is snap
+    assert w.age() == pytest.approx(5, abs=0.01)
+    w._update_health()
+    assert health.ready
+    await clock.advance(30)
+    w._update_health()
+    assert not health.ready and "old" in health.report()["conditions"]["metadata"]["detail"]
+    assert REGISTRY.get_sample_value("corral_wtest_metadata_age_seconds") == pytest.approx(35, abs=0.01)
+
+
+async def test_corrupt_state_file_is_moved_aside_and_the_watch_starts_empty(tmp_path: Path) -> None:
+    state = tmp_path / "state.json"
+    state.write_bytes(b'{"version": "1", "containers": [')
+    w = MetadataWatch("http://127.0.0.1:9", component="wtest2", state_file=state, parse_in="thread")
+    assert await w.load_state() is None
+    assert w.latest is None and w.age() == float("inf")
+    assert not state.exists() and (tmp_path / "state.json.corrupt").read_bytes().startswith(b'{"version"')
+
+
+async def test_staleness_turns_ready_off_and_back_on_with_the_clock() -> None:
+    clock = ManualClock()
+    health = Health()
+    w = MetadataWatch("http://127.0.0.1:9", component="wtest3", stale_after=20, health=health, clock=clock)
+    stop = asyncio.Event()
+    task = asyncio.create_task(w._staleness(stop))
+    await settle()
+    assert not health.ready and health.report()["conditions"]["metadata"]["detail"] == "no metadata yet"
+    w.publish(MetadataSnapshot("1", MappingProxyType({})))
+    assert health.ready
+    await clock.advance(21)
+    assert not health.ready  # nobody confirmed the data for longer than stale_after
+    w._confirm()  # metadata answered the long-poll: same version, data current again
+    assert health.ready
+    stop.set()
+    await task
+
+
+async def test_subscribers_share_one_watch_and_a_slow_one_gets_the_latest() -> None:
+    w = MetadataWatch("http://127.0.0.1:9", component="wtest4")
+    seen: list[str] = []
+    w.subscribe(lambda s: seen.append(s.version))
+
+    def broken(s: MetadataSnapshot) -> None:
+        raise RuntimeError("subscriber bug")
+
+    w.subscribe(broken)  # logged, does not stop the others
+    stop = asyncio.Event()
+    slow: list[str] = []
+
+    async def consume() -> None:
+        async for s in w.updates(stop):
+            slow.append(s.version)
+
+    task = asyncio.create_task(consume())
+    for v in ("1", "2", "3"):
+        w.publish(MetadataSnapshot(v, MappingProxyType({})))
+    await settle()
+    assert seen == ["1", "2", "3"] and slow == ["3"]  # latest wins for the slow consumer
+    late: list[str] = []
+    w.subscribe(lambda s: late.append(s.version))
+    assert late == ["3"]  # a late subscriber gets the current snapshot at once
+    stop.set()
+    await task
+
+
+def test_write_atomic_leaves_no_temp_file(tmp_path: Path) -> None:
+    from agents._fetch import write_atomic
+
+    p = tmp_path / "s.json"
+    write_atomic(str(p), b"one")
+    write_atomic(str(p), b"two")
+    assert p.read_bytes() == b"two" and os.listdir(tmp_path) == ["s.json"]
