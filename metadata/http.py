@@ -623,11 +623,12 @@ class _Conn(asyncio.Protocol):
             mw = int(mw_s) if mw_s.lstrip("+-").isdigit() else 0
         except ValueError:
             mw = 0
-        if mw <= 0:
+        if mw == 0:
             mw = 60
         mw = min(mw, 120)
         probe = srv.lookup_text(path, ip)
-        if probe.status in (301, 400) or (probe.value_text is not None and probe.value_text != old):
+        if mw < 0 or probe.status in (301, 400) or (probe.value_text is not None and probe.value_text != old):
+            # a negative maxWait has already passed: the original answers at once
             return self._answer(path, query, fmt, ip, method, keep)
         if len(srv.waiters) >= srv.max_waiters:
             self.send(_BUSY, method, keep)

@@ -88,7 +88,7 @@ def _error(status: int, message: str, fmt: str, family: str) -> Response:
 def _ok(value: Any, fmt: str, family: str) -> Response:
     body = render(value, fmt)
     hdrs = [_CORS]
-    if not (fmt == TEXT and value is None):
+    if fmt != TEXT or body:  # Go sniffs no Content-Type for an empty body (null, "", empty map)
         hdrs.append((b"Content-Type", CONTENT_TYPES[fmt]))
     vt = body if fmt == TEXT else render(value, TEXT)
     return Response(200, _head(200, hdrs, len(body)), body, family, value_text=vt)

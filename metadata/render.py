@@ -16,6 +16,8 @@ from urllib.parse import quote_plus
 import orjson
 import yaml
 
+from metadata.store import NIL_MAP, NilMap
+
 __all__ = [
     "FORMATS",
     "error_body",
@@ -93,7 +95,7 @@ def negotiate(accept: str | None) -> str:
 
 def text_scalar(v: Any) -> str:
     """Text form of a scalar (no trailing newline)."""
-    if v is None:
+    if v is None or v is NIL_MAP:
         return ""
     if v is True:
         return "true"
@@ -118,7 +120,7 @@ def render_text(v: Any) -> bytes:
         lines = []
         for k, val in v.items():
             e = _esc(str(k))
-            if isinstance(val, dict | list):
+            if isinstance(val, dict | list | NilMap):
                 e += "/"
             lines.append(e)
         lines.sort(key=lambda s: s.encode("utf-8", "surrogateescape"))
@@ -146,13 +148,23 @@ _JSON_ESC = ((b"<", b"\\u003c"), (b">", b"\\u003e"), (b"&", b"\\u0026"),
              ("\u2028".encode(), b"\\u2028"), ("\u2029".encode(), b"\\u2029"))
 
 
+def _json_default(o: Any) -> Any:
+    if o is NIL_MAP:
+        return None  # a nil map is null in Go's JSON
+    raise TypeError(type(o).__name__)
+
+
+def _json_default_slow(o: Any) -> Any:
+    return None if o is NIL_MAP else str(o)
+
+
 def render_json(v: Any) -> bytes:
     """Compact JSON, keys sorted, HTML characters escaped as Go's encoder does, no newline."""
     try:
-        out = orjson.dumps(v, option=orjson.OPT_SORT_KEYS)
+        out = orjson.dumps(v, default=_json_default, option=orjson.OPT_SORT_KEYS)
     except TypeError:  # integers beyond 64 bits, odd keys: the slow, general encoder
         out = json.dumps(v, sort_keys=True, separators=(",", ":"), ensure_ascii=False,
-                         default=str).encode("utf-8", "surrogateescape")
+                         default=_json_default_slow).encode("utf-8", "surrogateescape")
     for a, b in _JSON_ESC:
         if a in out:
             out = out.replace(a, b)
@@ -164,10 +176,35 @@ _SafeBase: Any = getattr(yaml, "CSafeDumper", yaml.SafeDumper)  # libyaml's emit
 
 class _Dumper(_SafeBase):  # type: ignore[misc]
     """Block style, sorted keys, and never anchors/aliases: the trees share objects (a service's
-    containers are the same dicts as /containers) but clients expect plain copies."""
+    containers are the same dicts as /containers) but clients expect plain copies.
+
+    Strings are quoted as Go's yaml.v2 quotes them: one that would read back as something else
+    (``"1"``, ``"true"``, ``"null"``, ``""``) is double-quoted; others that cannot stay plain
+    (``'a: b'``) get the emitter's single quotes. A nil map is ``{}``."""
 
     def ignore_aliases(self, data: Any) -> bool:
         return True
+
+
+_STR_TAG = "tag:yaml.org,2002:str"
+
+
+_GO_FLOAT = re.compile(r"^[-+]?(\.[0-9]+|[0-9]+(\.[0-9]*)?)([eE][-+]?[0-9]+)?$")  # yaml.v2 reads these as floats
+
+
+def _represent_str(dumper: Any, data: str) -> Any:
+    style = None
+    if dumper.resolve(yaml.ScalarNode, data, (True, False)) != _STR_TAG or _GO_FLOAT.match(data):
+        style = '"'
+    return dumper.represent_scalar(_STR_TAG, data, style=style)
+
+
+def _represent_nil_map(dumper: Any, data: Any) -> Any:
+    return dumper.represent_dict({})
+
+
+_Dumper.add_representer(str, _represent_str)
+_Dumper.add_representer(NilMap, _represent_nil_map)
 
 
 def render_yaml(v: Any) -> bytes:
@@ -308,9 +345,10 @@ def render(v: Any, fmt: str) -> bytes:
 
 
 def error_body(code: int, message: str, fmt: str) -> bytes:
-    """The original's error bodies: text ``Not found\\n``; JSON/YAML ``{code, message, type}``."""
+    """The original's error bodies: text ``Not found\\n``; JSON/YAML ``{code, message, type}``, each
+    followed by the newline Go's ``http.Error`` adds (after YAML's own last newline too)."""
     if fmt == JSON:
         return render_json({"code": code, "message": message, "type": "error"}) + b"\n"
     if fmt == YAML:
-        return render_yaml({"code": code, "message": message, "type": "error"})
+        return render_yaml({"code": code, "message": message, "type": "error"}) + b"\n"
     return message.encode() + b"\n"

@@ -39,6 +39,8 @@ from agents.errors import InputError
 __all__ = [
     "API_VERSIONS",
     "MAX_DECODED",
+    "NIL_MAP",
+    "NilMap",
     "Snapshot",
     "build",
     "build_steps",
@@ -240,7 +242,6 @@ def _ok_o(v: Any) -> bool:
 
 _CHECK = {"s": _ok_s, "i": _ok_i, "b": _ok_b, "l": _ok_l, "L": _ok_bigl, "m": _ok_m, "o": _ok_o}
 _CHECKERS = {kind: {k: _CHECK[t] for k, t in table.items() if t != "j"} for kind, table in _TABLES.items()}
-_DEFAULTS = {kind: {k: None for k in table} for kind, table in _TABLES.items()}
 _EMPTY_LISTS = {kind: tuple(k for k, t in table.items() if t == "l") for kind, table in _TABLES.items()}
 _EMPTY_MAPS = {kind: tuple(k for k, t in table.items() if t == "m") for kind, table in _TABLES.items()}
 
@@ -299,14 +300,29 @@ def _ports(ports: list[str], version: str, host_ip: str | None) -> list[str]:
     return out
 
 
+class NilMap:
+    """A map that is nil rather than empty, as the original serves a container's ``links`` when it
+    has none (and a service's in the 2015 versions): ``null`` in JSON, ``{}`` in YAML, a map in text
+    listings (``links/``), and nothing to descend into."""
+
+    __slots__ = ()
+
+    def __repr__(self) -> str:
+        return "NIL_MAP"
+
+
+NIL_MAP: Any = NilMap()
+
+
 def _base(kind: str, o: dict[str, Any]) -> dict[str, Any]:
-    """Every field of the kind's table (null/[]/{} when absent) plus whatever else was sent."""
-    d = {**_DEFAULTS[kind], **o}
+    """The object as sent: a field absent from the stream stays absent (404, as in the original);
+    a list field sent as null becomes ``[]`` and a string map sent as null ``{}``."""
+    d = dict(o)
     for k in _EMPTY_LISTS[kind]:
-        if d[k] is None:
+        if k in d and d[k] is None:
             d[k] = []
     for k in _EMPTY_MAPS[kind]:
-        if d[k] is None:
+        if k in d and d[k] is None:
             d[k] = {}
     return d
 
@@ -379,7 +395,9 @@ class _SelfMaps:
             svc_d = self.svc_by_key.get(skey)
             if svc_d is not None:
                 sv = dict(svc_d)
-                sv["token"] = self.raw_services[skey].get("token")  # the token only here (§3 Token)
+                raw_svc = self.raw_services[skey]
+                if "token" in raw_svc:
+                    sv["token"] = raw_svc["token"]  # the token only here (§3 Token)
                 sm["service"] = sv
             stk = self.sl.get(d["stack_uuid"])
             if stk is not None:
@@ -554,8 +572,8 @@ def build_steps(raw: bytes, objs: list[dict[str, Any]] | None = None,
             continue
         d = _base("container", c)
         d.pop("host_ip", None)
-        ports = d["ports"]
-        d["links"] = dict(links) if links else None
+        ports = d.get("ports")
+        d["links"] = dict(links) if links else NIL_MAP
         if link is not None:
             if svc is None:
                 d["service_name"] = d["service_uuid"] = d["stack_name"] = d["stack_uuid"] = None
@@ -569,7 +587,7 @@ def build_steps(raw: bytes, objs: list[dict[str, Any]] | None = None,
             d["ports"] = _ports(ports, V1, host_ip)
             d3["ports"] = _ports(ports, V3, host_ip)
         for k in ("name", "service_name", "stack_name"):
-            v = d3[k]
+            v = d3.get(k)
             if isinstance(v, str):
                 d3[k] = v.lower()
         if known is not None:  # only objects that came from the line cache can recur
@@ -591,7 +609,7 @@ def build_steps(raw: bytes, objs: list[dict[str, Any]] | None = None,
         rank = (
             1 if d.get("network_from_container_uuid") else 0,
             1 if (d.get("network_uuid") in host_net_uuids
-                  or d["labels"].get("io.rancher.container.network") == "host") else 0,
+                  or (d.get("labels") or {}).get("io.rancher.container.network") == "host") else 0,
             d["create_index"] if isinstance(d.get("create_index"), int) else _INT_MAX,
             str(d.get("name") or ""),
             u,
@@ -611,7 +629,7 @@ def build_steps(raw: bytes, objs: list[dict[str, Any]] | None = None,
     for u, d in c_old.items():
         if d.get("host_uuid") == local_uuid and local_uuid and (
                 d.get("network_uuid") in host_net_uuids
-                or d["labels"].get("io.rancher.container.network") == "host"):
+                or (d.get("labels") or {}).get("io.rancher.container.network") == "host"):
             hostnet.setdefault(u, set()).add(u)
             nm = d.get("name")
             if isinstance(nm, str):
@@ -636,7 +654,7 @@ def build_steps(raw: bytes, objs: list[dict[str, Any]] | None = None,
         sl: dict[str, dict[str, Any]] = {}
         for u, s in stacks.items():
             d = _base("stack", s)
-            if v3:
+            if v3 and "name" in d:
                 d["name"] = _lower(d["name"])
             sl[u] = d
         members = {k: [cl[u] for u in us] for k, us in member_uuids.items()}
@@ -647,18 +665,21 @@ def build_steps(raw: bytes, objs: list[dict[str, Any]] | None = None,
             if n % CHUNK == CHUNK - 1:
                 yield
             d = _base("service", s)
-            d["token"] = None
+            if "token" in d:
+                d["token"] = None
             mem = sorted(members.get(skey, ()), key=_ci_key)
-            d["containers"] = [m["name"] for m in mem] if api == V1 else mem
+            d["containers"] = [m.get("name") for m in mem] if api == V1 else mem
             links = svc_links.get(s["uuid"])
             if links:
                 d["links"] = {(k.lower() if v3 else k): v for k, v in links.items()}
-            else:
-                d["links"] = None
+            else:  # the original's nil map, made an empty one by its 2016-07-29 lower-casing
+                d["links"] = {} if v3 else NIL_MAP
             if v3:
                 for k in ("name", "stack_name", "primary_service_name"):
-                    d[k] = _lower(d[k])
-                d["sidekicks"] = [x.lower() for x in d["sidekicks"]]
+                    if k in d:
+                        d[k] = _lower(d[k])
+                if isinstance(d.get("sidekicks"), list):
+                    d["sidekicks"] = [x.lower() for x in d["sidekicks"]]
             svl.append(d)
             svc_by_key[skey] = d
         svl.sort(key=_sort_key)
@@ -669,7 +690,7 @@ def build_steps(raw: bytes, objs: list[dict[str, Any]] | None = None,
                 per_stack.setdefault(su, []).append(d)
         for u, st in sl.items():
             ss = sorted(per_stack.get(u, ()), key=lambda x: str(x.get("name") or ""))
-            st["services"] = [x["name"] for x in ss] if api == V1 else ss
+            st["services"] = [x.get("name") for x in ss] if api == V1 else ss
         yield
         # self maps
         dself = dict(default_data.get("self") or {})
@@ -687,11 +708,13 @@ def build_steps(raw: bytes, objs: list[dict[str, Any]] | None = None,
             "self": dself,
         }
         if env is not None:
-            tree["name"] = env.get("name")
-            tree["uuid"] = env.get("uuid")
-            tree["region_name"] = env.get("region_name")
+            for k in ("name", "uuid", "region_name"):
+                if k in env:
+                    tree[k] = env[k]
             if v3:
                 tree["environments"] = []
+        elif v3:
+            tree["environments"] = None  # the original serves null without an environment object
         self_src[api] = sm_api
         return {"default": tree}
 

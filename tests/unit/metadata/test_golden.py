@@ -1,4 +1,5 @@
-"""metadata.md §8: every example request, byte-exact status, headers and body (text and JSON)."""
+"""metadata.md §8: every example request, byte-exact status, headers and body (text, JSON, YAML);
+and the original's wire details past the spec's examples (absent fields, nil maps, quoting)."""
 
 from __future__ import annotations
 
@@ -86,7 +87,7 @@ ROWS = [
     # YAML (block style, keys sorted, like Go's yaml.v2 for these values)
     (2, "/latest/version", Y, LOCAL, 200, b"42-5cc6db68\n"),
     (7, "/2015-07-25/services/Web/containers", Y, LOCAL, 200, b"- Shop-Web-1\n"),
-    (7, "/2015-07-25/services/web", Y, LOCAL, 404, b"code: 404\nmessage: Not found\ntype: error\n"),
+    (7, "/2015-07-25/services/web", Y, LOCAL, 404, b"code: 404\nmessage: Not found\ntype: error\n\n"),
     (12, "/latest/services/web/links", Y, LOCAL, 200, b"shop/db: database\n"),
     (14, "/latest/services/web/health_check", Y, LOCAL, 200,
      b"healthy_threshold: 2\ninterval: 2000\nport: 80\nrequest_line: GET /healthz HTTP/1.0\n"
@@ -94,9 +95,10 @@ ROWS = [
     (16, "/latest/services/web/token", Y, LOCAL, 200, b"null\n"),
     (17, "/latest/containers/shop-web-1/dns_search", Y, LOCAL, 200,
      b"- shop.rancher.internal\n- web.shop.rancher.internal\n- rancher.internal\n"),
-    (18, "/2099-01-01/version", Y, LOCAL, 404, b"code: 404\nmessage: Invalid version\ntype: error\n"),
+    (18, "/2099-01-01/version", Y, LOCAL, 404, b"code: 404\nmessage: Invalid version\ntype: error\n\n"),
     (20, "/2016-07-29/self/container", "", "192.168.10.12", 200,
-     b"".join(k.encode() + (b"/" if k in ("dns", "dns_search", "health_check_hosts", "ips", "labels", "ports")
+     b"".join(k.encode() + (b"/" if k in ("dns", "dns_search", "health_check_hosts", "ips", "labels", "links",
+                                          "ports")
                             else b"") + b"\n"
               for k in sorted(json.loads(DB_SELF)))),
 ]
@@ -157,4 +159,4 @@ def test_yaml_rendering(snap: Snapshot) -> None:
     r, _ = respond(snap, "/latest/hosts/node-b/labels", "", "yaml", LOCAL)
     assert r.body == b"zone: b\n" and b"Content-Type: application/yaml\r\n" in r.head
     r, _ = respond(snap, "/latest/nothere", "", "yaml", LOCAL)
-    assert r.body == b"code: 404\nmessage: Not found\ntype: error\n"
+    assert r.body == b"code: 404\nmessage: Not found\ntype: error\n\n"  # http.Error's newline after YAML's
