@@ -236,6 +236,13 @@ def _open_netns(path: str) -> int | None:
         raise CniError(E_PLUGIN, f"failed to open netns {path!r}", str(e)) from None
 
 
+def random_mac() -> str:
+    """A random unicast, locally administered MAC address."""
+    b = bytearray(os.urandom(6))
+    b[0] = (b[0] & 0xFE) | 0x02
+    return ":".join(f"{x:02x}" for x in b)
+
+
 def ensure_bridge(nl: Netlink, c: BridgeConf) -> tuple[Link, bool]:
     created = False
     br = nl.get_link(c.bridge)
@@ -250,12 +257,13 @@ def ensure_bridge(nl: Netlink, c: BridgeConf) -> tuple[Link, bool]:
         if br is None:
             raise CniError(E_PLUGIN, f"bridge {c.bridge} vanished")
         if created and br.kind == "bridge":
-            # pin the random MAC (addr_assign_type=SET) so it does not follow the lowest port's MAC
+            # Pin a MAC (addr_assign_type=SET) so it does not follow the lowest port's MAC. It must
+            # differ from the one the kernel gave the bridge: writing back the same address marks
+            # it SET without computing the bridge id, which then stays 8000.0:0:0:0:0:0 for good
+            # (and the bridge's operstate UNKNOWN instead of UP).
             mac = br.mac
-            if mac in ("", "00:00:00:00:00:00"):
-                b = bytearray(os.urandom(6))
-                b[0] = (b[0] & 0xFE) | 0x02  # unicast, locally administered
-                mac = ":".join(f"{x:02x}" for x in b)
+            while mac in ("", "00:00:00:00:00:00", br.mac):
+                mac = random_mac()
             nl.set_link(br.index, mac=mac)
             br.mac = mac
     if br.kind != "bridge":

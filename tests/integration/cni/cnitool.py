@@ -106,6 +106,59 @@ def normalised_state(host_ns: str, cont_ns: str, bridge: str, ifname: str = "eth
     }
 
 
+# per-read values (timers) and names/indexes that differ between any two runs
+_LINK_VOLATILE = {"ifindex", "ifname", "address", "linkinfo"}
+_BRIDGE_TIMERS = {"gc_timer", "hello_timer", "tcn_timer", "topology_change_timer"}
+
+
+def _mac_bytes(s: str) -> tuple[int, ...]:
+    return tuple(int(x, 16) for x in s.split(":"))
+
+
+def bridge_state(host_ns: str, bridge: str, result: dict[str, Any]) -> dict[str, Any]:
+    """The bridge link as iproute2 shows it (``ip -d -j link``), every attribute kept except names,
+    indexes and running timers. The MAC and the bridge/root ids are random per run, so what is
+    compared is what they must be: a real unicast MAC, the one the result reports, and a bridge id
+    of ``<priority>.<that MAC>`` (a bridge whose MAC was written back unchanged keeps the id
+    ``8000.0:0:0:0:0:0`` and the operstate UNKNOWN)."""
+    def settled() -> dict[str, Any] | None:
+        br = links(host_ns)[bridge]
+        # the operstate follows the carrier through the kernel's linkwatch, up to ~1 s later
+        return br if br["operstate"] not in ("DOWN", "LOWERLAYERDOWN") else None
+
+    br = wait_for(settled, what=f"{bridge} operstate settled")
+    mac = br["address"]
+    info = dict(br["linkinfo"]["info_data"])
+    for k in _BRIDGE_TIMERS:
+        info.pop(k, None)
+    for k in ("bridge_id", "root_id"):
+        prio, _, addr = info[k].partition(".")
+        info[k] = f"{prio}.<bridge mac>" if _mac_bytes(addr) == _mac_bytes(mac) else info[k]
+    first = _mac_bytes(mac)[0]
+    return {
+        "link": {k: v for k, v in br.items() if k not in _LINK_VOLATILE},
+        "kind": br["linkinfo"]["info_kind"],
+        "info_data": info,
+        "mac": {"unicast": not first & 1, "zero": not any(_mac_bytes(mac)),
+                "in_result": result["interfaces"][0]["name"] == bridge
+                and _mac_bytes(result["interfaces"][0]["mac"]) == _mac_bytes(mac)},
+    }
+
+
+def wait_for(cond: Any, what: str, timeout: float = 60.0) -> Any:
+    """Poll ``cond`` until it returns something truthy (the deadline only stops a broken build)."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    while True:
+        v = cond()
+        if v:
+            return v
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{what}: never happened")
+        time.sleep(0.02)
+
+
 def normalised_result(res: dict[str, Any]) -> dict[str, Any]:
     res = json.loads(json.dumps(res))
     for i in res.get("interfaces", []):

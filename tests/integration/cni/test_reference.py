@@ -10,7 +10,7 @@ import pytest
 
 from tests.helpers.netns import netns
 
-from .cnitool import REFERENCE, cni, links, normalised_result, normalised_state
+from .cnitool import REFERENCE, bridge_state, cni, links, normalised_result, normalised_state
 from .conftest import Containers
 from .test_bridge import cid
 
@@ -46,6 +46,7 @@ def test_same_state_and_result_as_reference(bundle: Path, containers: Containers
             assert r.rc == 0, (kind, r.out)
             res = r.json
             state = normalised_state(host, ns, "dbr0")
+            state["bridge_link"] = bridge_state(host, "dbr0", res)
             if version != "0.3.1":
                 chk = cni(plugin, host, "CHECK", {**cfg, "prevResult": res}, c_id, f"/run/netns/{ns}", path=path)
                 assert chk.rc == 0, (kind, chk.out)
@@ -54,6 +55,7 @@ def test_same_state_and_result_as_reference(bundle: Path, containers: Containers
                 assert d.rc == 0, (kind, d.out)
             after = sorted(n for n in links(host) if n.startswith("veth"))
             seen[kind] = (state, normalised_result(res), after)
+    assert seen["ref"][0]["bridge_link"]["link"]["operstate"] == "UP"
     assert seen["corral"][0] == seen["ref"][0]
     assert seen["corral"][1] == seen["ref"][1]
     assert seen["corral"][2] == seen["ref"][2] == []
