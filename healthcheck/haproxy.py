@@ -38,13 +38,14 @@ from agents.metrics import counter, gauge
 from healthcheck.desired import Check, Desired, Profile
 
 __all__ = [
+    "NO_ANSWER",
     "HAProxy",
     "HAProxySettings",
     "InvalidConfig",
     "StatRow",
     "StatsSocket",
     "haproxy_version",
-    "parse_cli_blocks",
+    "parse_cli_answers",
     "parse_stat_csv",
     "render_config",
 ]
@@ -57,6 +58,7 @@ _RUNTIME_CMDS = counter("healthcheck", "runtime_commands", "Runtime API commands
 _UP = gauge("healthcheck", "haproxy_up", "1 while HAProxy runs and answers")
 
 STATE_FILE = "server-state"
+UNIX_PATH_MAX = 107  # sun_path holds 108 bytes, the last one a NUL
 CHUNK_BYTES = 8000  # one CLI line must fit in HAProxy's buffer (tune.bufsize 16k)
 
 
@@ -66,12 +68,23 @@ class InvalidConfig(TransportError):
 
 @dataclass(frozen=True)
 class HAProxySettings:
+    """Paths are made absolute here: HAProxy reads a relative ``stats socket`` as host:port, and it
+    runs in its state dir, not in the caller's working directory."""
+
     state_dir: str
     binary: str = "haproxy"
     stats_socket: str = ""
     threads: int = 1
     fastinter: int = 0
     state_interval: float = 10.0
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "state_dir", os.path.abspath(self.state_dir))
+        if self.stats_socket:
+            object.__setattr__(self, "stats_socket", os.path.abspath(self.stats_socket))
+        if len(os.fsencode(self.socket_path)) > UNIX_PATH_MAX:
+            raise ConfigError(f"admin socket path {self.socket_path} is longer than the {UNIX_PATH_MAX} bytes "
+                              "a unix socket allows; choose a shorter --state-dir or --stats-socket")
 
     @property
     def socket_path(self) -> str:
@@ -223,26 +236,30 @@ def parse_stat_csv(text: str) -> list[StatRow]:
     return out
 
 
-def parse_cli_blocks(text: str) -> list[str]:
-    """Split the answer to ``cmd1;cmd2;…``: each answer ends with an empty line."""
-    lines = text.split("\n")
-    if lines and lines[-1] == "":
-        lines.pop()
-    blocks: list[str] = []
-    cur: list[str] = []
-    for ln in lines:
-        if ln == "":
-            blocks.append("\n".join(cur))
-            cur = []
-        else:
-            cur.append(ln)
-    if cur:
-        blocks.append("\n".join(cur))
-    return blocks
+NO_ANSWER = "(no answer)"  # a command HAProxy never answered (it closed the connection first)
+
+
+def parse_cli_answers(text: str, n: int) -> list[str]:
+    """Split the answers to ``prompt`` + ``n`` commands + ``quit`` sent in interactive mode.
+
+    In that mode HAProxy writes its prompt ``> `` after every answer, whatever the answer's own
+    ending (2.6 ends ``del server``'s answers without the blank line the others end with), so
+    the answers are cut at the prompts, one per command; each is returned stripped. A command
+    left unanswered gets :data:`NO_ANSWER`, never an empty (successful-looking) answer.
+    """
+    parts = text.split("\n> ")
+    if parts[0] == "":  # the answer to `prompt` itself, before the first prompt
+        parts = parts[1:]
+    elif parts[0].startswith("> "):
+        parts[0] = parts[0][2:]
+    # the last piece is whatever followed the final prompt (nothing, after `quit`): a piece is an
+    # answer only when HAProxy wrote a prompt after it
+    out = [p.strip() for p in parts[: max(0, min(n, len(parts) - 1))]]
+    return out + [NO_ANSWER] * (n - len(out))
 
 
 class StatsSocket:
-    """The admin socket: one connection per batch, commands pipelined with ``;``."""
+    """The admin socket: one connection per query, or per batch of commands in interactive mode."""
 
     def __init__(self, path: str, timeout: float = 10.0) -> None:
         self.path = path
@@ -265,20 +282,23 @@ class StatsSocket:
         return data.decode("utf-8", "replace")
 
     async def run(self, cmds: Sequence[str]) -> list[str]:
-        """Run commands in as few connections as fit; one answer per command."""
+        """Run commands in as few connections as fit; one answer per command (stripped).
+
+        Each batch is one interactive session (``prompt``, a command per line, ``quit``), so every
+        answer is delimited by the prompt that follows it (:func:`parse_cli_answers`)."""
         out: list[str] = []
         i = 0
         while i < len(cmds):
             batch: list[str] = []
             size = 0
             while i < len(cmds) and (not batch or size + len(cmds[i]) + 1 < CHUNK_BYTES):
+                if "\n" in cmds[i] or ";" in cmds[i]:
+                    raise ValueError(f"one command per line: {cmds[i]!r}")
                 batch.append(cmds[i])
                 size += len(cmds[i]) + 1
                 i += 1
-            text = await self.raw(";".join(batch))
-            blocks = parse_cli_blocks(text)
-            blocks += [""] * (len(batch) - len(blocks))
-            out.extend(blocks[: len(batch)])
+            text = await self.raw("\n".join(["prompt", *batch, "quit"]))
+            out.extend(parse_cli_answers(text, len(batch)))
         return out
 
     async def show_stat(self) -> list[StatRow]:
@@ -360,11 +380,16 @@ class HAProxy:
     """Owns the HAProxy child and what it runs; every change goes through :meth:`apply`."""
 
     def __init__(self, settings: HAProxySettings, *, on_hint: Callable[[], None] | None = None,
-                 forced_health: Callable[[], Mapping[str, str]] | None = None) -> None:
+                 forced_health: Callable[[], Mapping[str, str]] | None = None,
+                 on_start_error: Callable[[str], None] | None = None) -> None:
+        """``on_start_error`` is called with a one-line reason when HAProxy cannot be started (no
+        process runs our checks), and with ``""`` once one runs again."""
         self.s = settings
         self.sock = StatsSocket(settings.socket_path)
         self.on_hint = on_hint or (lambda: None)
         self.forced_health = forced_health or (lambda: {})
+        self.on_start_error = on_start_error or (lambda _: None)
+        self.start_error = ""  # why no HAProxy runs although one should ("" when one runs or none is wanted)
         self.live: dict[str, Check] = {}  # servers HAProxy has, as configured
         self.profiles: set[Profile] = set()  # backends of the running config
         self.parked: set[tuple[str, str]] = set()  # (backend, name) left in MAINT after a failed del
@@ -397,19 +422,42 @@ class HAProxy:
         """
         async with self._lock:
             try:
-                await self._apply(desired)
-                self.quarantined = set()
-                self._desired = desired
-            except InvalidConfig:
-                good, bad = await self._bisect(desired)
-                if not bad:
-                    raise
-                self.quarantined = bad
-                log.error("profiles quarantined, applying the other checks", profiles=sorted(p.backend for p in bad),
-                          checks=[c.name for c in desired.checks if c.profile in bad][:20])
-                await self._apply(good)
-                self._desired = good
-                raise InvalidConfig(f"{len(bad)} check profile(s) rejected by HAProxy, retrying later") from None
+                await self._apply_quarantine(desired)
+            except Exception as e:
+                self._note_start(e)
+                raise
+            self._note_start(None)
+
+    async def _apply_quarantine(self, desired: Desired) -> None:
+        try:
+            await self._apply(desired)
+            self.quarantined = set()
+            self._desired = desired
+        except InvalidConfig:
+            if not self.running.is_set():
+                # the global part itself (socket, state file) is refused: no profile is to blame
+                await self._check_config(render_config(self.s, [], []), quiet=True)
+            good, bad = await self._bisect(desired)
+            if not bad:
+                raise
+            self.quarantined = bad
+            log.error("profiles quarantined, applying the other checks", profiles=sorted(p.backend for p in bad),
+                      checks=[c.name for c in desired.checks if c.profile in bad][:20])
+            await self._apply(good)
+            self._desired = good
+            raise InvalidConfig(f"{len(bad)} check profile(s) rejected by HAProxy, retrying later") from None
+
+    def _note_start(self, error: BaseException | None) -> None:
+        """Track whether a HAProxy runs our checks; say so (once per change) through on_start_error."""
+        if self.running.is_set():
+            msg = ""
+        elif error is not None:
+            msg = _one_line(str(error)) or type(error).__name__
+        else:
+            return
+        if msg != self.start_error:
+            self.start_error = msg
+            self.on_start_error(msg)
 
     async def _apply(self, desired: Desired) -> None:
         if not self.running.is_set():
@@ -475,9 +523,12 @@ class HAProxy:
                         _RESTARTS.inc()
                         bo.mark_up()
                         failing = False
+                        self._note_start(None)
                     except Exception as e:
+                        if not failing:
+                            log.error("haproxy restart failed", error=_one_line(str(e)))
                         failing = True
-                        log.error("haproxy restart failed", error=str(e))
+                        self._note_start(e)
                         self.crashed.set()
                 continue
             next_snap = time.monotonic() + self.s.state_interval
@@ -516,7 +567,7 @@ class HAProxy:
     async def _check_config(self, text: str, quiet: bool = False) -> None:
         path = os.path.join(self.s.state_dir, "haproxy.cfg.new")
         _atomic_write(path, text)
-        p = await asyncio.create_subprocess_exec(self.s.binary, "-c", "-f", path,
+        p = await asyncio.create_subprocess_exec(self.s.binary, "-c", "-f", path, cwd=self.s.state_dir,
                                                  stdout=asyncio.subprocess.PIPE,
                                                  stderr=asyncio.subprocess.STDOUT)
         out, _ = await p.communicate()
@@ -562,7 +613,7 @@ class HAProxy:
             try:
                 proc = await asyncio.create_subprocess_exec(
                     *argv, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
-                    stderr=asyncio.subprocess.PIPE, start_new_session=True)
+                    stderr=asyncio.subprocess.PIPE, start_new_session=True, cwd=self.s.state_dir)
             except OSError as e:
                 raise ConfigError(f"cannot start {self.s.binary}: {e}") from e
             child = _Child(proc)
@@ -631,6 +682,8 @@ class HAProxy:
         deadline = time.monotonic() + timeout
         while True:
             if child.proc.returncode is not None:
+                with contextlib.suppress(TimeoutError):  # its last words: the stderr pipe closes at exit
+                    await asyncio.wait_for(asyncio.shield(child.tasks[1]), 1.0)
                 raise TransportError(f"haproxy exited at start (rc={child.proc.returncode}): "
                                      + " | ".join(child.stderr))
             with contextlib.suppress(TransportError):
@@ -727,6 +780,17 @@ class HAProxy:
         _UP.set(0)
         log.error("haproxy died", rc=rc, pid=child.proc.pid, stderr=list(child.stderr)[-5:])
         self.crashed.set()
+
+
+_ALERT_HEAD = re.compile(r"\[(?:ALERT|WARNING)\]\s*\(\d+\)\s*:\s*(?:config\s*:\s*)?")
+
+
+def _one_line(text: str) -> str:
+    """HAProxy's multi-line answer in one stable line: its alerts, without pids and summaries."""
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+    alerts = [ln for ln in lines if "[ALERT]" in ln and "Fatal errors found" not in ln
+              and "Error(s) found in configuration" not in ln]
+    return _ALERT_HEAD.sub("", " | ".join(alerts or lines))
 
 
 def _read_pid(path: str) -> int | None:

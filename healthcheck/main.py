@@ -82,7 +82,10 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--metadata-address", default=env_str("CORRAL_METADATA_ADDRESS", "rancher-metadata"),
                    help="metadata host[:port] or URL (env CORRAL_METADATA_ADDRESS)")
     run = os.environ.get("XDG_RUNTIME_DIR")
-    p.add_argument("--state-dir", default=os.path.join(run, "corral-healthcheck") if run else "./run/healthcheck")
+    p.add_argument("--state-dir", default=os.path.join(run, "corral-healthcheck") if run else "./run/healthcheck",
+                   help="HAProxy's config, socket and state, and its working directory; a relative path is taken "
+                        "from the current directory (default: $XDG_RUNTIME_DIR/corral-healthcheck, else "
+                        "./run/healthcheck)")
     p.add_argument("--stats-socket", default="", help="admin socket (default <state-dir>/haproxy.sock)")
     p.add_argument("--haproxy-bin", default="haproxy")
     p.add_argument("--haproxy-threads", type=int, default=1)
@@ -126,13 +129,23 @@ class Daemon:
         self.hap = HAProxy(HAProxySettings(state_dir=args.state_dir, binary=args.haproxy_bin,
                                            stats_socket=args.stats_socket, threads=args.haproxy_threads,
                                            fastinter=args.fastinter, state_interval=args.state_interval),
-                           on_hint=self._poke.set, forced_health=self.tracker.last_sent)
+                           on_hint=self._poke.set, forced_health=self.tracker.last_sent,
+                           on_start_error=self._start_error)
         self.reconciler: Reconciler[Desired] = Reconciler("healthcheck", self._apply, health=self.health,
                                                           retry_min=0.5, retry_max=args.retry_invalid)
         self._rejected_seen: set[tuple[str, str]] = set()
         self._warned: set[str] = set()
         self.networks = tuple(n.strip() for n in args.check_networks.split(",") if n.strip())
         self.demo_healthy = True
+
+    def _start_error(self, reason: str) -> None:
+        """No HAProxy runs our checks (reason), or one does again (""): /healthz follows it."""
+        self.health.alive = not reason
+        if reason:
+            self.health.set("haproxy", False, f"HAProxy cannot be started: {reason}")
+            log.error("haproxy cannot be started, no checks run until it can", reason=reason)
+        else:
+            log.info("haproxy runs again, checking")
 
     async def _post(self, r: Report) -> None:
         await self.api.post_json("/serviceevents", report_dict(r))
@@ -205,7 +218,8 @@ class Daemon:
                 return
             if not self.hap.running.is_set():
                 if self.reconciler.applied:
-                    self.health.set("haproxy", False, "HAProxy is not running (restarting)")
+                    self.health.set("haproxy", False, f"HAProxy cannot be started: {self.hap.start_error}"
+                                    if self.hap.start_error else "HAProxy is not running (restarting)")
                 continue
             if self.reconciler.applied:
                 self.health.set("haproxy", True, f"{len(self.hap.live)} checks")
@@ -247,7 +261,7 @@ class Daemon:
         if mode == "auto":
             mode = "runtime" if (major, minor) >= (2, 5) else "reload"
         self.hap.reload_only = mode == "reload"
-        log.info("starting", haproxy=f"{major}.{minor}", apply_mode=mode, state_dir=self.args.state_dir)
+        log.info("starting", haproxy=f"{major}.{minor}", apply_mode=mode, state_dir=self.hap.s.state_dir)
         extra = {"/demo/backend": self._demo_backend, "/demo/toggle": self._demo_toggle} if self.args.demo_backend \
             else None
         admin = AdminServer(self.args.metrics_listen, self.health, extra=extra)

@@ -3,17 +3,29 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import shutil
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import pytest
 
 from healthcheck.haproxy import HAProxy, HAProxySettings
 from tests.helpers.standin import StandIn
+from tests.integration.healthcheck.common import tree
+from tests.integration.healthcheck.daemon import Metadata
 from tests.integration.healthcheck.flaky import Flaky
 
 if shutil.which("haproxy") is None:  # pragma: no cover
     pytest.skip("haproxy is not installed", allow_module_level=True)
+
+
+@pytest.fixture
+def metadata(tmp_path: Path) -> Iterator[Metadata]:
+    """A real ``corral metadata`` serving an answers file the test rewrites (no checks at first)."""
+    m = Metadata(tmp_path)
+    m.write(tree([]))
+    m.start()
+    yield m
+    m.stop()
 
 
 @pytest.fixture

@@ -11,7 +11,7 @@ import contextlib
 import os
 import signal
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -25,15 +25,6 @@ INTER, TIMEOUT, RISE, FALL = 200, 400, 2, 2  # a generous timeout: a loaded CI b
 FAIL_BOUND = INTER * FALL / 1000 + 1
 HANG_BOUND = FAIL_BOUND + TIMEOUT / 1000
 RECOVER_BOUND = INTER * RISE / 1000 + 1
-
-
-@pytest.fixture
-def metadata(tmp_path: Path) -> Iterator[Metadata]:
-    m = Metadata(tmp_path)
-    m.write(tree([]))
-    m.start()
-    yield m
-    m.stop()
 
 
 @pytest.fixture

@@ -184,8 +184,11 @@ async def test_rejected_profile_is_quarantined_and_retried(tmp_path: Path, flaky
         await asyncio.sleep(0)
 
 
-async def test_haproxy_runs_unprivileged(tmp_path: Path, flaky_factory) -> None:
-    """HAProxy needs no privilege: run it as `nobody` (via a --haproxy-bin wrapper) with the same config."""
+async def test_haproxy_runs_unprivileged(tmp_path: Path, flaky_factory, monkeypatch) -> None:
+    """HAProxy needs no privilege: run it as `nobody` (via a --haproxy-bin wrapper) with the same config.
+
+    The caller's cwd is a directory `nobody` cannot enter (a checkout in /root, mode 700): HAProxy
+    runs in its state dir and never needs it."""
     import pwd
     import shutil
 
@@ -201,6 +204,9 @@ async def test_haproxy_runs_unprivileged(tmp_path: Path, flaky_factory) -> None:
     sd = base / "hc"
     sd.mkdir()
     os.chown(sd, nobody.pw_uid, nobody.pw_gid)
+    private = tmp_path / "private"
+    private.mkdir(mode=0o700)
+    monkeypatch.chdir(private)
     wrapper = base / "haproxy-nobody"
     wrapper.write_text(f"#!/bin/sh\nexec setpriv --reuid {nobody.pw_uid} --regid {nobody.pw_gid} --clear-groups "
                        'haproxy "$@"\n')
@@ -354,3 +360,30 @@ async def test_start_cancelled_midway_leaves_no_haproxy(tmp_path: Path, flaky_fa
     finally:
         with contextlib.suppress(OSError):
             os.kill(pid, signal.SIGKILL)
+
+
+def _runtime_errors() -> float:
+    from prometheus_client import REGISTRY
+
+    return REGISTRY.get_sample_value("corral_healthcheck_runtime_commands_total", {"outcome": "error"}) or 0.0
+
+
+async def test_500_checks_added_and_removed_at_once(hap: HAProxy, flaky_factory) -> None:
+    """One batch of 500 `add server` and then of 500 `del server`: every answer read as its own command's
+    (HAProxy 2.6 ends `Server deleted.` without the blank line other answers end with)."""
+    ok = await flaky_factory("ok")
+    keep = container("keep", hc(ok.port, interval=5000))
+    await hap.apply(desired_from_tree(tree([keep])))
+    pid = hap.pid
+    errors = _runtime_errors()
+    many = [container(f"m{i}", hc(ok.port, interval=5000)) for i in range(500)]
+    await hap.apply(desired_from_tree(tree([keep, *many])))
+    assert hap.pid == pid, "added at run time"
+    assert len(hap.live) == 501 and len(await rows(hap)) == 501
+    assert _runtime_errors() == errors
+    await hap.apply(desired_from_tree(tree([keep])))
+    assert hap.pid == pid, "removed at run time, no sweeping reload"
+    assert hap.parked == set(), f"{len(hap.parked)} deletions taken for refusals"
+    assert _runtime_errors() == errors, "no false errors"
+    assert list(await rows(hap)) == ["cattle-host-a-uuid_keep_1"], "all 500 gone from HAProxy"
+    assert list(hap.live) == ["cattle-host-a-uuid_keep_1"]

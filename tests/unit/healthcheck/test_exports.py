@@ -10,8 +10,8 @@ import pytest
 PUBLIC = {
     "healthcheck.desired": ["Check", "Desired", "HttpRequest", "MAX_INTERVAL_MS", "MAX_THRESHOLD", "Profile",
                             "Rejected", "desired_checks", "desired_from_tree", "parse_request_line"],
-    "healthcheck.haproxy": ["HAProxy", "HAProxySettings", "InvalidConfig", "StatRow", "StatsSocket",
-                            "haproxy_version", "parse_cli_blocks", "parse_stat_csv", "render_config"],
+    "healthcheck.haproxy": ["NO_ANSWER", "HAProxy", "HAProxySettings", "InvalidConfig", "StatRow", "StatsSocket",
+                            "haproxy_version", "parse_cli_answers", "parse_stat_csv", "render_config"],
     "healthcheck.reports": ["Report", "Reporter", "Tracker", "reduce_row", "report_body", "report_dict"],
     "healthcheck.main": ["DEMO_HINTS", "demo_argv", "main", "parse_duration"],
 }

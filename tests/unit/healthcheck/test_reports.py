@@ -7,7 +7,7 @@ import asyncio
 import pytest
 
 from agents.errors import ApiError, TransportError
-from healthcheck.haproxy import StatRow, parse_cli_blocks, parse_stat_csv
+from healthcheck.haproxy import NO_ANSWER, StatRow, parse_cli_answers, parse_stat_csv
 from healthcheck.reports import Report, Reporter, Tracker, reduce_row, report_body
 
 N = "cattle-H_c1_1"
@@ -80,9 +80,21 @@ def test_stat_csv_with_quoted_comma_and_short_rows() -> None:
         ("cattle-H_c2_1", "DOWN", "L4CON", "Connection refused", 3)]
 
 
-def test_cli_blocks() -> None:
-    assert parse_cli_blocks("New server registered.\n\n\n\n\n") == ["New server registered.", "", "", ""]
-    assert parse_cli_blocks("\nServer deleted.\n\n") == ["", "Server deleted."]
+def test_cli_answers_cut_at_the_prompts() -> None:
+    # HAProxy 2.6's own bytes for: prompt; disable; del; disable; del (refused); add; enable health; quit
+    text = ("\n> \n> Server deleted.\n> \n> Only servers in maintenance mode can be deleted.\n"
+            "> New server registered.\n\n> Health check was not configured on this server, cannot enable.\n\n> ")
+    assert parse_cli_answers(text, 6) == [
+        "", "Server deleted.", "", "Only servers in maintenance mode can be deleted.", "New server registered.",
+        "Health check was not configured on this server, cannot enable."]
+    assert parse_cli_answers("> Server deleted.\n> \n> ", 2) == ["Server deleted.", ""]
+
+
+def test_cli_answers_missing_are_never_taken_for_success() -> None:
+    # the connection closed after two answers: the third command's answer is not an empty success
+    assert parse_cli_answers("\n> Server deleted.\n> \n> ", 3) == ["Server deleted.", "", NO_ANSWER]
+    assert parse_cli_answers("\n> Server deleted.\n> \n> New server", 3) == ["Server deleted.", "", NO_ANSWER]
+    assert parse_cli_answers("", 2) == [NO_ANSWER, NO_ANSWER]
 
 
 class Server:
