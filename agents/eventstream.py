@@ -41,7 +41,7 @@ from agents.errors import InputError
 from agents.log import get_logger
 from agents.metrics import counter, gauge
 
-__all__ = ["Event", "EventStream", "Handler", "Reply"]
+__all__ = ["Event", "EventStream", "Handler", "Reply", "close_reason"]
 
 log = get_logger(__name__)
 _EVENTS = counter("eventstream", "events", "Events received, by name and outcome", ["name", "outcome"])
@@ -164,6 +164,21 @@ class _Seen:
             self._d.popitem(last=False)
 
 
+
+def close_reason(ws: Any, pong_timeout: float = PONG_TIMEOUT) -> str:
+    """What ended a websocket connection, for the log: our pong watchdog, the server's close frame,
+    our own close, or a connection lost without any close frame."""
+    proto = getattr(ws, "protocol", None)
+    sent = getattr(proto, "close_sent", None)
+    rcvd = getattr(proto, "close_rcvd", None)
+    if sent is not None and "keepalive ping timeout" in (sent.reason or ""):
+        return f"no pong within {pong_timeout:g} s: closed by us"
+    if rcvd is not None and (sent is None or getattr(proto, "close_rcvd_then_sent", True)):
+        return f"closed by server (code {rcvd.code}{': ' + rcvd.reason if rcvd.reason else ''})"
+    if sent is not None:
+        return f"closed by us (code {sent.code})"
+    return "connection lost without a close frame (code 1006)"
+
 class EventStream:
     """Subscribe to events, run handlers, publish replies, reconnect forever."""
 
@@ -240,7 +255,7 @@ class EventStream:
                     self.backoff.mark_up()
                     log.info("event stream connected", url=url, connects=self.connects)
                     await self._read(ws, stop)
-                    reason = f"closed by server (code {ws.close_code})" if ws.close_code else "closed"
+                    reason = close_reason(ws)
             except InvalidStatus as e:
                 status = e.response.status_code
                 reason = f"handshake refused with HTTP {status}"

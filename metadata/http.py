@@ -186,9 +186,12 @@ class MetadataServer:
     """Serves the current snapshot; ``swap(snap)`` installs a new one."""
 
     def __init__(self, *, xff: bool = False, xff_trusted: Iterable[str] = (), max_waiters: int = 10_000,
-                 stats: dict[tuple[str, int], int] | None = None, idle_timeout: float = 120.0) -> None:
+                 stats: dict[tuple[str, int], int] | None = None, idle_timeout: float = 120.0,
+                 header_timeout: float = 10.0) -> None:
         self.idle_timeout = idle_timeout
         self._idle_handle: asyncio.TimerHandle | None = None
+        self.header_timeout = header_timeout
+        self._head_handle: asyncio.TimerHandle | None = None
         self.xff = xff
         self.xff_trusted = [ipaddress.ip_network(c, strict=False) for c in xff_trusted]
         self.max_waiters = max_waiters
@@ -210,6 +213,8 @@ class MetadataServer:
         self._tick_date()
         if self._idle_handle is None and self.idle_timeout > 0:
             self._idle_handle = loop.call_later(max(1.0, self.idle_timeout / 4), self._sweep_idle)
+        if self._head_handle is None and self.header_timeout > 0:
+            self._head_handle = loop.call_later(self._head_every(), self._sweep_heads)
         if sock is not None:
             srv = await loop.create_server(lambda: _Conn(self), sock=sock, backlog=4096)
         else:
@@ -242,6 +247,25 @@ class MetadataServer:
         if self._idle_handle is not None:
             self._idle_handle.cancel()
             self._idle_handle = None
+        if self._head_handle is not None:
+            self._head_handle.cancel()
+            self._head_handle = None
+
+    def _head_every(self) -> float:
+        return min(max(0.25, self.header_timeout / 4), 5.0)
+
+    def _sweep_heads(self) -> None:
+        """Close connections whose request (head, or a body being skipped) has been arriving for
+        longer than ``header_timeout``: a client trickling a byte at a time (slowloris) would
+        otherwise hold its connection, and a file descriptor, forever."""
+        now = time.monotonic()
+        limit = self.header_timeout
+        for c in list(self.conns):
+            if (c.buf or c.skip) and c.waiter is None and c.out is None and c.transport is not None \
+                    and now - c.head_t > limit:
+                c.closing = True
+                c.transport.abort()
+        self._head_handle = asyncio.get_running_loop().call_later(self._head_every(), self._sweep_heads)
 
     def _sweep_idle(self) -> None:
         """Close keep-alive connections idle for longer than ``idle_timeout`` (waiters excepted)."""
@@ -440,8 +464,8 @@ class MetadataServer:
 
 
 class _Conn(asyncio.Protocol):
-    __slots__ = ("buf", "close_after", "closing", "last", "out", "out_off", "paused", "peer", "server", "skip",
-                 "transport", "waiter")
+    __slots__ = ("buf", "close_after", "closing", "head_t", "last", "out", "out_off", "paused", "peer", "server",
+                 "skip", "transport", "waiter")
 
     def __init__(self, server: MetadataServer) -> None:
         self.server = server
@@ -452,6 +476,7 @@ class _Conn(asyncio.Protocol):
         self.closing = False
         self.skip = 0
         self.last = time.monotonic()
+        self.head_t = self.last  # when the request now arriving began (header timeout)
         self.out: bytes | None = None  # a big body being written chunk by chunk
         self.out_off = 0
         self.paused = False
@@ -487,6 +512,8 @@ class _Conn(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         self.last = time.monotonic()
+        if not self.buf and not self.skip:
+            self.head_t = self.last
         if self.skip:
             n = min(self.skip, len(data))
             self.skip -= n
@@ -565,6 +592,7 @@ class _Conn(asyncio.Protocol):
                 buf.clear()
             else:
                 del buf[: end + 4]
+                self.head_t = self.last  # the next request began arriving with the last data
             req = heads.get(head)
             if req is None:
                 req = parse_head(head, srv.fmt_for)
@@ -581,6 +609,7 @@ class _Conn(asyncio.Protocol):
                     del buf[:clen]
                 else:
                     self.skip = clen - len(buf)
+                    self.head_t = self.last
                     buf.clear()
             if kind != _LOOKUP:
                 self.send(_BAD if kind == _BADPATH else _ROUTER_404, method, keep and kind != _BADPATH)

@@ -82,6 +82,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="seconds the server may be unreachable before /ready reports degraded")
     p.add_argument("--idle-timeout", type=float, default=120.0,
                    help="close keep-alive connections idle this many seconds (0: never)")
+    p.add_argument("--header-timeout", type=float, default=10.0,
+                   help="close a connection whose request has not fully arrived after this many seconds (0: never)")
     p.add_argument("--file-poll", type=float, default=0.5, help="seconds between answers-file change checks")
     add_common_args(p, metrics_listen="127.0.0.1:9112")
     for a in p._actions:  # Go-style single-dash spellings of the common flags
@@ -128,15 +130,32 @@ def load_cache_at_start(path: Path) -> bytes | None:
         return None
 
 
+def raise_open_files_limit() -> tuple[int, int]:
+    """Raise the soft limit on open files to the hard limit (every client connection is a file
+    descriptor; the usual soft limit of 1,024 would lock new clients out long before the process
+    is busy). Returns the (soft, hard) limits now in force."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != hard:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+            soft = hard
+        except (ValueError, OSError) as e:
+            log.warning("cannot raise the open files limit", soft=soft, hard=hard, error=str(e))
+    return soft, hard
+
+
 async def serve(args: argparse.Namespace, stop: asyncio.Event) -> None:
     from metadata.http import MetadataServer
     from metadata.source import Applier, FileSource, SubscribeSource
 
+    raise_open_files_limit()
     _register_metrics()
     health = Health()
     health.require("synced")
     server = MetadataServer(xff=args.xff, xff_trusted=args.xff_trusted, max_waiters=args.max_waiters,
-                            stats=_STATS, idle_timeout=args.idle_timeout)
+                            stats=_STATS, idle_timeout=args.idle_timeout, header_timeout=args.header_timeout)
     gauge("metadata", "longpoll_waiters", "long-poll requests waiting").set_function(lambda: len(server.waiters))
     gauge("metadata", "connections", "open metadata API connections").set_function(lambda: len(server.conns))
     answers = Path(args.answers)

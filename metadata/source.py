@@ -268,6 +268,7 @@ class SubscribeSource:
         self._stream_factory = stream_factory
         self._retry = Backoff(1.0, 30.0)
         self._retry_handle: asyncio.TimerHandle | None = None
+        self._failing_since: float | None = None  # first of the downloads failing in a row
 
     # -------------------------------------------------------------- downloads
     async def download_once(self) -> None:
@@ -317,6 +318,11 @@ class SubscribeSource:
                 self._last_error = err
                 self._done_gen = max(self._done_gen, target)
                 self._cond.notify_all()
+            if err and self._failing_since is None:
+                self._failing_since = time.monotonic()
+            elif not err:
+                self._failing_since = None
+                self.health.set("downloads", True, "ok")
             if err:  # better than the original (which waited for the next event): retry with back-off
                 delay = self._retry.next()
                 log.info("answers download will be retried", seconds=round(delay, 2))
@@ -354,9 +360,15 @@ class SubscribeSource:
         self.kick()
 
     async def watch_server(self, stream: Any, stop: asyncio.Event) -> None:
-        """Readiness: connected, or disconnected for less than the grace period."""
+        """Readiness: connected, or disconnected for less than the grace period; and downloads
+        not failing for longer than the grace period (a server that accepts the event stream but
+        fails every download leaves the answers stale just the same)."""
         since: float | None = time.monotonic()
         while not stop.is_set():
+            fs = self._failing_since
+            if fs is not None and time.monotonic() - fs > self.grace:
+                self.health.set("downloads", False, f"answers downloads failing for {time.monotonic() - fs:.0f}s: "
+                                f"{self._last_error[:200]}")
             if stream.connected:
                 since = None
                 self.health.set("server", True, "connected")
@@ -376,6 +388,7 @@ class SubscribeSource:
         stream = factory(self.cfg, self.api, workers=3, on_connect=self.on_connect, component="metadata")
         stream.on("config.update", self.on_config_update)
         self.health.set("server", True, "starting")
+        self.health.set("downloads", True, "starting")
         try:
             async with asyncio.TaskGroup() as tg:
                 tg.create_task(self.downloader(stop))

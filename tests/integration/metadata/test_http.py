@@ -502,3 +502,70 @@ def test_negative_max_wait_answers_at_once(md: Metadata) -> None:
     r = md.get("/latest/nothere?wait=true&value=x&maxWait=-1", timeout=20)
     assert (r.status, r.body) == (404, b"Not found\n")
     assert md.metric("corral_metadata_longpoll_waiters") == 0
+
+
+def test_slow_request_heads_are_closed(tmp_path: Path) -> None:
+    """Slowloris: clients trickling a request head (or a declared body) a byte at a time are closed
+    once the request has been arriving for --header-timeout, while other clients are served."""
+    import select
+
+    f = tmp_path / "a.json"
+    f.write_bytes(EXAMPLE.read_bytes())
+    m = start_metadata(f, "--header-timeout", "1")
+    socks: list[socket.socket] = []
+    try:
+        payload = b"GET /latest/version HTTP/1.1\r\nHost: metadata\r\nX-Pad: " + b"a" * 4096
+        body = b"GET /latest/version HTTP/1.1\r\nContent-Length: 100000\r\n\r\n"
+        for i in range(100):
+            s = socket.create_connection(("127.0.0.1", m.port), timeout=10)
+            if i % 10 == 0:  # a complete head, then a body that never finishes
+                s.sendall(body)
+            socks.append(s)
+        open_ = set(socks)
+        deadline = time.monotonic() + 60  # a failsafe only: they must close after ~1-2 s
+        step = 0
+        while open_ and time.monotonic() < deadline:
+            for s in list(open_):
+                try:
+                    s.send(payload[step % len(payload):step % len(payload) + 1])
+                except OSError:
+                    open_.discard(s)
+            readable, _, _ = select.select(list(open_), [], [], 0.3)
+            for s in readable:
+                try:
+                    if s.recv(1) == b"":
+                        open_.discard(s)
+                except OSError:
+                    open_.discard(s)
+            step += 1
+            if step == 2:  # meanwhile an ordinary client is served
+                assert m.get("/latest/version").body == b"42-5cc6db68"
+        assert not open_, f"{len(open_)} trickling connections still open"
+        m.wait_for(lambda: m.metric("corral_metadata_connections") == 0)
+        assert m.get("/latest/version").body == b"42-5cc6db68"
+    finally:
+        for s in socks:
+            s.close()
+        m.proc.stop()
+
+
+def test_open_files_soft_limit_raised_to_hard(tmp_path: Path) -> None:
+    import resource
+
+    f = tmp_path / "a.json"
+    f.write_bytes(EXAMPLE.read_bytes())
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    low = min(256, hard)
+    if low == hard:
+        pytest.skip("the hard open-files limit is already at 256 or below")
+    resource.setrlimit(resource.RLIMIT_NOFILE, (low, hard))  # inherited by the daemon
+    try:
+        m = start_metadata(f)
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    try:
+        limits = Path(f"/proc/{m.proc.pid}/limits").read_text()
+        line = next(ln for ln in limits.splitlines() if ln.startswith("Max open files"))
+        assert line.split()[3:5] == [str(hard), str(hard)], line
+    finally:
+        m.proc.stop()

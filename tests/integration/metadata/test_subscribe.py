@@ -225,3 +225,23 @@ def test_persist_short_write_keeps_the_last_good_cache(env: tuple[StandIn, Path]
             m2.proc.stop()
     finally:
         m.proc.stop()
+
+
+def test_ready_turns_503_while_downloads_keep_failing(env: tuple[StandIn, Path]) -> None:
+    """The event stream stays up but every download fails: the answers go stale all the same,
+    so /ready reports it after the grace period, and recovers once a download succeeds."""
+    s, cache = env
+    m = start_sub(s, cache)
+    try:
+        m.wait_for(lambda: "shop-web-1" in names(m) and ready(m))
+        s.ctl("fault", "http", "--path", "*/configcontent/*", "--status", "500", "--for", "600s")
+        s.ctl("container", "create", "--name", "stale1", "--host", "node-a")
+        m.wait_for(lambda: not ready(m), timeout=30)
+        conds = json.loads(m.admin("/ready")[1])["conditions"]
+        assert conds["downloads"]["ok"] is False and "failing" in conds["downloads"]["detail"]
+        assert conds["server"]["ok"] is True  # the stream itself is fine
+        assert "stale1" not in names(m) and m.admin("/healthz")[0] == 200
+        s.ctl("fault", "clear")
+        m.wait_for(lambda: "stale1" in names(m) and ready(m), timeout=60)
+    finally:
+        m.proc.stop()
