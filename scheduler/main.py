@@ -1,0 +1,363 @@
+"""``corral scheduler``: the server's placement decisions, from pools kept current by metadata.
+
+Tasks (one TaskGroup): the event stream (``scheduler.prioritize`` / ``reserve`` / ``release``,
+answered by the pure :class:`~scheduler.pools.Pools`), the metadata sync (long-poll on
+``/version``, a fresh :class:`~scheduler.pools.Base` built in chunks so events keep flowing,
+installed with the journal of pending bookings), the admin listener (``/healthz`` 503 while it
+cannot place, ``/ready``, ``/metrics``) and the original's ``/healthcheck`` listener.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import time
+from typing import Any
+
+from aiohttp import web
+
+from agents.api import ApiClient
+from agents.cli import run_daemon
+from agents.config import CattleConfig, add_cattle_args, add_common_args, duration_arg, env_str
+from agents.errors import ConfigError, InputError, TransportError
+from agents.eventstream import Event, EventStream, Reply
+from agents.log import get_logger
+from agents.metadata_client import MetadataClient
+from agents.metrics import AdminServer, Health, counter, gauge, histogram, start_listener
+from scheduler.pools import PORT_RANGE, BaseBuilder, Pools, SchedulerError
+from scheduler.request import parse_request
+
+__all__ = ["Scheduler", "main"]
+
+log = get_logger(__name__)
+_PRIORITIZE = histogram("scheduler", "prioritize_seconds", "Time to answer scheduler.prioritize (decision only)",
+                        buckets=(0.0001, 0.00025, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.1))
+_DECISIONS = counter("scheduler", "decisions", "Scheduler events by name and outcome", ["event", "outcome"])
+_USED = gauge("scheduler", "pool_used", "Used amount per host and pool", ["host", "resource"])
+_TOTAL = gauge("scheduler", "pool_total", "Total amount per host and pool", ["host", "resource"])
+_PORTS = gauge("scheduler", "ports_used", "Ports booked per host", ["host"])
+_PENDING = gauge("scheduler", "pending_bookings", "Reservations metadata does not show yet (the journal)")
+_STALE = gauge("scheduler", "metadata_stale", "1 while the pools come from an old metadata version")
+_SYNC = histogram("scheduler", "sync_seconds", "Time to rebuild the pools from metadata",
+                  buckets=(0.005, 0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5))
+_UPDATES = counter("scheduler", "host_updates", "scheduler.update events posted to the server, by outcome",
+                   ["outcome"])
+
+CHUNK = 2000  # containers folded in between two yields to the event loop during a rebuild
+
+
+def _metadata_url(addr: str) -> str:
+    return addr.rstrip("/") if "://" in addr else f"http://{addr}"
+
+
+def _port_range(v: str) -> tuple[int, int]:
+    lo, sep, hi = v.partition("-")
+    try:
+        r = (int(lo), int(hi if sep else lo))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"bad port range {v!r} (use e.g. 32768-61000)") from None
+    if not 1 <= r[0] <= r[1] <= 65535:
+        raise argparse.ArgumentTypeError(f"bad port range {v!r}")
+    return r
+
+
+class Scheduler:
+    """The adapter: events in, decisions from :class:`Pools`, pools fed from metadata."""
+
+    def __init__(self, args: argparse.Namespace, cattle: CattleConfig | None) -> None:
+        self.args = args
+        self.pools = Pools(port_range=args.port_range, seed=args.seed, shuffle_ties=args.shuffle_ties,
+                           pending_ttl=args.pending_ttl)
+        self.health = Health()
+        self.health.require("metadata", "events")
+        self.meta = MetadataClient(_metadata_url(args.metadata_address), api_version="2016-07-29",
+                                   timeout=10.0)
+        self.api = ApiClient(cattle) if cattle is not None else None
+        self.stream = EventStream(cattle, self.api, workers=args.workers, queue_size=10000,
+                                  on_connect=self._on_connect, component="scheduler") \
+            if cattle is not None and self.api is not None else None
+        if self.stream is not None:
+            self.stream.on("scheduler.prioritize", self.on_prioritize)
+            self.stream.on("scheduler.reserve", self.on_reserve)
+            self.stream.on("scheduler.release", self.on_release)
+        self.version = ""
+        self.synced_at = 0.0
+        self._kick = asyncio.Event()
+        self._synced = asyncio.Event()
+        self.last_error = ""
+
+    # -- events -------------------------------------------------------------------------
+    @staticmethod
+    def _error(name: str, e: Exception) -> Reply:
+        _DECISIONS.labels(name, "error").inc()
+        return Reply(transitioning="error", message=str(e), resource_type="schedulerRequest")
+
+    async def _ensure_synced(self) -> None:
+        """The original's lazy initial sync: wait a little for the first metadata load."""
+        if self.pools.synced:
+            return
+        self._kick.set()
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._synced.wait(), self.args.initial_sync_wait)
+        if not self.pools.synced:
+            raise SchedulerError(f"scheduler has no host data yet: metadata unavailable ({self.last_error or 'no answer'})")
+
+    async def on_prioritize(self, ev: Event) -> Reply:
+        try:
+            req = parse_request(ev.data)
+            await self._ensure_synced()
+            t0 = time.perf_counter()
+            cands = self.pools.prioritize(req)
+            _PRIORITIZE.observe(time.perf_counter() - t0)
+        except (InputError, SchedulerError) as e:
+            return self._error("prioritize", e)
+        _DECISIONS.labels("prioritize", "ok" if cands else "none").inc()
+        log.debug("prioritized", id=ev.id, candidates=len(cands), first=cands[:1])
+        return Reply(data={"prioritizedCandidates": cands}, resource_type="schedulerRequest")
+
+    async def on_reserve(self, ev: Event) -> Reply:
+        try:
+            req = parse_request(ev.data)
+            await self._ensure_synced()
+            data = self.pools.reserve(req, event_id=ev.id, now=time.monotonic())
+        except (InputError, SchedulerError) as e:
+            log.info("reserve refused", id=ev.id, host=(ev.data.get("schedulerRequest") or {}).get("hostID"),
+                     error=str(e))
+            return self._error("reserve", e)
+        _DECISIONS.labels("reserve", "ok").inc()
+        return Reply(data=data, resource_type="schedulerRequest")
+
+    async def on_release(self, ev: Event) -> Reply:
+        try:
+            req = parse_request(ev.data)
+        except InputError as e:
+            return self._error("release", e)
+        self.pools.release(req, event_id=ev.id, now=time.monotonic())
+        _DECISIONS.labels("release", "ok").inc()
+        return Reply(resource_type="schedulerRequest")
+
+    async def _on_connect(self) -> None:
+        # events sent while the stream was down are lost: resync from metadata at once
+        self._kick.set()
+
+    # -- metadata -----------------------------------------------------------------------
+    async def sync_once(self) -> bool:
+        """Fetch hosts and containers, rebuild the pools in chunks, install; False on failure."""
+        t0 = time.perf_counter()
+        try:
+            version = await self.meta.version()
+            hosts = await self.meta.get("hosts") or []
+            containers = await self.meta.get("containers") or []
+            if not isinstance(hosts, list) or not isinstance(containers, list):
+                raise InputError("metadata hosts/containers are not lists")
+        except (TransportError, InputError) as e:
+            self._degraded(str(e))
+            return False
+        builder = BaseBuilder(hosts, version)
+        for i in range(0, len(containers), CHUNK):
+            builder.add_containers(containers[i:i + CHUNK])
+            await asyncio.sleep(0)  # let events through during a big rebuild
+        changed = self.pools.install(builder.result(), now=time.monotonic())
+        self.version = version
+        self.synced_at = time.monotonic()
+        self.last_error = ""
+        self._synced.set()
+        _SYNC.observe(time.perf_counter() - t0)
+        _STALE.set(0)
+        self.health.set("metadata", True, f"version {version}, {len(hosts)} hosts, {len(containers)} containers")
+        log.debug("pools rebuilt", version=version, hosts=len(hosts), containers=len(containers),
+                  pending=len(self.pools.journal), seconds=round(time.perf_counter() - t0, 4))
+        if changed:
+            await self._post_update()
+        return True
+
+    def _degraded(self, err: str) -> None:
+        if not self.last_error:
+            log.warning("metadata unavailable, placing from the last known pools", error=err)
+        self.last_error = err
+        if self.pools.synced:
+            _STALE.set(1)
+            # still able to place from the last known pools: ready, but say so
+            self.health.set("metadata", True, f"stale since version {self.version}: {err}")
+        else:
+            self.health.set("metadata", False, err)
+
+    async def _post_update(self) -> None:
+        if self.api is None:
+            return
+        try:
+            await self.api.post_json("/externalhostevents", {"eventType": "scheduler.update"})
+            _UPDATES.labels("ok").inc()
+            log.info("host labels or hosts changed, scheduler.update sent")
+        except TransportError as e:
+            _UPDATES.labels("error").inc()
+            log.warning("scheduler.update could not be sent", error=str(e))
+
+    async def watch_metadata(self, stop: asyncio.Event) -> None:
+        """Rebuild on every metadata version (at most every --sync-min-interval), and a full
+        resync every --resync-interval even when the version did not move."""
+        from agents.backoff import Backoff
+
+        bo = Backoff(0.2, 10.0)
+        last_sync = 0.0
+        while not stop.is_set():
+            self._kick.clear()
+            ok = await self.sync_once()
+            last_sync = time.monotonic()
+            if not ok:
+                await self._sleep(stop, bo.next())
+                continue
+            bo.reset()
+            # wait for a version change, a kick, or the periodic resync
+            deadline = last_sync + self.args.resync_interval
+            while not stop.is_set() and not self._kick.is_set() and time.monotonic() < deadline:
+                wait = min(self.args.metadata_wait, max(1.0, deadline - time.monotonic()))
+                try:
+                    task = asyncio.ensure_future(self.meta.wait_version(self.version, wait))
+                    kick = asyncio.ensure_future(self._kick.wait())
+                    stopper = asyncio.ensure_future(stop.wait())
+                    done, _ = await asyncio.wait({task, kick, stopper}, return_when=asyncio.FIRST_COMPLETED)
+                    for t in (task, kick, stopper):
+                        if t not in done:
+                            t.cancel()
+                    if task in done:
+                        v = task.result()
+                        if v and v != self.version:
+                            break
+                except TransportError as e:
+                    self._degraded(str(e))
+                    await self._sleep(stop, bo.next())
+                    break
+            gap = self.args.sync_min_interval - (time.monotonic() - last_sync)
+            if gap > 0:
+                await self._sleep(stop, gap)
+
+    @staticmethod
+    async def _sleep(stop: asyncio.Event, delay: float) -> None:
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), delay)
+
+    # -- health and metrics ---------------------------------------------------------------
+    def can_place(self) -> tuple[bool, str]:
+        if not self.pools.synced:
+            return False, f"no host data yet ({self.last_error or 'waiting for metadata'})"
+        if self.stream is not None and not self.stream.connected:
+            return False, "event stream disconnected (reconnecting)"
+        stale = f", stale: {self.last_error}" if self.last_error else ""
+        return True, f"{len(self.pools.hosts)} hosts, version {self.version}{stale}"
+
+    async def _healthz(self, request: web.Request) -> web.Response:
+        ok, detail = self.can_place()
+        return web.Response(status=200 if ok else 503, text=("ok: " if ok else "cannot place: ") + detail + "\n")
+
+    async def _healthcheck(self, request: web.Request) -> web.Response:
+        """The original's health URL: metadata and the server's ping answer (503 instead of 404)."""
+        problems = []
+        try:
+            await self.meta.version()
+        except TransportError as e:
+            problems.append(f"metadata: {e}")
+        if self.api is not None:
+            try:
+                base = self.api.cfg.base
+                await self.api.get_bytes(base[: base.rstrip("/").rfind("/")] + "/ping")  # the API root's parent
+            except TransportError as e:
+                problems.append(f"server: {e}")
+        if problems:
+            return web.Response(status=503, text="; ".join(problems) + "\n")
+        return web.Response(text="ok")
+
+    def _scrape(self) -> None:
+        _USED.clear()
+        _TOTAL.clear()
+        _PORTS.clear()
+        for u in self.pools.usage():
+            _USED.labels(u.host, u.resource).set(u.used)
+            _TOTAL.labels(u.host, u.resource).set(u.total)
+        for uuid, h in self.pools.hosts.items():
+            _PORTS.labels(uuid).set(sum(len(m) for m in h.ports.values()) + sum(len(m) for m in h.ghost.values()))
+        _PENDING.set(len(self.pools.journal))
+        if self.stream is not None:
+            self.health.set("events", self.stream.connected, "connected" if self.stream.connected else "reconnecting")
+
+    # -- run ------------------------------------------------------------------------------
+    async def serve(self, stop: asyncio.Event) -> None:
+        admin = AdminServer(self.args.metrics_listen, self.health, extra={"/healthz": self._healthz},
+                            on_scrape=self._scrape)
+        await admin.start()
+        hc: Any = None
+        if self.args.health_check_port:
+            app = web.Application()
+            app.router.add_get("/healthcheck", self._healthcheck)
+            try:
+                hc = await start_listener("0.0.0.0", self.args.health_check_port, app)
+            except OSError as e:
+                log.warning("health check port unavailable, carrying on without it", port=self.args.health_check_port,
+                            error=str(e))
+        log.info("starting", metadata=self.meta.base, admin_port=admin.port, port_range=self.args.port_range)
+        try:
+            async with asyncio.TaskGroup() as tg:
+                tg.create_task(self.watch_metadata(stop))
+                if self.stream is not None:
+                    tg.create_task(self.stream.run(stop))
+                tg.create_task(self._events_health(stop))
+        finally:
+            if hc is not None:
+                await hc.cleanup()
+            await admin.stop()
+            await self.meta.close()
+            if self.api is not None:
+                await self.api.close()
+
+    async def _events_health(self, stop: asyncio.Event) -> None:
+        while not stop.is_set():
+            if self.stream is not None:
+                up = self.stream.connected
+                self.health.set("events", up, "connected" if up else "reconnecting")
+                waiter = self.stream.connected_event.wait() if not up else stop.wait()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(waiter, 1.0)
+            else:
+                await stop.wait()
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="corral scheduler", description=(__doc__ or "").splitlines()[0])
+    p.add_argument("--metadata-address", default=env_str("CORRAL_METADATA_ADDRESS", "rancher-metadata"),
+                   help="metadata host[:port] or URL (the original's flag; default rancher-metadata)")
+    p.add_argument("--health-check-port", type=int, default=80,
+                   help="port of the original's /healthcheck (0: off); /healthz is on --metrics-listen")
+    p.add_argument("--port-range", type=_port_range, default=PORT_RANGE,
+                   help="public ports picked for requests without one (default 32768-61000)")
+    p.add_argument("--resync-interval", type=duration_arg, default=180.0, help="full resync period")
+    p.add_argument("--sync-min-interval", type=duration_arg, default=0.5,
+                   help="shortest time between two pool rebuilds (metadata versions in between merge)")
+    p.add_argument("--metadata-wait", type=int, default=5, help="long-poll maxWait seconds")
+    p.add_argument("--initial-sync-wait", type=duration_arg, default=5.0,
+                   help="how long a first event waits for the first metadata load")
+    p.add_argument("--pending-ttl", type=duration_arg, default=600.0,
+                   help="how long a reservation metadata never shows is kept")
+    p.add_argument("--shuffle-ties", action="store_true",
+                   help="break ties between equal hosts by a seeded shuffle instead of uuid order")
+    p.add_argument("--seed", type=int, default=None, help="seed of port choice and tie shuffle (tests)")
+    p.add_argument("--workers", type=int, default=100, help="event workers (the original: 100)")
+    add_cattle_args(p)
+    add_common_args(p, metrics_listen="127.0.0.1:9115")
+    return p
+
+
+def main(argv: list[str]) -> int:
+    args = _parser().parse_args(argv)
+
+    async def serve(stop: asyncio.Event) -> None:
+        cattle = CattleConfig.from_args(args)  # CATTLE_URL / keys are required, as in the original
+        sleep = env_str("CATTLE_SCHEDULER_SLEEPTIME")
+        if sleep:
+            log.info("CATTLE_SCHEDULER_SLEEPTIME is accepted and ignored (the original never used it)", value=sleep)
+        if args.workers < 1:
+            raise ConfigError("--workers must be >= 1")
+        await Scheduler(args, cattle).serve(stop)
+
+    return run_daemon("scheduler", serve, debug=args.debug, log_file=args.log, log_json=args.log_json,
+                      pid_file=args.pid_file)

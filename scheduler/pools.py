@@ -1,0 +1,618 @@
+"""Resource pools per host and the three decisions: prioritize, reserve, release.
+
+Pure: metadata rows and requests in, decisions out; no I/O, no clock (callers pass ``now``).
+
+Where a host's usage comes from (the piece the original got wrong, scheduler.md §5):
+
+    used = recount(metadata)                   containers that hold resources, minus
+           - containers released but still shown by metadata (tombstones)
+           - containers of a pending booking (counted by the booking instead)
+           + pending bookings (reserved, not yet in metadata: the journal)
+
+``Pools.install(base)`` applies a fresh :class:`Base` (built from metadata by
+:class:`BaseBuilder`, in chunks if the caller wants) with that rule, so a resync never
+forgets a reservation whose container metadata does not show yet, and never counts a
+released container metadata still shows. Reserve and release update ``used`` in place and
+the journal with it, so ``recount()`` (the same rule from scratch) always equals ``used``.
+"""
+
+from __future__ import annotations
+
+import random
+from collections import OrderedDict
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+from scheduler.request import PortRequest, PortSpec, Request
+
+__all__ = [
+    "COMPUTE_RESOURCES", "IPS_LABEL", "PORT_RANGE", "REQUIRE_ANY_LABEL", "Base", "BaseBuilder", "Booking",
+    "HostPools", "Pools", "SchedulerError", "Usage", "parse_port_binding",
+]
+
+IPS_LABEL = "io.rancher.scheduler.ips"
+REQUIRE_ANY_LABEL = "io.rancher.scheduler.require_any"
+PORT_RANGE = (32768, 61000)
+INSTANCE_TOTAL = 1_000_000
+ANY_IP = "0.0.0.0"
+COMPUTE_RESOURCES = ("instanceReservation", "cpuReservation", "memoryReservation", "storageSize")
+#: containers in these states hold nothing (compute and ports alike)
+RELEASED_STATES = frozenset({"stopped", "removed", "purged", "removing", "error"})
+
+PortKey = tuple[str, str]  # (ip, protocol)
+
+
+class SchedulerError(Exception):
+    """A placement that cannot be done; the message is the original's reply text."""
+
+
+def parse_port_binding(spec: Any) -> tuple[str, int, str] | None:
+    """Metadata's ``ip:public:private/proto`` (or ``public:private/proto``) -> (ip, public, proto)."""
+    if not isinstance(spec, str):
+        return None
+    body, _, proto = spec.partition("/")
+    parts = body.split(":")
+    try:
+        if len(parts) == 3:
+            ip, pub = parts[0] or ANY_IP, int(parts[1])
+        elif len(parts) == 2:
+            ip, pub = ANY_IP, int(parts[0])
+        else:
+            return None
+    except ValueError:
+        return None
+    if not 0 < pub <= 65535:
+        return None
+    return ip, pub, (proto or "tcp").lower()
+
+
+def _ip_set(labels: dict[str, str]) -> tuple[str, ...]:
+    raw = labels.get(IPS_LABEL, "")
+    ips = tuple(dict.fromkeys(x.strip() for x in raw.split(",") if x.strip()))
+    return ips or (ANY_IP,)
+
+
+def _require_any(labels: dict[str, str]) -> tuple[tuple[str, str | None], ...]:
+    raw = labels.get(REQUIRE_ANY_LABEL)
+    if raw is None:
+        return ()
+    out: list[tuple[str, str | None]] = []
+    for item in raw.split(","):
+        k, eq, v = item.strip().lower().partition("=")
+        if k.strip():
+            out.append((k.strip(), v.strip() if eq else None))
+    return tuple(out)
+
+
+def _num(v: Any) -> int:
+    if isinstance(v, bool):
+        return 0
+    if isinstance(v, int):
+        return max(0, v)
+    if isinstance(v, float):
+        return max(0, int(v))
+    if isinstance(v, str):
+        try:
+            return max(0, int(v))
+        except ValueError:
+            return 0
+    return 0
+
+
+# -- what metadata says -----------------------------------------------------------------------
+
+@dataclass(slots=True)
+class Member:
+    """One container's share of a host, as metadata shows it."""
+
+    cpu: int
+    memory: int
+    ports: list[tuple[str, str, int, bool]]  # (ip, proto, port, ghost)
+
+
+@dataclass(slots=True)
+class HostBase:
+    uuid: str
+    total: dict[str, int]
+    labels: dict[str, str]
+    ips: tuple[str, ...]
+    used: dict[str, int] = field(default_factory=dict)
+    ports: dict[PortKey, dict[int, str]] = field(default_factory=dict)
+    ghost: dict[PortKey, dict[int, str]] = field(default_factory=dict)
+    members: dict[str, Member] = field(default_factory=dict)
+
+
+@dataclass(slots=True)
+class Base:
+    """Pools as metadata alone would have them (no journal, no tombstones)."""
+
+    hosts: dict[str, HostBase]
+    version: str = ""
+
+    def label_view(self) -> dict[str, dict[str, str]]:
+        return {u: h.labels for u, h in self.hosts.items()}
+
+
+class BaseBuilder:
+    """Builds a :class:`Base` from metadata rows; feed containers in as many chunks as you like."""
+
+    def __init__(self, hosts: Iterable[dict[str, Any]], version: str = "") -> None:
+        self.base = Base({}, version)
+        for h in hosts:
+            if not isinstance(h, dict) or not h.get("uuid"):
+                continue
+            raw = h.get("labels")
+            labels = {str(k): "" if v is None else str(v) for k, v in raw.items()} if isinstance(raw, dict) else {}
+            total = {"instanceReservation": INSTANCE_TOTAL, "cpuReservation": _num(h.get("milli_cpu")),
+                     "memoryReservation": _num(h.get("memory")), "storageSize": _num(h.get("local_storage_mb"))}
+            uuid = str(h["uuid"])
+            if uuid in self.base.hosts:
+                continue
+            self.base.hosts[uuid] = HostBase(uuid, total, labels, _ip_set(labels),
+                                             {r: 0 for r in COMPUTE_RESOURCES})
+
+    def add_containers(self, containers: Iterable[dict[str, Any]]) -> None:
+        hosts = self.base.hosts
+        for c in containers:
+            if not isinstance(c, dict):
+                continue
+            h = hosts.get(c.get("host_uuid"))  # type: ignore[arg-type]
+            uuid = c.get("uuid")
+            if h is None or not uuid or c.get("state") in RELEASED_STATES or uuid in h.members:
+                continue
+            cpu, mem = _num(c.get("milli_cpu_reservation")), _num(c.get("memory_reservation"))
+            m = Member(cpu, mem, [])
+            h.members[uuid] = m
+            used = h.used
+            used["instanceReservation"] += 1
+            used["cpuReservation"] += cpu
+            used["memoryReservation"] += mem
+            for spec in c.get("ports") or ():
+                b = parse_port_binding(spec)
+                if b is None:
+                    continue
+                ip, port, proto = b
+                if ip == ANY_IP:
+                    for x in h.ips:
+                        h.ports.setdefault((x, proto), {})[port] = uuid
+                        m.ports.append((x, proto, port, False))
+                elif ip in h.ips:
+                    h.ports.setdefault((ip, proto), {})[port] = uuid
+                    m.ports.append((ip, proto, port, False))
+                else:
+                    h.ghost.setdefault((ip, proto), {})[port] = uuid
+                    m.ports.append((ip, proto, port, True))
+
+    def result(self) -> Base:
+        return self.base
+
+    @classmethod
+    def build(cls, hosts: Iterable[dict[str, Any]], containers: Iterable[dict[str, Any]], version: str = "") -> Base:
+        b = cls(hosts, version)
+        b.add_containers(containers)
+        return b.result()
+
+
+# -- live pools ---------------------------------------------------------------------------------
+
+@dataclass(slots=True)
+class HostPools:
+    uuid: str
+    total: dict[str, int]
+    used: dict[str, int]
+    labels: dict[str, str]
+    ips: tuple[str, ...]
+    ports: dict[PortKey, dict[int, str]]
+    ghost: dict[PortKey, dict[int, str]]
+    require_any: tuple[tuple[str, str | None], ...]
+
+    def free(self, res: str) -> int:
+        return self.total.get(res, 0) - self.used.get(res, 0)
+
+    def port_owner(self, ip: str, proto: str, port: int) -> str | None:
+        return self.ports.get((ip, proto), {}).get(port)
+
+    def ghost_holds(self, proto: str, port: int, owner: str) -> bool:
+        for (_ip, p), m in self.ghost.items():
+            if p == proto:
+                o = m.get(port)
+                if o is not None and o != owner:
+                    return True
+        return False
+
+
+@dataclass(slots=True)
+class Booking:
+    """A reservation not yet visible in metadata (the journal entry)."""
+
+    key: str
+    host: str
+    uuids: set[str]
+    compute: dict[str, int]
+    ports: list[tuple[str, str, int, str, bool]]  # (ip, proto, port, owner, ghost)
+    reply: dict[str, Any] | None
+    at: float
+
+
+@dataclass(frozen=True, slots=True)
+class Usage:
+    host: str
+    resource: str
+    used: int
+    total: int
+
+
+class Pools:
+    """Every host's pools, the journal of pending bookings, and the three decisions."""
+
+    def __init__(self, *, port_range: tuple[int, int] = PORT_RANGE, seed: int | None = None,
+                 shuffle_ties: bool = False, pending_ttl: float = 600.0, tombstone_grace: float = 120.0,
+                 event_cache: int = 4096) -> None:
+        lo, hi = port_range
+        if not 1 <= lo <= hi <= 65535:
+            raise ValueError(f"bad port range {lo}-{hi}")
+        self.port_range = (lo, hi)
+        self.rng = random.Random(seed)
+        self.shuffle_ties = shuffle_ties
+        self._tie: dict[str, int] = {}
+        self._tie_seed = seed or 0
+        self.pending_ttl = pending_ttl
+        self.tombstone_grace = tombstone_grace
+        self.hosts: dict[str, HostPools] = {}
+        self._order: list[str] = []  # host uuids in tie-break order
+        self.base: Base | None = None
+        self.journal: dict[str, Booking] = {}
+        self.tombstones: dict[str, tuple[str, float]] = {}  # container uuid -> (host, released at)
+        self._events: OrderedDict[str, dict[str, Any] | None] = OrderedDict()
+        self._event_cache = event_cache
+        self._released: OrderedDict[str, str] = OrderedDict()  # container uuid -> host, for idempotency
+
+    # -- keeping current ------------------------------------------------------------------
+    @property
+    def synced(self) -> bool:
+        return self.base is not None
+
+    def install(self, base: Base, now: float) -> bool:
+        """Make ``base`` (fresh from metadata, owned by us from now on) the truth, keeping the
+        journal and tombstones. Returns whether host labels or the host set changed."""
+        prev = self.base
+        changed = prev is not None and prev.label_view() != base.label_view()
+        # bookings whose containers metadata now shows all of are counted by metadata: resolved
+        for key, bk in list(self.journal.items()):
+            h = base.hosts.get(bk.host)
+            if h is None or bk.uuids <= h.members.keys() or now - bk.at > self.pending_ttl:
+                del self.journal[key]
+        # a tombstone ends once metadata no longer shows the container, after a grace period for a
+        # metadata that has not even shown its creation yet
+        for uuid, (host, at) in list(self.tombstones.items()):
+            h = base.hosts.get(host)
+            if (h is None or uuid not in h.members) and now - at > self.tombstone_grace:
+                del self.tombstones[uuid]
+        covered = {u: bk.host for bk in self.journal.values() for u in bk.uuids}
+        skip = {u: host for u, (host, _) in self.tombstones.items()}
+        skip.update(covered)
+        hosts: dict[str, HostPools] = {}
+        for uuid, hb in base.hosts.items():
+            hosts[uuid] = HostPools(uuid, dict(hb.total), dict(hb.used), hb.labels, hb.ips,
+                                    {k: dict(v) for k, v in hb.ports.items()},
+                                    {k: dict(v) for k, v in hb.ghost.items()}, _require_any(hb.labels))
+        for cu, host in skip.items():
+            hbase = base.hosts.get(host)
+            m = hbase.members.get(cu) if hbase is not None else None
+            if m is None:
+                continue
+            hp = hosts[host]
+            self._unmember(hp, cu, m)
+        for bk in self.journal.values():
+            hp = hosts[bk.host]
+            for res, amt in bk.compute.items():
+                hp.used[res] = hp.used.get(res, 0) + amt
+            for ip, proto, port, owner, ghost in bk.ports:
+                (hp.ghost if ghost else hp.ports).setdefault((ip, proto), {})[port] = owner
+        self.hosts = hosts
+        self.base = base
+        if self.shuffle_ties:
+            self._tie = {u: random.Random(f"{self._tie_seed}:{u}").random() for u in hosts}  # type: ignore[misc]
+        self._order = sorted(hosts, key=(lambda u: (self._tie[u], u)) if self.shuffle_ties else None)
+        return changed
+
+    @staticmethod
+    def _unmember(hp: HostPools, cu: str, m: Member) -> None:
+        u = hp.used
+        u["instanceReservation"] = max(0, u["instanceReservation"] - 1)
+        u["cpuReservation"] = max(0, u["cpuReservation"] - m.cpu)
+        u["memoryReservation"] = max(0, u["memoryReservation"] - m.memory)
+        for ip, proto, port, ghost in m.ports:
+            pm = (hp.ghost if ghost else hp.ports).get((ip, proto))
+            if pm is not None and pm.get(port) == cu:
+                del pm[port]
+
+    def recount(self) -> dict[str, tuple[dict[str, int], dict[PortKey, dict[int, str]], dict[PortKey, dict[int, str]]]]:
+        """(used, ports, ghost) per host computed from scratch with the install rule (for checks)."""
+        if self.base is None:
+            return {}
+        shadow = Pools(port_range=self.port_range, pending_ttl=float("inf"), tombstone_grace=float("inf"))
+        shadow.journal = {k: Booking(b.key, b.host, set(b.uuids), dict(b.compute), list(b.ports), b.reply, b.at)
+                          for k, b in self.journal.items()}
+        shadow.tombstones = dict(self.tombstones)
+        base = self.base
+        fresh = Base({u: HostBase(h.uuid, dict(h.total), h.labels, h.ips, dict(h.used),
+                                  {k: dict(v) for k, v in h.ports.items()}, {k: dict(v) for k, v in h.ghost.items()},
+                                  h.members) for u, h in base.hosts.items()}, base.version)
+        shadow.install(fresh, now=max([b.at for b in self.journal.values()], default=0.0))
+        return {u: (h.used, h.ports, h.ghost) for u, h in shadow.hosts.items()}
+
+    def usage(self) -> list[Usage]:
+        return [Usage(u, r, h.used.get(r, 0), h.total.get(r, 0)) for u, h in self.hosts.items() for r in h.total]
+
+    # -- prioritize ------------------------------------------------------------------------
+    def prioritize(self, req: Request) -> list[str]:
+        """Host uuids that can take the request, best first (scheduler.md §4.2)."""
+        sums: dict[str, int] = {}
+        for res, amt in req.honoured_compute:
+            sums[res] = sums.get(res, 0) + amt
+        port_reqs = [pr for pr in req.ports if pr.specs]
+        ctx_labels = [{k.lower(): v.lower() for k, v in i.labels.items()} for i in req.context]
+        out: list[HostPools] = []
+        hosts = self.hosts
+        for uuid in self._order:
+            h = hosts[uuid]
+            ok = True
+            for res, amt in sums.items():
+                t = h.total.get(res)
+                if t is None or t - h.used.get(res, 0) < amt:
+                    ok = False
+                    break
+            if not ok:
+                continue
+            if port_reqs and not all(self._fitting_ip(h, pr) is not None for pr in port_reqs):
+                continue
+            if h.require_any and not _labels_match(h.require_any, ctx_labels):
+                continue
+            out.append(h)
+        order = list(dict.fromkeys(res for res, _ in req.honoured_compute))
+        if order:  # stable sort: ties keep the deterministic host order
+            out.sort(key=lambda h: tuple(h.used.get(r, 0) - h.total.get(r, 0) for r in order))
+        return [h.uuid for h in out]
+
+    def _fits(self, h: HostPools, ip: str, s: PortSpec, owner: str) -> bool:
+        if not s.public:
+            return True
+        if s.ip and s.ip != ANY_IP and s.ip not in h.ips:
+            return True  # a binding outside the set is checked where it is booked (ghost map)
+        o = h.ports.get((ip, s.protocol), {}).get(s.public)
+        if o is not None and o != owner:
+            return False
+        return not (ip == ANY_IP and h.ghost_holds(s.protocol, s.public, owner))
+
+    def _fitting_ip(self, h: HostPools, pr: PortRequest) -> str | None:
+        publics = [(s.ip, s.protocol, s.public) for s in pr.specs if s.public]
+        if len(set(publics)) != len(publics):
+            return None  # one container cannot bind the same public port twice
+        for ip in h.ips:
+            if all(self._fits(h, ip, s, pr.resource_uuid) for s in pr.specs
+                   if not s.ip or s.ip == ANY_IP or s.ip not in h.ips or s.ip == ip) and \
+                    all(s.ip == ip for s in pr.specs if s.ip and s.ip != ANY_IP and s.ip in h.ips):
+                return ip
+        return None
+
+    # -- reserve ---------------------------------------------------------------------------
+    def _remember(self, event_id: str, reply: dict[str, Any] | None) -> None:
+        if not event_id:
+            return
+        self._events[event_id] = reply
+        self._events.move_to_end(event_id)
+        while len(self._events) > self._event_cache:
+            self._events.popitem(last=False)
+
+    def reserve(self, req: Request, *, event_id: str = "", now: float = 0.0) -> dict[str, Any] | None:
+        """Book the request on ``req.host_id``; the reply ``data`` (port reservations) or None.
+
+        Idempotent per event id and per container: a redelivery, or a second reserve of the
+        same containers on the same host, books nothing and returns the first reply.
+        """
+        if event_id and event_id in self._events:
+            return self._events[event_id]
+        h = self.hosts.get(req.host_id)
+        if h is None:
+            return None  # not synced yet: the original answers success with no data
+        uuids = req.uuids
+        key = f"{req.host_id}|{','.join(sorted(uuids))}" if uuids else f"{req.host_id}|event:{event_id}"
+        bk = self.journal.get(key)
+        if bk is not None:
+            self._remember(event_id, bk.reply)
+            return bk.reply
+        members = self.base.hosts[req.host_id].members if self.base is not None else {}
+        if uuids and all(u in members and u not in self.tombstones for u in uuids):
+            reply = self._reply_from_owned(h, req)  # already running there, as metadata shows
+            self._remember(event_id, reply)
+            return reply
+        compute = req.honoured_compute
+        if not req.force:
+            for res, amt in compute:
+                if res in h.total and h.used.get(res, 0) + amt > h.total[res]:
+                    raise SchedulerError(f"Not enough available resources on host {h.uuid} to reserve {{{res} {amt}}}")
+        booked: list[tuple[str, str, int, str, bool]] = []
+        reply_ports: list[dict[str, Any]] = []
+        try:
+            for pr in req.ports:
+                if not pr.specs:
+                    continue
+                try:
+                    allocated = self._book_ports(h, pr, booked)
+                except SchedulerError:
+                    if not req.force:
+                        raise
+                    allocated = []
+                reply_ports.append({"instanceID": pr.instance_id, "allocatedIPs": allocated})
+        except SchedulerError:
+            for ip, proto, port, owner, ghost in booked:  # roll back this request's ports
+                pm = (h.ghost if ghost else h.ports).get((ip, proto))
+                if pm is not None and pm.get(port) == owner:
+                    del pm[port]
+            raise
+        amounts: dict[str, int] = {}
+        for res, amt in compute:
+            if res in h.total:
+                h.used[res] = h.used.get(res, 0) + amt
+                amounts[res] = amounts.get(res, 0) + amt
+        reply = {"portReservation": reply_ports} if reply_ports else None
+        self.journal[key] = Booking(key, h.uuid, set(uuids), amounts, booked, reply, now)
+        self._remember(event_id, reply)
+        return reply
+
+    def _reply_from_owned(self, h: HostPools, req: Request) -> dict[str, Any] | None:
+        out = []
+        for pr in req.ports:
+            if not pr.specs:
+                continue
+            allocated = []
+            for s in pr.specs:
+                for (ip, proto), pm in list(h.ports.items()) + list(h.ghost.items()):
+                    if proto != s.protocol:
+                        continue
+                    for port, owner in pm.items():
+                        if owner == pr.resource_uuid and (port == s.public or not s.public):
+                            allocated.append({"allocatedIP": ip, "publicPort": port, "privatePort": s.private,
+                                              "protocol": proto})
+                            break
+                    else:
+                        continue
+                    break
+            out.append({"instanceID": pr.instance_id, "allocatedIPs": allocated})
+        return {"portReservation": out} if out else None
+
+    def _book_ports(self, h: HostPools, pr: PortRequest,
+                    booked: list[tuple[str, str, int, str, bool]]) -> list[dict[str, Any]]:
+        owner = pr.resource_uuid
+        ip = self._fitting_ip(h, pr)
+        if ip is None:
+            if len(h.ips) > 1:
+                raise SchedulerError("No available ip satisfies the port requests")
+            for s in pr.specs:
+                if s.public and not self._fits(h, h.ips[0], s, owner):
+                    raise SchedulerError(f"Port {s.public} is already used in ip {h.ips[0]} on protocol {s.protocol}")
+            raise SchedulerError("No available ip satisfies the port requests")
+        out = []
+        for s in pr.specs:
+            target, ghost = ip, False
+            if s.ip and s.ip != ANY_IP:
+                target = s.ip
+                if s.ip not in h.ips:
+                    ghost = True
+                    held = h.ghost.get((s.ip, s.protocol), {}).get(s.public) if s.public else None
+                    any_held = h.ports.get((ANY_IP, s.protocol), {}).get(s.public) if s.public else None
+                    if (held is not None and held != owner) or (any_held is not None and any_held != owner):
+                        raise SchedulerError(f"Port {s.public} is already used in ip {s.ip} on protocol {s.protocol}")
+            port = s.public or self._random_port(h, target, s.protocol, ghost)
+            pm = (h.ghost if ghost else h.ports).setdefault((target, s.protocol), {})
+            o = pm.get(port)
+            if o is not None and o != owner:
+                raise SchedulerError(f"Port {port} is already used in ip {target} on protocol {s.protocol}")
+            if o is None:
+                pm[port] = owner
+                booked.append((target, s.protocol, port, owner, ghost))
+            elif (target, s.protocol, port, owner, ghost) in booked:
+                raise SchedulerError(f"Port {port} is already used in ip {target} on protocol {s.protocol}")
+            out.append({"allocatedIP": target, "publicPort": port, "privatePort": s.private, "protocol": s.protocol})
+        return out
+
+    def _random_port(self, h: HostPools, ip: str, proto: str, ghost: bool) -> int:
+        """A port drawn uniformly from the free ones in the range; a clear error when none is left."""
+        lo, hi = self.port_range
+        taken = (h.ghost if ghost else h.ports).get((ip, proto), {})
+        ghosts = [m for (_i, p), m in h.ghost.items() if p == proto] if ip == ANY_IP and not ghost else []
+
+        def free(p: int) -> bool:
+            return p not in taken and not any(p in g for g in ghosts)
+
+        for _ in range(32):  # rejection sampling is uniform over the free set and cheap while it is large
+            p = self.rng.randint(lo, hi)
+            if free(p):
+                return p
+        choices = [p for p in range(lo, hi + 1) if free(p)]
+        if not choices:
+            raise SchedulerError(f"No free port left in {lo}-{hi} on ip {ip} protocol {proto}")
+        return self.rng.choice(choices)
+
+    # -- release ---------------------------------------------------------------------------
+    def release(self, req: Request, *, event_id: str = "", now: float = 0.0) -> None:
+        """Give back what ``req`` booked on ``req.host_id`` (scheduler.md §4.4); never fails.
+
+        Idempotent per event id and per container: releasing a container twice gives back once.
+        """
+        if event_id and event_id in self._events:
+            return
+        self._remember(event_id, None)
+        h = self.hosts.get(req.host_id)
+        if h is None:
+            return
+        uuids = req.uuids
+        if uuids and all(self._released.get(u) == h.uuid for u in uuids):
+            return  # released before
+        for u in uuids:
+            self._released[u] = h.uuid
+            self._released.move_to_end(u)
+        while len(self._released) > 4 * self._event_cache:
+            self._released.popitem(last=False)
+        members = self.base.hosts[h.uuid].members if self.base is not None else {}
+        for res, amt in req.honoured_compute:
+            if res in h.used:
+                h.used[res] = max(0, h.used[res] - amt)
+        for pr in req.ports:
+            for s in pr.specs:
+                self._free_port(h, pr.resource_uuid, s)
+        # the journal and tombstones follow, so a recount agrees with what we just did
+        left = dict(req.honoured_compute)
+        for key, bk in list(self.journal.items()):
+            if bk.host != h.uuid or not (bk.uuids & uuids):
+                continue
+            for res, amt in list(left.items()):
+                take = min(amt, bk.compute.get(res, 0))
+                if res in bk.compute:
+                    bk.compute[res] -= take
+                left[res] = amt - take
+            bk.ports = [p for p in bk.ports if p[3] not in uuids or self._still_owned(h, p)]
+            bk.uuids -= uuids
+            if not bk.uuids:
+                del self.journal[key]
+        for u in uuids:
+            self.tombstones[u] = (h.uuid, now)
+        # anything metadata counts for these containers but the request did not give back
+        for u in uuids:
+            m = members.get(u)
+            if m is not None:
+                for ip, proto, port, ghost in m.ports:
+                    pm = (h.ghost if ghost else h.ports).get((ip, proto))
+                    if pm is not None and pm.get(port) == u:
+                        del pm[port]
+
+    @staticmethod
+    def _still_owned(h: HostPools, p: tuple[str, str, int, str, bool]) -> bool:
+        ip, proto, port, owner, ghost = p
+        return (h.ghost if ghost else h.ports).get((ip, proto), {}).get(port) == owner
+
+    @staticmethod
+    def _free_port(h: HostPools, owner: str, s: PortSpec) -> None:
+        ip = s.ip or ANY_IP
+        maps = list(h.ports.items()) + list(h.ghost.items())
+        for (pip, proto), pm in maps:
+            if proto != s.protocol:
+                continue
+            if ip != ANY_IP and pip != ip:
+                continue
+            if s.public:
+                if pm.get(s.public) == owner:
+                    del pm[s.public]
+            else:  # the public port is not known: free what this owner holds for the protocol
+                for port in [p for p, o in pm.items() if o == owner]:
+                    del pm[port]
+
+
+def _labels_match(required: tuple[tuple[str, str | None], ...], ctx: list[dict[str, str]]) -> bool:
+    for labels in ctx:
+        for k, v in required:
+            if k in labels and (v is None or labels[k] == v):
+                return True
+    return False

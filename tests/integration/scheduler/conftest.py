@@ -1,0 +1,106 @@
+"""A real world for the scheduler: the stand-in server, Corral metadata fed by it, and the
+scheduler under test, each its own process."""
+
+from __future__ import annotations
+
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.helpers.procs import Proc, free_port, start_corral, wait_http
+from tests.helpers.standin import StandIn
+
+GiB = 1024**3
+
+
+class World:
+    def __init__(self, tmp: Path, env: dict[str, Any], *sched_args: str) -> None:
+        self.standin = StandIn(load=env)
+        self.md_port = free_port()
+        self.metadata = start_corral(
+            "metadata", "--subscribe", "--listen", f"127.0.0.1:{self.md_port}", "--listenReload",
+            f"127.0.0.1:{free_port()}", "--metrics-listen", f"127.0.0.1:{free_port()}",
+            "--answers", str(tmp / "answers.json"), "--reload-interval-limit", "1000",
+            env=self.standin.env(), name="metadata")
+        wait_http(f"{self.metadata_url}/latest/version", timeout=20)
+        self.admin_port = free_port()
+        self.hc_port = free_port()
+        self.sched_args = ["scheduler", "--metadata-address", self.metadata_url, "--metrics-listen",
+                           f"127.0.0.1:{self.admin_port}", "--health-check-port", str(self.hc_port), "--seed", "1",
+                           "--metadata-wait", "1", "--sync-min-interval", "0.05", *sched_args]
+        self.scheduler: Proc | None = None
+
+    @property
+    def metadata_url(self) -> str:
+        return f"http://127.0.0.1:{self.md_port}"
+
+    def start_scheduler(self) -> Proc:
+        self.scheduler = start_corral(*self.sched_args, env=self.standin.env(), name="scheduler")
+        self.wait_healthy()
+        return self.scheduler
+
+    def healthz(self) -> tuple[int, str]:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{self.admin_port}/healthz", timeout=5) as r:
+                return r.status, r.read().decode()
+        except urllib.error.HTTPError as e:
+            return e.code, e.read().decode()
+        except OSError as e:
+            return 0, str(e)
+
+    def wait_healthy(self, timeout: float = 20.0) -> None:
+        deadline = time.monotonic() + timeout
+        while (st := self.healthz())[0] != 200:
+            assert self.scheduler is not None and self.scheduler.alive(), self.scheduler.log() if self.scheduler else ""
+            assert time.monotonic() < deadline, f"scheduler not healthy: {st}\n{self.scheduler.log()}"
+            time.sleep(0.05)
+
+    def metrics(self) -> str:
+        with urllib.request.urlopen(f"http://127.0.0.1:{self.admin_port}/metrics", timeout=5) as r:
+            return r.read().decode()
+
+    def used(self, host: str, resource: str) -> float:
+        for line in self.metrics().splitlines():
+            if line.startswith("corral_scheduler_pool_used{") and f'host="{host}"' in line \
+                    and f'resource="{resource}"' in line:
+                return float(line.rsplit(" ", 1)[1])
+        raise AssertionError(f"no pool_used for {host}/{resource}")
+
+    def wait_synced(self, timeout: float = 20.0) -> None:
+        """Until the scheduler's pools come from the server's current revision."""
+        rev = self.standin.ctl("revision")["revision"]
+        deadline = time.monotonic() + timeout
+        while True:
+            st, detail = self.healthz()
+            v = detail.partition("version ")[2].split(",")[0].strip()
+            if st == 200 and v and int(v.split("-")[0]) >= rev:
+                return
+            assert time.monotonic() < deadline, f"scheduler did not sync revision {rev}: {detail}"
+            time.sleep(0.05)
+
+    def close(self) -> None:
+        for p in (self.scheduler, self.metadata):
+            if p is not None:
+                p.stop()
+        self.standin.close()
+
+
+TWO_HOSTS = {"hosts": [
+    {"name": "big", "uuid": "h-big", "agent_ip": "127.0.6.1", "agentId": "1", "milli_cpu": 4000, "memory": 8 * GiB},
+    {"name": "small", "uuid": "h-small", "agent_ip": "127.0.6.2", "milli_cpu": 2000, "memory": 4 * GiB},
+]}
+
+
+@pytest.fixture
+def world(tmp_path: Path) -> Iterator[World]:
+    w = World(tmp_path, TWO_HOSTS)
+    try:
+        w.start_scheduler()
+        yield w
+    finally:
+        w.close()
