@@ -7,10 +7,12 @@ query's own question bytes (so owner names echo the asker's case through the com
 pointer) + one rotation + OPT when the query had one. Nothing else happens per query.
 
 Decisions (dns.md §5 "Corral must", §6, §13):
-- existing name: A set (after local CNAMEs); other types NOERROR/NODATA + zone SOA; a CNAME
-  whose chain leaves the table is completed upstream (:class:`Upstream`);
+- existing name: A set (after local CNAMEs); other types NOERROR/NODATA + zone SOA (minimum
+  ``--ttl``); a CNAME whose chain leaves the table is completed upstream for any type but
+  CNAME (:class:`Upstream`);
 - missing name under ``rancher.internal.`` (or with ``rancher.internal`` inside it: search
-  floods) -> NXDOMAIN + SOA; single-label miss -> NXDOMAIN (unless --forward-single-label);
+  floods), and a single-label miss (unless --forward-single-label) -> NXDOMAIN as the original
+  answers it in its zone: AA=1, RA=0, zone SOA with minimum 1;
 - apex ``rancher.internal.`` SOA/NS answered locally; PTR for managed IPs and NXDOMAIN in the
   managed reverse zones (--ptr);
 - everything else is forwarded (:data:`FORWARD`).
@@ -84,13 +86,26 @@ def _n(name: str) -> bytes:
     return wire.text_to_wire(name)
 
 
-def _soa(table: Table, zone: str = ZONE) -> bytes:
-    rdata = _n(ZONE) + _n(ZONE) + struct.pack("!IIIII", table.generation & 0xFFFFFFFF, 60, 10, 86400, table.ttl)
+def _soa(table: Table, zone: str = ZONE, *, minimum: int | None = None) -> bytes:
+    """The zone's SOA: serial = table generation; minimum = ``--ttl`` (NODATA) unless given."""
+    mini = table.ttl if minimum is None else minimum
+    rdata = _n(ZONE) + _n(ZONE) + struct.pack("!IIIII", table.generation & 0xFFFFFFFF, 60, 10, 86400, mini)
     return _rr(_n(zone), wire.SOA, table.ttl, rdata)
 
 
+NX_MINIMUM = 1  # the original's SOA minimum on NXDOMAIN: "no such name" is remembered for 1 s
+
+
+def _nxdomain(table: Table, zone: str = ZONE) -> Prepared:
+    """A local NXDOMAIN as the original answers one under ``rancher.internal``: AA=1, RA=0, the
+    zone SOA (TTL ``--ttl``, minimum 1) in authority. Used for every name Corral answers
+    NXDOMAIN itself (zone, reverse zones, search floods, single-label misses), so none of them
+    looks like a reply relayed from upstream and none is cached for long downstream."""
+    return prepare(wire.NXDOMAIN, [], [_soa(table, zone, minimum=NX_MINIMUM)], ra=False, kind="nxdomain")
+
+
 def prepare(rcode: int, answers: list[bytes], authority: list[bytes] | None = None,
-            additional: list[bytes] | None = None, *, aa: bool = True, rotate_last: int = 0,
+            additional: list[bytes] | None = None, *, aa: bool = True, ra: bool = True, rotate_last: int = 0,
             kind: str = "local") -> Prepared:
     """Concatenate packed RRs once; the trailing ``rotate_last`` answers (the A set) in up to
     ``MAX_ROTATIONS`` rotations. Owner names are either :data:`ASKED` or uncompressed."""
@@ -102,7 +117,7 @@ def prepare(rcode: int, answers: list[bytes], authority: list[bytes] | None = No
         rests = tuple(fixed + b"".join(rot[k:] + rot[:k]) + auth + add for k in range(min(len(rot), MAX_ROTATIONS)))
     else:
         rests = (b"".join(answers) + auth + add,)
-    flags = wire.QR | (wire.AA if aa else 0) | wire.RA | rcode
+    flags = wire.QR | (wire.AA if aa else 0) | (wire.RA if ra else 0) | rcode
     return Prepared(flags, len(answers), len(authority or []), len(additional or []), rests, kind)
 
 
@@ -132,7 +147,7 @@ def decide(table: Table | None, view_key: str, name: str, qtype: int, *, ptr: bo
     ttl = table.ttl
     if "\\" in name:  # escaped odd bytes: never a table name
         if in_zone(name) or _interior_zone(name):
-            return prepare(wire.NXDOMAIN, [], [_soa(table)], kind="nxdomain")
+            return _nxdomain(table)
         return FORWARD
     if name == ZONE:
         if qtype == wire.SOA:
@@ -151,7 +166,7 @@ def decide(table: Table | None, view_key: str, name: str, qtype: int, *, ptr: bo
             return prepare(wire.NOERROR, [], [_soa(table, _zone_of(table, name) or ZONE)], kind="nodata")
         zone = _zone_of(table, name)
         if zone is not None:
-            return prepare(wire.NXDOMAIN, [], [_soa(table, zone)], kind="nxdomain")
+            return _nxdomain(table, zone)
         return FORWARD
     chain, final = resolve_chain(table, view_key, name)
     if chain or final is not None:
@@ -169,15 +184,13 @@ def decide(table: Table | None, view_key: str, name: str, qtype: int, *, ptr: bo
                 return prepare(wire.NOERROR, rrs + txts)
             return prepare(wire.NOERROR, rrs, [_soa(table)], kind="nodata")
         target = chain[-1][1]
-        if qtype in (wire.A, wire.AAAA) and not in_zone(target):
-            return Upstream(tuple(chain), target, qtype, ttl)
+        if qtype != wire.CNAME and not in_zone(target):
+            return Upstream(tuple(chain), target, qtype, ttl)  # any type: the alias is followed upstream
         if qtype == wire.CNAME:
             return prepare(wire.NOERROR, rrs[:1])
         return prepare(wire.NOERROR, rrs, [_soa(table)], kind="nodata")
-    if in_zone(name) or _interior_zone(name):
-        return prepare(wire.NXDOMAIN, [], [_soa(table)], kind="nxdomain")
-    if name.count(".") == 1 and not forward_single_label:
-        return prepare(wire.NXDOMAIN, [], [], aa=False, kind="nxdomain")
+    if in_zone(name) or _interior_zone(name) or (name.count(".") == 1 and not forward_single_label):
+        return _nxdomain(table)
     return FORWARD
 
 

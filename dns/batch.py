@@ -22,6 +22,7 @@ from typing import Any
 
 from agents.log import get_logger
 from dns import wire
+from dns.slow import MAX_INFLIGHT, answer_slow
 
 __all__ = ["BatchReader", "available"]
 
@@ -175,8 +176,6 @@ class BatchReader:
                 return
 
     def _spawn(self, s: Any, addr: tuple[str, int]) -> None:
-        from dns.server import MAX_INFLIGHT
-
         if len(self.tasks) >= MAX_INFLIGHT:
             self.engine.counts[("-", "overload", s.view)] += 1
             with contextlib.suppress(OSError):
@@ -187,6 +186,4 @@ class BatchReader:
         task.add_done_callback(self.tasks.discard)
 
     async def _slow(self, s: Any, addr: tuple[str, int]) -> None:
-        from dns.server import answer_slow  # dns.server imports this module
-
         await answer_slow(self.engine, self.sock, s, addr)

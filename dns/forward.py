@@ -18,7 +18,7 @@ import struct
 import time
 
 from agents.log import get_logger
-from agents.metrics import counter, histogram
+from agents.metrics import counter, gauge, histogram
 from dns import wire
 
 __all__ = ["Upstreams", "parse_addr"]
@@ -27,6 +27,7 @@ log = get_logger(__name__)
 _UP_LAT = histogram("dns", "upstream_latency_seconds", "Upstream reply latency", ["proto"],
                     buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2, 4))
 _UP_RES = counter("dns", "upstream_results", "Upstream attempts by outcome", ["outcome"])
+_UP_DEAD = gauge("dns", "upstreams_dead", "Recursers marked dead (a timeout in the last 30 s)")
 
 
 def parse_addr(r: str) -> tuple[str, int]:
@@ -113,10 +114,16 @@ class Upstreams:
         self._dead: dict[str, float] = {}
         self._socks: dict[str, list[_UpSock | None]] = {}
         self._rr = 0
+        # attempts still waiting after their lookup was answered by another recurser (hedging):
+        # they run to their own timeout, so a recurser that silently drops is counted and marked dead
+        self._lingering: set[asyncio.Task[bytes | None]] = set()
 
     POOL = 8  # sockets per recursor: bursts spread over 8 receive buffers and 8 source ports
 
     def close(self) -> None:
+        for t in list(self._lingering):
+            t.cancel()
+        self._lingering.clear()
         for pool in self._socks.values():
             for us in pool:
                 if us is not None:
@@ -187,8 +194,20 @@ class Upstreams:
                     launch()
             return last_bad
         finally:
+            # Not cancelled: an attempt outrun by another recurser still ends in a reply (the
+            # recurser is fine) or its own timeout (it is counted and marked dead, so later
+            # lookups ask the live ones first instead of waiting out the hedge every time).
             for t in pending:
-                t.cancel()
+                self._lingering.add(t)
+                t.add_done_callback(self._lingering.discard)
+
+    def dead(self, now: float | None = None) -> int:
+        """How many recursers are marked dead at ``now``."""
+        now = time.monotonic() if now is None else now
+        return sum(1 for until in self._dead.values() if until > now)
+
+    def flush_metrics(self) -> None:
+        _UP_DEAD.set(self.dead())
 
     async def _attempt(self, r: str, msg: bytes, question: bytes, deadline: float) -> bytes | None:
         host, port = parse_addr(r)

@@ -245,6 +245,9 @@ class Daemon:
             log.warning("rebuild helper died, restarting it")
             self._executor = None
             raise
+        if d.dump_error:
+            log.warning("answers file not written, the previous one is kept", path=self.args.answers,
+                        error=d.dump_error)
         if not d.changed:
             log.debug("table unchanged", version=d.version)
             return

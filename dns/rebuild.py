@@ -16,6 +16,7 @@ helper sends a full one.
 
 from __future__ import annotations
 
+import contextlib
 import urllib.error
 import urllib.request
 from dataclasses import dataclass, field, replace
@@ -49,6 +50,7 @@ class Diff:
     set_ptr: dict[str, str] = field(default_factory=dict)
     del_ptr: tuple[str, ...] = ()
     changed: bool = True
+    dump_error: str = ""                       # the answers file could not be written (previous one kept)
 
     def size(self) -> int:
         return (len(self.set_default) + len(self.del_default) + len(self.set_views) + len(self.del_views)
@@ -166,12 +168,18 @@ def helper_build(url: str, settings: Settings, generation: int, base: int, dump:
     settings = resolve_agent_ip(settings, tree)
     d = build_diff(tree, settings, generation, base)
     if dump and d.changed and _prev is not None:
-        dump_answers(_prev, dump)
+        err = dump_answers(_prev, dump)
+        if err:
+            d = replace(d, dump_error=err)
     return d
 
 
-def dump_answers(table: Table, path: str) -> None:
-    """Write ``table`` as a rancher-dns answers file (correct ``authoritative`` spelling)."""
+def dump_answers(table: Table, path: str) -> str:
+    """Write ``table`` as a rancher-dns answers file (correct ``authoritative`` spelling).
+
+    Atomic: written to ``<path>.tmp`` and renamed over ``path``. On failure (disk full, no
+    permission) the temporary file is removed, the previous file stays as it was, and the
+    error is returned for the daemon to log ("" on success)."""
     import json
     import os
 
@@ -189,8 +197,11 @@ def dump_answers(table: Table, path: str) -> None:
         with open(tmp, "w") as f:
             json.dump(out, f, indent=1)
         os.replace(tmp, path)
-    except OSError:
-        pass
+    except OSError as e:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        return f"{e.strerror or e} ({tmp})"
+    return ""
 
 
 def resolve_agent_ip(st: Settings, tree: dict[str, Any]) -> Settings:

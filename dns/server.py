@@ -25,14 +25,15 @@ from collections import Counter
 from dataclasses import dataclass
 from typing import Any
 
-from dnslib import QTYPE, DNSRecord
+from dnslib import CNAME, QTYPE, RR, DNSHeader, DNSQuestion, DNSRecord
 
 from agents.log import get_logger
 from agents.metrics import counter, gauge
-from dns import wire
+from dns import batch, wire
 from dns.answer import FORWARD, NOT_READY, Prepared, Upstream, decide
 from dns.cache import Cache, Key
 from dns.forward import Upstreams
+from dns.slow import MAX_INFLIGHT, answer_slow
 from dns.table import Table
 
 __all__ = ["CHAIN", "Engine", "Listener", "Slow"]
@@ -44,7 +45,6 @@ _FOREVER = float("inf")
 FAIL_HOLD = 1.0            # seconds a fully failed lookup answers SERVFAIL at once
 TCP_MAX_QUERIES = 128
 TCP_IDLE = 8.0
-MAX_INFLIGHT = 4096        # concurrent upstream lookups from UDP; above, SERVFAIL at once
 MAX_TCP_CONNS = 1024       # concurrent TCP clients; above, new connections are closed at once
 
 log = get_logger(__name__)
@@ -264,7 +264,7 @@ class Engine:
     async def _cname_upstream(self, s: Slow, tcp: bool) -> bytes | None:
         d: Upstream = s.decision
         q = s.q
-        target_q = DNSRecord.question(d.target, "AAAA" if d.qtype == wire.AAAA else "A")
+        target_q = DNSRecord(DNSHeader(rd=1), q=DNSQuestion(d.target, d.qtype))
         if q.edns:
             target_q.add_ar(_edns(q.do))
         msg = bytes(target_q.pack())
@@ -276,16 +276,17 @@ class Engine:
             await self._fetch(key, msg, tq.qend, s.recursers)
             now = time.monotonic()
             e = self.cache.get(key, now) or (self.cache.get_stale(key, now) if self.serve_stale else None)
-        from dnslib import CNAME, RR, DNSHeader, DNSQuestion
-
         rcode = wire.NOERROR
         extra: list[Any] = []
+        auth: list[Any] = []
         if e is not None:
             try:
                 up = DNSRecord.parse(e.render(tq, now, True))
                 if up.header.rcode in (wire.NOERROR, wire.NXDOMAIN):
                     rcode = up.header.rcode
                     extra = list(up.rr)
+                    if not extra:  # negative: the upstream zone's SOA says how long to remember it
+                        auth = [rr for rr in up.auth if rr.rtype == QTYPE.SOA]
             except Exception as ex:  # dnslib raises many types on odd input
                 log.warning("upstream reply not decodable", error=str(ex))
         name = q.name
@@ -295,6 +296,8 @@ class Engine:
             r.add_answer(RR(o, QTYPE.CNAME, ttl=d.ttl, rdata=CNAME(t)))
         for rr in extra:
             r.add_answer(rr)
+        for rr in auth:
+            r.add_auth(rr)
         out = bytearray(r.pack())
         ql = len(q.qname)
         out[12 : 12 + ql] = q.qname
@@ -312,6 +315,7 @@ class Engine:
         for (qt, res, view), n in counts.items():
             _QUERIES.labels(qt, res, view).inc(n)
         _CACHE.set(len(self.cache))
+        self.up.flush_metrics()
         c = self.cache
         for ev, v in (("hit", c.hits), ("miss", c.misses), ("stale", c.stale_hits), ("evict", c.evictions)):
             _CACHE_EV.labels(ev).set(v)
@@ -321,18 +325,6 @@ def _edns(do: bool) -> Any:
     from dnslib import EDNS0
 
     return EDNS0(udp_len=wire.EDNS_PAYLOAD, flags="do" if do else "")
-
-
-async def answer_slow(engine: Engine, sock: socket.socket, s: Slow, addr: Any) -> None:
-    """Answer a query the fast path passed on (forwarding, cache misses) over UDP; SERVFAIL on a bug."""
-    try:
-        out = await engine.slow(s, False)
-    except Exception as e:
-        log.error("slow path failed", error=repr(e))
-        out = wire.error_reply(s.q, wire.SERVFAIL)
-    if out is not None:
-        with contextlib.suppress(OSError):
-            sock.sendto(out, addr)
 
 
 class _UdpReader:
@@ -430,8 +422,6 @@ class Listener:
             self.port = us.getsockname()[1]
         us.setblocking(False)
         self._sock = us
-        from dns import batch
-
         if self.batch and fam == socket.AF_INET and batch.available():
             self._reader = batch.BatchReader(self.engine, us)
         else:

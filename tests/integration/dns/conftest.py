@@ -50,6 +50,8 @@ class Dnsmasq:
                 "--address=/ext.test/203.0.113.7",
                 "--host-record=api.payments.example,203.0.113.10", "--host-record=api.payments.example,203.0.113.11",
                 "--host-record=api.payments.example,2001:db8::10",
+                "--txt-record=api.payments.example,payments-v1", "--mx-host=api.payments.example,mx.payments.example,10",
+                "--srv-host=api.payments.example,srv.payments.example,8443", "--ptr-record=api.payments.example,ptr.test",
                 "--host-record=ttl60.test,203.0.113.60,60", "--host-record=short.test,203.0.113.9,1",
                 "--cname=alias.test,ext.test",
                 f"--txt-record=big.test,{big},{big},{big},{big},{big}",

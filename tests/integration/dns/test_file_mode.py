@@ -362,3 +362,53 @@ def test_starts_without_metadata_and_comes_back_by_itself(tmp_path: Path) -> Non
     finally:
         p.stop()
         m.proc.stop()
+
+
+def test_answers_dump_on_a_full_disk_keeps_the_previous_file(tmp_path: Path) -> None:
+    """The dump goes to a 8 KiB tmpfs, mounted in a private mount namespace of the dns process
+    only (the host's mounts are untouched); a table that no longer fits must be said in the log,
+    leave no ``.tmp`` behind and keep the previous file."""
+    import os
+    import shutil
+    import sys
+
+    from tests.helpers.procs import ROOT, Proc, wait_http
+
+    if os.geteuid() != 0 or shutil.which("unshare") is None:
+        pytest.skip("needs root and unshare(1) to mount a small tmpfs in a private mount namespace")
+    md_file = tmp_path / "md.json"
+    write_legacy(md_file, example.tree(prefix="127.42.0."))
+    m = Metadata(md_file)
+    small = tmp_path / "small"
+    small.mkdir()
+    port, admin = free_port(), free_port()
+    argv = ["unshare", "--mount", "--propagation", "private", "sh", "-c",
+            'mount -t tmpfs -o size=8k corral-test "$0" && exec "$@"', str(small),
+            sys.executable, "-m", "agents.cli", "dns", "--listen", f"127.0.0.1:{port}", "--metrics-listen",
+            f"127.0.0.1:{admin}", "--listenReload", "127.0.0.1:0", "--metadata-url", m.url,
+            "--recurser", "127.0.0.1:9", "--answers", str(small / "dump.json")]
+    p = Proc(argv, env={"PYTHONPATH": str(ROOT), "PYTHONUNBUFFERED": "1"}, cwd=str(ROOT), name="dns-fulldisk")
+    d = DnsProc(p, port, admin, 0)
+    try:
+        wait_http(f"http://127.0.0.1:{admin}/ready", timeout=15)
+        inside = Path(f"/proc/{p.pid}/root") / str(small).lstrip("/")  # the dns process's own view
+        deadline = time.monotonic() + 10
+        while not (inside / "dump.json").exists():
+            assert time.monotonic() < deadline, "first answers dump not written"
+            time.sleep(0.05)
+        assert not (small / "dump.json").exists()  # the tmpfs exists only in that namespace
+        first = (inside / "dump.json").read_text()
+        assert "shop-web-2.rancher.internal." in json.loads(first)["default"]["a"]
+        # 200 web containers: the new table's dump (~23 KB) does not fit any more
+        write_legacy(md_file, example.tree(prefix="127.42.0.", version="2", web_scale=200))
+        deadline = time.monotonic() + 15
+        while RCODE[d.ask("shop-web-150.rancher.internal.").header.rcode] != "NOERROR":
+            assert time.monotonic() < deadline, "the bigger table was never installed"
+            time.sleep(0.1)
+        assert "answers file not written, the previous one is kept" in p.log()
+        assert "No space left on device" in p.log()
+        assert sorted(x.name for x in inside.iterdir()) == ["dump.json"]  # no .tmp left behind
+        assert (inside / "dump.json").read_text() == first
+    finally:
+        p.stop()
+        m.proc.stop()

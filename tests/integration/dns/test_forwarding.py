@@ -206,3 +206,48 @@ async def test_upstream_sockets_rotate_and_survive_refusals(up: Dnsmasq, monkeyp
             assert time.monotonic() - t0 < 0.5
     finally:
         ups.close()
+
+
+def _metric(text: str, name: str, label: str = "") -> float:
+    for line in text.splitlines():
+        if line.startswith(name) and label in line and not line.startswith("#"):
+            return float(line.rsplit(" ", 1)[1])
+    return 0.0
+
+
+def _asked(sock: socket.socket) -> list[str]:
+    """Names of the queries that reached a silent upstream so far (it never answers)."""
+    names = []
+    sock.setblocking(False)
+    while True:
+        try:
+            data = sock.recv(4096)
+        except BlockingIOError:
+            return names
+        names.append(str(DNSRecord.parse(data).q.qname))
+
+
+def test_silently_dropping_first_recurser_is_marked_dead(up: Dnsmasq, answers: Path) -> None:
+    # The first recurser reads queries and never answers; the second (dnsmasq) answers at once.
+    silent = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    silent.bind(("127.0.0.54", 0))
+    dns = start_dns("--answers", str(answers), recursers=[f"127.0.0.54:{silent.getsockname()[1]}", up.addr])
+    try:
+        assert a_set(dns.ask("first.ext.test.")) == {"203.0.113.7"}  # from dnsmasq, after the hedge
+        # the attempt at the silent one was outrun, yet it runs out its own timeout and counts
+        deadline = time.monotonic() + 15
+        while _metric(dns.metrics(), "corral_dns_upstream_results_total", 'outcome="timeout"') < 1:
+            assert time.monotonic() < deadline, "the outrun attempt at the silent recurser never timed out"
+            time.sleep(0.1)
+        m = dns.metrics()
+        assert _metric(m, "corral_dns_upstream_results_total", 'outcome="timeout"') == 1
+        assert _metric(m, "corral_dns_upstreams_dead") == 1
+        assert _asked(silent) == ["first.ext.test."]
+        # later uncached lookups go to the live recurser first: the dead one is not asked
+        for i in range(5):
+            assert a_set(dns.ask(f"later{i}.ext.test.")) == {"203.0.113.7"}
+        assert _asked(silent) == []
+        assert _metric(dns.metrics(), "corral_dns_upstream_results_total", 'outcome="timeout"') == 1
+    finally:
+        dns.proc.stop()
+        silent.close()

@@ -31,6 +31,13 @@ def soa_ok(r: DNSRecord) -> None:
     assert len(r.auth) == 1 and r.auth[0].rtype == QTYPE.SOA and str(r.auth[0].rname) == "rancher.internal."
 
 
+def nx_soa_ok(r: DNSRecord) -> None:
+    """NXDOMAIN as the original's (row 13): AA, no RA, SOA TTL --ttl with minimum 1."""
+    soa_ok(r)
+    assert r.header.aa and not r.header.ra
+    assert r.auth[0].ttl == 600 and r.auth[0].rdata.times[4] == 1
+
+
 @pytest.fixture(params=["udp", "tcp"])
 def tcp(request: pytest.FixtureRequest) -> bool:
     return bool(request.param == "tcp")
@@ -79,6 +86,9 @@ def test_single_label_misses_not_forwarded(dns: DnsProc, upstream: Dnsmasq, tcp:
     r = dns.ask(name, src=ip(src), tcp=tcp)
     assert rc(r) == "NXDOMAIN" and not r.rr
     assert f"query[A] {name.rstrip('.')} " not in upstream.log()
+    # answered as the original answers its own NXDOMAINs (row 13), not looking relayed (rd+ra, no aa)
+    assert r.header.aa and r.header.rd and not r.header.ra
+    nx_soa_ok(r)
 
 
 def test_row11_cname_plus_upstream_a(dns: DnsProc, tcp: bool) -> None:
@@ -111,6 +121,7 @@ def test_rows12_15_nodata_with_soa(dns: DnsProc, tcp: bool, qtype: str) -> None:
         r = dns.ask(name, qtype, src=ip(11), tcp=tcp)
         assert rc(r) == "NOERROR" and not r.rr
         soa_ok(r)
+        assert r.auth[0].rdata.times[4] == 600 and r.header.ra  # NODATA: minimum = --ttl
 
 
 def test_row13_nxdomain_with_soa_serial_is_generation(dns: DnsProc, tcp: bool) -> None:
@@ -118,7 +129,7 @@ def test_row13_nxdomain_with_soa_serial_is_generation(dns: DnsProc, tcp: bool) -
     for _ in range(3):
         r = dns.ask("nosuch.shop.rancher.internal.", src=ip(11), tcp=tcp)
         assert rc(r) == "NXDOMAIN" and r.header.aa
-        soa_ok(r)
+        nx_soa_ok(r)
         serials.add(r.auth[0].rdata.times[0])
     assert len(serials) == 1  # the generation, not a per-NXDOMAIN counter
 
@@ -127,7 +138,7 @@ def test_search_flood_answered_locally(dns: DnsProc, upstream: Dnsmasq) -> None:
     for name in ("foo.shop.rancher.internal.shop.rancher.internal.", "web.shop.rancher.internal.corp.example."):
         r = dns.ask(name, src=ip(11))
         assert rc(r) == "NXDOMAIN" and r.header.aa
-        soa_ok(r)
+        nx_soa_ok(r)
     assert "rancher.internal.corp.example" not in upstream.log()
 
 
@@ -155,6 +166,26 @@ def test_row21_aaaa_on_external_cname(dns: DnsProc, tcp: bool) -> None:
     assert rc(r) == "NOERROR"
     assert r.rr[0].rtype == QTYPE.CNAME
     assert {str(x.rdata) for x in r.rr if x.rtype == QTYPE.AAAA} == {"2001:db8::10"}
+
+
+EXTERNAL_TYPES = [("TXT", "payments-v1"), ("MX", "10 mx.payments.example."),
+                  ("SRV", "0 0 8443 srv.payments.example."), ("PTR", "ptr.test.")]
+
+
+@pytest.mark.parametrize(("qtype", "rdata"), EXTERNAL_TYPES, ids=[t for t, _ in EXTERNAL_TYPES])
+def test_external_alias_followed_upstream_for_other_types(dns: DnsProc, tcp: bool, qtype: str, rdata: str) -> None:
+    r = dns.ask("payments.data.rancher.internal.", qtype, src=ip(11), tcp=tcp)
+    assert rc(r) == "NOERROR" and r.header.aa
+    assert r.rr[0].rtype == QTYPE.CNAME and str(r.rr[0].rdata) == "api.payments.example."
+    got = [str(x.rdata).strip('"') for x in r.rr[1:] if x.rtype == getattr(QTYPE, qtype)]
+    assert got == [rdata]
+    assert not r.auth  # not the zone's NODATA SOA
+
+
+def test_external_alias_upstream_nodata_is_not_the_zones(dns: DnsProc) -> None:
+    r = dns.ask("payments.data.rancher.internal.", "CAA", src=ip(11))
+    assert rc(r) == "NOERROR" and [x.rtype for x in r.rr] == [QTYPE.CNAME]
+    assert all(str(x.rname) != "rancher.internal." for x in r.auth)
 
 
 def test_row22_apex_soa(dns: DnsProc, tcp: bool) -> None:
@@ -188,6 +219,7 @@ def test_dig_client(dns: DnsProc, proto: str) -> None:
     assert ip(31) in out
     out = dns.dig("nosuch.shop.rancher.internal", src=ip(11), tcp=proto == "tcp")
     assert "status: NXDOMAIN" in out and "rancher.internal." in out
+    assert "flags: qr aa rd;" in out  # no ra, as the original
     out = dns.dig("ext.test", src=ip(11), tcp=proto == "tcp")
     assert "203.0.113.7" in out
 

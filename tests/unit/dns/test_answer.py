@@ -79,6 +79,9 @@ def test_single_label_miss_is_local_nxdomain(row: int, src: str, name: str) -> N
     r = ask(src, name, "A")
     assert isinstance(r, DNSRecord), row
     assert RCODE[r.header.rcode] == "NXDOMAIN" and not r.rr
+    # answered like the original's own NXDOMAIN, not like a reply relayed from upstream
+    assert r.header.aa and r.header.rd and not r.header.ra
+    _nx_soa_ok(r)
 
 
 def test_row11_external_cname_goes_upstream_for_target() -> None:
@@ -92,11 +95,30 @@ def test_row11_external_cname_goes_upstream_for_target() -> None:
     assert isinstance(r, DNSRecord) and str(r.rr[0].rdata) == "api.payments.example."
 
 
+@pytest.mark.parametrize("qtype", ["SRV", "TXT", "MX", "PTR"])
+def test_external_alias_followed_upstream_for_every_type(qtype: str) -> None:
+    d = ask("10.42.0.11", "payments.data.rancher.internal.", qtype)
+    assert isinstance(d, Upstream)
+    assert d.target == "api.payments.example." and d.qtype == getattr(QTYPE, qtype)
+
+
 def _soa_ok(r: DNSRecord) -> None:
     assert len(r.auth) == 1 and r.auth[0].rtype == QTYPE.SOA
     assert str(r.auth[0].rname) == "rancher.internal."
     soa = r.auth[0].rdata
     assert soa.times[0] == 7 and soa.times[1:4] == (60, 10, 86400)
+
+
+def _nodata_soa_ok(r: DNSRecord) -> None:
+    _soa_ok(r)
+    assert r.auth[0].rdata.times[4] == 600  # "name exists, no data of this type": minimum = --ttl
+    assert r.header.aa and r.header.ra
+
+
+def _nx_soa_ok(r: DNSRecord) -> None:
+    _soa_ok(r)
+    assert r.auth[0].ttl == 600 and r.auth[0].rdata.times[4] == 1  # as the original: minimum 1
+    assert r.header.aa and not r.header.ra
 
 
 @pytest.mark.parametrize("qtype", ["AAAA", "SRV", "TXT", "MX"])
@@ -105,17 +127,18 @@ def test_rows12_15_nodata_with_soa(qtype: str) -> None:
         r = ask("10.42.0.11", name, qtype)
         assert isinstance(r, DNSRecord)
         assert r.header.rcode == 0 and not r.rr
-        _soa_ok(r)
+        _nodata_soa_ok(r)
 
 
 def test_row13_nxdomain_in_zone() -> None:
     r = ask("10.42.0.11", "nosuch.shop.rancher.internal.", "A")
     assert isinstance(r, DNSRecord)
     assert RCODE[r.header.rcode] == "NXDOMAIN" and r.header.aa
-    _soa_ok(r)
+    _nx_soa_ok(r)
     # search flood: in-zone name with a suffix appended is answered locally
     r2 = ask("10.42.0.11", "foo.shop.rancher.internal.corp.example.", "A")
     assert isinstance(r2, DNSRecord) and RCODE[r2.header.rcode] == "NXDOMAIN"
+    _nx_soa_ok(r2)
 
 
 def test_row16_ptr_and_reverse_zone() -> None:
@@ -123,6 +146,7 @@ def test_row16_ptr_and_reverse_zone() -> None:
     assert isinstance(r, DNSRecord) and str(r.rr[0].rdata) == "shop-web-1.rancher.internal."
     r2 = ask("10.42.0.11", "99.9.42.10.in-addr.arpa.", "PTR")
     assert isinstance(r2, DNSRecord) and RCODE[r2.header.rcode] == "NXDOMAIN"
+    assert r2.auth[0].rdata.times[4] == 1 and not r2.header.ra
     assert ask("10.42.0.11", "1.2.0.192.in-addr.arpa.", "PTR") == FORWARD
 
 
