@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from netmanager.desired import OWNED_CHAINS, POLICY_CHAIN, Rule, Ruleset
 
 __all__ = [
-    "TABLES", "Drift", "Tables", "diff", "hook_positions", "jump_targets", "parse_save", "render", "render_payload",
+    "TABLES", "Drift", "Tables", "diff", "hook_chains", "hook_positions", "is_ours", "jump_targets", "parse_save", "render", "render_payload",
 ]
 
 TABLES = ("raw", "nat", "filter")
@@ -59,14 +59,14 @@ def parse_save(text: str) -> Tables:
     return tables
 
 
-def _is_ours(rule: Rule) -> bool:
+def is_ours(rule: Rule) -> bool:
     for i, t in enumerate(rule):
         if t in ("-j", "-g") and i + 1 < len(rule):
             return rule[i + 1] in _OURS
     return False
 
 
-def _hook_chains(rs: Ruleset) -> dict[tuple[str, str], list[Rule]]:
+def hook_chains(rs: Ruleset) -> dict[tuple[str, str], list[Rule]]:
     out: dict[tuple[str, str], list[Rule]] = {("filter", "FORWARD"): []}
     for h in rs.hooks:
         out.setdefault((h.table, h.chain), []).append(h.rule)
@@ -113,9 +113,9 @@ def diff(rs: Ruleset, tables: Tables) -> Drift:
         if have is None or tuple(have) != want:
             d.chains.append((table, chain))
             _chain_diff(table, chain, want, have, d.lines)
-    for (table, chain), want_hooks in _hook_chains(rs).items():
+    for (table, chain), want_hooks in hook_chains(rs).items():
         have = tables.get(table, {}).get(chain, [])
-        ours = [r for r in have if _is_ours(r)]
+        ours = [r for r in have if is_ours(r)]
         n = len(want_hooks)
         if tuple(have[:n]) != tuple(want_hooks) or len(ours) != n:
             d.hooks.append((table, chain))
@@ -130,11 +130,11 @@ def diff(rs: Ruleset, tables: Tables) -> Drift:
 def render_payload(rs: Ruleset, tables: Tables, drift: Drift | None = None) -> str:
     """One ``iptables-restore --noflush`` payload repairing ``drift`` (default: everything)."""
     if drift is None:
-        drift = Drift(chains=[(t, c) for t, c, _ in rs.chains], hooks=list(_hook_chains(rs)),
+        drift = Drift(chains=[(t, c) for t, c, _ in rs.chains], hooks=list(hook_chains(rs)),
                       create_policy=POLICY_CHAIN[1] not in tables.get(POLICY_CHAIN[0], {}))
     fix_chains = set(drift.chains)
     fix_hooks = set(drift.hooks)
-    hooks = _hook_chains(rs)
+    hooks = hook_chains(rs)
     out: list[str] = []
     for table in TABLES:
         body: list[str] = []
@@ -152,7 +152,7 @@ def render_payload(rs: Ruleset, tables: Tables, drift: Drift | None = None) -> s
             if t != table or (t, chain) not in fix_hooks:
                 continue
             for r in declared.get(chain, []):
-                if _is_ours(r):
+                if is_ours(r):
                     body.append(render(chain, r, "-D"))
             for i, r in enumerate(want, 1):
                 body.append(f"-I {chain} {i} " + render(chain, r)[len(f"-A {chain} "):])
@@ -171,7 +171,7 @@ def hook_positions(tables: Tables) -> list[tuple[str, str, int, Rule]]:
             if chain in _OURS:
                 continue
             for i, r in enumerate(rules, 1):
-                if _is_ours(r):
+                if is_ours(r):
                     out.append((table, chain, i, r))
     return out
 

@@ -1,0 +1,275 @@
+"""``corral netmanager``: host ports, host NAT, the metadata route and the CNI volume, from metadata.
+
+Data flow: one metadata long-poll (``MetadataClient.watch``) -> each snapshot is persisted
+(``<state dir>/corral/metadata.json``) and turned by pure functions into a :class:`Ruleset`
+(``desired.py``) and the CNI volume's files (``cniconf.py``) -> two ``Reconciler`` loops apply them
+(``firewall.RulesApplier`` through one ``iptables-restore --noflush --wait``; ``files.apply_cni``).
+At boot the persisted snapshot is applied before metadata answers (fail-static: nothing is ever
+flushed because metadata went away). Drift: the nf_tables generation id is probed every
+``--drift-probe-interval`` (a cheap netlink read) and the kernel is read back on every move and every
+``--verify-interval``; the metadata route is checked every second.
+
+Tasks (one TaskGroup): the metadata watch, the two reconcilers, the verify/probe loop, the route loop.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import ctypes
+import os
+import time
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+from agents.cli import run_daemon
+from agents.config import add_common_args, duration_arg
+from agents.errors import ConfigError, CorralError
+from agents.log import get_logger
+from agents.metadata_client import MetadataClient, Snapshot
+from agents.metrics import AdminServer, Health, counter
+from agents.reconcile import Reconciler
+from netmanager.cniconf import CniFiles, cni_files
+from netmanager.desired import HostFacts, Route, Ruleset, desired_ruleset, metadata_route
+from netmanager.files import apply_cni
+from netmanager.firewall import RulesApplier
+from netmanager.iptables import detect_backend
+from netmanager.netlink import NftGeneration, RouteState, ensure_ipset, ensure_route, set_sysctl
+from netmanager.state import load_snapshot, save_snapshot, snapshot_path
+
+__all__ = ["build_parser", "main"]
+
+log = get_logger(__name__)
+API_VERSION = "2016-07-29"
+_ROUTE_REPAIRS = counter("netmanager", "route_repairs", "Metadata route re-created")
+_SNAPSHOTS = counter("netmanager", "snapshots", "Metadata snapshots by source", ["source"])
+
+
+def _seconds(v: str) -> int:
+    """The originals' interval flags: whole seconds (a bad value is an error, not the default)."""
+    try:
+        n = int(v)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a whole number of seconds: {v!r}") from None
+    if n <= 0:
+        raise argparse.ArgumentTypeError(f"must be positive: {v!r}")
+    return n
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="corral netmanager", description="host networking and CNI plumbing")
+    p.add_argument("--metadata-address", default="169.254.169.250", help="metadata host (or host:port)")
+    p.add_argument("--metadata-url", default="", help="full metadata URL (older templates), e.g. "
+                   "http://169.254.169.250/2016-07-29; overrides --metadata-address")
+    p.add_argument("--metadata-listen-port", type=int,
+                   default=int(os.environ.get("RANCHER_METADATA_LISTEN_PORT") or 80),
+                   help="port metadata really listens on; not 80 installs the port-80 DNAT")
+    for name in ("macsync", "arpsync", "vethsync", "routesync", "conntracksync"):
+        p.add_argument(f"--disable-{name}", action="store_true", help=f"switch {name} off")
+    p.add_argument("--arpsync-interval", type=_seconds, default=5)
+    p.add_argument("--conntracksync-interval", type=_seconds, default=5)
+    p.add_argument("--vethsync-interval", type=_seconds, default=60)
+    p.add_argument("--routesync-interval", type=_seconds, default=60,
+                   help="accepted for compatibility; the route is checked every second")
+    p.add_argument("--iptables-sync-interval", type=_seconds, default=120,
+                   help="accepted for compatibility; see --verify-interval")
+    p.add_argument("--disable-cni-setup", action="store_true", help="do not write CNI configs or shims")
+    p.add_argument("--disable-dns-setup", action="store_true", help="do not rewrite containers' resolv.conf")
+    p.add_argument("--verify-interval", type=duration_arg, default=10.0,
+                   help="read the owned chains back this often and repair drift (default 10s)")
+    p.add_argument("--drift-probe-interval", type=duration_arg, default=0.5,
+                   help="nft backend: probe the ruleset generation this often (default 0.5s)")
+    p.add_argument("--iptables-backend", choices=("auto", "legacy", "nft"), default="auto",
+                   help="auto: the backend that holds Docker's chains")
+    p.add_argument("--state-dir", default="/var/lib/rancher/state", help="persisted snapshot lives here")
+    p.add_argument("--cni-dir", default="/etc/cni", help="the rancher-cni-driver volume")
+    p.add_argument("--netns", default="", help="run inside this named network namespace (tests)")
+    add_common_args(p, metrics_listen="127.0.0.1:9115")
+    return p
+
+
+def _metadata_base(args: argparse.Namespace) -> tuple[str, str]:
+    if args.metadata_url:
+        u = urlsplit(args.metadata_url)
+        if u.scheme not in ("http", "https") or not u.netloc:
+            raise ConfigError(f"--metadata-url must be http://host[:port]/<version>: {args.metadata_url!r}")
+        version = u.path.strip("/") or API_VERSION
+        return f"{u.scheme}://{u.netloc}", version
+    return f"http://{args.metadata_address}", API_VERSION
+
+
+def enter_netns(name: str) -> None:
+    """setns(2) into ``/run/netns/<name>`` before any socket or child exists."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    fd = os.open(f"/run/netns/{name}", os.O_RDONLY)
+    try:
+        if libc.setns(fd, 0x40000000) != 0:  # CLONE_NEWNET
+            raise ConfigError(f"setns {name}: {os.strerror(ctypes.get_errno())}")
+    finally:
+        os.close(fd)
+
+
+class NetManager:
+    def __init__(self, args: argparse.Namespace) -> None:
+        self.args = args
+        self.health = Health()
+        self.url, self.api_version = _metadata_base(args)
+        addr = urlsplit(self.url).hostname or args.metadata_address
+        self.facts = HostFacts(
+            docker_bridge=os.environ.get("DOCKER_BRIDGE", "docker0"),
+            metadata_ip=os.environ.get("METADATA_IP", "169.254.169.250"),
+            metadata_address=addr,
+            metadata_listen_port=args.metadata_listen_port,
+        )
+        self.route: Route | None = None
+        if not args.disable_routesync and os.environ.get("DOCKER_BRIDGE") and os.environ.get("METADATA_IP"):
+            self.route = metadata_route(self.facts)
+        self.state_file = snapshot_path(Path(args.state_dir))
+        self.cni_root = Path(args.cni_dir)
+        self.applier: RulesApplier | None = None
+        self.rules: Reconciler[Ruleset] | None = None
+        self.cni: Reconciler[CniFiles] | None = None
+        self.snapshot: Snapshot | None = None
+
+    # -------------------------------------------------------------- snapshot -> desired
+    def on_snapshot(self, snap: Snapshot, source: str) -> None:
+        if snap.self_host is None:
+            log.warning("metadata snapshot has no self host; ignored", version=snap.version)
+            return
+        _SNAPSHOTS.labels(source).inc()
+        self.snapshot = snap
+        assert self.rules is not None
+        self.rules.submit(desired_ruleset(snap, self.facts))
+        if self.cni is not None:
+            self.cni.submit(cni_files(snap))
+        if source == "metadata":
+            try:
+                save_snapshot(self.state_file, snap)
+            except CorralError as e:
+                log.error("cannot persist the metadata snapshot", error=str(e))
+
+    async def apply_cni(self, want: CniFiles) -> None:
+        changed = await asyncio.to_thread(apply_cni, self.cni_root, want)
+        if changed:
+            log.info("cni files updated", changes=changed)
+
+    # -------------------------------------------------------------- loops
+    async def watch(self, stop: asyncio.Event) -> None:
+        async with MetadataClient(self.url, api_version=self.api_version) as md:
+            async for snap in md.watch(stop, max_wait=5):
+                self.on_snapshot(snap, "metadata")
+                self.health.set("metadata", True, f"version {snap.version}")
+
+    async def verify(self, stop: asyncio.Event) -> None:
+        """Suspect drift every --verify-interval, and at once when the nft generation moves."""
+        assert self.applier is not None and self.rules is not None
+        gen = NftGeneration() if self.applier.backend.name == "nft" else None
+        probe = self.args.drift_probe_interval
+        next_verify = time.monotonic() + self.args.verify_interval
+        seen: int | None = None
+        try:
+            while not stop.is_set():
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(stop.wait(), probe if gen else self.args.verify_interval)
+                if stop.is_set() or self.rules.current is None:
+                    continue
+                reason = ""
+                if gen is not None:
+                    if self.applier.after_write.is_set():
+                        self.applier.after_write.clear()
+                        seen = None  # our own write moved it: take the new value as the baseline
+                    try:
+                        g = await gen.read()
+                    except CorralError as e:
+                        log.warning("nft generation probe failed", error=str(e))
+                        g = None
+                    if g is not None and seen is not None and g != seen:
+                        reason = "ruleset generation moved"
+                    seen = g
+                if not reason and time.monotonic() >= next_verify:
+                    reason = "verify interval"
+                if reason:
+                    next_verify = time.monotonic() + self.args.verify_interval
+                    self.applier.suspect_drift()
+                    self.rules.kick(reason)
+        finally:
+            if gen is not None:
+                gen.close()
+
+    async def route_loop(self, stop: asyncio.Event) -> None:
+        assert self.route is not None
+        warned = ""
+        while not stop.is_set():
+            try:
+                before = await ensure_route(self.route)
+                if before in (RouteState.MISSING, RouteState.CONFLICT):
+                    _ROUTE_REPAIRS.inc()
+                    log.info("metadata route installed", dst=self.route.dst, dev=self.route.dev, was=before)
+                if before == RouteState.NO_LINK and warned != before:
+                    log.warning("metadata route: bridge not there yet", dev=self.route.dev)
+                warned = before
+                self.health.set("route", before != RouteState.NO_LINK, before)
+            except CorralError as e:
+                log.error("metadata route check failed", error=str(e))
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), 1.0)
+
+    async def serve(self, stop: asyncio.Event) -> None:
+        backend = await detect_backend(self.args.iptables_backend)
+        log.info("starting", metadata=self.url, backend=backend.name, route=self.route,
+                 cni=not self.args.disable_cni_setup)
+        self.applier = RulesApplier(backend)
+        self.rules = Reconciler("iptables", self.applier.apply, health=self.health, retry_max=30.0)
+        if not self.args.disable_cni_setup:
+            self.cni = Reconciler("cni", self.apply_cni, health=self.health)
+        self.health.require("metadata")
+        try:
+            await ensure_ipset()
+        except CorralError as e:
+            log.error("host NAT ipset not created", error=str(e))
+        try:
+            set_sysctl("net.bridge.bridge-nf-call-iptables", "1", load_module="br_netfilter")
+        except CorralError as e:
+            log.warning("bridge-nf-call-iptables not set", error=str(e))
+        try:
+            if not self.facts.docker_bridge or not set_sysctl(
+                    f"net.ipv4.conf.{self.facts.docker_bridge}.route_localnet", "1"):
+                log.info("route_localnet not set: no such bridge yet", bridge=self.facts.docker_bridge)
+        except CorralError as e:
+            log.warning("route_localnet not set", error=str(e))
+        try:
+            saved = load_snapshot(self.state_file)
+        except CorralError as e:
+            log.error("cannot read the persisted snapshot", error=str(e))
+            saved = None
+        if saved is not None:
+            log.info("applying the persisted snapshot until metadata answers", version=saved.version)
+            self.on_snapshot(saved, "persisted")
+        admin = AdminServer(self.args.metrics_listen, self.health)
+        await admin.start()
+        try:
+            async with asyncio.TaskGroup() as tg:
+                tg.create_task(self.rules.run(stop))
+                if self.cni is not None:
+                    tg.create_task(self.cni.run(stop))
+                tg.create_task(self.watch(stop))
+                tg.create_task(self.verify(stop))
+                if self.route is not None:
+                    tg.create_task(self.route_loop(stop))
+        finally:
+            await admin.stop()
+
+
+def main(argv: list[str]) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        if args.netns:
+            enter_netns(args.netns)
+        nm: Any = NetManager(args)
+    except (ConfigError, OSError) as e:
+        print(f"netmanager: {e}", flush=True)
+        return 2
+    return run_daemon("netmanager", nm.serve, debug=args.debug, log_file=args.log, log_json=args.log_json,
+                      pid_file=args.pid_file)

@@ -1,0 +1,205 @@
+"""``corral netmanager`` against real iptables and netlink in a throw-away namespace (spec §12)."""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import re
+import stat
+import time
+from pathlib import Path
+
+import pytest
+
+from netmanager.rules import hook_positions, parse_save
+from tests.integration.netmanager.conftest import Host
+from tests.unit.netmanager.conftest import HERE as UNIT
+
+pytestmark = [pytest.mark.root]
+
+
+def owned(tables: dict, table: str, chain: str) -> list:
+    return tables.get(table, {}).get(chain, [])
+
+
+def test_rules_equal_the_golden_file_and_hooks_are_first(host: Host) -> None:
+    golden = parse_save((UNIT / "golden" / "ruleset.rules").read_text())
+    kernel = host.tables()
+    for table, chains in golden.items():
+        for chain, rules in chains.items():
+            if chain.startswith("CATTLE_"):
+                assert owned(kernel, table, chain) == rules, (table, chain)
+            else:  # hooks: ours first, in order, then the rules that were there (Docker's jump, the user's)
+                assert kernel[table][chain][: len(rules)] == rules, (table, chain)
+    pos = {(t, c, i): r[-1] for t, c, i, r in hook_positions(kernel)}
+    assert pos[("filter", "FORWARD", 1)] == "CATTLE_NETWORK_POLICY"
+    assert pos[("filter", "FORWARD", 2)] == "CATTLE_FORWARD"
+    assert pos[("nat", "POSTROUTING", 2)] == "CATTLE_HOSTPORTS_POSTROUTING"
+    assert kernel["nat"]["PREROUTING"][1][-1] == "DOCKER"
+    assert kernel["filter"]["FORWARD"][2] == ("-s", "198.51.100.0/24", "-j", "DROP")
+
+
+def test_bad_entries_are_reported_and_the_rest_programmed(host: Host) -> None:
+    assert host.metric("corral_netmanager_bad_port_entries") == 2
+    assert any("8083" in r for r in owned(host.tables(), "nat", "CATTLE_PREROUTING"))
+    assert host.nm is not None and "bad ports entry skipped" in host.nm.log()
+
+
+@pytest.mark.parametrize("case", ["flush_chain", "delete_hook", "foreign_first", "flush_and_delete_all"])
+def test_drift_is_repaired(host: Host, case: str) -> None:
+    before = host.metric("corral_netmanager_drift_repairs_total")
+    if case == "flush_chain":
+        host.ipt("-t", "nat", "-F", "CATTLE_PREROUTING")
+    elif case == "delete_hook":
+        host.ipt("-D", "FORWARD", "-j", "CATTLE_FORWARD")
+    elif case == "foreign_first":
+        host.ipt("-I", "FORWARD", "1", "-j", "ACCEPT")
+    else:
+        host.ipt("-t", "nat", "-F")
+        host.ipt("-t", "nat", "-X")
+    assert not host.in_sync()
+    host.wait(host.in_sync, f"repair of {case}")
+    assert host.metric("corral_netmanager_drift_repairs_total") > before
+    fwd = host.tables()["filter"]["FORWARD"]
+    if case == "foreign_first":  # not removed: it ends up below our hooks
+        assert fwd[2] == ("-j", "ACCEPT")
+        host.ipt("-D", "FORWARD", "-j", "ACCEPT")
+    host.wait(host.in_sync, "in sync again")
+    if case == "flush_and_delete_all":  # Docker's nat chain went with it; put it back for later tests
+        host.ipt("-t", "nat", "-N", "DOCKER")
+        host.ipt("-t", "nat", "-A", "DOCKER", "-i", "docker0", "-j", "RETURN")
+        host.ipt("-t", "nat", "-A", "PREROUTING", "-m", "addrtype", "--dst-type", "LOCAL", "-j", "DOCKER")
+
+
+def test_no_write_when_nothing_changed(host: Host) -> None:
+    host.wait(host.in_sync, "in sync")
+    writes = host.metric("corral_netmanager_iptables_writes_total")
+    reads = host.metric("corral_netmanager_verify_reads_total")
+    host.wait(lambda: host.metric("corral_netmanager_verify_reads_total") >= reads + 2, "two verify rounds")
+    assert host.metric("corral_netmanager_iptables_writes_total") == writes
+
+
+def test_stale_rules_removed_and_foreign_bytes_unchanged(host: Host) -> None:
+    docker = host.ipt("-t", "nat", "-S", "DOCKER")
+    inp = host.ipt("-S", "INPUT")
+    objs = copy.deepcopy(host.objs)
+    saved = copy.deepcopy(objs)
+    objs = [o for o in objs if o.get("uuid") != "ctr-web-1"]
+    host.bump(objs)
+    host.wait(lambda: not any("8080" in r for r in owned(host.tables(), "nat", "CATTLE_PREROUTING")),
+              "8080 rules gone")
+    assert host.in_sync()
+    assert host.ipt("-t", "nat", "-S", "DOCKER") == docker
+    assert host.ipt("-S", "INPUT") == inp
+    host.bump(saved)
+    host.wait(host.in_sync, "8080 back")
+
+
+def test_metadata_route_restored(host: Host) -> None:
+    assert "169.254.169.250 dev docker0" in host.sh("ip", "route")
+    host.sh("ip", "route", "del", "169.254.169.250/32")
+    host.wait(lambda: "169.254.169.250 dev docker0" in host.sh("ip", "route"), "route back")
+
+
+def test_cni_files(host: Host) -> None:
+    conf = host.cni / "ipsec.d" / "10-rancher.conf"
+    assert conf.read_bytes() == (UNIT / "golden" / "10-rancher.conf").read_bytes()
+    assert stat.S_IMODE(conf.stat().st_mode) == 0o600
+    assert stat.S_IMODE((host.cni / "ipsec.d").stat().st_mode) == 0o700
+    assert os.readlink(host.cni / "managed.d") == "ipsec.d"
+    foreign = host.cni / "ipsec.d" / "99-foreign.conf"
+    foreign.write_text("{}")
+    objs = copy.deepcopy(host.objs)
+    saved = copy.deepcopy(objs)
+    for o in objs:
+        if o.get("uuid") == "net-ipsec":
+            cfg = o["metadata"]["cniConfig"]
+            cfg["20-extra.conf"] = {"type": "loopback"}
+    host.bump(objs)
+    extra = host.cni / "ipsec.d" / "20-extra.conf"
+    host.wait(extra.exists, "new key written")
+    assert json.loads(extra.read_text()) == {"type": "loopback"}
+    host.bump(saved)
+    host.wait(lambda: not extra.exists(), "removed key deleted")
+    assert conf.exists() and foreign.exists()  # only the removed key's file went
+    foreign.unlink()
+
+
+def test_metadata_down_is_fail_static_then_resumes(host: Host) -> None:
+    before = host.save()
+    host.stop_md()
+    host.wait(lambda: host.metric("corral_metadata_client_reachable") == 0, "metadata seen down")
+    reads = host.metric("corral_netmanager_verify_reads_total")
+    host.wait(lambda: host.metric("corral_netmanager_verify_reads_total") >= reads + 2, "two verify rounds")
+    after = host.save()
+    def strip(text: str) -> list[str]:  # comments and the policies' packet counters change by themselves
+        return [re.sub(r"\[\d+:\d+\]", "", ln) for ln in text.splitlines() if not ln.startswith("#")]
+
+    assert strip(after) == strip(before)
+    assert (host.cni / "ipsec.d" / "10-rancher.conf").exists()
+    saved = copy.deepcopy(host.objs)
+    objs = [o for o in copy.deepcopy(host.objs) if o.get("uuid") != "ctr-dns-1"]
+    host.bump(objs)
+    host.start_md()
+    host.wait(lambda: not any("9090" in r for r in owned(host.tables(), "nat", "CATTLE_PREROUTING")),
+              "change after metadata came back")
+    host.bump(saved)
+    host.wait(host.in_sync, "back to the fixture")
+
+
+def test_boot_from_the_persisted_snapshot_before_metadata(host: Host) -> None:
+    host.stop_nm()
+    host.stop_md()
+    host.ipt("-t", "nat", "-F", "CATTLE_PREROUTING")
+    host.start_nm()
+    host.wait(host.in_sync, "rules from the persisted snapshot")
+    assert host.http(9115, "/ready") is None  # not ready: metadata has not answered yet
+    host.start_md()
+    host.wait(lambda: host.http(9115, "/ready") is not None, "ready once metadata answers")
+
+
+def test_dnat_end_to_end(host: Host) -> None:
+    """outside -> host:8080 -> c1:80; host via 127.0.0.1 (OUTPUT + route_localnet); c1 hairpin."""
+    from tests.helpers.netns import netns, run_in_netns
+
+    with netns("c1") as c1, netns("out") as out:
+        tag = c1[-6:]
+        host.sh("sysctl", "-qw", "net.ipv4.ip_forward=1")
+        host.sh("ip", "link", "add", f"vethr{tag}", "type", "veth", "peer", "name", "eth0", "netns", c1)
+        host.sh("ip", "link", "set", f"vethr{tag}", "master", "docker0", "up")
+        host.sh("ip", "link", "set", f"vethr{tag}", "type", "bridge_slave", "hairpin", "on")  # as the bridge plugin
+        run_in_netns(c1, "ip", "addr", "add", "10.42.200.5/16", "dev", "eth0")
+        run_in_netns(c1, "ip", "link", "set", "eth0", "up")
+        run_in_netns(c1, "ip", "route", "add", "default", "via", "10.42.0.1")
+        host.sh("ip", "link", "add", f"nmo{tag}", "type", "veth", "peer", "name", "eth0", "netns", out)
+        host.sh("ip", "addr", "add", "192.0.2.1/24", "dev", f"nmo{tag}")
+        host.sh("ip", "link", "set", f"nmo{tag}", "up")
+        run_in_netns(out, "ip", "addr", "add", "192.0.2.2/24", "dev", "eth0")
+        run_in_netns(out, "ip", "link", "set", "eth0", "up")
+        srv = Path(host.tmp) / "www"
+        srv.mkdir(exist_ok=True)
+        (srv / "index.html").write_text("c1\n")
+        import subprocess
+        import sys
+
+        p = subprocess.Popen(["ip", "netns", "exec", c1, sys.executable, "-m", "http.server", "80",
+                              "--bind", "10.42.200.5", "--directory", str(srv)],
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        try:
+            def get(ns: str, url: str) -> str:
+                r = run_in_netns(ns, "curl", "-s", "-m", "3", url, check=False)
+                return r.stdout
+
+            deadline = time.monotonic() + 10
+            while get(c1, "http://10.42.200.5/") != "c1\n" and time.monotonic() < deadline:
+                time.sleep(0.05)
+            assert get(out, "http://192.0.2.1:8080/") == "c1\n"
+            assert get(host.ns, "http://127.0.0.1:8080/") == "c1\n"
+            assert get(host.ns, "http://192.0.2.1:8080/") == "c1\n"
+            hp = get(c1, "http://192.0.2.1:8080/")
+            assert hp == "c1\n", host.sh(f"iptables-{host.backend}-save", "-c") + host.sh("conntrack", "-L", check=False)
+        finally:
+            p.terminate()
+            p.wait(5)
+            host.sh("ip", "link", "del", f"nmo{tag}", check=False)

@@ -1,0 +1,60 @@
+"""Flags (the original's names, Corral's additions) and the pinned public names."""
+
+from __future__ import annotations
+
+import importlib
+
+import pytest
+
+from netmanager.main import _metadata_base, build_parser
+
+PUBLIC = {
+    "netmanager.cniconf": ["CniFile", "CniFiles", "cni_files", "shim_script"],
+    "netmanager.desired": ["HOSTPORT_MARK", "NAT_IPSET", "OWNED_CHAINS", "POLICY_CHAIN", "BridgeInfo", "Hook",
+                           "HostFacts", "PortBinding", "PortError", "Route", "Rule", "Ruleset", "bridge_info",
+                           "desired_ruleset", "host_label_value", "host_port_bindings", "is_running",
+                           "local_networks", "metadata_route", "parse_port", "substitute"],
+    "netmanager.files": ["MANIFEST", "apply_cni", "write_atomic"],
+    "netmanager.firewall": ["RulesApplier"],
+    "netmanager.iptables": ["Backend", "choose_backend", "detect_backend"],
+    "netmanager.netlink": ["NftGeneration", "RouteState", "ensure_ipset", "ensure_route", "link_index",
+                           "route_state", "set_sysctl"],
+    "netmanager.main": ["build_parser", "main"],
+    "netmanager.resolv": ["render_resolv", "wants_resolv"],
+    "netmanager.rules": ["TABLES", "Drift", "Tables", "diff", "hook_chains", "hook_positions", "is_ours",
+                         "jump_targets", "parse_save", "render", "render_payload"],
+    "netmanager.state": ["load_snapshot", "save_snapshot", "snapshot_path"],
+}
+
+
+@pytest.mark.parametrize("module", sorted(PUBLIC))
+def test_exports(module: str) -> None:
+    m = importlib.import_module(module)
+    assert sorted(m.__all__) == sorted(PUBLIC[module])
+    for name in m.__all__:
+        assert hasattr(m, name), name
+
+
+def test_original_flags_accepted() -> None:
+    a = build_parser().parse_args([
+        "--metadata-address", "169.254.169.250", "--metadata-listen-port", "8090", "--disable-macsync",
+        "--disable-arpsync", "--disable-vethsync", "--disable-routesync", "--disable-conntracksync",
+        "--arpsync-interval", "7", "--vethsync-interval", "30", "--iptables-sync-interval", "120",
+        "--disable-cni-setup", "--disable-dns-setup", "--debug", "--verify-interval", "2s"])
+    assert a.metadata_listen_port == 8090 and a.arpsync_interval == 7 and a.verify_interval == 2.0
+    assert a.disable_routesync and a.disable_cni_setup and a.debug
+
+
+def test_bad_interval_is_rejected(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["--arpsync-interval", "5s"])
+    assert "whole number of seconds" in capsys.readouterr().err
+
+
+def test_metadata_url_alias() -> None:
+    p = build_parser()
+    assert _metadata_base(p.parse_args(["--metadata-url", "http://10.0.0.1:8080/2016-07-29"])) == \
+        ("http://10.0.0.1:8080", "2016-07-29")
+    assert _metadata_base(p.parse_args([])) == ("http://169.254.169.250", "2016-07-29")
+    with pytest.raises(Exception, match="metadata-url"):
+        _metadata_base(p.parse_args(["--metadata-url", "169.254.169.250"]))
