@@ -28,12 +28,11 @@ from agents.aio import first_of
 from agents.config import add_common_args
 from agents.errors import ConfigError
 from agents.log import get_logger
-from agents.metrics import AdminServer, Health, gauge, parse_listen
+from agents.metrics import AdminServer, Health, gauge, parse_listen, start_listener
 from dns.cache import Cache
 from dns.forward import Upstreams
 from dns.server import Engine, Listener
 from dns.table import Settings, Table, build_from_answers, filter_recursers
-from dns.workers import Supervisor, reload_listener, write_ports
 
 __all__ = ["DEMO_HINTS", "build_parser", "demo_argv", "main"]
 
@@ -131,11 +130,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="serve expired upstream answers when every upstream fails")
     p.add_argument("--stale-window", dest="stale_window", type=float, default=3600.0,
                    help="seconds an expired answer stays servable")
-    p.add_argument("--workers", type=int, default=1, help="SO_REUSEPORT worker processes (1: none)")
     p.add_argument("--udp-batch", dest="udp_batch", type=_bool, default=True, nargs="?", const=True,
                    help="read and answer UDP in batches with recvmmsg/sendmmsg (IPv4)")
-    p.add_argument("--reuse-port", dest="reuse_port", action="store_true", help=argparse.SUPPRESS)
-    p.add_argument("--ports-file", dest="ports_file", default="", help=argparse.SUPPRESS)  # a worker's, for --workers
     add_common_args(p, metrics_listen="127.0.0.1:9113")
     return p
 
@@ -367,9 +363,13 @@ class Daemon:
 
         app = web.Application()
         app.router.add_post("/v1/reload", reload)
-        runner = await reload_listener(self.args.listen_reload, app)
-        if runner is not None:
-            self.reload_port = int(runner.addresses[0][1])
+        host, port = parse_listen(self.args.listen_reload, "127.0.0.1")
+        try:
+            runner = await start_listener(host, port, app)
+        except OSError as e:  # serve on without it: SIGHUP still reloads
+            log.warning("reload listener not started", address=self.args.listen_reload, error=str(e))
+            return None
+        self.reload_port = int(runner.addresses[0][1])
         return runner
 
     async def serve(self, stop: asyncio.Event) -> None:
@@ -378,7 +378,7 @@ class Daemon:
         md = _metadata_base(a)
         if md is None:
             self.load_file()
-        listener = Listener(self.engine, host, port, reuse_port=a.reuse_port, batch=a.udp_batch)
+        listener = Listener(self.engine, host, port, batch=a.udp_batch)
         try:
             await listener.start()
         except OSError as e:
@@ -386,8 +386,6 @@ class Daemon:
         admin = AdminServer(a.metrics_listen, self.health, on_scrape=self.engine.flush_metrics)
         await admin.start()
         reload_runner = await self.reload_app(stop, md is not None)
-        if a.ports_file:
-            write_ports(a.ports_file, admin.port, self.reload_port)
         loop = asyncio.get_running_loop()
         if md is None:
             def on_hup() -> None:
@@ -427,12 +425,6 @@ def main(argv: list[str]) -> int:
         print("corral dns: --ttl, --recurser-timeout and --cache-capacity must be positive", file=sys.stderr)
         return 2
     from agents.cli import run_daemon
-
-    if args.workers > 1:
-        sup = Supervisor(args, list(argv))
-        rc = run_daemon("dns", sup.serve, debug=args.debug, log_file=args.log, log_json=args.log_json,
-                        pid_file=args.pid_file)
-        return rc or sup.exit_code
 
     async def serve(stop: asyncio.Event) -> None:
         await Daemon(args).serve(stop)

@@ -396,13 +396,11 @@ class _UdpReader:
 class Listener:
     """The UDP and TCP sockets on one address."""
 
-    def __init__(self, engine: Engine, host: str, port: int, *, reuse_port: bool = False,
-                 batch: bool = True) -> None:
+    def __init__(self, engine: Engine, host: str, port: int, *, batch: bool = True) -> None:
         self.engine = engine
         self.batch = batch
         self.host = host
         self.port = port
-        self.reuse_port = reuse_port
         self._sock: socket.socket | None = None
         self._reader: Any = None
         self._tcp: asyncio.Server | None = None
@@ -413,8 +411,6 @@ class Listener:
         fam = socket.AF_INET6 if ":" in self.host else socket.AF_INET
         us = socket.socket(fam, socket.SOCK_DGRAM)
         us.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        if self.reuse_port:
-            us.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         with contextlib.suppress(OSError):
             us.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)
         us.bind((self.host, self.port))
@@ -427,8 +423,7 @@ class Listener:
         else:
             self._reader = _UdpReader(self.engine, us)
         loop.add_reader(us.fileno(), self._reader.on_readable)
-        self._tcp = await asyncio.start_server(self._serve_tcp, self.host, self.port, reuse_address=True,
-                                               reuse_port=self.reuse_port or None)
+        self._tcp = await asyncio.start_server(self._serve_tcp, self.host, self.port, reuse_address=True)
         log.info("listening", address=f"{self.host}:{self.port}", proto="udp+tcp",
                  udp_reader=type(self._reader).__name__)
 

@@ -142,14 +142,14 @@ class DnsmasqOnLoopback(Dnsmasq):
         time.sleep(0.3)
 
 
-def start_corral_dns(md_url: str, upstream: str, workers: int) -> tuple[Proc, int, int]:
+def start_corral_dns(md_url: str, upstream: str, *extra: str) -> tuple[Proc, int, int]:
     port, admin = free_port(), free_port()
     p = start_corral("dns", "--listen", f"127.0.0.1:{port}", "--metadata-url", md_url, "--recurser", upstream,
                      "--metrics-listen", f"127.0.0.1:{admin}", "--listenReload", "127.0.0.1:0", "--ttl", "600",
-                     "--workers", str(workers), name="dns-bench")
-    if workers == 1 and len(CPUS) > 1:
+                     *extra, name="dns-bench")
+    if len(CPUS) > 1:
         pin(p.pid, SERVER_CPU)  # before the helper is spawned: it inherits the mask (and runs niced)
-    wait_http(f"http://127.0.0.1:{admin}/ready", timeout=30)  # with --workers: every worker is ready
+    wait_http(f"http://127.0.0.1:{admin}/ready", timeout=30)
     return p, port, admin
 
 
@@ -158,7 +158,6 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--quick", action="store_true", help="short runs (smoke test of the bench itself)")
     ap.add_argument("--no-write", action="store_true", help="print only, do not update bench/RESULTS.md")
     ap.add_argument("--rounds", type=int, default=3, help="alternating throughput rounds (median)")
-    ap.add_argument("--workers", default="1,2", help="worker counts to measure (1 is always measured)")
     a = ap.parse_args(argv)
     for tool in ("dnsperf", "dnsmasq"):
         if shutil.which(tool) is None:
@@ -225,47 +224,33 @@ def main(argv: list[str] | None = None) -> int:
         # Throughput: Corral and dnsmasq measured alternately, `rounds` times each; medians.
         dnsperf(peer.port, qlocal, seconds=1, src=CLIENT)  # warm
         dnsperf(peer.port, qfwd, seconds=1, src=CLIENT)
-        best: dict[str, Any] = {}
-        port1, p1 = 0, None
-        for w in sorted({1, *(int(x) for x in a.workers.split(",") if x)}):
-            p, port, _admin = start_corral_dns(md_url, f"{UPSTREAM}:{upstream.port}", w)
-            procs.append(p)
-            dnsperf(port, qlocal, seconds=1, src=CLIENT)  # warm the memo
-            dnsperf(port, qfwd, seconds=2, src=CLIENT)  # fill the cache
-            runs: dict[str, list[dict[str, float]]] = {"loc": [], "ploc": [], "fwd": [], "pfwd": []}
-            for _ in range(a.rounds):
-                runs["ploc"].append(dnsperf(peer.port, qlocal, seconds=secs, src=CLIENT, pid=peer.p.pid))
-                runs["loc"].append(dnsperf(port, qlocal, seconds=secs, src=CLIENT, pid=p.pid if w == 1 else 0))
-                runs["pfwd"].append(dnsperf(peer.port, qfwd, seconds=secs, src=CLIENT, pid=peer.p.pid))
-                runs["fwd"].append(dnsperf(port, qfwd, seconds=secs, src=CLIENT, pid=p.pid if w == 1 else 0))
-            med = {k: statistics.median(r["qps"] for r in v) for k, v in runs.items()}
-            lost = {k: sum(r["lost"] for r in v) for k, v in runs.items()}
-            sfail = sum(r["servfail"] for k in ("loc", "fwd") for r in runs[k])
-            spread = {k: f"{min(r['qps'] for r in v) / 1000:.0f}-{max(r['qps'] for r in v) / 1000:.0f}k"
-                      for k, v in runs.items()}
-            rss = tree_rss_mib(p.pid)
-            table.add(f"local names QPS, {w} worker(s)", med["loc"], med["ploc"], "q/s",
-                      note=f"median of {a.rounds} (Corral {spread['loc']}, dnsmasq {spread['ploc']}); "
-                           f"lost {lost['loc']:.0f} / {lost['ploc']:.0f}; SERVFAIL {sfail:.0f}")
-            table.add(f"forwarded cached QPS, {w} worker(s)", med["fwd"], med["pfwd"], "q/s",
-                      note=f"median of {a.rounds} (Corral {spread['fwd']}, dnsmasq {spread['pfwd']}); "
-                           f"lost {lost['fwd']:.0f}; RSS {rss:.0f} MiB")
-            if w == 1:
-                cpu = {k: statistics.median(r["cpu_us"] for r in v) for k, v in runs.items()}
-                table.add("server CPU per local query, 1 worker", cpu["loc"], cpu["ploc"], "us",
-                          higher_is_better=False, note="CPU time of the server process / queries completed")
-                table.add("server CPU per forwarded cached query, 1 worker", cpu["fwd"], cpu["pfwd"], "us",
-                          higher_is_better=False)
-            if not best or med["loc"] > best["qps"]:
-                best = {"w": w, "qps": med["loc"]}
-            if w != 1:
-                p.stop()
-                procs.remove(p)
-            else:
-                port1, p1 = port, p
+        p, port, _admin = start_corral_dns(md_url, f"{UPSTREAM}:{upstream.port}")
+        procs.append(p)
+        dnsperf(port, qlocal, seconds=1, src=CLIENT)  # warm the memo
+        dnsperf(port, qfwd, seconds=2, src=CLIENT)  # fill the cache
+        runs: dict[str, list[dict[str, float]]] = {"loc": [], "ploc": [], "fwd": [], "pfwd": []}
+        for _ in range(a.rounds):
+            runs["ploc"].append(dnsperf(peer.port, qlocal, seconds=secs, src=CLIENT, pid=peer.p.pid))
+            runs["loc"].append(dnsperf(port, qlocal, seconds=secs, src=CLIENT, pid=p.pid))
+            runs["pfwd"].append(dnsperf(peer.port, qfwd, seconds=secs, src=CLIENT, pid=peer.p.pid))
+            runs["fwd"].append(dnsperf(port, qfwd, seconds=secs, src=CLIENT, pid=p.pid))
+        med = {k: statistics.median(r["qps"] for r in v) for k, v in runs.items()}
+        lost = {k: sum(r["lost"] for r in v) for k, v in runs.items()}
+        sfail = sum(r["servfail"] for k in ("loc", "fwd") for r in runs[k])
+        spread = {k: f"{min(r['qps'] for r in v) / 1000:.0f}-{max(r['qps'] for r in v) / 1000:.0f}k"
+                  for k, v in runs.items()}
+        table.add("local names QPS", med["loc"], med["ploc"], "q/s",
+                  note=f"median of {a.rounds} (Corral {spread['loc']}, dnsmasq {spread['ploc']}); "
+                       f"lost {lost['loc']:.0f} / {lost['ploc']:.0f}; SERVFAIL {sfail:.0f}")
+        table.add("forwarded cached QPS", med["fwd"], med["pfwd"], "q/s",
+                  note=f"median of {a.rounds} (Corral {spread['fwd']}, dnsmasq {spread['pfwd']}); "
+                       f"lost {lost['fwd']:.0f}")
+        cpu = {k: statistics.median(r["cpu_us"] for r in v) for k, v in runs.items()}
+        table.add("server CPU per local query", cpu["loc"], cpu["ploc"], "us",
+                  higher_is_better=False, note="CPU time of the server process / queries completed")
+        table.add("server CPU per forwarded cached query", cpu["fwd"], cpu["pfwd"], "us", higher_is_better=False)
         peer_local_lat = dnsperf(peer.port, qlocal, seconds=min(secs, 4), src=CLIENT, rate=10000, verbose=True)
         peer_fwd_lat = dnsperf(peer.port, qfwd, seconds=min(secs, 4), src=CLIENT, rate=10000, verbose=True)
-        port = port1
         lat = dnsperf(port, qlocal, seconds=min(secs, 4), src=CLIENT, rate=10000, verbose=True)
         table.add("local p50 at 10k q/s", lat["p50_ms"], peer_local_lat["p50_ms"], "ms", higher_is_better=False)
         table.add("local p99 at 10k q/s", lat["p99_ms"], peer_local_lat["p99_ms"], "ms", higher_is_better=False)
@@ -284,7 +269,7 @@ def main(argv: list[str] | None = None) -> int:
         table.add("forwarded uncached p99 at 2k q/s (peer: the upstream asked directly)", unc["p99_ms"],
                   direct["p99_ms"], "ms", higher_is_better=False,
                   note=f"added {unc['p99_ms'] - direct['p99_ms']:.3f} ms")
-        table.add("RSS after the runs, 1 worker, 5k-container table", tree_rss_mib(p1.pid) if p1 else float("nan"), None, "MiB",
+        table.add("RSS after the runs, 5k-container table", tree_rss_mib(p.pid), None, "MiB",
                   higher_is_better=False, note="target <= 200 MiB")
         # --- latency while metadata changes every second (rebuild in flight)
         quiet = dnsperf(port, qlocal, seconds=4, src=CLIENT, rate=5000, verbose=True)
@@ -308,11 +293,11 @@ def main(argv: list[str] | None = None) -> int:
         peer.stop()
     table.print()
     body = table.markdown() + (
-        f"\n\nBest local QPS with {best.get('w')} worker(s). dnsperf -c 8 -q 200 from a container view address "
+        "\n\ndnsperf -c 8 -q 200 from a container view address "
         f"({CLIENT}); local query mix: {len(lines)} lines (FQDN services and containers, short names through "
         "server-side search, link aliases, A and AAAA). Peer: dnsmasq 2.90 with the same names in a hosts file. "
         f"Pinned: the server under test on CPU {sorted(SERVER_CPU)}, dnsperf and metadata on "
-        f"{sorted(CLIENT_CPU)} (workers > 1 unpinned). The machine is shared with other engineers' test runs; "
+        f"{sorted(CLIENT_CPU)}. The machine is shared with other engineers' test runs; "
         "the last row shows how noisy scheduling was.")
     if not a.no_write:
         update_results("dns", body, command=".venv/bin/python -m bench.dns.bench_dns")

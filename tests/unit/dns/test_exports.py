@@ -21,7 +21,6 @@ EXPORTS = {
     "dns.main": {"DEMO_HINTS", "build_parser", "demo_argv", "main"},
     "dns.batch": {"BatchReader", "available"},
     "dns.slow": {"MAX_INFLIGHT", "answer_slow"},
-    "dns.workers": {"Supervisor", "merge_metrics", "reload_listener", "write_ports"},
 }
 
 
