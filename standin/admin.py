@@ -20,7 +20,7 @@ from standin.app import Server
 from standin.faults import MALFORMED_KINDS, parse_duration
 from standin.public import malformed_frames
 from standin.stats import FAULTS
-from standin.store import PLURALS
+from standin.store import PLURALS, StorageError
 
 __all__ = ["build_admin_app"]
 
@@ -70,6 +70,8 @@ class AdminApi:
     async def errors(self, request: web.Request, handler: Any) -> web.StreamResponse:
         try:
             return await handler(request)
+        except StorageError as e:  # rolled back: 507 when the disk is full, the reason in the body
+            return _err(507 if e.full else 503, str(e))
         except InputError as e:
             msg = str(e)
             return _err(404 if msg.startswith("no ") else 422, msg)

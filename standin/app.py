@@ -24,7 +24,7 @@ from standin.health import aggregate, apply_report, parse_healthcheck_uuid, pick
 from standin.journal import Journal
 from standin.keys import Key, KeyRing
 from standin.stats import REVISION, SERVICE_EVENTS
-from standin.store import KINDS, Store
+from standin.store import KINDS, StorageError, Store
 
 __all__ = ["Server", "Settings"]
 
@@ -103,8 +103,11 @@ class Server:
         for c in list(self.bus.conns.values()):
             await self.bus.drop(c)
         if not self.lock.locked():
-            self._flush_config()
-            self.store.commit(bump=False)
+            try:
+                self._flush_config()
+                self.store.commit(bump=False)
+            except StorageError as e:  # the last config bookkeeping is lost; everything acknowledged is stored
+                log.error("config items not stored at shutdown", error=str(e))
         self.store.close()
         self.journal.close()
 
@@ -145,6 +148,12 @@ class Server:
             self._reserved = []
             try:
                 result = await op()
+                flushed = self._flush_config()
+                try:
+                    rev = self.store.commit(reason)
+                except StorageError:  # not stored (disk full): the config items get written next time
+                    self._config_dirty |= flushed
+                    raise
             except BaseException:
                 self.store.rollback()
                 for host, unit in self._reserved:  # give back what the scheduler booked for this op
@@ -153,8 +162,6 @@ class Server:
                 raise
             finally:
                 self._reserved = []
-            self._flush_config()
-            rev = self.store.commit(reason)
         REVISION.set(rev)
         if rev != before:
             log.debug("mutation", reason=reason, revision=rev)
@@ -479,12 +486,14 @@ class Server:
     def config_agents(self) -> list[str]:
         return sorted(self._config)
 
-    def _flush_config(self) -> None:
+    def _flush_config(self) -> set[str]:
         """Write config items into the open (or a new) transaction; only ever called with no other
-        operation's transaction open (under the lock, or when the lock is free)."""
+        operation's transaction open (under the lock, or when the lock is free). Returns the agents
+        written (dirty again if the commit fails)."""
         for agent in self._config_dirty:
             self.store.kv_set("config", agent, self._config[agent])
-        self._config_dirty.clear()
+        flushed, self._config_dirty = self._config_dirty, set()
+        return flushed
 
     def _set_config(self, agent: str, **changes: Any) -> None:
         """Config item bookkeeping never waits for the mutation lock (an allocation waiting for the
@@ -494,8 +503,12 @@ class Server:
             d[k] = int(d.get(k) or 0) + int(v) if k in ("downloads", "updatesSent") else v
         self._config_dirty.add(agent)
         if not self.lock.locked():
-            self._flush_config()
-            self.store.commit(bump=False)
+            flushed = self._flush_config()
+            try:
+                self.store.commit(bump=False)
+            except StorageError as e:  # bookkeeping: kept in memory, written with the next commit that succeeds
+                self._config_dirty |= flushed
+                log.warning("config items kept in memory, not stored", error=str(e))
 
     async def downloaded(self, agent: str) -> None:
         self._set_config(agent, downloads=1, lastDownloadAt=time.time())

@@ -23,6 +23,7 @@ from standin.bus import make_event
 from standin.faults import MALFORMED_KINDS
 from standin.keys import Key
 from standin.stats import HTTP
+from standin.store import StorageError
 
 __all__ = ["REALM", "build_public_app", "malformed_frames"]
 
@@ -132,6 +133,8 @@ class PublicApi:
         request["corral_key"] = key.access
         try:
             return await self.route(request, prefix, rest, key)
+        except StorageError as e:  # rolled back; the client may retry once the disk has room
+            return _error(507 if e.full else 503, "InsufficientStorage" if e.full else "StorageError", str(e))
         except InputError as e:
             return _error(422, "InvalidInput", str(e))
 

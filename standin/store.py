@@ -4,10 +4,16 @@ One table of resources (kind, id, JSON), one of key/value items (revision, id co
 environment, config items, health reports). Every write goes to SQLite inside a transaction
 that :meth:`Store.commit` closes, bumping the global integer **revision** once per
 operation, so a restart of the stand-in loses nothing that was acknowledged.
+
+A write the database refuses (a full disk, an I/O error) rolls the open transaction back in
+SQLite *and* in memory, then raises :class:`StorageError`: nothing half-stored stays visible,
+and the next operation starts a fresh transaction, so the server recovers by itself once the
+disk has room again.
 """
 
 from __future__ import annotations
 
+import contextlib
 import sqlite3
 import uuid as uuidlib
 from collections.abc import Iterator
@@ -15,9 +21,26 @@ from typing import Any, Protocol
 
 import orjson
 
-from agents.errors import InputError
+from agents.errors import CorralError, InputError
 
-__all__ = ["ID_PREFIX", "KINDS", "PLURALS", "Committed", "Resources", "Store"]
+__all__ = ["ID_PREFIX", "KINDS", "PLURALS", "Committed", "Resources", "StorageError", "Store"]
+
+
+class StorageError(CorralError):
+    """The state database refused a write; the operation was rolled back. ``full`` when the disk
+    (or the file size limit) is what refused it."""
+
+    def __init__(self, message: str, *, full: bool = False) -> None:
+        super().__init__(message)
+        self.full = full
+
+
+def _storage_error(e: sqlite3.Error) -> StorageError:
+    code = getattr(e, "sqlite_errorcode", None)
+    full = code == getattr(sqlite3, "SQLITE_FULL", 13) or "full" in str(e)
+    if full:
+        return StorageError(f"disk full: the change was not stored ({e})", full=True)
+    return StorageError(f"storage error: the change was not stored ({e})")
 
 ID_PREFIX = {"host": "1h", "stack": "1st", "service": "1s", "container": "1i", "network": "1n"}
 KINDS = tuple(ID_PREFIX)
@@ -113,8 +136,17 @@ class Store:
     # -- transactions -----------------------------------------------------------------
     def _begin(self) -> None:
         if not self._in_txn:
-            self.db.execute("BEGIN")
+            self._exec("BEGIN")
             self._in_txn = True
+
+    def _exec(self, sql: str, params: tuple[Any, ...] = ()) -> None:
+        """One write statement; a refusal undoes the whole operation (database and memory)."""
+        try:
+            self.db.execute(sql, params)
+        except sqlite3.Error as e:
+            err = _storage_error(e)
+            self.rollback()
+            raise err from e
 
     def commit(self, reason: str = "", *, bump: bool = True) -> int:
         """Close the open transaction; bump the revision when anything changed."""
@@ -124,7 +156,7 @@ class Store:
             self._snapshot_due = True
         self._changes.clear()
         if self._in_txn:
-            self.db.execute("COMMIT")
+            self._exec("COMMIT")
             self._in_txn = False
         if self._snapshot_due:
             self.committed = self._snapshot()
@@ -137,8 +169,11 @@ class Store:
     def rollback(self) -> None:
         """Throw away the open transaction and reload the cache from SQLite."""
         if self._in_txn:
-            self.db.execute("ROLLBACK")
             self._in_txn = False
+            try:
+                self.db.execute("ROLLBACK")
+            except sqlite3.OperationalError:  # SQLite already rolled back (a failed COMMIT on a full disk)
+                pass
         self._changes.clear()
         self._reload()
         self._snapshot_due = False  # the committed view is still right
@@ -166,8 +201,9 @@ class Store:
     def close(self) -> None:
         """Close the database; a transaction still open belongs to an unfinished operation: dropped."""
         if self._in_txn:
-            self.db.execute("ROLLBACK")
             self._in_txn = False
+            with contextlib.suppress(sqlite3.Error):
+                self.db.execute("ROLLBACK")
         self.db.close()
 
     # -- key/value --------------------------------------------------------------------
@@ -180,14 +216,14 @@ class Store:
     def kv_set(self, ns: str, k: str, v: Any) -> None:
         self._begin()
         self._kv.setdefault(ns, {})[k] = v
-        self.db.execute("INSERT OR REPLACE INTO kv (ns, k, v) VALUES (?, ?, ?)", (ns, k, orjson.dumps(v)))
+        self._exec("INSERT OR REPLACE INTO kv (ns, k, v) VALUES (?, ?, ?)", (ns, k, orjson.dumps(v)))
         if ns == "meta" and k == "environment":
             self._snapshot_due = True
 
     def kv_del(self, ns: str, k: str) -> None:
         self._begin()
         self._kv.get(ns, {}).pop(k, None)
-        self.db.execute("DELETE FROM kv WHERE ns = ? AND k = ?", (ns, k))
+        self._exec("DELETE FROM kv WHERE ns = ? AND k = ?", (ns, k))
 
     def next_number(self, kind: str) -> int:
         n = int(self.kv_get("counter", kind, 0)) + 1
@@ -260,8 +296,8 @@ class Store:
         self._res[kind][obj["id"]] = obj
         self._sorted.pop(kind, None)
         self._snapshot_due = True
-        self.db.execute("INSERT OR REPLACE INTO resources (kind, id, data) VALUES (?, ?, ?)",
-                        (kind, obj["id"], orjson.dumps(obj)))
+        self._exec("INSERT OR REPLACE INTO resources (kind, id, data) VALUES (?, ?, ?)",
+                   (kind, obj["id"], orjson.dumps(obj)))
         self._changes.append(f"{kind}:{obj['id']}")
         return obj
 
@@ -270,7 +306,7 @@ class Store:
         o = self._res[kind].pop(rid, None)
         self._sorted.pop(kind, None)
         self._snapshot_due = True
-        self.db.execute("DELETE FROM resources WHERE kind = ? AND id = ?", (kind, rid))
+        self._exec("DELETE FROM resources WHERE kind = ? AND id = ?", (kind, rid))
         if o is not None:
             self._changes.append(f"-{kind}:{rid}")
         return o
@@ -278,8 +314,8 @@ class Store:
     def wipe(self) -> None:
         """Delete every resource and key/value item except the revision (which keeps growing)."""
         self._begin()
-        self.db.execute("DELETE FROM resources")
-        self.db.execute("DELETE FROM kv WHERE ns != 'meta' OR k != 'revision'")
+        self._exec("DELETE FROM resources")
+        self._exec("DELETE FROM kv WHERE ns != 'meta' OR k != 'revision'")
         rev = self.revision
         self._sorted = {}
         self._snapshot_due = True
