@@ -20,7 +20,7 @@ import sys
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from agents.errors import ConfigError
+from agents.errors import ConfigError, InputError
 from agents.log import get_logger, setup_logging
 
 __all__ = ["SUBCOMMANDS", "main", "run_daemon"]
@@ -43,7 +43,7 @@ def _usage() -> str:
     for name, (_, doc) in SUBCOMMANDS.items():
         lines.append(f"  {name:<18} {doc}")
     lines.append("")
-    lines.append("corral <command> --help shows a command's flags.")
+    lines.append("corral <command> --help shows a command's flags; corral --version the version.")
     return "\n".join(lines)
 
 
@@ -52,6 +52,11 @@ def main(argv: list[str] | None = None) -> int:
     if not args or args[0] in ("-h", "--help", "help"):
         print(_usage())
         return 0 if args else 2
+    if args[0] == "--version":
+        from agents.config import VERSION
+
+        print(f"corral {VERSION}")
+        return 0
     name, rest = args[0], args[1:]
     entry = SUBCOMMANDS.get(name)
     if entry is None:
@@ -66,6 +71,8 @@ def main(argv: list[str] | None = None) -> int:
         raise
     try:
         rc = mod.main(rest)
+    except KeyboardInterrupt:  # Ctrl-C on a short command (ctl, or a daemon still parsing): no traceback
+        return 130
     except BrokenPipeError:  # `corral ctl ... | head`: the reader went away, not an error of ours
         with contextlib.suppress(OSError):
             sys.stdout = open(os.devnull, "w")
@@ -94,7 +101,10 @@ def run_daemon(
     """Run ``serve(stop)`` until it returns or a signal sets ``stop``; return the exit code.
 
     ``serve`` must return soon after ``stop`` is set (lame-duck work is its own business).
-    A :class:`ConfigError` is printed plainly with exit code 2; any other crash exits 1.
+    A :class:`ConfigError` (bad flags, a listener that cannot bind) is printed as one line on
+    stderr with exit code 2; an :class:`InputError` that reaches here (bad input found at start
+    with nothing good to serve instead, e.g. a corrupt answers file) is one line and exit code 1;
+    any other crash is logged with its traceback and exits 1.
     """
     stream: Any = open(log_file, "a", buffering=1) if log_file else None
     setup_logging(component, debug=debug, json=log_json, stream=stream)
@@ -130,10 +140,11 @@ def run_daemon(
         rc = asyncio.run(runner())
         log.info("stopped")
         return rc
-    except ConfigError as e:
-        log.error("config error", error=str(e))
-        print(f"{component}: {e}", file=sys.stderr)
-        return 2
+    except (ConfigError, InputError) as e:
+        if log_file:  # on stderr the plain line below says it; a log file gets the record too
+            log.error("config error" if isinstance(e, ConfigError) else "bad input at start", error=str(e))
+        print(f"{component}: {' '.join(str(e).split())}", file=sys.stderr)
+        return 2 if isinstance(e, ConfigError) else 1
     except KeyboardInterrupt:
         return 130
     except Exception as e:  # a crash is logged in the daemon's own log format, then exit 1

@@ -13,8 +13,11 @@ names of those that are not ready (CoreDNS's ``ready`` plugin does the same).
 
 from __future__ import annotations
 
+import contextlib
+import errno
+import socket
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import TYPE_CHECKING, Any
 
 from prometheus_client import (
@@ -27,10 +30,15 @@ from prometheus_client import (
     generate_latest,
 )
 
+from agents.errors import ConfigError
+
 if TYPE_CHECKING:  # aiohttp costs ~100 ms of start-up: imported only when a listener starts
     from aiohttp import web
 
-__all__ = ["NAMESPACE", "AdminServer", "Health", "counter", "gauge", "histogram", "parse_listen", "start_listener"]
+__all__ = [
+    "NAMESPACE", "AdminServer", "Health", "ListenError", "binding", "counter", "gauge", "histogram", "parse_listen",
+    "start_listener",
+]
 
 NAMESPACE = "corral"
 _metrics: dict[str, Any] = {}
@@ -96,8 +104,6 @@ class Health:
 
 def parse_listen(spec: str, default_host: str = "0.0.0.0") -> tuple[str, int]:
     """Parse ``host:port``, ``:port`` or ``[v6]:port`` into (host, port)."""
-    from agents.errors import ConfigError
-
     s = spec.strip()
     if s.startswith("["):
         host, _, rest = s[1:].partition("]")
@@ -115,19 +121,61 @@ def parse_listen(spec: str, default_host: str = "0.0.0.0") -> tuple[str, int]:
     return (host or default_host), port
 
 
-async def start_listener(host: str, port: int, app: web.Application) -> web.AppRunner:
+class ListenError(ConfigError, OSError):
+    """A listener could not be opened: one line naming the flag, the address and why. It is a
+    ConfigError (the daemon prints it and exits 2) and an OSError (code that carries on without
+    an optional listener keeps catching OSError)."""
+
+
+_WHY = {
+    errno.EADDRINUSE: "address already in use (another process listens there)",
+    errno.EACCES: "permission denied (ports below 1024 need root or CAP_NET_BIND_SERVICE)",
+    errno.EPERM: "operation not permitted",
+    errno.EADDRNOTAVAIL: "address not available (no interface on this host has it)",
+    errno.EAFNOSUPPORT: "address family not supported",
+}
+
+
+def listen_error(flag: str, address: str, e: OSError) -> ListenError:
+    """The one-line error for a failed bind of ``address`` given by ``flag``."""
+    if isinstance(e, socket.gaierror):
+        why = f"cannot resolve the host ({e.strerror or e})"
+    else:
+        why = _WHY.get(e.errno or 0) or (e.strerror or str(e)).splitlines()[0]
+    where = f"{address} ({flag})" if flag else address
+    return ListenError(f"cannot listen on {where}: {why}")
+
+
+@contextlib.contextmanager
+def binding(flag: str, address: str) -> Iterator[None]:
+    """Every listener's bind runs inside this: any OSError becomes a :class:`ListenError`
+    naming ``flag`` and ``address`` (``with binding("--listen", args.listen): await srv.start()``)."""
+    try:
+        yield
+    except ListenError:
+        raise
+    except OSError as e:
+        raise listen_error(flag, address, e) from None
+
+
+async def start_listener(host: str, port: int, app: web.Application, *, flag: str = "") -> web.AppRunner:
     """Serve ``app`` on ``host:port`` (0: an ephemeral port, see ``runner.addresses``); a bind
-    failure raises OSError with nothing left behind."""
+    failure raises :class:`ListenError` (an OSError) naming ``flag``, with nothing left behind."""
     from aiohttp import web
 
     runner = web.AppRunner(app, access_log=None)
     await runner.setup()
     try:
-        await web.TCPSite(runner, host, port, reuse_address=True).start()
+        with binding(flag, _fmt(host, port)):
+            await web.TCPSite(runner, host, port, reuse_address=True).start()
     except OSError:
         await runner.cleanup()
         raise
     return runner
+
+
+def _fmt(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 class AdminServer:
@@ -136,12 +184,14 @@ class AdminServer:
 
     def __init__(
         self, listen: str, health: Health, registry: CollectorRegistry = REGISTRY, extra: dict[str, Any] | None = None,
-        on_scrape: Callable[[], None] | None = None,
+        on_scrape: Callable[[], None] | None = None, flag: str = "--metrics-listen",
     ) -> None:
         """``on_scrape`` runs before each ``/metrics`` (a daemon that batches counter updates
-        flushes them there, so a scrape is never behind)."""
+        flushes them there, so a scrape is never behind); ``flag`` names the listen address in
+        a bind error."""
         from aiohttp import web
 
+        self.flag = flag
         self.host, self.port = parse_listen(listen, "127.0.0.1")
         self.health = health
         self.registry = registry
@@ -174,7 +224,7 @@ class AdminServer:
         return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
 
     async def start(self) -> None:
-        self._runner = await start_listener(self.host, self.port, self.app)
+        self._runner = await start_listener(self.host, self.port, self.app, flag=self.flag)
         self.port = int(self._runner.addresses[0][1])  # the bound one (an ephemeral port when 0)
 
     async def stop(self) -> None:

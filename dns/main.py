@@ -16,7 +16,6 @@ import gc
 import json
 import os
 import signal
-import sys
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -25,10 +24,21 @@ from typing import Any
 from aiohttp import web
 
 from agents.aio import first_of
-from agents.config import add_common_args
+from agents.config import (
+    add_common_args,
+    file_arg,
+    float_arg,
+    host_port_arg,
+    int_arg,
+    ip_list_arg,
+    ip_port_arg,
+    listen_arg,
+    make_parser,
+    url_arg,
+)
 from agents.errors import ConfigError
 from agents.log import get_logger
-from agents.metrics import AdminServer, Health, gauge, parse_listen, start_listener
+from agents.metrics import AdminServer, Health, binding, gauge, parse_listen, start_listener
 from dns.cache import Cache
 from dns.forward import Upstreams
 from dns.server import Engine, Listener
@@ -95,45 +105,67 @@ def _bool(v: str) -> bool:
 
 def build_parser() -> argparse.ArgumentParser:
     env = os.environ.get
-    p = argparse.ArgumentParser(prog="corral dns", description="the DNS service (rancher-dns compatible)")
-    p.add_argument("--listen", default=":53", help="UDP and TCP listen address (default :53)")
-    p.add_argument("--listenReload", dest="listen_reload", default="127.0.0.1:8113", help="POST /v1/reload address")
-    p.add_argument("--answers", default=None,
-                   help="answers file (file mode, default ./answers.yaml) / JSON dump after each reload (metadata mode)")
-    p.add_argument("--ttl", type=int, default=600, help="TTL of local answers")
-    p.add_argument("--recurser-timeout", dest="recurser_timeout", type=float,
-                   default=float(env("DNS_RECURSER_TIMEOUT") or 2), help="seconds per upstream attempt")
-    p.add_argument("--ndots", type=int, default=0, help="search suffixes only for names with fewer dots (0: always)")
-    p.add_argument("--cache-capacity", dest="cache_capacity", type=int, default=1000,
+    p = make_parser("corral dns", "the DNS service (rancher-dns compatible)", version=VERSION)
+    p.add_argument("--listen", default=":53", type=listen_arg, help="UDP and TCP listen address")
+    p.add_argument("--listenReload", dest="listen_reload", default="127.0.0.1:8113", type=listen_arg,
+                   help="POST /v1/reload address")
+    p.add_argument("--answers", default=None, type=file_arg(),
+                   help="answers file (file mode: none given means ./answers.yaml) / JSON dump after each reload "
+                        "(metadata mode)")
+    p.add_argument("--ttl", type=int_arg(0), default=600, help="TTL of local answers")
+    p.add_argument("--recurser-timeout", dest="recurser_timeout", type=float_arg(above=0),
+                   default=env("DNS_RECURSER_TIMEOUT") or "2",
+                   help="seconds per upstream attempt (env DNS_RECURSER_TIMEOUT)")
+    p.add_argument("--ndots", type=int_arg(0), default=0,
+                   help="search suffixes only for names with fewer dots (0: always)")
+    p.add_argument("--cache-capacity", dest="cache_capacity", type=int_arg(0), default=1000,
                    help="entries of the forward cache (Corral: one LRU, x10 of this)")
-    p.add_argument("--metadata-server", dest="metadata_server", default="", help="host[:port] of rancher-metadata")
-    p.add_argument("--rancher-metadata-answer", dest="rancher_metadata_answer",
+    p.add_argument("--metadata-server", dest="metadata_server", default="", type=_host_or_url,
+                   help="host[:port] of rancher-metadata (metadata mode)")
+    p.add_argument("--rancher-metadata-answer", dest="rancher_metadata_answer", type=ip_list_arg("agent_ip"),
                    default=env("RANCHER_METADATA_ANSWER") or "169.254.169.250",
-                   help="comma list; A answer for rancher-metadata.rancher.internal (agent_ip allowed)")
-    p.add_argument("--never-recurse-to", dest="never_recurse_to", default=env("NEVER_RECURSE_TO") or "169.254.169.250",
-                   help="comma list of upstreams never used (agent_ip allowed)")
-    p.add_argument("--version", action="store_true", help="print the version and exit")
+                   help="comma list; A answer for rancher-metadata.rancher.internal (agent_ip allowed) "
+                        "(env RANCHER_METADATA_ANSWER)")
+    p.add_argument("--never-recurse-to", dest="never_recurse_to", type=ip_list_arg("agent_ip"),
+                   default=env("NEVER_RECURSE_TO") or "169.254.169.250",
+                   help="comma list of upstreams never used (agent_ip allowed) (env NEVER_RECURSE_TO)")
     # Corral's own
-    p.add_argument("--metadata-url", dest="metadata_url", default="",
+    p.add_argument("--metadata-url", dest="metadata_url", default="", type=_url_or_empty,
                    help="full metadata API base (overrides --metadata-server), e.g. http://127.0.0.1:8080/2016-07-29")
-    p.add_argument("--recurser", action="append", default=[], metavar="IP[:PORT]",
+    p.add_argument("--recurser", action="append", default=[], metavar="IP[:PORT]", type=ip_port_arg,
                    help="upstream recursor (repeatable); replaces resolv.conf, loopback allowed")
-    p.add_argument("--resolv-conf", dest="resolv_conf", default="/etc/resolv.conf", help="host resolv.conf")
+    p.add_argument("--resolv-conf", dest="resolv_conf", default="/etc/resolv.conf", type=file_arg(),
+                   help="host resolv.conf (upstreams when no --recurser)")
     p.add_argument("--forward-single-label", dest="forward_single_label", type=_bool, default=False,
                    nargs="?", const=True, help="forward unknown single-label names (original behaviour)")
     p.add_argument("--ptr", type=_bool, default=True, nargs="?", const=True,
                    help="answer PTR for managed IPs and NXDOMAIN in their reverse zones")
     p.add_argument("--unhealthy-fallback", dest="unhealthy_fallback", choices=["last", "none"], default="last",
                    help="service with no healthy endpoint: one fallback IP (last) or no record (none)")
-    p.add_argument("--neg-ttl-max", dest="neg_ttl_max", type=int, default=30, help="cap of negative cache TTL")
+    p.add_argument("--neg-ttl-max", dest="neg_ttl_max", type=int_arg(0), default=30,
+                   help="cap of negative cache TTL")
     p.add_argument("--serve-stale", dest="serve_stale", type=_bool, default=True, nargs="?", const=True,
                    help="serve expired upstream answers when every upstream fails")
-    p.add_argument("--stale-window", dest="stale_window", type=float, default=3600.0,
+    p.add_argument("--stale-window", dest="stale_window", type=float_arg(0), default=3600.0,
                    help="seconds an expired answer stays servable")
     p.add_argument("--udp-batch", dest="udp_batch", type=_bool, default=True, nargs="?", const=True,
                    help="read and answer UDP in batches with recvmmsg/sendmmsg (IPv4)")
     add_common_args(p, metrics_listen="127.0.0.1:9113")
     return p
+
+
+_url = url_arg()
+
+
+def _host_or_url(v: str) -> str:
+    """``--metadata-server``: host[:port], or a URL (http/https)."""
+    if not v:
+        return v
+    return _url(v) if "://" in v else host_port_arg(v)
+
+
+def _url_or_empty(v: str) -> str:
+    return _url(v) if v else v
 
 
 def _split(s: str) -> tuple[str, ...]:
@@ -365,7 +397,7 @@ class Daemon:
         app.router.add_post("/v1/reload", reload)
         host, port = parse_listen(self.args.listen_reload, "127.0.0.1")
         try:
-            runner = await start_listener(host, port, app)
+            runner = await start_listener(host, port, app, flag="--listenReload")
         except OSError as e:  # serve on without it: SIGHUP still reloads
             log.warning("reload listener not started", address=self.args.listen_reload, error=str(e))
             return None
@@ -379,10 +411,8 @@ class Daemon:
         if md is None:
             self.load_file()
         listener = Listener(self.engine, host, port, batch=a.udp_batch)
-        try:
+        with binding("--listen", a.listen):
             await listener.start()
-        except OSError as e:
-            raise ConfigError(f"cannot listen on {a.listen}: {e}") from e
         admin = AdminServer(a.metrics_listen, self.health, on_scrape=self.engine.flush_metrics)
         await admin.start()
         reload_runner = await self.reload_app(stop, md is not None)
@@ -416,14 +446,10 @@ class Daemon:
 
 
 def main(argv: list[str]) -> int:
-    p = build_parser()
-    args = p.parse_args(_normalise(list(argv)))
-    if args.version:
-        print(VERSION)
-        return 0
-    if args.ttl < 0 or args.recurser_timeout <= 0 or args.cache_capacity < 0:
-        print("corral dns: --ttl, --recurser-timeout and --cache-capacity must be positive", file=sys.stderr)
-        return 2
+    try:  # a bad flag is one line and exit 2; --version/--help exit 0 (returned, not raised: the tests call main)
+        args = build_parser().parse_args(_normalise(list(argv)))
+    except SystemExit as e:
+        return e.code if isinstance(e.code, int) else 2
     from agents.cli import run_daemon
 
     async def serve(stop: asyncio.Event) -> None:

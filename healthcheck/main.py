@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import ipaddress
 import os
 import time
 from typing import Any
@@ -20,8 +19,22 @@ from aiohttp import web
 
 from agents.api import ApiClient
 from agents.cli import run_daemon
-from agents.config import CattleConfig, add_cattle_args, add_common_args, duration_arg, env_str
-from agents.errors import ConfigError, TransportError
+from agents.config import (
+    CattleConfig,
+    add_cattle_args,
+    add_common_args,
+    cidr_list_arg,
+    dir_arg,
+    duration_arg,
+    env_str,
+    float_arg,
+    host_port_arg,
+    int_arg,
+    make_parser,
+    positive_duration_arg,
+    url_arg,
+)
+from agents.errors import TransportError
 from agents.log import get_logger
 from agents.metadata_client import MetadataClient
 from agents.metrics import AdminServer, Health, counter, gauge
@@ -77,38 +90,55 @@ def demo_argv(ctx: Any) -> list[str]:
 parse_duration = duration_arg  # the flag type, under the name this module has always exported
 
 
-def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="corral healthcheck", description=__doc__.splitlines()[0])
+def build_parser() -> argparse.ArgumentParser:
+    p = make_parser("corral healthcheck", __doc__.splitlines()[0])
     p.add_argument("--metadata-address", default=env_str("CORRAL_METADATA_ADDRESS", "rancher-metadata"),
-                   help="metadata host[:port] or URL (env CORRAL_METADATA_ADDRESS)")
+                   type=_host_or_url, help="metadata host[:port] or URL (env CORRAL_METADATA_ADDRESS)")
     run = os.environ.get("XDG_RUNTIME_DIR")
     p.add_argument("--state-dir", default=os.path.join(run, "corral-healthcheck") if run else "./run/healthcheck",
+                   type=dir_arg,
                    help="HAProxy's config, socket and state, and its working directory; a relative path is taken "
-                        "from the current directory (default: $XDG_RUNTIME_DIR/corral-healthcheck, else "
-                        "./run/healthcheck)")
-    p.add_argument("--stats-socket", default="", help="admin socket (default <state-dir>/haproxy.sock)")
-    p.add_argument("--haproxy-bin", default="haproxy")
-    p.add_argument("--haproxy-threads", type=int, default=1)
-    p.add_argument("--apply-mode", choices=("auto", "runtime", "reload"), default="auto")
-    p.add_argument("--poll-interval", type=parse_duration, default=2.0)
-    p.add_argument("--metadata-wait", type=int, default=5, help="long-poll maxWait seconds")
-    p.add_argument("--report-concurrency", type=int, default=8)
-    p.add_argument("--report-timeout", type=parse_duration, default=10.0)
-    p.add_argument("--report-retry-max", type=parse_duration, default=30.0, help="longest back-off between retries")
+                        "from the current directory (default: $XDG_RUNTIME_DIR/corral-healthcheck when that is set, "
+                        "else ./run/healthcheck)")
+    p.add_argument("--stats-socket", default="", help="HAProxy admin socket (none given: <state-dir>/haproxy.sock)")
+    p.add_argument("--haproxy-bin", default="haproxy", help="HAProxy executable (name on PATH or path)")
+    p.add_argument("--haproxy-threads", type=int_arg(1, 64), default=1, help="HAProxy nbthread")
+    p.add_argument("--apply-mode", choices=("auto", "runtime", "reload"), default="auto",
+                   help="how changes reach HAProxy: runtime API (HAProxy >= 2.5), reload, or auto by version")
+    p.add_argument("--poll-interval", type=positive_duration_arg, default=2.0,
+                   help="seconds (or 500ms, 2s) between HAProxy stats polls")
+    p.add_argument("--metadata-wait", type=int_arg(1, 3600), default=5, help="long-poll maxWait seconds")
+    p.add_argument("--report-concurrency", type=int_arg(1, 1000), default=8,
+                   help="health reports posted to the server at once")
+    p.add_argument("--report-timeout", type=positive_duration_arg, default=10.0,
+                   help="seconds one health report may take")
+    p.add_argument("--report-retry-max", type=positive_duration_arg, default=30.0,
+                   help="longest back-off between retries of a failed report (seconds)")
     p.add_argument("--emit-init", action="store_true", help="send INIT before UP like the original")
-    p.add_argument("--resync-rate", type=float, default=50.0,
+    p.add_argument("--resync-rate", type=float_arg(0), default=50.0,
                    help="reports/s for the one-time re-send of states taken over from a previous run (0: no limit)")
-    p.add_argument("--fastinter", type=int, default=0, help="HAProxy fastinter (ms) for faster hang detection")
-    p.add_argument("--retry-invalid", type=parse_duration, default=30.0)
-    p.add_argument("--state-interval", type=parse_duration, default=10.0, help="server state snapshot period")
-    p.add_argument("--host-uuid", default="", help="override /self/host uuid (tests)")
-    p.add_argument("--check-networks", default="",
-                   help="comma-separated CIDRs checks may target (default: any); others are rejected")
+    p.add_argument("--fastinter", type=int_arg(0), default=0,
+                   help="HAProxy fastinter (ms) for faster hang detection (0: HAProxy's default)")
+    p.add_argument("--retry-invalid", type=positive_duration_arg, default=30.0,
+                   help="longest wait before re-applying checks HAProxy refused (seconds)")
+    p.add_argument("--state-interval", type=positive_duration_arg, default=10.0,
+                   help="seconds between HAProxy server-state snapshots (kept across restarts)")
+    p.add_argument("--host-uuid", default="", help="this host's uuid (none given: metadata's /self/host)")
+    p.add_argument("--check-networks", default="", type=cidr_list_arg,
+                   help="comma-separated CIDRs checks may target (none given: any); others are rejected")
     p.add_argument("--demo-backend", action="store_true",
                    help="serve a toggleable backend on the admin listener (/demo/backend, /demo/toggle)")
     add_cattle_args(p)
     add_common_args(p, metrics_listen="127.0.0.1:9114")
     return p
+
+
+_parser = build_parser  # the name this module had first
+_url = url_arg()
+
+
+def _host_or_url(v: str) -> str:
+    return _url(v) if "://" in v else host_port_arg(v)
 
 
 def _metadata_url(addr: str) -> str:
@@ -280,17 +310,10 @@ class Daemon:
 
 
 def main(argv: list[str]) -> int:
-    args = _parser().parse_args(argv)
+    args = build_parser().parse_args(argv)
 
     async def serve(stop: asyncio.Event) -> None:
         cattle = CattleConfig.from_args(args)
-        if args.report_concurrency < 1 or args.poll_interval <= 0:
-            raise ConfigError("--report-concurrency must be >= 1 and --poll-interval > 0")
-        for n in (x.strip() for x in args.check_networks.split(",") if x.strip()):
-            try:
-                ipaddress.ip_network(n, strict=False)
-            except ValueError as e:
-                raise ConfigError(f"--check-networks: {e}") from None
         await Daemon(args, cattle).serve(stop)
 
     return run_daemon("healthcheck", serve, debug=args.debug, log_file=args.log, log_json=args.log_json,

@@ -20,10 +20,19 @@ from aiohttp import web
 from prometheus_client import REGISTRY
 from prometheus_client.core import CounterMetricFamily
 
-from agents.config import CattleConfig, add_common_args
-from agents.errors import ConfigError, InputError
+from agents.config import (
+    CattleConfig,
+    add_common_args,
+    cidr_arg,
+    file_arg,
+    float_arg,
+    int_arg,
+    listen_arg,
+    make_parser,
+)
+from agents.errors import InputError
 from agents.log import get_logger
-from agents.metrics import AdminServer, Health, gauge, parse_listen
+from agents.metrics import AdminServer, Health, binding, gauge, parse_listen, start_listener
 
 __all__ = ["DEMO_HINTS", "build_parser", "demo_argv", "main"]
 
@@ -65,26 +74,30 @@ def _alias(p: argparse.ArgumentParser, *names: str, **kw: Any) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="corral metadata", description="the metadata service")
-    _alias(p, "listen", default=":80", help="metadata API address (default :80)")
-    _alias(p, "listenReload", dest="listen_reload", default="127.0.0.1:8112", help="reload API address")
-    _alias(p, "answers", default="./answers.json", help="answers file (file mode) / cache file (subscribe)")
+    p = make_parser("corral metadata", "the metadata service (rancher-metadata compatible)")
+    _alias(p, "listen", default=":80", type=listen_arg, help="metadata API address")
+    _alias(p, "listenReload", dest="listen_reload", default="127.0.0.1:8112", type=listen_arg,
+           help="reload API address (POST /v1/reload)")
+    _alias(p, "answers", default="./answers.json", type=file_arg(),
+           help="answers file (file mode) / cache file (subscribe)")
     _alias(p, "subscribe", nargs="?", const=True, default=False, type=_go_bool,
-           help="subscribe to the server (else serve the file)")
-    _alias(p, "reload-interval-limit", dest="reload_interval_limit", type=int, default=1000,
+           help="subscribe to the server (env CATTLE_URL, CATTLE_ACCESS_KEY, CATTLE_SECRET_KEY); else serve the file")
+    _alias(p, "reload-interval-limit", dest="reload_interval_limit", type=int_arg(0), default=1000,
            help="minimum ms between two downloads")
     _alias(p, "xff", nargs="?", const=True, default=False, type=_go_bool,
            help="take the client IP from X-Forwarded-For (right-most)")
-    p.add_argument("--xff-trusted", action="append", default=[], metavar="CIDR",
-                   help="only peers in CIDR may set X-Forwarded-For (repeatable; default: any)")
-    p.add_argument("--max-waiters", type=int, default=10_000, help="concurrent long-poll waiters (503 above)")
-    p.add_argument("--ready-grace", type=float, default=30.0,
+    p.add_argument("--xff-trusted", action="append", default=[], metavar="CIDR", type=cidr_arg,
+                   help="only peers in CIDR may set X-Forwarded-For (repeatable; none given: any peer)")
+    p.add_argument("--max-waiters", type=int_arg(0), default=10_000,
+                   help="concurrent long-poll waiters (503 above)")
+    p.add_argument("--ready-grace", type=float_arg(0), default=30.0,
                    help="seconds the server may be unreachable before /ready reports degraded")
-    p.add_argument("--idle-timeout", type=float, default=120.0,
+    p.add_argument("--idle-timeout", type=float_arg(0), default=120.0,
                    help="close keep-alive connections idle this many seconds (0: never)")
-    p.add_argument("--header-timeout", type=float, default=10.0,
+    p.add_argument("--header-timeout", type=float_arg(0), default=10.0,
                    help="close a connection whose request has not fully arrived after this many seconds (0: never)")
-    p.add_argument("--file-poll", type=float, default=0.5, help="seconds between answers-file change checks")
+    p.add_argument("--file-poll", type=float_arg(above=0), default=0.5,
+                   help="seconds between answers-file change checks")
     add_common_args(p, metrics_listen="127.0.0.1:9112")
     for a in p._actions:  # Go-style single-dash spellings of the common flags
         first = a.option_strings[0] if a.option_strings else ""
@@ -183,10 +196,13 @@ async def serve(args: argparse.Namespace, stop: asyncio.Event) -> None:
                               grace=args.ready_grace)
     else:  # file mode: the file is loaded before the port opens, so nobody sees an empty answer
         file_src = FileSource(answers, applier, poll=args.file_poll)
-        await file_src.reload()
+        err = await file_src.reload()
+        if err and answers.exists():  # noqa: ASYNC240 - unusable, nothing good to serve instead: exit 1 as the original
+            raise InputError(f"answers file {answers} is not usable: {err}")
 
     host, port = parse_listen(args.listen, "0.0.0.0")
-    await server.start(host, port)
+    with binding("--listen", args.listen):
+        await server.start(host, port)
     log.info("metadata listening", listen=f"{host}:{server.port}")
     admin = AdminServer(args.metrics_listen, health)
     await admin.start()
@@ -207,10 +223,13 @@ async def serve(args: argparse.Namespace, stop: asyncio.Event) -> None:
 
     rapp = web.Application()
     rapp.router.add_route("*", "/v1/reload", on_reload)
-    rrunner = web.AppRunner(rapp, access_log=None)
-    await rrunner.setup()
     rhost, rport = parse_listen(args.listen_reload, "127.0.0.1")
-    await web.TCPSite(rrunner, rhost, rport, reuse_address=True).start()
+    try:
+        rrunner = await start_listener(rhost, rport, rapp, flag="--listenReload")
+    except OSError:
+        await server.stop()
+        await admin.stop()
+        raise
 
     loop = asyncio.get_running_loop()
     tasks: set[asyncio.Task[Any]] = set()
@@ -237,9 +256,6 @@ async def serve(args: argparse.Namespace, stop: asyncio.Event) -> None:
 def main(argv: list[str]) -> int:
     from agents.cli import run_daemon
 
-    p = build_parser()
-    args = p.parse_args(argv)
-    if args.max_waiters < 0:
-        raise ConfigError("--max-waiters must be >= 0")
+    args = build_parser().parse_args(argv)
     return run_daemon("metadata", lambda stop: serve(args, stop), debug=args.debug, log_file=args.log,
                       log_json=args.log_json, pid_file=args.pid_file)

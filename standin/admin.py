@@ -302,6 +302,19 @@ class AdminApi:
     async def healthz(self, request: web.Request) -> web.Response:
         return web.Response(text="ok\n")
 
+    async def ready(self, request: web.Request) -> web.Response:
+        """Ready when the state store answers (the API listener is up before this one opens);
+        the same JSON shape as every daemon's /ready."""
+        try:
+            rev = self.s.store.revision
+            store = (True, f"revision {rev}")
+        except Exception as e:  # a closed or broken database
+            store = (False, str(e))
+        conds = {"store": {"ok": store[0], "detail": store[1]},
+                 "api": {"ok": True, "detail": self.s.settings.public_url}}
+        ok = all(c["ok"] for c in conds.values())
+        return web.json_response({"ready": ok, "conditions": conds}, status=200 if ok else 503)
+
     async def status(self, request: web.Request) -> web.Response:
         return _json({"revision": self.s.store.revision, "uptime_s": time.time() - self.s.started,
                       "conns": len(self.s.bus.conns), "journal_seq": self.s.journal.seq,
@@ -316,6 +329,7 @@ def build_admin_app(server: Server) -> web.Application:
     app = web.Application(middlewares=[a.errors], client_max_size=64 * 1024 * 1024)
     r = app.router
     r.add_get("/healthz", a.healthz)
+    r.add_get("/ready", a.ready)
     r.add_get("/metrics", a.metrics)
     r.add_get("/_admin/status", a.status)
     r.add_get("/_admin/state", a.state)

@@ -31,6 +31,7 @@ from typing import Any
 
 import yaml
 
+from agents.config import float_arg, make_parser, url_arg
 from standin.faults import MALFORMED_KINDS, TYPES
 
 __all__ = ["AdminClient", "CtlError", "main"]
@@ -181,9 +182,11 @@ def _resource_parser(sub: Any, kind: str) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="corral ctl", description="drive the stand-in server")
-    p.add_argument("--admin", default=os.environ.get("CORRAL_ADMIN_URL", DEFAULT_ADMIN), help="admin API URL")
-    p.add_argument("--timeout", type=float, default=30.0)
+    p = make_parser("corral ctl", "drive the stand-in server")
+    p.add_argument("--admin", default=os.environ.get("CORRAL_ADMIN_URL") or DEFAULT_ADMIN,
+                   type=url_arg(default_scheme="http"),
+                   help="admin API URL; http:// is assumed without a scheme (env CORRAL_ADMIN_URL)")
+    p.add_argument("--timeout", type=float_arg(above=0), default=30.0, help="seconds per request")
     sub = p.add_subparsers(dest="cmd", required=True)
     for kind in KIND_VERBS:
         _resource_parser(sub, kind)

@@ -28,6 +28,7 @@ from typing import Any
 import yaml
 
 from agents.children import die_with_parent
+from agents.config import choices_arg, dir_arg, file_arg, float_arg, make_parser
 
 __all__ = ["DEMO_ORDER", "DemoContext", "main"]
 
@@ -137,13 +138,24 @@ def _sample_host() -> tuple[str, str]:
     return "", "127.0.0.1"
 
 
+def build_parser() -> argparse.ArgumentParser:
+    p = make_parser("corral demo", __doc__.splitlines()[0] if __doc__ else None)
+    p.add_argument("--workdir", default="", type=dir_arg,
+                   help="where logs, state and answers go, kept afterwards (none given: a temporary "
+                        "directory, removed on exit)")
+    p.add_argument("--only", default=[], type=choices_arg(DEMO_ORDER), metavar="NAMES",
+                   help=f"comma-separated daemons to start besides the server ({', '.join(DEMO_ORDER)}; "
+                        "none given: every one built)")
+    p.add_argument("--env", default="", type=file_arg(must_exist=True),
+                   help="environment file (YAML/JSON) loaded into the stand-in server (none given: the "
+                        "sample shipped in standin/sample_env.yaml)")
+    p.add_argument("--duration", type=float_arg(0), default=0, help="stop by itself after this many seconds (0: Ctrl-C)")
+    return p
+
+
 def main(argv: list[str]) -> int:
-    p = argparse.ArgumentParser(prog="corral demo", description=__doc__.splitlines()[0] if __doc__ else None)
-    p.add_argument("--workdir", default="", help="where logs, state and answers go (default: a temp dir)")
-    p.add_argument("--only", default="", help="comma-separated daemons to start (default: every one built)")
-    p.add_argument("--env", default=str(SAMPLE), help="environment file loaded into the stand-in server")
-    p.add_argument("--duration", type=float, default=0, help="stop by itself after this many seconds (0: Ctrl-C)")
-    args = p.parse_args(argv)
+    args = build_parser().parse_args(argv)
+    args.env = args.env or str(SAMPLE)
 
     workdir = Path(args.workdir or tempfile.mkdtemp(prefix="corral-demo-"))
     workdir.mkdir(parents=True, exist_ok=True)
@@ -178,7 +190,7 @@ def main(argv: list[str]) -> int:
         if loaded.returncode != 0:
             print(f"loading {args.env} failed: {loaded.stderr or loaded.stdout}", file=sys.stderr)
             return 1
-        only = {s for s in args.only.split(",") if s}
+        only = set(args.only)
         hints: list[str] = [
             "stand-in server:",
             f"  corral ctl --admin {ctx.admin_url} host ls",

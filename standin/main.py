@@ -20,10 +20,10 @@ import orjson
 import yaml
 from aiohttp import web
 
-from agents.config import add_common_args, env_str
+from agents.config import add_common_args, env_str, file_arg, int_arg, listen_arg, make_parser, url_arg
 from agents.errors import ConfigError, InputError
 from agents.log import get_logger
-from agents.metrics import parse_listen
+from agents.metrics import parse_listen, start_listener
 
 __all__ = ["SAMPLE_ENV", "load_env_file", "main"]
 
@@ -44,25 +44,39 @@ def load_env_file(path: str) -> Any:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="corral server", description="the stand-in Rancher server")
-    p.add_argument("--listen", default="127.0.0.1:8080", help="API, websocket and configcontent listener")
-    p.add_argument("--admin-listen", default="127.0.0.1:8081", help="admin API listener (corral ctl)")
-    p.add_argument("--keys", default="", help="YAML list of {access, secret, role, agentId, hostUuid}")
-    p.add_argument("--access-key", default=env_str("CATTLE_ACCESS_KEY"), help="a single admin key (no --keys)")
-    p.add_argument("--secret-key", default=env_str("CATTLE_SECRET_KEY"), help="its secret")
-    p.add_argument("--state", default="", help="SQLite database (default: in memory, lost on exit)")
-    p.add_argument("--journal", default="", help="append the journal here as JSON lines")
-    p.add_argument("--load", default="", help="load this environment (YAML/JSON) at start when the state is empty")
-    p.add_argument("--seed", type=int, default=0, help="seed for reporter-host picks, reply ids, fault rates")
-    p.add_argument("--event-timeout-ms", type=int, default=15000)
-    p.add_argument("--event-retries", type=int, default=3)
-    p.add_argument("--ping-interval-ms", type=int, default=5000)
-    p.add_argument("--max-pings", type=int, default=8640, help="close a subscription after this many pings (0: never)")
-    p.add_argument("--public-url", default="", help="base URL agents use (default from --listen)")
-    p.add_argument("--max-queue", type=int, default=10000,
+    p = make_parser("corral server", "the stand-in Rancher server")
+    p.add_argument("--listen", default="127.0.0.1:8080", type=listen_arg,
+                   help="API, websocket and configcontent listener")
+    p.add_argument("--admin-listen", default="127.0.0.1:8081", type=listen_arg, help="admin API listener (corral ctl)")
+    p.add_argument("--keys", default="", type=file_arg(must_exist=True),
+                   help="YAML list of {access, secret, role, agentId, hostUuid}")
+    p.add_argument("--access-key", default=env_str("CATTLE_ACCESS_KEY"),
+                   help="a single admin key, when no --keys (env CATTLE_ACCESS_KEY)")
+    p.add_argument("--secret-key", default=env_str("CATTLE_SECRET_KEY"), help="its secret (env CATTLE_SECRET_KEY)")
+    p.add_argument("--state", default="", type=file_arg(), help="SQLite database (none given: in memory, lost on exit)")
+    p.add_argument("--journal", default="", type=file_arg(), help="append the journal here as JSON lines")
+    p.add_argument("--load", default="", type=file_arg(must_exist=True),
+                   help="load this environment (YAML/JSON) at start when the state is empty")
+    p.add_argument("--seed", type=int_arg(), default=0, help="seed for reporter-host picks, reply ids, fault rates")
+    p.add_argument("--event-timeout-ms", type=int_arg(1), default=15000,
+                   help="ms an agent has to reply to a request event before it is re-sent")
+    p.add_argument("--event-retries", type=int_arg(0), default=3, help="re-sends of an unanswered request event")
+    p.add_argument("--ping-interval-ms", type=int_arg(1), default=5000, help="ms between pings on each subscription")
+    p.add_argument("--max-pings", type=int_arg(0), default=8640,
+                   help="close a subscription after this many pings (0: never)")
+    p.add_argument("--public-url", default="", type=_url_or_empty,
+                   help="base URL agents use (none given: from --listen)")
+    p.add_argument("--max-queue", type=int_arg(1), default=10000,
                    help="frames queued for one subscriber before it is dropped as too slow")
     add_common_args(p, metrics_listen="")
     return p
+
+
+_url = url_arg()
+
+
+def _url_or_empty(v: str) -> str:
+    return _url(v) if v else v
 
 
 def main(argv: list[str]) -> int:
@@ -115,14 +129,9 @@ async def run(args: argparse.Namespace, stop: asyncio.Event) -> None:
     runners: list[web.AppRunner] = []
     stack: list[Any] = []
     try:
-        for app, h, p in ((build_public_app(server), host, port), (build_admin_app(server), ahost, aport)):
-            runner = web.AppRunner(app, access_log=None, handle_signals=False)
-            await runner.setup()
-            runners.append(runner)
-            try:
-                await web.TCPSite(runner, h, p, reuse_address=True).start()
-            except OSError as e:
-                raise ConfigError(f"cannot listen on {h}:{p}: {e}") from e
+        for app, h, p, flag in ((build_public_app(server), host, port, "--listen"),
+                                (build_admin_app(server), ahost, aport, "--admin-listen")):
+            runners.append(await start_listener(h, p, app, flag=flag))
         if args.metrics_listen:
             from agents.metrics import AdminServer, Health
 
