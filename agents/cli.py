@@ -34,7 +34,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "healthcheck": ("healthcheck.main", "HAProxy-driven health checks"),
     "netmanager": ("netmanager.main", "host networking, CNI and overlays"),
     "scheduler": ("scheduler.main", "the resource scheduler"),
-    "etc-host-updater": ("netmanager.etc_hosts", "the /etc/hosts writer"),
+    "etc-host-updater": ("etchosts.main", "the /etc/hosts writer"),
 }
 
 

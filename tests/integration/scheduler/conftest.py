@@ -25,7 +25,7 @@ class World:
         self.metadata = start_corral(
             "metadata", "--subscribe", "--listen", f"127.0.0.1:{self.md_port}", "--listenReload",
             f"127.0.0.1:{free_port()}", "--metrics-listen", f"127.0.0.1:{free_port()}",
-            "--answers", str(tmp / "answers.json"), "--reload-interval-limit", "1000",
+            "--answers", str(tmp / "answers.json"), "--reload-interval-limit", "50",
             env=self.standin.env(), name="metadata")
         wait_http(f"{self.metadata_url}/latest/version", timeout=20)
         self.admin_port = free_port()
