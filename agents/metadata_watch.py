@@ -41,11 +41,11 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import orjson
 
-from agents._fetch import Fetched, FetchError, fetch, helper_init
 from agents.backoff import Backoff
 from agents.clock import Clock
 from agents.errors import ProtocolError, TransportError
 from agents.log import get_logger
+from agents.metadata_fetch import Fetched, FetchError, fetch, helper_init
 from agents.metrics import Health, counter, gauge
 
 if TYPE_CHECKING:
@@ -110,9 +110,12 @@ class MetadataSnapshot:
 
         return Snapshot.from_tree(self.as_dict())
 
-    def as_dict(self) -> dict[str, Any]:
-        """A plain dict of the tree (lists as they are stored: tuples)."""
-        return dict(self.tree)
+    def as_dict(self, *, lists: bool = False) -> dict[str, Any]:
+        """A plain dict of the tree (top-level lists as stored, tuples; ``lists=True``: as lists,
+        for code that checks ``isinstance(v, list)``). Shallow: the elements are shared."""
+        if not lists:
+            return dict(self.tree)
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in self.tree.items()}
 
 
 async def decode(f: Fetched, *, budget: float = BUDGET) -> dict[str, Any]:
@@ -182,7 +185,15 @@ class MetadataWatch:
         client: MetadataClient | None = None,
         clock: Clock | None = None,
         retry_max: float = 10.0,
+        decode_lists: bool = True,
+        pool: Callable[[], Executor] | None = None,
     ) -> None:
+        """``decode_lists=False``: snapshots carry only the tree's top-level values that are not
+        lists (``version``, ``self``, ...), for a daemon whose consumer reads the persisted tree
+        itself in a helper of its own (dns); needs ``state_file``. ``pool``: returns the daemon's own
+        one-process pool to fetch in (the watch then starts no helper of its own, and a consumer
+        running in that same process gets the parsed tree from :func:`agents.metadata_fetch.read_tree`
+        without parsing it again)."""
         self.base = url.rstrip("/")
         self.api_version = api_version
         self.component = component
@@ -192,11 +203,15 @@ class MetadataWatch:
         self.timeout = timeout
         self.health = health
         self.parse_in: ParseIn = parse_in
+        self.decode_lists = decode_lists
+        if not decode_lists and not self.state_file:
+            raise ValueError("decode_lists=False needs a state_file (the consumer reads the tree from it)")
         self.clock = clock or Clock()
         self.retry_max = retry_max
         self._client = client
         self._own_client = client is None
         self._executor: Executor | None = None
+        self._pool_of_daemon = pool
         self.latest: MetadataSnapshot | None = None
         self.confirmed_at: float | None = None   # unix time metadata last confirmed ``latest`` current
         self.reachable = False
@@ -296,6 +311,8 @@ class MetadataWatch:
 
     # ------------------------------------------------------------ fetching
     def _pool(self) -> Executor:
+        if self._pool_of_daemon is not None:
+            return self._pool_of_daemon()
         if self._executor is None:
             import multiprocessing
             from concurrent.futures import ProcessPoolExecutor
@@ -306,7 +323,7 @@ class MetadataWatch:
 
     async def _fetch(self, *, url: str = "", path: str = "") -> Fetched:
         fn = partial(fetch, url, path, state_file=self.state_file, timeout=self.timeout,
-                     split=self.parse_in == "process")
+                     split=self.parse_in == "process", lists=self.decode_lists)
         if self.parse_in == "thread":
             return await asyncio.to_thread(fn)
         from concurrent.futures.process import BrokenProcessPool

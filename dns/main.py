@@ -2,9 +2,10 @@
 
 Flags are the original's (dns.md §2; ``-name value``, ``--name value`` and ``--name=value``
 all work, as with Go's flag package) plus Corral's own. Metadata mode (``--metadata-server``
-or ``--metadata-url``) long-polls metadata through :class:`agents.metadata_client.MetadataClient`
-and rebuilds the table off the event loop; file mode reads ``--answers`` and reloads on
-SIGHUP or ``POST /v1/reload``.
+or ``--metadata-url``): the shared :class:`agents.metadata_watch.MetadataWatch` feeds the
+shared :class:`agents.reconcile.Reconciler` ``table``, whose apply builds the table in the
+helper process (:mod:`dns.rebuild`) and swaps it in; file mode reads ``--answers`` and reloads
+on SIGHUP or ``POST /v1/reload``.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import gc
 import json
 import os
 import signal
+import tempfile
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -23,7 +25,6 @@ from typing import Any
 
 from aiohttp import web
 
-from agents.aio import first_of
 from agents.config import (
     add_common_args,
     file_arg,
@@ -38,7 +39,9 @@ from agents.config import (
 )
 from agents.errors import ConfigError
 from agents.log import get_logger
+from agents.metadata_watch import MetadataSnapshot, MetadataWatch, add_watch_args
 from agents.metrics import AdminServer, Health, binding, gauge, parse_listen, start_listener
+from agents.reconcile import Reconciler
 from dns.cache import Cache
 from dns.forward import Upstreams
 from dns.server import Engine, Listener
@@ -51,7 +54,6 @@ log = get_logger(__name__)
 _GEN = gauge("dns", "generation", "Answer table generation")
 _RELOAD_MS = gauge("dns", "last_reload_ms", "Duration of the last table rebuild in milliseconds")
 _VIEWS = gauge("dns", "views", "Client views in the current table")
-_MD_STALE = gauge("dns", "metadata_stale_seconds", "Seconds since metadata last answered (0 while it does)")
 
 DEMO_HINTS = [
     "dns:       dig @127.0.0.1 -p {dns_port} rancher-metadata.rancher.internal",
@@ -150,6 +152,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="seconds an expired answer stays servable")
     p.add_argument("--udp-batch", dest="udp_batch", type=_bool, default=True, nargs="?", const=True,
                    help="read and answer UDP in batches with recvmmsg/sendmmsg (IPv4)")
+    add_watch_args(p, state_file="")
     add_common_args(p, metrics_listen="127.0.0.1:9113")
     return p
 
@@ -216,10 +219,13 @@ class Daemon:
                              serve_stale=args.serve_stale)
         self.generation = 0
         self.reload_port = 0
-        self.md_ok_at = time.monotonic()
         self._resolv_mtime = 0.0
-        self._reload_now = asyncio.Event()
         self._executor: Any = None
+        self.watch: MetadataWatch | None = None
+        self.state_file = ""
+        self._tmp_state: tempfile.TemporaryDirectory[str] | None = None
+        self.table_loop: Reconciler[MetadataSnapshot] = Reconciler("table", self.rebuild, daemon="dns",
+                                                                   retry_min=0.2, retry_max=5.0)
         self.engine.fallback_recursers = self.default_recurse()
 
     def default_recurse(self, agent_ip: str = "") -> tuple[str, ...]:
@@ -245,7 +251,8 @@ class Daemon:
 
     # -------------------------------------------------------------- metadata mode
     def _pool(self) -> Any:
-        if self._executor is None:
+        """The one helper process: the metadata watch downloads there, :meth:`rebuild` builds there."""
+        if self._executor is None or getattr(self._executor, "_broken", False):
             import multiprocessing
             from concurrent.futures import ProcessPoolExecutor
 
@@ -255,8 +262,9 @@ class Daemon:
                                                  initializer=helper_init)
         return self._executor
 
-    async def rebuild_from(self, url: str) -> None:
-        """Fetch+build+diff in the helper process; apply the diff and swap (one reference)."""
+    async def rebuild(self, snap: MetadataSnapshot) -> None:
+        """The table loop's apply: build+diff ``snap``'s tree in the helper process (it is there
+        already, parsed by the watch's download); apply the diff and swap (one reference)."""
         from concurrent.futures.process import BrokenProcessPool
 
         from dns.rebuild import apply, helper_build
@@ -268,7 +276,8 @@ class Daemon:
         t0 = time.perf_counter()
         loop = asyncio.get_running_loop()
         try:
-            d = await loop.run_in_executor(self._pool(), helper_build, url, st, gen, base, self.args.answers or "")
+            d = await loop.run_in_executor(self._pool(), helper_build, self.state_file, st, gen, base,
+                                           self.args.answers or "")
         except BrokenProcessPool:
             log.warning("rebuild helper died, restarting it")
             self._executor = None
@@ -283,69 +292,38 @@ class Daemon:
         table = apply(old if d.base else None, d)
         self.install(table, time.perf_counter() - t0, diff_size=d.size())
 
-    async def watch_metadata(self, stop: asyncio.Event, base: str, version: str) -> None:
-        """Long-poll ``/version`` with the shared client; rebuild on every change (bursts merge:
-        a change during a build is picked up by the next long-poll at once)."""
-        from concurrent.futures.process import BrokenProcessPool
+    def start_watch(self, base: str, version: str) -> MetadataWatch:
+        """The process's metadata watch: it downloads and persists in the helper process, and every
+        new snapshot is submitted to the table loop (latest wins; bursts merge)."""
+        self.state_file = self.args.metadata_state_file
+        if not self.state_file:  # no persistence asked for: the helper still reads the tree from a file
+            self._tmp_state = tempfile.TemporaryDirectory(prefix="corral-dns-")
+            self.state_file = os.path.join(self._tmp_state.name, "metadata.json")
+        self.watch = MetadataWatch(base, api_version=version, component="dns", state_file=self.state_file,
+                                   stale_after=self.args.metadata_stale_after, max_wait=5, health=self.health,
+                                   decode_lists=False, pool=self._pool)
+        self.watch.subscribe(self.table_loop.submit)
+        return self.watch
 
-        from agents.backoff import Backoff
-        from agents.errors import ProtocolError, TransportError
-        from agents.metadata_client import MetadataClient
-        from dns.rebuild import FetchError
+    def reload_metadata(self) -> None:
+        """``POST /v1/reload`` and SIGHUP in metadata mode: download again and rebuild."""
+        if self.watch is not None:
+            self.watch.refresh()
+        self.table_loop.kick("reload requested")
 
-        client = MetadataClient(base, api_version=version)
-        url = f"{base.rstrip('/')}/{version}"
-        bo = Backoff(0.2, 5.0)
-        last = ""
-        failing = False
-        try:
-            while not stop.is_set():
-                try:
-                    if last and not self._reload_now.is_set():
-                        v = await first_of(client.wait_version(last, 5), stop, self._reload_now)
-                        if v is None or (v == last and not self._reload_now.is_set()):
-                            self.md_ok_at = time.monotonic() if client.reachable else self.md_ok_at
-                            continue
-                    else:
-                        v = await client.version()
-                    self._reload_now.clear()
-                    await self.rebuild_from(url)
-                    last = v
-                    self.md_ok_at = time.monotonic()
-                    if failing:
-                        log.info("metadata back")
-                        failing = False
-                    bo.reset()
-                except (TransportError, ProtocolError, FetchError, BrokenProcessPool, OSError) as e:
-                    if not failing:
-                        log.warning("metadata unavailable, serving the last good table", error=str(e))
-                        failing = True
-                    with contextlib.suppress(TimeoutError):
-                        await asyncio.wait_for(stop.wait(), bo.next())
-        finally:
-            await client.close()
-
-    async def staleness(self, stop: asyncio.Event, client_mode: bool) -> None:
-        last_log = 0.0
+    async def housekeeping(self, stop: asyncio.Event, client_mode: bool) -> None:
+        """Once a second: flush the batched counters; re-read resolv.conf when it changed."""
         while not stop.is_set():
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), 1.0)
             self.engine.flush_metrics()
-            if client_mode:
-                age = time.monotonic() - self.md_ok_at
-                stale = age > 15
-                _MD_STALE.set(age if stale else 0)
-                if stale and time.monotonic() - last_log > 60:
-                    log.warning("metadata unreachable, serving the last good table", seconds=round(age))
-                    last_log = time.monotonic()
-            # resolv.conf re-read on change
             if not self.args.recurser:
                 with contextlib.suppress(OSError):
                     if os.stat(self.args.resolv_conf).st_mtime != self._resolv_mtime:
                         log.info("resolv.conf changed, re-reading upstreams", path=self.args.resolv_conf)
                         self.engine.fallback_recursers = self.default_recurse()
                         if client_mode:
-                            self._reload_now.set()
+                            self.table_loop.kick("resolv.conf changed")
                         else:
                             try:
                                 self.load_file()
@@ -386,7 +364,7 @@ class Daemon:
         async def reload(_req: web.Request) -> web.Response:
             try:
                 if metadata_mode:
-                    self._reload_now.set()
+                    self.reload_metadata()
                 else:
                     self.load_file()
             except ConfigError as e:
@@ -426,12 +404,13 @@ class Daemon:
 
             loop.add_signal_handler(signal.SIGHUP, on_hup)
         else:
-            loop.add_signal_handler(signal.SIGHUP, self._reload_now.set)
+            loop.add_signal_handler(signal.SIGHUP, self.reload_metadata)
         try:
             async with asyncio.TaskGroup() as tg:
-                tg.create_task(self.staleness(stop, md is not None))
+                tg.create_task(self.housekeeping(stop, md is not None))
                 if md is not None:
-                    tg.create_task(self.watch_metadata(stop, *md))
+                    tg.create_task(self.start_watch(*md).run(stop))
+                    tg.create_task(self.table_loop.run(stop))
                 await stop.wait()
         finally:
             with contextlib.suppress(Exception):
@@ -442,6 +421,8 @@ class Daemon:
                 await reload_runner.cleanup()
             if self._executor is not None:
                 self._executor.shutdown(wait=False, cancel_futures=True)
+            if self._tmp_state is not None:
+                self._tmp_state.cleanup()
             self.engine.up.close()
 
 

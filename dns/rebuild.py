@@ -1,13 +1,15 @@
-"""Table rebuilds in a helper process: fetch, parse, build and diff there; apply a small diff here.
+"""Table rebuilds in a helper process: parse, build and diff there; apply a small diff here.
 
-Why a process: at 5k containers the ``/latest`` tree is ~2 MB of JSON. Parsing it
-(one C call holding the GIL for tens of ms) and building typed objects on the daemon's
-event loop stalled queries for up to 300 ms in the benchmark; a thread only shares the GIL.
-The helper process fetches the tree itself (so the big bytes never enter the daemon), builds
-the new :class:`~dns.table.Table` with the pure :func:`dns.table.build`, compares it with the
-previous one it built and returns a :class:`Diff` of what changed (names, views, PTRs). The
-daemon copies its dicts (C-speed) and applies the diff, so a one-container change costs
-microseconds on the loop, and a full first load one unpickle.
+Why a process (measured, bench/RESULTS.md "core"): at 5,000 containers the tree is 16.8 MB of
+JSON; parsing it holds the GIL for hundreds of ms and :func:`dns.table.build` takes ~0.5 s, which
+on the daemon's loop would stall every query. The metadata watch (agents/metadata_watch.py) does
+its download in this same helper process (``pool=``) and persists the tree to its state file;
+:func:`helper_build` then takes the tree the watch just parsed there (no second download, no
+second parse; after a helper restart it reads the state file), builds the new
+:class:`~dns.table.Table` with the pure :func:`dns.table.build`, compares it with the previous
+one it built and returns a :class:`Diff` of what changed (names, views, PTRs). The daemon copies
+its dicts (C-speed) and applies the diff, so a one-container change costs microseconds on the
+loop, and a full first load one unpickle.
 
 The helper keeps the table it last built and the generation the daemon acknowledged; a diff
 is relative to that generation, and when they disagree (helper restarted, diff dropped) the
@@ -17,20 +19,13 @@ helper sends a full one.
 from __future__ import annotations
 
 import contextlib
-import urllib.error
-import urllib.request
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-import orjson
-
+from agents.metadata_fetch import FetchError, helper_init, read_tree
 from dns.table import Rec, Settings, Table, View, build
 
 __all__ = ["Diff", "FetchError", "apply", "build_diff", "diff", "helper_build", "helper_init"]
-
-
-class FetchError(Exception):
-    """Metadata could not be fetched or parsed in the helper (message is picklable)."""
 
 
 @dataclass(frozen=True)
@@ -109,40 +104,8 @@ def apply(old: Table | None, d: Diff) -> Table:
 
 # ---------------------------------------------------------------- helper-process side
 
-
-def helper_init() -> None:
-    """Runs once in the helper process: die with the daemon (even on SIGKILL) and yield the CPU
-    to it (nice 10), so serving always wins."""
-    import os
-
-    from agents.children import die_with_parent
-
-    die_with_parent()
-    try:
-        os.nice(10)
-    except OSError:
-        pass
-
 _prev: Table | None = None
 _acked: int = -1
-
-
-def fetch_tree(url: str, timeout: float = 10.0) -> dict[str, Any]:
-    req = urllib.request.Request(url, headers={"Accept": "application/json"})
-    try:
-        with urllib.request.urlopen(req, timeout=timeout) as r:
-            body = r.read()
-    except urllib.error.HTTPError as e:
-        raise FetchError(f"metadata answered HTTP {e.code} for {url}") from None
-    except (OSError, ValueError) as e:
-        raise FetchError(f"metadata unreachable at {url}: {e}") from None
-    try:
-        tree = orjson.loads(body)
-    except orjson.JSONDecodeError as e:
-        raise FetchError(f"metadata sent invalid JSON: {e}") from None
-    if not isinstance(tree, dict):
-        raise FetchError("metadata tree is not an object")
-    return tree
 
 
 def build_diff(tree: dict[str, Any], settings: Settings, generation: int, base: int) -> Diff:
@@ -159,12 +122,13 @@ def build_diff(tree: dict[str, Any], settings: Settings, generation: int, base: 
     return d
 
 
-def helper_build(url: str, settings: Settings, generation: int, base: int, dump: str = "") -> Diff:
-    """Entry point run in the helper process: fetch ``url`` (the ``/<version>`` tree) and diff.
+def helper_build(path: str, settings: Settings, generation: int, base: int, dump: str = "") -> Diff:
+    """Entry point run in the helper process: the tree the metadata watch persisted at ``path``
+    (already parsed when the watch fetched it in this same process), built and diffed.
 
     ``dump``: also write the table there as a rancher-dns answers file (the original's debug aid).
     """
-    tree = fetch_tree(url)
+    tree = read_tree(path)
     settings = resolve_agent_ip(settings, tree)
     d = build_diff(tree, settings, generation, base)
     if dump and d.changed and _prev is not None:

@@ -13,8 +13,8 @@ import orjson
 import pytest
 from prometheus_client import REGISTRY
 
-from agents._fetch import FetchError, fetch
 from agents.clock import ManualClock, settle
+from agents.metadata_fetch import FetchError, fetch
 from agents.metadata_watch import MetadataSnapshot, MetadataWatch, decode
 from agents.metrics import Health
 
@@ -140,7 +140,7 @@ async def test_subscribers_share_one_watch_and_a_slow_one_gets_the_latest() -> N
 
 
 def test_write_atomic_leaves_no_temp_file(tmp_path: Path) -> None:
-    from agents._fetch import write_atomic
+    from agents.metadata_fetch import write_atomic
 
     p = tmp_path / "s.json"
     write_atomic(str(p), b"one")

@@ -19,7 +19,7 @@ from typing import Any
 
 import orjson
 
-__all__ = ["FetchError", "Fetched", "fetch", "helper_init", "write_atomic"]
+__all__ = ["FetchError", "Fetched", "fetch", "helper_init", "read_tree", "write_atomic"]
 
 
 class FetchError(Exception):
@@ -39,6 +39,22 @@ class Fetched:
     persist_error: str = ""                                      # the state file could not be written
 
 
+_kept: tuple[str, dict[str, Any]] | None = None
+
+
+def read_tree(path: str) -> dict[str, Any]:
+    """The whole tree persisted at ``path``: the one the last ``fetch(lists=False)`` of this process
+    parsed for that file (taken, not copied), else read and parsed from the file."""
+    global _kept
+    if _kept is not None and _kept[0] == path:
+        tree = _kept[1]
+        _kept = None
+        return tree
+    f = fetch(path=path, split=False)
+    assert f.tree is not None
+    return f.tree
+
+
 def helper_init() -> None:
     """First thing in the helper process: die with the daemon, and let serving win the CPU."""
     from agents.children import die_with_parent
@@ -50,7 +66,7 @@ def helper_init() -> None:
 
 def write_atomic(path: str, data: bytes) -> None:
     """Temp file, fsync, rename, fsync the directory: a crash leaves the old file or the new one."""
-    tmp = f"{path}.tmp"
+    tmp = f"{path}.{os.getpid()}.tmp"  # per process: several daemons may share one state file
     view = memoryview(data)
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     try:
@@ -87,9 +103,10 @@ def _download(url: str, timeout: float) -> bytes:
 
 
 def fetch(url: str = "", path: str = "", *, state_file: str = "", timeout: float = 10.0,
-          split: bool = True) -> Fetched:
+          split: bool = True, lists: bool = True) -> Fetched:
     """Download ``url`` (or read ``path``), check it is a metadata tree, persist it to
-    ``state_file`` (downloads only) and return it whole (``split=False``) or split."""
+    ``state_file`` (downloads only) and return it whole (``split=False``) or split.
+    ``lists=False``: leave the top-level lists out (the caller reads the state file itself)."""
     import time
 
     mtime = time.time()
@@ -117,6 +134,10 @@ def fetch(url: str = "", path: str = "", *, state_file: str = "", timeout: float
             write_atomic(state_file, body)
         except OSError as e:  # the daemon goes on with the data; the next change tries again
             persist_error = f"cannot persist the metadata state to {state_file}: {e.strerror or e}"
+    if not lists:
+        global _kept
+        _kept = (state_file or path, tree)  # for a consumer in this same helper process: no second parse
+        tree = {k: v for k, v in tree.items() if not isinstance(v, list)}
     if not split:
         return Fetched(str(version), len(body), mtime, tree=tree, persist_error=persist_error)
     out = Fetched(str(version), len(body), mtime, order=list(tree), persist_error=persist_error)
