@@ -157,8 +157,9 @@ async def decode(f: Fetched, *, budget: float = BUDGET) -> dict[str, Any]:
     return out
 
 
-def add_watch_args(p: Any, *, state_file: str, stale_after: float = 60.0) -> None:
-    """The flags every watching daemon has: ``--metadata-state-file`` and ``--metadata-stale-after``."""
+def add_watch_args(p: Any, *, state_file: str | None, stale_after: float = 60.0) -> None:
+    """The flags every watching daemon has: ``--metadata-state-file`` and ``--metadata-stale-after``
+    (``state_file=None``: the daemon picks a default in its own state directory)."""
     from agents.config import duration_arg
 
     p.add_argument("--metadata-state-file", default=state_file,
