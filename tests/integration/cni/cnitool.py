@@ -10,6 +10,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from tests.helpers.wait import until
+
 ROOT = Path(__file__).resolve().parents[3]
 REFERENCE = Path("/usr/lib/cni")
 
@@ -126,7 +128,7 @@ def bridge_state(host_ns: str, bridge: str, result: dict[str, Any]) -> dict[str,
         # the operstate follows the carrier through the kernel's linkwatch, up to ~1 s later
         return br if br["operstate"] not in ("DOWN", "LOWERLAYERDOWN") else None
 
-    br = wait_for(settled, what=f"{bridge} operstate settled")
+    br = until(settled, what=f"{bridge} operstate settled")
     mac = br["address"]
     info = dict(br["linkinfo"]["info_data"])
     for k in _BRIDGE_TIMERS:
@@ -143,20 +145,6 @@ def bridge_state(host_ns: str, bridge: str, result: dict[str, Any]) -> dict[str,
                 "in_result": result["interfaces"][0]["name"] == bridge
                 and _mac_bytes(result["interfaces"][0]["mac"]) == _mac_bytes(mac)},
     }
-
-
-def wait_for(cond: Any, what: str, timeout: float = 60.0) -> Any:
-    """Poll ``cond`` until it returns something truthy (the deadline only stops a broken build)."""
-    import time
-
-    deadline = time.monotonic() + timeout
-    while True:
-        v = cond()
-        if v:
-            return v
-        if time.monotonic() > deadline:
-            raise AssertionError(f"{what}: never happened")
-        time.sleep(0.02)
 
 
 def normalised_result(res: dict[str, Any]) -> dict[str, Any]:
