@@ -10,9 +10,9 @@ read-modify-write, so the reference host-local and Corral can even share a direc
 from __future__ import annotations
 
 import _socket
-import os
 import struct
 
+from . import _os as os
 from ._proto import E_INVALID_CONFIG, E_PLUGIN, E_TRY_AGAIN, LEGACY, CniError, Env, Result
 
 TYPE_CHECKING = False
@@ -226,9 +226,9 @@ def dns_from_resolv(text: str) -> dict[str, Any]:
 
 class Store:
     def __init__(self, data_dir: str, network: str) -> None:
-        self.dir = os.path.join(data_dir, network)
+        self.dir = os.join(data_dir, network)
         os.makedirs(self.dir, mode=0o755, exist_ok=True)
-        self.lock_fd = os.open(os.path.join(self.dir, "lock"), os.O_RDWR | os.O_CREAT, 0o750)
+        self.lock_fd = os.open(os.join(self.dir, "lock"), os.O_RDWR | os.O_CREAT, 0o750)
 
     def __enter__(self) -> Store:
         import fcntl
@@ -250,7 +250,7 @@ class Store:
             except CniError:
                 continue
             try:
-                with open(os.path.join(self.dir, fn), newline="") as f:
+                with open(os.join(self.dir, fn), newline="") as f:
                     out[ip] = f.read().strip()
             except FileNotFoundError:
                 continue
@@ -258,21 +258,21 @@ class Store:
 
     def last_reserved(self, idx: int) -> int | None:
         try:
-            with open(os.path.join(self.dir, f"last_reserved_ip.{idx}")) as f:
+            with open(os.join(self.dir, f"last_reserved_ip.{idx}")) as f:
                 return aton(f.read().strip())
         except (FileNotFoundError, CniError):
             return None
 
     def reserve(self, ip: int, container_id: str, ifname: str, idx: int) -> bool:
-        path = os.path.join(self.dir, ntoa(ip))
+        path = os.join(self.dir, ntoa(ip))
         try:
             fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644)
         except FileExistsError:
             return False
         try:
-            with os.fdopen(fd, "w", newline="") as f:
+            with open(fd, "w", newline="") as f:
                 f.write(container_id.strip() + LINE_BREAK + ifname)
-            with open(os.path.join(self.dir, f"last_reserved_ip.{idx}"), "w") as f:
+            with open(os.join(self.dir, f"last_reserved_ip.{idx}"), "w") as f:
                 f.write(ntoa(ip))
         except BaseException:
             # disk full: an empty (ownerless) file would hold the address forever, as upstream knew
@@ -289,7 +289,7 @@ class Store:
         for ip, content in self.allocations().items():
             if content == match or (content == container_id.strip() and ifname == "eth0"):
                 try:
-                    os.unlink(os.path.join(self.dir, ntoa(ip)))
+                    os.unlink(os.join(self.dir, ntoa(ip)))
                     gone.append(ip)
                 except FileNotFoundError:
                     pass
@@ -341,7 +341,7 @@ def local_add(cfg: LocalConfig, container_id: str, ifname: str, requested: list[
         except BaseException:
             for ip in done:
                 try:
-                    os.unlink(os.path.join(st.dir, ntoa(ip)))
+                    os.unlink(os.join(st.dir, ntoa(ip)))
                 except FileNotFoundError:
                     pass
             raise
@@ -356,14 +356,14 @@ def local_add(cfg: LocalConfig, container_id: str, ifname: str, requested: list[
 
 
 def local_del(cfg: LocalConfig, container_id: str, ifname: str) -> None:
-    if not os.path.isdir(os.path.join(cfg.data_dir, cfg.name)):
+    if not os.isdir(os.join(cfg.data_dir, cfg.name)):
         return
     with Store(cfg.data_dir, cfg.name) as st:
         st.release_by_id(container_id, ifname)
 
 
 def local_check(cfg: LocalConfig, container_id: str, ifname: str) -> list[int]:
-    if not os.path.isdir(os.path.join(cfg.data_dir, cfg.name)):
+    if not os.isdir(os.join(cfg.data_dir, cfg.name)):
         mine: list[int] = []
     else:
         with Store(cfg.data_dir, cfg.name) as st:
@@ -375,7 +375,7 @@ def local_check(cfg: LocalConfig, container_id: str, ifname: str) -> list[int]:
 
 def local_gc(cfg: LocalConfig, valid: set[tuple[str, str]]) -> list[int]:
     """GC (CNI 1.1): release every allocation whose (containerID, ifname) is not in ``valid``."""
-    if not os.path.isdir(os.path.join(cfg.data_dir, cfg.name)):
+    if not os.isdir(os.join(cfg.data_dir, cfg.name)):
         return []
     keep = {cid.strip() + LINE_BREAK + ifn for cid, ifn in valid}
     gone = []
@@ -383,7 +383,7 @@ def local_gc(cfg: LocalConfig, valid: set[tuple[str, str]]) -> list[int]:
         for ip, content in st.allocations().items():
             if content not in keep:
                 try:
-                    os.unlink(os.path.join(st.dir, ntoa(ip)))
+                    os.unlink(os.join(st.dir, ntoa(ip)))
                     gone.append(ip)
                 except FileNotFoundError:
                     pass

@@ -6,10 +6,10 @@ otherwise. Nothing here imports asyncio, pyroute2 or the rest of Corral (start-u
 
 from __future__ import annotations
 
-import os
 import sys
 
 from . import _js
+from . import _os as os
 from ._proto import (
     E_INCOMPATIBLE,
     E_PLUGIN,

@@ -1,7 +1,7 @@
 """A tiny rtnetlink client over a plain socket: just the messages the bridge plugin needs.
 
 Why not pyroute2: importing it costs ~160 ms (asyncio and ~370 modules) while a whole reference
-ADD takes ~15 ms. This module imports only ``_socket``, ``struct`` and ``os`` (``ctypes`` lazily,
+ADD takes ~15 ms. This module imports only ``_socket``, ``struct`` and ``posix`` (``_ctypes`` lazily,
 for ``setns`` on Python < 3.12). Every request asks for an ACK and raises ``NetlinkError`` with
 the kernel's errno, so callers decide which errors (EEXIST, ENODEV, ...) are benign.
 """
@@ -9,8 +9,9 @@ the kernel's errno, so callers decide which errors (EEXIST, ENODEV, ...) are ben
 from __future__ import annotations
 
 import _socket
-import os
 import struct
+
+from . import _os as os
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -336,11 +337,13 @@ _setns_fn = None
 
 
 def setns(fd: int) -> None:
-    """setns(2) into a network namespace. ``os.setns`` on Python >= 3.12; on 3.11 the libc call
+    """setns(2) into a network namespace. ``posix.setns`` on Python >= 3.12; on 3.11 the libc call
     through ``_ctypes`` directly (the ``ctypes`` package would cost ~5 ms of class set-up)."""
     global _setns_fn
-    if hasattr(os, "setns"):
-        os.setns(fd, CLONE_NEWNET)
+    import posix
+
+    if hasattr(posix, "setns"):
+        posix.setns(fd, CLONE_NEWNET)
         return
     import _ctypes
 

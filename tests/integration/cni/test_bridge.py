@@ -294,30 +294,54 @@ def test_ip_masq_del_without_prev_result_or_netns_leaves_no_rule(bundle: Path, h
     assert chain not in rules, rules
 
 
-def test_ip_masq_failing_midway_rolls_back_the_chain(bundle: Path, host_ns: str, containers: Containers,
-                                                    data_dir: Path, tmp_path: Path) -> None:
-    """iptables refuses the POSTROUTING jump (after the chain and its rules were made): the ADD fails
-    and undoes everything, the per-container chain included."""
+def test_ip_masq_refused_rolls_back_everything(bundle: Path, host_ns: str, containers: Containers,
+                                               data_dir: Path, tmp_path: Path) -> None:
+    """iptables refuses the masquerade rules (after the veth and the address were made): the ADD
+    fails and undoes everything, and no chain is left (one restore transaction: all or nothing)."""
     import hashlib
     import shutil
 
-    real = shutil.which("iptables")
+    real = shutil.which("iptables-restore")
     assert real is not None
     wrap = tmp_path / "bin"
     wrap.mkdir()
-    (wrap / "iptables").write_text("#!/bin/sh\n"
-                                   'case "$*" in *"-A POSTROUTING"*) echo "fake: refused" >&2; exit 4;; esac\n'
-                                   f'exec {real} "$@"\n')
-    (wrap / "iptables").chmod(0o755)
+    (wrap / "iptables-restore").write_text(
+        "#!/bin/sh\n"
+        'data=$(cat)\n'
+        'case "$data" in *"-A POSTROUTING"*) echo "fake: refused" >&2; exit 4;; esac\n'
+        f'printf "%s\\n" "$data" | exec {real} "$@"\n')
+    (wrap / "iptables-restore").chmod(0o755)
     ns, c_id = containers.new(), cid()
     cfg = conf(data_dir, ipMasq=True)
     r = cni(f"{bundle}/corral-bridge", host_ns, "ADD", cfg, c_id, f"/run/netns/{ns}",
             extra={"PATH": f"{wrap}:{os.environ.get('PATH', '/usr/sbin:/usr/bin:/sbin:/bin')}"})
-    assert r.rc == 1 and "masquerade" in r.json["msg"], r.out
+    assert r.rc == 1 and "masquerade" in r.json["msg"] and "fake: refused" in r.json["details"], r.out
     chain = "CNI-" + hashlib.sha512(("testnet" + c_id).encode()).hexdigest()[:24]
     rules = run_in_netns(host_ns, "iptables", "-w", "-t", "nat", "-S").stdout
     assert chain not in rules, rules
     assert "eth0" not in links(ns) and not [f for f in os.listdir(data_dir / "testnet") if f[0].isdigit()]
+
+
+def test_ip_masq_repeated_legacy_add_keeps_one_jump(bundle: Path, host_ns: str, containers: Containers,
+                                                    data_dir: Path) -> None:
+    """A second ADD of the same container (tolerated up to 0.2.0) rewrites the chain's rules and
+    adds no second POSTROUTING jump; a name with quotes survives iptables-restore's quoting."""
+    import hashlib
+
+    ns, c_id = containers.new(), cid()
+    cfg = conf(data_dir, "0.2.0", ipMasq=True, name='test"net')
+    for _ in range(2):
+        r = cni(f"{bundle}/corral-bridge", host_ns, "ADD", cfg, c_id, f"/run/netns/{ns}")
+        assert r.rc == 0, r.out
+    chain = "CNI-" + hashlib.sha512(('test"net' + c_id).encode()).hexdigest()[:24]
+    rules = run_in_netns(host_ns, "iptables", "-w", "-t", "nat", "-S").stdout.splitlines()
+    assert len([ln for ln in rules if ln.startswith("-A POSTROUTING") and ln.endswith(f"-j {chain}")]) == 1, rules
+    assert len([ln for ln in rules if ln.startswith(f"-A {chain} ")]) == 2, rules
+    want = f'name: "test"net" id: "{c_id}"'.replace('"', '\\"')  # as iptables -S quotes it
+    assert any(want in ln for ln in rules), rules
+    d = cni(f"{bundle}/corral-bridge", host_ns, "DEL", cfg, c_id, f"/run/netns/{ns}")
+    assert d.rc == 0, d.out
+    assert chain not in run_in_netns(host_ns, "iptables", "-w", "-t", "nat", "-S").stdout
 
 
 def test_two_interfaces_of_one_container(bundle: Path, host_ns: str, containers: Containers,

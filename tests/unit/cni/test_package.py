@@ -48,14 +48,16 @@ def test_launcher_runs_version_and_imports_nothing_heavy(tmp_path: Path) -> None
     p = subprocess.run([str(bindir / "corral-ipam")], input=b'{"cniVersion":"0.4.0"}', capture_output=True,
                        env={"CNI_COMMAND": "VERSION"}, check=True)
     assert json.loads(p.stdout)["cniVersion"] == "0.4.0"
-    # the modules a real ADD path loads: no asyncio, pyroute2, dataclasses/inspect, typing, subprocess, json/re
+    # the modules a real ADD path loads: no asyncio, pyroute2, dataclasses/inspect, typing, subprocess, json/re,
+    # not even os (posix and a few helpers do: _os.py) or hashlib (OpenSSL)
     lib = str(tmp_path / "vol" / "lib")
     code = (f"import sys; sys.path.insert(0, {lib!r}); import corral_cni._main, corral_cni._bridge, "
-            "corral_cni._ipam, corral_cni._metadata; print(' '.join(sorted(sys.modules)))")
+            "corral_cni._ipam, corral_cni._metadata, corral_cni._netlink, corral_cni._docker, corral_cni._exec; "
+            "print(' '.join(sorted(sys.modules)))")
     mods = set(subprocess.run([sys.executable, "-I", "-S", "-c", code], capture_output=True, text=True,
                               check=True).stdout.split())
     for heavy in ("asyncio", "pyroute2", "dataclasses", "inspect", "typing", "subprocess", "urllib", "http",
-                  "agents", "json", "re", "ctypes", "enum"):
+                  "agents", "json", "re", "ctypes", "enum", "os", "hashlib", "_hashlib", "locale", "threading"):
         assert heavy not in mods, heavy
 
 
