@@ -86,7 +86,9 @@ class Peer:
                 "CNI_NETNS": netns, "CNI_IFNAME": "eth0", "CNI_PATH": str(self.bindir)}
 
     def start(self, command: str, cid: str, netns: str, prev: dict[str, Any] | None = None, masq: bool = False
-              ) -> tuple[subprocess.Popen[bytes], bytes, float]:
+              ) -> tuple[subprocess.Popen[bytes], float]:
+        """Start one call with its config already written to its stdin (small: fits the pipe), so
+        that calls started together really run together."""
         conf = dict(self.conf, ipMasq=True) if masq else dict(self.conf)
         if prev is not None:
             conf["prevResult"] = prev
@@ -94,16 +96,38 @@ class Peer:
         t0 = time.perf_counter()
         p = subprocess.Popen([self.plugin], stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                              env=self.env(command, cid, netns))
-        return p, data, t0
+        assert p.stdin is not None
+        p.stdin.write(data)
+        p.stdin.close()
+        return p, t0
 
     def call(self, command: str, cid: str, netns: str, prev: dict[str, Any] | None = None
              ) -> tuple[float, dict[str, Any] | None]:
-        p, data, t0 = self.start(command, cid, netns, prev)
-        out, err = p.communicate(data)
-        dt = (time.perf_counter() - t0) * 1000
-        if p.returncode != 0:
+        (rc, out, err, dt), = gather([self.start(command, cid, netns, prev)])
+        if rc != 0:
             raise RuntimeError(f"{self.name} {command} failed: {out.decode()} {err.decode()}")
         return dt, (json.loads(out) if out.strip() else None)
+
+
+def gather(started: list[tuple[subprocess.Popen[bytes], float]]) -> list[tuple[int, bytes, bytes, float]]:
+    """Wait for calls started together; each one's latency ends when it exits (reaped in the order
+    they exit, not in the order they were started). Returns (status, stdout, stderr, ms) each."""
+    pending = {proc.pid: n for n, (proc, _) in enumerate(started)}
+    ends: dict[int, tuple[float, int]] = {}
+    while pending:
+        pid, status = os.waitpid(-1, 0)
+        if pid in pending:
+            ends[pending.pop(pid)] = (time.perf_counter(), os.waitstatus_to_exitcode(status))
+    out = []
+    for n, (proc, t0) in enumerate(started):
+        t_end, rc = ends[n]
+        proc.returncode = rc
+        assert proc.stdout is not None and proc.stderr is not None
+        o, e = proc.stdout.read(), proc.stderr.read()
+        proc.stdout.close()
+        proc.stderr.close()
+        out.append((rc, o, e, (t_end - t0) * 1000))
+    return out
 
 
 EXAMPLE = ROOT / "tests" / "unit" / "metadata" / "example.jsonl"
@@ -212,11 +236,10 @@ def run(seq: int, par: int, rounds: int) -> tuple[Table, str]:
                         started = [p.start("ADD", c, f"/run/netns/{ns}", masq=masq)
                                    for c, ns in zip(ids, nss, strict=True)]
                         results = []
-                        for proc, data, t0 in started:
-                            out, err = proc.communicate(data)
-                            if proc.returncode != 0:
+                        for rc, out, err, dt in gather(started):
+                            if rc != 0:
                                 raise RuntimeError(f"{p.name} parallel ADD failed: {out.decode()} {err.decode()}")
-                            lat.setdefault(("add", mode, p.name), []).append((time.perf_counter() - t0) * 1000)
+                            lat.setdefault(("add", mode, p.name), []).append(dt)
                             results.append(json.loads(out))
                         batch = time.perf_counter() - t_batch
                         thr.setdefault((mode, p.name), []).append(par / batch)
@@ -224,11 +247,10 @@ def run(seq: int, par: int, rounds: int) -> tuple[Table, str]:
                         t_batch = time.perf_counter()
                         started = [p.start("DEL", c, f"/run/netns/{ns}", res, masq=masq)
                                    for c, ns, res in zip(ids, nss, results, strict=True)]
-                        for proc, data, t0 in started:
-                            out, err = proc.communicate(data)
-                            if proc.returncode != 0:
+                        for rc, out, err, dt in gather(started):
+                            if rc != 0:
                                 raise RuntimeError(f"{p.name} parallel DEL failed: {out.decode()} {err.decode()}")
-                            lat.setdefault(("del", mode, p.name), []).append((time.perf_counter() - t0) * 1000)
+                            lat.setdefault(("del", mode, p.name), []).append(dt)
                         lat.setdefault(("delbatch", mode, p.name), []).append((time.perf_counter() - t_batch) * 1000)
         ttfs = time_to_first_success(bundle, work, 1.0, 5)
     finally:

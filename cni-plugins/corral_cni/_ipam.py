@@ -224,6 +224,16 @@ def dns_from_resolv(text: str) -> dict[str, Any]:
 # -- the store (file-locked, host-local layout) --------------------------------------------------
 
 
+def _write_fd(fd: int, text: str) -> None:
+    """Write all of ``text`` and close ``fd``."""
+    try:
+        data = text.encode()
+        while data:
+            data = data[os.write(fd, data):]
+    finally:
+        os.close(fd)
+
+
 class Store:
     def __init__(self, data_dir: str, network: str) -> None:
         self.dir = os.join(data_dir, network)
@@ -239,6 +249,23 @@ class Store:
     def __exit__(self, *exc: object) -> None:
         os.close(self.lock_fd)  # closing releases the flock
 
+    # Everything between lock and unlock is plain posix open/read/write: every ADD and DEL of the
+    # network queues on this lock, so under load a slow critical section (a text-mode open() per
+    # file costs several times the syscalls) turns into a convoy of waiting calls.
+
+    def _read(self, name: str) -> str | None:
+        try:
+            fd = os.open(os.join(self.dir, name), os.O_RDONLY | os.O_CLOEXEC)
+        except FileNotFoundError:
+            return None
+        try:
+            return os.read(fd, 65536).decode("utf-8", "replace")
+        finally:
+            os.close(fd)
+
+    def _write(self, name: str, text: str) -> None:
+        _write_fd(os.open(os.join(self.dir, name), os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644), text)
+
     def allocations(self) -> dict[int, str]:
         """IP → file content, for every reserved IPv4 address."""
         out: dict[int, str] = {}
@@ -249,31 +276,27 @@ class Store:
                 ip = aton(fn)
             except CniError:
                 continue
-            try:
-                with open(os.join(self.dir, fn), newline="") as f:
-                    out[ip] = f.read().strip()
-            except FileNotFoundError:
-                continue
+            content = self._read(fn)
+            if content is not None:
+                out[ip] = content.strip()
         return out
 
     def last_reserved(self, idx: int) -> int | None:
         try:
-            with open(os.join(self.dir, f"last_reserved_ip.{idx}")) as f:
-                return aton(f.read().strip())
-        except (FileNotFoundError, CniError):
+            text = self._read(f"last_reserved_ip.{idx}")
+            return aton(text.strip()) if text is not None else None
+        except CniError:
             return None
 
     def reserve(self, ip: int, container_id: str, ifname: str, idx: int) -> bool:
         path = os.join(self.dir, ntoa(ip))
         try:
-            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644)
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
         except FileExistsError:
             return False
         try:
-            with open(fd, "w", newline="") as f:
-                f.write(container_id.strip() + LINE_BREAK + ifname)
-            with open(os.join(self.dir, f"last_reserved_ip.{idx}"), "w") as f:
-                f.write(ntoa(ip))
+            _write_fd(fd, container_id.strip() + LINE_BREAK + ifname)
+            self._write(f"last_reserved_ip.{idx}", ntoa(ip))
         except BaseException:
             # disk full: an empty (ownerless) file would hold the address forever, as upstream knew
             try:

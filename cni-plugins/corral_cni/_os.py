@@ -16,6 +16,8 @@ from posix import (  # noqa: F401 (re-exported)
     O_EXCL,
     O_RDONLY,
     O_RDWR,
+    O_TRUNC,
+    O_WRONLY,
     X_OK,
     _exit,
     access,
