@@ -116,7 +116,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--report-timeout", type=positive_duration_arg, default=10.0,
                    help="seconds one health report may take")
     p.add_argument("--report-retry-max", type=positive_duration_arg, default=30.0,
-                   help="longest back-off between retries of a failed report (seconds)")
+                   help="longest back-off between retries of a report the server refused (409, other 4xx) (seconds)")
+    p.add_argument("--report-probe-max", type=positive_duration_arg, default=0.5,
+                   help="while the server does not take reports, one held report probes it at least this often "
+                        "(seconds); all go as soon as it answers")
     p.add_argument("--emit-init", action="store_true", help="send INIT before UP like the original")
     p.add_argument("--resync-rate", type=float_arg(0), default=50.0,
                    help="reports/s for the one-time re-send of states taken over from a previous run (0: no limit)")
@@ -158,7 +161,9 @@ class Daemon:
         self.tracker = Tracker(emit_init=args.emit_init)
         self.reporter = Reporter(self._post, concurrency=args.report_concurrency, timeout=args.report_timeout,
                                  retry_max=args.report_retry_max, retry_min=min(1.0, args.report_retry_max),
-                                 resync_rate=args.resync_rate)
+                                 probe_max=args.report_probe_max, resync_rate=args.resync_rate,
+                                 on_server=self._server_answers)
+        self.health.set("reports", True, "the server takes reports")
         self._poke = asyncio.Event()
         self.hap = HAProxy(HAProxySettings(state_dir=args.state_dir, binary=args.haproxy_bin,
                                            stats_socket=args.stats_socket, threads=args.haproxy_threads,
@@ -187,6 +192,10 @@ class Daemon:
             log.error("haproxy cannot be started, no checks run until it can", reason=reason)
         else:
             log.info("haproxy runs again, checking")
+
+    def _server_answers(self, ok: bool, error: str) -> None:
+        """Reports failing (server away, 5xx, 429): not ready until the server takes them again."""
+        self.health.set("reports", ok, "the server takes reports" if ok else f"reports failing: {error}")
 
     async def _post(self, r: Report) -> None:
         await self.api.post_json("/serviceevents", report_dict(r))

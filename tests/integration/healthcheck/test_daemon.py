@@ -17,6 +17,7 @@ from typing import Any
 
 import pytest
 
+from tests.helpers.standin import StandIn
 from tests.integration.healthcheck.common import container, hc, tree, until
 from tests.integration.healthcheck.conftest import Sink, StandInReports
 from tests.integration.healthcheck.daemon import Daemon, Metadata
@@ -203,29 +204,79 @@ async def test_metadata_unreachable_or_malformed_keeps_last_good_checks(
         assert not any(bad in ln for ln in checks), (bad, checks)
 
 
-async def test_server_away_loses_no_state_change(metadata: Metadata, daemon: Daemon, server: StandInReports,
-                                                 flaky_factory: Any) -> None:
-    a, b = await flaky_factory("ok"), await flaky_factory("ok")
-    metadata.write(tree([container("a", hc(a.port)), container("b", hc(b.port))]))
-    await reported(server, "_a_", "UP", 0, 10)
-    await reported(server, "_b_", "UP", 0, 10)
-    await server.stop()
-    t_down = time.time()
-    await a.set("fail")  # a: UP -> DOWN while the server is away
-    await b.set("fail")  # b: UP -> DOWN -> UP while away: latest state UP
-    await until(lambda: _status(daemon, "_b_", "DOWN"), what="b down in HAProxy")
-    await b.set("ok")
-    await until(lambda: _status(daemon, "_b_", "UP"), what="b up again in HAProxy")
-    await until(lambda: _status(daemon, "_a_", "DOWN"), what="a down in HAProxy")
-    await asyncio.sleep(max(0.0, OUTAGE - (time.time() - t_down)))
-    t_back = time.time()
-    await server.start()
-    await reported(server, "_a_", "DOWN", t_back, 3)
-    await reported(server, "_b_", "UP", t_back, 3)
-    assert (await server.states_async("_a_"))[-1] == "DOWN" and (await server.states_async("_b_"))[-1] == "UP"
+async def test_server_away_500s_then_refused_every_change_delivered_when_it_returns(
+        tmp_path: Path, metadata: Metadata, server: StandInReports, standin: StandIn, flaky_factory: Any) -> None:
+    """The server answers 500 to every report, then refuses connections, for OUTAGE seconds; backends
+    fail meanwhile. With the default --report-retry-max (30 s) a back-off per check would have pushed
+    the next try 8-16 s out; one shared probe finds the server back and delivers every DOWN at once.
+    b goes UP -> DOWN -> UP while away: its latest state (UP) replaces the held DOWN."""
+    d = Daemon(tmp_path, metadata.url, server.env(), "--report-retry-max", "30s").start()
+    try:
+        backs = [await flaky_factory("ok") for _ in range(AWAY_CHECKS)]
+        flip = await flaky_factory("ok")
+        metadata.write(tree([container(f"a{i}", hc(b.port)) for i, b in enumerate(backs)]
+                            + [container("b", hc(flip.port))]))
+        await until(lambda: _all_reported(server, "UP", AWAY_CHECKS + 1), timeout=20, what="all UP")
+        ready = f"http://127.0.0.1:{d.admin_port}/ready"
+        assert (await asyncio.to_thread(_status_of, ready))[0] == 200
+
+        t_out = time.time()
+        await asyncio.to_thread(standin.ctl, "fault", "http", "--path", "/v1/serviceevents", "--status", "500")
+        for b in (*backs, flip):
+            await b.set("fail")
+        await until(lambda: _count(d, "DOWN", AWAY_CHECKS + 1), what="all DOWN in HAProxy")
+
+        async def not_ready() -> bool:
+            code, body = await asyncio.to_thread(_status_of, ready)
+            return code == 503 and "reports failing: HTTP 500" in body
+
+        await until(not_ready, what="/ready 503 while reports fail")
+        await flip.set("ok")
+        await until(lambda: _status(d, "_b_", "UP"), what="b up again in HAProxy")
+        await server.stop()  # now connections are refused
+        await asyncio.sleep(max(0.0, OUTAGE - (time.time() - t_out)))
+        await server.start()  # a new process: the 500 fault is gone with the old one
+
+        async def all_down() -> bool:
+            es = await asyncio.to_thread(server.entries)
+            return all("DOWN" in server.states(f"_a{i}_", es) for i in range(AWAY_CHECKS))
+
+        await until(all_down, timeout=8, what="every DOWN delivered after the server came back")
+        states_b = await server.states_async("_b_")
+        assert states_b[-1] == "UP" and "DOWN" not in states_b, states_b
+
+        async def ready_again() -> bool:
+            return (await asyncio.to_thread(_status_of, ready))[0] == 200
+
+        await until(ready_again, what="/ready 200 once reports are taken again")
+    finally:
+        d.stop()
+    assert "Traceback" not in d.log(), d.log()[-3000:]
+    assert d.log().count("server not taking reports") >= 1
 
 
-OUTAGE = float(os.environ.get("CORRAL_HC_OUTAGE", "30"))
+OUTAGE = float(os.environ.get("CORRAL_HC_OUTAGE", "12"))
+AWAY_CHECKS = 16
+
+
+async def _all_reported(server: StandInReports, state: str, n: int) -> bool:
+    es = await asyncio.to_thread(server.entries)
+    return len({str(e["id"]) for e in es if e.get("name") == state}) >= n
+
+
+async def _count(d: Daemon, status: str, n: int) -> bool:
+    return sum(1 for r in (await d.rows()).values() if r.status == status) >= n
+
+
+def _status_of(url: str) -> tuple[int, str]:
+    import urllib.error
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(url, timeout=5) as r:
+            return r.status, r.read().decode()
+    except urllib.error.HTTPError as e:
+        return e.code, e.read().decode()
 
 
 async def _status(d: Daemon, part: str, status: str) -> bool:
@@ -257,6 +308,19 @@ async def test_hung_post_does_not_delay_others_and_409_is_retried(
         assert raw.startswith(b'{"externalTimestamp":')
         assert raw.endswith(b',"healthcheckUuid":"host-a-uuid_x1_1","reportedHealth":"DOWN"}')
         assert abs(int(raw[21:raw.index(b",")]) - t0) < 5, "unix seconds, integer"
+    finally:
+        d.stop()
+
+
+async def test_emit_init_sends_init_then_up(tmp_path: Path, metadata: Metadata, sink: Sink,
+                                            flaky_factory: Any) -> None:
+    """--emit-init: the original's INIT goes out before the first UP (the UP must not replace it)."""
+    d = Daemon(tmp_path, metadata.url, sink.env(), "--emit-init").start()
+    try:
+        ok = await flaky_factory("ok")
+        metadata.write(tree([container("a", hc(ok.port))]))
+        await reported(sink, "_a_", "UP", 0, 10)
+        assert sink.states("_a_") == ["INIT", "UP"]
     finally:
         d.stop()
 

@@ -246,3 +246,84 @@ async def test_parked_report_of_a_removed_check_is_dropped_not_retried_at_every_
     assert [r.uuid for r in srv.got] == ["kept"]
     stop.set()
     await task
+
+
+async def test_server_away_is_probed_by_one_shared_backoff_and_every_held_state_goes_at_its_return() -> None:
+    """A per-check back-off far out (10-30 s) must not matter: while the server is away one report at a
+    time probes it, and its first answer releases the latest state of every check."""
+    srv = Server()
+    inflight, most = 0, 0
+    probing = False
+    seen: list[tuple[bool, str]] = []
+
+    async def post(r: Report) -> None:
+        nonlocal inflight, most
+        inflight += 1
+        if probing:
+            most = max(most, inflight)
+        try:
+            await asyncio.sleep(0.005)
+            await srv.post(r)
+        finally:
+            inflight -= 1
+
+    rep = Reporter(post, concurrency=8, retry_min=10.0, retry_max=30.0,
+                   on_server=lambda ok, err: seen.append((ok, err)))
+    stop = asyncio.Event()
+    task = asyncio.create_task(rep.run(stop))
+    srv.down = True
+    for i in range(30):
+        rep.submit(Report(f"c{i}", "DOWN", 1.0))
+    await wait(lambda: srv.calls >= 1 and inflight == 0)
+    first_wave = srv.calls
+    assert first_wave <= 8, "the first failure holds the rest"
+    probing = True
+    await wait(lambda: srv.calls >= first_wave + 3, timeout=3)  # probes, not a 5-10 s per-check retry
+    assert most == 1, "one probe at a time while the server is away"
+    assert seen and seen[0][0] is False and "refused" in seen[0][1]
+    rep.submit(Report("c0", "UP", 2.0))  # a newer state replaces the held one
+    srv.down = False
+    await wait(lambda: rep.pending == 0, timeout=3)
+    assert sorted(r.uuid for r in srv.got if r.state == "DOWN") == sorted(f"c{i}" for i in range(1, 30))
+    assert [r.state for r in srv.got if r.uuid == "c0"] == ["UP"]
+    assert seen[-1] == (True, "")
+    stop.set()
+    await task
+
+
+async def test_newer_state_does_not_wait_for_the_scheduled_retry_of_an_older_one() -> None:
+    srv = Server()
+    rep = Reporter(srv.post, concurrency=2, retry_min=20.0, retry_max=30.0)
+    stop = asyncio.Event()
+    task = asyncio.create_task(rep.run(stop))
+    srv.status = {"a": 409}
+    rep.submit(Report("a", "DOWN", 1.0))
+    await wait(lambda: rep.boxes["a"].retry_handle is not None)  # its retry: 10-20 s away
+    del srv.status["a"]
+    rep.submit(Report("a", "UP", 2.0))
+    await wait(lambda: rep.pending == 0, timeout=3)
+    assert [r.state for r in srv.got] == ["UP"]
+    stop.set()
+    await task
+
+
+async def test_reporter_delivers_init_before_the_up_after_it() -> None:
+    t = Tracker(emit_init=True)
+    t.sync([N])
+    srv = Server()
+    rep = Reporter(srv.post, concurrency=4)
+    stop = asyncio.Event()
+    task = asyncio.create_task(rep.run(stop))
+    for r in t.observe([row("UP", "L7OK")], 1.0):
+        rep.submit(r)
+    await wait(lambda: rep.pending == 0)
+    assert [r.state for r in srv.got] == ["INIT", "UP"]
+    # DOWN, then INIT + UP, then DOWN again before anything is sent: the INIT stays, the DOWN after it
+    # replaces the UP (and the first DOWN is replaced by the INIT's newer state)
+    for r in t.observe([row("DOWN", "L7STS")], 2.0) + t.observe([row("UP", "L7OK")], 3.0):
+        rep.submit(r)
+    rep.submit(Report("H_c1_1", "DOWN", 4.0))
+    await wait(lambda: rep.pending == 0, timeout=3)
+    assert [r.state for r in srv.got] == ["INIT", "UP", "INIT", "DOWN"]
+    stop.set()
+    await task
