@@ -8,7 +8,9 @@
 * :class:`SubscribeSource` is ``--subscribe``: config.update events → download
   ``configcontent/metadata-answers?client=v2&requestedVersion=n`` → apply → ``PUT`` the
   applied version → reply; a full download on every (re)connect; a broken answer set keeps
-  the last good data and fails the event.
+  the last good data and fails the event. Downloads run as the apply of the shared reconcile
+  loop (agents/reconcile.py): at most one per ``--reload-interval-limit``, requests arriving
+  meanwhile coalesced into one, a failure retried with back-off.
 """
 
 from __future__ import annotations
@@ -25,10 +27,10 @@ from typing import Any
 
 import orjson
 
-from agents.backoff import Backoff
 from agents.errors import CorralError, InputError
 from agents.log import get_logger
 from agents.metrics import Health, counter, gauge, histogram
+from agents.reconcile import Reconciler
 from metadata.http import MetadataServer
 from metadata.store import Snapshot, build_steps, load_steps
 
@@ -259,15 +261,13 @@ class SubscribeSource:
         self.grace = grace
         self.api = ApiClient(cfg)
         self.requested = 0
-        self._kick = asyncio.Event()
         self._done_gen = 0  # download generation finished
         self._kick_gen = 0  # download generation requested
         self._cond = asyncio.Condition()
         self._last_error: str = ""
-        self._last_download = 0.0
         self._stream_factory = stream_factory
-        self._retry = Backoff(1.0, 30.0)
-        self._retry_handle: asyncio.TimerHandle | None = None
+        self.loop: Reconciler[int] = Reconciler("answers", self._download, daemon="metadata",
+                                                min_interval=interval_limit, retry_min=1.0, retry_max=30.0)
         self._failing_since: float | None = None  # first of the downloads failing in a row
 
     # -------------------------------------------------------------- downloads
@@ -282,7 +282,7 @@ class SubscribeSource:
     def kick(self) -> int:
         """Request a download; returns the generation whose completion answers the request."""
         self._kick_gen += 1
-        self._kick.set()
+        self.loop.submit(self._kick_gen)
         return self._kick_gen
 
     async def wait_done(self, gen: int) -> str:
@@ -291,49 +291,37 @@ class SubscribeSource:
         return self._last_error
 
     async def downloader(self, stop: asyncio.Event) -> None:
-        """One download at a time, at most one per interval; bursts coalesce into one."""
-        while not stop.is_set():
-            await self._kick.wait()
-            self._kick.clear()
-            gap = self.interval_limit - (time.monotonic() - self._last_download)
-            if gap > 0:
-                await asyncio.sleep(gap)
-                self._kick.clear()
-            target = self._kick_gen
-            self._last_download = time.monotonic()
-            err = ""
-            try:
-                await self.download_once()
-            except InputError as e:
-                err = str(e)
-            except CorralError as e:
-                err = str(e)
-                log.warning("answers download failed, serving the last good data", error=err)
-                APPLY_FAILURES.labels(reason="download").inc()
-            except Exception as e:  # adapter bugs must not kill the daemon
-                err = f"{type(e).__name__}: {e}"
-                log.error("answers download crashed", error=err)
-                APPLY_FAILURES.labels(reason="crash").inc()
-            async with self._cond:
-                self._last_error = err
-                self._done_gen = max(self._done_gen, target)
-                self._cond.notify_all()
-            if err and self._failing_since is None:
-                self._failing_since = time.monotonic()
-            elif not err:
-                self._failing_since = None
-                self.health.set("downloads", True, "ok")
-            if err:  # better than the original (which waited for the next event): retry with back-off
-                delay = self._retry.next()
-                log.info("answers download will be retried", seconds=round(delay, 2))
-                if self._retry_handle is not None:
-                    self._retry_handle.cancel()
-                self._retry_handle = asyncio.get_running_loop().call_later(delay, self.kick)
-            else:
-                self._retry.reset()
-                if self._retry_handle is not None:
-                    self._retry_handle.cancel()
-                    self._retry_handle = None
+        """The shared reconcile loop: one download at a time, at most one per interval (its
+        ``min_interval``), bursts coalesced into one, a failure retried with back-off."""
+        await self.loop.run(stop)
+
+    async def _download(self, target: int) -> None:
+        """The loop's apply: download, apply, report; answer every request up to ``target``."""
+        err = ""
+        try:
+            await self.download_once()
+        except InputError as e:
+            err = str(e)
+        except CorralError as e:
+            err = str(e)
+            log.warning("answers download failed, serving the last good data", error=err)
+            APPLY_FAILURES.labels(reason="download").inc()
+        except Exception as e:  # adapter bugs must not kill the daemon
+            err = f"{type(e).__name__}: {e}"
+            log.error("answers download crashed", error=err)
+            APPLY_FAILURES.labels(reason="crash").inc()
+        async with self._cond:
+            self._last_error = err
+            self._done_gen = max(self._done_gen, target)
+            self._cond.notify_all()
+        if not err:
+            self._failing_since = None
+            self.health.set("downloads", True, "ok")
+            return
+        if self._failing_since is None:
+            self._failing_since = time.monotonic()
+        # better than the original (which waited for the next event): the loop retries with back-off
+        raise _DownloadFailed(err)
 
     # -------------------------------------------------------------- events
     async def on_config_update(self, ev: Any) -> dict[str, Any] | None:
@@ -404,3 +392,7 @@ class SubscribeSource:
 
 class _Stop(Exception):
     pass
+
+
+class _DownloadFailed(Exception):
+    """A download failed (already logged and answered); the reconcile loop retries it."""
