@@ -23,7 +23,8 @@ __all__ = ["RulesApplier"]
 
 log = get_logger(__name__)
 _WRITES = counter("netmanager", "iptables_writes", "iptables-restore runs", ["reason"])
-_REPAIRS = counter("netmanager", "drift_repairs", "Drift found in the kernel and repaired", ["what"])
+_REPAIRS = counter("netmanager", "rule_repairs", "Drifted chains and hooks found in the kernel and repaired",
+                   ["what"])
 _CHECKS = counter("netmanager", "verify_reads", "iptables-save read-backs")
 _APPLY = histogram("netmanager", "apply_seconds", "Ruleset apply latency (diff + restore)", ["reason"],
                    buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5))

@@ -1,10 +1,11 @@
 """``corral netmanager``: host ports, host NAT, the metadata route and the CNI volume, from metadata.
 
-Data flow: one metadata long-poll (``MetadataClient.watch``) -> each snapshot is persisted
-(``<state dir>/corral/metadata.json``) and turned by pure functions into a :class:`Ruleset`
+Data flow: the process's one metadata watch (``agents.metadata_watch.MetadataWatch``, which also
+persists the last good tree to ``--metadata-state-file`` and loads it at start) -> each snapshot
+is turned by pure functions into a :class:`Ruleset`
 (``desired.py``) and the CNI volume's files (``cniconf.py``) -> two ``Reconciler`` loops apply them
 (``firewall.RulesApplier`` through one ``iptables-restore --noflush --wait``; ``files.apply_cni``).
-At boot the persisted snapshot is applied before metadata answers (fail-static: nothing is ever
+At boot the persisted tree is applied before metadata answers (fail-static: nothing is ever
 flushed because metadata went away). Drift: the nf_tables generation id is probed every
 ``--drift-probe-interval`` (a cheap netlink read) and the kernel is read back on every move and every
 ``--verify-interval``; the metadata route is checked every second.
@@ -28,7 +29,8 @@ from agents.cli import run_daemon
 from agents.config import add_common_args, duration_arg
 from agents.errors import ConfigError, CorralError
 from agents.log import get_logger
-from agents.metadata_client import MetadataClient, Snapshot
+from agents.metadata_client import Snapshot
+from agents.metadata_watch import MetadataSnapshot, MetadataWatch, add_watch_args
 from agents.metrics import AdminServer, Health, counter
 from agents.reconcile import Reconciler
 from netmanager.cniconf import CniFiles, cni_files
@@ -37,14 +39,13 @@ from netmanager.files import apply_cni
 from netmanager.firewall import RulesApplier
 from netmanager.iptables import detect_backend
 from netmanager.netlink import NftGeneration, RouteState, ensure_ipset, ensure_route, set_sysctl
-from netmanager.state import load_snapshot, save_snapshot, snapshot_path
 
 __all__ = ["build_parser", "main"]
 
 log = get_logger(__name__)
 API_VERSION = "2016-07-29"
 _ROUTE_REPAIRS = counter("netmanager", "route_repairs", "Metadata route re-created")
-_SNAPSHOTS = counter("netmanager", "snapshots", "Metadata snapshots by source", ["source"])
+_SNAPSHOTS = counter("netmanager", "snapshots", "Metadata snapshots by source (metadata, state-file)", ["source"])
 
 
 def _seconds(v: str) -> int:
@@ -83,9 +84,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="nft backend: probe the ruleset generation this often (default 0.5s)")
     p.add_argument("--iptables-backend", choices=("auto", "legacy", "nft"), default="auto",
                    help="auto: the backend that holds Docker's chains")
-    p.add_argument("--state-dir", default="/var/lib/rancher/state", help="persisted snapshot lives here")
     p.add_argument("--cni-dir", default="/etc/cni", help="the rancher-cni-driver volume")
     p.add_argument("--netns", default="", help="run inside this named network namespace (tests)")
+    add_watch_args(p, state_file="/var/lib/rancher/state/corral/metadata.json")
     add_common_args(p, metrics_listen="127.0.0.1:9115")
     return p
 
@@ -126,7 +127,6 @@ class NetManager:
         self.route: Route | None = None
         if not args.disable_routesync and os.environ.get("DOCKER_BRIDGE") and os.environ.get("METADATA_IP"):
             self.route = metadata_route(self.facts)
-        self.state_file = snapshot_path(Path(args.state_dir))
         self.cni_root = Path(args.cni_dir)
         self.applier: RulesApplier | None = None
         self.rules: Reconciler[Ruleset] | None = None
@@ -134,21 +134,17 @@ class NetManager:
         self.snapshot: Snapshot | None = None
 
     # -------------------------------------------------------------- snapshot -> desired
-    def on_snapshot(self, snap: Snapshot, source: str) -> None:
+    def on_snapshot(self, ms: MetadataSnapshot) -> None:
+        snap = ms.typed
         if snap.self_host is None:
             log.warning("metadata snapshot has no self host; ignored", version=snap.version)
             return
-        _SNAPSHOTS.labels(source).inc()
+        _SNAPSHOTS.labels(ms.source).inc()
         self.snapshot = snap
         assert self.rules is not None
         self.rules.submit(desired_ruleset(snap, self.facts))
         if self.cni is not None:
             self.cni.submit(cni_files(snap))
-        if source == "metadata":
-            try:
-                save_snapshot(self.state_file, snap)
-            except CorralError as e:
-                log.error("cannot persist the metadata snapshot", error=str(e))
 
     async def apply_cni(self, want: CniFiles) -> None:
         changed = await asyncio.to_thread(apply_cni, self.cni_root, want)
@@ -156,12 +152,6 @@ class NetManager:
             log.info("cni files updated", changes=changed)
 
     # -------------------------------------------------------------- loops
-    async def watch(self, stop: asyncio.Event) -> None:
-        async with MetadataClient(self.url, api_version=self.api_version) as md:
-            async for snap in md.watch(stop, max_wait=5):
-                self.on_snapshot(snap, "metadata")
-                self.health.set("metadata", True, f"version {snap.version}")
-
     async def verify(self, stop: asyncio.Event) -> None:
         """Suspect drift every --verify-interval, and at once when the nft generation moves."""
         assert self.applier is not None and self.rules is not None
@@ -221,10 +211,19 @@ class NetManager:
         log.info("starting", metadata=self.url, backend=backend.name, route=self.route,
                  cni=not self.args.disable_cni_setup)
         self.applier = RulesApplier(backend)
-        self.rules = Reconciler("iptables", self.applier.apply, health=self.health, retry_max=30.0)
+        self.rules = Reconciler("iptables", self.applier.apply, daemon="netmanager", health=self.health,
+                                retry_max=30.0)
         if not self.args.disable_cni_setup:
-            self.cni = Reconciler("cni", self.apply_cni, health=self.health)
-        self.health.require("metadata")
+            self.cni = Reconciler("cni", self.apply_cni, daemon="netmanager", health=self.health)
+        if self.args.metadata_state_file:
+            try:
+                Path(self.args.metadata_state_file).parent.mkdir(parents=True, exist_ok=True)
+            except OSError as e:
+                log.error("metadata state directory not created", error=str(e))
+        watch = MetadataWatch(self.url, api_version=self.api_version, component="netmanager",
+                              state_file=self.args.metadata_state_file, max_wait=5,
+                              stale_after=self.args.metadata_stale_after, health=self.health)
+        watch.subscribe(self.on_snapshot)
         try:
             await ensure_ipset()
         except CorralError as e:
@@ -239,14 +238,6 @@ class NetManager:
                 log.info("route_localnet not set: no such bridge yet", bridge=self.facts.docker_bridge)
         except CorralError as e:
             log.warning("route_localnet not set", error=str(e))
-        try:
-            saved = load_snapshot(self.state_file)
-        except CorralError as e:
-            log.error("cannot read the persisted snapshot", error=str(e))
-            saved = None
-        if saved is not None:
-            log.info("applying the persisted snapshot until metadata answers", version=saved.version)
-            self.on_snapshot(saved, "persisted")
         admin = AdminServer(self.args.metrics_listen, self.health)
         await admin.start()
         try:
@@ -254,7 +245,7 @@ class NetManager:
                 tg.create_task(self.rules.run(stop))
                 if self.cni is not None:
                     tg.create_task(self.cni.run(stop))
-                tg.create_task(self.watch(stop))
+                tg.create_task(watch.run(stop))
                 tg.create_task(self.verify(stop))
                 if self.route is not None:
                     tg.create_task(self.route_loop(stop))

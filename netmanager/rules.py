@@ -5,8 +5,10 @@ Comparison is on token tuples, never on raw strings: a line read back is split i
 and compared with the desired tuple (the original compared the text of ``iptables -S`` with a
 hand-written string, which flapped when iptables printed the rule in its canonical form).
 
-The payload rewrites only what differs: an owned chain whose content differs is declared and
-rebuilt whole (``:CHAIN -``, ``-F CHAIN``, its rules); a built-in chain whose head is not our
+The payload rewrites only what differs: an owned chain where a few rules differ gets ``-D`` of
+the rules that went and ``-I <pos>`` of the new ones (a one-port change at 5,000 ports writes a
+handful of rules, not 25k); one that differs more is declared and rebuilt whole (``:CHAIN -``,
+``-F CHAIN``, its rules); a built-in chain whose head is not our
 hooks in order gets every copy of our jump rules deleted (``-D`` by spec) and the hooks
 inserted at positions 1..n. Foreign rules are never touched: a foreign rule inserted above our
 hooks ends up below them. ``CATTLE_NETWORK_POLICY`` is created when missing, never flushed (its
@@ -127,6 +129,27 @@ def diff(rs: Ruleset, tables: Tables) -> Drift:
     return d
 
 
+def _edits(chain: str, want: tuple[Rule, ...], have: list[Rule]) -> list[str] | None:
+    """``-D``/``-I`` lines turning ``have`` into ``want``, or None when a rebuild is simpler.
+
+    Used when few rules differ and the rules both sides share are in the same order (true for a
+    port added, removed or moved: the order key of every other binding is unchanged). Deletes
+    go first; inserts in increasing position, so each position is final when it is used."""
+    hs = set(have)
+    if not have or len(hs) != len(have):
+        return None
+    ws = set(want)
+    gone = [r for r in have if r not in ws]
+    new = [(i, r) for i, r in enumerate(want, 1) if r not in hs]
+    if len(gone) + len(new) > max(4, len(want) // 8):
+        return None
+    if [r for r in have if r in ws] != [r for r in want if r in hs]:
+        return None
+    out = [render(chain, r, "-D") for r in gone]
+    out += [f"-I {chain} {i} " + render(chain, r)[len(f"-A {chain} "):] for i, r in new]
+    return out
+
+
 def render_payload(rs: Ruleset, tables: Tables, drift: Drift | None = None) -> str:
     """One ``iptables-restore --noflush`` payload repairing ``drift`` (default: everything)."""
     if drift is None:
@@ -142,6 +165,11 @@ def render_payload(rs: Ruleset, tables: Tables, drift: Drift | None = None) -> s
         for t, chain, rules in rs.chains:
             if t != table:
                 continue
+            if chain in declared and (t, chain) in fix_chains:
+                edits = _edits(chain, rules, declared[chain])
+                if edits is not None:
+                    body.extend(edits)
+                    continue
             if (t, chain) in fix_chains or chain not in declared:
                 body.append(f":{chain} - [0:0]")
                 body.append(f"-F {chain}")

@@ -86,7 +86,7 @@ class Host:
 
     def start_nm(self, *extra: str) -> None:
         self.nm = self._proc("netmanager", "netmanager", "--metadata-url",
-                             f"http://127.0.0.1:{MD_PORT}/2016-07-29", "--state-dir", str(self.state),
+                             f"http://127.0.0.1:{MD_PORT}/2016-07-29", "--metadata-state-file", str(self.state / "metadata.json"),
                              "--cni-dir", str(self.cni), "--metrics-listen", f"127.0.0.1:{ADMIN_PORT}",
                              "--iptables-backend", self.backend, "--verify-interval", "1s", *extra,
                              env={"DOCKER_BRIDGE": "docker0", "METADATA_IP": "169.254.169.250"})
@@ -101,11 +101,11 @@ class Host:
         r = run_in_netns(self.ns, "curl", "-s", "-f", "-m", "5", f"http://127.0.0.1:{port}{path}", check=False)
         return r.stdout if r.returncode == 0 else None
 
-    def metric(self, name: str) -> float:
+    def metric(self, name: str, label: str = "") -> float:
         text = self.http(ADMIN_PORT, "/metrics") or ""
         total = 0.0
         for line in text.splitlines():
-            if line.startswith(name) and line[len(name)] in " {":
+            if line.startswith(name) and line[len(name)] in " {" and label in line:
                 total += float(line.rsplit(" ", 1)[1])
         return total
 

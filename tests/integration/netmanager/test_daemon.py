@@ -48,7 +48,7 @@ def test_bad_entries_are_reported_and_the_rest_programmed(host: Host) -> None:
 
 @pytest.mark.parametrize("case", ["flush_chain", "delete_hook", "foreign_first", "flush_and_delete_all"])
 def test_drift_is_repaired(host: Host, case: str) -> None:
-    before = host.metric("corral_netmanager_drift_repairs_total")
+    before = host.metric("corral_netmanager_rule_repairs_total")
     if case == "flush_chain":
         host.ipt("-t", "nat", "-F", "CATTLE_PREROUTING")
     elif case == "delete_hook":
@@ -60,7 +60,7 @@ def test_drift_is_repaired(host: Host, case: str) -> None:
         host.ipt("-t", "nat", "-X")
     assert not host.in_sync()
     host.wait(host.in_sync, f"repair of {case}")
-    assert host.metric("corral_netmanager_drift_repairs_total") > before
+    assert host.metric("corral_netmanager_rule_repairs_total") > before
     fwd = host.tables()["filter"]["FORWARD"]
     if case == "foreign_first":  # not removed: it ends up below our hooks
         assert fwd[2] == ("-j", "ACCEPT")
@@ -154,7 +154,9 @@ def test_boot_from_the_persisted_snapshot_before_metadata(host: Host) -> None:
     host.ipt("-t", "nat", "-F", "CATTLE_PREROUTING")
     host.start_nm()
     host.wait(host.in_sync, "rules from the persisted snapshot")
-    assert host.http(9115, "/ready") is None  # not ready: metadata has not answered yet
+    assert host.nm is not None and "serving the persisted metadata state" in host.nm.log()
+    assert host.metric("corral_netmanager_snapshots_total") == host.metric(
+        "corral_netmanager_snapshots_total", "state-file")
     host.start_md()
     host.wait(lambda: host.http(9115, "/ready") is not None, "ready once metadata answers")
 

@@ -23,7 +23,6 @@ PUBLIC = {
     "netmanager.resolv": ["render_resolv", "wants_resolv"],
     "netmanager.rules": ["TABLES", "Drift", "Tables", "diff", "hook_chains", "hook_positions", "is_ours",
                          "jump_targets", "parse_save", "render", "render_payload"],
-    "netmanager.state": ["load_snapshot", "save_snapshot", "snapshot_path"],
 }
 
 

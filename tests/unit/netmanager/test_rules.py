@@ -123,3 +123,34 @@ def test_hook_positions(snap: Snapshot) -> None:
         ("filter", "FORWARD", 1): "CATTLE_NETWORK_POLICY",
         ("filter", "FORWARD", 2): "CATTLE_FORWARD",
     }
+
+
+def test_one_port_change_is_a_few_edits_not_a_rebuild(snap: Snapshot) -> None:
+    from tests.unit.netmanager.conftest import objects, snapshot_of
+
+    tables = in_sync_tables(snap)
+    objs = objects()
+    for o in objs:
+        if o.get("uuid") == "ctr-web-1":
+            o["ports"] = ["0.0.0.0:8085:80/tcp"]
+    rs = desired_ruleset(snapshot_of(objs), HostFacts())
+    d = diff(rs, tables)
+    payload = render_payload(rs, tables, d)
+    assert "-F " not in payload and ":CATTLE" not in payload
+    assert "-D CATTLE_PREROUTING ! -i docker0 -p tcp -m tcp --dport 8080 -j DNAT --to-destination 10.42.200.5:80" \
+        in payload
+    assert "-I CATTLE_PREROUTING 5 ! -i docker0 -p tcp -m tcp --dport 8085 -j DNAT --to-destination 10.42.200.5:80" \
+        in payload
+    # applying the edits to the model gives exactly the desired chains
+    from netmanager.firewall import _model_after
+
+    after = _model_after(rs, tables, d)
+    assert not diff(rs, after)
+
+
+def test_many_changes_rebuild_the_chain(snap: Snapshot) -> None:
+    tables = in_sync_tables(snap)
+    rs = desired_ruleset(snap, HostFacts())
+    tables["nat"]["CATTLE_PREROUTING"] = tables["nat"]["CATTLE_PREROUTING"][::-1]
+    payload = render_payload(rs, tables, diff(rs, tables))
+    assert payload.startswith("*nat\n:CATTLE_PREROUTING - [0:0]\n-F CATTLE_PREROUTING\n")
