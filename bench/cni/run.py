@@ -102,31 +102,33 @@ class Peer:
         return p, t0
 
     def call(self, command: str, cid: str, netns: str, prev: dict[str, Any] | None = None
-             ) -> tuple[float, dict[str, Any] | None]:
-        (rc, out, err, dt), = gather([self.start(command, cid, netns, prev)])
+             ) -> tuple[float, float, dict[str, Any] | None]:
+        (rc, out, err, dt, cpu), = gather([self.start(command, cid, netns, prev)])
         if rc != 0:
             raise RuntimeError(f"{self.name} {command} failed: {out.decode()} {err.decode()}")
-        return dt, (json.loads(out) if out.strip() else None)
+        return dt, cpu, (json.loads(out) if out.strip() else None)
 
 
-def gather(started: list[tuple[subprocess.Popen[bytes], float]]) -> list[tuple[int, bytes, bytes, float]]:
+def gather(started: list[tuple[subprocess.Popen[bytes], float]]) -> list[tuple[int, bytes, bytes, float, float]]:
     """Wait for calls started together; each one's latency ends when it exits (reaped in the order
-    they exit, not in the order they were started). Returns (status, stdout, stderr, ms) each."""
+    they exit, not in the order they were started). Returns (status, stdout, stderr, ms, CPU ms)
+    each; CPU is user + system of the call and the programs it ran (host-local, iptables)."""
     pending = {proc.pid: n for n, (proc, _) in enumerate(started)}
-    ends: dict[int, tuple[float, int]] = {}
+    ends: dict[int, tuple[float, int, float]] = {}
     while pending:
-        pid, status = os.waitpid(-1, 0)
+        pid, status, ru = os.wait4(-1, 0)
         if pid in pending:
-            ends[pending.pop(pid)] = (time.perf_counter(), os.waitstatus_to_exitcode(status))
+            ends[pending.pop(pid)] = (time.perf_counter(), os.waitstatus_to_exitcode(status),
+                                      (ru.ru_utime + ru.ru_stime) * 1000)
     out = []
     for n, (proc, t0) in enumerate(started):
-        t_end, rc = ends[n]
+        t_end, rc, cpu = ends[n]
         proc.returncode = rc
         assert proc.stdout is not None and proc.stderr is not None
         o, e = proc.stdout.read(), proc.stderr.read()
         proc.stdout.close()
         proc.stderr.close()
-        out.append((rc, o, e, (t_end - t0) * 1000))
+        out.append((rc, o, e, (t_end - t0) * 1000, cpu))
     return out
 
 
@@ -214,7 +216,7 @@ def run(seq: int, par: int, rounds: int) -> tuple[Table, str]:
         with namespaces(2, "w") as nss:
             for p, ns in zip(peers, nss, strict=True):
                 c = secrets.token_hex(32)
-                _, res = p.call("ADD", c, f"/run/netns/{ns}")
+                _, _, res = p.call("ADD", c, f"/run/netns/{ns}")
                 p.call("DEL", c, f"/run/netns/{ns}", res)
         with namespaces(seq * 2, "s") as nss:
             for i in range(seq):
@@ -222,10 +224,12 @@ def run(seq: int, par: int, rounds: int) -> tuple[Table, str]:
                 for p in order:
                     ns = nss[2 * i + (0 if p is peers[0] else 1)]
                     c = secrets.token_hex(32)
-                    dt, res = p.call("ADD", c, f"/run/netns/{ns}")
+                    dt, cpu, res = p.call("ADD", c, f"/run/netns/{ns}")
                     lat.setdefault(("add", "seq", p.name), []).append(dt)
-                    dt, _ = p.call("DEL", c, f"/run/netns/{ns}", res)
+                    lat.setdefault(("cpu-add", "seq", p.name), []).append(cpu)
+                    dt, cpu, _ = p.call("DEL", c, f"/run/netns/{ns}", res)
                     lat.setdefault(("del", "seq", p.name), []).append(dt)
+                    lat.setdefault(("cpu-del", "seq", p.name), []).append(cpu)
         for r in range(rounds):
             for masq in (False, True):
                 mode = "parmasq" if masq else "par"
@@ -236,10 +240,11 @@ def run(seq: int, par: int, rounds: int) -> tuple[Table, str]:
                         started = [p.start("ADD", c, f"/run/netns/{ns}", masq=masq)
                                    for c, ns in zip(ids, nss, strict=True)]
                         results = []
-                        for rc, out, err, dt in gather(started):
+                        for rc, out, err, dt, cpu in gather(started):
                             if rc != 0:
                                 raise RuntimeError(f"{p.name} parallel ADD failed: {out.decode()} {err.decode()}")
                             lat.setdefault(("add", mode, p.name), []).append(dt)
+                            lat.setdefault(("cpu-add", mode, p.name), []).append(cpu)
                             results.append(json.loads(out))
                         batch = time.perf_counter() - t_batch
                         thr.setdefault((mode, p.name), []).append(par / batch)
@@ -247,10 +252,11 @@ def run(seq: int, par: int, rounds: int) -> tuple[Table, str]:
                         t_batch = time.perf_counter()
                         started = [p.start("DEL", c, f"/run/netns/{ns}", res, masq=masq)
                                    for c, ns, res in zip(ids, nss, results, strict=True)]
-                        for rc, out, err, dt in gather(started):
+                        for rc, out, err, dt, cpu in gather(started):
                             if rc != 0:
                                 raise RuntimeError(f"{p.name} parallel DEL failed: {out.decode()} {err.decode()}")
                             lat.setdefault(("del", mode, p.name), []).append(dt)
+                            lat.setdefault(("cpu-del", mode, p.name), []).append(cpu)
                         lat.setdefault(("delbatch", mode, p.name), []).append((time.perf_counter() - t_batch) * 1000)
         ttfs = time_to_first_success(bundle, work, 1.0, 5)
     finally:
@@ -277,6 +283,11 @@ def run(seq: int, par: int, rounds: int) -> tuple[Table, str]:
             c, r = lat[(verb + "batch", mode, "corral")], lat[(verb + "batch", mode, "reference")]
             t.add(f"{par} {verb.upper()}s{what} at once: whole batch (median of {rounds})", percentile(c, 50),
                   percentile(r, 50), unit="ms", higher_is_better=False)
+    for (verb, mode), label in ((("cpu-add", "seq"), "ADD"), (("cpu-del", "seq"), "DEL"),
+                                (("cpu-add", "parmasq"), "ADD with ipMasq"), (("cpu-del", "parmasq"), "DEL with ipMasq")):
+        t.add(f"CPU per call (user + system, with its children): {label} p50",
+              percentile(lat[(verb, mode, "corral")], 50), percentile(lat[(verb, mode, "reference")], 50),
+              unit="ms", higher_is_better=False)
     for mode, what in (("par", ""), ("parmasq", " with ipMasq")):
         cthr, rthr = sorted(thr[(mode, "corral")]), sorted(thr[(mode, "reference")])
         t.add(f"{par}-way parallel ADD{what} throughput (median of {rounds})", cthr[len(cthr) // 2],
