@@ -6,6 +6,7 @@ JSON in, JSON out, no auth (it listens on loopback). Errors: 400/404/422 with
 
 from __future__ import annotations
 
+import hmac
 import time
 from typing import Any
 
@@ -324,9 +325,26 @@ class AdminApi:
         return web.Response(body=generate_latest(), headers={"Content-Type": CONTENT_TYPE_LATEST})
 
 
-def build_admin_app(server: Server) -> web.Application:
+def _token_check(token: str) -> Any:
+    """With a token, every admin request but /healthz must carry ``Authorization: Bearer <token>``."""
+    want = f"Bearer {token}".encode()
+
+    @web.middleware
+    async def check(request: web.Request, handler: Any) -> web.StreamResponse:
+        if request.path != "/healthz" and not hmac.compare_digest(
+                request.headers.get("Authorization", "").encode(), want):
+            resp = _err(401, "admin token required: corral ctl --admin-token (or CORRAL_ADMIN_TOKEN)")
+            resp.headers["WWW-Authenticate"] = 'Bearer realm="corral admin"'
+            return resp
+        return await handler(request)
+
+    return check
+
+
+def build_admin_app(server: Server, token: str = "") -> web.Application:
     a = AdminApi(server)
-    app = web.Application(middlewares=[a.errors], client_max_size=64 * 1024 * 1024)
+    mws = [_token_check(token), a.errors] if token else [a.errors]
+    app = web.Application(middlewares=mws, client_max_size=64 * 1024 * 1024)
     r = app.router
     r.add_get("/healthz", a.healthz)
     r.add_get("/ready", a.ready)

@@ -48,9 +48,10 @@ class CtlError(Exception):
 class AdminClient:
     """Tiny synchronous client of the admin API (also used by tests/helpers/standin.py)."""
 
-    def __init__(self, url: str = DEFAULT_ADMIN, timeout: float = 30.0) -> None:
+    def __init__(self, url: str = DEFAULT_ADMIN, timeout: float = 30.0, token: str | None = None) -> None:
         self.url = url.rstrip("/")
         self.timeout = timeout
+        self.token = os.environ.get("CORRAL_ADMIN_TOKEN", "") if token is None else token
 
     def request(self, method: str, path: str, body: Any = None, params: dict[str, Any] | None = None,
                 timeout: float | None = None) -> Any:
@@ -59,8 +60,10 @@ class AdminClient:
         if q:
             url += "?" + urllib.parse.urlencode(q)
         data = None if body is None else json.dumps(body).encode()
-        req = urllib.request.Request(url, data=data, method=method,
-                                     headers={"Content-Type": "application/json"} if data is not None else {})
+        headers = {"Content-Type": "application/json"} if data is not None else {}
+        if self.token:
+            headers["Authorization"] = f"Bearer {self.token}"
+        req = urllib.request.Request(url, data=data, method=method, headers=headers)
         try:
             with urllib.request.urlopen(req, timeout=timeout or self.timeout) as r:
                 raw = r.read()
@@ -186,6 +189,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--admin", default=os.environ.get("CORRAL_ADMIN_URL") or DEFAULT_ADMIN,
                    type=url_arg(default_scheme="http"),
                    help="admin API URL; http:// is assumed without a scheme (env CORRAL_ADMIN_URL)")
+    p.add_argument("--admin-token", default=os.environ.get("CORRAL_ADMIN_TOKEN", ""),
+                   help="the server's --admin-token (env CORRAL_ADMIN_TOKEN)")
     p.add_argument("--timeout", type=float_arg(above=0), default=30.0, help="seconds per request")
     sub = p.add_subparsers(dest="cmd", required=True)
     for kind in KIND_VERBS:
@@ -317,7 +322,7 @@ def _fault(c: AdminClient, a: argparse.Namespace) -> Any:
 
 
 def run(a: argparse.Namespace) -> Any:
-    c = AdminClient(a.admin, a.timeout)
+    c = AdminClient(a.admin, a.timeout, a.admin_token)
     if a.cmd in KIND_VERBS:
         return _resource(c, a)
     if a.cmd == "load":

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import ipaddress
 import sqlite3
 from pathlib import Path
 from typing import Any
@@ -48,6 +49,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--listen", default="127.0.0.1:8080", type=listen_arg,
                    help="API, websocket and configcontent listener")
     p.add_argument("--admin-listen", default="127.0.0.1:8081", type=listen_arg, help="admin API listener (corral ctl)")
+    p.add_argument("--admin-token", default=env_str("CORRAL_ADMIN_TOKEN"),
+                   help="require 'Authorization: Bearer TOKEN' on the admin API (needed to listen off "
+                        "loopback; env CORRAL_ADMIN_TOKEN)")
     p.add_argument("--keys", default="", type=file_arg(must_exist=True),
                    help="YAML list of {access, secret, role, agentId, hostUuid}")
     p.add_argument("--access-key", default=env_str("CATTLE_ACCESS_KEY"),
@@ -77,6 +81,16 @@ _url = url_arg()
 
 def _url_or_empty(v: str) -> str:
     return _url(v) if v else v
+
+
+def is_loopback(host: str) -> bool:
+    """Whether a listen host only accepts local connections ("" and 0.0.0.0 mean every address)."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
 
 
 def main(argv: list[str]) -> int:
@@ -109,6 +123,9 @@ async def run(args: argparse.Namespace, stop: asyncio.Event) -> None:
 
     host, port = parse_listen(args.listen, "127.0.0.1")
     ahost, aport = parse_listen(args.admin_listen, "127.0.0.1")
+    if not args.admin_token and not is_loopback(ahost):
+        raise ConfigError(f"--admin-listen {args.admin_listen} is not a loopback address: the admin API can change "
+                          "everything, so give it a token (--admin-token or CORRAL_ADMIN_TOKEN)")
     keys = _keys(args)
     public_url = args.public_url or f"http://{'127.0.0.1' if host in ('0.0.0.0', '') else host}:{port}"
     settings = Settings(listen=args.listen, admin_listen=args.admin_listen, state=args.state, journal=args.journal,
@@ -130,7 +147,7 @@ async def run(args: argparse.Namespace, stop: asyncio.Event) -> None:
     stack: list[Any] = []
     try:
         for app, h, p, flag in ((build_public_app(server), host, port, "--listen"),
-                                (build_admin_app(server), ahost, aport, "--admin-listen")):
+                                (build_admin_app(server, token=args.admin_token), ahost, aport, "--admin-listen")):
             runners.append(await start_listener(h, p, app, flag=flag))
         if args.metrics_listen:
             from agents.metrics import AdminServer, Health

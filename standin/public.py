@@ -21,6 +21,7 @@ from agents.log import get_logger
 from standin.app import CONFIG_ITEM, Server
 from standin.bus import make_event
 from standin.faults import MALFORMED_KINDS
+from standin.health import parse_healthcheck_uuid
 from standin.keys import Key
 from standin.stats import HTTP
 from standin.store import StorageError
@@ -162,6 +163,11 @@ class PublicApi:
             for fld in ("healthcheckUuid", "reportedHealth"):
                 if not isinstance(body.get(fld), str) or not body.get(fld):
                     return _error(422, "MissingRequired", f"{fld} is required", fld)
+            own = self.s.host_for(key) if key.role == "agent" else None
+            parsed = parse_healthcheck_uuid(str(body["healthcheckUuid"]))
+            if key.role == "agent" and parsed is not None and parsed[0] != own:
+                return _error(403, "Forbidden", f"an agent key reports health for its own host only "
+                                                f"({own or 'none known for this key'}), not {parsed[0]!r}")
             out = await self.s.service_event(body, key)
             return _json({"type": "serviceEvent", "id": f"1se{self.s.journal.seq}", **body, "corral": out}, 201)
         if head == "externalhostevents" and len(parts) == 1 and method == "POST":
@@ -241,6 +247,9 @@ class PublicApi:
             return _error(404, "NotFound", f"no config item {item}")
         q = request.query
         agent = key.agent if not q.get("agentId") else str(q.get("agentId"))
+        if key.role == "agent" and agent != key.agent:  # an agent key acts for its own agent only
+            return _error(403, "Forbidden", f"this agent key belongs to agent {key.agent_id or key.access!r}, "
+                                            f"not {agent!r}")
         if request.method == "PUT":
             m = _VERSION.findall(request.query_string)
             if not m or not m[-1]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Callable
 from typing import Any
 
 import aiohttp
@@ -13,8 +14,8 @@ from tests.helpers.standin import StandIn
 from tests.integration.server.conftest import basic
 
 
-async def _post(s: StandIn, path: str, body: Any) -> tuple[int, Any]:
-    async with aiohttp.ClientSession(headers=basic(s.access_key, s.secret_key)) as http:
+async def _post(s: StandIn, path: str, body: Any, key: tuple[str, str] | None = None) -> tuple[int, Any]:
+    async with aiohttp.ClientSession(headers=basic(*(key or (s.access_key, s.secret_key)))) as http:
         async with http.post(f"{s.url}{path}", json=body) as r:
             return r.status, await r.json()
 
@@ -28,7 +29,12 @@ def _world(s: StandIn) -> tuple[dict[str, Any], list[str]]:
     return c, reporters
 
 
-async def test_health_rule_through_serviceevents(standin: StandIn) -> None:
+HOST_KEYS = [{"access": f"agent-h{i}", "secret": f"secret-h{i}", "role": "agent", "agentId": str(10 + i),
+              "hostUuid": f"host-{i}"} for i in range(1, 5)]  # each reporter host's agent reports with its key
+
+
+async def test_health_rule_through_serviceevents(standin_factory: Callable[..., StandIn]) -> None:
+    standin = standin_factory(extra_keys=HOST_KEYS)
     c, reporters = _world(standin)
     assert len(reporters) == 3 and "host-1" not in reporters
     assert c["health_state"] == "initializing"
@@ -36,8 +42,10 @@ async def test_health_rule_through_serviceevents(standin: StandIn) -> None:
     now = int(time.time())
 
     async def report(host: str, health: str, ts: int = now) -> dict[str, Any]:
+        k = next(x for x in HOST_KEYS if x["hostUuid"] == host)
         status, body = await _post(standin, "/serviceevents", {
-            "externalTimestamp": ts, "healthcheckUuid": f"{host}_{c['uuid']}_1", "reportedHealth": health})
+            "externalTimestamp": ts, "healthcheckUuid": f"{host}_{c['uuid']}_1", "reportedHealth": health},
+            (k["access"], k["secret"]))
         assert status == 201
         out: dict[str, Any] = body["corral"]
         return out
@@ -71,7 +79,8 @@ async def test_serviceevent_validation(standin: StandIn) -> None:
     assert status == 422
     status, body = await _post(standin, "/serviceevents", {"healthcheckUuid": "garbage", "reportedHealth": "UP"})
     assert status == 201 and body["corral"]["status"] == "bad-uuid"
-    status, body = await _post(standin, "/serviceevents", {"healthcheckUuid": "h_nope_1", "reportedHealth": "UP"})
+    status, body = await _post(standin, "/serviceevents", {"healthcheckUuid": "host-a-uuid_nope_1",
+                                                             "reportedHealth": "UP"})
     assert status == 201 and body["corral"]["status"] == "unknown-container"
 
 
