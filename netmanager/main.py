@@ -34,6 +34,7 @@ from agents.metadata_watch import MetadataSnapshot, MetadataWatch, add_watch_arg
 from agents.metrics import AdminServer, Health, counter
 from agents.reconcile import Reconciler
 from netmanager.cniconf import CniFiles, cni_files
+from netmanager.cnievents import CNI_PATH
 from netmanager.desired import HostFacts, Route, Ruleset, desired_ruleset, metadata_route
 from netmanager.files import apply_cni
 from netmanager.firewall import RulesApplier
@@ -85,6 +86,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--iptables-backend", choices=("auto", "legacy", "nft"), default="auto",
                    help="auto: the backend that holds Docker's chains")
     p.add_argument("--cni-dir", default="/etc/cni", help="the rancher-cni-driver volume")
+    p.add_argument("--docker-host", default=os.environ.get("DOCKER_HOST") or "unix:///var/run/docker.sock",
+                   help="Docker API for container events -> CNI ADD/DEL ('' switches it off)")
+    p.add_argument("--cni-state-dir", default="/var/lib/rancher/state/cni",
+                   help="CNI results per container, as the Rancher agent reads them")
+    p.add_argument("--netns-handle-dir", default="/run/corral/netns",
+                   help="bind-mounted network namespace handles kept from ADD to DEL")
+    p.add_argument("--cni-path", default=CNI_PATH, help="where CNI plugins are looked up")
+    p.add_argument("--cni-retries", type=int, default=15, help="ADD attempts after the first")
+    p.add_argument("--cni-retry-delay", type=duration_arg, default=2.0, help="mean delay between ADD attempts")
     p.add_argument("--netns", default="", help="run inside this named network namespace (tests)")
     add_watch_args(p, state_file="/var/lib/rancher/state/corral/metadata.json")
     add_common_args(p, metrics_listen="127.0.0.1:9115")
@@ -206,6 +216,19 @@ class NetManager:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), 1.0)
 
+    async def docker_loop(self, stop: asyncio.Event) -> None:
+        from netmanager.docker_events import CniHandler, DockerSource
+
+        src = DockerSource(self.args.docker_host)
+        handler = CniHandler(src, cni_dir=self.cni_root, state_dir=Path(self.args.cni_state_dir),
+                             handle_dir=Path(self.args.netns_handle_dir), cni_path=self.args.cni_path,
+                             retries=self.args.cni_retries, retry_delay=self.args.cni_retry_delay,
+                             metadata_ip=self.facts.metadata_ip, dns_setup=not self.args.disable_dns_setup)
+        try:
+            await src.run(stop, handler.on_event, handler.on_connect)
+        finally:
+            src.close()
+
     async def serve(self, stop: asyncio.Event) -> None:
         backend = await detect_backend(self.args.iptables_backend)
         log.info("starting", metadata=self.url, backend=backend.name, route=self.route,
@@ -249,6 +272,8 @@ class NetManager:
                 tg.create_task(self.verify(stop))
                 if self.route is not None:
                     tg.create_task(self.route_loop(stop))
+                if self.args.docker_host:
+                    tg.create_task(self.docker_loop(stop))
         finally:
             await admin.stop()
 

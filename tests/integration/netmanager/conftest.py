@@ -88,7 +88,7 @@ class Host:
         self.nm = self._proc("netmanager", "netmanager", "--metadata-url",
                              f"http://127.0.0.1:{MD_PORT}/2016-07-29", "--metadata-state-file", str(self.state / "metadata.json"),
                              "--cni-dir", str(self.cni), "--metrics-listen", f"127.0.0.1:{ADMIN_PORT}",
-                             "--iptables-backend", self.backend, "--verify-interval", "1s", *extra,
+                             "--iptables-backend", self.backend, "--verify-interval", "1s", "--docker-host", "", *extra,
                              env={"DOCKER_BRIDGE": "docker0", "METADATA_IP": "169.254.169.250"})
         self.wait(lambda: self.http(ADMIN_PORT, "/healthz") is not None, "netmanager up")
 

@@ -9,6 +9,9 @@ import pytest
 from netmanager.main import _metadata_base, build_parser
 
 PUBLIC = {
+    "netmanager.cni_runner": ["CniError", "load_configs", "result_ipv4", "run_add", "run_del"],
+    "netmanager.cnievents": ["CNI_PATH", "Container", "cni_args", "cni_env", "decide", "hosts_line", "network_for"],
+    "netmanager.docker_events": ["CniHandler", "DockerSource"],
     "netmanager.cniconf": ["CniFile", "CniFiles", "cni_files", "shim_script"],
     "netmanager.desired": ["HOSTPORT_MARK", "NAT_IPSET", "OWNED_CHAINS", "POLICY_CHAIN", "BridgeInfo", "Hook",
                            "HostFacts", "PortBinding", "PortError", "Route", "Rule", "Ruleset", "bridge_info",

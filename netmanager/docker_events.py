@@ -1,0 +1,335 @@
+"""Docker events -> CNI ADD/DEL, resolv.conf, and the state files the Rancher agent reads.
+
+``DockerSource`` wraps the docker SDK (blocking: every call runs in a worker thread; the event
+stream is read by one thread and handed to the loop). On every (re)connect every container is
+replayed as a synthetic ``start`` (the original never reconnected after a dockerd restart).
+
+``CniHandler`` evaluates one container at a time per ID (events for one container are
+serialised, different containers run concurrently): ADD with a netns handle bind-mounted under
+``--netns-handle-dir`` so that the DEL after ``die`` still reaches the namespace and the plugin
+can remove the interface inside; bounded retries with jitter; results (or ``{"error": ...}``)
+in ``<cni state dir>/<id>/<startedAt>``, removed on DEL; the container's IP appended to its
+hosts file. Decisions are pure (``cnievents.py``); plugins run through ``cni_runner.py``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import random
+import threading
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+from agents.backoff import Backoff
+from agents.errors import CorralError, TransportError
+from agents.log import get_logger
+from agents.metrics import counter, histogram
+from netmanager.cni_runner import load_configs, result_ipv4, run_add, run_del
+from netmanager.cnievents import CNI_PATH, Container, cni_env, decide, hosts_line, network_for
+from netmanager.files import write_atomic
+from netmanager.resolv import render_resolv, wants_resolv
+
+__all__ = ["CniHandler", "DockerSource"]
+
+log = get_logger(__name__)
+_CALLS = counter("netmanager", "cni_calls", "CNI ADD/DEL by outcome", ["command", "outcome"])
+_LAT = histogram("netmanager", "cni_seconds", "Docker event to CNI command done", ["command"],
+                 buckets=(0.01, 0.025, 0.05, 0.1, 0.2, 0.5, 1, 2.5, 5, 10, 30))
+
+
+class DockerSource:
+    """The Docker API through the docker SDK, off the event loop."""
+
+    def __init__(self, base_url: str) -> None:
+        self.base_url = base_url
+        self._client: Any = None
+        self._stream: Any = None
+        self.connected = False
+
+    def _api(self) -> Any:
+        if self._client is None:
+            import docker  # imported lazily: only daemons with a Docker socket pay for it
+
+            self._client = docker.APIClient(base_url=self.base_url, version="auto", timeout=30)
+        return self._client
+
+    async def _call(self, fn: Callable[[], Any]) -> Any:
+        import docker.errors
+        import requests.exceptions
+
+        try:
+            return await asyncio.to_thread(fn)
+        except docker.errors.NotFound:
+            raise
+        except (docker.errors.DockerException, requests.exceptions.RequestException, OSError) as e:
+            raise TransportError(f"docker {self.base_url}: {e}") from e
+
+    async def inspect(self, cid: str) -> dict[str, Any] | None:
+        import docker.errors
+
+        try:
+            return await self._call(lambda: self._api().inspect_container(cid))  # type: ignore[no-any-return]
+        except docker.errors.NotFound:
+            return None
+
+    async def container_ids(self) -> list[str]:
+        rows = await self._call(lambda: self._api().containers(all=True, quiet=True))
+        return [str(r["Id"]) for r in rows]
+
+    async def run(self, stop: asyncio.Event, on_event: Callable[[str, str], None],
+                  on_connect: Callable[[list[str]], Awaitable[None]]) -> None:
+        """Stream container start/die events forever (reconnect with back-off, replay on connect)."""
+        loop = asyncio.get_running_loop()
+        bo = Backoff(0.5, 30.0)
+        while not stop.is_set():
+            ended = asyncio.Event()
+            try:
+                stream = await self._call(lambda: self._api().events(decode=True, filters={"type": "container"}))
+                self._stream = stream
+                self.connected = True
+                await on_connect(await self.container_ids())
+                bo.reset()
+
+                threading.Thread(target=self._pump, args=(loop, stream, on_event, ended), name="docker-events",
+                                 daemon=True).start()
+                waits = [asyncio.ensure_future(stop.wait()), asyncio.ensure_future(ended.wait())]
+                await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+                for w in waits:
+                    w.cancel()
+            except CorralError as e:
+                log.warning("docker API unavailable, retrying", error=str(e))
+            finally:
+                self.connected = False
+                if self._stream is not None:
+                    with contextlib.suppress(Exception):
+                        self._stream.close()
+                    self._stream = None
+            if not stop.is_set():
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(stop.wait(), bo.next())
+
+    @staticmethod
+    def _pump(loop: asyncio.AbstractEventLoop, stream: Any, on_event: Callable[[str, str], None],
+              ended: asyncio.Event) -> None:
+        """The one thread reading the blocking event stream; events are handed to the loop."""
+        try:
+            for ev in stream:
+                action = str(ev.get("Action") or ev.get("status") or "")
+                cid = str(ev.get("id") or (ev.get("Actor") or {}).get("ID") or "")
+                if cid and action:
+                    loop.call_soon_threadsafe(on_event, cid, action)
+        except Exception as e:  # the stream ended: the loop reconnects and replays
+            msg = str(e)
+            loop.call_soon_threadsafe(lambda: log.warning("docker event stream ended", error=msg))
+        finally:
+            loop.call_soon_threadsafe(ended.set)
+
+    def close(self) -> None:
+        if self._client is not None:
+            with contextlib.suppress(Exception):
+                self._client.close()
+            self._client = None
+
+
+async def _sh(*argv: str) -> tuple[int, str]:
+    p = await asyncio.create_subprocess_exec(*argv, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT)
+    out, _ = await p.communicate()
+    return p.returncode or 0, out.decode(errors="replace")
+
+
+class CniHandler:
+    """Turns container events into CNI ADD/DEL, one container at a time per ID."""
+
+    def __init__(self, docker: DockerSource, *, cni_dir: Path, state_dir: Path, handle_dir: Path,
+                 cni_path: str = CNI_PATH, retries: int = 15, retry_delay: float = 2.0,
+                 metadata_ip: str = "169.254.169.250", dns_setup: bool = True, timeout: float = 60.0) -> None:
+        self.docker = docker
+        self.cni_dir = cni_dir
+        self.state_dir = state_dir
+        self.handle_dir = handle_dir
+        self.cni_path = cni_path
+        self.retries = retries
+        self.retry_delay = retry_delay
+        self.metadata_ip = metadata_ip
+        self.dns_setup = dns_setup
+        self.timeout = timeout
+        self.networked: dict[str, tuple[str, str]] = {}  # id -> (startedAt, network)
+        self._locks: dict[str, asyncio.Lock] = {}
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._sem = asyncio.Semaphore(100)
+
+    # ------------------------------------------------------------ events
+    def on_event(self, cid: str, action: str) -> None:
+        action = "die" if action in ("die", "died") else action
+        if action not in ("start", "die"):
+            return
+        t = asyncio.get_running_loop().create_task(self._handle(cid, action, asyncio.get_running_loop().time()))
+        self._tasks.add(t)
+        t.add_done_callback(self._tasks.discard)
+
+    async def on_connect(self, ids: list[str]) -> None:
+        """Replay: a running container with more than ``lo`` in its namespace counts as networked."""
+        for cid in ids:
+            if cid in self.networked:
+                continue
+            info = await self.docker.inspect(cid)
+            if info is None:
+                continue
+            c = Container.from_inspect(info)
+            net = network_for(c)
+            if c.running and net and c.pid and await self._links(c.pid) > 1:
+                self.networked[cid] = (c.started_at, net)
+                with contextlib.suppress(CorralError):  # a handle kept by a previous run died with its mounts
+                    await self._handle_path(cid, c.pid)
+        t0 = asyncio.get_running_loop().time()
+        await asyncio.gather(*(self._handle(cid, "start", t0) for cid in ids),
+                             *(self._handle(cid, "die", t0) for cid in set(self.networked) - set(ids)))
+        log.info("docker events connected, containers replayed", containers=len(ids),
+                 networked=len(self.networked))
+
+    async def _links(self, pid: int) -> int:
+        rc, out = await _sh("nsenter", "-t", str(pid), "-n", "ip", "-o", "link")
+        return len(out.splitlines()) if rc == 0 else 0
+
+    async def _handle(self, cid: str, action: str, t0: float) -> None:
+        lock = self._locks.setdefault(cid, asyncio.Lock())
+        async with self._sem, lock:
+            try:
+                await self.evaluate(cid, action, t0)
+            except Exception as e:
+                log.exception("container event failed", container=cid[:12], action=action, error=str(e))
+        if not lock.locked() and cid not in self.networked:
+            self._locks.pop(cid, None)
+
+    async def evaluate(self, cid: str, action: str, t0: float) -> None:
+        for attempt in range(self.retries + 1):
+            info = await self.docker.inspect(cid)
+            c = Container.from_inspect(info) if info is not None else None
+            if c is not None and action == "start" and self.dns_setup:
+                self._write_resolv(c)
+            prev = self.networked.get(cid)
+            net = network_for(c) if c is not None else None
+            if prev is None and net is None:
+                return
+            what = decide(prev[0] if prev else None, c)
+            if what is None:
+                return
+            if what == "del" or (prev is not None and what == "add"):
+                assert prev is not None
+                await self._del(cid, prev[1], t0, c)
+                if what == "del":
+                    return
+                net = network_for(c) if c is not None else None
+                if net is None:
+                    return
+            assert c is not None and net is not None
+            try:
+                await self._add(c, net, t0)
+                return
+            except CorralError as e:
+                if attempt == self.retries:
+                    _CALLS.labels("ADD", "failed").inc()
+                    log.error("CNI ADD failed for good", container=cid[:12], network=net, error=str(e))
+                    self._record(cid, c.started_at, {"error": str(e)})
+                    await self._release(cid)
+                    return
+                _CALLS.labels("ADD", "retry").inc()
+                delay = self.retry_delay * (0.5 + random.random())
+                log.warning("CNI ADD failed, retrying", container=cid[:12], network=net, error=str(e),
+                            attempt=attempt + 1, retry_in=round(delay, 2))
+                await asyncio.sleep(delay)
+
+    # ------------------------------------------------------------ ADD / DEL
+    async def _handle_path(self, cid: str, pid: int) -> str:
+        self.handle_dir.mkdir(parents=True, exist_ok=True)
+        h = self.handle_dir / cid
+        if not h.exists():
+            h.touch()
+        rc, _ = await _sh("mountpoint", "-q", str(h))
+        if rc != 0:
+            rc, out = await _sh("mount", "--bind", f"/proc/{pid}/ns/net", str(h))
+            if rc != 0:
+                raise TransportError(f"netns handle for {cid[:12]}: {out.strip()}")
+        return str(h)
+
+    async def _release(self, cid: str) -> None:
+        h = self.handle_dir / cid
+        if h.exists():
+            await _sh("umount", str(h))
+            with contextlib.suppress(OSError):
+                h.unlink()
+
+    async def _add(self, c: Container, net: str, t0: float) -> None:
+        configs = load_configs(self.cni_dir / f"{net}.d")
+        netns = await self._handle_path(c.id, c.pid)
+        res = await run_add(configs, cni_env("ADD", c.id, netns, c.labels, cni_path=self.cni_path),
+                            timeout=self.timeout)
+        self.networked[c.id] = (c.started_at, net)
+        self._record(c.id, c.started_at, res)
+        ip = result_ipv4(res)
+        if ip and c.hosts_path:
+            self._hosts(c.hosts_path, ip, c.hostname)
+        _CALLS.labels("ADD", "ok").inc()
+        _LAT.labels("ADD").observe(asyncio.get_running_loop().time() - t0)
+        log.info("CNI ADD done", container=c.id[:12], network=net, ip=ip)
+
+    async def _del(self, cid: str, net: str, t0: float, c: Container | None) -> None:
+        h = self.handle_dir / cid
+        netns = str(h) if h.exists() and (await _sh("mountpoint", "-q", str(h)))[0] == 0 else ""
+        labels = c.labels if c is not None else {}
+        try:
+            configs = load_configs(self.cni_dir / f"{net}.d")
+            await run_del(configs, cni_env("DEL", cid, netns, labels, cni_path=self.cni_path), timeout=self.timeout)
+            _CALLS.labels("DEL", "ok").inc()
+        except CorralError as e:
+            _CALLS.labels("DEL", "failed").inc()
+            log.warning("CNI DEL failed (state cleared anyway)", container=cid[:12], network=net, error=str(e))
+        finally:
+            self.networked.pop(cid, None)
+            await self._release(cid)
+            d = self.state_dir / cid
+            if d.is_dir():
+                for f in d.iterdir():
+                    with contextlib.suppress(OSError):
+                        f.unlink()
+                with contextlib.suppress(OSError):
+                    d.rmdir()
+            _LAT.labels("DEL").observe(asyncio.get_running_loop().time() - t0)
+            log.info("CNI DEL done", container=cid[:12], network=net, netns=bool(netns))
+
+    # ------------------------------------------------------------ files
+    def _record(self, cid: str, started_at: str, body: dict[str, Any]) -> None:
+        d = self.state_dir / cid
+        try:
+            d.mkdir(parents=True, exist_ok=True)
+            write_atomic(d / started_at, json.dumps(body).encode(), 0o644)
+        except (OSError, CorralError) as e:
+            log.error("CNI state file not written", container=cid[:12], error=str(e))
+
+    def _hosts(self, path: str, ip: str, hostname: str) -> None:
+        line = hosts_line(ip, hostname)
+        try:
+            p = Path(path)
+            text = p.read_text() if p.exists() else ""
+            if line.strip() not in text.splitlines():
+                with p.open("a") as f:
+                    f.write(line)
+        except OSError as e:
+            log.warning("hosts line not written", path=path, error=str(e))
+
+    def _write_resolv(self, c: Container) -> None:
+        if not c.running or not wants_resolv(c.labels):
+            return
+        if not c.resolv_conf_path or c.resolv_conf_path == "/etc/resolv.conf":
+            return
+        try:
+            p = Path(c.resolv_conf_path)
+            old = p.read_text()
+            new = render_resolv(old, metadata_ip=self.metadata_ip, labels=c.labels, dns_search=c.dns_search)
+            if new != old:
+                write_atomic(p, new.encode(), p.stat().st_mode & 0o7777)
+        except (OSError, CorralError) as e:
+            log.warning("resolv.conf not written", container=c.id[:12], error=str(e))

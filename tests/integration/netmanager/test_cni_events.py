@@ -1,0 +1,168 @@
+"""Docker events -> CNI ADD/DEL against a real Docker API (``podman system service``), with a
+recording stub plugin; netmanager itself runs in a throw-away namespace."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.helpers.netns import netns, requires_root
+from tests.helpers.procs import ROOT, Proc, corral_argv
+
+BUSYBOX = shutil.which("busybox") or "/bin/busybox"
+pytestmark = [requires_root, pytest.mark.root, pytest.mark.slow,
+              pytest.mark.skipif(shutil.which("podman") is None, reason="podman not installed"),
+              pytest.mark.skipif(shutil.which("runc") is None, reason="runc not installed")]
+
+STUB = """#!/bin/sh
+in=$(cat)
+printf '%s|%s|%s|%s|%s\\n' "$CNI_COMMAND" "$CNI_CONTAINERID" "$CNI_NETNS" "$CNI_IFNAME" "$CNI_ARGS" >> {log}
+if [ "$CNI_COMMAND" = ADD ]; then
+  nsenter --net="$CNI_NETNS" ip link add eth0 type veth peer name veth-peer
+  echo '{{"cniVersion":"0.2.0","ip4":{{"ip":"10.42.5.5/16"}}}}'
+fi
+if [ "$CNI_COMMAND" = DEL ] && [ -n "$CNI_NETNS" ] && nsenter --net="$CNI_NETNS" ip link show eth0 >/dev/null; then
+  echo "$CNI_CONTAINERID" >> {log}.netns-ok
+fi
+"""
+
+
+class Podman:
+    def __init__(self, work: Path) -> None:
+        self.work = work
+        (work / "containers.conf").write_text(
+            '[engine]\ncgroup_manager = "cgroupfs"\nevents_logger = "file"\nruntime = "runc"\n'
+            '[containers]\ndefault_ulimits = ["nofile=1024:1024", "nproc=1024:1024"]\n')
+        (work / "rootfs" / "bin").mkdir(parents=True)
+        shutil.copy(BUSYBOX, work / "rootfs" / "bin" / "busybox")
+        self.env = {**os.environ, "CONTAINERS_CONF": str(work / "containers.conf")}
+        self.base = ["podman", "--root", str(work / "storage"), "--runroot", str(work / "run")]
+        self.sock = work / "api.sock"
+        self.proc = Proc([*self.base, "system", "service", "--time=0", f"unix://{self.sock}"], env=self.env,
+                         name="podman-api")
+        deadline = time.monotonic() + 20
+        while not self.sock.exists():
+            assert self.proc.alive() and time.monotonic() < deadline, self.proc.log()
+            time.sleep(0.05)
+
+    def pm(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([*self.base, *args], env=self.env, capture_output=True, text=True, check=check)
+
+    def run(self, labels: dict[str, str], *extra: str) -> str:
+        args = [a for k, v in labels.items() for a in ("--label", f"{k}={v}")]
+        p = self.pm("run", "-d", "--network", "none", *args, *extra, "--rootfs", str(self.work / "rootfs"),
+                    "/bin/busybox", "sleep", "600", check=False)
+        if p.returncode != 0:
+            pytest.skip(f"podman cannot start containers here: {p.stderr.strip()[-300:]}")
+        return p.stdout.strip()
+
+    def inspect(self, cid: str) -> dict:
+        return json.loads(self.pm("inspect", cid).stdout)[0]
+
+    def close(self) -> None:
+        self.pm("rm", "-a", "-f", "-t", "0", check=False)
+        self.proc.stop()
+        for d in ("storage", "run"):
+            subprocess.run(["umount", "-R", str(self.work / d)], capture_output=True, check=False)
+
+
+@pytest.fixture
+def env() -> Iterator[dict]:
+    work = Path(tempfile.mkdtemp(prefix="corral-nm-pm-"))
+    pm = Podman(work)
+    bindir = work / "bin"
+    bindir.mkdir()
+    log = work / "calls.log"
+    (bindir / "stub").write_text(STUB.format(log=log))
+    (bindir / "stub").chmod(0o755)
+    conf = work / "cni" / "mynet.d"
+    conf.mkdir(parents=True)
+    (conf / "10-stub.conf").write_text(json.dumps({"cniVersion": "0.2.0", "name": "mynet", "type": "stub"}))
+    try:
+        with netns("nmpm") as ns:
+            yield {"pm": pm, "work": work, "log": log, "ns": ns, "bindir": bindir}
+    finally:
+        pm.close()
+        for h in (work / "handles").glob("*") if (work / "handles").exists() else ():
+            subprocess.run(["umount", str(h)], capture_output=True, check=False)
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def start_nm(e: dict) -> Proc:
+    w = e["work"]
+    return Proc(["ip", "netns", "exec", e["ns"], *corral_argv(
+        "netmanager", "--metadata-url", "http://127.0.0.1:1/2016-07-29", "--metadata-state-file", "",
+        "--cni-dir", str(w / "cni"), "--metrics-listen", "127.0.0.1:9115", "--docker-host",
+        f"unix://{e['pm'].sock}", "--cni-state-dir", str(w / "state"), "--netns-handle-dir", str(w / "handles"),
+        "--cni-path", str(e["bindir"]), "--cni-retries", "2", "--cni-retry-delay", "0.2s")],
+        cwd=str(ROOT), name="netmanager")
+
+
+def calls(e: dict, cmd: str, cid: str) -> list[list[str]]:
+    if not e["log"].exists():
+        return []
+    rows = [ln.split("|") for ln in e["log"].read_text().splitlines()]
+    return [r for r in rows if r[0] == cmd and r[1] == cid]
+
+
+def wait(pred: object, what: str, nm: Proc, timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if pred():  # type: ignore[operator]
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"timed out: {what}\n{nm.log()[-4000:]}")
+
+
+def test_events_drive_add_and_del(env: dict) -> None:
+    pm: Podman = env["pm"]
+    nm = start_nm(env)
+    try:
+        wait(lambda: "docker events connected" in nm.log(), "docker connected", nm)
+        cid = pm.run({"io.rancher.cni.network": "mynet", "io.rancher.container.uuid": "u-1",
+                      "io.rancher.container.ip": "10.42.5.5/16"})
+        plain = pm.run({"app": "x"})
+        wait(lambda: calls(env, "ADD", cid), "ADD", nm)
+        add = calls(env, "ADD", cid)
+        assert len(add) == 1
+        _, _, netns_path, ifname, args = add[0]
+        assert netns_path == str(env["work"] / "handles" / cid) and ifname == "eth0"
+        assert args == "IgnoreUnknown=1;DOCKER=true;RancherContainerUUID=u-1;IPAddress=10.42.5.5/16"
+        started = pm.inspect(cid)["State"]["StartedAt"]
+        state = env["work"] / "state" / cid
+        wait(lambda: state.is_dir() and any(state.iterdir()), "state file", nm)
+        body = json.loads(next(state.iterdir()).read_text())
+        assert body["ip4"]["ip"] == "10.42.5.5/16", (body, started)
+        hosts = pm.inspect(cid).get("HostsPath")
+        if hosts and os.path.exists(hosts):
+            assert "10.42.5.5\t" in Path(hosts).read_text()
+
+        # a restarted manager does not ADD a container that is already networked
+        nm.stop()
+        nm = start_nm(env)
+        wait(lambda: "docker events connected" in nm.log(), "replay done", nm)
+        assert len(calls(env, "ADD", cid)) == 1
+        assert not calls(env, "ADD", plain)
+
+        # stop -> DEL with the namespace still reachable through the handle; state cleared
+        pm.pm("stop", "-t", "0", cid)
+        wait(lambda: calls(env, "DEL", cid), "DEL", nm)
+        assert calls(env, "DEL", cid)[0][2] == str(env["work"] / "handles" / cid)
+        assert cid in Path(str(env["log"]) + ".netns-ok").read_text()
+        wait(lambda: not state.exists(), "state dir removed", nm)
+        wait(lambda: not (env["work"] / "handles" / cid).exists(), "handle released", nm)
+
+        # start again -> a new ADD for the new start
+        pm.pm("start", cid)
+        wait(lambda: len(calls(env, "ADD", cid)) == 2, "second ADD", nm)
+        assert not calls(env, "ADD", plain) and not calls(env, "DEL", plain)
+    finally:
+        nm.stop()
