@@ -14,7 +14,7 @@ not finished its first check, or is going up without ever having been reported):
 before the UP that follows it), a bounded pool of workers (one request per check in flight, so
 a check's reports stay in order, and a slow POST never delays another check). Network errors,
 timeouts, 5xx and 429 mean the server is away: reports are held and one shared back-off probes
-it with one held report at a time; its first answer releases them all, so the latest state of
+it with one held report per step; its first answer releases them all, so the latest state of
 every changed check is delivered right after it returns. 409 retries per check, other 4xx
 three tries until the state or the metadata changes; a newer state never waits for a retry.
 """
@@ -186,7 +186,7 @@ class Reporter:
 
     A network error, a timeout, a 5xx or a 429 means the *server* is away, not this check: every
     report is then held, and one shared back-off (from 50 ms up to ``probe_max``) re-sends one held
-    report at a time, the one that waited longest, as a probe. The first answer from the server
+    report per step, the one that waited longest, as a probe. The first answer from the server
     (a success, or any other status) releases everything held, so the current state of every
     changed check goes out at once. A 409 or another 4xx concerns one check: it retries on its own
     back-off (``retry_min`` .. ``retry_max``), cut short by any newer state.
@@ -210,6 +210,7 @@ class Reporter:
         self.probes = 0
         self._probe = Backoff(min(0.05, probe_max), probe_max, reset_after=1e9)
         self._away = asyncio.Event()
+        self._probing: set[asyncio.Task[None]] = set()
         self._next_slot = 0.0
         self._queue: asyncio.Queue[str] = asyncio.Queue()
         self.sent = 0
@@ -319,9 +320,13 @@ class Reporter:
                 cands = [(b.tried, u) for u, b in self.boxes.items()
                          if not (b.parked or b.in_flight or b.retry_handle is not None)]
                 if cands:
+                    # not awaited: a probe that hangs (up to --report-timeout) must not stall the next one
                     _, uuid = min(cands)
                     self.probes += 1
-                    await self._send(uuid, self.boxes[uuid])
+                    self.boxes[uuid].in_flight = True
+                    t = asyncio.create_task(self._send(uuid, self.boxes[uuid]))
+                    self._probing.add(t)
+                    t.add_done_callback(self._probing.discard)
                 elif not any(b.in_flight for b in self.boxes.values()):
                     self._server_back()  # nothing left to hold: the next report tries for itself
             self._away.clear()
@@ -338,6 +343,7 @@ class Reporter:
                 deadline = time.monotonic() + 5
                 while any(b.in_flight for b in busy) and time.monotonic() < deadline:
                     await asyncio.sleep(0.05)
+            workers += self._probing
             for w in workers:
                 w.cancel()
             for w in workers:

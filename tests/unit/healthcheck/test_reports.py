@@ -279,7 +279,7 @@ async def test_server_away_is_probed_by_one_shared_backoff_and_every_held_state_
     assert first_wave <= 8, "the first failure holds the rest"
     probing = True
     await wait(lambda: srv.calls >= first_wave + 3, timeout=3)  # probes, not a 5-10 s per-check retry
-    assert most == 1, "one probe at a time while the server is away"
+    assert most == 1, "one probe per step while the server is away"
     assert seen and seen[0][0] is False and "refused" in seen[0][1]
     rep.submit(Report("c0", "UP", 2.0))  # a newer state replaces the held one
     srv.down = False
@@ -325,5 +325,24 @@ async def test_reporter_delivers_init_before_the_up_after_it() -> None:
     rep.submit(Report("H_c1_1", "DOWN", 4.0))
     await wait(lambda: rep.pending == 0, timeout=3)
     assert [r.state for r in srv.got] == ["INIT", "UP", "INIT", "DOWN"]
+    stop.set()
+    await task
+
+
+async def test_a_hung_probe_does_not_stall_the_next() -> None:
+    srv = Server()
+    rep = Reporter(srv.post, concurrency=4, timeout=2.0)
+    stop = asyncio.Event()
+    task = asyncio.create_task(rep.run(stop))
+    srv.down = True
+    for u in ("c0", "c1", "c2", "h"):  # tried in this order, all refused
+        rep.submit(Report(u, "DOWN", 1.0))
+    # the probes go by the oldest try: wait until h is the next one
+    await wait(lambda: not any(b.in_flight for b in rep.boxes.values())
+               and min(rep.boxes, key=lambda u: rep.boxes[u].tried) == "h")
+    srv.hang.add("h")
+    srv.down = False  # back, but h's POST hangs (up to the 2 s timeout)
+    await wait(lambda: len(srv.got) == 3, timeout=1.5)
+    assert rep.away_since is None and rep.boxes["h"].in_flight
     stop.set()
     await task
