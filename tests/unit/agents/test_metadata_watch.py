@@ -146,3 +146,21 @@ def test_write_atomic_leaves_no_temp_file(tmp_path: Path) -> None:
     write_atomic(str(p), b"one")
     write_atomic(str(p), b"two")
     assert p.read_bytes() == b"two" and os.listdir(tmp_path) == ["s.json"]
+
+
+async def test_a_replaced_tree_is_freed_from_the_loop_a_slice_at_a_time(tmp_path: Path) -> None:
+    p = tmp_path / "tree.json"
+    p.write_bytes(orjson.dumps(tree(n=500)))
+    w = MetadataWatch("http://127.0.0.1:9", component="wtest5", parse_in="thread")
+    stop = asyncio.Event()
+    task = asyncio.create_task(w._graveyard.run(stop))
+    await settle()
+    first = await w._install(fetch(path=str(p), split=False), "metadata")
+    await w._install(fetch(path=str(p), split=False), "metadata")  # replaces it as latest
+    assert w._graveyard.lists == []  # still referenced here: nothing to free
+    del first
+    assert sum(map(len, w._graveyard.lists)) > 500  # its elements wait here instead of going at once
+    await settle(200)
+    assert w._graveyard.lists == [] and len(w.latest.containers) == 500  # type: ignore[union-attr]
+    stop.set()
+    await task
