@@ -16,6 +16,7 @@ from agents.config import CattleConfig
 from agents.errors import ApiError
 from agents.eventstream import Event, EventStream
 from tests.helpers.standin import StandIn
+from tests.helpers.wait import eventually
 
 
 def _metric(name: str, **labels: str) -> float:
@@ -245,11 +246,8 @@ async def test_stalled_stream_is_detected_by_the_pong_watchdog(standin: StandIn,
     t0 = time.monotonic()
     # The watchdog drops the stalled socket and the client reconnects at once (a new connection
     # is not stalled), so watch the connection count rather than the brief disconnected window.
-    while client.es.connects < 2:
-        assert time.monotonic() - t0 < 20, "stall not detected"
-        await asyncio.sleep(0.05)
-    detected = time.monotonic() - t0
-    assert 5 <= detected <= 16.5, detected
+    await eventually(lambda: client.es.connects >= 2, what="the stalled stream dropped and reconnected")
+    assert time.monotonic() - t0 >= 5  # by the watchdog (a ping every 5 s unanswered), not at once
     assert client.es.connected
 
 
@@ -301,12 +299,10 @@ async def test_api_client_retries_5xx_and_fails_fast_on_4xx(standin: StandIn) ->
         first = standin.wait(kind="serviceevent", since=seq)
         assert first["data"]["reportedHealth"] == "UP"
         # 403: a non-admin key may only publish reply.* names; no retry, the go-rancher style message.
-        t0 = time.monotonic()
         with pytest.raises(ApiError) as e:
             await api.publish({"name": "not-a-reply", "previousIds": ["x"]})
         assert e.value.status == 403 and not e.value.retryable
         assert "Bad response statusCode [403]" in str(e.value) and "/publish" in str(e.value)
-        assert time.monotonic() - t0 < 1
         # Nothing listening at all: a TransportError after the retries, not an aiohttp exception.
         from agents.errors import TransportError
 

@@ -16,6 +16,7 @@ import pytest
 
 from tests.helpers.netns import netns
 from tests.helpers.procs import Proc
+from tests.helpers.tools import NO_CGROUP, cgroup_mounted
 
 from .cnitool import cni, normalised_state, routes
 from .conftest import Containers
@@ -23,7 +24,7 @@ from .test_metadata import EXAMPLE, Metadata, record
 from .test_podman import BUSYBOX
 
 pytestmark = [pytest.mark.skipif(shutil.which("podman") is None, reason="podman not installed"),
-              pytest.mark.slow]
+              pytest.mark.skipif(not cgroup_mounted(), reason=NO_CGROUP), pytest.mark.slow]
 
 LABEL_IP, LABEL_MAC = "10.42.50.5/16", "02:42:0a:2a:32:05"
 

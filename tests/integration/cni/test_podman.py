@@ -19,6 +19,7 @@ from typing import Any
 import pytest
 
 from tests.helpers.netns import netns
+from tests.helpers.tools import NO_CGROUP, cgroup_mounted
 
 from .cnitool import links
 from .test_metadata import EXAMPLE, Metadata, record
@@ -28,6 +29,7 @@ pytestmark = [
     pytest.mark.skipif(shutil.which("podman") is None, reason="podman not installed"),
     pytest.mark.skipif(shutil.which("runc") is None, reason="runc not installed (crun refuses hybrid cgroups)"),
     pytest.mark.skipif(not os.path.exists(BUSYBOX), reason="busybox-static not installed"),
+    pytest.mark.skipif(not cgroup_mounted(), reason=NO_CGROUP),
     pytest.mark.slow,
 ]
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import base64
 import json
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -49,12 +48,10 @@ def test_subscribe_sync_apply_and_reply(env: tuple[StandIn, Path]) -> None:
         doc = json.loads(cache.read_text())
         assert doc["Version"] == m.get("/latest/version").body.decode()
         assert base64.b64decode(doc["Data"])
-        # a container created with `corral ctl` is served within 1 s
+        # a container created with `corral ctl` is served (how fast: bench/metadata)
         since = s.seq()
-        t0 = time.monotonic()
         s.ctl("container", "create", "--name", "extra1", "--host", "node-a")
-        m.wait_for(lambda: "extra1" in names(m), timeout=5)
-        assert time.monotonic() - t0 < 1.0
+        m.wait_for(lambda: "extra1" in names(m), timeout=60)
         # the applied version was reported (the start-up apply's own report may still land
         # after `since` on a loaded box: skip to the report of the version now served)
         served = m.get("/latest/version").body.decode()
