@@ -56,10 +56,11 @@ _RELOAD_MS = gauge("dns", "last_reload_ms", "Duration of the last table rebuild 
 _VIEWS = gauge("dns", "views", "Client views in the current table")
 
 DEMO_HINTS = [
-    "dns:       dig @127.0.0.1 -p {dns_port} rancher-metadata.rancher.internal",
-    "           dig @127.0.0.1 -p {dns_port} web.shop.rancher.internal   (+tcp works too; any <service>.<stack>)",
-    "           dig @127.0.0.1 -p {dns_port} db.shop.rancher.internal SRV   (NODATA + SOA, not NXDOMAIN)",
-    "           curl http://127.0.0.1:{dns_admin_port}/metrics | grep corral_dns",
+    "dns (names from metadata, port {dns_port}; admin listener on port {dns_admin_port}):",
+    "  $ dig +short @127.0.0.1 -p {dns_port} rancher-metadata.rancher.internal    # 169.254.169.250",
+    "  $ dig +short @127.0.0.1 -p {dns_port} web.shop.rancher.internal    # a Web container's address (+tcp works too)",
+    "  $ dig @127.0.0.1 -p {dns_port} db.shop.rancher.internal SRV    # NOERROR with no answer (NODATA), not NXDOMAIN",
+    "  $ curl -s http://127.0.0.1:{dns_admin_port}/metrics | grep '^corral_dns_generation'    # the table's generation",
 ]
 
 
@@ -70,6 +71,11 @@ def demo_argv(ctx: Any) -> list[str]:
             "--listenReload", f"127.0.0.1:{ctx.port('dns_reload')}",
             "--answers", str(Path(ctx.workdir) / "dns-answers.json"),
             "--ttl", "1"]
+
+
+def demo_ready_url(ctx: Any) -> str:
+    """What ``corral demo`` waits for before it prints the hints: the admin listener."""
+    return f"http://127.0.0.1:{ctx.port('dns_admin')}/healthz"
 
 
 # ------------------------------------------------------------------ flags

@@ -60,10 +60,13 @@ _POLLS = counter("healthcheck", "polls", "Stats polls by outcome", ["outcome"])
 DEMO_BACKEND_IP = "127.0.0.21"
 
 DEMO_HINTS = [
-    "healthcheck (HAProxy checks, state in {workdir}/healthcheck):",
-    "  toggle the demo container's health: curl http://127.0.0.21:{healthcheck_port}/demo/toggle",
-    "  then watch: corral ctl --admin {admin} reports --kind health ; corral ctl --admin {admin} container get toggle-me",
-    "  metrics: curl http://127.0.0.21:{healthcheck_port}/metrics | grep corral_healthcheck",
+    "healthcheck (a real HAProxy checks container toggle-me at 127.0.0.21; state in {workdir}/healthcheck):",
+    "  $ corral ctl --admin {admin} container get toggle-me | grep health_state    # healthy, after two good checks",
+    "  $ curl -s http://127.0.0.21:{healthcheck_port}/demo/toggle    # toggle-me's backend now fails its check",
+    "  $ corral ctl --admin {admin} container get toggle-me | grep health_state    # unhealthy, a few seconds later",
+    "  $ curl -s http://127.0.0.21:{healthcheck_port}/demo/toggle    # healthy again",
+    "  $ corral ctl --admin {admin} reports --kind health | grep -c toggle-me    # the reports healthcheck sent",
+    "  $ curl -s http://127.0.0.21:{healthcheck_port}/metrics | grep '^corral_healthcheck_checks '    # checks run",
 ]
 
 
@@ -88,6 +91,11 @@ def demo_argv(ctx: Any) -> list[str]:
     return ["--metadata-address", ctx.metadata_url, "--state-dir", str(ctx.workdir / "healthcheck"),
             "--metrics-listen", f"{DEMO_BACKEND_IP}:{port}", "--poll-interval", "1s", "--check-networks", "127.0.0.0/8",
             "--host-uuid", ctx.host_uuid, "--demo-backend"]
+
+
+def demo_ready_url(ctx: Any) -> str:
+    """What ``corral demo`` waits for before it prints the hints: the admin listener."""
+    return f"http://{DEMO_BACKEND_IP}:{ctx.port('healthcheck')}/healthz"
 
 
 parse_duration = duration_arg  # the flag type, under the name this module has always exported

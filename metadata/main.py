@@ -39,7 +39,10 @@ __all__ = ["DEMO_HINTS", "build_parser", "demo_argv", "main"]
 log = get_logger(__name__)
 
 DEMO_HINTS = [
-    "metadata:  curl {metadata}/latest/self/host/name   (JSON: -H 'Accept: application/json')",
+    "metadata (the API every container reads; admin listener on port {metadata_admin_port}):",
+    "  $ curl -s {metadata}/latest/self/host/name    # node-a: the host this metadata serves",
+    "  $ curl -s -H 'Accept: application/json' {metadata}/latest/self/host    # the same object as JSON",
+    "  $ curl -s http://127.0.0.1:{metadata_admin_port}/ready    # readiness: synced with the server",
 ]
 
 
@@ -49,6 +52,7 @@ def demo_argv(ctx: Any) -> list[str]:
     return ["--subscribe", "--listen", f"127.0.0.1:{port}",
             "--listenReload", f"127.0.0.1:{ctx.port('metadata_reload')}",
             "--metrics-listen", f"127.0.0.1:{ctx.port('metadata_admin')}",
+            "--xff", "--xff-trusted", "127.0.0.0/8",  # the demo's `self` views by X-Forwarded-For
             "--answers", str(Path(ctx.workdir) / "metadata-answers.json")]
 
 

@@ -100,6 +100,18 @@ def _wait_http(url: str, timeout: float = 15.0) -> bool:
     return False
 
 
+class _Stop(BaseException):
+    """Ctrl-C or SIGTERM: unwinds whatever the demo is doing (start-up included) to the clean stop."""
+
+
+_SIGNALS = {signal.SIGINT, signal.SIGTERM}
+
+
+def _child_setup() -> None:
+    signal.pthread_sigmask(signal.SIG_SETMASK, set())  # the parent blocks them around fork: not for the child
+    die_with_parent()
+
+
 class _Procs:
     def __init__(self, workdir: Path) -> None:
         self.workdir = workdir
@@ -107,11 +119,17 @@ class _Procs:
 
     def start(self, name: str, argv: list[str], env: dict[str, str]) -> subprocess.Popen[bytes]:
         log = open(self.workdir / f"{name}.log", "ab")
-        p = subprocess.Popen([sys.executable, "-m", "agents.cli", *argv], stdout=log, stderr=subprocess.STDOUT,
-                             stdin=subprocess.DEVNULL, env={**os.environ, **env, "PYTHONUNBUFFERED": "1"},
-                             start_new_session=True, preexec_fn=die_with_parent)
-        log.close()
-        self.procs.append((name, p))
+        # A stop signal that arrives while the child is being forked waits until the child is
+        # recorded here, so the clean stop always knows every process it must end.
+        old = signal.pthread_sigmask(signal.SIG_BLOCK, _SIGNALS)
+        try:
+            p = subprocess.Popen([sys.executable, "-m", "agents.cli", *argv], stdout=log, stderr=subprocess.STDOUT,
+                                 stdin=subprocess.DEVNULL, env={**os.environ, **env, "PYTHONUNBUFFERED": "1"},
+                                 start_new_session=True, preexec_fn=_child_setup)
+            self.procs.append((name, p))
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, old)
+            log.close()
         return p
 
     def dead(self) -> list[str]:
@@ -126,7 +144,8 @@ class _Procs:
             try:
                 p.wait(max(0.1, deadline - time.monotonic()))
             except subprocess.TimeoutExpired:
-                p.kill()
+                with contextlib.suppress(OSError):
+                    os.killpg(p.pid, signal.SIGKILL)  # its own session: HAProxy and helpers go with it
                 p.wait()
 
 
@@ -153,12 +172,78 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def main(argv: list[str]) -> int:
-    args = build_parser().parse_args(argv)
-    args.env = args.env or str(SAMPLE)
+def _walkthrough(ctx: DemoContext, started: list[str], env_file: str) -> list[str]:
+    """Hints that cross daemons: scaling a service and watching it reach DNS, per-container views."""
+    from standin.ctl import AdminClient
 
+    if env_file != str(SAMPLE):
+        return []
+    ips = {}
+    with contextlib.suppress(Exception):  # hints only: without the addresses they are left out
+        for c in AdminClient(ctx.admin_url, 10).get("/_admin/containers"):
+            ips[c["name"]] = c.get("primary_ip") or ""
+    out: list[str] = []
+    f = ctx.fmt()
+    if "metadata" in started and ips.get("Shop-Web-1"):
+        out += [
+            "a container's own view (`self`): metadata answers by the caller's address; from the host, say",
+            "which container you are with X-Forwarded-For (the demo trusts it from loopback) or --interface:",
+            f"  $ curl -s -H 'X-Forwarded-For: {ips['Shop-Web-1']}' {f['metadata']}/latest/self/container/name"
+            "    # shop-web-1: Shop-Web-1's name as metadata gives it",
+        ]
+        if "toggle-me" in ips:
+            out.append(f"  $ curl -s --interface {ips['toggle-me']} {f['metadata']}/latest/self/container/name"
+                       "    # toggle-me (its address is a local one)")
+    if "dns" in started:
+        dig = f"dig +short @127.0.0.1 -p {f['dns_port']} web.shop.rancher.internal"
+        out += [
+            "scale a service: new containers reach DNS once their health check reports them healthy (until",
+            "then, with no healthy container, dns answers one fallback address). This demo's checker reaches",
+            "only loopback addresses, so you report the new container healthy yourself:",
+            f"  $ corral ctl --admin {ctx.admin_url} service scale Shop/Web 3    # creates Shop-Web-3",
+            f"  $ corral ctl --admin {ctx.admin_url} container get Shop-Web-3 | grep health_state    # initializing",
+            f"  $ {dig}    # still one address: no Web container is healthy yet",
+            f"  $ corral ctl --admin {ctx.admin_url} container health Shop-Web-3 healthy    # as a health report would",
+            f"  $ {dig}    # Shop-Web-3's address, a second later",
+        ]
+    return out
+
+
+def main(argv: list[str]) -> int:
+    from standin.ctl import AdminClient, CtlError
+
+    args = build_parser().parse_args(argv)
+    env_file = args.env or str(SAMPLE)
+    stopping = False
+
+    def on_signal(signum: int, _frame: Any) -> None:
+        nonlocal stopping
+        if stopping:  # already on the way out: let the clean stop finish
+            return
+        stopping = True
+        raise _Stop
+
+    old_int = signal.signal(signal.SIGINT, on_signal)
+    old_term = signal.signal(signal.SIGTERM, on_signal)
+    made_workdir = not args.workdir
     workdir = Path(args.workdir or tempfile.mkdtemp(prefix="corral-demo-"))
-    workdir.mkdir(parents=True, exist_ok=True)
+    procs = _Procs(workdir)
+    try:
+        workdir.mkdir(parents=True, exist_ok=True)
+        return _run(args, workdir, env_file, procs, AdminClient, CtlError)
+    except _Stop:
+        return 0
+    finally:
+        stopping = True  # from here on a signal changes nothing
+        procs.stop_all()
+        if made_workdir:
+            shutil.rmtree(workdir, ignore_errors=True)
+        print("demo stopped" + ("" if made_workdir else f" (logs and state kept in {workdir})"))
+        signal.signal(signal.SIGINT, old_int)
+        signal.signal(signal.SIGTERM, old_term)
+
+
+def _run(args: argparse.Namespace, workdir: Path, env_file: str, procs: _Procs, client: Any, ctl_error: Any) -> int:
     host_uuid, host_ip = _sample_host()
     ctx = DemoContext(workdir=workdir, server_port=_free_port(), admin_port=_free_port(),
                       access_key="demo-agent", secret_key="demo-agent-secret", host_uuid=host_uuid, host_ip=host_ip)
@@ -168,76 +253,67 @@ def main(argv: list[str]) -> int:
          "hostUuid": host_uuid},
     ]
     (workdir / "keys.yaml").write_text(yaml.safe_dump(keys))
-    procs = _Procs(workdir)
-    stopping = False
-
-    def on_signal(signum: int, _frame: Any) -> None:
-        nonlocal stopping
-        stopping = True
-
-    signal.signal(signal.SIGINT, on_signal)
-    signal.signal(signal.SIGTERM, on_signal)
+    procs.start("server", ["server", "--listen", f"127.0.0.1:{ctx.server_port}",
+                           "--admin-listen", f"127.0.0.1:{ctx.admin_port}", "--keys", str(workdir / "keys.yaml"),
+                           "--state", str(workdir / "state.db"), "--journal", str(workdir / "journal.jsonl")],
+                {})
+    if not _wait_http(f"http://127.0.0.1:{ctx.server_port}/ping") or not _wait_http(ctx.admin_url):
+        print(f"the stand-in server did not start; see {workdir / 'server.log'}", file=sys.stderr)
+        return 1
     try:
-        procs.start("server", ["server", "--listen", f"127.0.0.1:{ctx.server_port}",
-                               "--admin-listen", f"127.0.0.1:{ctx.admin_port}", "--keys", str(workdir / "keys.yaml"),
-                               "--state", str(workdir / "state.db"), "--journal", str(workdir / "journal.jsonl")],
-                    {})
-        if not _wait_http(f"http://127.0.0.1:{ctx.server_port}/ping") or not _wait_http(ctx.admin_url):
-            print(f"the stand-in server did not start; see {workdir / 'server.log'}", file=sys.stderr)
+        text = Path(env_file).read_text()
+        doc = yaml.safe_load(text)
+        client(ctx.admin_url, 30).post("/_admin/load", doc, replace="true")
+    except (OSError, yaml.YAMLError, ctl_error) as e:
+        print(f"loading {env_file} failed: {e}", file=sys.stderr)
+        return 1
+    only = set(args.only)
+    hints: list[str] = [
+        f"stand-in server (API {ctx.server_url}, admin {ctx.admin_url}):",
+        f"  $ corral ctl --admin {ctx.admin_url} host ls | grep '\"name\"'    # node-a and node-b",
+        f"  $ curl -s {ctx.admin_url}/ready    # the server's readiness",
+    ]
+    started = ["server"]
+    waits: list[str] = []
+    for name in DEMO_ORDER:
+        if only and name not in only:
+            continue
+        try:
+            mod = importlib.import_module(f"{name}.main")
+        except ImportError:
+            continue
+        fn = getattr(mod, "demo_argv", None)
+        if fn is None:
+            continue
+        d_argv = fn(ctx)
+        if d_argv is None:
+            continue
+        procs.start(name, [name, *d_argv], ctx.env())
+        started.append(name)
+        ready_url = getattr(mod, "demo_ready_url", None)
+        if ready_url is not None:
+            waits.append(ready_url(ctx))
+        for line in getattr(mod, "DEMO_HINTS", []):
+            hints.append(line.format(**ctx.fmt()))
+    for url in waits:  # every daemon's listener is up before a hint is printed
+        _wait_http(url)
+    hints += _walkthrough(ctx, started, env_file)
+    print(f"Corral demo running: {', '.join(started)}")
+    print(f"logs and state in {workdir}")
+    print("\nTry (each line after $ is a command; # says what it shows):")
+    here = Path(sys.executable).parent
+    if shutil.which("corral") is None and (here / "corral").exists():
+        print(f"  $ export PATH={here}:$PATH    # so that `corral` below is found")
+    for h in hints:
+        print(h)
+    print("\nCtrl-C stops everything.")
+    sys.stdout.flush()
+    t_end = time.monotonic() + args.duration if args.duration else None
+    while True:
+        dead = procs.dead()
+        if dead:
+            print(f"stopped unexpectedly: {', '.join(dead)} (see {workdir}/<name>.log)", file=sys.stderr)
             return 1
-        loaded = subprocess.run([sys.executable, "-m", "agents.cli", "ctl", "--admin", ctx.admin_url, "load", args.env],
-                                capture_output=True, text=True)
-        if loaded.returncode != 0:
-            print(f"loading {args.env} failed: {loaded.stderr or loaded.stdout}", file=sys.stderr)
-            return 1
-        only = set(args.only)
-        hints: list[str] = [
-            "stand-in server:",
-            f"  corral ctl --admin {ctx.admin_url} host ls",
-            f"  corral ctl --admin {ctx.admin_url} service scale Shop/Web 3",
-            f"  corral ctl --admin {ctx.admin_url} reports --kind health",
-        ]
-        started = ["server"]
-        for name in DEMO_ORDER:
-            if only and name not in only:
-                continue
-            try:
-                mod = importlib.import_module(f"{name}.main")
-            except ImportError:
-                continue
-            fn = getattr(mod, "demo_argv", None)
-            if fn is None:
-                continue
-            d_argv = fn(ctx)
-            if d_argv is None:
-                continue
-            procs.start(name, [name, *d_argv], ctx.env())
-            started.append(name)
-            ready_url = getattr(mod, "demo_ready_url", None)
-            if ready_url is not None:
-                _wait_http(ready_url(ctx))
-            for line in getattr(mod, "DEMO_HINTS", []):
-                hints.append(line.format(**ctx.fmt()))
-        print(f"Corral demo running: {', '.join(started)}")
-        print(f"logs and state in {workdir}")
-        print("\nTry:")
-        here = Path(sys.executable).parent
-        if shutil.which("corral") is None and (here / "corral").exists():
-            print(f"  export PATH={here}:$PATH    # so that `corral` below is found")
-        for h in hints:
-            print(h)
-        print("\nCtrl-C stops everything.")
-        sys.stdout.flush()
-        t_end = time.monotonic() + args.duration if args.duration else None
-        while not stopping:
-            dead = procs.dead()
-            if dead:
-                print(f"stopped unexpectedly: {', '.join(dead)} (see {workdir}/<name>.log)", file=sys.stderr)
-                return 1
-            if t_end is not None and time.monotonic() >= t_end:
-                break
-            time.sleep(0.2)
-        return 0
-    finally:
-        procs.stop_all()
-        print("demo stopped")
+        if t_end is not None and time.monotonic() >= t_end:
+            return 0
+        time.sleep(0.2)

@@ -4,12 +4,16 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
-import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
+
+import pytest
 
 from tests.helpers.procs import ROOT, free_port, start_corral, wait_http
 from tests.helpers.wait import DEFAULT_WAIT
@@ -56,52 +60,151 @@ def test_sigterm_stops_a_daemon_cleanly_with_json_logs(tmp_path: Path) -> None:
         p.stop()
 
 
-def test_demo_runs_the_suite_and_stops_cleanly(tmp_path: Path) -> None:
-    p = subprocess.Popen([sys.executable, "-m", "agents.cli", "demo", "--workdir", str(tmp_path)],
-                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT)
+# What each printed hint must show: (command regex, regex on the note after '#', regex its output must
+# match, whether it changes something (run once) or only reads (re-run until it shows it: the
+# daemons follow the server within a second or two)). A hint with no row here fails the test.
+EXPECT: list[tuple[str, str, str, bool]] = [
+    (r"^export PATH=", "", r"", True),
+    (r"host ls", "", r'"node-a"[\s\S]*"node-b"', False),
+    (r"/ready$", "", r'"ready": true', False),
+    (r"/latest/self/host/name$", "", r"^node-a$", False),
+    (r"Accept: application/json.*/latest/self/host$", "", r'"name":"node-a"', False),
+    (r"dig \+short .* rancher-metadata\.rancher\.internal$", "", r"^169\.254\.169\.250$", False),
+    (r"dig \+short .* web\.shop\.rancher\.internal$", "a Web container", r"^10\.42\.\d+\.\d+$", False),
+    (r"dig .* db\.shop\.rancher\.internal SRV$", "", r"status: NOERROR[\s\S]*ANSWER: 0,", False),
+    (r"/metrics \| grep '\^corral_dns_generation'$", "", r"^corral_dns_generation [1-9]", False),
+    (r"container get toggle-me \| grep health_state$", "healthy, after", r'"health_state": "healthy"', False),
+    (r"/demo/toggle$", "fails", r"now failing", True),
+    (r"container get toggle-me \| grep health_state$", "unhealthy", r'"health_state": "unhealthy"', False),
+    (r"/demo/toggle$", "healthy again", r"now healthy", True),
+    (r"reports --kind health \| grep -c toggle-me$", "", r"^[1-9]\d*$", False),
+    (r"/metrics \| grep '\^corral_healthcheck_checks '$", "", r"^corral_healthcheck_checks [1-9]", False),
+    (r"X-Forwarded-For: \S+' .*/latest/self/container/name$", "", r"^shop-web-1$", False),
+    (r"--interface 127\.0\.0\.21 .*/latest/self/container/name$", "", r"^toggle-me$", False),
+    (r"service scale Shop/Web 3$", "", r'"scale": 3', True),
+    (r"container get Shop-Web-3 \| grep health_state$", "", r'"health_state": "initializing"', False),
+    (r"dig \+short .* web\.shop\.rancher\.internal$", "still one address", r"^10\.42\.\d+\.\d+$", False),
+    (r"container health Shop-Web-3 healthy$", "", r'"health_state": "healthy"', True),
+    (r"dig \+short .* web\.shop\.rancher\.internal$", "Shop-Web-3's address", r"^{web3}$", False),
+]
+
+
+def _expectation(cmd: str, note: str) -> tuple[str, bool]:
+    for c_re, n_re, out_re, once in EXPECT:
+        if re.search(c_re, cmd) and re.search(n_re, note):
+            return out_re, once
+    raise AssertionError(f"a demo hint nobody checks: {cmd!r} (# {note}); add what it shows to EXPECT")
+
+
+def _procs_mentioning(text: str) -> list[str]:
+    found = []
+    for d in Path("/proc").iterdir():
+        if d.name.isdigit():
+            try:
+                cmd = (d / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            except OSError:
+                continue
+            if text in cmd:
+                found.append(f"{d.name}: {cmd}")
+    return found
+
+
+def _wait_gone(tmp: Path) -> None:
+    """Wait until no process mentions ``tmp`` any more (children stop after the demo returns)."""
+    for _ in range(300):
+        if not _procs_mentioning(str(tmp)):
+            return
+        time.sleep(0.1)
+    raise AssertionError("left running:\n" + "\n".join(_procs_mentioning(str(tmp))))
+
+
+@pytest.fixture
+def short_tmp() -> Iterator[Path]:
+    """The demo's TMPDIR: short, as /tmp is (HAProxy's unix socket path must fit in 108 bytes)."""
+    d = Path(tempfile.mkdtemp(prefix="cdt-", dir="/tmp"))
+    try:
+        yield d
+    finally:
+        shutil.rmtree(d, ignore_errors=True)
+
+
+def _start_demo(tmp: Path, *argv: str) -> subprocess.Popen[str]:
+    import os
+
+    env = {**os.environ, "TMPDIR": str(tmp), "PATH": f"{Path(sys.executable).parent}:{os.environ.get('PATH', '')}"}
+    return subprocess.Popen([sys.executable, "-m", "agents.cli", "demo", *argv], stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, cwd=ROOT, env=env)
+
+
+def test_demo_hints_work_as_printed_and_ctrl_c_leaves_nothing(short_tmp: Path) -> None:
+    import os
+
+    tmp = short_tmp
+    p = _start_demo(tmp)
     try:
         assert p.stdout is not None
         head = ""
-        deadline = time.monotonic() + 60
         while "Ctrl-C stops everything." not in head:
             line = p.stdout.readline()
             assert line, f"demo ended early:\n{head}"
             head += line
-            assert time.monotonic() < deadline, head
         running = re.search(r"Corral demo running: (.*)", head)
         assert running is not None
-        started = {s.strip() for s in running.group(1).split(",")}
-        assert {"server", "metadata", "dns", "healthcheck"} <= started
-        # The printed curl line works: metadata serves the sample environment through the stand-in.
-        md = re.search(r"curl (http://127\.0\.0\.1:\d+)/latest/self/host/name", head)
-        assert md is not None
-        deadline = time.monotonic() + 15
-        while True:
-            try:
-                with urllib.request.urlopen(f"{md.group(1)}/latest/self/host/name", timeout=2) as r:
-                    if r.read() == b"node-a":
-                        break
-            except OSError:
-                pass
-            assert time.monotonic() < deadline, "metadata never served the sample environment"
-            time.sleep(0.1)
-        dig = re.search(r"dig @127\.0\.0\.1 -p (\d+) rancher-metadata", head)
-        assert dig is not None
-        deadline = time.monotonic() + 15
-        while True:  # dns answers once it has its first table from metadata
-            ans = subprocess.run(["dig", "+short", "+time=1", "+tries=1", "@127.0.0.1", "-p", dig.group(1),
-                                  "web.shop.rancher.internal"], capture_output=True, text=True, timeout=20)
-            if ans.stdout.strip() and not ans.stdout.startswith(";;"):  # ";;": not listening yet
-                break
-            assert time.monotonic() < deadline, "dns never answered a service name of the sample environment"
-            time.sleep(0.2)
-        assert all(re.fullmatch(r"10\.42\.\d+\.\d+", a) for a in ans.stdout.split()), ans.stdout
+        assert {"server", "metadata", "dns", "healthcheck"} <= {s.strip() for s in running.group(1).split(",")}
+        hints = [h.split("    # ", 1) for h in re.findall(r"^  \$ (.*)$", head, re.M)]
+        assert len(hints) >= 15, head
+        admin = re.search(r"admin (http://127\.0\.0\.1:\d+)\)", head)
+        workdir = re.search(r"logs and state in (\S+)", head)
+        assert admin is not None and workdir is not None
+        wd = Path(workdir.group(1))
+
+        def logs() -> str:
+            if p.poll() is not None:
+                return "the demo ended:\n" + p.communicate()[0]
+            return "\n".join(f"--- {f.name}\n" + f.read_text()[-1500:] for f in sorted(wd.glob("*.log")))
+        env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ.get('PATH', '')}"}
+        for cmd, note in ((h[0], h[1] if len(h) > 1 else "") for h in hints):
+            want, once = _expectation(cmd, note)
+            if "{web3}" in want:
+                from standin.ctl import AdminClient
+
+                ip = AdminClient(admin.group(1)).get("/_admin/containers/Shop-Web-3")["primary_ip"]
+                want = want.replace("{web3}", re.escape(ip))
+            for _attempt in range(1 if once else 60):
+                out = subprocess.run(["bash", "-c", cmd], capture_output=True, text=True, timeout=60, env=env)
+                if out.returncode == 0 and re.search(want, out.stdout.strip(), re.M):
+                    break
+                time.sleep(0.2)
+            assert out.returncode == 0, f"{cmd}: exit {out.returncode}\n{out.stderr}\n{logs()}"
+            assert re.search(want, out.stdout.strip(), re.M), f"{cmd} (# {note}) printed:\n{out.stdout}\n{logs()}"
+        assert wd.parent == tmp
         p.send_signal(signal.SIGINT)
-        rest, _ = p.communicate(timeout=30)
+        rest, _ = p.communicate(timeout=60)
         assert p.returncode == 0, rest
-        assert "demo stopped" in rest
-        for name in ("server", "metadata", "dns", "healthcheck"):
-            assert (tmp_path / f"{name}.log").exists()
+        assert "demo stopped" in rest and "Traceback" not in head + rest
+        _wait_gone(tmp)
+        assert list(tmp.iterdir()) == [], "the demo's temporary directory was left behind"
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.wait()
+
+
+def test_ctrl_c_during_start_up_stops_everything_and_removes_the_temp_dir(short_tmp: Path) -> None:
+    tmp = short_tmp
+    p = _start_demo(tmp)
+    try:
+        # interrupt while the daemons are being started: the server is up, metadata is starting
+        while not list(tmp.glob("corral-demo-*/metadata.log")):
+            assert p.poll() is None, p.communicate()[0]
+            time.sleep(0.02)
+        p.send_signal(signal.SIGINT)
+        out, _ = p.communicate(timeout=60)
+        assert p.returncode == 0, out
+        assert "demo stopped" in out and "Traceback" not in out
+        assert "Ctrl-C stops everything." not in out  # it did stop during start-up
+        _wait_gone(tmp)
+        assert list(tmp.iterdir()) == []
     finally:
         if p.poll() is None:
             p.kill()
