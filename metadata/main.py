@@ -11,14 +11,12 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import gc
 import os
 import signal
+import time
 from pathlib import Path
-from typing import Any
-
-from aiohttp import web
-from prometheus_client import REGISTRY
-from prometheus_client.core import CounterMetricFamily
+from typing import TYPE_CHECKING, Any
 
 from agents.config import (
     CattleConfig,
@@ -33,6 +31,11 @@ from agents.config import (
 from agents.errors import InputError
 from agents.log import get_logger
 from agents.metrics import AdminServer, Health, binding, gauge, parse_listen, start_listener
+
+if TYPE_CHECKING:  # aiohttp (~100 ms to import) is loaded after the first answers are served
+    from aiohttp import web
+
+    from metadata.store import Snapshot
 
 __all__ = ["DEMO_HINTS", "build_parser", "demo_argv", "main"]
 
@@ -118,6 +121,8 @@ class _RequestCollector:
         self.stats = stats
 
     def collect(self) -> Any:
+        from prometheus_client.core import CounterMetricFamily
+
         c = CounterMetricFamily("corral_metadata_requests", "metadata API requests by path family and status",
                                 labels=["family", "code"])
         for (fam, code), n in sorted(self.stats.items()):
@@ -131,6 +136,8 @@ _registered = False
 
 def _register_metrics() -> None:
     global _registered
+    from prometheus_client import REGISTRY
+
     if not _registered:
         REGISTRY.register(_RequestCollector(_STATS))  # type: ignore[arg-type]
         _registered = True
@@ -163,25 +170,80 @@ def raise_open_files_limit() -> tuple[int, int]:
     return soft, hard
 
 
+def _file_stamp(path: Path) -> tuple[int, int, int] | None:
+    try:
+        st = path.stat()
+    except OSError:
+        return None
+    return (st.st_mtime_ns, st.st_size, st.st_ino)
+
+
+def first_snapshot(path: Path) -> tuple[Snapshot, tuple[int, int, int] | None, float] | None:
+    """The answers file (or cache) built in one go before anything else, so the port can open
+    with data before the rest of the daemon is even imported; None when it is missing or unusable
+    (the normal path then reports it). Returns (snapshot, file stamp, seconds)."""
+    from metadata.store import load_answers_bytes
+
+    t0 = time.perf_counter()
+    stamp = _file_stamp(path)
+    try:
+        data = path.read_bytes()
+    except OSError:
+        return None
+    gc.disable()  # nothing else runs yet; a 5k build triggers dozens of collections otherwise
+    try:
+        snap = load_answers_bytes(data)
+    except InputError:
+        return None
+    finally:
+        gc.enable()
+    return snap, stamp, time.perf_counter() - t0
+
+
+def _import_the_rest() -> None:
+    """What is not needed for the first answers: the listeners' web framework, the sources,
+    the YAML emitter. Imported in a worker thread while the loop already serves."""
+    import aiohttp.web  # noqa: F401
+
+    import metadata.render
+    import metadata.source
+
+    metadata.render.yaml_module()
+
+
 async def serve(args: argparse.Namespace, stop: asyncio.Event) -> None:
     from metadata.http import MetadataServer
-    from metadata.source import Applier, FileSource, SubscribeSource
 
     raise_open_files_limit()
+    server = MetadataServer(xff=args.xff, xff_trusted=args.xff_trusted, max_waiters=args.max_waiters,
+                            stats=_STATS, idle_timeout=args.idle_timeout, header_timeout=args.header_timeout)
+    answers = Path(args.answers)
+    # Fast start: serve the file (file mode) or the cache (subscribe) first, import the rest after.
+    early = first_snapshot(answers)
+    if early is not None:
+        server.swap(early[0])
+        host, port = parse_listen(args.listen, "0.0.0.0")
+        with binding("--listen", args.listen):
+            await server.start(host, port)
+        log.info("metadata listening", listen=f"{host}:{server.port}", version=early[0].version)
+        await asyncio.to_thread(_import_the_rest)
+
+    from aiohttp import web
+
+    from metadata.source import Applier, FileSource, SubscribeSource
+
     _register_metrics()
     health = Health()
     health.require("synced")
-    server = MetadataServer(xff=args.xff, xff_trusted=args.xff_trusted, max_waiters=args.max_waiters,
-                            stats=_STATS, idle_timeout=args.idle_timeout, header_timeout=args.header_timeout)
     gauge("metadata", "longpoll_waiters", "long-poll requests waiting").set_function(lambda: len(server.waiters))
     gauge("metadata", "connections", "open metadata API connections").set_function(lambda: len(server.conns))
-    answers = Path(args.answers)
     cfg: CattleConfig | None = None
     if args.subscribe:
         cfg = CattleConfig.from_env(required=True)
     applier = Applier(server, health, cache_path=answers if args.subscribe else None)
-
-    if args.subscribe:  # the cache goes in before anything else, so a dead server still gets served
+    if early is not None:
+        applier.adopt(early[0], early[2])
+    elif args.subscribe:  # the cache goes in before anything else, so a dead server still gets served
         data = load_cache_at_start(answers)
         if data is not None:
             try:
@@ -200,14 +262,18 @@ async def serve(args: argparse.Namespace, stop: asyncio.Event) -> None:
                               grace=args.ready_grace)
     else:  # file mode: the file is loaded before the port opens, so nobody sees an empty answer
         file_src = FileSource(answers, applier, poll=args.file_poll)
-        err = await file_src.reload()
-        if err and answers.exists():  # noqa: ASYNC240 - unusable, nothing good to serve instead: exit 1 as the original
-            raise InputError(f"answers file {answers} is not usable: {err}")
+        if early is not None:
+            file_src.loaded(early[1])
+        else:
+            err = await file_src.reload()
+            if err and answers.exists():  # noqa: ASYNC240 - unusable, nothing good to serve instead: exit 1 as the original
+                raise InputError(f"answers file {answers} is not usable: {err}")
 
-    host, port = parse_listen(args.listen, "0.0.0.0")
-    with binding("--listen", args.listen):
-        await server.start(host, port)
-    log.info("metadata listening", listen=f"{host}:{server.port}")
+    if early is None:
+        host, port = parse_listen(args.listen, "0.0.0.0")
+        with binding("--listen", args.listen):
+            await server.start(host, port)
+        log.info("metadata listening", listen=f"{host}:{server.port}")
     admin = AdminServer(args.metrics_listen, health)
     await admin.start()
 

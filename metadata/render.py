@@ -14,7 +14,6 @@ from typing import Any
 from urllib.parse import quote_plus
 
 import orjson
-import yaml
 
 from metadata.store import NIL_MAP, NilMap
 
@@ -171,45 +170,52 @@ def render_json(v: Any) -> bytes:
     return out
 
 
-_SafeBase: Any = getattr(yaml, "CSafeDumper", yaml.SafeDumper)  # libyaml's emitter when available
-
-
-class _Dumper(_SafeBase):  # type: ignore[misc]
-    """Block style, sorted keys, and never anchors/aliases: the trees share objects (a service's
-    containers are the same dicts as /containers) but clients expect plain copies.
-
-    Strings are quoted as Go's yaml.v2 quotes them: one that would read back as something else
-    (``"1"``, ``"true"``, ``"null"``, ``""``) is double-quoted; others that cannot stay plain
-    (``'a: b'``) get the emitter's single quotes. A nil map is ``{}``."""
-
-    def ignore_aliases(self, data: Any) -> bool:
-        return True
-
-
 _STR_TAG = "tag:yaml.org,2002:str"
-
-
 _GO_FLOAT = re.compile(r"^[-+]?(\.[0-9]+|[0-9]+(\.[0-9]*)?)([eE][-+]?[0-9]+)?$")  # yaml.v2 reads these as floats
 
 
-def _represent_str(dumper: Any, data: str) -> Any:
-    style = None
-    if dumper.resolve(yaml.ScalarNode, data, (True, False)) != _STR_TAG or _GO_FLOAT.match(data):
-        style = '"'
-    return dumper.represent_scalar(_STR_TAG, data, style=style)
+@lru_cache(maxsize=1)
+def _dumper() -> Any:
+    """The YAML dumper, built on first use (PyYAML is imported only when YAML is asked for).
+
+    Block style, sorted keys, and never anchors/aliases: the trees share objects (a service's
+    containers are the same dicts as /containers) but clients expect plain copies. Strings are
+    quoted as Go's yaml.v2 quotes them: one that would read back as something else (``"1"``,
+    ``"true"``, ``"null"``, ``""``) is double-quoted; others that cannot stay plain (``'a: b'``)
+    get the emitter's single quotes. A nil map is ``{}``."""
+    import yaml
+
+    base: Any = getattr(yaml, "CSafeDumper", yaml.SafeDumper)  # libyaml's emitter when available
+
+    class Dumper(base):  # type: ignore[misc, valid-type]
+        def ignore_aliases(self, data: Any) -> bool:
+            return True
+
+    def represent_str(dumper: Any, data: str) -> Any:
+        style = None
+        if dumper.resolve(yaml.ScalarNode, data, (True, False)) != _STR_TAG or _GO_FLOAT.match(data):
+            style = '"'
+        return dumper.represent_scalar(_STR_TAG, data, style=style)
+
+    def represent_nil_map(dumper: Any, data: Any) -> Any:
+        return dumper.represent_dict({})
+
+    Dumper.add_representer(str, represent_str)
+    Dumper.add_representer(NilMap, represent_nil_map)
+    return Dumper
 
 
-def _represent_nil_map(dumper: Any, data: Any) -> Any:
-    return dumper.represent_dict({})
+def yaml_module() -> Any:
+    """PyYAML, loaded (with the dumper) on first use."""
+    import yaml
 
-
-_Dumper.add_representer(str, _represent_str)
-_Dumper.add_representer(NilMap, _represent_nil_map)
+    _dumper()
+    return yaml
 
 
 def render_yaml(v: Any) -> bytes:
-    return yaml.dump(v, Dumper=_Dumper, default_flow_style=False, sort_keys=True,
-                     allow_unicode=True).encode("utf-8")
+    return yaml_module().dump(v, Dumper=_dumper(), default_flow_style=False, sort_keys=True,
+                              allow_unicode=True).encode("utf-8")
 
 
 # ---------------------------------------------------------------- big values, rendered in slices

@@ -168,6 +168,18 @@ class Applier:
         await self._swap(snap, t0)
         return snap
 
+    def adopt(self, snap: Snapshot, seconds: float) -> None:
+        """Record a snapshot the server already serves (swapped in at start, before this existed)."""
+        APPLIED.inc()
+        APPLY_SECONDS.observe(seconds)
+        OBJECTS.set(snap.objects)
+        VERSION_INFO.labels(version=snap.version).set(1)
+        self._last_version_label = snap.version
+        LAST_APPLY.set(time.time())
+        self.applied_version = snap.version
+        self.health.set("synced", True, snap.version)
+        log.info("answers applied", version=snap.version, objects=snap.objects, seconds=round(seconds, 4))
+
     async def _swap(self, snap: Snapshot, t0: float) -> None:
         await asyncio.sleep(0)  # the last build chunk and the swap are separate loop turns
         async with self._lock:
@@ -214,6 +226,10 @@ class FileSource:
         except OSError:
             return None
         return (st.st_mtime_ns, st.st_size, st.st_ino)
+
+    def loaded(self, stamp: tuple[int, int, int] | None) -> None:
+        """The file as of ``stamp`` is served already (read at start): reload only on a change."""
+        self._stamp = stamp
 
     async def reload(self) -> str:
         """Re-read the file; "" on success, the error text otherwise (data kept)."""

@@ -29,10 +29,10 @@ import re
 import zlib
 from collections.abc import Callable, Generator, Iterable, Iterator
 from dataclasses import dataclass, field
+from functools import lru_cache
 from typing import Any
 
 import orjson
-import yaml
 
 from agents.errors import InputError
 
@@ -746,14 +746,21 @@ def build(raw: bytes, **kw: Any) -> Snapshot:
 # --------------------------------------------------------------------------- legacy / files
 
 
-class _YamlLoader(yaml.SafeLoader):
-    """SafeLoader without the timestamp rule, so ``2015-07-25:`` stays a string key."""
+@lru_cache(maxsize=1)
+def _yaml_loader() -> Any:
+    """SafeLoader without the timestamp rule, so ``2015-07-25:`` stays a string key (PyYAML is
+    imported only when a YAML answers file shows up)."""
+    import yaml
 
+    class Loader(yaml.SafeLoader):
+        pass
 
-_YamlLoader.yaml_implicit_resolvers = {
-    k: [(tag, rx) for tag, rx in v if tag != "tag:yaml.org,2002:timestamp"]
-    for k, v in yaml.SafeLoader.yaml_implicit_resolvers.items()
-}
+    Loader.yaml_implicit_resolvers = {
+        k: [(tag, rx) for tag, rx in v if tag != "tag:yaml.org,2002:timestamp"]
+        for k, v in yaml.SafeLoader.yaml_implicit_resolvers.items()
+    }
+    return Loader
+
 
 _VERSION_RE = re.compile(r"^(\d{4}-\d{2}-\d{2}|latest)$")
 
@@ -837,7 +844,9 @@ def load_steps(data: bytes, prev: Snapshot | None = None) -> Generator[None, Non
     if raw_ok is not None:
         return (yield from build_steps(data, decoded=raw_ok, prev=prev))
     try:
-        ydoc = yaml.load(stripped.decode("utf-8"), Loader=_YamlLoader)  # a SafeLoader subclass
+        import yaml
+
+        ydoc = yaml.load(stripped.decode("utf-8"), Loader=_yaml_loader())  # a SafeLoader subclass
     except (yaml.YAMLError, UnicodeDecodeError) as e:
         raise InputError(f"answers: neither JSON, YAML nor a DEFLATE stream: {e}") from e
     if not isinstance(ydoc, dict):
