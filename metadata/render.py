@@ -214,8 +214,9 @@ def yaml_module() -> Any:
 
 
 def render_yaml(v: Any) -> bytes:
-    return yaml_module().dump(v, Dumper=_dumper(), default_flow_style=False, sort_keys=True,
-                              allow_unicode=True).encode("utf-8")
+    text: str = yaml_module().dump(v, Dumper=_dumper(), default_flow_style=False, sort_keys=True,
+                                   allow_unicode=True)
+    return text.encode("utf-8")
 
 
 # ---------------------------------------------------------------- big values, rendered in slices
