@@ -16,8 +16,8 @@ In every mode, when two hosts share a hostname the first in metadata order wins.
 
 from __future__ import annotations
 
-import ipaddress
 import re
+import socket
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
@@ -36,7 +36,8 @@ HEADER = (
 )
 BEGIN = "# BEGIN corral etc-host-updater"
 END = "# END corral etc-host-updater"
-_LABEL = re.compile(r"^(?!-)[A-Za-z0-9_-]{1,63}(?<!-)$")
+_LABEL = r"(?!-)[A-Za-z0-9_-]{1,63}(?<!-)"
+_HOSTNAME = re.compile(rf"(?=.{{1,253}}$){_LABEL}(?:\.{_LABEL})*")
 
 
 @dataclass(frozen=True, slots=True)
@@ -62,17 +63,17 @@ def header(own_hostname: str, own_ip: str) -> str:
 
 
 def valid_hostname(name: str) -> bool:
-    if not name or len(name) > 253 or name.endswith("."):
-        return False
-    return all(_LABEL.match(p) for p in name.split("."))
+    return _HOSTNAME.fullmatch(name) is not None
 
 
 def _valid_ip(ip: str) -> bool:
-    try:
-        ipaddress.ip_address(ip)
-    except ValueError:
-        return False
-    return True
+    for family in (socket.AF_INET, socket.AF_INET6):
+        try:
+            socket.inet_pton(family, ip)
+            return True
+        except (OSError, ValueError):
+            continue
+    return False
 
 
 def entries(hosts: Iterable[Any], *, legacy: bool = False, aliases: bool = False) -> tuple[list[Entry], list[Skipped]]:

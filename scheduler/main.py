@@ -24,6 +24,7 @@ from agents.errors import ConfigError, InputError, TransportError
 from agents.eventstream import Event, EventStream, Reply
 from agents.log import get_logger
 from agents.metadata_client import MetadataClient
+from agents.metadata_watch import MetadataSnapshot, MetadataWatch, add_watch_args
 from agents.metrics import AdminServer, Health, counter, gauge, histogram, start_listener
 from scheduler.pools import PORT_RANGE, BaseBuilder, Pools, SchedulerError
 from scheduler.request import parse_request
@@ -44,7 +45,7 @@ _SYNC = histogram("scheduler", "sync_seconds", "Time to rebuild the pools from m
 _UPDATES = counter("scheduler", "host_updates", "scheduler.update events posted to the server, by outcome",
                    ["outcome"])
 
-CHUNK = 2000  # containers folded in between two yields to the event loop during a rebuild
+CHUNK = 1000  # containers folded in between two yields to the event loop during a rebuild
 
 
 def _metadata_url(addr: str) -> str:
@@ -70,9 +71,12 @@ class Scheduler:
         self.pools = Pools(port_range=args.port_range, seed=args.seed, shuffle_ties=args.shuffle_ties,
                            pending_ttl=args.pending_ttl)
         self.health = Health()
-        self.health.require("metadata", "events")
-        self.meta = MetadataClient(_metadata_url(args.metadata_address), api_version="2016-07-29",
-                                   timeout=10.0)
+        self.health.require("events")
+        url = _metadata_url(args.metadata_address)
+        self.watch = MetadataWatch(url, api_version="2016-07-29", component="scheduler",
+                                   state_file=args.metadata_state_file, stale_after=args.metadata_stale_after,
+                                   max_wait=args.metadata_wait, health=self.health, parse_in=args.metadata_parse_in)
+        self.meta = MetadataClient(url, api_version="2016-07-29", timeout=10.0)  # the /healthcheck probe only
         self.api = ApiClient(cattle) if cattle is not None else None
         self.stream = EventStream(cattle, self.api, workers=args.workers, queue_size=10000,
                                   on_connect=self._on_connect, component="scheduler") \
@@ -82,10 +86,10 @@ class Scheduler:
             self.stream.on("scheduler.reserve", self.on_reserve)
             self.stream.on("scheduler.release", self.on_release)
         self.version = ""
-        self.synced_at = 0.0
-        self._kick = asyncio.Event()
+        self.installs = 0
+        self._installed = asyncio.Event()  # replaced after each install (a waiter sees the next one)
         self._synced = asyncio.Event()
-        self.last_error = ""
+        self._rebuild_lock = asyncio.Lock()
 
     # -- events -------------------------------------------------------------------------
     @staticmethod
@@ -97,11 +101,11 @@ class Scheduler:
         """The original's lazy initial sync: wait a little for the first metadata load."""
         if self.pools.synced:
             return
-        self._kick.set()
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self._synced.wait(), self.args.initial_sync_wait)
         if not self.pools.synced:
-            raise SchedulerError(f"scheduler has no host data yet: metadata unavailable ({self.last_error or 'no answer'})")
+            raise SchedulerError("scheduler has no host data yet: metadata unavailable "
+                                 f"({self.watch.last_error or 'no answer'})")
 
     async def on_prioritize(self, ev: Event) -> Reply:
         try:
@@ -139,49 +143,31 @@ class Scheduler:
 
     async def _on_connect(self) -> None:
         # events sent while the stream was down are lost: resync from metadata at once
-        self._kick.set()
+        self.watch.refresh()
 
     # -- metadata -----------------------------------------------------------------------
-    async def sync_once(self) -> bool:
-        """Fetch hosts and containers, rebuild the pools in chunks, install; False on failure."""
-        t0 = time.perf_counter()
-        try:
-            version = await self.meta.version()
-            hosts = await self.meta.get("hosts") or []
-            containers = await self.meta.get("containers") or []
-            if not isinstance(hosts, list) or not isinstance(containers, list):
-                raise InputError("metadata hosts/containers are not lists")
-        except (TransportError, InputError) as e:
-            self._degraded(str(e))
-            return False
-        builder = BaseBuilder(hosts, version)
-        for i in range(0, len(containers), CHUNK):
-            builder.add_containers(containers[i:i + CHUNK])
-            await asyncio.sleep(0)  # let events through during a big rebuild
-        changed = self.pools.install(builder.result(), now=time.monotonic())
-        self.version = version
-        self.synced_at = time.monotonic()
-        self.last_error = ""
-        self._synced.set()
-        _SYNC.observe(time.perf_counter() - t0)
-        _STALE.set(0)
-        self.health.set("metadata", True, f"version {version}, {len(hosts)} hosts, {len(containers)} containers")
-        log.debug("pools rebuilt", version=version, hosts=len(hosts), containers=len(containers),
-                  pending=len(self.pools.journal), seconds=round(time.perf_counter() - t0, 4))
+    async def rebuild(self, snap: MetadataSnapshot) -> None:
+        """Pools from one snapshot, folded in chunks so events keep flowing, then installed with
+        the journal (a full resync: used recomputed for every pool)."""
+        async with self._rebuild_lock:
+            t0 = time.perf_counter()
+            hosts, containers = snap.hosts, snap.containers
+            builder = BaseBuilder(hosts, snap.version)
+            for i in range(0, len(containers), CHUNK):
+                await asyncio.sleep(0)  # let events through during a big rebuild
+                builder.add_containers(containers[i:i + CHUNK])
+            await asyncio.sleep(0)
+            changed = self.pools.install(builder.result(), now=time.monotonic())
+            self.version = snap.version
+            self.installs += 1
+            self._synced.set()
+            done, self._installed = self._installed, asyncio.Event()
+            done.set()
+            _SYNC.observe(time.perf_counter() - t0)
+            log.debug("pools rebuilt", version=snap.version, hosts=len(hosts), containers=len(containers),
+                      pending=len(self.pools.journal), seconds=round(time.perf_counter() - t0, 4))
         if changed:
             await self._post_update()
-        return True
-
-    def _degraded(self, err: str) -> None:
-        if not self.last_error:
-            log.warning("metadata unavailable, placing from the last known pools", error=err)
-        self.last_error = err
-        if self.pools.synced:
-            _STALE.set(1)
-            # still able to place from the last known pools: ready, but say so
-            self.health.set("metadata", True, f"stale since version {self.version}: {err}")
-        else:
-            self.health.set("metadata", False, err)
 
     async def _post_update(self) -> None:
         if self.api is None:
@@ -194,44 +180,23 @@ class Scheduler:
             _UPDATES.labels("error").inc()
             log.warning("scheduler.update could not be sent", error=str(e))
 
-    async def watch_metadata(self, stop: asyncio.Event) -> None:
-        """Rebuild on every metadata version (at most every --sync-min-interval), and a full
-        resync every --resync-interval even when the version did not move."""
-        from agents.backoff import Backoff
-
-        bo = Backoff(0.2, 10.0)
-        last_sync = 0.0
-        while not stop.is_set():
-            self._kick.clear()
-            ok = await self.sync_once()
-            last_sync = time.monotonic()
-            if not ok:
-                await self._sleep(stop, bo.next())
-                continue
-            bo.reset()
-            # wait for a version change, a kick, or the periodic resync
-            deadline = last_sync + self.args.resync_interval
-            while not stop.is_set() and not self._kick.is_set() and time.monotonic() < deadline:
-                wait = min(self.args.metadata_wait, max(1.0, deadline - time.monotonic()))
-                try:
-                    task = asyncio.ensure_future(self.meta.wait_version(self.version, wait))
-                    kick = asyncio.ensure_future(self._kick.wait())
-                    stopper = asyncio.ensure_future(stop.wait())
-                    done, _ = await asyncio.wait({task, kick, stopper}, return_when=asyncio.FIRST_COMPLETED)
-                    for t in (task, kick, stopper):
-                        if t not in done:
-                            t.cancel()
-                    if task in done:
-                        v = task.result()
-                        if v and v != self.version:
-                            break
-                except TransportError as e:
-                    self._degraded(str(e))
-                    await self._sleep(stop, bo.next())
-                    break
-            gap = self.args.sync_min_interval - (time.monotonic() - last_sync)
-            if gap > 0:
+    async def follow(self, stop: asyncio.Event) -> None:
+        """Rebuild on every metadata version (at most every --sync-min-interval; versions in
+        between merge, the latest wins), and a full resync every --resync-interval regardless."""
+        last = 0.0
+        async for snap in self.watch.updates(stop):
+            gap = self.args.sync_min_interval - (time.monotonic() - last)
+            if gap > 0 and last:
                 await self._sleep(stop, gap)
+                snap = self.watch.latest or snap
+            last = time.monotonic()
+            await self.rebuild(snap)
+
+    async def periodic_resync(self, stop: asyncio.Event) -> None:
+        while not stop.is_set():
+            await self._sleep(stop, self.args.resync_interval)
+            if not stop.is_set() and self.watch.latest is not None:
+                await self.rebuild(self.watch.latest)
 
     @staticmethod
     async def _sleep(stop: asyncio.Event, delay: float) -> None:
@@ -241,10 +206,10 @@ class Scheduler:
     # -- health and metrics ---------------------------------------------------------------
     def can_place(self) -> tuple[bool, str]:
         if not self.pools.synced:
-            return False, f"no host data yet ({self.last_error or 'waiting for metadata'})"
+            return False, f"no host data yet ({self.watch.last_error or 'waiting for metadata'})"
         if self.stream is not None and not self.stream.connected:
             return False, "event stream disconnected (reconnecting)"
-        stale = f", stale: {self.last_error}" if self.last_error else ""
+        stale = "" if self.watch.reachable else f", stale: metadata unavailable ({self.watch.last_error})"
         return True, f"{len(self.pools.hosts)} hosts, version {self.version}{stale}"
 
     async def _healthz(self, request: web.Request) -> web.Response:
@@ -278,6 +243,7 @@ class Scheduler:
         for uuid, h in self.pools.hosts.items():
             _PORTS.labels(uuid).set(sum(len(m) for m in h.ports.values()) + sum(len(m) for m in h.ghost.values()))
         _PENDING.set(len(self.pools.journal))
+        _STALE.set(0 if self.watch.reachable else 1)
         if self.stream is not None:
             self.health.set("events", self.stream.connected, "connected" if self.stream.connected else "reconnecting")
 
@@ -298,7 +264,9 @@ class Scheduler:
         log.info("starting", metadata=self.meta.base, admin_port=admin.port, port_range=self.args.port_range)
         try:
             async with asyncio.TaskGroup() as tg:
-                tg.create_task(self.watch_metadata(stop))
+                tg.create_task(self.watch.run(stop))
+                tg.create_task(self.follow(stop))
+                tg.create_task(self.periodic_resync(stop))
                 if self.stream is not None:
                     tg.create_task(self.stream.run(stop))
                 tg.create_task(self._events_health(stop))
@@ -334,6 +302,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--sync-min-interval", type=duration_arg, default=0.5,
                    help="shortest time between two pool rebuilds (metadata versions in between merge)")
     p.add_argument("--metadata-wait", type=int, default=5, help="long-poll maxWait seconds")
+    p.add_argument("--metadata-parse-in", choices=("process", "thread"), default="process",
+                   help="where the metadata tree is parsed (a helper process keeps the event loop free)")
+    add_watch_args(p, state_file="", stale_after=60.0)
     p.add_argument("--initial-sync-wait", type=duration_arg, default=5.0,
                    help="how long a first event waits for the first metadata load")
     p.add_argument("--pending-ttl", type=duration_arg, default=600.0,

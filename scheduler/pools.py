@@ -274,8 +274,9 @@ class Pools:
         return self.base is not None
 
     def install(self, base: Base, now: float) -> bool:
-        """Make ``base`` (fresh from metadata, owned by us from now on) the truth, keeping the
-        journal and tombstones. Returns whether host labels or the host set changed."""
+        """Make ``base`` (fresh from metadata) the truth, keeping the journal and tombstones.
+        The base's used/ports maps become the live pools (install a base once). Returns whether
+        host labels or the host set changed."""
         prev = self.base
         changed = prev is not None and prev.label_view() != base.label_view()
         # bookings whose containers metadata now shows all of are counted by metadata: resolved
@@ -293,10 +294,9 @@ class Pools:
         skip = {u: host for u, (host, _) in self.tombstones.items()}
         skip.update(covered)
         hosts: dict[str, HostPools] = {}
-        for uuid, hb in base.hosts.items():
-            hosts[uuid] = HostPools(uuid, dict(hb.total), dict(hb.used), hb.labels, hb.ips,
-                                    {k: dict(v) for k, v in hb.ports.items()},
-                                    {k: dict(v) for k, v in hb.ghost.items()}, _require_any(hb.labels))
+        for uuid, hb in base.hosts.items():  # the base's maps become the live ones: no copy
+            hosts[uuid] = HostPools(uuid, hb.total, hb.used, hb.labels, hb.ips, hb.ports, hb.ghost,
+                                    _require_any(hb.labels))
         for cu, host in skip.items():
             hbase = base.hosts.get(host)
             m = hbase.members.get(cu) if hbase is not None else None
@@ -337,9 +337,16 @@ class Pools:
                           for k, b in self.journal.items()}
         shadow.tombstones = dict(self.tombstones)
         base = self.base
-        fresh = Base({u: HostBase(h.uuid, dict(h.total), h.labels, h.ips, dict(h.used),
-                                  {k: dict(v) for k, v in h.ports.items()}, {k: dict(v) for k, v in h.ghost.items()},
-                                  h.members) for u, h in base.hosts.items()}, base.version)
+        fresh = Base({}, base.version)
+        for u, h in base.hosts.items():  # metadata's share again, from the members alone
+            hb = fresh.hosts[u] = HostBase(h.uuid, dict(h.total), h.labels, h.ips, {r: 0 for r in COMPUTE_RESOURCES},
+                                           members=h.members)
+            for cu, m in h.members.items():
+                hb.used["instanceReservation"] += 1
+                hb.used["cpuReservation"] += m.cpu
+                hb.used["memoryReservation"] += m.memory
+                for ip, proto, port, ghost in m.ports:
+                    (hb.ghost if ghost else hb.ports).setdefault((ip, proto), {})[port] = cu
         shadow.install(fresh, now=max([b.at for b in self.journal.values()], default=0.0))
         return {u: (h.used, h.ports, h.ghost) for u, h in shadow.hosts.items()}
 
@@ -352,29 +359,39 @@ class Pools:
         sums: dict[str, int] = {}
         for res, amt in req.honoured_compute:
             sums[res] = sums.get(res, 0) + amt
-        port_reqs = [pr for pr in req.ports if pr.specs]
+        need = tuple(sums.items())
+        checks = []
+        for pr in req.ports:
+            specs = [(s.protocol, s.public, s.ip if s.ip != ANY_IP else "") for s in pr.specs if s.public]
+            if len({(x[2], x[0], x[1]) for x in specs}) != len(specs):
+                return []  # one container cannot bind the same public port twice: no host fits
+            if specs:
+                checks.append((tuple(specs), pr.resource_uuid))
         ctx_labels = [{k.lower(): v.lower() for k, v in i.labels.items()} for i in req.context]
-        out: list[HostPools] = []
+        order = tuple(dict.fromkeys(res for res, _ in req.honoured_compute))
+        keyed: list[tuple[tuple[int, ...], int, str]] = []
         hosts = self.hosts
-        for uuid in self._order:
+        for idx, uuid in enumerate(self._order):
             h = hosts[uuid]
+            total, used = h.total, h.used
             ok = True
-            for res, amt in sums.items():
-                t = h.total.get(res)
-                if t is None or t - h.used.get(res, 0) < amt:
+            for res, amt in need:
+                t = total.get(res)
+                if t is None or t - used[res] < amt:
                     ok = False
                     break
             if not ok:
                 continue
-            if port_reqs and not all(self._fitting_ip(h, pr) is not None for pr in port_reqs):
+            for pspecs, owner in checks:
+                if not _port_fit(h, pspecs, owner):
+                    ok = False
+                    break
+            if not ok or (h.require_any and not _labels_match(h.require_any, ctx_labels)):
                 continue
-            if h.require_any and not _labels_match(h.require_any, ctx_labels):
-                continue
-            out.append(h)
-        order = list(dict.fromkeys(res for res, _ in req.honoured_compute))
-        if order:  # stable sort: ties keep the deterministic host order
-            out.sort(key=lambda h: tuple(h.used.get(r, 0) - h.total.get(r, 0) for r in order))
-        return [h.uuid for h in out]
+            keyed.append((tuple([used[r] - total[r] for r in order]), idx, uuid))
+        if order:  # ties keep the deterministic host order (idx)
+            keyed.sort()
+        return [k[2] for k in keyed]
 
     def _fits(self, h: HostPools, ip: str, s: PortSpec, owner: str) -> bool:
         if not s.public:
@@ -464,6 +481,7 @@ class Pools:
 
     def _reply_from_owned(self, h: HostPools, req: Request) -> dict[str, Any] | None:
         out = []
+        given: set[tuple[str, str, int]] = set()
         for pr in req.ports:
             if not pr.specs:
                 continue
@@ -473,7 +491,9 @@ class Pools:
                     if proto != s.protocol:
                         continue
                     for port, owner in pm.items():
-                        if owner == pr.resource_uuid and (port == s.public or not s.public):
+                        if owner == pr.resource_uuid and (port == s.public or not s.public) and \
+                                (ip, proto, port) not in given:
+                            given.add((ip, proto, port))
                             allocated.append({"allocatedIP": ip, "publicPort": port, "privatePort": s.private,
                                               "protocol": proto})
                             break
@@ -608,6 +628,28 @@ class Pools:
             else:  # the public port is not known: free what this owner holds for the protocol
                 for port in [p for p, o in pm.items() if o == owner]:
                     del pm[port]
+
+
+def _port_fit(h: HostPools, specs: tuple[tuple[str, int, str], ...], owner: str) -> bool:
+    """Some IP of the host has every requested public port free (the prioritize filter)."""
+    ports, ips = h.ports, h.ips
+    for ip in ips:
+        for proto, pub, sip in specs:
+            if sip:
+                if sip not in ips:
+                    continue  # bound outside the set: checked where it is booked
+                if sip != ip:
+                    break
+            m = ports.get((ip, proto))
+            if m:
+                o = m.get(pub)
+                if o is not None and o != owner:
+                    break
+            if ip == ANY_IP and h.ghost and h.ghost_holds(proto, pub, owner):
+                break
+        else:
+            return True
+    return False
 
 
 def _labels_match(required: tuple[tuple[str, str | None], ...], ctx: list[dict[str, str]]) -> bool:
