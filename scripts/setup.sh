@@ -9,7 +9,8 @@ APT_PACKAGES=(
   python3 python3-venv python3-dev gcc
   iproute2 iptables conntrack ethtool
   haproxy dnsmasq-base dnsutils nginx-light
-  strongswan strongswan-swanctl
+  strongswan strongswan-swanctl strongswan-charon
+  libstrongswan-standard-plugins libstrongswan-extra-plugins libcharon-extra-plugins  # openssl/gcm, kdf, kernel-libipsec
   containernetworking-plugins podman runc busybox-static
   curl procps psmisc util-linux
   wrk dnsperf  # benchmarks only (bench/), never run in CI
