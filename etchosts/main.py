@@ -22,7 +22,7 @@ from aiohttp import web
 
 from agents.backoff import Backoff
 from agents.cli import run_daemon
-from agents.config import add_common_args, env_str
+from agents.config import add_common_args, env_str, make_parser
 from agents.errors import ConfigError, TransportError
 from agents.log import get_logger
 from agents.metadata_client import MetadataClient
@@ -259,7 +259,7 @@ class Updater:
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="corral etc-host-updater", description=(__doc__ or "").splitlines()[0])
+    p = make_parser("corral etc-host-updater", (__doc__ or "").splitlines()[0], version=VERSION)
     p.add_argument("--update-interval", type=int, default=5,
                    help="seconds: the longest wait on metadata's /version (default 5)")
     p.add_argument("--metadata-url", default=env_str("CORRAL_METADATA_URL", f"http://rancher-metadata/{API_VERSION}"),
@@ -272,7 +272,6 @@ def _parser() -> argparse.ArgumentParser:
                         "metadata does not answer at start")
     p.add_argument("--aliases", action="store_true", help="add the short name and the display name to each line")
     p.add_argument("--hostname", default="", help="own hostname for the header (default: this machine's)")
-    p.add_argument("--version", action="version", version=VERSION)
     p.add_argument("--startup-backoff-scale", type=float, default=1.0, help=argparse.SUPPRESS)  # tests
     add_common_args(p, metrics_listen="127.0.0.1:9116")
     return p

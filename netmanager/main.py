@@ -26,7 +26,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from agents.cli import run_daemon
-from agents.config import add_common_args, duration_arg
+from agents.config import add_common_args, duration_arg, make_parser
 from agents.errors import ConfigError, CorralError
 from agents.log import get_logger
 from agents.metadata_client import Snapshot
@@ -61,7 +61,7 @@ def _seconds(v: str) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="corral netmanager", description="host networking and CNI plumbing")
+    p = make_parser("corral netmanager", "host networking and CNI plumbing")
     p.add_argument("--metadata-address", default="169.254.169.250", help="metadata host (or host:port)")
     p.add_argument("--metadata-url", default="", help="full metadata URL (older templates), e.g. "
                    "http://169.254.169.250/2016-07-29; overrides --metadata-address")

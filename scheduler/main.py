@@ -19,7 +19,7 @@ from aiohttp import web
 
 from agents.api import ApiClient
 from agents.cli import run_daemon
-from agents.config import CattleConfig, add_cattle_args, add_common_args, duration_arg, env_str
+from agents.config import CattleConfig, add_cattle_args, add_common_args, duration_arg, env_str, make_parser
 from agents.errors import ConfigError, InputError, TransportError
 from agents.eventstream import Event, EventStream, Reply
 from agents.log import get_logger
@@ -291,7 +291,7 @@ class Scheduler:
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="corral scheduler", description=(__doc__ or "").splitlines()[0])
+    p = make_parser("corral scheduler", (__doc__ or "").splitlines()[0])
     p.add_argument("--metadata-address", default=env_str("CORRAL_METADATA_ADDRESS", "rancher-metadata"),
                    help="metadata host[:port] or URL (the original's flag; default rancher-metadata)")
     p.add_argument("--health-check-port", type=int, default=80,
