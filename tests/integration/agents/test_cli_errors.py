@@ -174,9 +174,8 @@ def test_ctl_admin_without_a_scheme_means_http(standin: StandIn) -> None:
 
 
 def test_every_command_has_version_and_shows_defaults_in_help() -> None:
-    from agents.config import VERSION
-
     from agents.cli import SUBCOMMANDS
+    from agents.config import VERSION
 
     names = list(SUBCOMMANDS)
     procs = {(n, flag): subprocess.Popen([sys.executable, "-m", "agents.cli", n, flag], cwd=ROOT, text=True,
