@@ -127,6 +127,15 @@ def _bad(msg: str) -> NoReturn:
     raise argparse.ArgumentTypeError(msg)
 
 
+def _in_range(x: float, v: str, lo: float | None, hi: float | None, above: float | None = None) -> None:
+    if above is not None and x <= above:
+        _bad(f"must be > {above:g}, not {v}")
+    if lo is not None and x < lo:
+        _bad(f"must be >= {lo:g}, not {v}")
+    if hi is not None and x > hi:
+        _bad(f"must be <= {hi:g}, not {v}")
+
+
 def int_arg(lo: int | None = None, hi: int | None = None) -> Callable[[str], int]:
     """An integer in ``[lo, hi]``."""
 
@@ -135,10 +144,7 @@ def int_arg(lo: int | None = None, hi: int | None = None) -> Callable[[str], int
             n = int(str(v).strip(), 10)
         except ValueError:
             _bad(f"not a whole number: {v!r}")
-        if lo is not None and n < lo:
-            _bad(f"must be >= {lo}, not {n}")
-        if hi is not None and n > hi:
-            _bad(f"must be <= {hi}, not {n}")
+        _in_range(n, str(n), lo, hi)
         return n
 
     conv.__name__ = "int"
@@ -155,12 +161,7 @@ def float_arg(lo: float | None = None, hi: float | None = None, *, above: float 
             _bad(f"not a number: {v!r}")
         if x != x or x in (float("inf"), float("-inf")):
             _bad(f"not a finite number: {v!r}")
-        if above is not None and x <= above:
-            _bad(f"must be > {above:g}, not {v}")
-        if lo is not None and x < lo:
-            _bad(f"must be >= {lo:g}, not {v}")
-        if hi is not None and x > hi:
-            _bad(f"must be <= {hi:g}, not {v}")
+        _in_range(x, v, lo, hi, above)
         return x
 
     conv.__name__ = "float"
