@@ -30,6 +30,7 @@ __all__ = [
     "OWNED_CHAINS",
     "POLICY_CHAIN",
     "BridgeInfo",
+    "FlowFilter",
     "Hook",
     "HostFacts",
     "PortBinding",
@@ -45,6 +46,7 @@ __all__ = [
     "local_networks",
     "metadata_route",
     "parse_port",
+    "stale_flows",
     "substitute",
 ]
 
@@ -132,6 +134,8 @@ class Ruleset:
     chains: tuple[tuple[str, str, tuple[Rule, ...]], ...]  # (table, chain, rules) for OWNED_CHAINS
     hooks: tuple[Hook, ...]
     errors: tuple[PortError, ...] = field(default=(), compare=False)
+    bindings: tuple[PortBinding, ...] = field(default=(), compare=False)  # for conntrack clean-up
+    conntrack_exclude: str = field(default="", compare=False)  # host label ...cluster.ip.range
 
     def chain(self, table: str, name: str) -> tuple[Rule, ...]:
         for t, c, rules in self.chains:
@@ -141,6 +145,36 @@ class Ruleset:
 
     def rule_count(self) -> int:
         return sum(len(r) for _, _, r in self.chains) + len(self.hooks)
+
+
+@dataclass(frozen=True)
+class FlowFilter:
+    """Conntrack flows to delete after a host-port change: original destination ``daddr:dport``
+    (any local address when daddr is None) whose reply source is not ``keep_src``."""
+
+    proto: str
+    dport: int
+    daddr: str | None
+    keep_src: str | None  # the new target (None: the binding is gone, delete every flow to it)
+
+
+def stale_flows(old: Iterable[PortBinding], new: Iterable[PortBinding]) -> tuple[FlowFilter, ...]:
+    """The flows the previous targets of changed or removed host ports still carry (pure)."""
+    def key(b: PortBinding) -> tuple[str, int, str]:
+        return (b.proto, b.host_port, b.host_ip)
+
+    now: dict[tuple[str, int, str], PortBinding] = {}
+    for b in new:
+        now.setdefault(key(b), b)
+    out: dict[tuple[str, int, str], FlowFilter] = {}
+    for b in old:
+        k = key(b)
+        cur = now.get(k)
+        if cur is not None and (cur.container_ip, cur.container_port) == (b.container_ip, b.container_port):
+            continue
+        out.setdefault(k, FlowFilter(b.proto, b.host_port, b.host_ip if b.specific else None,
+                                     cur.container_ip if cur is not None else None))
+    return tuple(out[k] for k in sorted(out))
 
 
 # ---------------------------------------------------------------- metadata selection
@@ -463,6 +497,8 @@ def desired_ruleset(snap: Snapshot, facts: HostFacts) -> Ruleset:
         chains=tuple((t, c, _unique(chains[c])) for t, c in OWNED_CHAINS),
         hooks=tuple(hooks),
         errors=tuple(errors),
+        bindings=tuple(bindings),
+        conntrack_exclude=str(labels.get("io.rancher.k8s.service.cluster.ip.range", "")),
     )
 
 

@@ -13,10 +13,12 @@ from __future__ import annotations
 import asyncio
 import time
 
+from agents.errors import CorralError
 from agents.log import get_logger
 from agents.metrics import counter, gauge, histogram
-from netmanager.desired import Ruleset
+from netmanager.desired import Ruleset, stale_flows
 from netmanager.iptables import Backend
+from netmanager.netlink import delete_flows
 from netmanager.rules import Drift, Tables, diff, hook_chains, is_ours, parse_save, render_payload
 
 __all__ = ["RulesApplier"]
@@ -29,6 +31,7 @@ _CHECKS = counter("netmanager", "verify_reads", "iptables-save read-backs")
 _APPLY = histogram("netmanager", "apply_seconds", "Ruleset apply latency (diff + restore)", ["reason"],
                    buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5))
 _RULES = gauge("netmanager", "rules", "Rules in the owned chains and hooks")
+_FLOWS = counter("netmanager", "conntrack_deleted", "Conntrack flows to old host-port targets deleted")
 _BAD_PORTS = gauge("netmanager", "bad_port_entries", "ports entries skipped as invalid")
 
 
@@ -47,8 +50,9 @@ def _model_after(rs: Ruleset, before: Tables, d: Drift) -> Tables:
 
 
 class RulesApplier:
-    def __init__(self, backend: Backend, *, min_repair_gap: float = 1.0) -> None:
+    def __init__(self, backend: Backend, *, min_repair_gap: float = 1.0, conntrack: bool = True) -> None:
         self.backend = backend
+        self.conntrack = conntrack
         self.min_repair_gap = min_repair_gap
         self.model: Tables | None = None
         self.suspect = True  # read the kernel before the first write
@@ -95,6 +99,7 @@ class RulesApplier:
             self.model = None  # unknown now: read back before the next try
             raise
         self.last_write = time.monotonic()
+        previous = self.applied
         self.writes += 1
         _WRITES.labels(reason).inc()
         self.model = _model_after(rs, tables, d)
@@ -105,6 +110,24 @@ class RulesApplier:
             log.info("rules applied", reason=reason, chains=len(d.chains), hooks=len(d.hooks),
                      rules=rs.rule_count(), seconds=round(time.monotonic() - t0, 3))
         self.after_write.set()
+        if self.conntrack and previous is not None:
+            await self._clean_conntrack(previous, rs)
+
+    async def _clean_conntrack(self, old: Ruleset, new: Ruleset) -> None:
+        """Right after the rules moved: drop the flows still going to the old targets (UDP above all:
+        a stale flow keeps sending a client's datagrams to the old container, rancher/rancher#8207)."""
+        flows = stale_flows(old.bindings, new.bindings)
+        if not flows:
+            return
+        try:
+            n = await delete_flows(flows, new.conntrack_exclude)
+        except CorralError as e:
+            log.warning("conntrack clean-up failed", error=str(e))
+            return
+        _FLOWS.inc(n)
+        if n:
+            log.info("stale conntrack flows deleted", flows=n, ports=[f"{f.daddr or '*'}:{f.dport}/{f.proto}"
+                                                                   for f in flows][:20])
 
     def _report_errors(self, rs: Ruleset) -> None:
         key = tuple(rs.errors)

@@ -233,7 +233,7 @@ class NetManager:
         backend = await detect_backend(self.args.iptables_backend)
         log.info("starting", metadata=self.url, backend=backend.name, route=self.route,
                  cni=not self.args.disable_cni_setup)
-        self.applier = RulesApplier(backend)
+        self.applier = RulesApplier(backend, conntrack=not self.args.disable_conntracksync)
         self.rules = Reconciler("iptables", self.applier.apply, daemon="netmanager", health=self.health,
                                 retry_max=30.0)
         if not self.args.disable_cni_setup:

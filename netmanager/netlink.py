@@ -19,9 +19,9 @@ from typing import Any, TypeVar
 
 from agents.errors import TransportError
 from agents.log import get_logger
-from netmanager.desired import NAT_IPSET, Route
+from netmanager.desired import NAT_IPSET, FlowFilter, Route
 
-__all__ = ["NftGeneration", "RouteState", "ensure_ipset", "ensure_route", "link_index", "route_state", "set_sysctl"]
+__all__ = ["NftGeneration", "RouteState", "delete_flows", "ensure_ipset", "ensure_route", "link_index", "route_state", "set_sysctl"]
 
 log = get_logger(__name__)
 T = TypeVar("T")
@@ -198,3 +198,47 @@ class NftGeneration:
         if sock is not None:
             with contextlib.suppress(Exception):
                 sock.close()
+
+
+_PROTO = {"tcp": 6, "udp": 17}
+
+
+async def _delete_flows(filters: tuple[FlowFilter, ...], exclude: str) -> int:
+    import socket as so
+
+    from pyroute2.conntrack import AsyncConntrack, NFCTAttrTuple
+
+    skip = ipaddress.IPv4Network(exclude, strict=False) if exclude else None
+    n = 0
+    ct = AsyncConntrack()
+    try:
+        for f in filters:
+            tup = NFCTAttrTuple(family=so.AF_INET, proto=_PROTO[f.proto], dport=f.dport,
+                                daddr=f.daddr) if f.daddr else NFCTAttrTuple(family=so.AF_INET,
+                                                                              proto=_PROTO[f.proto], dport=f.dport)
+            doomed = []
+            async for e in await ct.dump_entries(tuple_orig=tup):
+                if f.keep_src is not None and e.tuple_reply.saddr == f.keep_src:
+                    continue
+                if e.tuple_reply.saddr == e.tuple_orig.daddr:
+                    continue  # not DNATed: not one of ours
+                if skip is not None and ipaddress.IPv4Address(e.tuple_orig.daddr) in skip:
+                    continue  # Kubernetes cluster IPs (rancher/rancher#10288)
+                doomed.append(e)
+            for e in doomed:
+                with contextlib.suppress(Exception):  # already gone
+                    await ct.delete(e)
+                    n += 1
+    finally:
+        ct.close()
+    return n
+
+
+async def delete_flows(filters: tuple[FlowFilter, ...], exclude: str = "") -> int:
+    """Delete the conntrack flows ``filters`` describe (netlink, never ``conntrack -L`` text)."""
+    if not filters:
+        return 0
+    try:
+        return await _NL.run(_delete_flows(filters, exclude))
+    except Exception as e:
+        raise TransportError(f"conntrack clean-up: {e}") from e

@@ -13,7 +13,6 @@ the same full payload by hand (the floor), which is also what the original did o
 from __future__ import annotations
 
 import argparse
-import asyncio
 import ctypes
 import json
 import os
@@ -35,7 +34,6 @@ sys.path.insert(0, str(ROOT))
 from agents.metadata_client import Snapshot  # noqa: E402
 from metadata.store import load_answers_bytes  # noqa: E402
 from netmanager.desired import HostFacts, Ruleset, desired_ruleset  # noqa: E402
-from netmanager.netlink import ensure_ipset  # noqa: E402
 from netmanager.rules import diff, parse_save, render_payload  # noqa: E402
 
 FIXTURE = ROOT / "tests" / "unit" / "netmanager" / "answers.jsonl"
@@ -129,12 +127,33 @@ def wait_http(url: str, timeout: float = 20) -> None:
     raise TimeoutError(url)
 
 
+B = "nft"  # the backend under test (--backend)
+
+
+def ipt(*args: str) -> list[str]:
+    return [f"iptables-{B}", "-w", *args]
+
+
+def visible(t0: float, g: int, commits_: int, table: str, chain: str, rule: tuple[str, ...],
+            gen: Gen | None, timeout: float = 60) -> float:
+    """Seconds from ``t0`` until the change is in the kernel: nft - the generation moved by the
+    payload's commits; legacy - ``iptables -C`` finds ``rule`` (polled)."""
+    if gen is not None:
+        return gen.wait_change(g, commits_, timeout) - t0
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if subprocess.run(ipt("-t", table, "-C", chain, *rule), capture_output=True).returncode == 0:
+            return time.monotonic() - t0
+        time.sleep(0.002)
+    raise TimeoutError(f"{chain} {rule} never appeared")
+
+
 def in_sync(objs: list[dict[str, Any]], timeout: float = 10.0) -> bool:
     """Wait until the kernel holds exactly the desired rules (raise with the diff if it does not)."""
     rs = desired_ruleset(snapshot(objs), HostFacts())
     deadline = time.monotonic() + timeout
     while True:
-        save = subprocess.run(["iptables-nft-save"], capture_output=True, text=True, check=True).stdout
+        save = subprocess.run([f"iptables-{B}-save"], capture_output=True, text=True, check=True).stdout
         d = diff(rs, parse_save(save))
         if not d:
             return True
@@ -145,7 +164,7 @@ def in_sync(objs: list[dict[str, Any]], timeout: float = 10.0) -> bool:
 
 def restore(payload: str) -> float:
     t0 = time.monotonic()
-    subprocess.run(["iptables-nft-restore", "--noflush", "--wait"], input=payload.encode(), check=True)
+    subprocess.run([f"iptables-{B}-restore", "--noflush", "--wait"], input=payload.encode(), check=True)
     return time.monotonic() - t0
 
 
@@ -167,12 +186,15 @@ def run(ports: int, rounds: int) -> Table:
         full_payload = render_payload(rs_big, {})
 
         # --- peer: the same full payload by hand, into empty chains, then over populated ones
-        asyncio.run(ensure_ipset())  # the host-NAT rules' -m set needs it
+        # the host-NAT rules' -m set needs the set; created by a child (it inherits this namespace, where a
+        # netlink worker thread left from an earlier backend's run would not)
+        subprocess.run([sys.executable, "-c", "import asyncio; from netmanager.netlink import ensure_ipset; "
+                        "asyncio.run(ensure_ipset())"], check=True, cwd=str(ROOT))
         peer_full = [restore(full_payload) for _ in range(1)]
         peer_rewrite = [restore(full_payload) for _ in range(rounds)]
-        subprocess.run(["iptables-nft", "-t", "nat", "-F"], check=True)
-        subprocess.run(["iptables-nft", "-t", "raw", "-F"], check=True)
-        subprocess.run(["iptables-nft", "-F"], check=True)
+        subprocess.run(ipt("-t", "nat", "-F"), check=True)
+        subprocess.run(ipt("-t", "raw", "-F"), check=True)
+        subprocess.run(ipt("-F"), check=True)
 
         answers = Answers(work / "answers.json")
         answers.write(small)
@@ -185,20 +207,23 @@ def run(ports: int, rounds: int) -> Table:
         wait_http(f"http://127.0.0.1:{MD_PORT}/2016-07-29/version")
         nm = subprocess.Popen([*py, "netmanager", "--metadata-url", f"http://127.0.0.1:{MD_PORT}/2016-07-29",
                                "--metadata-state-file", str(work / "state" / "metadata.json"), "--cni-dir", str(work / "cni"),
-                               "--metrics-listen", f"127.0.0.1:{ADMIN}"], env=env, stdout=log, stderr=log)
+                               "--metrics-listen", f"127.0.0.1:{ADMIN}", "--iptables-backend", B,
+                               "--docker-host", ""], env=env, stdout=log, stderr=log)
         procs.append(nm)
         wait_http(f"http://127.0.0.1:{ADMIN}/ready")
-        gen = Gen()
+        gen = Gen() if B == "nft" else None
+        # a rule only the big set has (the highest bench port): its presence means the nat commit landed
+        last_pre = next(r for r in rs_big.chain("nat", "CATTLE_PREROUTING") if str(20000 + ports - 1) in r)
 
         # --- full apply: 0 -> N ports (metadata reload included)
         full: list[float] = []
         for _ in range(rounds):
             answers.write(small)
             time.sleep(1.0)
-            g = gen.read()
+            g = gen.read() if gen else 0
             t0 = time.monotonic()
             answers.write(big)
-            full.append(gen.wait_change(g, commits(rs_small, rs_big)) - t0)
+            full.append(visible(t0, g, commits(rs_small, rs_big), "nat", "CATTLE_PREROUTING", last_pre, gen))
             time.sleep(0.5)
             assert in_sync(big), "not in sync after the full apply"
         rss = rss_mib(nm.pid)
@@ -211,11 +236,13 @@ def run(ports: int, rounds: int) -> Table:
             for o in big:
                 if o.get("uuid") == "ctr-b-0":
                     o["ports"][0] = f"0.0.0.0:{60000 + i}:80/tcp"
-            n = commits(old, desired_ruleset(snapshot(big), HostFacts()))
-            g = gen.read()
+            new = desired_ruleset(snapshot(big), HostFacts())
+            n = commits(old, new)
+            rule = next(r for r in new.chain("nat", "CATTLE_PREROUTING") if str(60000 + i) in r)
+            g = gen.read() if gen else 0
             t0 = time.monotonic()
             answers.write(big)
-            change.append(gen.wait_change(g, n) - t0)
+            change.append(visible(t0, g, n, "nat", "CATTLE_PREROUTING", rule, gen))
         time.sleep(0.5)
         assert in_sync(big), "not in sync after the one-port changes"
 
@@ -244,11 +271,10 @@ def run(ports: int, rounds: int) -> Table:
         drift: list[float] = []
         for _ in range(rounds):
             time.sleep(1.5)
-            subprocess.run(["iptables-nft", "-t", "nat", "-F"], check=True)
+            subprocess.run(ipt("-t", "nat", "-F"), check=True)
             t0 = time.monotonic()
-            g = gen.read()
-            gen.wait_change(g, timeout=30)
-            drift.append(time.monotonic() - t0)
+            g = gen.read() if gen else 0
+            drift.append(visible(t0, g, 1, "nat", "CATTLE_PREROUTING", last_pre, gen, timeout=30))
             assert in_sync(big), "not repaired"
         rss = max(rss, rss_mib(nm.pid))
     finally:
@@ -265,7 +291,8 @@ def run(ports: int, rounds: int) -> Table:
         subprocess.run(["rm", "-rf", str(work)], check=False)
 
     med = statistics.median
-    t = Table(f"netmanager: {ports:,} host ports ({rs_big.rule_count():,} rules), nft backend", "iptables-restore by hand")
+    t = Table(f"netmanager: {ports:,} host ports ({rs_big.rule_count():,} rules), {B} backend",
+              "iptables-restore by hand")
     t.add("full apply: metadata change -> rules committed (median)", med(full) * 1000, med(peer_full) * 1000,
           unit="ms", higher_is_better=False, note="target ≤ 1,000 ms; original 2,940 ms (metadata reload incl.)")
     t.add("one-port change: metadata change -> rule committed (median)", med(change) * 1000,
@@ -278,7 +305,7 @@ def run(ports: int, rounds: int) -> Table:
           higher_is_better=False, note=f"max {max(drift) * 1000:.0f} ms; target ≤ 2,000 ms; original: never")
     t.add("netmanager RSS at full size", rss, None, unit="MiB", higher_is_better=False,
           note="target ≤ 150 MiB; original 33-76 MiB")
-    t.add("idle CPU, verify loop (probe 0.5 s, read-back 10 s)", idle_cpu, None, unit="% of a core",
+    t.add("idle CPU, verify loop (nft: probe 0.5 s; both: read-back 10 s)", idle_cpu, None, unit="% of a core",
           higher_is_better=False, note="target < 2 %")
     return t
 
@@ -287,16 +314,23 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--ports", type=int, default=5000)
     ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--backends", default="nft,legacy", help="iptables backends to measure, in turn")
     ap.add_argument("--no-write", action="store_true", help="print only")
     a = ap.parse_args()
     if os.geteuid() != 0:
         print("needs root (network namespaces)", file=sys.stderr)
         return 2
-    t = run(a.ports, a.rounds)
-    t.print()
-    body = (t.markdown() + "\n\nTimes are from the answers-file replacement (the metadata service's reload "
-            "included) to the nf_tables generation moving, each checked afterwards with one `iptables-save` "
-            "compared rule by rule. Peer: `iptables-nft-restore --noflush --wait` of the same full payload run by "
+    global B
+    tables = []
+    for b in a.backends.split(","):
+        B = b
+        t = run(a.ports, a.rounds)
+        t.print()
+        tables.append(f"{B} backend\n\n" + t.markdown())
+    body = ("\n\n".join(tables) + "\n\nTimes are from the answers-file replacement (the metadata service's reload "
+            "included) to the change being in the kernel (nft: the nf_tables generation moved by the payload's "
+            "commits; legacy: `iptables -C` finds the new rule), each checked afterwards with one `iptables-save` "
+            "compared rule by rule. Peer: `iptables-<backend>-restore --noflush --wait` of the same full payload run by "
             "hand in the same namespace, once into empty chains and then over the populated ones (the original "
             "rebuilt every owned chain on each change). The original's figures are from its observation on "
             "another machine.")

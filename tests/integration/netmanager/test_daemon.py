@@ -201,7 +201,73 @@ def test_dnat_end_to_end(host: Host) -> None:
             assert get(host.ns, "http://192.0.2.1:8080/") == "c1\n"
             hp = get(c1, "http://192.0.2.1:8080/")
             assert hp == "c1\n", host.sh(f"iptables-{host.backend}-save", "-c") + host.sh("conntrack", "-L", check=False)
+
+            # host NAT (§12.8): c1 -> outside leaves with the host's address (outside has no route
+            # back to 10.42.0.0/16); with the destination in the ipset it is not NATed and gets no answer
+            www2 = Path(host.tmp) / "www2"
+            www2.mkdir(exist_ok=True)
+            (www2 / "index.html").write_text("out\n")
+            p2 = subprocess.Popen(["ip", "netns", "exec", out, sys.executable, "-m", "http.server", "80",
+                                   "--bind", "192.0.2.2", "--directory", str(www2)],
+                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            try:
+                deadline = time.monotonic() + 10
+                while get(out, "http://192.0.2.2/") != "out\n" and time.monotonic() < deadline:
+                    time.sleep(0.05)
+                assert get(c1, "http://192.0.2.2/") == "out\n"
+                ipset = ("from pyroute2 import IPSet; s = IPSet(); "
+                         "s.{}('RANCHER_DISABLE_HOST_NAT_IPSET', '192.0.2.0/24', etype='net'); s.close()")
+                host.sh(sys.executable, "-c", ipset.format("add"))
+                try:
+                    assert get(c1, "http://192.0.2.2/") == ""
+                finally:
+                    host.sh(sys.executable, "-c", ipset.format("delete"))
+                assert get(c1, "http://192.0.2.2/") == "out\n"
+            finally:
+                p2.terminate()
+                p2.wait(5)
         finally:
             p.terminate()
             p.wait(5)
             host.sh("ip", "link", "del", f"nmo{tag}", check=False)
+
+
+def test_retarget_deletes_only_the_old_targets_flows(host: Host) -> None:
+    """Spec §12.9: a UDP flow to host:500 DNATed to the old container goes when 500 moves; a flow to
+    another port and one to a Kubernetes cluster IP stay."""
+    saved = copy.deepcopy(host.objs)
+    objs = copy.deepcopy(host.objs)
+    for o in objs:
+        if o.get("uuid") == "host-a":
+            o["labels"]["io.rancher.k8s.service.cluster.ip.range"] = "10.43.0.0/16"
+    host.bump(objs)
+    host.wait(lambda: host.metric("corral_netmanager_snapshots_total", "metadata") >= 1 and host.in_sync(),
+              "label applied")
+
+    def flow(dst: str, dport: int, sport: int) -> None:
+        host.sh("conntrack", "-I", "-p", "udp", "-s", "192.0.2.2", "-d", dst, "--sport", str(sport), "--dport",
+                str(dport), "--reply-src", "10.42.0.2", "--reply-dst", "192.0.2.2", "--reply-port-src", str(dport),
+                "--reply-port-dst", str(sport), "--timeout", "300", "--status", "SEEN_REPLY")
+
+    def flows(dport: int) -> list[str]:
+        out = host.sh("conntrack", "-L", "-p", "udp", "--orig-port-dst", str(dport), check=False)
+        return [ln for ln in out.splitlines() if "src=192.0.2.2" in ln]
+
+    flow("192.0.2.1", 500, 4001)
+    flow("10.43.0.10", 500, 4002)
+    flow("192.0.2.1", 4500, 4003)
+    assert len(flows(500)) == 2 and len(flows(4500)) == 1
+    deleted = host.metric("corral_netmanager_conntrack_deleted_total")
+    for o in objs:
+        if o.get("uuid") == "ctr-router-a":
+            o["ports"] = ["4500:4500/udp"]
+        if o.get("uuid") == "ctr-web-1":
+            o["ports"] = ["0.0.0.0:8080:80/tcp", "0.0.0.0:500:500/udp"]
+    host.bump(objs)
+    host.wait(lambda: not any("dst=192.0.2.1 " in ln for ln in flows(500)), "old target's flow deleted")
+    assert [ln for ln in flows(500) if "dst=10.43.0.10 " in ln]  # cluster IP flow kept
+    assert len(flows(4500)) == 1  # another port's flow kept
+    assert host.metric("corral_netmanager_conntrack_deleted_total") == deleted + 1
+    host.sh("conntrack", "-F", check=False)
+    host.bump(saved)
+    host.wait(host.in_sync, "back to the fixture")

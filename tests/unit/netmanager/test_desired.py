@@ -206,3 +206,19 @@ def test_metadata_route() -> None:
     assert metadata_route(HostFacts()) == Route("169.254.169.250/32", "docker0")
     assert metadata_route(HostFacts(metadata_ip="")) is None
     assert metadata_route(HostFacts(docker_bridge="")) is None
+
+
+def test_stale_flows_after_retarget_and_removal() -> None:
+    from netmanager.desired import FlowFilter, PortBinding, stale_flows
+
+    a = PortBinding("0.0.0.0", 500, 500, "udp", "10.42.0.5", "docker0", "c1/500")
+    b = PortBinding("0.0.0.0", 500, 500, "udp", "10.42.0.6", "docker0", "c2/500")
+    s = PortBinding("192.0.2.1", 80, 80, "tcp", "10.42.0.7", "docker0", "c3/80")
+    keep = PortBinding("0.0.0.0", 8080, 80, "tcp", "10.42.0.8", "docker0", "c4/8080")
+    assert stale_flows([a, s, keep], [b, keep]) == (
+        FlowFilter("tcp", 80, "192.0.2.1", None),  # removed: every DNATed flow to it goes
+        FlowFilter("udp", 500, None, "10.42.0.6"),  # retargeted: all but the new target's go
+    )
+    assert stale_flows([a, keep], [a, keep]) == ()
+    rs = desired_ruleset(snapshot_of(objects()), HostFacts())
+    assert rs.bindings and rs.conntrack_exclude == ""
