@@ -33,6 +33,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "dns": ("dns.main", "the DNS service"),
     "healthcheck": ("healthcheck.main", "HAProxy-driven health checks"),
     "netmanager": ("netmanager.main", "host networking, CNI and overlays"),
+    "overlay": ("netmanager.overlay.main", "cross-host VXLAN router (rancher-net wire format)"),
     "scheduler": ("scheduler.main", "the resource scheduler"),
     "etc-host-updater": ("etchosts.main", "the /etc/hosts writer"),
 }

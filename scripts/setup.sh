@@ -13,6 +13,7 @@ APT_PACKAGES=(
   libstrongswan-standard-plugins libstrongswan-extra-plugins libcharon-extra-plugins  # openssl/gcm, kdf, kernel-libipsec
   containernetworking-plugins podman runc busybox-static
   curl procps psmisc util-linux
+  iputils-ping iperf3 tcpdump  # overlay: acceptance probes and bench/overlay
   wrk dnsperf  # benchmarks only (bench/), never run in CI
 )
 missing=()
