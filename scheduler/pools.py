@@ -207,6 +207,11 @@ class HostPools:
     ghost: dict[PortKey, dict[int, str]]
     require_any: tuple[tuple[str, str | None], ...]
 
+    @property
+    def simple(self) -> bool:
+        """One IP (0.0.0.0) and no bindings outside it: the port filter is a lookup per port."""
+        return not self.ghost and self.ips == (ANY_IP,)
+
     def free(self, res: str) -> int:
         return self.total.get(res, 0) - self.used.get(res, 0)
 
@@ -261,6 +266,7 @@ class Pools:
         self.tombstone_grace = tombstone_grace
         self.hosts: dict[str, HostPools] = {}
         self._order: list[str] = []  # host uuids in tie-break order
+        self._hosts_in_order: list[HostPools] = []
         self.base: Base | None = None
         self.journal: dict[str, Booking] = {}
         self.tombstones: dict[str, tuple[str, float]] = {}  # container uuid -> (host, released at)
@@ -315,6 +321,7 @@ class Pools:
         if self.shuffle_ties:
             self._tie = {u: random.Random(f"{self._tie_seed}:{u}").random() for u in hosts}  # type: ignore[misc]
         self._order = sorted(hosts, key=(lambda u: (self._tie[u], u)) if self.shuffle_ties else None)
+        self._hosts_in_order = [hosts[u] for u in self._order]
         return changed
 
     @staticmethod
@@ -368,30 +375,41 @@ class Pools:
             if specs:
                 checks.append((tuple(specs), pr.resource_uuid))
         ctx_labels = [{k.lower(): v.lower() for k, v in i.labels.items()} for i in req.context]
-        order = tuple(dict.fromkeys(res for res, _ in req.honoured_compute))
-        keyed: list[tuple[tuple[int, ...], int, str]] = []
-        hosts = self.hosts
-        for idx, uuid in enumerate(self._order):
-            h = hosts[uuid]
+        keyed: list[tuple[int, ...]] = []
+        hosts = self._hosts_in_order
+        for idx, h in enumerate(hosts):
             total, used = h.total, h.used
-            ok = True
-            for res, amt in need:
+            key: list[int] = []
+            for res, amt in need:  # the filter and the sort key in one pass, most free first
                 t = total.get(res)
-                if t is None or t - used[res] < amt:
-                    ok = False
+                if t is None:
                     break
-            if not ok:
-                continue
-            for pspecs, owner in checks:
-                if not _port_fit(h, pspecs, owner):
-                    ok = False
+                free = t - used[res]
+                if free < amt:
                     break
-            if not ok or (h.require_any and not _labels_match(h.require_any, ctx_labels)):
-                continue
-            keyed.append((tuple([used[r] - total[r] for r in order]), idx, uuid))
-        if order:  # ties keep the deterministic host order (idx)
+                key.append(-free)
+            else:
+                ok = True
+                for pspecs, owner in checks:
+                    if h.simple:  # one IP (0.0.0.0), no ghost bindings: a lookup per port
+                        for proto, pub, _sip in pspecs:
+                            m = h.ports.get((ANY_IP, proto))
+                            if m:
+                                o = m.get(pub)
+                                if o is not None and o != owner:
+                                    ok = False
+                                    break
+                    elif not _port_fit(h, pspecs, owner):
+                        ok = False
+                    if not ok:
+                        break
+                if not ok or (h.require_any and not _labels_match(h.require_any, ctx_labels)):
+                    continue
+                key.append(idx)  # ties keep the deterministic host order
+                keyed.append(tuple(key))
+        if need:
             keyed.sort()
-        return [k[2] for k in keyed]
+        return [hosts[k[-1]].uuid for k in keyed]
 
     def _fits(self, h: HostPools, ip: str, s: PortSpec, owner: str) -> bool:
         if not s.public:
@@ -636,8 +654,14 @@ def _port_fit(h: HostPools, specs: tuple[tuple[str, int, str], ...], owner: str)
     for ip in ips:
         for proto, pub, sip in specs:
             if sip:
-                if sip not in ips:
-                    continue  # bound outside the set: checked where it is booked
+                if sip not in ips:  # bound outside the set (a ghost binding): what reserve would refuse
+                    g = h.ghost.get((sip, proto))
+                    o = g.get(pub) if g else None
+                    m = ports.get((ANY_IP, proto))
+                    o2 = m.get(pub) if m else None
+                    if (o is not None and o != owner) or (o2 is not None and o2 != owner):
+                        break
+                    continue
                 if sip != ip:
                     break
             m = ports.get((ip, proto))
