@@ -96,12 +96,25 @@ def _soa(table: Table, zone: str = ZONE, *, minimum: int | None = None) -> bytes
 NX_MINIMUM = 1  # the original's SOA minimum on NXDOMAIN: "no such name" is remembered for 1 s
 
 
+_NX: dict[tuple[int, int, str], Prepared] = {}
+
+
 def _nxdomain(table: Table, zone: str = ZONE) -> Prepared:
     """A local NXDOMAIN as the original answers one under ``rancher.internal``: AA=1, RA=0, the
     zone SOA (TTL ``--ttl``, minimum 1) in authority. Used for every name Corral answers
     NXDOMAIN itself (zone, reverse zones, search floods, single-label misses), so none of them
-    looks like a reply relayed from upstream and none is cached for long downstream."""
-    return prepare(wire.NXDOMAIN, [], [_soa(table, zone, minimum=NX_MINIMUM)], ra=False, kind="nxdomain")
+    looks like a reply relayed from upstream and none is cached for long downstream.
+
+    The answer does not depend on the name (the owner of the SOA is the zone), so one object
+    per (generation, ttl, zone) serves every missing name."""
+    key = (table.generation, table.ttl, zone)
+    p = _NX.get(key)
+    if p is None:
+        if len(_NX) >= 64:
+            _NX.clear()
+        p = _NX[key] = prepare(wire.NXDOMAIN, [], [_soa(table, zone, minimum=NX_MINIMUM)], ra=False,
+                               kind="nxdomain")
+    return p
 
 
 def prepare(rcode: int, answers: list[bytes], authority: list[bytes] | None = None,

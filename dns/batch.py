@@ -30,7 +30,7 @@ log = get_logger(__name__)
 N = 64
 BUF = wire.MAX_UDP_QUERY + 1
 SEND_BUF = 1232
-IP_MEMO = 65536
+IP_MEMO = 4096  # sender addresses remembered (a host has a few hundred containers)
 MSG_DONTWAIT = 0x40
 _EAGAIN = (11,)
 

@@ -4,7 +4,7 @@ Flags are the original's (dns.md §2; ``-name value``, ``--name value`` and ``--
 all work, as with Go's flag package) plus Corral's own. Metadata mode (``--metadata-server``
 or ``--metadata-url``): the shared :class:`agents.metadata_watch.MetadataWatch` feeds the
 shared :class:`agents.reconcile.Reconciler` ``table``, whose apply builds the table in the
-helper process (:mod:`dns.rebuild`) and swaps it in; file mode reads ``--answers`` and reloads
+child forked per rebuild (:mod:`dns.rebuild`) and swaps it in; file mode reads ``--answers`` and reloads
 on SIGHUP or ``POST /v1/reload``.
 """
 
@@ -50,6 +50,9 @@ from dns.table import Settings, Table, build_from_answers, filter_recursers
 __all__ = ["DEMO_HINTS", "build_parser", "demo_argv", "main"]
 
 VERSION = "corral-dns 0.1.0"
+# One LRU of --cache-capacity x 5 forwarded answers (~650 B each): the original kept one global cache of
+# --cache-capacity, emptied whenever it filled up. x10 cost 3.5 MB more at 1,000 containers (bench/dns).
+CACHE_FACTOR = 5
 log = get_logger(__name__)
 _GEN = gauge("dns", "generation", "Answer table generation")
 _RELOAD_MS = gauge("dns", "last_reload_ms", "Duration of the last table rebuild in milliseconds")
@@ -127,7 +130,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ndots", type=int_arg(0), default=0,
                    help="search suffixes only for names with fewer dots (0: always)")
     p.add_argument("--cache-capacity", dest="cache_capacity", type=int_arg(0), default=1000,
-                   help="entries of the forward cache (Corral: one LRU, x10 of this)")
+                   help="entries of the forward cache (Corral: one LRU, x5 of this)")
     p.add_argument("--metadata-server", dest="metadata_server", default="", type=_host_or_url,
                    help="host[:port] of rancher-metadata (metadata mode)")
     p.add_argument("--rancher-metadata-answer", dest="rancher_metadata_answer", type=ip_list_arg("agent_ip"),
@@ -218,7 +221,7 @@ class Daemon:
         self.settings = Settings(
             ttl=args.ttl, rancher_metadata_answer=_split(args.rancher_metadata_answer), never_recurse_to=never,
             unhealthy_fallback=args.unhealthy_fallback, ptr=args.ptr, ndots=args.ndots)
-        self.cache = Cache(max(1, args.cache_capacity) * 10, neg_ttl_max=args.neg_ttl_max,
+        self.cache = Cache(max(1, args.cache_capacity) * CACHE_FACTOR, neg_ttl_max=args.neg_ttl_max,
                            stale=args.stale_window if args.serve_stale else 0.0)
         self.engine = Engine(cache=self.cache, upstreams=Upstreams(args.recurser_timeout),
                              ptr=args.ptr, forward_single_label=args.forward_single_label,
@@ -257,23 +260,17 @@ class Daemon:
 
     # -------------------------------------------------------------- metadata mode
     def _pool(self) -> Any:
-        """The one helper process: the metadata watch downloads there, :meth:`rebuild` builds there."""
-        if self._executor is None or getattr(self._executor, "_broken", False):
-            import multiprocessing
-            from concurrent.futures import ProcessPoolExecutor
+        """Where the metadata watch downloads and :meth:`rebuild` builds: a child forked per call."""
+        if self._executor is None:
+            from dns.forkpool import ForkPool
 
-            from dns.rebuild import helper_init
-
-            self._executor = ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn"),
-                                                 initializer=helper_init)
+            self._executor = ForkPool()
         return self._executor
 
     async def rebuild(self, snap: MetadataSnapshot) -> None:
-        """The table loop's apply: build+diff ``snap``'s tree in the helper process (it is there
-        already, parsed by the watch's download); apply the diff and swap (one reference)."""
-        from concurrent.futures.process import BrokenProcessPool
-
-        from dns.rebuild import apply, helper_build
+        """The table loop's apply: build+diff ``snap``'s tree (persisted by the watch) in a child
+        forked for it, against the table being served; apply the diff and swap (one reference)."""
+        from dns.rebuild import apply, build_from_state
 
         old = self.engine.table
         base = old.generation if old is not None else 0
@@ -281,13 +278,8 @@ class Daemon:
         st = replace(self.settings, default_recurse=self.default_recurse())
         t0 = time.perf_counter()
         loop = asyncio.get_running_loop()
-        try:
-            d = await loop.run_in_executor(self._pool(), helper_build, self.state_file, st, gen, base,
-                                           self.args.answers or "")
-        except BrokenProcessPool:
-            log.warning("rebuild helper died, restarting it")
-            self._executor = None
-            raise
+        d = await loop.run_in_executor(self._pool(), build_from_state, old, self.state_file, st, gen,
+                                       self.args.answers or "")
         if d.dump_error:
             log.warning("answers file not written, the previous one is kept", path=self.args.answers,
                         error=d.dump_error)
@@ -299,10 +291,10 @@ class Daemon:
         self.install(table, time.perf_counter() - t0, diff_size=d.size())
 
     def start_watch(self, base: str, version: str) -> MetadataWatch:
-        """The process's metadata watch: it downloads and persists in the helper process, and every
+        """The process's metadata watch: it downloads and persists in a forked child, and every
         new snapshot is submitted to the table loop (latest wins; bursts merge)."""
         self.state_file = self.args.metadata_state_file
-        if not self.state_file:  # no persistence asked for: the helper still reads the tree from a file
+        if not self.state_file:  # no persistence asked for: the build child still reads the tree from a file
             self._tmp_state = tempfile.TemporaryDirectory(prefix="corral-dns-")
             self.state_file = os.path.join(self._tmp_state.name, "metadata.json")
         self.watch = MetadataWatch(base, api_version=version, component="dns", state_file=self.state_file,

@@ -1,31 +1,34 @@
-"""Table rebuilds in a helper process: parse, build and diff there; apply a small diff here.
+"""Table rebuilds off the event loop: parse, build and diff in a child; apply a small diff here.
 
-Why a process (measured, bench/RESULTS.md "core"): at 5,000 containers the tree is 16.8 MB of
-JSON; parsing it holds the GIL for hundreds of ms and :func:`dns.table.build` takes ~0.5 s, which
-on the daemon's loop would stall every query. The metadata watch (agents/metadata_watch.py) does
-its download in this same helper process (``pool=``) and persists the tree to its state file;
-:func:`helper_build` then takes the tree the watch just parsed there (no second download, no
-second parse; after a helper restart it reads the state file), builds the new
-:class:`~dns.table.Table` with the pure :func:`dns.table.build`, compares it with the previous
-one it built and returns a :class:`Diff` of what changed (names, views, PTRs). The daemon copies
-its dicts (C-speed) and applies the diff, so a one-container change costs microseconds on the
-loop, and a full first load one unpickle.
+Why another process (measured, bench/RESULTS.md "core"): at 5,000 containers the tree is 16.8 MB
+of JSON; parsing it holds the GIL for hundreds of ms and :func:`dns.table.build` takes ~0.5 s,
+which on the daemon's loop would stall every query. The metadata watch
+(agents/metadata_watch.py) downloads in a child of dns's :class:`dns.forkpool.ForkPool` and
+persists the tree to its state file; :func:`build_from_state` then runs in another child forked
+for the rebuild: it reads that tree, builds the new :class:`~dns.table.Table` with the pure
+:func:`dns.table.build`, compares it with the table the daemon serves (the child's
+copy-on-write image of it) and returns a :class:`Diff` of what changed (names, views, PTRs).
+The daemon copies its dicts (C-speed) and applies the diff, so a one-container change costs
+microseconds on the loop, and a full first load one unpickle.
 
-The helper keeps the table it last built and the generation the daemon acknowledged; a diff
-is relative to that generation, and when they disagree (helper restarted, diff dropped) the
-helper sends a full one.
+Why children forked per call and not one resident helper: at 1,000 containers the spawned helper
+and multiprocessing's resource tracker cost 43 MB beside a 46 MB daemon, all the time; a fork costs
+a few milliseconds per call and nothing in between. The price is a second parse of the tree (the
+download's child is gone when the build's starts), in a child, off the loop.
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
+import os
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from agents.metadata_fetch import FetchError, helper_init, read_tree
+from agents.metadata_fetch import FetchError, read_tree
 from dns.table import Rec, Settings, Table, View, build
 
-__all__ = ["Diff", "FetchError", "apply", "build_diff", "diff", "helper_build", "helper_init"]
+__all__ = ["Diff", "FetchError", "apply", "build_from_state", "build_tree_diff", "diff", "dump_answers"]
 
 
 @dataclass(frozen=True)
@@ -102,40 +105,28 @@ def apply(old: Table | None, d: Diff) -> Table:
                  generation=d.generation, ttl=d.ttl, ndots=d.ndots)
 
 
-# ---------------------------------------------------------------- helper-process side
-
-_prev: Table | None = None
-_acked: int = -1
+# ---------------------------------------------------------------- the rebuild child
 
 
-def build_diff(tree: dict[str, Any], settings: Settings, generation: int, base: int) -> Diff:
-    """Build and diff against the table the daemon holds (generation ``base``)."""
-    global _prev, _acked
-    new = build(tree, settings, generation)
-    prev = _prev if (_prev is not None and _acked == base and base > 0) else None
-    d = diff(prev, new)
-    if prev is not None and not d.changed:
-        _prev = replace(new, generation=base)
-        _acked = base
-        return d
-    _prev, _acked = new, generation
-    return d
-
-
-def helper_build(path: str, settings: Settings, generation: int, base: int, dump: str = "") -> Diff:
-    """Entry point run in the helper process: the tree the metadata watch persisted at ``path``
-    (already parsed when the watch fetched it in this same process), built and diffed.
-
-    ``dump``: also write the table there as a rancher-dns answers file (the original's debug aid).
-    """
-    tree = read_tree(path)
+def build_tree_diff(old: Table | None, tree: dict[str, Any], settings: Settings, generation: int,
+                    dump: str = "") -> Diff:
+    """Build ``tree``'s table and diff it against ``old``, the table the daemon serves; ``dump``:
+    also write the new table there as a rancher-dns answers file when it changed."""
     settings = resolve_agent_ip(settings, tree)
-    d = build_diff(tree, settings, generation, base)
-    if dump and d.changed and _prev is not None:
-        err = dump_answers(_prev, dump)
+    new = build(tree, settings, generation)
+    d = diff(old, new)
+    if dump and d.changed:
+        err = dump_answers(new, dump)
         if err:
             d = replace(d, dump_error=err)
     return d
+
+
+def build_from_state(old: Table | None, path: str, settings: Settings, generation: int, dump: str = "") -> Diff:
+    """Run in a child forked for this rebuild (:class:`dns.forkpool.ForkPool`): the tree the
+    metadata watch persisted at ``path``, built and diffed against ``old`` (shared with the
+    daemon copy-on-write, not pickled)."""
+    return build_tree_diff(old, read_tree(path), settings, generation, dump)
 
 
 def dump_answers(table: Table, path: str) -> str:
@@ -144,9 +135,6 @@ def dump_answers(table: Table, path: str) -> str:
     Atomic: written to ``<path>.tmp`` and renamed over ``path``. On failure (disk full, no
     permission) the temporary file is removed, the previous file stays as it was, and the
     error is returned for the daemon to log ("" on success)."""
-    import json
-    import os
-
     def view(v: View, default: bool) -> dict[str, Any]:
         d: dict[str, Any] = {"search": list(v.search), "recurse": list(v.recurse)}
         d["a"] = {k: {"answer": list(r.a)} for k, r in sorted(v.records.items()) if r.cname is None}

@@ -158,6 +158,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--quick", action="store_true", help="short runs (smoke test of the bench itself)")
     ap.add_argument("--no-write", action="store_true", help="print only, do not update bench/RESULTS.md")
     ap.add_argument("--rounds", type=int, default=3, help="alternating throughput rounds (median)")
+    ap.add_argument("--memory-only", action="store_true", help="only the memory runs (1,000 containers, 400k names)")
+    ap.add_argument("--update-results", action="store_true", help="also update bench/RESULTS.md")
     a = ap.parse_args(argv)
     for tool in ("dnsperf", "dnsmasq"):
         if shutil.which(tool) is None:
@@ -181,6 +183,13 @@ def main(argv: list[str] | None = None) -> int:
     write_metadata(md_file, tree)
 
     table = Table("dns", "dnsmasq")
+    mem_note = memory(table, quick=a.quick)
+    if a.memory_only:
+        table.print()
+        if not a.no_write:
+            update_results("dns", table.markdown() + "\n\n" + mem_note,
+                           command=".venv/bin/python -m bench.dns.bench_dns --memory-only")
+        return 0
     # --- table rebuild (pure build, in-process)
     st = Settings()
     times = []
@@ -298,10 +307,76 @@ def main(argv: list[str] | None = None) -> int:
         "server-side search, link aliases, A and AAAA). Peer: dnsmasq 2.90 with the same names in a hosts file. "
         f"Pinned: the server under test on CPU {sorted(SERVER_CPU)}, dnsperf and metadata on "
         f"{sorted(CLIENT_CPU)}. The machine is shared with other engineers' test runs; "
-        "the last row shows how noisy scheduling was.")
+        "the last row shows how noisy scheduling was.\n\n" + mem_note)
     if not a.no_write:
         update_results("dns", body, command=".venv/bin/python -m bench.dns.bench_dns")
     return 0
+
+
+MEM_CONTAINERS = 1000
+MEM_QUERIES = 400_000
+
+
+def memory(table: Table, *, quick: bool = False) -> str:
+    """RSS of corral dns (the whole process tree) and of dnsmasq, each serving a 1,000-container
+    environment's names and forwarding the rest to the same upstream, at start and after the same
+    400k distinct names (3 in 4 forwarded, 1 in 4 missing under rancher.internal)."""
+    n = 40_000 if quick else MEM_QUERIES
+    out = OUT / "memory"
+    out.mkdir(parents=True, exist_ok=True)
+    tree = synth.tree(containers=MEM_CONTAINERS, services=200, stacks=10, local_views=60)
+    md_file = out / "metadata.json"
+    write_metadata(md_file, tree)
+    t = build(tree, Settings())
+    hosts_file = out / "hosts"
+    hosts_file.write_text("".join(f"{ip} {n_.rstrip('.')}\n" for n_, r in t.default.records.items() for ip in r.a))
+    qfile = out / "distinct.txt"
+    qfile.write_text("".join(f"u{i}.ext.test A\n" if i % 4 else f"n{i}.rancher.internal A\n" for i in range(n)))
+    upstream = Dnsmasq(hosts_file)
+    md_port = free_port()
+    md = start_corral("metadata", "--answers", str(md_file), "--listen", f"127.0.0.1:{md_port}", "--listenReload",
+                      f"127.0.0.1:{free_port()}", "--metrics-listen", f"127.0.0.1:{free_port()}", name="md-mem")
+    procs: list[Proc] = [md]
+    peer: subprocess.Popen[bytes] | None = None
+    try:
+        wait_http(f"http://127.0.0.1:{md_port}/latest/version", timeout=30)
+        p, port, _admin = start_corral_dns(f"http://127.0.0.1:{md_port}/2016-07-29", f"{UPSTREAM}:{upstream.port}")
+        procs.append(p)
+        peer_port = free_port()
+        # the peer: dnsmasq as the node's resolver, the environment's names in a hosts file, a forward
+        # cache of 10,000 entries (Corral's default: --cache-capacity 1000 x 10), the same upstream
+        peer = subprocess.Popen(
+            ["dnsmasq", "--keep-in-foreground", "--no-resolv", "--no-hosts", "--conf-file=/dev/null",
+             "--listen-address=127.0.0.1", "--bind-interfaces", f"--port={peer_port}", f"--addn-hosts={hosts_file}",
+             f"--server={UPSTREAM}#{upstream.port}", "--local=/rancher.internal/", "--cache-size=10000"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        time.sleep(0.5)
+        start = {"c": tree_rss_mib(p.pid), "d": tree_rss_mib(peer.pid)}
+        runs = {}
+        for key, prt in (("c", port), ("d", peer_port)):
+            argv = ["dnsperf", "-s", "127.0.0.1", "-p", str(prt), "-d", str(qfile), "-a", CLIENT, "-c", "4",
+                    "-q", "100", "-Q", "10000", "-t", "2", "-n", "1"]
+            res = subprocess.run(argv, capture_output=True, text=True, check=True).stdout
+            m = re.search(r"Queries completed:\s+(\d+)", res)
+            runs[key] = int(m.group(1)) if m else 0
+        time.sleep(1)
+        after = {"c": tree_rss_mib(p.pid), "d": tree_rss_mib(peer.pid)}
+    finally:
+        for pr in procs:
+            pr.stop()
+        if peer is not None:
+            peer.terminate()
+            peer.wait(5)
+        upstream.stop()
+    table.add(f"RSS at start, {MEM_CONTAINERS:,} containers (process tree)", start["c"], start["d"], "MiB",
+              higher_is_better=False)
+    table.add(f"RSS after {n:,} distinct names, {MEM_CONTAINERS:,} containers", after["c"], after["d"], "MiB",
+              higher_is_better=False, note=f"target <= 60 MiB; answered {runs['c']:,} / {runs['d']:,}")
+    return (f"Memory rows: a {MEM_CONTAINERS:,}-container environment (200 services, 10 stacks, 60 views on this host); "
+            f"{n:,} distinct names sent once each by dnsperf at up to 10k q/s (3 in 4 `u<i>.ext.test`, forwarded "
+            "to a dnsmasq upstream; 1 in 4 `n<i>.rancher.internal`, missing). Peer: dnsmasq 2.90 as the node's "
+            "resolver with the same names in a hosts file, `--cache-size=10000` and the same upstream. RSS of the "
+            "whole process tree (Corral has no resident child: rebuilds run in a child forked per rebuild).")
 
 
 def loop_lag_p99(seconds: float = 3.0) -> float:

@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import struct
+from pathlib import Path
 
 import pytest
 from dnslib import QTYPE, RR, SOA, A, DNSRecord
 
 from dns import wire
 from dns.cache import Cache
-from dns.rebuild import apply, build_diff, diff, resolve_agent_ip
+from dns.forkpool import ForkPool
+from dns.rebuild import apply, build_from_state, build_tree_diff, diff, resolve_agent_ip
 from dns.table import Settings, build
 from tests.unit.dns import example
 
@@ -53,16 +55,61 @@ def test_apply_refuses_wrong_base() -> None:
         apply(build(example.tree(), ST, 7), d)
 
 
-def test_helper_state_full_after_unacked_base() -> None:
-    d1 = build_diff(example.tree(), ST, 1, 0)
+def test_build_tree_diff_against_the_served_table() -> None:
+    d1 = build_tree_diff(None, example.tree(), ST, 1)
     assert d1.base == 0
-    d2 = build_diff(example.tree(web_scale=3), ST, 2, 1)
+    t1 = apply(None, d1)
+    d2 = build_tree_diff(t1, example.tree(web_scale=3), ST, 2)
     assert d2.base == 1 and d2.size() == 3
-    d3 = build_diff(example.tree(web_scale=3), ST, 3, 2)
-    assert not d3.changed
-    d4 = build_diff(example.tree(web_scale=4), ST, 4, 99)  # daemon holds something else: full
-    assert d4.base == 0
+    t2 = apply(t1, d2)
+    assert not build_tree_diff(t2, example.tree(web_scale=3), ST, 3).changed
 
+
+def _children() -> set[str]:
+    """This process's children, reaped or not (a zombie is still listed)."""
+    from pathlib import Path
+
+    return {c for t in Path("/proc/self/task").iterdir() for c in (t / "children").read_text().split()}
+
+
+def _boom() -> None:
+    raise ValueError("no such tree")
+
+
+def _die() -> None:
+    import os
+
+    os._exit(3)
+
+
+def _hang() -> None:
+    import time
+
+    time.sleep(60)
+
+
+async def test_fork_pool_builds_against_the_served_table_and_leaves_no_child(tmp_path: Path) -> None:
+    import asyncio
+
+    import orjson
+
+    state = tmp_path / "metadata.json"
+    state.write_bytes(orjson.dumps(example.tree()))
+    before = _children()
+    loop = asyncio.get_running_loop()
+    pool = ForkPool(limit=1)
+    t1 = apply(None, await loop.run_in_executor(pool, build_from_state, None, str(state), ST, 1))
+    assert t1.default.records["web.shop.rancher.internal."].a == ("10.42.0.11", "10.42.0.12")
+    state.write_bytes(orjson.dumps(example.tree(web_scale=3)))
+    d2 = await loop.run_in_executor(pool, build_from_state, t1, str(state), ST, 2)
+    assert d2.base == 1 and d2.size() == 3  # a small diff against the table the parent holds
+    with pytest.raises(ValueError, match="no such tree"):  # the child's exception, as raised there
+        await loop.run_in_executor(pool, _boom)
+    with pytest.raises(ChildProcessError, match="exit 3"):
+        await loop.run_in_executor(pool, _die)
+    with pytest.raises(ChildProcessError, match="signal 14"):  # SIGALRM after `limit`: never stuck
+        await loop.run_in_executor(pool, _hang)
+    assert _children() <= before  # every child exited and was reaped
 
 def test_agent_ip_placeholders() -> None:
     st = Settings(rancher_metadata_answer=("agent_ip",), never_recurse_to=("agent_ip", "169.254.169.250"),
