@@ -129,11 +129,12 @@ class DnsProc:
         self.admin = admin
         self.reload_port = reload_port
 
-    def ask(self, name: str, qtype: str = "A", *, src: str = "127.0.0.1", tcp: bool = False, **kw: Any) -> DNSRecord:
+    def ask(self, name: str, qtype: str = "A", *, src: str = "127.0.0.1", tcp: bool = False, timeout: float = 3.0,
+            **kw: Any) -> DNSRecord:
         q = make_q(name, qtype, **kw)
         if tcp:
-            return tcp_query(q, "127.0.0.1", self.port, src=src)
-        return udp_query(q, "127.0.0.1", self.port, src=src)
+            return tcp_query(q, "127.0.0.1", self.port, src=src, timeout=timeout)
+        return udp_query(q, "127.0.0.1", self.port, src=src, timeout=timeout)
 
     def dig(self, name: str, qtype: str = "A", *, src: str = "127.0.0.1", tcp: bool = False) -> str:
         argv = ["dig", "-b", src, "@127.0.0.1", "-p", str(self.port), name, qtype, "+tries=1", "+time=3"]

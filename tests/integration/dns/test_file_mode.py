@@ -14,6 +14,7 @@ import pytest
 from dnslib import QTYPE, RCODE
 
 from tests.helpers.procs import free_port, start_corral
+from tests.helpers.wait import until
 from tests.integration.dns.conftest import DnsProc, Metadata, start_dns, write_legacy
 from tests.unit.dns import example
 
@@ -200,10 +201,8 @@ def test_no_process_stays_between_rebuilds(tmp_path: Path) -> None:
     d = start_dns("--metadata-url", m.url, recursers=["127.0.0.1:9"])
     try:
         write_legacy(md_file, example.tree(prefix="127.42.0.", version="2", web_scale=3))
-        deadline = time.monotonic() + 15
-        while RCODE[d.ask("shop-web-3.rancher.internal.").header.rcode] != "NOERROR":
-            assert time.monotonic() < deadline, "the second table was never installed"
-            time.sleep(0.05)
+        until(lambda: RCODE[d.ask("shop-web-3.rancher.internal.").header.rcode] == "NOERROR",
+              what="the second table installed")
         assert d.proc.log().count('"table installed"') == 2
         kids = subprocess.run(["pgrep", "-P", str(d.proc.pid)], capture_output=True, text=True).stdout.split()
         assert kids == []
@@ -286,19 +285,14 @@ def test_answers_dump_on_a_full_disk_keeps_the_previous_file(tmp_path: Path) -> 
     try:
         wait_http(f"http://127.0.0.1:{admin}/ready", timeout=15)
         inside = Path(f"/proc/{p.pid}/root") / str(small).lstrip("/")  # the dns process's own view
-        deadline = time.monotonic() + 10
-        while not (inside / "dump.json").exists():
-            assert time.monotonic() < deadline, "first answers dump not written"
-            time.sleep(0.05)
+        until((inside / "dump.json").exists, what="the first answers dump written")
         assert not (small / "dump.json").exists()  # the tmpfs exists only in that namespace
         first = (inside / "dump.json").read_text()
         assert "shop-web-2.rancher.internal." in json.loads(first)["default"]["a"]
         # 200 web containers: the new table's dump (~23 KB) does not fit any more
         write_legacy(md_file, example.tree(prefix="127.42.0.", version="2", web_scale=200))
-        deadline = time.monotonic() + 15
-        while RCODE[d.ask("shop-web-150.rancher.internal.").header.rcode] != "NOERROR":
-            assert time.monotonic() < deadline, "the bigger table was never installed"
-            time.sleep(0.1)
+        until(lambda: RCODE[d.ask("shop-web-150.rancher.internal.").header.rcode] == "NOERROR",
+              what="the bigger table installed")
         assert "answers file not written, the previous one is kept" in p.log()
         assert "No space left on device" in p.log()
         assert sorted(x.name for x in inside.iterdir()) == ["dump.json"]  # no .tmp left behind
