@@ -1,10 +1,9 @@
-"""Client of the metadata service, used by every other daemon.
+"""Client of the metadata service: one-off reads, the long-poll on ``/version``, typed views.
 
 Typed, read-only views of the metadata tree (:class:`Host`, :class:`Stack`,
-:class:`Service`, :class:`Container`, :class:`Network`, gathered in a :class:`Snapshot`),
-the long-poll on ``/version``, and :meth:`MetadataClient.watch`, which yields a new snapshot
-on every change and, while metadata is unreachable, logs, retries with back-off and yields
-nothing, so callers keep acting on the last good snapshot.
+:class:`Service`, :class:`Container`, :class:`Network`, gathered in a :class:`Snapshot`;
+built from a :class:`agents.metadata_watch.MetadataSnapshot` on demand by its ``typed``).
+Watching for changes is :class:`agents.metadata_watch.MetadataWatch`'s job (one per process).
 
 Like go-rancher-metadata it asks for JSON (``Accept: application/json``) and long-polls
 ``/version?wait=true&value=<v>&maxWait=<s>`` starting from ``value=init``.
@@ -12,11 +11,8 @@ Like go-rancher-metadata it asks for JSON (``Accept: application/json``) and lon
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import dataclasses
-import time
-from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 from urllib.parse import quote
@@ -24,8 +20,6 @@ from urllib.parse import quote
 import aiohttp
 import orjson
 
-from agents.aio import first_of
-from agents.backoff import Backoff
 from agents.errors import ProtocolError, TransportError
 from agents.log import get_logger
 from agents.metrics import counter, gauge
@@ -237,12 +231,6 @@ class Snapshot:
             raw=tree,
         )
 
-    def host(self, uuid: str | None) -> Host | None:
-        for h in self.hosts:
-            if h.uuid == uuid:
-                return h
-        return None
-
 
 class MetadataClient:
     """Async client of one metadata service."""
@@ -323,38 +311,3 @@ class MetadataClient:
         if tree is None:
             raise TransportError("metadata has no data yet (404 on the version root)")
         return Snapshot.from_tree(tree)
-
-    async def watch(self, stop: asyncio.Event, *, max_wait: float = 10,
-                    backoff: Backoff | None = None) -> AsyncIterator[Snapshot]:
-        """Yield a snapshot now and after every version change, until ``stop`` is set.
-
-        Failures (unreachable, 5xx, malformed) are logged once per outage and retried with
-        back-off; nothing is yielded meanwhile, so the caller keeps its last good snapshot.
-        """
-        bo = backoff or Backoff(0.2, 10.0)
-        last = ""
-        failing_since: float | None = None
-        while not stop.is_set():
-            try:
-                if last:
-                    v = await first_of(self.wait_version(last, max_wait), stop)
-                    if v is None or v == last:
-                        continue
-                snap = await first_of(self.snapshot(), stop)
-                if snap is None:
-                    continue
-            except (TransportError, ProtocolError) as e:
-                if failing_since is None:
-                    failing_since = time.monotonic()
-                    log.warning("metadata unavailable, keeping last good state", error=str(e))
-                delay = bo.next()
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(stop.wait(), delay)
-                continue
-            if failing_since is not None:
-                log.info("metadata back", down_for=round(time.monotonic() - failing_since, 2))
-                failing_since = None
-            bo.reset()
-            if snap.version != last:
-                last = snap.version
-                yield snap

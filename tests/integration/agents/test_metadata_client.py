@@ -8,10 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from agents.errors import TransportError
 from agents.metadata_client import MetadataClient, Snapshot
 from tests.helpers.metadata import Metadata
-from tests.helpers.wait import eventually
 
 
 @pytest.fixture
@@ -46,37 +44,3 @@ async def test_long_poll_returns_at_once_on_a_different_version_and_waits_otherw
         assert not task.done()
         md.write("2", ["web-1", "web-2"])
         assert await task == "2"  # answered by the change, long before maxWait
-
-
-async def test_watch_yields_on_change_keeps_quiet_while_metadata_is_away_and_recovers(md: Metadata) -> None:
-    stop = asyncio.Event()
-    got: list[Snapshot] = []
-    c = MetadataClient(md.url, timeout=2)
-
-    async def consume() -> None:
-        async for snap in c.watch(stop, max_wait=2):
-            got.append(snap)
-
-    task = asyncio.create_task(consume())
-    try:
-        await eventually(lambda: len(got) == 1)
-        assert got[0].version == "1"
-        md.write("2", ["web-1", "web-2"])
-        await eventually(lambda: len(got) == 2)
-        assert [x.name for x in got[1].containers] == ["web-1", "web-2"]
-
-        md.stop()
-        await eventually(lambda: not c.reachable)
-        await asyncio.sleep(1.0)
-        assert len(got) == 2  # nothing yielded while away: callers keep the last good snapshot
-        with pytest.raises(TransportError):
-            await c.snapshot()
-
-        md.write("3", ["web-1"])
-        md.start()
-        await eventually(lambda: len(got) == 3)
-        assert got[2].version == "3" and c.reachable
-    finally:
-        stop.set()
-        await asyncio.wait_for(task, 10)
-        await c.close()

@@ -472,24 +472,25 @@ def test_big_bodies_stream_with_flow_control(tmp_path: Path) -> None:
         m.proc.stop()
 
 
-def test_shared_client_watch_follows_changes(md: Metadata) -> None:
-    """MetadataClient.watch (go-rancher-metadata's OnChange): a snapshot at once, then one per change."""
+def test_shared_watch_follows_changes(md: Metadata) -> None:
+    """The shared MetadataWatch (go-rancher-metadata's OnChange): a snapshot at once, then one per change."""
     import asyncio
 
-    from agents.metadata_client import MetadataClient
+    from agents.metadata_watch import MetadataWatch
 
     async def go() -> list[str]:
         stop = asyncio.Event()
         seen: list[str] = []
-        async with MetadataClient(md.url) as c:
-            async for snap in c.watch(stop, max_wait=5):
-                seen.append(snap.version)
-                if len(seen) == 1:
-                    await asyncio.to_thread(_rewrite_version, md.answers, "47-watch")
-                    await asyncio.to_thread(md.reload)
-                else:
-                    stop.set()
-                    break
+        w = MetadataWatch(md.url, max_wait=5, parse_in="thread")
+        task = asyncio.create_task(w.run(stop))
+        async for snap in w.updates(stop):
+            seen.append(snap.version)
+            if len(seen) == 1:
+                await asyncio.to_thread(_rewrite_version, md.answers, "47-watch")
+                await asyncio.to_thread(md.reload)
+            else:
+                stop.set()
+        await task
         return seen
 
     assert asyncio.run(go()) == ["42-5cc6db68", "47-watch"]

@@ -49,7 +49,7 @@ def test_snapshot_types_fields_and_tolerates_gaps():
     c = s.containers[0]
     assert c.start_count == 3 and c.health_check_hosts == ("h1",) and c.labels == {}
     assert s.services[0].health_check == {"port": 80} and s.services[0].scale == 2
-    assert s.host("h1") is not None and s.host("h1").memory == 1024  # type: ignore[union-attr]
+    assert s.hosts[0].uuid == "h1" and s.hosts[0].memory == 1024
 
 
 @pytest.mark.parametrize("tree", [[], {"hosts": []}, {"version": "1", "containers": {"a": 1}}])
