@@ -86,7 +86,9 @@ def _require_any(labels: dict[str, str]) -> tuple[tuple[str, str | None], ...]:
 
 
 def _num(v: Any) -> int:
-    if isinstance(v, bool):
+    if type(v) is int:  # the common case first (bool is not int here)
+        return v if v > 0 else 0
+    if v is None or isinstance(v, bool):
         return 0
     if isinstance(v, int):
         return max(0, v)
@@ -166,9 +168,14 @@ class BaseBuilder:
             h.members[uuid] = m
             used = h.used
             used["instanceReservation"] += 1
-            used["cpuReservation"] += cpu
-            used["memoryReservation"] += mem
-            for spec in c.get("ports") or ():
+            if cpu:
+                used["cpuReservation"] += cpu
+            if mem:
+                used["memoryReservation"] += mem
+            ports = c.get("ports")
+            if not ports:
+                continue
+            for spec in ports:
                 b = parse_port_binding(spec)
                 if b is None:
                     continue
