@@ -126,7 +126,8 @@ class Scheduler:
             await self._ensure_synced()
             data = self.pools.reserve(req, event_id=ev.id, now=time.monotonic())
         except (InputError, SchedulerError) as e:
-            log.info("reserve refused", id=ev.id, host=(ev.data.get("schedulerRequest") or {}).get("hostID"),
+            sreq = ev.data.get("schedulerRequest")
+            log.info("reserve refused", id=ev.id, host=sreq.get("hostID") if isinstance(sreq, dict) else None,
                      error=str(e))
             return self._error("reserve", e)
         _DECISIONS.labels("reserve", "ok").inc()
@@ -190,13 +191,20 @@ class Scheduler:
                 await self._sleep(stop, gap)
                 snap = self.watch.latest or snap
             last = time.monotonic()
+            await self._safe_rebuild(snap)
+
+    async def _safe_rebuild(self, snap: MetadataSnapshot) -> None:
+        try:
             await self.rebuild(snap)
+        except Exception as e:  # a snapshot we cannot use: keep placing from the last pools
+            log.error("pools not rebuilt, keeping the last ones", version=snap.version,
+                      error=f"{type(e).__name__}: {e}")
 
     async def periodic_resync(self, stop: asyncio.Event) -> None:
         while not stop.is_set():
             await self._sleep(stop, self.args.resync_interval)
             if not stop.is_set() and self.watch.latest is not None:
-                await self.rebuild(self.watch.latest)
+                await self._safe_rebuild(self.watch.latest)
 
     @staticmethod
     async def _sleep(stop: asyncio.Event, delay: float) -> None:
