@@ -289,3 +289,16 @@ def test_bad_requests_are_clear_errors(data: object, msg: str) -> None:
 def test_host_id_spellings() -> None:
     assert req(host_id="h1").host_id == "h1"
     assert req(host_id="h1", host_key="hostId").host_id == "h1"
+
+
+def test_malformed_metadata_rows_are_skipped() -> None:
+    hosts = ["junk", {"name": "no-uuid"}, {"uuid": "h", "labels": "not-a-map", "milli_cpu": "2000", "memory": None},
+             {"uuid": "h", "milli_cpu": 1}]  # a second row for the same uuid is ignored
+    containers = [None, {"uuid": "a", "host_uuid": "h", "memory_reservation": "lots", "ports": "8080"},
+                  {"host_uuid": "h"}, {"uuid": "b", "host_uuid": "h", "milli_cpu_reservation": -5, "ports": [None, 7]}]
+    p = pools(hosts, containers)  # type: ignore[arg-type]
+    h = p.hosts["h"]
+    assert h.total["cpuReservation"] == 2000 and h.total["memoryReservation"] == 0 and h.labels == {}
+    assert h.used == {"instanceReservation": 2, "cpuReservation": 0, "memoryReservation": 0, "storageSize": 0}
+    assert h.ports == {}
+    check_recount(p)
