@@ -107,12 +107,23 @@ def run_daemon(
     with nothing good to serve instead, e.g. a corrupt answers file) is one line and exit code 1;
     any other crash is logged with its traceback and exits 1.
     """
-    stream: Any = open(log_file, "a", buffering=1) if log_file else None
+    try:
+        stream: Any = open(log_file, "a", buffering=1) if log_file else None
+    except OSError as e:
+        print(f"{component}: --log {log_file}: {e.strerror or e}", file=sys.stderr)
+        return 2
     setup_logging(component, debug=debug, json=log_json, stream=stream)
     log = get_logger("cli")
     if pid_file:
-        with open(pid_file, "w") as f:
-            f.write(f"{os.getpid()}\n")
+        try:
+            with open(pid_file, "w") as f:
+                f.write(f"{os.getpid()}\n")
+        except OSError as e:
+            print(f"{component}: --pid-file {pid_file}: {e.strerror or e}", file=sys.stderr)
+            if stream is not None:
+                setup_logging(component, debug=debug, json=log_json)
+                stream.close()
+            return 2
     _install_loop()
 
     async def runner() -> int:
