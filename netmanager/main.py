@@ -26,7 +26,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from agents.cli import run_daemon
-from agents.config import add_common_args, duration_arg, make_parser
+from agents.config import add_common_args, int_arg, make_parser, positive_duration_arg
 from agents.errors import ConfigError, CorralError
 from agents.log import get_logger
 from agents.metadata_client import Snapshot
@@ -65,9 +65,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--metadata-address", default="169.254.169.250", help="metadata host (or host:port)")
     p.add_argument("--metadata-url", default="", help="full metadata URL (older templates), e.g. "
                    "http://169.254.169.250/2016-07-29; overrides --metadata-address")
-    p.add_argument("--metadata-listen-port", type=int,
+    p.add_argument("--metadata-listen-port", type=int_arg(1, 65535),
                    default=int(os.environ.get("RANCHER_METADATA_LISTEN_PORT") or 80),
-                   help="port metadata really listens on; not 80 installs the port-80 DNAT")
+                   help="port metadata really listens on; not 80 installs the port-80 DNAT "
+                        "(env RANCHER_METADATA_LISTEN_PORT)")
     for name in ("macsync", "arpsync", "vethsync", "routesync", "conntracksync"):
         p.add_argument(f"--disable-{name}", action="store_true", help=f"switch {name} off")
     p.add_argument("--arpsync-interval", type=_seconds, default=5)
@@ -79,22 +80,22 @@ def build_parser() -> argparse.ArgumentParser:
                    help="accepted for compatibility; see --verify-interval")
     p.add_argument("--disable-cni-setup", action="store_true", help="do not write CNI configs or shims")
     p.add_argument("--disable-dns-setup", action="store_true", help="do not rewrite containers' resolv.conf")
-    p.add_argument("--verify-interval", type=duration_arg, default=10.0,
-                   help="read the owned chains back this often and repair drift (default 10s)")
-    p.add_argument("--drift-probe-interval", type=duration_arg, default=0.5,
-                   help="nft backend: probe the ruleset generation this often (default 0.5s)")
+    p.add_argument("--verify-interval", type=positive_duration_arg, default=10.0,
+                   help="read the owned chains back this often and repair drift")
+    p.add_argument("--drift-probe-interval", type=positive_duration_arg, default=0.5,
+                   help="nft backend: probe the ruleset generation this often")
     p.add_argument("--iptables-backend", choices=("auto", "legacy", "nft"), default="auto",
                    help="auto: the backend that holds Docker's chains")
     p.add_argument("--cni-dir", default="/etc/cni", help="the rancher-cni-driver volume")
     p.add_argument("--docker-host", default=os.environ.get("DOCKER_HOST") or "unix:///var/run/docker.sock",
-                   help="Docker API for container events -> CNI ADD/DEL ('' switches it off)")
+                   help="Docker API for container events -> CNI ADD/DEL; '' switches it off (env DOCKER_HOST)")
     p.add_argument("--cni-state-dir", default="/var/lib/rancher/state/cni",
                    help="CNI results per container, as the Rancher agent reads them")
     p.add_argument("--netns-handle-dir", default="/run/corral/netns",
                    help="bind-mounted network namespace handles kept from ADD to DEL")
     p.add_argument("--cni-path", default=CNI_PATH, help="where CNI plugins are looked up")
-    p.add_argument("--cni-retries", type=int, default=15, help="ADD attempts after the first")
-    p.add_argument("--cni-retry-delay", type=duration_arg, default=2.0, help="mean delay between ADD attempts")
+    p.add_argument("--cni-retries", type=int_arg(0, 1000), default=15, help="ADD attempts after the first")
+    p.add_argument("--cni-retry-delay", type=positive_duration_arg, default=2.0, help="mean delay between ADD attempts")
     p.add_argument("--netns", default="", help="run inside this named network namespace (tests)")
     add_watch_args(p, state_file="/var/lib/rancher/state/corral/metadata.json")
     add_common_args(p, metrics_listen="127.0.0.1:9115")

@@ -204,31 +204,31 @@ _PROTO = {"tcp": 6, "udp": 17}
 
 
 async def _delete_flows(filters: tuple[FlowFilter, ...], exclude: str) -> int:
-    import socket as so
-
-    from pyroute2.conntrack import AsyncConntrack, NFCTAttrTuple
+    from pyroute2.conntrack import AsyncConntrack
 
     skip = ipaddress.IPv4Network(exclude, strict=False) if exclude else None
+    by_port: dict[tuple[int, int], list[FlowFilter]] = {}
+    for f in filters:
+        by_port.setdefault((_PROTO[f.proto], f.dport), []).append(f)
     n = 0
     ct = AsyncConntrack()
     try:
-        for f in filters:
-            tup = NFCTAttrTuple(family=so.AF_INET, proto=_PROTO[f.proto], dport=f.dport,
-                                daddr=f.daddr) if f.daddr else NFCTAttrTuple(family=so.AF_INET,
-                                                                              proto=_PROTO[f.proto], dport=f.dport)
-            doomed = []
-            async for e in await ct.dump_entries(tuple_orig=tup):
-                if f.keep_src is not None and e.tuple_reply.saddr == f.keep_src:
-                    continue
-                if e.tuple_reply.saddr == e.tuple_orig.daddr:
-                    continue  # not DNATed: not one of ours
-                if skip is not None and ipaddress.IPv4Address(e.tuple_orig.daddr) in skip:
-                    continue  # Kubernetes cluster IPs (rancher/rancher#10288)
-                doomed.append(e)
-            for e in doomed:
-                with contextlib.suppress(Exception):  # already gone
-                    await ct.delete(e)
-                    n += 1
+        doomed = []
+        async for e in await ct.dump_entries():  # one dump, whatever the number of moved ports
+            o, r = e.tuple_orig, e.tuple_reply
+            cands = by_port.get((o.proto, o.dport))
+            if not cands or r.saddr == o.daddr:
+                continue  # not a moved port, or not DNATed: not one of ours
+            if skip is not None and ipaddress.IPv4Address(o.daddr) in skip:
+                continue  # Kubernetes cluster IPs (rancher/rancher#10288)
+            for f in cands:
+                if (f.daddr is None or f.daddr == o.daddr) and (f.keep_src is None or r.saddr != f.keep_src):
+                    doomed.append(e)
+                    break
+        for e in doomed:
+            with contextlib.suppress(Exception):  # already gone
+                await ct.delete(e)
+                n += 1
     finally:
         ct.close()
     return n

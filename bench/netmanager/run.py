@@ -277,6 +277,11 @@ def run(ports: int, rounds: int) -> Table:
             drift.append(visible(t0, g, 1, "nat", "CATTLE_PREROUTING", last_pre, gen, timeout=30))
             assert in_sync(big), "not repaired"
         rss = max(rss, rss_mib(nm.pid))
+    except BaseException:
+        logs = work / "logs"
+        if logs.exists():
+            print(logs.read_text()[-6000:], file=sys.stderr)
+        raise
     finally:
         for p in procs:
             p.terminate()

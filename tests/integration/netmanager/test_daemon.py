@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import os
 import re
 import stat
+import subprocess
+import sys
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -161,6 +165,24 @@ def test_boot_from_the_persisted_snapshot_before_metadata(host: Host) -> None:
     host.wait(lambda: host.http(9115, "/ready") is not None, "ready once metadata answers")
 
 
+@contextlib.contextmanager
+def serve(host: Host, ns: str, ip: str, body: str, get: Callable[[str, str], str]) -> Iterator[None]:
+    """A real HTTP server on ``ip:80`` inside ``ns``, answering ``body``; stopped afterwards."""
+    www = Path(host.tmp) / f"www-{ip}"
+    www.mkdir(exist_ok=True)
+    (www / "index.html").write_text(body)
+    p = subprocess.Popen(["ip", "netns", "exec", ns, sys.executable, "-m", "http.server", "80", "--bind", ip,
+                          "--directory", str(www)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 10
+        while get(ns, f"http://{ip}/") != body and time.monotonic() < deadline:
+            time.sleep(0.05)
+        yield
+    finally:
+        p.terminate()
+        p.wait(5)
+
+
 def test_dnat_end_to_end(host: Host) -> None:
     """outside -> host:8080 -> c1:80; host via 127.0.0.1 (OUTPUT + route_localnet); c1 hairpin."""
     from tests.helpers.netns import netns, run_in_netns
@@ -179,23 +201,11 @@ def test_dnat_end_to_end(host: Host) -> None:
         host.sh("ip", "link", "set", f"nmo{tag}", "up")
         run_in_netns(out, "ip", "addr", "add", "192.0.2.2/24", "dev", "eth0")
         run_in_netns(out, "ip", "link", "set", "eth0", "up")
-        srv = Path(host.tmp) / "www"
-        srv.mkdir(exist_ok=True)
-        (srv / "index.html").write_text("c1\n")
-        import subprocess
-        import sys
 
-        p = subprocess.Popen(["ip", "netns", "exec", c1, sys.executable, "-m", "http.server", "80",
-                              "--bind", "10.42.200.5", "--directory", str(srv)],
-                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        try:
-            def get(ns: str, url: str) -> str:
-                r = run_in_netns(ns, "curl", "-s", "-m", "3", url, check=False)
-                return r.stdout
+        def get(ns: str, url: str) -> str:
+            return run_in_netns(ns, "curl", "-s", "-m", "3", url, check=False).stdout
 
-            deadline = time.monotonic() + 10
-            while get(c1, "http://10.42.200.5/") != "c1\n" and time.monotonic() < deadline:
-                time.sleep(0.05)
+        with serve(host, c1, "10.42.200.5", "c1\n", get), serve(host, out, "192.0.2.2", "out\n", get):
             assert get(out, "http://192.0.2.1:8080/") == "c1\n"
             assert get(host.ns, "http://127.0.0.1:8080/") == "c1\n"
             assert get(host.ns, "http://192.0.2.1:8080/") == "c1\n"
@@ -204,32 +214,16 @@ def test_dnat_end_to_end(host: Host) -> None:
 
             # host NAT (§12.8): c1 -> outside leaves with the host's address (outside has no route
             # back to 10.42.0.0/16); with the destination in the ipset it is not NATed and gets no answer
-            www2 = Path(host.tmp) / "www2"
-            www2.mkdir(exist_ok=True)
-            (www2 / "index.html").write_text("out\n")
-            p2 = subprocess.Popen(["ip", "netns", "exec", out, sys.executable, "-m", "http.server", "80",
-                                   "--bind", "192.0.2.2", "--directory", str(www2)],
-                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            assert get(c1, "http://192.0.2.2/") == "out\n"
+            ipset = ("from pyroute2 import IPSet; s = IPSet(); "
+                     "s.{}('RANCHER_DISABLE_HOST_NAT_IPSET', '192.0.2.0/24', etype='net'); s.close()")
+            host.sh(sys.executable, "-c", ipset.format("add"))
             try:
-                deadline = time.monotonic() + 10
-                while get(out, "http://192.0.2.2/") != "out\n" and time.monotonic() < deadline:
-                    time.sleep(0.05)
-                assert get(c1, "http://192.0.2.2/") == "out\n"
-                ipset = ("from pyroute2 import IPSet; s = IPSet(); "
-                         "s.{}('RANCHER_DISABLE_HOST_NAT_IPSET', '192.0.2.0/24', etype='net'); s.close()")
-                host.sh(sys.executable, "-c", ipset.format("add"))
-                try:
-                    assert get(c1, "http://192.0.2.2/") == ""
-                finally:
-                    host.sh(sys.executable, "-c", ipset.format("delete"))
-                assert get(c1, "http://192.0.2.2/") == "out\n"
+                assert get(c1, "http://192.0.2.2/") == ""
             finally:
-                p2.terminate()
-                p2.wait(5)
-        finally:
-            p.terminate()
-            p.wait(5)
-            host.sh("ip", "link", "del", f"nmo{tag}", check=False)
+                host.sh(sys.executable, "-c", ipset.format("delete"))
+            assert get(c1, "http://192.0.2.2/") == "out\n"
+        host.sh("ip", "link", "del", f"nmo{tag}", check=False)
 
 
 def test_retarget_deletes_only_the_old_targets_flows(host: Host) -> None:
