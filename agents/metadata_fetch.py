@@ -64,9 +64,14 @@ def helper_init() -> None:
         os.nice(10)
 
 
-def write_atomic(path: str, data: bytes) -> None:
-    """Temp file, fsync, rename, fsync the directory: a crash leaves the old file or the new one."""
-    tmp = f"{path}.{os.getpid()}.tmp"  # per process: several daemons may share one state file
+def write_atomic(path: str, data: bytes, *, tmp: str = "") -> None:
+    """Temp file, fsync, rename, fsync the directory: a crash leaves the old file or the new one.
+
+    ``os.write`` may write only part of the data (disk nearly full, file size limit): it is called
+    until all of it is out, so a short write ends in an error (ENOSPC/EFBIG) instead of a truncated
+    file renamed over the last good one. A failed temp file is removed. ``tmp``: the temp file's
+    name (default ``<path>.<pid>.tmp``: per process, as several daemons may share one file)."""
+    tmp = tmp or f"{path}.{os.getpid()}.tmp"
     view = memoryview(data)
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     try:

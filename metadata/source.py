@@ -19,7 +19,6 @@ import asyncio
 import base64
 import contextlib
 import gc
-import os
 import time
 from collections.abc import Callable, Generator
 from pathlib import Path
@@ -29,6 +28,7 @@ import orjson
 
 from agents.errors import CorralError, InputError
 from agents.log import get_logger
+from agents.metadata_fetch import write_atomic
 from agents.metrics import Health, counter, gauge, histogram
 from agents.reconcile import Reconciler
 from metadata.http import MetadataServer
@@ -98,31 +98,9 @@ def read_cache(path: Path) -> bytes | None:
 
 
 def persist_cache(path: Path, version: str, raw: bytes) -> None:
-    """Write ``{"Version","Data"}`` atomically: temp file, fsync, rename, fsync the directory.
-
-    ``os.write`` may write only part of the data (disk nearly full, file size limit): keep
-    writing until all of it is out, so a short write ends in an error (ENOSPC/EFBIG) instead
-    of a truncated cache renamed over the last good one. A failed temp file is removed."""
-    tmp = path.with_name(path.name + ".temp")
-    data = memoryview(orjson.dumps({"Version": version, "Data": base64.b64encode(raw).decode()}))
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    try:
-        try:
-            while data:
-                data = data[os.write(fd, data):]
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-    dfd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dfd)
-    finally:
-        os.close(dfd)
+    """Write ``{"Version","Data"}`` atomically (the original's format; ``<answers>.temp`` renamed over it)."""
+    data = orjson.dumps({"Version": version, "Data": base64.b64encode(raw).decode()})
+    write_atomic(str(path), data, tmp=str(path.with_name(path.name + ".temp")))
 
 
 class Applier:

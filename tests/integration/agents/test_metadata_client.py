@@ -3,24 +3,9 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterator
-from pathlib import Path
-
-import pytest
 
 from agents.metadata_client import MetadataClient, Snapshot
 from tests.helpers.metadata import Metadata
-
-
-@pytest.fixture
-def md(tmp_path: Path) -> Iterator[Metadata]:
-    m = Metadata(tmp_path)
-    m.write("1", ["web-1"])
-    m.start()
-    try:
-        yield m
-    finally:
-        m.stop()
 
 
 async def test_snapshot_is_typed(md: Metadata) -> None:

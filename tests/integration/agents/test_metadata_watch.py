@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterator
 from pathlib import Path
 
 import orjson
@@ -13,17 +12,6 @@ from agents.metadata_watch import MetadataSnapshot, MetadataWatch
 from agents.metrics import Health
 from tests.helpers.metadata import Metadata
 from tests.helpers.wait import eventually
-
-
-@pytest.fixture
-def md(tmp_path: Path) -> Iterator[Metadata]:
-    m = Metadata(tmp_path)
-    m.write("1", ["web-1"])
-    m.start()
-    try:
-        yield m
-    finally:
-        m.stop()
 
 
 def names(s: MetadataSnapshot | None) -> list[str]:
