@@ -148,7 +148,7 @@ def start_corral_dns(md_url: str, upstream: str, *extra: str) -> tuple[Proc, int
                      "--metrics-listen", f"127.0.0.1:{admin}", "--listenReload", "127.0.0.1:0", "--ttl", "600",
                      *extra, name="dns-bench")
     if len(CPUS) > 1:
-        pin(p.pid, SERVER_CPU)  # before the helper is spawned: it inherits the mask (and runs niced)
+        pin(p.pid, SERVER_CPU)  # its rebuild children inherit the mask (and run niced)
     wait_http(f"http://127.0.0.1:{admin}/ready", timeout=30)
     return p, port, admin
 
@@ -198,8 +198,8 @@ def main(argv: list[str] | None = None) -> int:
         build(tree, st, i)
         times.append((time.perf_counter() - t0) * 1000)
     table.add("table rebuild, 5k containers / 1k services / 300 views", statistics.median(times), None, "ms",
-              higher_is_better=False, note="median of 7, in the helper process; target < 200 ms")
-    # one container changes: helper build+diff, then the apply that runs on the daemon's loop
+              higher_is_better=False, note="median of 7, the work of a rebuild child; target < 200 ms")
+    # one container changes: build+diff in the child, then the apply that runs on the daemon's loop
     from dns.rebuild import apply, diff
 
     base = build(tree, st, 1)
@@ -214,7 +214,7 @@ def main(argv: list[str] | None = None) -> int:
         t0 = time.perf_counter()
         apply(base, d)
         a_times.append((time.perf_counter() - t0) * 1000)
-    table.add("one-container change: build + diff (helper)", statistics.median(d_times), None, "ms",
+    table.add("one-container change: build + diff (rebuild child)", statistics.median(d_times), None, "ms",
               higher_is_better=False, note=f"diff of {d.size()} entries; target < 50 ms")
     table.add("one-container change: apply on the event loop", statistics.median(a_times), None, "ms",
               higher_is_better=False, note="the only rebuild work the serving loop does")
