@@ -63,7 +63,8 @@ def make_router(args: argparse.Namespace) -> Any:
     if args.backend not in BACKENDS:
         raise ConfigError(f"--backend must be one of {', '.join(sorted(BACKENDS))} or ipsec: {args.backend!r}")
     url, version = metadata_base(args)
-    backend = BACKENDS[args.backend](mtu=args.vxlan_vtep_mtu, host_mode=bool(args.bridge))
+    backend = BACKENDS[args.backend](mtu=args.vxlan_vtep_mtu, host_mode=bool(args.bridge),
+                                     resync_after=args.resync_interval)
     return Router(args, backend, metadata_url=url, api_version=version)
 
 

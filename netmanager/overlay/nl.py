@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import asyncio
 import errno
-import ipaddress
 import os
 import socket
 import struct
@@ -63,6 +62,7 @@ _ND = struct.Struct("=BxxxiHBB")
 _IFI = struct.Struct("=BxHiII")
 _ATTR = struct.Struct("=HH")
 _CHUNK = 48 * 1024
+_TABLE_MAIN = struct.pack("=HHI", 8, 15, 254)  # RTA_TABLE main
 
 
 def _attr(t: int, data: bytes) -> bytes:
@@ -71,7 +71,7 @@ def _attr(t: int, data: bytes) -> bytes:
 
 
 def _mac(mac: str) -> bytes:
-    return bytes(int(x, 16) for x in mac.split(":"))
+    return bytes.fromhex(mac.replace(":", ""))
 
 
 def _mac_str(b: bytes) -> str:
@@ -106,19 +106,19 @@ class Op:
 
 def route_op(add: bool, route: str, ifindex: int) -> Op:
     """``route`` is ``a.b.c.d/len`` (scope global, no gateway); ``replace`` semantics on add."""
-    net = ipaddress.IPv4Network(route)
-    attrs = _attr(RTA_TABLE, struct.pack("=I", RT_TABLE_MAIN)) + _attr(RTA_DST, net.network_address.packed) \
-        + _attr(RTA_OIF, struct.pack("=I", ifindex))
+    addr, _, plen = route.partition("/")
+    prefixlen = int(plen or 32)
+    attrs = _TABLE_MAIN + _attr(RTA_DST, socket.inet_aton(addr)) + _attr(RTA_OIF, struct.pack("=I", ifindex))
     if add:
-        hdr = _RT.pack(socket.AF_INET, net.prefixlen, 0, 0, RT_TABLE_MAIN, RTPROT_BOOT, 0, RTN_UNICAST, 0)
+        hdr = _RT.pack(socket.AF_INET, prefixlen, 0, 0, RT_TABLE_MAIN, RTPROT_BOOT, 0, RTN_UNICAST, 0)
         return Op("route", True, route, RTM_NEWROUTE, F_CREATE | F_REPLACE, hdr + attrs)
-    hdr = _RT.pack(socket.AF_INET, net.prefixlen, 0, 0, RT_TABLE_MAIN, 0, RT_SCOPE_NOWHERE, 0, 0)
+    hdr = _RT.pack(socket.AF_INET, prefixlen, 0, 0, RT_TABLE_MAIN, 0, RT_SCOPE_NOWHERE, 0, 0)
     return Op("route", False, route, RTM_DELROUTE, 0, hdr + attrs)
 
 
 def neigh_op(add: bool, ip: str, mac: str, ifindex: int) -> Op:
     """Permanent ARP entry ``ip lladdr mac``; ``replace`` semantics on add."""
-    dst = _attr(NDA_DST, ipaddress.IPv4Address(ip).packed)
+    dst = _attr(NDA_DST, socket.inet_aton(ip))
     if add:
         body = _ND.pack(socket.AF_INET, ifindex, NUD_PERMANENT, 0, 0) + dst + _attr(NDA_LLADDR, _mac(mac))
         return Op("neigh", True, f"{ip} lladdr {mac}", RTM_NEWNEIGH, F_CREATE | F_REPLACE, body)
@@ -128,7 +128,7 @@ def neigh_op(add: bool, ip: str, mac: str, ifindex: int) -> Op:
 def fdb_op(add: bool, mac: str, dst: str, ifindex: int) -> Op:
     """``bridge fdb append <mac> dev <vtep> dst <dst> self permanent`` (or its delete)."""
     body = _ND.pack(AF_BRIDGE, ifindex, NUD_PERMANENT, NTF_SELF, 0) + _attr(NDA_LLADDR, _mac(mac)) \
-        + _attr(NDA_DST, ipaddress.IPv4Address(dst).packed)
+        + _attr(NDA_DST, socket.inet_aton(dst))
     if add:
         return Op("fdb", True, f"{mac} dst {dst}", RTM_NEWNEIGH, F_CREATE | F_APPEND, body)
     return Op("fdb", False, f"{mac} dst {dst}", RTM_DELNEIGH, 0, body)
@@ -383,11 +383,14 @@ async def _ensure(spec: VtepSpec) -> int:
 
 
 class EventWatch:
-    """Netlink notifications touching the VTEP -> ``on_change(reason)`` (on the event loop)."""
+    """Netlink notifications -> ``classify(type, payload)`` -> ``on_change(reason)`` (on the event loop).
 
-    def __init__(self, ifindex: Callable[[], int], name: str, on_change: Callable[[str], None]) -> None:
-        self.ifindex = ifindex
-        self.name = name.encode()
+    The backend's ``classify`` tells its own writes (which match what it just programmed) from
+    outside changes; only the latter are reported.
+    """
+
+    def __init__(self, classify: Callable[[int, bytes], str], on_change: Callable[[str], None]) -> None:
+        self.classify = classify
         self.on_change = on_change
         self.sock: socket.socket | None = None
         self.events = 0
@@ -423,32 +426,75 @@ class EventWatch:
                     continue
                 log.warning("netlink event socket failed", error=str(e))
                 break
-            reason = self._parse(data) or reason
+            reason = self.parse(data) or reason
         if reason:
             self.events += 1
             self.on_change(reason)
 
-    def _parse(self, data: bytes) -> str:
-        idx = self.ifindex()
+    def parse(self, data: bytes) -> str:
         off = 0
         reason = ""
         while off + 16 <= len(data):
             n, t, _f, _seq, _pid = _HDR.unpack_from(data, off)
             if n < 16:
                 break
-            p = data[off + 16:off + n]
+            reason = self.classify(t, data[off + 16:off + n]) or reason
             off += (n + 3) & ~3
-            if t in (RTM_NEWNEIGH, RTM_DELNEIGH) and len(p) >= _ND.size:
-                if _ND.unpack_from(p, 0)[1] == idx and idx:
-                    reason = "neighbour or fdb entry changed"
-            elif t in (RTM_NEWROUTE, RTM_DELROUTE) and len(p) >= _RT.size:
-                a = _attrs(p, _RT.size, len(p))
-                if idx and a.get(RTA_OIF) == struct.pack("=I", idx):
-                    reason = "route changed"
-            elif t in (RTM_NEWLINK, RTM_DELLINK) and len(p) >= _IFI.size:
-                li = _IFI.unpack_from(p, 0)[2]
-                a = _attrs(p, _IFI.size, len(p))
-                if (idx and li == idx) or a.get(3, b"").rstrip(b"\0") == self.name:  # IFLA_IFNAME
-                    if t == RTM_DELLINK or not _IFI.unpack_from(p, 0)[3] & 1:
-                        reason = "vtep deleted or down"
         return reason
+
+
+def classify(t: int, p: bytes, ifindex: int, fdb: frozenset[tuple[str, str]] | None,
+             neigh: dict[str, str] | Any, routes: frozenset[str] | None) -> str:
+    """Why a notification about ``ifindex`` means the kernel left the programmed state ('' if not).
+
+    ``fdb``/``neigh``/``routes`` are what was last programmed (None: unknown, any change counts).
+    """
+    if not ifindex:
+        return ""
+    if t in (RTM_NEWLINK, RTM_DELLINK) and len(p) >= _IFI.size:
+        _fam, _type, li, flags, _chg = _IFI.unpack_from(p, 0)
+        if li == ifindex and (t == RTM_DELLINK or not flags & 1):
+            return "vtep deleted or down"
+        return ""
+    if t in (RTM_NEWNEIGH, RTM_DELNEIGH) and len(p) >= _ND.size:
+        fam, idx, state, _flags, _t = _ND.unpack_from(p, 0)
+        if idx != ifindex:
+            return ""
+        a = _attrs(p, _ND.size, len(p))
+        if NDA_DST not in a or len(a[NDA_DST]) != 4:
+            return ""
+        dst = socket.inet_ntoa(a[NDA_DST])
+        mac = _mac_str(a.get(NDA_LLADDR, b""))
+        perm = bool(state & NUD_PERMANENT)
+        if fam == AF_BRIDGE:
+            if fdb is None:
+                return "fdb changed"
+            known = (mac, dst) in fdb
+            if t == RTM_DELNEIGH:
+                return "fdb entry removed" if known else ""
+            return "stray fdb entry" if perm and not known else ""
+        if fam == socket.AF_INET:
+            if neigh is None:
+                return "neighbour changed"
+            want = neigh.get(dst)
+            if want is None:
+                return "stray neighbour" if t == RTM_NEWNEIGH and perm else ""
+            if t == RTM_DELNEIGH:
+                return "neighbour removed"
+            return "neighbour changed" if (mac != want or not perm) else ""
+        return ""
+    if t in (RTM_NEWROUTE, RTM_DELROUTE) and len(p) >= _RT.size:
+        _f, plen, _s, _tos, table, proto, _sc, rtype, _fl = _RT.unpack_from(p, 0)
+        a = _attrs(p, _RT.size, len(p))
+        if a.get(RTA_OIF) != struct.pack("=I", ifindex) or rtype != RTN_UNICAST or proto == RTPROT_KERNEL:
+            return ""
+        if (struct.unpack("=I", a[RTA_TABLE])[0] if RTA_TABLE in a else table) != RT_TABLE_MAIN:
+            return ""
+        if routes is None:
+            return "route changed"
+        key = f"{socket.inet_ntoa(a[RTA_DST]) if RTA_DST in a else '0.0.0.0'}/{plen}"
+        known = key in routes
+        if t == RTM_DELROUTE:
+            return "route removed" if known else ""
+        return "stray route" if not known else ""
+    return ""

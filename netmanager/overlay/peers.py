@@ -20,7 +20,7 @@ and reported, since their FDB ``dst`` would collide.
 
 from __future__ import annotations
 
-import ipaddress
+import socket
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -79,11 +79,13 @@ def prefix_size(network: Mapping[str, Any] | None) -> int:
 
 
 def _ipv4(v: Any) -> str:
+    """The dotted-quad address of ``v`` (a prefix length is dropped), '' when it is not one."""
     if not isinstance(v, str) or not v:
         return ""
+    ip = v.split("/", 1)[0]
     try:
-        return str(ipaddress.IPv4Address(v.split("/")[0]))
-    except ValueError:
+        return socket.inet_ntop(socket.AF_INET, socket.inet_pton(socket.AF_INET, ip))
+    except OSError:
         return ""
 
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import ipaddress
+import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
@@ -139,7 +140,7 @@ class VxlanBackend:
 
     name = "vxlan"
 
-    def __init__(self, *, mtu: int = 0, host_mode: bool = True,
+    def __init__(self, *, mtu: int = 0, host_mode: bool = True, resync_after: float = 60.0,
                  device: str = DEVICE, netlink: nl.Netlink | None = None) -> None:
         self.mtu_flag = mtu
         self.host_mode = host_mode
@@ -149,6 +150,11 @@ class VxlanBackend:
         self.spec: VtepSpec | None = None
         self.writes = 0          # netlink writes of entries, since start
         self.last: ApplyResult = ApplyResult()
+        # What the kernel holds as far as we know: what we last programmed. None: read it back.
+        # Netlink events that do not match it (an outside change) and the verify loop reset it.
+        self.cache: VxlanState | None = None
+        self.cache_at = 0.0
+        self.resync_after = resync_after
 
     async def spec_for(self, topo: Topology) -> VtepSpec:
         mtu = self.mtu_flag
@@ -170,25 +176,55 @@ class VxlanBackend:
     async def current(self) -> VxlanState:
         return await asyncio.to_thread(self.nl.read_vtep, self.ifindex)
 
+    def invalidate(self) -> None:
+        self.cache = None
+
     async def apply(self, topo: Topology) -> ApplyResult:
-        """One reconcile: device, read back, diff, write only the difference."""
-        await self.ensure_device(topo)
+        """One reconcile: diff against what we programmed (the kernel is read back when that is
+        unknown, after an outside change, or every ``resync_after`` seconds), write only the difference."""
+        spec_changed = self.spec is None or self.spec.mac != vtep_mac(topo.router_ip) or (
+            self.host_mode and self.spec.address != topo.router_ip)
+        fresh = self.cache is not None and time.monotonic() - self.cache_at < self.resync_after
+        if spec_changed or not fresh or not self.ifindex:
+            old = self.ifindex
+            await self.ensure_device(topo)
+            if old != self.ifindex:
+                self.cache = None
+            have = await self.current()
+            self.cache_at = time.monotonic()
+        else:
+            assert self.cache is not None
+            have = self.cache
         want = self.desired(topo)
-        have = await self.current()
         plan = diff(want, have)
         res = ApplyResult(plan=plan.summary())
+        self.cache = want  # set before writing: the events of our own writes then match it
         if plan:
             ops = plan_ops(plan, self.ifindex)
-            results = await asyncio.to_thread(self.nl.batch, ops)
+            try:
+                results = await asyncio.to_thread(self.nl.batch, ops)
+            except CorralError:
+                self.cache = None
+                raise
             for op, err in zip(ops, results, strict=True):
                 _WRITES.labels(op.kind, "error" if err else "ok").inc()
                 if err:
                     res.errors.append(f"{op.describe()}: {err}")
+            if res.errors:
+                self.cache = None
             res.writes = len(ops)
             self.writes += len(ops)
             log.info("vxlan entries programmed", writes=len(ops), errors=len(res.errors), **plan.summary())
         self.last = res
         return res
+
+    def classify(self, t: int, payload: bytes) -> str:
+        c = self.cache
+        reason = nl.classify(t, payload, self.ifindex, c.fdb if c else None, c.neigh if c else None,
+                             c.routes if c else None)
+        if reason:
+            self.cache = None
+        return reason
 
     async def in_sync(self, topo: Topology) -> bool:
         if not self.ifindex:
@@ -196,8 +232,12 @@ class VxlanBackend:
         try:
             have = await self.current()
         except CorralError:
+            self.cache = None
             return False
-        return not diff(self.desired(topo), have)
+        if diff(self.desired(topo), have):
+            self.cache = None
+            return False
+        return True
 
     async def repair_peer(self, topo: Topology, agent_ip: str) -> int:
         """Re-program one host's FDB entry (delete and append), after missed probes."""
@@ -206,6 +246,7 @@ class VxlanBackend:
             return 0
         mac = vtep_mac(r)
         ops = [nl.fdb_op(False, mac, agent_ip, self.ifindex), nl.fdb_op(True, mac, agent_ip, self.ifindex)]
+        self.cache = None  # the delete's event would look like an outside change: read back next time
         results = await asyncio.to_thread(self.nl.batch, ops)
         if results[1]:
             raise TransportError(f"fdb re-program {mac} dst {agent_ip}: {results[1]}")
@@ -214,4 +255,4 @@ class VxlanBackend:
 
     def watch(self, on_change: Callable[[str], None]) -> nl.EventWatch:
         """Netlink events on the VTEP (deleted link, neighbour, FDB entry or route) -> on_change."""
-        return nl.EventWatch(lambda: self.ifindex, self.device, on_change)
+        return nl.EventWatch(self.classify, on_change)

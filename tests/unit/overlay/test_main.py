@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import socket
 import struct
 
 import pytest
@@ -55,15 +56,45 @@ def _msg(t: int, body: bytes) -> bytes:
     return nl._HDR.pack(16 + len(body), t, 0, 0, 0) + body
 
 
-def test_event_watch_reports_only_changes_to_the_vtep() -> None:
+def _neigh(t: int, fam: int, idx: int, state: int, dst: str, mac: str) -> bytes:
+    body = nl._ND.pack(fam, idx, state, 0, 0) + nl._attr(nl.NDA_DST, socket.inet_aton(dst))
+    return _msg(t, body + nl._attr(nl.NDA_LLADDR, bytes.fromhex(mac.replace(":", ""))))
+
+
+def _route(t: int, dst: str, idx: int) -> bytes:
+    body = nl._RT.pack(2, 32, 0, 0, 254, 3, 0, 1, 0) + nl._attr(nl.RTA_DST, socket.inet_aton(dst)) \
+        + nl._attr(nl.RTA_OIF, struct.pack("=I", idx))
+    return _msg(t, body)
+
+
+def test_events_tell_our_writes_from_outside_changes() -> None:
+    from netmanager.overlay.vxlan import VxlanBackend, VxlanState
+
+    b = VxlanBackend()
+    b.ifindex = 7
+    mac = "0e:00:0a:2a:02:02"
+    b.cache = VxlanState(fdb=frozenset({(mac, "192.0.2.2")}), neigh={"10.42.2.10": mac},
+                         routes=frozenset({"10.42.2.10/32"}))
     seen: list[str] = []
-    w = nl.EventWatch(lambda: 7, "vtep1042", seen.append)
-    other_neigh = _msg(nl.RTM_DELNEIGH, nl._ND.pack(2, 3, 0, 0, 0))
-    assert w._parse(other_neigh) == ""
-    assert w._parse(_msg(nl.RTM_DELNEIGH, nl._ND.pack(7, 7, 0, 0, 0))) == "neighbour or fdb entry changed"
-    route = nl._RT.pack(2, 32, 0, 0, 254, 3, 0, 1, 0) + nl._attr(nl.RTA_OIF, struct.pack("=I", 7))
-    assert w._parse(_msg(nl.RTM_DELROUTE, route)) == "route changed"
-    link = nl._IFI.pack(0, 1, 7, 0, 0)
-    assert w._parse(_msg(nl.RTM_DELLINK, link)) == "vtep deleted or down"
-    assert w._parse(_msg(nl.RTM_NEWLINK, nl._IFI.pack(0, 1, 7, 1, 0))) == ""  # up: nothing to repair
-    assert w._parse(other_neigh + _msg(nl.RTM_DELNEIGH, nl._ND.pack(7, 7, 0, 0, 0))) != ""
+    w = b.watch(seen.append)
+    P, INET, BR = nl.NUD_PERMANENT, socket.AF_INET, nl.AF_BRIDGE
+    # Our own writes (they match what was programmed) and other devices: nothing to do.
+    for quiet in (_neigh(nl.RTM_NEWNEIGH, INET, 7, P, "10.42.2.10", mac),
+                  _neigh(nl.RTM_NEWNEIGH, BR, 7, P, "192.0.2.2", mac),
+                  _neigh(nl.RTM_DELNEIGH, INET, 7, P, "10.42.9.9", mac),       # we deleted it
+                  _neigh(nl.RTM_NEWNEIGH, INET, 7, 0x01, "10.42.9.9", mac),    # l3miss probe, not ours
+                  _neigh(nl.RTM_DELNEIGH, INET, 3, P, "10.42.2.10", mac),      # another device
+                  _route(nl.RTM_NEWROUTE, "10.42.2.10", 7), _route(nl.RTM_DELROUTE, "10.42.9.9", 7),
+                  _msg(nl.RTM_NEWLINK, nl._IFI.pack(0, 1, 7, 1, 0))):
+        assert w.parse(quiet) == "" and b.cache is not None
+    for loud, why in ((_neigh(nl.RTM_DELNEIGH, INET, 7, P, "10.42.2.10", mac), "neighbour removed"),
+                      (_neigh(nl.RTM_NEWNEIGH, INET, 7, P, "10.42.2.10", "0e:00:00:00:00:01"), "neighbour changed"),
+                      (_neigh(nl.RTM_DELNEIGH, BR, 7, P, "192.0.2.2", mac), "fdb entry removed"),
+                      (_neigh(nl.RTM_NEWNEIGH, BR, 7, P, "192.0.2.9", mac), "stray fdb entry"),
+                      (_route(nl.RTM_DELROUTE, "10.42.2.10", 7), "route removed"),
+                      (_route(nl.RTM_NEWROUTE, "10.42.9.9", 7), "stray route"),
+                      (_msg(nl.RTM_DELLINK, nl._IFI.pack(0, 1, 7, 0, 0)), "vtep deleted or down")):
+        saved = b.cache
+        assert w.parse(loud) == why
+        assert b.cache is None  # the next apply reads the kernel back
+        b.cache = saved
