@@ -90,7 +90,6 @@ class Router:
             refresh_interval=args.resync_interval, verify=self.verify, verify_interval=args.verify_interval)
         self.prober = Prober(self.on_peer_down, interval=args.probe_interval, misses=args.probe_misses)
         self.watch: MetadataWatch | None = None
-        self._rules: tuple[str, ...] = ()
         self._rules_due = True
         self._last_skipped: tuple[Any, ...] = ()
 
@@ -117,32 +116,36 @@ class Router:
         self.loop.submit(topo)
 
     # ------------------------------------------------------------------ apply
+    def rules(self) -> list[tuple[str, ...]]:
+        """The gateway masquerade and the MSS clamp, as iptables arguments (table first)."""
+        dev = getattr(self.backend, "device", "vtep1042")
+        gateway = _bridge_ip(self.args.bridge) if self.args.bridge else self.args.gateway
+        rules: list[tuple[str, ...]] = [("mangle", "FORWARD", "-o", dev, "-p", "tcp", "--tcp-flags", "SYN,RST", "SYN",
+                                         "-j", "TCPMSS", "--clamp-mss-to-pmtu")]
+        if gateway:
+            rules.append(("nat", "POSTROUTING", "-o", dev, "-s", gateway, "-j", "MASQUERADE"))
+        return rules
+
+    async def missing_rules(self) -> list[tuple[str, ...]]:
+        out = []
+        for table, chain, *spec in self.rules():
+            if (await _iptables("-t", table, "-C", chain, *spec))[0] != 0:
+                out.append((table, chain, *spec))
+        return out
+
     async def host_setup(self, topo: Topology) -> None:
         """Forwarding, proxy ARP on the bridge, the gateway masquerade and the MSS clamp."""
-        dev = getattr(self.backend, "device", "vtep1042")
         _sysctl("net/ipv4/ip_forward", "1")
-        gateway = ""
         if self.args.bridge:
             _sysctl(f"net/ipv4/conf/{self.args.bridge}/proxy_arp", "1")
             _sysctl(f"net/ipv4/neigh/{self.args.bridge}/proxy_delay", "0")
-            gateway = _bridge_ip(self.args.bridge)
-        elif self.args.gateway:
-            gateway = self.args.gateway
-        rules: list[tuple[str, ...]] = [("-t", "mangle", "FORWARD", "-o", dev, "-p", "tcp", "--tcp-flags", "SYN,RST", "SYN",
-                  "-j", "TCPMSS", "--clamp-mss-to-pmtu")]
-        if gateway:
-            rules.append(("-t", "nat", "POSTROUTING", "-o", dev, "-s", gateway, "-j", "MASQUERADE"))
-        key = tuple(" ".join(r) for r in rules)
-        if key == self._rules and not self._rules_due:
+        if not self._rules_due:
             return
-        for table, tname, chain, *spec in rules:
-            rc, _ = await _iptables(table, tname, "-C", chain, *spec)
+        for table, chain, *spec in await self.missing_rules():
+            rc, err = await _iptables("-t", table, "-A", chain, *spec)
             if rc != 0:
-                rc, err = await _iptables(table, tname, "-A", chain, *spec)
-                if rc != 0:
-                    raise TransportError(f"iptables -t {tname} -A {chain} {' '.join(spec)}: {err}")
-                log.info("iptables rule added", table=tname, chain=chain, rule=" ".join(spec))
-        self._rules = key
+                raise TransportError(f"iptables -t {table} -A {chain} {' '.join(spec)}: {err}")
+            log.info("iptables rule added", table=table, chain=chain, rule=" ".join(spec))
         self._rules_due = False
 
     async def apply(self, topo: Topology) -> None:
@@ -154,7 +157,10 @@ class Router:
             raise TransportError(f"{len(errors)} entries failed, first: {errors[0]}")
 
     async def verify(self, topo: Topology) -> bool:
-        self._rules_due = True  # the iptables rules are checked again on the next apply
+        """The kernel's entries and the iptables rules still as programmed (False: apply again)."""
+        if await self.missing_rules():
+            self._rules_due = True
+            return False
         return await self.backend.in_sync(topo)
 
     def kernel_changed(self, reason: str) -> None:

@@ -173,6 +173,22 @@ def test_partition_and_heal(topo: Topo) -> None:
     topo.wait_ping(topo.c(1), "10.42.2.10")
 
 
+def test_metadata_away_restarted_router_programs_its_last_good_state(topo: Topo) -> None:
+    assert topo.meta is not None
+    topo.meta.stop()
+    try:
+        topo.routers[2].stop()
+        nsx(topo.h(2), "ip", "link", "del", "vtep1042")
+        topo.routers[2].start()
+        until(lambda: len(topo.fdb(2)) == 2 and len(topo.routes(2)) == 4, what="h2 programmed from its state file")
+        topo.wait_ping(topo.c(2), "10.42.1.10")
+        assert topo.http(2, "/v1/reload", "POST")[0] == 200  # metadata is down: the last good state stays
+        assert len(topo.fdb(2)) == 2
+    finally:
+        topo.meta.start()
+    until(lambda: topo.http(2, "/ready")[0] == 200, what="h2 ready with metadata back")
+
+
 def program_original(topo: Topo, i: int) -> None:
     """h<i>'s entries exactly as rancher-net v0.11 programs them (no VTEP address, MTU 1500)."""
     h = topo.h(i)

@@ -142,14 +142,14 @@ class Topo:
         until(lambda: self.ping(ns, dst, *extra), what=f"ping {dst} from {ns}", interval=0.05)
 
     def fdb(self, i: int) -> list[str]:
-        return [ln for ln in nsx(self.h(i), "bridge", "fdb", "show", "dev", "vtep1042").stdout.splitlines()
+        return [ln for ln in nsx(self.h(i), "bridge", "fdb", "show", "dev", "vtep1042", check=False).stdout.splitlines()
                 if "dst" in ln]
 
     def neigh(self, i: int) -> list[str]:
-        return nsx(self.h(i), "ip", "neigh", "show", "dev", "vtep1042", "nud", "permanent").stdout.splitlines()
+        return nsx(self.h(i), "ip", "neigh", "show", "dev", "vtep1042", "nud", "permanent", check=False).stdout.splitlines()
 
     def routes(self, i: int) -> list[str]:
-        return nsx(self.h(i), "ip", "route", "show", "dev", "vtep1042").stdout.splitlines()
+        return nsx(self.h(i), "ip", "route", "show", "dev", "vtep1042", check=False).stdout.splitlines()
 
     def writes(self, i: int) -> int:
         return int(self.connectivity(i)["writes"])
