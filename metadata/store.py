@@ -246,16 +246,23 @@ _EMPTY_LISTS = {kind: tuple(k for k, t in table.items() if t == "l") for kind, t
 _EMPTY_MAPS = {kind: tuple(k for k, t in table.items() if t == "m") for kind, table in _TABLES.items()}
 
 
+_PYTYPE = {"s": str, "i": int, "b": bool, "l": list, "L": list, "m": dict, "o": dict}
+# field -> the exact type orjson gives it; str and bool need no further look (the common case)
+_FAST = {kind: {k: _PYTYPE[t] for k, t in table.items() if t != "j"} for kind, table in _TABLES.items()}
+
+
 def _check_fields(kind: str, o: dict[str, Any], idx: int) -> None:
     uuid = o.get("uuid")
     if not isinstance(uuid, str) or not uuid:
         raise InputError(f"answers: {kind} object #{idx} has no uuid")
+    fast = _FAST[kind]
     checkers = _CHECKERS[kind]
     for k, v in o.items():
-        if v is None:
+        t = fast.get(k)
+        if t is None or v is None or ((t is str or t is bool) and type(v) is t):
             continue
-        ok = checkers.get(k)
-        if ok is not None and not ok(v):
+        ok = checkers[k]
+        if not ok(v):
             raise InputError(f"answers: {kind} {uuid[:80]!r} field {k[:80]!r} has the wrong type "
                              f"({type(v).__name__})")
 
