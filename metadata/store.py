@@ -30,6 +30,7 @@ import zlib
 from collections.abc import Callable, Generator, Iterable, Iterator
 from dataclasses import dataclass, field
 from functools import lru_cache
+from operator import itemgetter
 from typing import Any
 
 import orjson
@@ -515,7 +516,7 @@ def build_steps(raw: bytes, objs: list[dict[str, Any]] | None = None,
                                        if kind == "serviceContainerLink" else
                                        ("service_uuid" if kind == "serviceLink" else "container_uuid",
                                         "key", "value"))]
-            if not all(isinstance(v, str) for v in vals):
+            if (known is None or not known[i]) and not all(isinstance(v, str) for v in vals):
                 raise InputError(f"answers: {kind} object #{i} lacks string fields")
             if kind == "serviceContainerLink":
                 scl.setdefault(vals[2], (vals[0], vals[1]))
@@ -551,6 +552,11 @@ def build_steps(raw: bytes, objs: list[dict[str, Any]] | None = None,
     c_skey: dict[str, str] = {}
     prev_cc = prev.container_cache if prev is not None else {}
     container_cache: dict[int, tuple[Any, ...]] = {}
+    hn_uuids = frozenset(host_net_uuids)
+    # per container, what the ordering and self-selection below read (cached with the dicts):
+    # (sort key, service order key, primary IP or None, rank on a shared IP, host uuid,
+    #  host-network flag, lower-case name or None)
+    metas: dict[str, tuple[Any, ...]] = {}
     for n, (u, c) in enumerate(containers.items()):
         if n % CHUNK == CHUNK - 1:
             yield
@@ -569,13 +575,14 @@ def build_steps(raw: bytes, objs: list[dict[str, Any]] | None = None,
                 c_skey[u] = skey  # type: ignore[assignment]
         # everything the two derived dicts depend on besides the (unchanged) raw object itself
         dep = (host_ip, tuple(links.items()) if links else None, link,
-               (svc.get("stack_name"), svc.get("stack_uuid")) if svc is not None else None)
+               (svc.get("stack_name"), svc.get("stack_uuid")) if svc is not None else None, hn_uuids)
         ent = prev_cc.get(id(c))
         if ent is not None and ent[0] is c and ent[1] == dep:
             d, d3 = ent[2], ent[3]
             container_cache[id(c)] = ent
             c_old[u] = d
             c_new[u] = d3
+            metas[u] = ent[4]
             continue
         d = _base("container", c)
         d.pop("host_ip", None)
@@ -597,30 +604,37 @@ def build_steps(raw: bytes, objs: list[dict[str, Any]] | None = None,
             v = d3.get(k)
             if isinstance(v, str):
                 d3[k] = v.lower()
+        ip = d.get("primary_ip")
+        is_hn = (d.get("network_uuid") in hn_uuids
+                 or (d.get("labels") or {}).get("io.rancher.container.network") == "host")
+        nm = d.get("name")
+        meta = (_sort_key(d), _ci_key(d), ip if isinstance(ip, str) and ip else None,
+                (1 if d.get("network_from_container_uuid") else 0, 1 if is_hn else 0,
+                 d["create_index"] if isinstance(d.get("create_index"), int) else _INT_MAX, str(nm or ""), u),
+                d.get("host_uuid"), is_hn, nm.lower() if isinstance(nm, str) else None)
         if known is not None:  # only objects that came from the line cache can recur
-            container_cache[id(c)] = (c, dep, d, d3)
+            container_cache[id(c)] = (c, dep, d, d3, meta)
         c_old[u] = d
         c_new[u] = d3
+        metas[u] = meta
     yield
-    order = sorted(c_old, key=lambda u: _sort_key(c_old[u]))
+    first = itemgetter(0)
+    keyed = [(m[0], u) for u, m in metas.items()]
+    keyed.sort(key=first)
+    order = [u for _, u in keyed]
     member_uuids: dict[str, list[str]] = {}
-    for u in sorted(c_skey, key=lambda u: _ci_key(c_old[u])):
+    by_ci = [(metas[u][1], u) for u in c_skey]
+    by_ci.sort(key=first)
+    for _, u in by_ci:
         member_uuids.setdefault(c_skey[u], []).append(u)
     # self: one container per IP, chosen deterministically (§2.5)
     chosen: dict[str, tuple[Any, ...]] = {}
     ip_owner: dict[str, str] = {}
-    for u, d in c_old.items():
-        ip = d.get("primary_ip")
-        if not isinstance(ip, str) or not ip:
+    for u, m in metas.items():
+        ip = m[2]
+        if ip is None:
             continue
-        rank = (
-            1 if d.get("network_from_container_uuid") else 0,
-            1 if (d.get("network_uuid") in host_net_uuids
-                  or (d.get("labels") or {}).get("io.rancher.container.network") == "host") else 0,
-            d["create_index"] if isinstance(d.get("create_index"), int) else _INT_MAX,
-            str(d.get("name") or ""),
-            u,
-        )
+        rank = m[3]
         best = chosen.get(ip)
         if best is None or rank < best:
             chosen[ip] = rank
@@ -633,14 +647,12 @@ def build_steps(raw: bytes, objs: list[dict[str, Any]] | None = None,
     local_host = hosts.get(local_uuid) if isinstance(local_uuid, str) else None
     local_ips = frozenset(x for x in ((local_host or {}).get("agent_ip"),) if isinstance(x, str) and x)
     hostnet: dict[str, set[str]] = {}
-    for u, d in c_old.items():
-        if d.get("host_uuid") == local_uuid and local_uuid and (
-                d.get("network_uuid") in host_net_uuids
-                or (d.get("labels") or {}).get("io.rancher.container.network") == "host"):
-            hostnet.setdefault(u, set()).add(u)
-            nm = d.get("name")
-            if isinstance(nm, str):
-                hostnet.setdefault(nm.lower(), set()).add(u)
+    if local_uuid:
+        for u, m in metas.items():
+            if m[5] and m[4] == local_uuid:
+                hostnet.setdefault(u, set()).add(u)
+                if m[6] is not None:
+                    hostnet.setdefault(m[6], set()).add(u)
     hostnet_one = {k: next(iter(v)) for k, v in hostnet.items() if len(v) == 1}
     hosts_old: dict[str, dict[str, Any]] = {}
     hosts_new: dict[str, dict[str, Any]] = {}
