@@ -322,7 +322,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=None, help="seed of port choice and tie shuffle (tests)")
     p.add_argument("--workers", type=int, default=100, help="event workers (the original: 100)")
     add_cattle_args(p)
-    add_common_args(p, metrics_listen="127.0.0.1:9115")
+    add_common_args(p, metrics_listen="127.0.0.1:9117")
     return p
 
 

@@ -61,3 +61,22 @@ def test_parser_errors_are_one_line_and_help_shows_defaults(capsys: pytest.Captu
     assert err == "corral x: --count: must be >= 0, not -1 (see corral x --help)\n"
     help_text = p.format_help()
     assert "how many (default: 3)" in help_text and "a name (default: none)" in help_text
+
+
+def test_no_two_commands_listen_on_the_same_default_address() -> None:
+    """Daemons share a host: their default listen addresses (admin, reload, API) must all differ."""
+    import importlib
+
+    from agents.cli import SUBCOMMANDS
+
+    seen: dict[str, str] = {}
+    for name, (module, _) in SUBCOMMANDS.items():
+        mod = importlib.import_module(module)
+        build = getattr(mod, "build_parser", None) or getattr(mod, "_parser", None)
+        if build is None:
+            continue
+        for a in build()._actions:
+            if a.option_strings and a.dest.endswith(("listen", "listen_reload")) and a.default:
+                where = f"corral {name} {a.option_strings[0]}"
+                assert a.default not in seen, f"{where} and {seen[a.default]} both default to {a.default}"
+                seen[a.default] = where
