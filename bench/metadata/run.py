@@ -28,7 +28,7 @@ from pathlib import Path
 
 from bench.harness import Table, cpu_seconds, tree_rss_mib, update_results, wrk
 from bench.metadata.gen import deflate, generate, stream
-from tests.helpers.procs import free_port, start_corral
+from tests.helpers.procs import Proc, free_port, start_corral
 
 SIZES: list[int] = []
 ORIGINAL = {  # the original rancher-metadata on a 2-vCPU machine (metadata.md §7)
@@ -167,27 +167,32 @@ def interpreter_start(runs: int = 5) -> float:
     return statistics.median(ts)
 
 
+def start_metadata(answers: Path, version: str) -> tuple[Proc, int, int, float]:
+    """Start ``corral metadata`` on the file; (process, port, reload port, seconds from exec to
+    the first correct answer)."""
+    port, rport, aport = free_port(), free_port(), free_port()
+    t0 = time.monotonic()
+    md = start_corral("metadata", "--listen", f"127.0.0.1:{port}", "--listenReload", f"127.0.0.1:{rport}",
+                      "--metrics-listen", f"127.0.0.1:{aport}", "--answers", str(answers), "--file-poll", "3600")
+    while True:
+        try:
+            if get(f"http://127.0.0.1:{port}/latest/version") == version.encode():
+                return md, port, rport, time.monotonic() - t0
+        except OSError:
+            pass
+        if time.monotonic() - t0 > 60:
+            md.stop()
+            raise RuntimeError(md.log())
+        time.sleep(0.003)
+
+
 def start_to_first_answer(answers: Path, version: str, runs: int = 5) -> list[float]:
     """Seconds from exec to the first correct answer, ``runs`` fresh starts."""
     out = []
     for _ in range(runs):
-        port, rport, aport = free_port(), free_port(), free_port()
-        t0 = time.monotonic()
-        md = start_corral("metadata", "--listen", f"127.0.0.1:{port}", "--listenReload", f"127.0.0.1:{rport}",
-                          "--metrics-listen", f"127.0.0.1:{aport}", "--answers", str(answers), "--file-poll", "3600")
-        try:
-            while True:
-                try:
-                    if get(f"http://127.0.0.1:{port}/latest/version") == version.encode():
-                        break
-                except OSError:
-                    pass
-                if time.monotonic() - t0 > 60:
-                    raise RuntimeError(md.log())
-                time.sleep(0.003)
-            out.append(time.monotonic() - t0)
-        finally:
-            md.stop()
+        md, _, _, secs = start_metadata(answers, version)
+        md.stop()
+        out.append(secs)
     return out
 
 
@@ -199,21 +204,8 @@ def bench_size(n: int, duration: int, table: Table) -> None:
     version = objs[-1]["version"]
     answers = tmp / "answers.json"
     answers.write_bytes(cache_file(raw, version))
-    port, rport, aport = free_port(), free_port(), free_port()
-    t0 = time.monotonic()
-    md = start_corral("metadata", "--listen", f"127.0.0.1:{port}", "--listenReload", f"127.0.0.1:{rport}",
-                      "--metrics-listen", f"127.0.0.1:{aport}", "--answers", str(answers), "--file-poll", "3600")
+    md, port, rport, start_s = start_metadata(answers, version)
     base = f"http://127.0.0.1:{port}"
-    while True:
-        try:
-            if get(base + "/latest/version") == version.encode():
-                break
-        except OSError:
-            pass
-        if time.monotonic() - t0 > 60:
-            raise RuntimeError(md.log())
-        time.sleep(0.005)
-    start_s = time.monotonic() - t0
     ng = None
     try:
         name = next(o["name"] for o in objs[len(objs) // 2:] if o["metadata_kind"] == "container").lower()
