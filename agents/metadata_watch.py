@@ -383,6 +383,10 @@ class MetadataWatch:
             log.warning("metadata helper process died, starting a new one")
             self._executor = None
             raise FetchError("metadata helper process died") from None
+        except (FetchError, OSError):
+            raise
+        except Exception as e:  # whatever a daemon's own pool raises: retried, never fatal to the watch
+            raise FetchError(f"metadata helper failed: {type(e).__name__}: {e}") from e
 
     async def _install(self, f: Fetched, source: str) -> MetadataSnapshot:
         keep: list[list[Any]] = []

@@ -278,6 +278,11 @@ class Daemon:
             except BrokenProcessPool:
                 log.warning("metadata helper process died; the next snapshot starts a new one")
                 continue
+            except Exception as e:  # a bug in the pure function must not take the daemon down
+                _BAD_META.inc()
+                log.error("desired checks failed, keeping the last good checks", version=snap.version,
+                          error=f"{type(e).__name__}: {e}")
+                continue
             self._take(d)
 
     async def poll(self, stop: asyncio.Event) -> None:

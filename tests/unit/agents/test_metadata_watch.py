@@ -164,3 +164,19 @@ async def test_a_replaced_tree_is_freed_from_the_loop_a_slice_at_a_time(tmp_path
     assert w._graveyard.lists == [] and len(w.latest.containers) == 500  # type: ignore[union-attr]
     stop.set()
     await task
+
+
+async def test_a_failing_daemon_pool_is_a_retried_fetch_error_not_a_crash(tmp_path: Path) -> None:
+    from concurrent.futures import Executor, Future
+
+    class Broken(Executor):
+        def submit(self, fn: Any, /, *args: Any, **kwargs: Any) -> Future[Any]:
+            f: Future[Any] = Future()
+            f.set_exception(RuntimeError("helper exploded"))
+            return f
+
+    state = tmp_path / "s.json"
+    state.write_bytes(orjson.dumps(tree()))
+    w = MetadataWatch("http://127.0.0.1:9", component="wtest6", state_file=state, pool=Broken)
+    with pytest.raises(FetchError, match="helper exploded"):
+        await w._fetch(path=str(state))
