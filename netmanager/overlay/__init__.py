@@ -41,5 +41,11 @@ def _vxlan(**kw: Any) -> Overlay:
     return VxlanBackend(**kw)
 
 
-BACKENDS: dict[str, Callable[..., Overlay]] = {"vxlan": _vxlan}
-"""Backend name -> constructor. ``ipsec`` is accepted by the command line and reported as not built yet."""
+def _ipsec(**kw: Any) -> Overlay:
+    from netmanager.overlay.charon import make_backend
+
+    return make_backend(**kw)
+
+
+BACKENDS: dict[str, Callable[..., Overlay]] = {"vxlan": _vxlan, "ipsec": _ipsec}
+"""Backend name -> constructor."""

@@ -23,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
+import dataclasses
 import inspect
 import os
 import random
@@ -32,11 +33,11 @@ import socket
 import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 from agents.backoff import Backoff
 from agents.children import die_with_parent
-from agents.errors import CorralError, TransportError
+from agents.errors import ConfigError, CorralError, TransportError
 from agents.log import get_logger
 from agents.metrics import counter, gauge
 from netmanager.overlay.ipsec import (
@@ -50,14 +51,18 @@ from netmanager.overlay.ipsec import (
     initiator,
     policy_diff,
     psk_owners,
+    read_psk,
     revision,
 )
 
-__all__ = ["CHARON", "Charon", "IpsecBackend", "KernelProbe", "Vici", "probe_kernel", "strongswan_conf"]
+__all__ = ["CHARON", "Charon", "IpsecBackend", "KernelProbe", "PskSource", "Vici", "make_backend", "probe_kernel",
+           "strongswan_conf"]
 
 log = get_logger(__name__)
 CHARON = "/usr/lib/ipsec/charon"
 TUN = "ipsec0"
+TABLE = 220
+INNER_MTU = 1350  # ipsec0's 1400 minus VXLAN's 50
 PLUGINS = ("random nonce kdf openssl aes sha1 sha2 hmac gcm gmp pem pkcs1 x509 pubkey kernel-netlink "
            "socket-default vici updown")
 _MODE = gauge("overlay", "ipsec_mode", "IPsec data path in use (1 on the active mode's label)", ["mode"])
@@ -115,7 +120,7 @@ def strongswan_conf(run_dir: str, *, libipsec: bool, debug: int = 1) -> str:
     return f"""charon {{
   load_modular = no
   load = {plugins}
-  install_routes = {"yes" if libipsec else "no"}
+  install_routes = no
   make_before_break = yes
   ignore_acquire_ts = yes
   filelog {{
@@ -351,9 +356,11 @@ class IpsecBackend:
     name = "ipsec"
 
     def __init__(self, *, run_dir: str = "/var/run/corral-ipsec", settings: IpsecSettings | None = None,
-                 psk: Callable[[], str] | str = "", probe: KernelProbe | None = None, netns: str = "",
+                 psk: PskSource | Callable[[], str] | str = "", probe: KernelProbe | None = None, netns: str = "",
                  watchdog_interval: float = 10.0, responder_grace: float = 60.0, debug: int = 1,
-                 **_: Any) -> None:
+                 host_mode: bool = False, **_: Any) -> None:
+        self.host_mode = host_mode
+        self._address = ""
         self.settings = settings or IpsecSettings()
         self.run_dir = run_dir
         self.netns = netns
@@ -362,7 +369,10 @@ class IpsecBackend:
         self.watchdog_interval = watchdog_interval
         self.responder_grace = responder_grace
         self.debug = debug
-        self.writes = 0
+        self.own_writes = 0   # VICI loads, policies, routes
+        self.writes = 0       # own_writes plus the inner VTEP's (libipsec mode)
+        self.inner: Any = None  # libipsec mode: the VXLAN backend carried by the tunnel
+        self._rule = False
         self.charon: Charon | None = None
         self.loaded: dict[str, str] = {}          # conn name -> revision loaded into this charon
         self.psk_loaded: tuple[str, tuple[str, ...]] | None = None
@@ -373,11 +383,13 @@ class IpsecBackend:
         self._tasks: list[asyncio.Task[Any]] = []
         self._stop = asyncio.Event()
         self._hthresh = False
+        self.routes: set[str] | None = None       # libipsec mode: remote /32s routed into the TUN device
 
     # ------------------------------------------------------------------ life cycle
     @property
     def device(self) -> str:
-        return TUN if self.settings.libipsec else "eth0"
+        """Where the workloads' traffic leaves: the VTEP inside the tunnel (libipsec), else eth0."""
+        return "vtep1042" if (self.probe is not None and not self.probe.esp) or self.settings.libipsec else "eth0"
 
     async def start(self) -> None:
         """Probe the kernel, pick the mode (logged and exported), start charon and its supervisor."""
@@ -398,6 +410,10 @@ class IpsecBackend:
             log.warning("IPsec in kernel mode without AES-GCM: GCM proposals filtered", reason=p.message)
         else:
             log.info("IPsec in kernel mode (ESP and AES-GCM available)")
+        if libipsec and self.inner is None and not self.netns:  # the VTEP is programmed in this process's netns
+            from netmanager.overlay.vxlan import VxlanBackend
+
+            self.inner = VxlanBackend(mtu=INNER_MTU, host_mode=self.host_mode)
         self.charon = Charon(self.run_dir, libipsec=libipsec, netns=self.netns, debug=self.debug)
         self._stop.clear()
         self._tasks = [asyncio.create_task(self.charon.supervise(self._stop, self._charon_started)),
@@ -407,6 +423,7 @@ class IpsecBackend:
     def _charon_started(self) -> None:
         self.loaded.clear()
         self.psk_loaded = None
+        self.routes = None  # the TUN device (and its routes) went with the old charon
         if self._on_change is not None:
             self._on_change("charon started")
 
@@ -425,8 +442,25 @@ class IpsecBackend:
         return self.charon
 
     # ------------------------------------------------------------------ desired -> charon
-    def psk(self) -> str:
+    async def psk(self) -> str:
+        if isinstance(self._psk, PskSource):
+            return await self._psk.get()
         return self._psk() if callable(self._psk) else self._psk
+
+    async def _host_address(self, router_ip: str) -> list[str]:
+        """Host-netns mode: the router IP as a /32 on ``lo``, so the host is the tunnel's inner endpoint."""
+        if not self.host_mode or router_ip == self._address:
+            return []
+        errors = []
+        if self._address:
+            await _ip("addr", "del", f"{self._address}/32", "dev", "lo", netns=self.netns)
+        rc, out = await _ip("addr", "replace", f"{router_ip}/32", "dev", "lo", netns=self.netns)
+        if rc:
+            errors.append(f"ip addr replace {router_ip}/32 dev lo: {out}")
+        else:
+            self._address = router_ip
+            self.own_writes += 1
+        return errors
 
     async def apply(self, topo: TopologyLike) -> list[str]:
         """Load what changed, unload what left; every entry is tried, then the errors are raised."""
@@ -436,8 +470,8 @@ class IpsecBackend:
         _DUPS.set(len(dups))
         if dups:
             log.error("ALARM: hosts share an agent IP; no IPsec connection is loaded for them", agent_ips=list(dups))
-        errors: list[str] = []
-        secret = self.psk()
+        errors: list[str] = await self._host_address(topo.router_ip)
+        secret = await self.psk()
         owners = tuple(psk_owners(topo))
         if not secret:
             errors.append("no PSK: set RANCHER_IPSEC_PSK or let the server's configcontent/psk answer")
@@ -445,7 +479,7 @@ class IpsecBackend:
             try:
                 await charon.vici.call("load_shared", {"type": "IKE", "data": secret, "owners": list(owners)})
                 self.psk_loaded = (secret, owners)
-                self.writes += 1
+                self.own_writes += 1
             except TransportError as e:
                 errors.append(str(e))
         want = {n: m for n, m in desired_conns(topo, self.settings).items()
@@ -458,7 +492,7 @@ class IpsecBackend:
                 try:
                     await charon.vici.call("load_conn", msg)
                     self.loaded[name] = rev
-                    self.writes += 1
+                    self.own_writes += 1
                     log.info("connection loaded", conn=name)
                     break
                 except TransportError as e:
@@ -466,11 +500,16 @@ class IpsecBackend:
                         errors.append(str(e))
         for agent in {n.removeprefix("conn-") for n in want}:
             self.peers.setdefault(agent, _Peer())
+        if self.settings.libipsec:
+            errors += await self._apply_routes(topo)
+            if self.inner is not None:
+                res = await self.inner.apply(_inner_topology(topo))
+                errors += list(res.errors)
         if not errors:  # like the original: removals only after every add went through
             for name in sorted(set(self.loaded) - set(want)):
                 try:
                     await charon.vici.call("unload_conn", {"name": name})
-                    self.writes += 1
+                    self.own_writes += 1
                     log.info("connection unloaded", conn=name)
                 except TransportError as e:
                     if "not found" not in str(e):
@@ -480,9 +519,40 @@ class IpsecBackend:
                 self.peers.pop(name.removeprefix("conn-"), None)
             if not self.settings.libipsec:
                 errors += await self._apply_policies(desired_policies(topo, self.settings))
+        self._count()
         if errors:
             raise TransportError(f"{len(errors)} IPsec entries failed, first: {errors[0]}")
         return errors
+
+    def _count(self) -> None:
+        self.writes = self.own_writes + (self.inner.writes if self.inner is not None else 0)
+
+    async def _apply_routes(self, topo: TopologyLike) -> list[str]:
+        """libipsec mode: ``<peer router IP>/32 dev ipsec0 src <router IP> table 220`` and the rule
+        ``220: from all lookup 220``, so the router IPs (and the VXLAN packets addressed to them)
+        take the tunnel while the workloads' /32s in the main table take the VTEP. Corral owns
+        these routes (``install_routes = no``), so they follow metadata, not charon's SAs."""
+        errors: list[str] = []
+        if not self._rule:
+            rc, out = await _ip("rule", "show", "pref", str(TABLE), netns=self.netns)
+            if f"lookup {TABLE}" not in out:
+                rc, out = await _ip("rule", "add", "pref", str(TABLE), "lookup", str(TABLE), netns=self.netns)
+                self.own_writes += 1
+            if rc:
+                errors.append(f"ip rule add pref {TABLE} lookup {TABLE}: {out}")
+            self._rule = rc == 0
+        want = {f"{r}/32" for r in topo.routers.values()}
+        current = await read_tun_routes(self.netns) if self.routes is None else self.routes
+        add, delete = sorted(want - current), sorted(current - want)
+        if not add and not delete:
+            self.routes = want
+            return errors
+        lines = [f"route replace {d} dev {TUN} src {topo.router_ip} table {TABLE}" for d in add]
+        lines += [f"route delete {d} dev {TUN} table {TABLE}" for d in delete]
+        rc, out = await _ip("-force", "-batch", "-", netns=self.netns, stdin="\n".join(lines).encode() + b"\n")
+        self.own_writes += len(lines)
+        self.routes = None if rc else want
+        return errors + ([f"ip route ... dev {TUN} table {TABLE}: {out}"] if rc else [])
 
     async def _apply_policies(self, want: set[Policy]) -> list[str]:
         if not self._hthresh:
@@ -499,7 +569,7 @@ class IpsecBackend:
         lines = [" ".join(["xfrm", "policy", "delete", "src", p.src, "dst", p.dst, "dir", p.dir]) for p in delete]
         lines += [" ".join(["xfrm", "policy", "add", *p.ip_args()]) for p in add]
         rc, out = await _ip("-force", "-batch", "-", netns=self.netns, stdin="\n".join(lines).encode() + b"\n")
-        self.writes += len(lines)
+        self.own_writes += len(lines)
         self.policies = None if rc else want
         return [f"ip xfrm policy: {out}"] if rc else []
 
@@ -517,7 +587,10 @@ class IpsecBackend:
         if not self.settings.libipsec:
             self.policies = None  # read the kernel back on the next apply
             return set(await read_policies(self.netns)) == desired_policies(topo, self.settings)
-        return True
+        self.routes = None
+        self._rule = False
+        ok = await read_tun_routes(self.netns) == {f"{r}/32" for r in topo.routers.values()}
+        return ok and (self.inner is None or await self.inner.in_sync(_inner_topology(topo)))
 
     # ------------------------------------------------------------------ SAs
     async def sas(self) -> dict[str, dict[str, Any]]:
@@ -597,8 +670,16 @@ class IpsecBackend:
                     log.error("SA watchdog round failed", error=str(e))
 
     async def repair_peer(self, topo: TopologyLike, agent_ip: str) -> int:
-        """3 missed probes: initiate the peer's child again (a new CHILD_SA; the old one expires or is replaced)."""
+        """3 missed probes: initiate the peer's child again. The responder of the pair only does it
+        once the initiator had ``responder_grace`` seconds to come back (both ends initiating at
+        once is what made the original's pairs collide)."""
         if self.charon is None or agent_ip not in topo.routers:
+            return 0
+        peer = self.peers.setdefault(agent_ip, _Peer())
+        now = time.monotonic()
+        if not peer.missing_since:
+            peer.missing_since = now
+        if not initiator(topo.agent_ip, agent_ip) and now - peer.missing_since < self.responder_grace:
             return 0
         return 1 if await self.initiate(agent_ip, "probe") else 0
 
@@ -606,6 +687,9 @@ class IpsecBackend:
     def watch(self, on_change: Callable[[str], None]) -> _Events:
         self._on_change = on_change
         return _Events(self, on_change)
+
+    def inner_watch(self, on_change: Callable[[str], None]) -> Any:
+        return self.inner.watch(on_change) if self.inner is not None else None
 
 
 class _Events:
@@ -620,11 +704,22 @@ class _Events:
 
     def start(self) -> None:
         self._task = asyncio.get_running_loop().create_task(self._run())
+        self._inner: Any = None
+
+    def _start_inner(self) -> None:
+        if self._inner is None and self.backend.inner is not None:
+            self._inner = self.backend.inner_watch(self.on_change)
+            if self._inner is not None:
+                self._inner.start()
 
     def stop(self) -> None:
+        """The router stops: stop listening, and stop charon (it also dies with this process)."""
         self._stopped = True
         if self._task is not None:
             self._task.cancel()
+        if getattr(self, "_inner", None) is not None:
+            self._inner.stop()
+        self.backend._stop.set()
 
     async def _run(self) -> None:
         loop = asyncio.get_running_loop()
@@ -639,6 +734,7 @@ class _Events:
             if charon is None or not charon.ready.is_set():
                 await asyncio.sleep(0.5)
                 continue
+            self._start_inner()
             def done(c: Charon = charon) -> bool:
                 return self._stopped or not c.ready.is_set()
 
@@ -646,6 +742,14 @@ class _Events:
                 await asyncio.to_thread(charon.vici.listen, ("ike-updown", "child-updown"), event, done)
             self.listening = False
             await asyncio.sleep(0.5)
+
+
+async def read_tun_routes(netns: str = "") -> set[str]:
+    """Destinations routed into the TUN device (table 220), as ``a.b.c.d/32``."""
+    rc, out = await _ip("route", "show", "table", str(TABLE), "dev", TUN, netns=netns)
+    if rc:
+        return set()  # no device yet: nothing routed
+    return {(w if "/" in w else f"{w}/32") for w in (ln.split()[0] for ln in out.splitlines() if ln.strip())}
 
 
 async def read_policies(netns: str = "") -> set[Policy]:
@@ -677,6 +781,79 @@ def parse_policies(text: str) -> set[Policy]:
         except (KeyError, ValueError):
             continue
     return out
+
+
+class PskSource:
+    """The environment's PSK: ``RANCHER_IPSEC_PSK``, else the server's ``configcontent/psk`` (kept in
+    ``<config_dir>/psk.txt`` and acknowledged with ``?version=latest``), else that file's last copy."""
+
+    def __init__(self, config_dir: str, env: Mapping[str, str] | None = None) -> None:
+        self.config_dir = config_dir
+        self.env = dict(os.environ if env is None else env)
+        self.fetched = False
+
+    @property
+    def path(self) -> str:
+        return os.path.join(self.config_dir, "psk.txt")
+
+    async def get(self) -> str:
+        if self.env.get("RANCHER_IPSEC_PSK"):
+            return self.env["RANCHER_IPSEC_PSK"]
+        if not self.fetched and self.env.get("CATTLE_URL"):
+            try:
+                await self._fetch()
+                self.fetched = True
+            except (CorralError, OSError) as e:
+                log.warning("PSK not fetched from the server; using the last copy", error=str(e), file=self.path)
+        return await asyncio.to_thread(read_psk, {}, path=self.path)
+
+    async def _fetch(self) -> None:
+        from agents.api import ApiClient
+        from agents.config import CattleConfig
+
+        cfg = CattleConfig(url=self.env["CATTLE_URL"], access_key=self.env.get("CATTLE_ACCESS_KEY", ""),
+                           secret_key=self.env.get("CATTLE_SECRET_KEY", ""))
+        async with ApiClient(cfg) as api:
+            body = await api.get_bytes("configcontent/psk")
+            secret = body.decode(errors="replace").strip()
+            if not secret:
+                raise TransportError("configcontent/psk is empty")
+            await asyncio.to_thread(_write_private, self.path, secret + "\n")
+            await api.put("configcontent/psk", params={"version": "latest"})
+        log.info("PSK fetched from the server", file=self.path)
+
+
+def _inner_topology(topo: TopologyLike) -> Any:
+    """The VTEP's view in libipsec mode: every peer is reached at its router IP (through the tunnel)."""
+    routers = dict(topo.routers)
+    return dataclasses.replace(cast(Any, topo), routers={r: r for r in routers.values()},
+                               workloads={ip: routers[a] for ip, a in topo.workloads.items() if a in routers})
+
+
+def _write_private(path: str, text: str) -> None:
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    tmp = path + ".tmp"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
+def make_backend(*, host_mode: bool = True, netns: str = "", **_: Any) -> IpsecBackend:
+    """``corral overlay --backend ipsec``: settings and PSK from the environment, the kernel probed now
+    (so the router's first reconcile already knows the data path's device). Environment:
+    ``CORRAL_IPSEC_DIR`` (charon's run directory, default /var/run/corral-ipsec),
+    ``CORRAL_IPSEC_CONFIG_DIR`` (psk.txt, ike.conf, childsa.conf; default
+    /var/lib/rancher/state/corral/ipsec), ``RANCHER_DEBUG=true`` (charon log level 3)."""
+    config_dir = os.environ.get("CORRAL_IPSEC_CONFIG_DIR") or "/var/lib/rancher/state/corral/ipsec"
+    try:
+        settings = IpsecSettings.from_env(config_dir=config_dir)
+    except (ValueError, OSError) as e:
+        raise ConfigError(str(e)) from e
+    probe = asyncio.run(probe_kernel(netns))
+    return IpsecBackend(run_dir=os.environ.get("CORRAL_IPSEC_DIR") or "/var/run/corral-ipsec", settings=settings,
+                        psk=PskSource(config_dir), probe=probe, netns=netns, host_mode=host_mode,
+                        debug=3 if os.environ.get("RANCHER_DEBUG", "").lower() == "true" else 1)
 
 
 def have_charon() -> str:

@@ -24,11 +24,14 @@ mode), per remote IP w (routers included) on H, priority 10000, reqid 1234:
 ``out`` local subnet -> w/32 via ``esp tunnel <router IP> -> agent_ip(H)``; ``in`` and ``fwd``
 w/32 -> local subnet via ``agent_ip(H) -> <router IP>``.
 
-kernel-libipsec mode (no kernel ESP: charon does ESP in userspace through a TUN device): no kernel
-policies at all (they would capture traffic that has no kernel SA); the child carries ``policies
-yes`` with narrowed selectors (local subnet <-> that peer's /32s) so charon installs the routes
-in its table 220, and each child gets its own reqid from charon, because libipsec picks the
-outbound SA by reqid alone and one shared reqid would send every peer's traffic into one SA.
+kernel-libipsec mode (no kernel ESP: charon does ESP in userspace through the TUN ``ipsec0``):
+charon can only hold policies whose local selector contains an address of this host (it looks
+one up for each outbound policy's route, and a container's /32 is not one), so the tunnel joins
+the two *router IPs* only (``local_ts <router IP>/32``, ``remote_ts <peer router IP>/32``, ``policies
+yes``), and the workloads travel inside it over VXLAN (rancher-net's VTEP, its FDB ``dst`` the
+peer's router IP instead of its agent IP): VXLAN over IPsec. No kernel XFRM state or policy
+exists in this mode, and each child gets its own reqid from charon, because libipsec picks the
+outbound SA by reqid alone.
 """
 
 from __future__ import annotations
@@ -57,12 +60,18 @@ NAT_T_PORT = 4500
 class TopologyLike(Protocol):
     """The fields of :class:`netmanager.overlay.peers.Topology` this module reads."""
 
-    router_ip: str
-    agent_ip: str
-    prefix: int
-    routers: Mapping[str, str]     # remote agent IP -> its router IP
-    workloads: Mapping[str, str]   # remote workload IP -> agent IP
-    local: frozenset[str]
+    @property
+    def router_ip(self) -> str: ...
+    @property
+    def agent_ip(self) -> str: ...
+    @property
+    def prefix(self) -> int: ...
+    @property
+    def routers(self) -> Mapping[str, str]: ...     # remote agent IP -> its router IP
+    @property
+    def workloads(self) -> Mapping[str, str]: ...   # remote workload IP -> agent IP
+    @property
+    def local(self) -> frozenset[str]: ...
 
 
 @dataclass(frozen=True)
@@ -188,10 +197,9 @@ def desired_conns(topo: TopologyLike, settings: IpsecSettings) -> dict[str, dict
     """Connection name -> its ``load-conn`` message, for every remote host with a router."""
     out: dict[str, dict[str, Any]] = {}
     if settings.libipsec:
-        mine = local_subnet(topo.router_ip, topo.prefix)
-        for agent, ips in remote_ips_by_host(topo).items():
-            out[conn_name(agent)] = connection(topo.agent_ip, agent, settings, local_ts=mine,
-                                               remote_ts=[f"{ip}/32" for ip in ips])
+        for agent, router in sorted(topo.routers.items()):
+            out[conn_name(agent)] = connection(topo.agent_ip, agent, settings, local_ts=f"{topo.router_ip}/32",
+                                               remote_ts=[f"{router}/32"])
     else:
         for agent in sorted(topo.routers):
             out[conn_name(agent)] = connection(topo.agent_ip, agent, settings)

@@ -58,10 +58,8 @@ def make_router(args: argparse.Namespace) -> Any:
     from netmanager.overlay import BACKENDS
     from netmanager.overlay.router import Router
 
-    if args.backend == "ipsec":
-        raise ConfigError("--backend ipsec: the IPsec backend is not built yet (use vxlan)")
     if args.backend not in BACKENDS:
-        raise ConfigError(f"--backend must be one of {', '.join(sorted(BACKENDS))} or ipsec: {args.backend!r}")
+        raise ConfigError(f"--backend must be one of {' or '.join(BACKENDS)}: {args.backend!r}")
     url, version = metadata_base(args)
     backend = BACKENDS[args.backend](mtu=args.vxlan_vtep_mtu, host_mode=bool(args.bridge),
                                      resync_after=args.resync_interval)

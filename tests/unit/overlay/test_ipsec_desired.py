@@ -103,15 +103,14 @@ def test_kernel_mode_conns_for_every_router_host() -> None:
         assert child["reqid"] == "1234" and child["policies"] == "no" and child["remote_ts"] == ["0.0.0.0/0"]
 
 
-def test_libipsec_mode_narrows_the_selectors_and_lets_charon_pick_reqids() -> None:
+def test_libipsec_mode_joins_the_router_ips_and_lets_charon_pick_reqids() -> None:
     conns = desired_conns(Topo(), IpsecSettings(libipsec=True))
     child = conns["conn-192.0.2.2"]["conn-192.0.2.2"]["children"]["child-192.0.2.2"]
     assert child["policies"] == "yes"
-    assert child["local_ts"] == ["10.42.0.0/16"]
-    assert child["remote_ts"] == ["10.42.2.2/32", "10.42.2.9/32", "10.42.2.10/32"]  # router first, numeric order
+    assert (child["local_ts"], child["remote_ts"]) == (["10.42.1.2/32"], ["10.42.2.2/32"])
     assert "reqid" not in child
     other = conns["conn-192.0.2.10"]["conn-192.0.2.10"]["children"]["child-192.0.2.10"]
-    assert other["remote_ts"] == ["10.42.10.2/32"]
+    assert (other["local_ts"], other["remote_ts"]) == (["10.42.1.2/32"], ["10.42.10.2/32"])
 
 
 def test_overrides_from_ike_conf_and_childsa_conf(tmp_path: Path) -> None:
