@@ -721,13 +721,18 @@ class _Events:
             self._inner.stop()
         self.backend._stop.set()
 
+    def _changed(self, reason: str) -> None:
+        # kernel-libipsec adds and removes its own copy of a tunnel route with the SA: read them back
+        self.backend.routes = None
+        self.on_change(reason)
+
     async def _run(self) -> None:
         loop = asyncio.get_running_loop()
 
         def event(name: str, msg: Mapping[str, Any]) -> None:
             self.listening = True
             if name:
-                loop.call_soon_threadsafe(self.on_change, f"charon {name}")
+                loop.call_soon_threadsafe(self._changed, f"charon {name}")
 
         while not self._stopped:
             charon = self.backend.charon
