@@ -158,6 +158,25 @@ async def test_charon_dies_is_restarted_and_the_router_reloads() -> None:
                 events.stop()
 
 
+async def test_responder_without_its_config_yet_still_converges() -> None:
+    # rancher/rancher#9715: the responder answered NO_PROPOSAL_CHOSEN before it had loaded its
+    # config and nobody retried. Here the initiator's watchdog retries with back-off.
+    with pair() as (a, b):
+        async with routers(a, b, "s3cret-psk", "s3cret-psk") as (ra, rb):
+            await rb.start()      # charon up, nothing loaded
+            await ra.apply(H1)
+            assert ra.charon is not None
+
+            def refused() -> bool:
+                with open(ra.charon.log_file) as f:  # type: ignore[union-attr]
+                    return "NO_PROPOSAL_CHOSEN" in f.read()
+
+            await eventually(refused, what="h2 refusing h1 (no config yet)")
+            await rb.apply(H2)
+            await eventually(lambda: established(ra, "conn-192.0.2.2"), what="the pair after h2 loaded")
+            await eventually(lambda: ping(a, H1.router_ip, H2.router_ip), what="ping")
+
+
 async def test_psk_mismatch_keeps_the_pair_down_and_says_why() -> None:
     with pair() as (a, b):
         async with routers(a, b, "s3cret-psk", "another-psk") as (ra, rb):
@@ -175,6 +194,22 @@ async def test_psk_mismatch_keeps_the_pair_down_and_says_why() -> None:
             assert not ping(a, H1.router_ip, H2.router_ip)
             # the watchdog keeps retrying the pair (jittered back-off), it does not give up
             await eventually(lambda: ra.peers["192.0.2.2"].backoff.attempt >= 1, what="a watchdog retry")
+
+
+async def test_duplicate_agent_ip_is_refused_with_an_alarm() -> None:
+    from prometheus_client import REGISTRY
+
+    with pair() as (a, b):
+        async with routers(a, b, "s3cret-psk", "s3cret-psk") as (ra, _):
+            dup = Topo(H1.router_ip, H1.agent_ip, {"192.0.2.2": "10.42.2.2", "192.0.2.3": "10.42.3.2"},
+                       duplicate_agent_ips=("192.0.2.3",))
+            await ra.apply(dup)
+            assert ra.charon is not None
+            names = {k for c in await ra.charon.vici.call("list_conns") for k in c}
+            assert names == {"conn-192.0.2.2"}
+            assert REGISTRY.get_sample_value("corral_overlay_ipsec_duplicate_agent_ips") == 1.0
+            await ra.apply(H1)
+            assert REGISTRY.get_sample_value("corral_overlay_ipsec_duplicate_agent_ips") == 0.0
 
 
 async def test_kernel_esp_pair() -> None:
