@@ -36,6 +36,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "overlay": ("netmanager.overlay.main", "cross-host VXLAN router (rancher-net wire format)"),
     "scheduler": ("scheduler.main", "the resource scheduler"),
     "etc-host-updater": ("etchosts.main", "the /etc/hosts writer"),
+    "status": ("agents.status", "one view of this node, read from the daemons' admin endpoints"),
 }
 
 
