@@ -16,7 +16,7 @@ from typing import Any
 from agents.metadata_client import Snapshot
 from netmanager.desired import substitute
 
-__all__ = ["CniFile", "CniFiles", "cni_files", "shim_script"]
+__all__ = ["CniFile", "CniFiles", "cni_files", "shim_script", "shim_targets"]
 
 
 @dataclass(frozen=True)
@@ -70,3 +70,28 @@ def cni_files(snap: Snapshot) -> CniFiles:
 def shim_script(pid: int) -> bytes:
     """``/opt/cni/bin/<name>``: run the same path inside the driver container's namespaces."""
     return f'#!/bin/sh\nexec nsenter -m -u -i -n -p -t {int(pid)} -- "$0" "$@"\n'.encode()
+
+
+def shim_targets(snap: Snapshot) -> dict[str, str]:
+    """Shim name -> Docker ID of the driver container on this host that carries the real binary.
+
+    Driver services: kind ``networkDriverService`` or ``storageDriverService``, plus the services
+    of the same stack whose ``primary_service_name`` is one of them (sidekicks); their containers
+    on this host with an ``external_id`` and the label ``io.rancher.network.cni.binary=<name>``.
+    """
+    me = snap.self_host.uuid if snap.self_host is not None else None
+    drivers = [s for s in snap.services if s.kind in ("networkDriverService", "storageDriverService")]
+    names = {(s.stack_uuid, s.name) for s in drivers}
+    chosen = [s for s in snap.services if s in drivers or (s.stack_uuid, s.primary_service_name) in names]
+    by_uuid = {c.uuid: c for c in snap.containers}
+    out: dict[str, str] = {}
+    for svc in sorted(chosen, key=lambda s: s.uuid or ""):
+        for raw in svc.containers:
+            ref = raw.get("uuid") if isinstance(raw, dict) else raw
+            c = by_uuid.get(ref) if isinstance(ref, str) else None
+            if c is None or c.host_uuid != me or not c.external_id:
+                continue
+            name = c.labels.get("io.rancher.network.cni.binary", "")
+            if _safe(name):
+                out.setdefault(name, c.external_id)
+    return dict(sorted(out.items()))

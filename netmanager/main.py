@@ -33,10 +33,10 @@ from agents.metadata_client import Snapshot
 from agents.metadata_watch import MetadataSnapshot, MetadataWatch, add_watch_args
 from agents.metrics import AdminServer, Health, counter
 from agents.reconcile import Reconciler
-from netmanager.cniconf import CniFiles, cni_files
+from netmanager.cniconf import CniFiles, cni_files, shim_script, shim_targets
 from netmanager.cnievents import CNI_PATH
 from netmanager.desired import HostFacts, Route, Ruleset, desired_ruleset, metadata_route
-from netmanager.files import apply_cni
+from netmanager.files import apply_cni, write_atomic
 from netmanager.firewall import RulesApplier
 from netmanager.iptables import detect_backend
 from netmanager.netlink import NftGeneration, RouteState, ensure_ipset, ensure_route, set_sysctl
@@ -142,6 +142,8 @@ class NetManager:
         self.applier: RulesApplier | None = None
         self.rules: Reconciler[Ruleset] | None = None
         self.cni: Reconciler[CniFiles] | None = None
+        self.shims: Reconciler[dict[str, str]] | None = None
+        self.docker: Any = None  # DockerSource when --docker-host is set
         self.snapshot: Snapshot | None = None
 
     # -------------------------------------------------------------- snapshot -> desired
@@ -156,6 +158,8 @@ class NetManager:
         self.rules.submit(desired_ruleset(snap, self.facts))
         if self.cni is not None:
             self.cni.submit(cni_files(snap))
+        if self.shims is not None:
+            self.shims.submit(shim_targets(snap))
 
     async def apply_cni(self, want: CniFiles) -> None:
         changed = await asyncio.to_thread(apply_cni, self.cni_root, want)
@@ -217,16 +221,45 @@ class NetManager:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), 1.0)
 
-    async def docker_loop(self, stop: asyncio.Event) -> None:
-        from netmanager.docker_events import CniHandler, DockerSource
+    async def apply_shims(self, targets: dict[str, str]) -> None:
+        """``<cni-dir>/bin/<name>``: nsenter into the driver container and run the real binary.
+        Each shim on its own: one driver that is not running does not hold the others back."""
+        errors = []
+        for name, cid in targets.items():
+            try:
+                info = await self.docker.inspect(cid)
+                pid = int(((info or {}).get("State") or {}).get("Pid") or 0)
+                if not pid:
+                    raise CorralError(f"driver container {cid[:12]} is not running")
+                path = self.cni_root / "bin" / name
+                path.parent.mkdir(parents=True, exist_ok=True)
+                if path.is_dir() and not path.is_symlink():
+                    import shutil
 
-        src = DockerSource(self.args.docker_host)
+                    shutil.rmtree(path)
+                if write_atomic(path, shim_script(pid), 0o700):
+                    log.info("cni shim written", name=name, container=cid[:12], pid=pid)
+            except (CorralError, OSError) as e:
+                errors.append(f"{name}: {e}")
+        if errors:
+            raise CorralError("; ".join(errors))
+
+    async def docker_loop(self, stop: asyncio.Event) -> None:
+        from netmanager.docker_events import CniHandler
+
+        src = self.docker
         handler = CniHandler(src, cni_dir=self.cni_root, state_dir=Path(self.args.cni_state_dir),
                              handle_dir=Path(self.args.netns_handle_dir), cni_path=self.args.cni_path,
                              retries=self.args.cni_retries, retry_delay=self.args.cni_retry_delay,
                              metadata_ip=self.facts.metadata_ip, dns_setup=not self.args.disable_dns_setup)
+        def on_event(cid: str, action: str) -> None:
+            handler.on_event(cid, action)
+            shims = self.shims
+            if action == "start" and shims is not None and cid in (shims.current or {}).values():
+                shims.kick("driver container started")  # its PID changed: rewrite the shim now
+
         try:
-            await src.run(stop, handler.on_event, handler.on_connect)
+            await src.run(stop, on_event, handler.on_connect)
         finally:
             src.close()
 
@@ -239,6 +272,12 @@ class NetManager:
                                 retry_max=30.0)
         if not self.args.disable_cni_setup:
             self.cni = Reconciler("cni", self.apply_cni, daemon="netmanager", health=self.health)
+        if self.args.docker_host:
+            from netmanager.docker_events import DockerSource
+
+            self.docker = DockerSource(self.args.docker_host)
+            if not self.args.disable_cni_setup:
+                self.shims = Reconciler("shims", self.apply_shims, daemon="netmanager", retry_max=10.0)
         if self.args.metadata_state_file:
             try:
                 Path(self.args.metadata_state_file).parent.mkdir(parents=True, exist_ok=True)
@@ -269,6 +308,8 @@ class NetManager:
                 tg.create_task(self.rules.run(stop))
                 if self.cni is not None:
                     tg.create_task(self.cni.run(stop))
+                if self.shims is not None:
+                    tg.create_task(self.shims.run(stop))
                 tg.create_task(watch.run(stop))
                 tg.create_task(self.verify(stop))
                 if self.route is not None:

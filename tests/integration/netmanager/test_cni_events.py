@@ -96,10 +96,10 @@ def env() -> Iterator[dict]:
         shutil.rmtree(work, ignore_errors=True)
 
 
-def start_nm(e: dict) -> Proc:
+def start_nm(e: dict, metadata: str = "http://127.0.0.1:1/2016-07-29") -> Proc:
     w = e["work"]
     return Proc(["ip", "netns", "exec", e["ns"], *corral_argv(
-        "netmanager", "--metadata-url", "http://127.0.0.1:1/2016-07-29", "--metadata-state-file", "",
+        "netmanager", "--metadata-url", metadata, "--metadata-state-file", "",
         "--cni-dir", str(w / "cni"), "--metrics-listen", "127.0.0.1:9115", "--docker-host",
         f"unix://{e['pm'].sock}", "--cni-state-dir", str(w / "state"), "--netns-handle-dir", str(w / "handles"),
         "--cni-path", str(e["bindir"]), "--cni-retries", "2", "--cni-retry-delay", "0.2s")],
@@ -166,3 +166,44 @@ def test_events_drive_add_and_del(env: dict) -> None:
         assert not calls(env, "ADD", plain) and not calls(env, "DEL", plain)
     finally:
         nm.stop()
+
+
+def test_shim_runs_the_driver_containers_binary(env: dict) -> None:
+    """Spec §12.12: /opt/cni/bin/<name> re-executes itself inside the driver container (a real
+    podman container holding the real plugin at the same path), relays stdout and exit status, and
+    follows the container's new PID after a restart."""
+    from tests.unit.netmanager.conftest import objects
+
+    pm: Podman = env["pm"]
+    shim = env["work"] / "cni" / "bin" / "rancher-bridge"
+    real = pm.work / "rootfs" / str(shim).lstrip("/")
+    real.parent.mkdir(parents=True)
+    real.write_text('#!/bin/busybox sh\necho "real $1 $(/bin/busybox hostname)"\nexit 3\n')
+    real.chmod(0o755)
+    cid = pm.run({"role": "driver"}, "--hostname", "driver")
+    objs = objects()
+    objs.insert(-1, {"metadata_kind": "container", "name": "cni-driver-1", "uuid": "ctr-driver-a",
+                     "primary_ip": "10.42.0.4", "ips": [], "ports": [], "host_uuid": "host-a", "external_id": cid,
+                     "network_uuid": "net-ipsec", "state": "running", "system": True,
+                     "labels": {"io.rancher.network.cni.binary": "rancher-bridge"}, "environment_uuid": "env-1"})
+    objs.insert(-1, {"metadata_kind": "serviceContainerLink", "service_uuid": "svc-driver",
+                     "service_name": "cni-driver", "container_uuid": "ctr-driver-a"})
+    answers = env["work"] / "answers.json"
+    answers.write_text("\n".join(json.dumps(o) for o in objs) + "\n")
+    md = Proc(["ip", "netns", "exec", env["ns"], *corral_argv(
+        "metadata", "--listen", "127.0.0.1:8780", "--listenReload", "127.0.0.1:8112", "--metrics-listen",
+        "127.0.0.1:9112", "--answers", str(answers))], cwd=str(ROOT), name="nm-metadata")
+    nm = start_nm(env, "http://127.0.0.1:8780/2016-07-29")
+    try:
+        pid = pm.inspect(cid)["State"]["Pid"]
+        wait(lambda: shim.exists() and f"-t {pid} " in shim.read_text(), "shim written", nm)
+        assert shim.stat().st_mode & 0o777 == 0o700
+        r = subprocess.run(["sh", str(shim), "ADD"], capture_output=True, text=True)
+        assert (r.stdout, r.returncode) == ("real ADD driver\n", 3), r.stderr
+        pm.pm("restart", "-t", "0", cid)
+        new = pm.inspect(cid)["State"]["Pid"]
+        assert new != pid
+        wait(lambda: f"-t {new} " in shim.read_text(), "shim follows the new PID", nm)
+    finally:
+        nm.stop()
+        md.stop()

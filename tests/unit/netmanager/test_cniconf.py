@@ -34,3 +34,22 @@ def test_conflist_string_written_verbatim_and_unsafe_names_skipped() -> None:
 def test_shim() -> None:
     s = shim_script(4242).decode()
     assert s.startswith("#!/bin/sh\n") and "nsenter -m -u -i -n -p -t 4242" in s and '"$0" "$@"' in s
+
+
+def test_shim_targets() -> None:
+    from netmanager.cniconf import shim_targets
+
+    objs = objects()
+    objs.insert(-1, {"metadata_kind": "container", "name": "drv", "uuid": "ctr-drv", "primary_ip": "10.42.0.4",
+                     "ips": [], "ports": [], "host_uuid": "host-a", "external_id": "d-drv", "network_uuid": "net-ipsec",
+                     "state": "running", "system": True, "labels": {"io.rancher.network.cni.binary": "rancher-bridge"},
+                     "environment_uuid": "env-1"})
+    objs.insert(-1, {"metadata_kind": "container", "name": "drv-b", "uuid": "ctr-drv-b", "primary_ip": "10.42.0.8",
+                     "ips": [], "ports": [], "host_uuid": "host-b", "external_id": "d-drv-b",
+                     "network_uuid": "net-ipsec", "state": "running", "system": True,
+                     "labels": {"io.rancher.network.cni.binary": "rancher-bridge"}, "environment_uuid": "env-1"})
+    for u in ("ctr-drv", "ctr-drv-b"):
+        objs.insert(-1, {"metadata_kind": "serviceContainerLink", "service_uuid": "svc-driver",
+                         "service_name": "cni-driver", "container_uuid": u})
+    assert shim_targets(snapshot_of(objs)) == {"rancher-bridge": "d-drv"}  # this host's only
+    assert shim_targets(snapshot_of(objects())) == {}

@@ -31,3 +31,33 @@ def test_apply_removes_only_what_it_wrote(tmp_path: Path) -> None:
     assert sorted(p.name for p in (tmp_path / "a.d").iterdir()) == ["1.conf", "foreign.conf"]
     assert os.readlink(tmp_path / "managed.d") == "b.d"
     assert stat.S_IMODE((tmp_path / "b.d").stat().st_mode) == 0o700
+
+
+def test_a_concurrent_reader_never_sees_a_partial_file(tmp_path: Path) -> None:
+    """Spec §12.11: configs are swapped whole (temp file + rename), so a reader polling the file
+    while it is rewritten always parses a complete JSON document."""
+    import json
+    import threading
+
+    p = tmp_path / "10-rancher.conf"
+    write_atomic(p, json.dumps({"n": 0, "pad": "x" * 65536}).encode(), 0o600)
+    stop = threading.Event()
+    seen: list[int] = []
+    bad: list[str] = []
+
+    def reader() -> None:
+        while not stop.is_set():
+            try:
+                seen.append(json.loads(p.read_bytes())["n"])
+            except ValueError as e:
+                bad.append(str(e))
+
+    t = threading.Thread(target=reader)
+    t.start()
+    try:
+        for n in range(1, 200):
+            write_atomic(p, json.dumps({"n": n, "pad": "x" * (65536 + n)}).encode(), 0o600)
+    finally:
+        stop.set()
+        t.join()
+    assert not bad and seen and seen == sorted(seen)

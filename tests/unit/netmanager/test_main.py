@@ -12,7 +12,7 @@ PUBLIC = {
     "netmanager.cni_runner": ["CniError", "load_configs", "result_ipv4", "run_add", "run_del"],
     "netmanager.cnievents": ["CNI_PATH", "Container", "cni_args", "cni_env", "decide", "hosts_line", "network_for"],
     "netmanager.docker_events": ["CniHandler", "DockerSource"],
-    "netmanager.cniconf": ["CniFile", "CniFiles", "cni_files", "shim_script"],
+    "netmanager.cniconf": ["CniFile", "CniFiles", "cni_files", "shim_script", "shim_targets"],
     "netmanager.desired": ["HOSTPORT_MARK", "NAT_IPSET", "OWNED_CHAINS", "POLICY_CHAIN", "BridgeInfo", "FlowFilter", "Hook",
                            "HostFacts", "PortBinding", "PortError", "Route", "Rule", "Ruleset", "bridge_info",
                            "desired_ruleset", "host_label_value", "host_port_bindings", "is_running",
