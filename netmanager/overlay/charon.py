@@ -383,6 +383,7 @@ class IpsecBackend:
         self._tasks: list[asyncio.Task[Any]] = []
         self._stop = asyncio.Event()
         self._hthresh = False
+        self._dups: tuple[str, ...] = ()
         self.routes: set[str] | None = None       # libipsec mode: remote /32s routed into the TUN device
 
     # ------------------------------------------------------------------ life cycle
@@ -436,10 +437,19 @@ class IpsecBackend:
         self.charon = None
 
     async def _ready(self) -> Charon:
-        await self.start()
-        assert self.charon is not None
-        await asyncio.wait_for(self.charon.ready.wait(), 30)
+        try:
+            await self.start()
+            assert self.charon is not None
+            await asyncio.wait_for(self.charon.ready.wait(), 30)
+        except TimeoutError as e:
+            log_file = self.charon.log_file if self.charon is not None else self.run_dir
+            raise TransportError(f"charon is not running (restarting with back-off); see {log_file}") from e
         return self.charon
+
+    def _want(self, topo: TopologyLike) -> dict[str, dict[str, Any]]:
+        """The connections to load: every remote host with a router, except shared agent IPs."""
+        dups = set(getattr(topo, "duplicate_agent_ips", ()) or ())
+        return {n: m for n, m in desired_conns(topo, self.settings).items() if n.removeprefix("conn-") not in dups}
 
     # ------------------------------------------------------------------ desired -> charon
     async def psk(self) -> str:
@@ -468,8 +478,9 @@ class IpsecBackend:
         self.topo = topo
         dups = tuple(getattr(topo, "duplicate_agent_ips", ()) or ())
         _DUPS.set(len(dups))
-        if dups:
+        if dups and dups != self._dups:
             log.error("ALARM: hosts share an agent IP; no IPsec connection is loaded for them", agent_ips=list(dups))
+        self._dups = dups
         errors: list[str] = await self._host_address(topo.router_ip)
         secret = await self.psk()
         owners = tuple(psk_owners(topo))
@@ -482,8 +493,7 @@ class IpsecBackend:
                 self.own_writes += 1
             except TransportError as e:
                 errors.append(str(e))
-        want = {n: m for n, m in desired_conns(topo, self.settings).items()
-                if n.removeprefix("conn-") not in dups}
+        want = self._want(topo)
         for name, msg in want.items():
             rev = revision(msg)
             if self.loaded.get(name) == rev:
@@ -503,8 +513,11 @@ class IpsecBackend:
         if self.settings.libipsec:
             errors += await self._apply_routes(topo)
             if self.inner is not None:
-                res = await self.inner.apply(_inner_topology(topo))
-                errors += list(res.errors)
+                try:
+                    res = await self.inner.apply(_inner_topology(topo))
+                    errors += list(getattr(res, "errors", ()))
+                except (CorralError, OSError) as e:
+                    errors.append(f"VTEP inside the tunnel: {e}")
         if not errors:  # like the original: removals only after every add went through
             for name in sorted(set(self.loaded) - set(want)):
                 try:
@@ -530,8 +543,9 @@ class IpsecBackend:
     async def _apply_routes(self, topo: TopologyLike) -> list[str]:
         """libipsec mode: ``<peer router IP>/32 dev ipsec0 src <router IP> table 220`` and the rule
         ``220: from all lookup 220``, so the router IPs (and the VXLAN packets addressed to them)
-        take the tunnel while the workloads' /32s in the main table take the VTEP. Corral owns
-        these routes (``install_routes = no``), so they follow metadata, not charon's SAs."""
+        take the tunnel while the workloads' /32s in the main table take the VTEP. The routes follow
+        metadata, not the SAs; kernel-libipsec adds its own copy of a route while its SA is up
+        and removes it with the SA (taking ours along), so every charon event re-reads them."""
         errors: list[str] = []
         if not self._rule:
             rc, out = await _ip("rule", "show", "pref", str(TABLE), netns=self.netns)
@@ -580,7 +594,7 @@ class IpsecBackend:
             names = {_text(c) for conn in await self.charon.vici.call("list_conns") for c in conn}
         except TransportError:
             return False
-        want = desired_conns(topo, self.settings)
+        want = self._want(topo)
         if set(want) - names or set(self.loaded) - set(want):
             self.loaded = {n: r for n, r in self.loaded.items() if n in names}
             return False

@@ -90,6 +90,12 @@ def ping(ns: str, src: str, dst: str) -> bool:
     return run_in_netns(ns, "ping", "-c1", "-W1", "-I", src, dst, check=False).returncode == 0
 
 
+def charon_log(b: IpsecBackend) -> str:
+    assert b.charon is not None
+    with open(b.charon.log_file, errors="replace") as f:
+        return f.read()
+
+
 async def established(b: IpsecBackend, name: str) -> dict[str, object] | None:
     sa = (await b.sas()).get(name)
     if sa and sa["state"] == "ESTABLISHED" and any(c.get("state") == "INSTALLED" for c in sa["children"]):
@@ -165,13 +171,7 @@ async def test_responder_without_its_config_yet_still_converges() -> None:
         async with routers(a, b, "s3cret-psk", "s3cret-psk") as (ra, rb):
             await rb.start()      # charon up, nothing loaded
             await ra.apply(H1)
-            assert ra.charon is not None
-
-            def refused() -> bool:
-                with open(ra.charon.log_file) as f:  # type: ignore[union-attr]
-                    return "NO_PROPOSAL_CHOSEN" in f.read()
-
-            await eventually(refused, what="h2 refusing h1 (no config yet)")
+            await eventually(lambda: "NO_PROPOSAL_CHOSEN" in charon_log(ra), what="h2 refusing h1 (no config yet)")
             await rb.apply(H2)
             await eventually(lambda: established(ra, "conn-192.0.2.2"), what="the pair after h2 loaded")
             await eventually(lambda: ping(a, H1.router_ip, H2.router_ip), what="ping")
@@ -182,13 +182,8 @@ async def test_psk_mismatch_keeps_the_pair_down_and_says_why() -> None:
         async with routers(a, b, "s3cret-psk", "another-psk") as (ra, rb):
             await rb.apply(H2)
             await ra.apply(H1)
-            assert ra.charon is not None
-
-            def auth_failed() -> bool:
-                with open(ra.charon.log_file) as f:  # type: ignore[union-attr]
-                    return "AUTHENTICATION_FAILED" in f.read()
-
-            await eventually(auth_failed, what="AUTHENTICATION_FAILED in h1's charon log")
+            await eventually(lambda: "AUTHENTICATION_FAILED" in charon_log(ra),
+                             what="AUTHENTICATION_FAILED in h1's charon log")
             assert await established(ra, "conn-192.0.2.2") is None
             assert await established(rb, "conn-192.0.2.1") is None
             assert not ping(a, H1.router_ip, H2.router_ip)
