@@ -34,6 +34,9 @@ class Overlay(Protocol):
     def watch(self, on_change: Callable[[str], None]) -> Any:
         """An object with ``start()``/``stop()`` calling ``on_change(reason)`` when owned kernel state moves."""
 
+    async def close(self) -> None:
+        """Release sockets and helpers at exit (called once when the router stops)."""
+
 
 def _vxlan(**kw: Any) -> Overlay:
     from netmanager.overlay.vxlan import VxlanBackend

@@ -231,5 +231,7 @@ class Router:
             await admin.stop()
             if extra is not None:
                 await extra.stop()
-            with contextlib.suppress(CorralError, AttributeError):
-                self.backend.nl.close()  # type: ignore[attr-defined]
+            close = getattr(self.backend, "close", None)
+            if close is not None:
+                with contextlib.suppress(CorralError):
+                    await close()

@@ -67,7 +67,7 @@ class VxlanState:
 
 
 def desired_state(topo: Topology) -> VxlanState:
-    """The entries of §3 for every remote host with a router (its workloads included)."""
+    """rancher-net's entries for every remote host with a router (its workloads included)."""
     fdb = set()
     neigh: dict[str, str] = {}
     routes: set[str] = set()
@@ -175,6 +175,10 @@ class VxlanBackend:
 
     async def current(self) -> VxlanState:
         return await asyncio.to_thread(self.nl.read_vtep, self.ifindex)
+
+    async def close(self) -> None:
+        """The VTEP and its entries stay (a restart must not drop traffic); only the socket goes."""
+        self.nl.close()
 
     def invalidate(self) -> None:
         self.cache = None
