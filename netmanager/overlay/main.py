@@ -46,12 +46,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def metadata_base(args: argparse.Namespace) -> tuple[str, str]:
-    if args.metadata_url:
-        u = urlsplit(args.metadata_url)
-        if u.scheme not in ("http", "https") or not u.netloc:
-            raise ConfigError(f"--metadata-url must be http://host[:port]/<version>: {args.metadata_url!r}")
-        return f"{u.scheme}://{u.netloc}", u.path.strip("/") or API_VERSION
-    return f"http://{args.metadata_address}", API_VERSION
+    """(base URL, API version): netmanager's rules, with rancher-net's ``2015-12-19`` as the default."""
+    from netmanager.main import _metadata_base
+
+    url, version = _metadata_base(args)
+    if not urlsplit(args.metadata_url).path.strip("/"):
+        version = API_VERSION
+    return url, version
 
 
 def make_router(args: argparse.Namespace) -> Any:
