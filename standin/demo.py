@@ -4,6 +4,9 @@ Starts ``corral server`` with the sample environment (standin/sample_env.yaml), 
 every daemon whose ``<pkg>/main.py`` defines ``demo_argv(ctx)``, each as its own process
 (as they run in production: one container each), on loopback and non-privileged ports.
 Prints what to try, and stops everything cleanly on Ctrl-C (SIGINT) or SIGTERM.
+
+``--hosts N`` (N >= 2, root): N simulated hosts, each a network namespace with its own metadata,
+dns, overlay router and etc-host-updater, and workloads networked across them (standin/demo_hosts.py).
 """
 
 from __future__ import annotations
@@ -28,7 +31,7 @@ from typing import Any
 import yaml
 
 from agents.children import die_with_parent
-from agents.config import choices_arg, dir_arg, file_arg, float_arg, make_parser
+from agents.config import choices_arg, dir_arg, file_arg, float_arg, int_arg, make_parser
 
 __all__ = ["DEMO_ORDER", "DemoContext", "main"]
 
@@ -117,13 +120,15 @@ class _Procs:
         self.workdir = workdir
         self.procs: list[tuple[str, subprocess.Popen[bytes]]] = []
 
-    def start(self, name: str, argv: list[str], env: dict[str, str]) -> subprocess.Popen[bytes]:
+    def start(self, name: str, argv: list[str], env: dict[str, str], raw: bool = False) -> subprocess.Popen[bytes]:
+        """Start ``corral <argv>`` (``raw``: ``argv`` as given) in its own session, logging to <name>.log."""
         log = open(self.workdir / f"{name}.log", "ab")
         # A stop signal that arrives while the child is being forked waits until the child is
         # recorded here, so the clean stop always knows every process it must end.
         old = signal.pthread_sigmask(signal.SIG_BLOCK, _SIGNALS)
         try:
-            p = subprocess.Popen([sys.executable, "-m", "agents.cli", *argv], stdout=log, stderr=subprocess.STDOUT,
+            cmd = argv if raw else [sys.executable, "-m", "agents.cli", *argv]
+            p = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT,
                                  stdin=subprocess.DEVNULL, env={**os.environ, **env, "PYTHONUNBUFFERED": "1"},
                                  start_new_session=True, preexec_fn=_child_setup)
             self.procs.append((name, p))
@@ -169,6 +174,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="environment file (YAML/JSON) loaded into the stand-in server (none given: the "
                         "sample shipped in standin/sample_env.yaml)")
     p.add_argument("--duration", type=float_arg(0), default=0, help="stop by itself after this many seconds (0: Ctrl-C)")
+    p.add_argument("--hosts", type=int_arg(1, 20), default=1,
+                   help="simulated hosts; 1: everything on loopback (above); 2 or more: one network namespace "
+                        "per host on an underlay bridge, workloads networked across them (needs root)")
+    p.add_argument("--backend", default="vxlan", choices=["vxlan"],
+                   help="overlay between the simulated hosts (--hosts 2 or more)")
     return p
 
 
@@ -228,14 +238,24 @@ def main(argv: list[str]) -> int:
     made_workdir = not args.workdir
     workdir = Path(args.workdir or tempfile.mkdtemp(prefix="corral-demo-"))
     procs = _Procs(workdir)
+    topo: Any = None
     try:
         workdir.mkdir(parents=True, exist_ok=True)
+        if args.hosts > 1:
+            from standin.demo_hosts import HostsDemo
+
+            topo = HostsDemo(args.hosts, workdir, lambda n, a, e: procs.start(n, a, e, raw=True), args.backend)
+            return _run_hosts(args, topo, procs)
         return _run(args, workdir, env_file, procs, AdminClient, CtlError)
     except _Stop:
         return 0
     finally:
         stopping = True  # from here on a signal changes nothing
         procs.stop_all()
+        if topo is not None:
+            left = topo.close()
+            if left:
+                print(f"could not delete network namespaces: {', '.join(left)}", file=sys.stderr)
         if made_workdir:
             shutil.rmtree(workdir, ignore_errors=True)
         print("demo stopped" + ("" if made_workdir else f" (logs and state kept in {workdir})"))
@@ -307,6 +327,88 @@ def _run(args: argparse.Namespace, workdir: Path, env_file: str, procs: _Procs, 
     for h in hints:
         print(h)
     print("\nCtrl-C stops everything.")
+    sys.stdout.flush()
+    t_end = time.monotonic() + args.duration if args.duration else None
+    while True:
+        dead = procs.dead()
+        if dead:
+            print(f"stopped unexpectedly: {', '.join(dead)} (see {workdir}/<name>.log)", file=sys.stderr)
+            return 1
+        if t_end is not None and time.monotonic() >= t_end:
+            return 0
+        time.sleep(0.2)
+
+
+def _ping(topo: Any, ns: str, ip: str) -> bool:
+    return bool(topo.nsx(ns, "ping", "-c", "1", "-W", "1", ip, check=False).returncode == 0)
+
+
+def _run_hosts(args: argparse.Namespace, topo: Any, procs: _Procs) -> int:
+    """``--hosts N`` (N >= 2): see standin/demo_hosts.py for the layout."""
+    if os.geteuid() != 0 or shutil.which("ip") is None:
+        print("corral demo --hosts N (N >= 2) needs root and iproute2: every simulated host is a network "
+              "namespace (--hosts 1 runs without)", file=sys.stderr)
+        return 2
+    t0 = time.monotonic()
+    workdir = topo.workdir
+    topo.build()
+    topo.start_server()
+    if not topo.wait_server():
+        print(f"the stand-in server did not start; see {workdir / 'server.log'}", file=sys.stderr)
+        return 1
+    topo.load()
+    routers = topo.routers()
+    if sorted(routers) != list(range(1, topo.n + 1)):
+        print(f"the server placed no overlay router on some host: {routers}", file=sys.stderr)
+        return 1
+    for i in range(1, topo.n + 1):
+        topo.start_host(i, routers[i])
+    topo.start_workloads()
+    from standin.demo_hosts import service_of
+
+    webs = {topo.host_index(c): str(c["primary_ip"]) for c in topo.workload_containers()
+            if service_of(c)[1] == f"web{topo.host_index(c)}"}
+    clients = {topo.host_index(c): str(c["name"]) for c in topo.workload_containers() if service_of(c)[1] == "client"}
+    if sorted(webs) != list(range(1, topo.n + 1)) or sorted(clients) != list(range(1, topo.n + 1)):
+        print(f"the server did not place a web and a client on every host: {webs} {clients}", file=sys.stderr)
+        return 1
+    # Every client reaches every web container (its own host's through the bridge, the others' through
+    # the overlay): the demo is up.
+    todo = {(i, j) for i in clients for j in webs}
+    while todo:
+        dead = procs.dead()
+        if dead:
+            print(f"stopped unexpectedly: {', '.join(dead)} (see {workdir}/<name>.log)", file=sys.stderr)
+            return 1
+        todo = {(i, j) for i, j in todo if not _ping(topo, topo.workloads[clients[i]], webs[j])}
+        if todo:
+            time.sleep(0.2)
+    up = time.monotonic() - t0
+    c1 = topo.workloads[clients[1]]
+    last = topo.n
+    ul, adm = topo.ul, topo.admin_url
+    print(f"Corral demo running on {topo.n} simulated hosts ({args.backend} overlay): "
+          f"all workloads reachable after {up:.1f} s")
+    print(f"logs and state in {workdir}")
+    print("\nThe namespaces (ip netns list | grep corral-demo):")
+    print(f"  {ul}: the underlay bridge {topo.prefix}.0/24 and the stand-in server")
+    for i in range(1, topo.n + 1):
+        names = ", ".join(sorted(n for n, ns in topo.workloads.items() if ns.startswith(topo.h(i) + "-")))
+        print(f"  {topo.h(i)}: node-{i}, agent IP {topo.prefix}.{i}; metadata, dns, overlay, etc-host-updater;"
+              f" workloads {names} in {topo.h(i)}-<n>")
+    print("\nTry (each line after $ is a command; # says what it shows):")
+    print(f"  $ ip netns exec {c1} dig +short @169.254.169.250 web{last}.demo.rancher.internal"
+          f"    # web{last}'s address (on node-{last}), from node-1's Corral dns")
+    print(f"  $ ip netns exec {c1} curl -s http://169.254.169.250/latest/self/container/name"
+          f"    # {clients[1]}: metadata knows the caller by its address")
+    print(f"  $ ip netns exec {c1} ping -c 2 {webs[last]}    # across the VXLAN overlay to node-{last}")
+    print(f"  $ ip netns exec {c1} curl -s http://{webs[last]}/ | head -3    # web{last} answers over HTTP")
+    print(f"  $ ip netns exec {topo.h(1)} cat /etc/hosts    # node-1's hosts file: etc-host-updater lists every node")
+    print(f"  $ ip netns exec {topo.h(1)} ping -c 1 node-{last}    # by that file, over the underlay")
+    print(f"  $ ip netns exec {topo.h(1)} bridge fdb show dev vtep1042    # the overlay's forwarding entries")
+    print(f"  $ ip netns exec {topo.h(1)} curl -s 127.0.0.1:8111/connectivity    # overlay peers and their RTT")
+    print(f"  $ ip netns exec {ul} corral ctl --admin {adm} container ls | grep '\"name\"'    # what the server placed")
+    print("\nCtrl-C stops everything and deletes every namespace.")
     sys.stdout.flush()
     t_end = time.monotonic() + args.duration if args.duration else None
     while True:

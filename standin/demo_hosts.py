@@ -1,0 +1,256 @@
+"""``corral demo --hosts N`` (N >= 2): simulated hosts in network namespaces, one overlay between them.
+
+Layout (every name starts with ``corral-demo-<pid>``; nothing is created in the root namespace):
+
+* ``<tag>-ul``: the underlay. Bridge ``br0`` 192.168.77.254/24 with one veth per host; the
+  stand-in server listens here (API 192.168.77.254:8080, admin 127.0.0.1:8088 of this namespace).
+* ``<tag>-h<i>``: host i. ``eth0`` 192.168.77.<i>/24 into ``br0`` (its agent IP); bridge ``docker0``
+  10.42.0.1/16 for the workloads; 169.254.169.250/32 on ``lo``. Runs ``corral metadata`` (port 80,
+  subscribed to the server with host i's agent key), ``corral dns`` (169.254.169.250:53, same netns
+  as metadata), ``corral overlay --backend vxlan`` (host-netns mode on ``docker0``) and
+  ``corral etc-host-updater`` (keeps ``/etc/netns/<tag>-h<i>/hosts``, the host's ``/etc/hosts``
+  under ``ip netns exec``).
+* ``<tag>-h<i>-<n>``: one per workload container the server placed on host i, a veth into host i's
+  ``docker0`` with the address metadata gives that container. ``web<i>`` serves HTTP on port 80.
+
+The router container's address (10.42.x.y, allocated by the server) is also put on host i's ``lo``:
+the router runs in the host's namespace and metadata tells containers apart by the caller's address,
+so the router asks metadata from that address and gets its own ``self``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from etchosts.main import API_VERSION as HOSTS_API
+
+__all__ = ["META_IP", "UNDERLAY", "HostsDemo", "env_doc", "service_of"]
+
+UNDERLAY = "192.168.77"  # /24 inside the underlay namespace only; never routed from the root namespace
+META_IP = "169.254.169.250"
+SERVER_PORT = 8080
+ADMIN_PORT = 8088
+ROUTER_LABEL = "io.rancher.container.agent_service.vxlan"
+
+Starter = Callable[[str, list[str], dict[str, str]], Any]
+
+
+def _sh(*cmd: str, check: bool = True, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(list(cmd), check=check, capture_output=True, text=True, timeout=timeout)
+
+
+def service_of(c: dict[str, Any]) -> tuple[str, str]:
+    """``(stack, service)`` of a container, from the labels the server gives every service container."""
+    stack, _, svc = str((c.get("labels") or {}).get("io.rancher.stack_service.name") or "").partition("/")
+    return stack, svc
+
+
+def env_doc(n: int) -> dict[str, Any]:
+    """The demo's environment: N hosts, one VXLAN router per host, a web service per host, a client per host."""
+    names = [f"node-{i}" for i in range(1, n + 1)]
+    hosts = [{"name": names[i - 1], "uuid": f"demo-host-{i}", "agent_ip": f"{UNDERLAY}.{i}", "agentId": str(i),
+              "labels": {"demo-host": str(i)}} for i in range(1, n + 1)]
+    web = [{"name": f"web{i}", "image": "busybox", "scale": 1, "hosts": [names[i - 1]],
+            "health_check": {"port": 80, "request_line": "GET / HTTP/1.0", "interval": 2000,
+                             "response_timeout": 2000, "healthy_threshold": 2, "unhealthy_threshold": 3}}
+           for i in range(1, n + 1)]
+    return {
+        "environment": {"name": "demo-hosts"},
+        "networks": [{"name": "managed", "kind": "network", "subnets": ["10.42.0.0/16"], "is_default": True,
+                      "host_ports": True, "metadata": {"cniConfig": {"10-rancher.conf": {
+                          "ipam": {"subnetPrefixSize": "/16"}}}}}],
+        "hosts": hosts,
+        "stacks": [
+            {"name": "network-services", "system": True, "services": [
+                {"name": "vxlan", "image": "corral", "scale": n, "hosts": names, "system": True,
+                 "labels": {ROUTER_LABEL: "true"}}]},
+            {"name": "demo", "services": [*web, {"name": "client", "image": "busybox", "scale": n, "hosts": names}]},
+        ],
+    }
+
+
+class HostsDemo:
+    """Builds, runs and tears down the namespaces of an N-host demo. ``start`` starts a process."""
+
+    def __init__(self, n: int, workdir: Path, start: Starter, backend: str = "vxlan") -> None:
+        self.n = n
+        self.workdir = workdir
+        self.start = start
+        self.backend = backend
+        self.tag = f"corral-demo-{os.getpid()}"
+        self.ul = f"{self.tag}-ul"
+        self.namespaces: list[str] = []
+        self.containers: list[dict[str, Any]] = []
+        self.workloads: dict[str, str] = {}  # container name -> its namespace
+        self.prefix = UNDERLAY
+        self.etc_dirs: list[Path] = []
+
+    def h(self, i: int) -> str:
+        return f"{self.tag}-h{i}"
+
+    @property
+    def admin_url(self) -> str:
+        return f"http://127.0.0.1:{ADMIN_PORT}"
+
+    @property
+    def server_url(self) -> str:
+        return f"http://{UNDERLAY}.254:{SERVER_PORT}/v1"
+
+    # ------------------------------------------------------------------ namespaces
+    def nsx(self, ns: str, *cmd: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+        return _sh("ip", "netns", "exec", ns, *cmd, check=check)
+
+    def _ns(self, name: str) -> None:
+        self.namespaces.append(name)  # recorded first: a failed add is still looked for on the way out
+        _sh("ip", "netns", "add", name)
+        self.nsx(name, "ip", "link", "set", "lo", "up")
+
+    def build(self) -> None:
+        self._ns(self.ul)
+        ul = self.ul
+        self.nsx(ul, "ip", "link", "add", "br0", "type", "bridge")
+        self.nsx(ul, "ip", "addr", "add", f"{UNDERLAY}.254/24", "dev", "br0")
+        self.nsx(ul, "ip", "link", "set", "br0", "up")
+        for i in range(1, self.n + 1):
+            h = self.h(i)
+            self._ns(h)
+            # Both ends are made from inside the underlay namespace: the root namespace never holds them.
+            self.nsx(ul, "ip", "link", "add", f"u{i}", "type", "veth", "peer", "name", "eth0", "netns", h)
+            self.nsx(ul, "ip", "link", "set", f"u{i}", "master", "br0", "up")
+            self.nsx(h, "ip", "addr", "add", f"{UNDERLAY}.{i}/24", "dev", "eth0")
+            self.nsx(h, "ip", "link", "set", "eth0", "up")
+            self.nsx(h, "ip", "link", "add", "docker0", "type", "bridge")
+            self.nsx(h, "ip", "addr", "add", "10.42.0.1/16", "dev", "docker0")
+            self.nsx(h, "ip", "link", "set", "docker0", "up")
+            self.nsx(h, "ip", "addr", "add", f"{META_IP}/32", "dev", "lo")
+            self.nsx(h, "sysctl", "-qw", "net.ipv4.ip_forward=1")
+            (self.workdir / f"h{i}").mkdir(parents=True, exist_ok=True)
+
+    # ------------------------------------------------------------------ server
+    def keys(self) -> list[dict[str, Any]]:
+        keys: list[dict[str, Any]] = [{"access": "demo-admin", "secret": "demo-admin-secret", "role": "admin"}]
+        for i in range(1, self.n + 1):
+            keys.append({"access": f"demo-agent-{i}", "secret": f"demo-agent-{i}-secret", "role": "agent",
+                         "agentId": str(i), "hostUuid": f"demo-host-{i}"})
+        return keys
+
+    def start_server(self) -> None:
+        import yaml
+
+        (self.workdir / "keys.yaml").write_text(yaml.safe_dump(self.keys()))
+        self.start("server", ["ip", "netns", "exec", self.ul, *_corral(
+            "server", "--listen", f"{UNDERLAY}.254:{SERVER_PORT}", "--admin-listen", f"127.0.0.1:{ADMIN_PORT}",
+            "--keys", str(self.workdir / "keys.yaml"), "--state", str(self.workdir / "state.db"),
+            "--journal", str(self.workdir / "journal.jsonl"))], {})
+
+    def admin(self, method: str, path: str, body: Any = None, **params: str) -> Any:
+        """One admin API call, made from inside the underlay namespace (the admin listener lives there)."""
+        code = ("import json,sys\nfrom standin.ctl import AdminClient\n"
+                "a=json.loads(sys.argv[1])\nc=AdminClient(a['url'],30)\n"
+                "r=c.get(a['path'],**a['params']) if a['method']=='GET' else c.post(a['path'],a['body'],**a['params'])\n"
+                "print(json.dumps(r))")
+        arg = json.dumps({"url": self.admin_url, "method": method, "path": path, "body": body, "params": params})
+        r = self.nsx(self.ul, sys.executable, "-c", code, arg, check=False)
+        if r.returncode != 0:
+            raise RuntimeError(f"admin {method} {path}: {r.stderr.strip().splitlines()[-1:] or r.returncode}")
+        return json.loads(r.stdout)
+
+    def wait_server(self, timeout: float = 30) -> bool:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            with contextlib.suppress(RuntimeError, ValueError):
+                self.admin("GET", "/_admin/containers")
+                return True
+            time.sleep(0.2)
+        return False
+
+    def load(self) -> None:
+        self.admin("POST", "/_admin/load", env_doc(self.n), replace="true")
+        self.containers = list(self.admin("GET", "/_admin/containers"))
+
+    def host_index(self, c: dict[str, Any]) -> int:
+        uuid = str(c.get("host_uuid") or "")
+        return int(uuid.rsplit("-", 1)[1]) if uuid.startswith("demo-host-") else 0
+
+    def routers(self) -> dict[int, str]:
+        return {self.host_index(c): str(c["primary_ip"]) for c in self.containers
+                if (c.get("labels") or {}).get(ROUTER_LABEL) and c.get("primary_ip")}
+
+    # ------------------------------------------------------------------ per host
+    def agent_env(self, i: int) -> dict[str, str]:
+        return {"CATTLE_URL": self.server_url, "CATTLE_ACCESS_KEY": f"demo-agent-{i}",
+                "CATTLE_SECRET_KEY": f"demo-agent-{i}-secret"}
+
+    def start_host(self, i: int, router_ip: str) -> None:
+        h, d = self.h(i), self.workdir / f"h{i}"
+        self.nsx(h, "ip", "addr", "add", f"{router_ip}/32", "dev", "lo")
+        # `ip netns exec <host>` shows /etc/netns/<host>/hosts as /etc/hosts: the host's own hosts file,
+        # which etc-host-updater keeps (it needs its own name to resolve, as in its container).
+        etc = Path("/etc/netns") / h
+        self.etc_dirs.append(etc)
+        etc.mkdir(parents=True, exist_ok=True)
+        (etc / "hosts").write_text(f"127.0.0.1\tlocalhost\n{UNDERLAY}.{i}\tnode-{i}\n")
+        (d / "resolv.conf").write_text("# corral demo: no upstream resolver inside the simulated hosts\n")
+        run = ["ip", "netns", "exec", h]
+        self.start(f"h{i}-metadata", [*run, *_corral(
+            "metadata", "--subscribe", "--listen", "0.0.0.0:80", "--listenReload", "127.0.0.1:8112",
+            "--metrics-listen", "127.0.0.1:9112", "--answers", str(d / "metadata-answers.json"))], self.agent_env(i))
+        self.start(f"h{i}-dns", [*run, *_corral(
+            "dns", "--listen", f"{META_IP}:53", "--metadata-url", f"http://{META_IP}/2016-07-29",
+            "--metrics-listen", "127.0.0.1:9113", "--listenReload", "127.0.0.1:8113",
+            "--answers", str(d / "dns-answers.json"), "--ttl", "1", "--resolv-conf", str(d / "resolv.conf"))], {})
+        self.start(f"h{i}-overlay", [*run, *_corral(
+            "overlay", "--backend", self.backend, "--metadata-url", f"http://{router_ip}/2015-12-19",
+            "--listen", "127.0.0.1:8111", "--bridge", "docker0", "--probe-interval", "1",
+            "--metadata-state-file", str(d / "overlay-metadata.json"))], {})
+        self.start(f"h{i}-etc-host-updater", [*run, *_corral(
+            "etc-host-updater", "--metadata-url", f"http://{META_IP}/{HOSTS_API}", "--hosts-file", "/etc/hosts",
+            "--update-interval", "1", "--hostname", f"node-{i}")], {})
+
+    def workload_containers(self) -> list[dict[str, Any]]:
+        return [c for c in self.containers if service_of(c)[0] == "demo" and c.get("primary_ip")
+                and self.host_index(c)]
+
+    def start_workloads(self) -> None:
+        counts: dict[int, int] = {}
+        for c in sorted(self.workload_containers(), key=lambda c: str(c["name"])):
+            i = self.host_index(c)
+            counts[i] = counts.get(i, 0) + 1
+            h, ns, veth = self.h(i), f"{self.h(i)}-{counts[i]}", f"v{counts[i]}"
+            self._ns(ns)
+            self.nsx(h, "ip", "link", "add", veth, "type", "veth", "peer", "name", "eth0", "netns", ns)
+            self.nsx(h, "ip", "link", "set", veth, "master", "docker0", "up")
+            self.nsx(ns, "ip", "addr", "add", f"{c['primary_ip']}/16", "dev", "eth0")
+            self.nsx(ns, "ip", "link", "set", "eth0", "mtu", "1400", "up")  # VXLAN takes 50 bytes of 1500
+            self.nsx(ns, "ip", "route", "add", "default", "via", "10.42.0.1")
+            self.workloads[str(c["name"])] = ns
+            if service_of(c)[1].startswith("web"):
+                self.start(f"{c['name']}-http", ["ip", "netns", "exec", ns, sys.executable, "-m", "http.server",
+                                                 "80", "--bind", str(c["primary_ip"]),
+                                                 "--directory", str(self.workdir)], {})
+
+    # ------------------------------------------------------------------ teardown
+    def close(self) -> list[str]:
+        """Delete every namespace made (their links go with them); returns the ones still there."""
+        for ns in reversed(self.namespaces):
+            for pid in _sh("ip", "netns", "pids", ns, check=False).stdout.split():
+                with contextlib.suppress(ProcessLookupError, ValueError):
+                    os.kill(int(pid), 9)
+            _sh("ip", "netns", "del", ns, check=False)
+        for etc in self.etc_dirs:
+            shutil.rmtree(etc, ignore_errors=True)
+        left = set(_sh("ip", "netns", "list", check=False).stdout.split())
+        return [ns for ns in self.namespaces if ns in left]
+
+
+def _corral(*argv: str) -> list[str]:
+    return [sys.executable, "-m", "agents.cli", *argv]
