@@ -175,7 +175,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "sample shipped in standin/sample_env.yaml)")
     p.add_argument("--duration", type=float_arg(0), default=0, help="stop by itself after this many seconds (0: Ctrl-C)")
     p.add_argument("--hosts", type=int_arg(1, 20), default=1,
-                   help="simulated hosts; 1: everything on loopback (above); 2 or more: one network namespace "
+                   help="simulated hosts; 1: the single-node demo on loopback; 2 or more: one network namespace "
                         "per host on an underlay bridge, workloads networked across them (needs root)")
     p.add_argument("--backend", default="vxlan", choices=["vxlan"],
                    help="overlay between the simulated hosts (--hosts 2 or more)")
