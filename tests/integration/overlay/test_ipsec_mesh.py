@@ -137,6 +137,27 @@ def test_leave_and_join(topo: IpsecTopo) -> None:
     topo.wait_ping(topo.c(1), "10.42.3.10")
 
 
+def test_partition_and_heal(topo: IpsecTopo) -> None:
+    if nsx(topo.ul, "sysctl", "-n", "net.bridge.bridge-nf-call-iptables", check=False).stdout.strip() != "1":
+        pytest.skip("bridged frames do not reach iptables in the underlay (br_netfilter not loaded)")
+    rules = [("-s", "192.0.2.1", "-d", "192.0.2.2"), ("-s", "192.0.2.2", "-d", "192.0.2.1")]
+    for r in rules:
+        nsx(topo.ul, "iptables", "-I", "FORWARD", *r, "-p", "udp", "--dport", "4500", "-j", "DROP")
+    try:
+        def down() -> bool:
+            p = topo.connectivity(1)["peers"]["192.0.2.2"]
+            return p["status"] == "down" and p["repairs"] >= 1
+        until(down, what="h1 marks h2 down and re-initiates its CHILD_SA")
+        assert topo.connectivity(1)["peers"]["192.0.2.3"]["status"] == "up"
+        assert "conn-192.0.2.2" in topo.sas(1)  # unreachable is not gone: the connection stays
+    finally:
+        for r in rules:
+            nsx(topo.ul, "iptables", "-D", "FORWARD", *r, "-p", "udp", "--dport", "4500", "-j", "DROP", check=False)
+    until(lambda: topo.connectivity(1)["peers"]["192.0.2.2"]["status"] == "up", what="h2 up again")
+    topo.wait_ping(topo.c(1), "10.42.2.10")
+    assert topo.up(1, 2) is not None
+
+
 def test_psk_mismatch_on_one_host(topo: IpsecTopo) -> None:
     topo.routers[3].stop()
     topo.psk = {3: "not-the-mesh-psk"}
