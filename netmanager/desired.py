@@ -43,10 +43,12 @@ __all__ = [
     "host_label_value",
     "host_port_bindings",
     "is_running",
+    "local_bridges",
     "local_networks",
     "metadata_route",
     "parse_port",
     "stale_flows",
+    "stale_veths",
     "substitute",
 ]
 
@@ -500,6 +502,26 @@ def desired_ruleset(snap: Snapshot, facts: HostFacts) -> Ruleset:
         bindings=tuple(bindings),
         conntrack_exclude=str(labels.get("io.rancher.k8s.service.cluster.ip.range", "")),
     )
+
+
+def local_bridges(snap: Snapshot) -> frozenset[str]:
+    """The bridges of this host's local networks (vethsync only looks at ports of these)."""
+    labels = snap.self_host.labels if snap.self_host is not None else {}
+    out = set()
+    for net, _router in local_networks(snap).values():
+        bi = bridge_info(net, labels)
+        if bi is not None:
+            out.add(bi.bridge)
+    return frozenset(out)
+
+
+def stale_veths(links: Iterable[tuple[str, str]], bridges: frozenset[str],
+                running_ids: Iterable[str]) -> list[str]:
+    """Host ends ``vethr<first 10 of a container ID>`` on a local bridge whose container is not
+    running: dangling veths answer ARP twice (rancher/rancher#7955, #9481, #10411)."""
+    live = {"vethr" + cid[:10] for cid in running_ids}
+    return sorted(name for name, master in links
+                  if name.startswith("vethr") and master in bridges and name not in live)
 
 
 def metadata_route(facts: HostFacts, docker_bridge_env: bool = True) -> Route | None:

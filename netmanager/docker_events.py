@@ -75,6 +75,16 @@ class DockerSource:
         except docker.errors.NotFound:
             return None
 
+    async def running_ids(self) -> list[str]:
+        """IDs of running containers that have a namespace of their own (not host, not container:)."""
+        rows = await self._call(lambda: self._api().containers())
+        out = []
+        for r in rows:
+            mode = str((r.get("HostConfig") or {}).get("NetworkMode") or "")
+            if mode != "host" and not mode.startswith("container:"):
+                out.append(str(r["Id"]))
+        return out
+
     async def container_ids(self) -> list[str]:
         rows = await self._call(lambda: self._api().containers(all=True, quiet=True))
         return [str(r["Id"]) for r in rows]

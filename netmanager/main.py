@@ -46,6 +46,7 @@ __all__ = ["build_parser", "main"]
 log = get_logger(__name__)
 API_VERSION = "2016-07-29"
 _ROUTE_REPAIRS = counter("netmanager", "route_repairs", "Metadata route re-created")
+_VETHS = counter("netmanager", "veths_deleted", "Dangling vethr* host ends deleted from local bridges")
 _SNAPSHOTS = counter("netmanager", "snapshots", "Metadata snapshots by source (metadata, state-file)", ["source"])
 
 
@@ -244,6 +245,28 @@ class NetManager:
         if errors:
             raise CorralError("; ".join(errors))
 
+    async def vethsync(self, stop: asyncio.Event) -> None:
+        """Every --vethsync-interval: delete dangling ``vethr*`` host ends on local bridges."""
+        from netmanager.desired import local_bridges, stale_veths
+        from netmanager.netlink import delete_link, veth_ports
+
+        while not stop.is_set():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), self.args.vethsync_interval)
+            if stop.is_set() or self.snapshot is None or not self.docker.connected:
+                continue
+            try:
+                bridges = local_bridges(self.snapshot)
+                if not bridges:
+                    continue
+                running = await self.docker.running_ids()
+                for name in stale_veths(await veth_ports(), bridges, running):
+                    await delete_link(name)
+                    _VETHS.inc()
+                    log.info("dangling veth deleted", link=name)
+            except CorralError as e:
+                log.warning("vethsync failed", error=str(e))
+
     async def docker_loop(self, stop: asyncio.Event) -> None:
         from netmanager.docker_events import CniHandler
 
@@ -316,6 +339,8 @@ class NetManager:
                     tg.create_task(self.route_loop(stop))
                 if self.args.docker_host:
                     tg.create_task(self.docker_loop(stop))
+                    if not self.args.disable_vethsync:
+                        tg.create_task(self.vethsync(stop))
         finally:
             await admin.stop()
 

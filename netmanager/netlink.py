@@ -21,7 +21,10 @@ from agents.errors import TransportError
 from agents.log import get_logger
 from netmanager.desired import NAT_IPSET, FlowFilter, Route
 
-__all__ = ["NftGeneration", "RouteState", "delete_flows", "ensure_ipset", "ensure_route", "link_index", "route_state", "set_sysctl"]
+__all__ = [
+    "NftGeneration", "RouteState", "delete_flows", "delete_link", "ensure_ipset", "ensure_route", "link_index",
+    "route_state", "set_sysctl", "veth_ports",
+]
 
 log = get_logger(__name__)
 T = TypeVar("T")
@@ -242,3 +245,42 @@ async def delete_flows(filters: tuple[FlowFilter, ...], exclude: str = "") -> in
         return await _NL.run(_delete_flows(filters, exclude))
     except Exception as e:
         raise TransportError(f"conntrack clean-up: {e}") from e
+
+
+async def _veth_ports() -> list[tuple[str, str]]:
+    from pyroute2 import AsyncIPRoute
+
+    async with AsyncIPRoute() as ipr:
+        links = [x async for x in await ipr.link("dump")]
+    names = {ln["index"]: ln.get_attr("IFLA_IFNAME") for ln in links}
+    out = []
+    for ln in links:
+        info = ln.get_attr("IFLA_LINKINFO")
+        kind = info.get_attr("IFLA_INFO_KIND") if info is not None else None
+        master = ln.get_attr("IFLA_MASTER")
+        if kind == "veth" and master:
+            out.append((str(ln.get_attr("IFLA_IFNAME")), str(names.get(master, ""))))
+    return out
+
+
+async def veth_ports() -> list[tuple[str, str]]:
+    """(name, bridge) of every veth enslaved to a bridge."""
+    try:
+        return await _NL.run(_veth_ports())
+    except Exception as e:
+        raise TransportError(f"netlink link dump: {e}") from e
+
+
+async def delete_link(name: str) -> None:
+    from pyroute2 import AsyncIPRoute
+
+    async def go() -> None:
+        async with AsyncIPRoute() as ipr:
+            idx = await ipr.link_lookup(ifname=name)
+            if idx:
+                await ipr.link("del", index=idx[0])
+
+    try:
+        await _NL.run(go())
+    except Exception as e:
+        raise TransportError(f"netlink delete {name}: {e}") from e

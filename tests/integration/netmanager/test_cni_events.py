@@ -96,10 +96,10 @@ def env() -> Iterator[dict]:
         shutil.rmtree(work, ignore_errors=True)
 
 
-def start_nm(e: dict, metadata: str = "http://127.0.0.1:1/2016-07-29") -> Proc:
+def start_nm(e: dict, metadata: str = "http://127.0.0.1:1/2016-07-29", *extra: str) -> Proc:
     w = e["work"]
     return Proc(["ip", "netns", "exec", e["ns"], *corral_argv(
-        "netmanager", "--metadata-url", metadata, "--metadata-state-file", "",
+        "netmanager", "--metadata-url", metadata, "--metadata-state-file", "", *extra,
         "--cni-dir", str(w / "cni"), "--metrics-listen", "127.0.0.1:9115", "--docker-host",
         f"unix://{e['pm'].sock}", "--cni-state-dir", str(w / "state"), "--netns-handle-dir", str(w / "handles"),
         "--cni-path", str(e["bindir"]), "--cni-retries", "2", "--cni-retry-delay", "0.2s")],
@@ -204,6 +204,41 @@ def test_shim_runs_the_driver_containers_binary(env: dict) -> None:
         new = pm.inspect(cid)["State"]["Pid"]
         assert new != pid
         wait(lambda: f"-t {new} " in shim.read_text(), "shim follows the new PID", nm)
+    finally:
+        nm.stop()
+        md.stop()
+
+
+def test_vethsync_deletes_only_dangling_host_ends(env: dict) -> None:
+    """Spec §12.10 (veth part): on the local network's bridge, ``vethr0123456789`` (no container)
+    goes, ``vethr<first 10 of a running container's ID>`` stays, a vethr* on another bridge stays."""
+    from tests.helpers.netns import run_in_netns
+    from tests.unit.netmanager.conftest import objects
+
+    pm: Podman = env["pm"]
+    ns = env["ns"]
+    cid = pm.run({"role": "app"})
+    for cmd in (["ip", "link", "add", "docker0", "type", "bridge"], ["ip", "link", "add", "br-other", "type", "bridge"],
+                ["ip", "link", "add", "vethr0123456789", "type", "veth", "peer", "name", "p1"],
+                ["ip", "link", "add", f"vethr{cid[:10]}", "type", "veth", "peer", "name", "p2"],
+                ["ip", "link", "add", "vethr9999999999", "type", "veth", "peer", "name", "p3"],
+                ["ip", "link", "set", "vethr0123456789", "master", "docker0"],
+                ["ip", "link", "set", f"vethr{cid[:10]}", "master", "docker0"],
+                ["ip", "link", "set", "vethr9999999999", "master", "br-other"]):
+        run_in_netns(ns, *cmd)
+    answers = env["work"] / "answers.json"
+    answers.write_text("\n".join(json.dumps(o) for o in objects()) + "\n")
+    md = Proc(["ip", "netns", "exec", ns, *corral_argv(
+        "metadata", "--listen", "127.0.0.1:8780", "--listenReload", "127.0.0.1:8112", "--metrics-listen",
+        "127.0.0.1:9112", "--answers", str(answers))], cwd=str(ROOT), name="nm-metadata")
+    nm = start_nm(env, "http://127.0.0.1:8780/2016-07-29", "--vethsync-interval", "1")
+
+    def links() -> str:
+        return run_in_netns(ns, "ip", "-o", "link").stdout
+
+    try:
+        wait(lambda: "vethr0123456789" not in links(), "dangling veth deleted", nm)
+        assert f"vethr{cid[:10]}" in links() and "vethr9999999999" in links()
     finally:
         nm.stop()
         md.stop()

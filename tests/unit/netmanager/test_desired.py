@@ -222,3 +222,12 @@ def test_stale_flows_after_retarget_and_removal() -> None:
     assert stale_flows([a, keep], [a, keep]) == ()
     rs = desired_ruleset(snapshot_of(objects()), HostFacts())
     assert rs.bindings and rs.conntrack_exclude == ""
+
+
+def test_stale_veths() -> None:
+    from netmanager.desired import local_bridges, stale_veths
+
+    assert local_bridges(snapshot_of(objects())) == frozenset({"docker0"})
+    links = [("vethr0123456789", "docker0"), ("vethrabcdef0123", "docker0"), ("vethr9999999999", "br-other"),
+             ("veth123", "docker0")]
+    assert stale_veths(links, frozenset({"docker0"}), ["abcdef0123456789ff"]) == ["vethr0123456789"]
