@@ -16,7 +16,7 @@ from agents.config import CattleConfig
 from agents.errors import ApiError
 from agents.eventstream import Event, EventStream
 from tests.helpers.standin import StandIn
-from tests.helpers.wait import eventually
+from tests.helpers.wait import DEFAULT_WAIT, eventually
 
 
 def _metric(name: str, **labels: str) -> float:
@@ -73,10 +73,8 @@ async def test_bad_credentials_are_refused_on_rest_and_websocket(standin: StandI
             await c.api.get_json("/")
         assert e.value.status == 401 and "Bad response statusCode [401]" in str(e.value)
         c.start()
-        deadline = time.monotonic() + 5
-        while _metric("corral_eventstream_reconnects_total", outcome="http_401") < before + 2:
-            assert time.monotonic() < deadline, "no refused handshakes recorded"
-            await asyncio.sleep(0.05)
+        await eventually(lambda: _metric("corral_eventstream_reconnects_total", outcome="http_401") >= before + 2,
+                         what="refused handshakes recorded")
         assert c.es.connects == 0 and not c.es.connected
     finally:
         await c.close()
@@ -160,11 +158,8 @@ async def test_reconnects_by_itself_after_server_restart(standin: StandIn, clien
     standin.kill()
     await asyncio.sleep(0.3)
     assert not client.es.connected
-    t0 = time.monotonic()
     standin.start()
-    await client.connected(timeout=10)
-    reconnect_s = time.monotonic() - t0
-    assert reconnect_s < 5
+    await client.connected(timeout=DEFAULT_WAIT)  # reconnects by itself (how fast: bench/, not here)
     assert client.es.connects == 2
     for _ in range(50):  # on_connect (resync) runs on every connect
         if client.resyncs == 2:
@@ -192,10 +187,8 @@ async def test_malformed_event_is_logged_and_the_stream_continues(
     await client.connected()
     before = _metric("corral_eventstream_malformed_frames_total")
     standin.ctl("fault", "malformed", "--kind", kind)
-    deadline = time.monotonic() + 5
-    while _metric("corral_eventstream_malformed_frames_total") < before + 1:
-        assert time.monotonic() < deadline, "malformed frame not counted"
-        await asyncio.sleep(0.02)
+    await eventually(lambda: _metric("corral_eventstream_malformed_frames_total") >= before + 1,
+                     what="malformed frame counted")
     await send(standin, "--name", "config.update", "--data", '{"after": true}', "--to", standin.access_key)
     for _ in range(100):
         if got:

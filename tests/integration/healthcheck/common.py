@@ -7,6 +7,8 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+from tests.helpers.wait import DEFAULT_WAIT
+
 HOST = "host-a-uuid"
 
 
@@ -31,6 +33,7 @@ def tree(containers: list[dict[str, Any]], host: str = HOST, version: str = "1")
 
 async def until(pred: Callable[[], Awaitable[Any]], timeout: float = 10.0, interval: float = 0.02,
                 what: str = "condition") -> Any:
+    timeout = max(timeout, DEFAULT_WAIT)  # patience only, never a speed requirement (tests/helpers/wait.py)
     deadline = time.monotonic() + timeout
     last: Any = None
     while True:
@@ -47,6 +50,7 @@ async def until(pred: Callable[[], Awaitable[Any]], timeout: float = 10.0, inter
 
 
 def wait_sync(pred: Callable[[], Any], timeout: float = 10.0, interval: float = 0.02, what: str = "condition") -> Any:
+    timeout = max(timeout, DEFAULT_WAIT)
     deadline = time.monotonic() + timeout
     last: Any = None
     while True:

