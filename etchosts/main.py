@@ -1,10 +1,13 @@
 """``corral etc-host-updater``: one line per Rancher host in this container's hosts file.
 
-The loop long-polls metadata's ``/version`` (``--update-interval`` is the longest wait), reads
-``/hosts`` on every change, renders (:mod:`etchosts.render`) and rewrites the file in place
-under ``flock`` when its content differs - also when someone else changed it (drift). The file
-is usually a bind mount, so there is no rename: one ``write`` of the whole content from offset
-0, then ``truncate`` and ``fsync``; a reader never sees a file without the header.
+The shared metadata watch (:class:`agents.metadata_watch.MetadataWatch`) long-polls metadata's
+``/version`` (``--update-interval`` is the longest wait) and hands over each new tree; its hosts
+are rendered (:mod:`etchosts.render`) and a reconcile loop rewrites the file in place under
+``flock`` when its content differs - also when someone else changed it (drift, checked every
+``--update-interval``). The file is usually a bind mount, so there is no rename: one ``write`` of
+the whole content from offset 0, then ``truncate`` and ``fsync``; a reader never sees a file
+without the header. With ``--metadata-state-file`` the last good tree is persisted and served at
+start while metadata is down; ``/ready`` fails once it is older than ``--metadata-stale-after``.
 """
 
 from __future__ import annotations
@@ -16,17 +19,19 @@ import fcntl
 import os
 import socket
 import time
+from dataclasses import dataclass
 from typing import Any
 
 from aiohttp import web
 
-from agents.backoff import Backoff
 from agents.cli import run_daemon
 from agents.config import add_common_args, env_str, make_parser
-from agents.errors import ConfigError, TransportError
+from agents.errors import ConfigError, CorralError, TransportError
 from agents.log import get_logger
 from agents.metadata_client import MetadataClient
+from agents.metadata_watch import MetadataSnapshot, MetadataWatch, add_watch_args
 from agents.metrics import AdminServer, Health, counter, gauge
+from agents.reconcile import Reconciler
 from etchosts.render import Entry, entries, header, render_full, render_managed
 
 __all__ = ["Updater", "main", "write_in_place"]
@@ -35,7 +40,7 @@ log = get_logger(__name__)
 _WRITES = counter("etc_host_updater", "writes", "Hosts file rewrites, by reason", ["reason"])
 _SKIPPED = gauge("etc_host_updater", "skipped_entries", "Hosts left out of the file (invalid or duplicate)")
 _SKIPS = counter("etc_host_updater", "skipped_entries_seen", "Invalid or duplicate hosts met, counted per update")
-_META_ERR = counter("etc_host_updater", "metadata_errors", "Failed metadata requests")
+_META_ERR = counter("etc_host_updater", "metadata_errors", "Failed metadata requests and unusable /hosts")
 _ENTRIES = gauge("etc_host_updater", "entries", "Host lines in the file")
 _FILE_ERR = counter("etc_host_updater", "file_errors", "Failed reads or writes of the hosts file")
 
@@ -86,15 +91,31 @@ def _split_url(url: str) -> tuple[str, str]:
     return u, API_VERSION
 
 
+@dataclass(frozen=True)
+class Desired:
+    """What the file should hold: the hosts of one metadata version."""
+
+    version: str
+    entries: tuple[Entry, ...]
+
+
 class Updater:
     def __init__(self, args: argparse.Namespace) -> None:
         self.args = args
         base, version = _split_url(args.metadata_url)
-        self.meta = MetadataClient(base, api_version=version, timeout=10.0)
+        self.meta = MetadataClient(base, api_version=version, timeout=10.0)  # --legacy-overwrite's start only
         self.health = Health()
         self.health.require("hosts-file")
-        self.version = ""
-        self.entries: list[Entry] | None = None  # last good hosts (None: never fetched)
+        self.watch = MetadataWatch(base, api_version=version, component="etc_host_updater",
+                                   state_file=args.metadata_state_file or None,
+                                   stale_after=args.metadata_stale_after, max_wait=float(args.update_interval),
+                                   health=self.health)
+        interval = float(args.update_interval)
+        self.loop: Reconciler[Desired] = Reconciler(
+            "hosts", self._apply, daemon="etc_host_updater", health=self.health,
+            refresh_interval=interval, retry_min=0.5, retry_max=max(1.0, interval))
+        self.version = ""  # the metadata version last written
+        self.entries: list[Entry] | None = None  # last good hosts (None: never had any)
         self.head: str | None = None
         self.last_error = ""
         self._warned: set[tuple[int, str, str]] = set()
@@ -115,17 +136,13 @@ class Updater:
         self.head = header(name, str(infos[0][4][0]))
         return self.head
 
-    async def fetch(self) -> bool:
-        try:
-            hosts = await self.meta.get("hosts")
-        except TransportError as e:
-            _META_ERR.inc()
-            self._error(f"reading /hosts: {e}")
-            return False
-        if not isinstance(hosts, list):
+    def desired(self, snap: MetadataSnapshot) -> Desired | None:
+        """A snapshot -> the entries to write; None (file left as it is) when its hosts are unusable."""
+        hosts = snap.tree.get("hosts")
+        if not isinstance(hosts, (list, tuple)):
             _META_ERR.inc()
             self._error(f"/hosts is not a list ({type(hosts).__name__}), file left as it is")
-            return False
+            return None
         ents, skipped = entries(hosts, legacy=self.args.legacy_overwrite, aliases=self.args.aliases)
         keys = {(s.index, s.hostname, s.reason) for s in skipped}
         for s in skipped:
@@ -134,8 +151,15 @@ class Updater:
         self._warned = keys
         _SKIPPED.set(len(skipped))
         _SKIPS.inc(len(skipped))
-        self.entries = ents
-        return True
+        if self.last_error:
+            log.info("metadata hosts usable again", version=snap.version)
+        self.last_error = ""
+        return Desired(snap.version, tuple(ents))
+
+    def on_snapshot(self, snap: MetadataSnapshot) -> None:
+        d = self.desired(snap)
+        if d is not None:
+            self.loop.submit(d)
 
     def _error(self, msg: str) -> None:
         if msg != self.last_error:
@@ -150,20 +174,27 @@ class Updater:
         assert self.head is not None
         return render_full(self.head, self.entries)
 
+    async def _apply(self, d: Desired) -> None:
+        """The reconcile loop's apply: a new version, or the periodic drift check of the same one."""
+        self.entries = list(d.entries)
+        await self.sync_file("metadata" if d.version != self.version else "drift")
+        self.version = d.version
+
     async def sync_file(self, reason: str) -> None:
+        """Make the file hold ``self.entries``; raise (the loop retries with back-off) when it cannot."""
         if self.entries is None:
             return
         if (not self.args.preserve or _empty(self.args.hosts_file)) and await self._own_header() is None:
-            return
+            raise CorralError("own hostname does not resolve, update skipped")
         try:
             wrote = write_in_place(self.args.hosts_file, self._want)
         except OSError as e:
             _FILE_ERR.inc()
             log.error("hosts file could not be written", path=self.args.hosts_file, error=str(e))
             self.health.set("hosts-file", False, str(e))
-            return
+            raise
         _ENTRIES.set(len(self.entries))
-        self.health.set("hosts-file", True, f"{len(self.entries)} hosts, metadata version {self.version}")
+        self.health.set("hosts-file", True, f"{len(self.entries)} hosts, metadata version {self.version or '?'}")
         if wrote:
             _WRITES.labels(reason).inc()
             log.info("hosts file written", path=self.args.hosts_file, hosts=len(self.entries), reason=reason)
@@ -190,54 +221,15 @@ class Updater:
     async def run(self, stop: asyncio.Event) -> None:
         if self.args.legacy_overwrite:
             await self.wait_metadata_legacy(stop)
-        bo = Backoff(0.5, max(1.0, float(self.args.update_interval)))
-        while not stop.is_set():
-            try:
-                if self.version:
-                    v = await self._wait(stop)
-                else:
-                    v = await self.meta.version()
-            except TransportError as e:
-                _META_ERR.inc()
-                self._error(str(e))
-                await self._sleep(stop, bo.next())
-                continue
-            if v is None:
-                return
-            bo.reset()
-            if v != self.version or self.entries is None:
-                if not await self.fetch():
-                    await self._sleep(stop, bo.next())
-                    continue
-                if self.last_error:
-                    log.info("metadata back")
-                self.last_error = ""
-                self.version = v
-                await self.sync_file("metadata")
-            else:
-                await self.sync_file("drift")  # nothing new in metadata: repair the file if someone changed it
-
-    async def _wait(self, stop: asyncio.Event) -> str | None:
-        task = asyncio.ensure_future(self.meta.wait_version(self.version, self.args.update_interval))
-        stopper = asyncio.ensure_future(stop.wait())
-        try:
-            await asyncio.wait({task, stopper}, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            stopper.cancel()
-            if not task.done():
-                task.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await task
-        return task.result() if not stop.is_set() else None
-
-    @staticmethod
-    async def _sleep(stop: asyncio.Event, delay: float) -> None:
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(stop.wait(), delay)
+        self.watch.subscribe(self.on_snapshot)
+        async with asyncio.TaskGroup() as tg:
+            tg.create_task(self.watch.run(stop))
+            tg.create_task(self.loop.run(stop))
 
     async def _healthz(self, request: web.Request) -> web.Response:
         rep = self.health.report()["conditions"]["hosts-file"]
-        stale = f" (metadata: {self.last_error})" if self.last_error else ""
+        problem = self.last_error or ("" if self.watch.reachable else self.watch.last_error)
+        stale = f" (metadata: {problem})" if problem else ""
         if rep["ok"]:
             return web.Response(text=f"ok: {rep['detail']}{stale}\n")
         return web.Response(status=503, text=f"not written yet: {rep['detail']}{stale}\n")
@@ -247,9 +239,9 @@ class Updater:
         if self.args.metrics_listen:
             admin = AdminServer(self.args.metrics_listen, self.health, extra={"/healthz": self._healthz})
             await admin.start()
-        log.info("starting", metadata=f"{self.meta.base}/{self.meta.api_version}", hosts_file=self.args.hosts_file,
+        log.info("starting", metadata=self.watch.url, hosts_file=self.args.hosts_file,
                  mode="legacy-overwrite" if self.args.legacy_overwrite else "preserve" if self.args.preserve
-                 else "full")
+                 else "full", state_file=self.args.metadata_state_file or None)
         try:
             await self.run(stop)
         finally:
@@ -273,6 +265,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--aliases", action="store_true", help="add the short name and the display name to each line")
     p.add_argument("--hostname", default="", help="own hostname for the header (default: this machine's)")
     p.add_argument("--startup-backoff-scale", type=float, default=1.0, help=argparse.SUPPRESS)  # tests
+    add_watch_args(p, state_file="", stale_after=60.0)
     add_common_args(p, metrics_listen="127.0.0.1:9116")
     return p
 

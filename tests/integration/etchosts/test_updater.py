@@ -170,8 +170,13 @@ def test_metadata_down_at_start(meta: Meta, tmp_path: Path) -> None:
             md.stop()
 
 
+def _is_tree(q: str) -> bool:
+    """The updater's download: the whole tree of its API version (the watch reads ``hosts`` from it)."""
+    return q.split("?")[0].rstrip("/").endswith("/2015-12-19")
+
+
 class FailingProxy:
-    """Forwards to metadata; answers 500 for /hosts while ``fail`` is set; records the queries."""
+    """Forwards to metadata; answers 500 for the tree while ``fail`` is set; records the queries."""
 
     def __init__(self, target: str) -> None:
         self.target = target
@@ -181,7 +186,7 @@ class FailingProxy:
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
         self.seen.append(request.path_qs)
-        if self.fail and request.path.endswith("/hosts"):
+        if self.fail and _is_tree(request.path):
             return web.Response(status=500, text="injected")
         async with ClientSession() as s, s.get(self.target + request.path_qs, headers={
                 "Accept": request.headers.get("Accept", "*/*")}) as r:
@@ -206,11 +211,11 @@ async def test_hosts_500_leaves_the_file_untouched(meta: Meta, tmp_path: Path) -
         proxy.fail = True
         n = len(proxy.seen)
         await asyncio.to_thread(meta.standin.ctl, "host", "add", "--name", "node-x", "--agent-ip", "10.9.3.1")
-        while not any(q.endswith("/hosts") for q in proxy.seen[n:]):  # the updater tried, and got 500s
+        while not any(_is_tree(q) for q in proxy.seen[n:]):  # the updater tried, and got 500s
             assert p.alive()
             await asyncio.sleep(0.02)
-        n = len([q for q in proxy.seen if q.endswith("/hosts")])
-        while len([q for q in proxy.seen if q.endswith("/hosts")]) < n + 2:  # and retried
+        n = len([q for q in proxy.seen if _is_tree(q)])
+        while len([q for q in proxy.seen if _is_tree(q)]) < n + 2:  # and retried
             await asyncio.sleep(0.02)
         assert f.read_bytes() == before
         proxy.fail = False
