@@ -5,14 +5,12 @@ processes: ``corral metadata`` on an answers file, ``corral etc-host-updater``).
 from __future__ import annotations
 
 import json
-import urllib.error
-import urllib.request
 from pathlib import Path
-from typing import Any
 
 from tests.helpers.metadata import Metadata
 from tests.helpers.procs import free_port, start_corral, wait_http
 from tests.helpers.wait import until
+from tests.integration.agents.test_start_from_state import ready as _ready
 
 
 def _write(md: Metadata, version: str, hosts: dict[str, str]) -> None:
@@ -22,14 +20,6 @@ def _write(md: Metadata, version: str, hosts: dict[str, str]) -> None:
     tmp = md.file.with_suffix(".tmp")
     tmp.write_text(json.dumps({"latest": {"default": tree}}))
     tmp.replace(md.file)
-
-
-def _ready(admin: int) -> tuple[int, dict[str, Any]]:
-    try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{admin}/ready", timeout=5) as r:
-            return r.status, json.loads(r.read())
-    except urllib.error.HTTPError as e:
-        return e.code, json.loads(e.read())
 
 
 def _text(f: Path) -> str:
