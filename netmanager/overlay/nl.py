@@ -62,6 +62,7 @@ _ND = struct.Struct("=BxxxiHBB")
 _IFI = struct.Struct("=BxHiII")
 _ATTR = struct.Struct("=HH")
 _CHUNK = 48 * 1024
+OVERFLOW = "netlink events overflowed"  # events were lost: what was programmed is no longer known
 _TABLE_MAIN = struct.pack("=HHI", 8, 15, 254)  # RTA_TABLE main
 
 
@@ -422,7 +423,7 @@ class EventWatch:
                 break
             except OSError as e:
                 if e.errno == errno.ENOBUFS:  # overflow: events were lost, look at everything
-                    reason = "netlink events overflowed"
+                    reason = OVERFLOW
                     continue
                 log.warning("netlink event socket failed", error=str(e))
                 break

@@ -259,4 +259,9 @@ class VxlanBackend:
 
     def watch(self, on_change: Callable[[str], None]) -> nl.EventWatch:
         """Netlink events on the VTEP (deleted link, neighbour, FDB entry or route) -> on_change."""
-        return nl.EventWatch(self.classify, on_change)
+        def changed(reason: str) -> None:
+            if reason == nl.OVERFLOW:
+                self.cache = None
+            on_change(reason)
+
+        return nl.EventWatch(self.classify, changed)

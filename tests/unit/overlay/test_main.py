@@ -100,3 +100,14 @@ def test_events_tell_our_writes_from_outside_changes() -> None:
         assert w.parse(loud) == why
         assert b.cache is None  # the next apply reads the kernel back
         b.cache = saved
+
+
+def test_lost_events_mean_read_the_kernel_back() -> None:
+    from netmanager.overlay.vxlan import VxlanBackend, VxlanState
+
+    b = VxlanBackend()
+    b.cache = VxlanState()
+    seen: list[str] = []
+    w = b.watch(seen.append)
+    w.on_change(nl.OVERFLOW)
+    assert seen == [nl.OVERFLOW] and b.cache is None

@@ -1,0 +1,46 @@
+"""The batched netlink writer in a throw-away namespace: every entry answered on its own."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import pytest
+
+from tests.helpers.netns import netns, requires_root, run_in_netns
+from tests.helpers.procs import ROOT
+
+pytestmark = [pytest.mark.root, requires_root]
+
+SCRIPT = """
+import json, socket
+from netmanager.overlay import nl
+n = nl.Netlink()
+run = lambda *a: __import__("subprocess").run(a, check=True)
+run("ip", "link", "add", "vtep1042", "type", "vxlan", "id", "1042", "dstport", "4789", "nolearning")
+run("ip", "link", "set", "vtep1042", "up")
+idx = socket.if_nametoindex("vtep1042")
+mac = "0e:00:0a:2a:02:02"
+ops = [nl.neigh_op(True, "10.42.2.10", mac, idx),
+       nl.route_op(True, "10.42.2.10/32", 99999),          # no such device: this one fails
+       nl.route_op(True, "10.42.2.11/32", idx),
+       nl.fdb_op(True, mac, "192.0.2.2", idx),
+       nl.route_op(False, "10.42.9.9/32", idx)]            # already gone: counts as done
+first = n.batch(ops)
+again = n.batch([o for i, o in enumerate(ops) if i != 1])
+state = n.read_vtep(idx)
+print(json.dumps({"first": first, "again": again, "fdb": sorted(state.fdb), "neigh": dict(state.neigh),
+                  "routes": sorted(state.routes)}))
+"""
+
+
+def test_one_failing_entry_never_stops_the_others() -> None:
+    with netns("ovnl") as ns:
+        out = run_in_netns(ns, "env", f"PYTHONPATH={ROOT}", sys.executable, "-c", SCRIPT).stdout
+    r = json.loads(out)
+    assert [bool(e) for e in r["first"]] == [False, True, False, False, False]
+    assert "No such device" in r["first"][1]
+    assert r["again"] == ["", "", "", ""]  # replace/append/delete-if-present: repeating is harmless
+    assert r["fdb"] == [["0e:00:0a:2a:02:02", "192.0.2.2"]]
+    assert r["neigh"] == {"10.42.2.10": "0e:00:0a:2a:02:02"}
+    assert r["routes"] == ["10.42.2.11/32"]
