@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import secrets
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -32,6 +33,7 @@ log = get_logger(__name__)
 T = TypeVar("T")
 
 CONFIG_ITEM = "metadata-answers"
+PSK_ITEM = "psk"  # the environment's IPsec pre-shared key, as Rancher serves it to the overlay routers
 
 
 def _check_state_object(kind: str, o: Any) -> None:
@@ -509,6 +511,20 @@ class Server:
             except StorageError as e:  # bookkeeping: kept in memory, written with the next commit that succeeds
                 self._config_dirty |= flushed
                 log.warning("config items kept in memory, not stored", error=str(e))
+
+    async def psk(self) -> str:
+        """The environment's IPsec pre-shared key: made once, kept with the state (a restart keeps it)."""
+        secret = self.store.kv_get("secrets", PSK_ITEM)
+        if secret:
+            return str(secret)
+        async with self.lock:
+            secret = self.store.kv_get("secrets", PSK_ITEM)
+            if not secret:
+                secret = secrets.token_hex(32)
+                self.store.kv_set("secrets", PSK_ITEM, secret)
+                self.store.commit(bump=False)  # a StorageError rolled back already: nothing handed out
+                self.journal.add("psk-created", name=PSK_ITEM, status="ok")
+        return str(secret)
 
     async def downloaded(self, agent: str) -> None:
         self._set_config(agent, downloads=1, lastDownloadAt=time.time())

@@ -18,7 +18,7 @@ from aiohttp import web
 
 from agents.errors import InputError
 from agents.log import get_logger
-from standin.app import CONFIG_ITEM, Server
+from standin.app import CONFIG_ITEM, PSK_ITEM, Server
 from standin.bus import make_event
 from standin.faults import MALFORMED_KINDS
 from standin.health import parse_healthcheck_uuid
@@ -243,6 +243,8 @@ class PublicApi:
         return ws
 
     async def configcontent(self, request: web.Request, item: str, key: Key) -> web.Response:
+        if item == PSK_ITEM:
+            return await self.psk(request, key)
         if item != CONFIG_ITEM:
             return _error(404, "NotFound", f"no config item {item}")
         q = request.query
@@ -270,6 +272,17 @@ class PublicApi:
         await self.s.downloaded(agent)
         return web.Response(body=body, content_type="application/octet-stream" if v2 else "application/json",
                             headers={"X-Corral-Version": answers.version})
+
+
+    async def psk(self, request: web.Request, key: Key) -> web.Response:
+        """``configcontent/psk``: GET answers the secret as plain text, ``PUT ?version=latest`` acks it."""
+        if request.method == "PUT":
+            self.s.journal.add("config-applied", name=PSK_ITEM, key=key.access, data={"agent": key.agent},
+                               status="ok")
+            return _json({"type": "configItemStatus", "name": PSK_ITEM, "agent": key.agent, "version": "latest"})
+        if request.method != "GET":
+            return _error(405, "MethodNotAllowed", request.method)
+        return web.Response(body=(await self.s.psk()).encode(), content_type="text/plain")
 
 
 def build_public_app(server: Server) -> web.Application:

@@ -226,3 +226,26 @@ async def test_subscriber_behind_gets_config_update_on_connect(standin: StandIn,
     await agent.subscribe("config.update")
     ev = await agent.next_event()
     assert ev["data"]["items"] == [{"name": "metadata-answers", "requestedVersion": rev}]
+
+
+async def test_psk_item_is_one_secret_per_environment_kept_across_restarts(tmp_path: Any) -> None:
+    """``configcontent/psk`` (what the IPsec routers fetch): the same secret for every agent and
+    every call, acked with ``PUT ?version=latest``, unchanged after a restart of the server; the
+    overlay's PSK source stores it in psk.txt as rancher-net did."""
+    from netmanager.overlay.charon import PskSource
+
+    s = StandIn()
+    try:
+        status, first = await _get(s, "/configcontent/psk")
+        assert status == 200 and len(first.strip()) >= 32
+        assert (await _get(s, "/configcontent/psk"))[1] == first
+        assert await _put(s, "/configcontent/psk?version=latest") == 200
+        assert s.journal(kind="config-applied", name="psk")
+        s.stop()
+        s.start()
+        assert (await _get(s, "/configcontent/psk"))[1] == first
+        src = PskSource(str(tmp_path), env=s.env())
+        assert await src.get() == first.decode().strip()
+        assert (tmp_path / "psk.txt").read_text().strip() == first.decode().strip()
+    finally:
+        s.close()
