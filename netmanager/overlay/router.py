@@ -35,7 +35,7 @@ from netmanager.overlay import Overlay
 from netmanager.overlay.peers import Topology, describe, topology
 from netmanager.overlay.probe import Prober
 
-__all__ = ["Router"]
+__all__ = ["Router", "apply_errors"]
 
 log = get_logger(__name__)
 _PEERS = gauge("overlay", "peers", "Remote hosts with a router")
@@ -75,6 +75,14 @@ async def _iptables(*args: str) -> tuple[int, str]:
                                                 stderr=asyncio.subprocess.PIPE)
     _, err = await proc.communicate()
     return proc.returncode or 0, err.decode(errors="replace").strip()
+
+
+def apply_errors(res: Any) -> list[str]:
+    """The failed entries a backend's ``apply`` reports: a result with ``.errors`` (VXLAN) or the
+    list of error lines itself (IPsec); either way a failure makes the loop retry with back-off."""
+    if isinstance(res, list | tuple):
+        return [str(e) for e in res]
+    return [str(e) for e in getattr(res, "errors", None) or ()]
 
 
 class Router:
@@ -152,7 +160,7 @@ class Router:
         await self.host_setup(topo)
         res = await self.backend.apply(topo)
         _WRITES.set(self.backend.writes)
-        errors = getattr(res, "errors", [])
+        errors = apply_errors(res)
         if errors:
             raise TransportError(f"{len(errors)} entries failed, first: {errors[0]}")
 

@@ -111,3 +111,17 @@ def test_lost_events_mean_read_the_kernel_back() -> None:
     w = b.watch(seen.append)
     w.on_change(nl.OVERFLOW)
     assert seen == [nl.OVERFLOW] and b.cache is None
+
+
+def test_apply_errors_from_either_backend_shape() -> None:
+    """VXLAN reports failed entries on its result's ``errors``; IPsec returns the list itself: both
+    must reach the router's loop as a failure (before, the IPsec list was ignored and never retried)."""
+    from types import SimpleNamespace
+
+    from netmanager.overlay.router import apply_errors
+
+    assert apply_errors(["conn-10.0.0.2: load-conn refused"]) == ["conn-10.0.0.2: load-conn refused"]
+    assert apply_errors([]) == []
+    assert apply_errors(SimpleNamespace(errors=["fdb 0e:00:0a:2a:01:02: EINVAL"])) == ["fdb 0e:00:0a:2a:01:02: EINVAL"]
+    assert apply_errors(SimpleNamespace(errors=[])) == []
+    assert apply_errors(None) == []
