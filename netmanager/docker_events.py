@@ -75,6 +75,16 @@ class DockerSource:
         except docker.errors.NotFound:
             return None
 
+    async def running(self) -> list[dict[str, Any]]:
+        """``docker ps`` rows of the running containers (Id, Labels, Created, HostConfig...)."""
+        return await self._call(lambda: self._api().containers())  # type: ignore[no-any-return]
+
+    async def stop(self, cid: str) -> None:
+        await self._call(lambda: self._api().stop(cid, timeout=0))
+
+    async def remove(self, cid: str) -> None:
+        await self._call(lambda: self._api().remove_container(cid, force=True))
+
     async def running_ids(self) -> list[str]:
         """IDs of running containers that have a namespace of their own (not host, not container:)."""
         rows = await self._call(lambda: self._api().containers())

@@ -97,6 +97,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cni-path", default=CNI_PATH, help="where CNI plugins are looked up")
     p.add_argument("--cni-retries", type=int_arg(0, 1000), default=15, help="ADD attempts after the first")
     p.add_argument("--cni-retry-delay", type=positive_duration_arg, default=2.0, help="mean delay between ADD attempts")
+    p.add_argument("--reaper-remove", action="store_true",
+                   help="force-remove containers whose uuid label metadata does not know (default: log only)")
     p.add_argument("--netns", default="", help="run inside this named network namespace (tests)")
     add_watch_args(p, state_file="/var/lib/rancher/state/corral/metadata.json")
     add_common_args(p, metrics_listen="127.0.0.1:9115")
@@ -145,6 +147,7 @@ class NetManager:
         self.cni: Reconciler[CniFiles] | None = None
         self.shims: Reconciler[dict[str, str]] | None = None
         self.docker: Any = None  # DockerSource when --docker-host is set
+        self.reaper: Any = None
         self.snapshot: Snapshot | None = None
 
     # -------------------------------------------------------------- snapshot -> desired
@@ -161,6 +164,8 @@ class NetManager:
             self.cni.submit(cni_files(snap))
         if self.shims is not None:
             self.shims.submit(shim_targets(snap))
+        if self.reaper is not None:
+            self.reaper.on_snapshot(snap)
 
     async def apply_cni(self, want: CniFiles) -> None:
         changed = await asyncio.to_thread(apply_cni, self.cni_root, want)
@@ -297,8 +302,10 @@ class NetManager:
             self.cni = Reconciler("cni", self.apply_cni, daemon="netmanager", health=self.health)
         if self.args.docker_host:
             from netmanager.docker_events import DockerSource
+            from netmanager.reaper import Reaper
 
             self.docker = DockerSource(self.args.docker_host)
+            self.reaper = Reaper(self.docker, remove=self.args.reaper_remove)
             if not self.args.disable_cni_setup:
                 self.shims = Reconciler("shims", self.apply_shims, daemon="netmanager", retry_max=10.0)
         if self.args.metadata_state_file:
@@ -341,6 +348,7 @@ class NetManager:
                     tg.create_task(self.docker_loop(stop))
                     if not self.args.disable_vethsync:
                         tg.create_task(self.vethsync(stop))
+                    tg.create_task(self.reaper.run(stop))
         finally:
             await admin.stop()
 

@@ -242,3 +242,18 @@ def test_vethsync_deletes_only_dangling_host_ends(env: dict) -> None:
     finally:
         nm.stop()
         md.stop()
+
+
+def test_reaper_stops_the_older_duplicate_metadata_container(env: dict) -> None:
+    """Spec §11 (b): two running network-services/metadata containers -> the older one is stopped."""
+    pm: Podman = env["pm"]
+    label = {"io.rancher.stack_service.name": "network-services/metadata"}
+    old = pm.run(label)
+    time.sleep(1.1)  # Docker's Created is in whole seconds: the two must differ for "older" to mean anything
+    new = pm.run(label)
+    nm = start_nm(env)
+    try:
+        wait(lambda: not pm.inspect(old)["State"]["Running"], "older duplicate stopped", nm)
+        assert pm.inspect(new)["State"]["Running"]
+    finally:
+        nm.stop()

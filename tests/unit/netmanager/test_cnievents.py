@@ -95,3 +95,19 @@ def test_runner_errors(tmp_path: Path) -> None:
         asyncio.run(run_add(load_configs(conf), env))
     assert result_ipv4({"cniVersion": "0.2.0", "ip4": {"ip": "10.1.2.3/8"}}) == "10.1.2.3"
     assert result_ipv4({"ips": [{"address": "fd00::1/64"}]}) is None
+
+
+def test_reaper_decisions() -> None:
+    from netmanager.reaper import duplicates, uuid_mismatches
+    from tests.unit.netmanager.conftest import objects, snapshot_of
+
+    md = {"io.rancher.stack_service.name": "network-services/metadata"}
+    dns = {"io.rancher.stack_service.name": "network-services/metadata/dns"}
+    rows = [{"Id": "new", "Created": 20, "Labels": md}, {"Id": "old", "Created": 10, "Labels": md},
+            {"Id": "dns", "Created": 5, "Labels": dns}, {"Id": "other", "Created": 1, "Labels": {}}]
+    assert duplicates(rows) == ["old"]
+    snap = snapshot_of(objects())
+    rows = [{"Id": "d-web-1", "Labels": {"io.rancher.container.uuid": "ctr-web-1"}},
+            {"Id": "d-dns-1", "Labels": {"io.rancher.container.uuid": "someone-else"}},
+            {"Id": "unknown", "Labels": {"io.rancher.container.uuid": "x"}}]
+    assert uuid_mismatches(snap, rows) == ["d-dns-1"]

@@ -17,6 +17,7 @@ PUBLIC = {
                            "HostFacts", "PortBinding", "PortError", "Route", "Rule", "Ruleset", "bridge_info",
                            "desired_ruleset", "host_label_value", "host_port_bindings", "is_running",
                            "local_bridges", "local_networks", "metadata_route", "parse_port", "stale_flows", "stale_veths", "substitute"],
+    "netmanager.reaper": ["Reaper", "duplicates", "uuid_mismatches"],
     "netmanager.files": ["MANIFEST", "apply_cni", "write_atomic"],
     "netmanager.firewall": ["RulesApplier"],
     "netmanager.iptables": ["Backend", "choose_backend", "detect_backend"],
