@@ -20,6 +20,7 @@ import asyncio
 import contextlib
 import ctypes
 import os
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -360,7 +361,7 @@ def main(argv: list[str]) -> int:
             enter_netns(args.netns)
         nm: Any = NetManager(args)
     except (ConfigError, OSError) as e:
-        print(f"netmanager: {e}", flush=True)
+        print(f"netmanager: {e}", file=sys.stderr, flush=True)
         return 2
     return run_daemon("netmanager", nm.serve, debug=args.debug, log_file=args.log, log_json=args.log_json,
                       pid_file=args.pid_file)

@@ -70,8 +70,10 @@ class Podman:
     def close(self) -> None:
         self.pm("rm", "-a", "-f", "-t", "0", check=False)
         self.proc.stop()
-        for d in ("storage", "run"):
-            subprocess.run(["umount", "-R", str(self.work / d)], capture_output=True, check=False)
+        # podman leaves its overlay mount (storage/overlay) and the run dir's: innermost first
+        mounts = [ln.split()[1] for ln in Path("/proc/self/mounts").read_text().splitlines()]
+        for m in sorted((m for m in mounts if m.startswith(str(self.work) + "/")), key=len, reverse=True):
+            subprocess.run(["umount", "-l", m], capture_output=True, check=False)
 
 
 @pytest.fixture
