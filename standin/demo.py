@@ -375,12 +375,17 @@ def _run_hosts(args: argparse.Namespace, topo: Any, procs: _Procs) -> int:
     # Every client reaches every web container (its own host's through the bridge, the others' through
     # the overlay): the demo is up.
     todo = {(i, j) for i in clients for j in webs}
+    told = time.monotonic() + 60
     while todo:
         dead = procs.dead()
         if dead:
             print(f"stopped unexpectedly: {', '.join(dead)} (see {workdir}/<name>.log)", file=sys.stderr)
             return 1
         todo = {(i, j) for i, j in todo if not _ping(topo, topo.workloads[clients[i]], webs[j])}
+        if todo and time.monotonic() > told:  # say what is missing once; keep waiting (Ctrl-C stops)
+            told = float("inf")
+            pairs = ", ".join(f"client on node-{i} -> web{j}" for i, j in sorted(todo))
+            print(f"still waiting for {pairs}; see {workdir}/h<i>-overlay.log", file=sys.stderr, flush=True)
         if todo:
             time.sleep(0.2)
     up = time.monotonic() - t0

@@ -31,8 +31,6 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from etchosts.main import API_VERSION as HOSTS_API
-
 __all__ = ["META_IP", "UNDERLAY", "HostsDemo", "env_doc", "service_of"]
 
 UNDERLAY = "192.168.77"  # /24 inside the underlay namespace only; never routed from the root namespace
@@ -212,8 +210,11 @@ class HostsDemo:
             "overlay", "--backend", self.backend, "--metadata-url", f"http://{router_ip}/2015-12-19",
             "--listen", "127.0.0.1:8111", "--bridge", "docker0", "--probe-interval", "1",
             "--metadata-state-file", str(d / "overlay-metadata.json"))], {})
+        # Only the router reads the 2015-12-19 tree: metadata caches a version's whole tree (which
+        # holds `self`) once for every caller, so a second reader of it from another address could
+        # leave the router without its own `self`. The hosts list is the same in 2016-07-29.
         self.start(f"h{i}-etc-host-updater", [*run, *_corral(
-            "etc-host-updater", "--metadata-url", f"http://{META_IP}/{HOSTS_API}", "--hosts-file", "/etc/hosts",
+            "etc-host-updater", "--metadata-url", f"http://{META_IP}/2016-07-29", "--hosts-file", "/etc/hosts",
             "--update-interval", "1", "--hostname", f"node-{i}")], {})
 
     def workload_containers(self) -> list[dict[str, Any]]:
