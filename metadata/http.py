@@ -381,7 +381,7 @@ class MetadataServer:
                 try:
                     next(gen)
                 except StopIteration as stop:
-                    body: bytes = stop.value
+                    body: bytes | bytearray = stop.value
                     break
                 if time.perf_counter() - t0 > RENDER_BUDGET:
                     await asyncio.sleep(0)
@@ -477,7 +477,7 @@ class _Conn(asyncio.Protocol):
         self.skip = 0
         self.last = time.monotonic()
         self.head_t = self.last  # when the request now arriving began (header timeout)
-        self.out: bytes | None = None  # a big body being written chunk by chunk
+        self.out: bytes | bytearray | None = None  # a big body being written chunk by chunk
         self.out_off = 0
         self.paused = False
         self.close_after = False

@@ -31,7 +31,7 @@ _INT_MAX = 2**63
 class Response:
     status: int
     head: bytes  # status line + headers (each ending CRLF), without Date and the blank line
-    body: bytes
+    body: bytes | bytearray  # a big rendered body stays the bytearray it was built in (never copied)
     family: str = "other"
     close: bool = False
     value_text: bytes | None = None  # text form of the value (long-poll comparisons); None if missing
@@ -46,7 +46,7 @@ class Deferred:
     family: str
 
 
-def finish(d: Deferred, body: bytes) -> Response:
+def finish(d: Deferred, body: bytes | bytearray) -> Response:
     hdrs = [_CORS, (b"Content-Type", CONTENT_TYPES[d.fmt])]
     return Response(200, _head(200, hdrs, len(body)), body, d.family, value_text=render(d.value, TEXT))
 
