@@ -335,7 +335,7 @@ def _base(kind: str, o: dict[str, Any]) -> dict[str, Any]:
     return d
 
 
-CHUNK = 500  # objects per build step between yields
+CHUNK = 200  # objects per build step between yields (a step of 500 took 5-7 ms at 5,000 containers)
 
 
 class _LazyTrees(dict[str, dict[str, Any]]):
@@ -416,18 +416,33 @@ class _SelfMaps:
         return sm
 
 
+LINE_STEP = 512  # lines looked up between two yields (a 5,000-container set has ~7,300 lines, 16 MB)
+HASH_STEP = 1 << 21  # bytes hashed between two yields
+
+
 def _parse_incremental(decoded: bytes, prev: dict[bytes, dict[str, Any]],
-                       ) -> tuple[list[dict[str, Any]], list[bool], dict[bytes, dict[str, Any]]] | None:
+                       ) -> Generator[None, None, tuple[list[dict[str, Any]], list[bool],
+                                                        dict[bytes, dict[str, Any]]] | None]:
     """Newline-separated streams: reuse the parsed (and already validated) object of every line
-    that is byte-identical to one of the previous answer set; parse only the changed lines."""
+    that is byte-identical to one of the previous answer set; parse only the changed lines.
+    Yields every ``LINE_STEP`` lines: cutting and hashing 16 MB of lines in one go held the loop
+    for 15-50 ms."""
     if b"}\n{" not in decoded and decoded.count(b"{") > 1:
         return None
-    lines = decoded.split(b"\n")
     objs: list[dict[str, Any]] = []
     known: list[bool] = []
     new_lines: list[bytes] = []
     cache: dict[bytes, dict[str, Any]] = {}
-    for ln in lines:
+    pos, end, n = 0, len(decoded), 0
+    while pos <= end:
+        nl = decoded.find(b"\n", pos)
+        if nl < 0:
+            nl = end
+        ln = decoded[pos:nl]
+        pos = nl + 1
+        n += 1
+        if n % LINE_STEP == 0:
+            yield
         if not ln.strip():
             continue
         o = prev.get(ln)
@@ -440,6 +455,7 @@ def _parse_incremental(decoded: bytes, prev: dict[bytes, dict[str, Any]],
             known.append(False)
             new_lines.append(ln)
     if new_lines:
+        yield
         try:
             parsed = orjson.loads(b"[" + b",".join(new_lines) + b"]")
         except orjson.JSONDecodeError:
@@ -457,6 +473,15 @@ def _parse_incremental(decoded: bytes, prev: dict[bytes, dict[str, Any]],
     return objs, known, cache
 
 
+def _sha256_steps(data: bytes) -> Generator[None, None, str]:
+    h = hashlib.sha256()
+    mv = memoryview(data)
+    for i in range(0, len(data), HASH_STEP):
+        h.update(mv[i:i + HASH_STEP])
+        yield
+    return h.hexdigest()
+
+
 def build_steps(raw: bytes, objs: list[dict[str, Any]] | None = None,
                 decoded: bytes | None = None,
                 prev: Snapshot | None = None) -> Generator[None, None, Snapshot]:
@@ -471,13 +496,13 @@ def build_steps(raw: bytes, objs: list[dict[str, Any]] | None = None,
     known: list[bool] | None = None
     line_cache: dict[bytes, dict[str, Any]] = {}
     if objs is None:
-        inc = _parse_incremental(decoded, prev.line_cache if prev is not None else {})
+        inc = yield from _parse_incremental(decoded, prev.line_cache if prev is not None else {})
         if inc is not None:
             objs, known, line_cache = inc
         else:
             objs = parse_objects(decoded)
         yield
-    digest = hashlib.sha256(decoded).hexdigest()
+    digest = yield from _sha256_steps(decoded)
 
     env: dict[str, Any] | None = None
     hosts: dict[str, dict[str, Any]] = {}
