@@ -81,8 +81,9 @@ async def _exec(conf: dict[str, Any], env: dict[str, str], timeout: float) -> di
 def result_ipv4(res: dict[str, Any]) -> str | None:
     """The first IPv4 address (without prefix) of a CNI result of any version."""
     ip4 = res.get("ip4")
-    if isinstance(ip4, dict) and isinstance(ip4.get("ip"), str):
-        return ip4["ip"].split("/")[0]
+    first = ip4.get("ip") if isinstance(ip4, dict) else None
+    if isinstance(first, str):
+        return first.split("/")[0]
     for ip in res.get("ips") or ():
         addr = ip.get("address") if isinstance(ip, dict) else None
         if isinstance(addr, str) and "." in addr:

@@ -290,8 +290,9 @@ def local_networks(snap: Snapshot) -> dict[str, tuple[Network, Container]]:
             routers.setdefault(c.network_uuid, c)
     out: dict[str, tuple[Network, Container]] = {}
     for n in snap.networks:
-        if n.uuid in routers and _cni_config(n) and (env is None or n.environment_uuid == env):
-            out[n.uuid] = (n, routers[n.uuid])  # type: ignore[index]
+        if n.uuid is not None and n.uuid in routers and _cni_config(n) and (
+                env is None or n.environment_uuid == env):
+            out[n.uuid] = (n, routers[n.uuid])
     return dict(sorted(out.items()))
 
 
