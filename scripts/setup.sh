@@ -15,6 +15,7 @@ APT_PACKAGES=(
   curl procps psmisc util-linux
   iputils-ping iperf3 tcpdump  # overlay: acceptance probes and bench/overlay
   wrk dnsperf  # benchmarks only (bench/), never run in CI
+  prometheus debootstrap  # containers/: promtool checks the scrape config and rules; build.sh makes the image's base
 )
 missing=()
 for p in "${APT_PACKAGES[@]}"; do
@@ -25,9 +26,10 @@ if [ ${#missing[@]} -gt 0 ]; then
   apt-get update -qq
   apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
 fi
-# Debian's nginx/haproxy/dnsmasq packages may start system services; Corral runs its own. Each is
-# stopped and disabled, so it does not take port 80 (or 53) back after a reboot.
-for svc in nginx haproxy dnsmasq; do
+# Debian's nginx/haproxy/dnsmasq/prometheus packages may start system services; Corral runs its own
+# (and needs only promtool). Each is stopped and disabled, so it does not take port 80, 53 or 9090
+# back after a reboot.
+for svc in nginx haproxy dnsmasq prometheus; do
   (systemctl stop "$svc" || service "$svc" stop) >/dev/null 2>&1 || true
   systemctl disable "$svc" >/dev/null 2>&1 || true
   [ ! -e "/etc/init.d/$svc" ] || update-rc.d "$svc" disable >/dev/null 2>&1 || true
