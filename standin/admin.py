@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hmac
 import time
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import orjson
@@ -24,6 +25,8 @@ from standin.stats import FAULTS
 from standin.store import PLURALS, StorageError
 
 __all__ = ["build_admin_app"]
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 log = get_logger(__name__)
 
@@ -68,7 +71,7 @@ class AdminApi:
         return b
 
     @web.middleware
-    async def errors(self, request: web.Request, handler: Any) -> web.StreamResponse:
+    async def errors(self, request: web.Request, handler: Handler) -> web.StreamResponse:
         try:
             return await handler(request)
         except StorageError as e:  # rolled back: 507 when the disk is full, the reason in the body
@@ -330,7 +333,7 @@ def _token_check(token: str) -> Any:
     want = f"Bearer {token}".encode()
 
     @web.middleware
-    async def check(request: web.Request, handler: Any) -> web.StreamResponse:
+    async def check(request: web.Request, handler: Handler) -> web.StreamResponse:
         if request.path != "/healthz" and not hmac.compare_digest(
                 request.headers.get("Authorization", "").encode(), want):
             resp = _err(401, "admin token required: corral ctl --admin-token (or CORRAL_ADMIN_TOKEN)")

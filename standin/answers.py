@@ -14,7 +14,7 @@ import copy
 import gc
 import hashlib
 import zlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import orjson
@@ -264,7 +264,7 @@ def _port(p: str, agent_ip: str | None, lower: bool) -> str:
 
 def _tree(objects: Sequence[dict[str, Any]], api: str, version: str) -> dict[str, Any]:
     lower = api == "2016-07-29"
-    lc = (lambda s: s.lower() if isinstance(s, str) else s) if lower else (lambda s: s)
+    lc: Callable[[Any], Any] = (lambda s: s.lower() if isinstance(s, str) else s) if lower else (lambda s: s)
     kinds: dict[str, list[dict[str, Any]]] = {}
     for o in objects:
         kinds.setdefault(o["metadata_kind"], []).append(o)

@@ -107,9 +107,10 @@ class Journal:
                 if e["seq"] <= scanned:
                     break
                 fresh.append(e)
-            for e in reversed(fresh):
-                if _match(e, kind, name, since, id, status, conn):
-                    return e
+            hit: dict[str, Any] | None = next(
+                (f for f in reversed(fresh) if _match(f, kind, name, since, id, status, conn)), None)
+            if hit is not None:
+                return hit
             scanned = max(scanned, self.seq)
             left = deadline - asyncio.get_running_loop().time()
             if left <= 0:
