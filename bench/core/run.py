@@ -177,8 +177,10 @@ def run_side(side: Side, changes: int, gap: float) -> dict[str, Any]:
         time.sleep(0.5)
         t_start = time.time()
         applied: dict[str, list[float]] = {"md": [], "dns": [], "hc": []}
+        starts: list[float] = []
         for rev in range(2, changes + 2):
             t0 = time.perf_counter()
+            starts.append(time.time())
             for k, v in change(side, rev).items():
                 applied[k].append(v)
             time.sleep(max(0.0, gap - (time.perf_counter() - t0)))
@@ -189,8 +191,12 @@ def run_side(side: Side, changes: int, gap: float) -> dict[str, Any]:
         t_end = time.time()
         for d, name in (("md", "metadata"), ("dns", "dns"), ("hc", "healthcheck")):
             lags = [json.loads(ln) for ln in (side.work / f"{name}.lag").read_text().splitlines() if ln]
-            inside = [x["lag"] for x in lags if t_start <= x["t"] <= t_end]
-            stalls[d]["loop"] = max(inside, default=0.0)
+            inside = [x for x in lags if t_start <= x["t"] <= t_end]
+            worst = max(inside, key=lambda x: x["lag"], default=None)
+            stalls[d]["loop"] = worst["lag"] if worst else 0.0
+            if worst:  # where in a change it happened: seconds after the reload request before it
+                stalls[d]["at"] = round(worst["t"] - max((t for t in starts if t <= worst["t"]), default=t_start), 3)
+                stalls[d]["top"] = sorted((round(x["lag"] * 1000, 1) for x in inside), reverse=True)[:5]
         return {"applied": {k: statistics.median(v) for k, v in applied.items()}, "stalls": stalls}
     finally:
         side.down()
