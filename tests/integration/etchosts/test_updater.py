@@ -7,7 +7,6 @@ import asyncio
 import subprocess
 import sys
 import threading
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -19,6 +18,7 @@ from agents.metrics import start_listener
 from etchosts.render import BEGIN, END, HEADER
 from tests.helpers.procs import ROOT, Proc, free_port, start_corral, wait_http
 from tests.helpers.standin import StandIn
+from tests.helpers.wait import until
 
 pytestmark = pytest.mark.slow
 
@@ -63,15 +63,18 @@ def updater(path: Path, metadata_url: str, *extra: str) -> Proc:
     return p
 
 
-def wait_file(path: Path, cond: Any, proc: Proc | None = None, timeout: float = 20.0) -> str:
-    deadline = time.monotonic() + timeout
-    while True:
+def wait_file(path: Path, cond: Any, proc: Proc | None = None, timeout: float | None = None) -> str:
+    """Wait (tests/helpers/wait.py) until the hosts file matches ``cond``; the updater must stay up."""
+    def matched() -> str | None:
         text = path.read_text() if path.exists() else ""
-        if cond(text):
-            return text
         assert proc is None or proc.alive(), proc.log()
-        assert time.monotonic() < deadline, f"hosts file never matched:\n{text}\n{proc.log() if proc else ''}"
-        time.sleep(0.02)
+        return text if cond(text) else None
+
+    try:
+        return str(until(matched, what="hosts file matched", timeout=timeout))
+    except AssertionError as e:
+        text = path.read_text() if path.exists() else ""
+        raise AssertionError(f"{e}:\n{text}\n{proc.log() if proc else ''}") from None
 
 
 def lines(text: str) -> list[str]:
@@ -162,7 +165,7 @@ def test_metadata_down_at_start(meta: Meta, tmp_path: Path) -> None:
         md = start_corral("metadata", "--subscribe", "--listen", f"127.0.0.1:{port}", "--listenReload",
                           f"127.0.0.1:{free_port()}", "--metrics-listen", f"127.0.0.1:{free_port()}",
                           "--answers", str(tmp_path / "answers.json"), env=meta.standin.env(), name="metadata2")
-        wait_file(f, lambda t: "10.9.0.1    node-a\n" in t, p, timeout=40)
+        wait_file(f, lambda t: "10.9.0.1    node-a\n" in t, p)
         wait_http(f"http://127.0.0.1:{p.admin_port}/healthz", status=200)  # type: ignore[attr-defined]
     finally:
         p.stop()
