@@ -177,7 +177,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--hosts", type=int_arg(1, 20), default=1,
                    help="simulated hosts; 1: the single-node demo on loopback; 2 or more: one network namespace "
                         "per host on an underlay bridge, workloads networked across them (needs root)")
-    p.add_argument("--backend", default="vxlan", choices=["vxlan"],
+    p.add_argument("--backend", default="vxlan", choices=["vxlan", "ipsec"],
                    help="overlay between the simulated hosts (--hosts 2 or more)")
     return p
 
@@ -406,12 +406,14 @@ def _run_hosts(args: argparse.Namespace, topo: Any, procs: _Procs) -> int:
           f"    # web{last}'s address (on node-{last}), from node-1's Corral dns")
     print(f"  $ ip netns exec {c1} curl -s http://169.254.169.250/latest/self/container/name"
           f"    # {clients[1]}: metadata knows the caller by its address")
-    print(f"  $ ip netns exec {c1} ping -c 2 {webs[last]}    # across the VXLAN overlay to node-{last}")
+    print(f"  $ ip netns exec {c1} ping -c 2 {webs[last]}    # across the {args.backend} overlay to node-{last}")
     print(f"  $ ip netns exec {c1} curl -s http://{webs[last]}/ | head -3    # web{last} answers over HTTP")
     print(f"  $ ip netns exec {topo.h(1)} cat /etc/hosts    # node-1's hosts file: etc-host-updater lists every node")
     print(f"  $ ip netns exec {topo.h(1)} ping -c 1 node-{last}    # by that file, over the underlay")
     print(f"  $ ip netns exec {topo.h(1)} bridge fdb show dev vtep1042    # the overlay's forwarding entries")
     print(f"  $ ip netns exec {topo.h(1)} curl -s 127.0.0.1:8111/connectivity    # overlay peers and their RTT")
+    if args.backend == "ipsec":
+        print(f"  $ ip netns exec {topo.h(1)} ip -s link show ipsec0    # charon's kernel-libipsec tunnel: its counters")
     print(f"  $ ip netns exec {ul} corral ctl --admin {adm} container ls | grep '\"name\"'    # what the server placed")
     print("\nCtrl-C stops everything and deletes every namespace.")
     sys.stdout.flush()

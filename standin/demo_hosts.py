@@ -7,7 +7,7 @@ Layout (every name starts with ``corral-demo-<pid>``; nothing is created in the 
 * ``<tag>-h<i>``: host i. ``eth0`` 192.168.77.<i>/24 into ``br0`` (its agent IP); bridge ``docker0``
   10.42.0.1/16 for the workloads; 169.254.169.250/32 on ``lo``. Runs ``corral metadata`` (port 80,
   subscribed to the server with host i's agent key), ``corral dns`` (169.254.169.250:53, same netns
-  as metadata), ``corral overlay --backend vxlan`` (host-netns mode on ``docker0``) and
+  as metadata), ``corral overlay --backend vxlan|ipsec`` (host-netns mode on ``docker0``) and
   ``corral etc-host-updater`` (keeps ``/etc/netns/<tag>-h<i>/hosts``, the host's ``/etc/hosts``
   under ``ip netns exec``).
 * ``<tag>-h<i>-<n>``: one per workload container the server placed on host i, a veth into host i's
@@ -23,6 +23,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import secrets
 import shutil
 import subprocess
 import sys
@@ -37,7 +38,7 @@ UNDERLAY = "192.168.77"  # /24 inside the underlay namespace only; never routed 
 META_IP = "169.254.169.250"
 SERVER_PORT = 8080
 ADMIN_PORT = 8088
-ROUTER_LABEL = "io.rancher.container.agent_service.vxlan"
+ROUTER_LABEL = "io.rancher.container.agent_service.{backend}"
 
 Starter = Callable[[str, list[str], dict[str, str]], Any]
 
@@ -52,7 +53,7 @@ def service_of(c: dict[str, Any]) -> tuple[str, str]:
     return stack, svc
 
 
-def env_doc(n: int) -> dict[str, Any]:
+def env_doc(n: int, backend: str = "vxlan") -> dict[str, Any]:
     """The demo's environment: N hosts, one VXLAN router per host, a web service per host, a client per host."""
     names = [f"node-{i}" for i in range(1, n + 1)]
     hosts = [{"name": names[i - 1], "uuid": f"demo-host-{i}", "agent_ip": f"{UNDERLAY}.{i}", "agentId": str(i),
@@ -69,8 +70,8 @@ def env_doc(n: int) -> dict[str, Any]:
         "hosts": hosts,
         "stacks": [
             {"name": "network-services", "system": True, "services": [
-                {"name": "vxlan", "image": "corral", "scale": n, "hosts": names, "system": True,
-                 "labels": {ROUTER_LABEL: "true"}}]},
+                {"name": backend, "image": "corral", "scale": n, "hosts": names, "system": True,
+                 "labels": {ROUTER_LABEL.format(backend=backend): "true"}}]},
             {"name": "demo", "services": [*web, {"name": "client", "image": "busybox", "scale": n, "hosts": names}]},
         ],
     }
@@ -91,6 +92,7 @@ class HostsDemo:
         self.workloads: dict[str, str] = {}  # container name -> its namespace
         self.prefix = UNDERLAY
         self.etc_dirs: list[Path] = []
+        self.psk = secrets.token_hex(24)
 
     def h(self, i: int) -> str:
         return f"{self.tag}-h{i}"
@@ -172,7 +174,7 @@ class HostsDemo:
         return False
 
     def load(self) -> None:
-        self.admin("POST", "/_admin/load", env_doc(self.n), replace="true")
+        self.admin("POST", "/_admin/load", env_doc(self.n, self.backend), replace="true")
         self.containers = list(self.admin("GET", "/_admin/containers"))
 
     def host_index(self, c: dict[str, Any]) -> int:
@@ -181,7 +183,7 @@ class HostsDemo:
 
     def routers(self) -> dict[int, str]:
         return {self.host_index(c): str(c["primary_ip"]) for c in self.containers
-                if (c.get("labels") or {}).get(ROUTER_LABEL) and c.get("primary_ip")}
+                if (c.get("labels") or {}).get(ROUTER_LABEL.format(backend=self.backend)) and c.get("primary_ip")}
 
     # ------------------------------------------------------------------ per host
     def agent_env(self, i: int) -> dict[str, str]:
@@ -209,13 +211,21 @@ class HostsDemo:
         self.start(f"h{i}-overlay", [*run, *_corral(
             "overlay", "--backend", self.backend, "--metadata-url", f"http://{router_ip}/2015-12-19",
             "--listen", "127.0.0.1:8111", "--bridge", "docker0", "--probe-interval", "1",
-            "--metadata-state-file", str(d / "overlay-metadata.json"))], {})
+            "--metadata-state-file", str(d / "overlay-metadata.json"))], self.ipsec_env(i))
         # Only the router reads the 2015-12-19 tree: metadata caches a version's whole tree (which
         # holds `self`) once for every caller, so a second reader of it from another address could
         # leave the router without its own `self`. The hosts list is the same in 2016-07-29.
         self.start(f"h{i}-etc-host-updater", [*run, *_corral(
             "etc-host-updater", "--metadata-url", f"http://{META_IP}/2016-07-29", "--hosts-file", "/etc/hosts",
             "--update-interval", "1", "--hostname", f"node-{i}")], {})
+
+    def ipsec_env(self, i: int) -> dict[str, str]:
+        """``--backend ipsec``: charon's run and config directories per host, one pre-shared key for all."""
+        if self.backend != "ipsec":
+            return {}
+        d = self.workdir / f"h{i}"
+        return {"CORRAL_IPSEC_DIR": str(d / "ipsec-run"), "CORRAL_IPSEC_CONFIG_DIR": str(d / "ipsec"),
+                "RANCHER_IPSEC_PSK": self.psk}
 
     def workload_containers(self) -> list[dict[str, Any]]:
         return [c for c in self.containers if service_of(c)[0] == "demo" and c.get("primary_ip")

@@ -21,7 +21,7 @@ def _corral(*argv: str) -> subprocess.CompletedProcess[str]:
 @pytest.mark.parametrize(("argv", "says"), [
     (["--hosts", "0"], "--hosts"),
     (["--hosts", "many"], "--hosts"),
-    (["--hosts", "3", "--backend", "ipsec"], "--backend"),
+    (["--hosts", "3", "--backend", "gre"], "--backend"),
 ])
 def test_bad_values_are_refused_before_anything_starts(argv: list[str], says: str) -> None:
     r = _corral("demo", *argv)

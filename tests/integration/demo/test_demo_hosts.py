@@ -1,7 +1,9 @@
-"""``corral demo --hosts 3`` end to end: VXLAN between simulated hosts, Corral dns, hosts files, clean Ctrl-C.
+"""``corral demo --hosts 3`` end to end on VXLAN and on IPsec (kernel-libipsec): Corral dns, the
+overlay, hosts files, clean Ctrl-C.
 
-One demo for the module (it is the slow part); the last test stops it with SIGINT and checks that
-nothing it made is left: namespaces, links, processes, the temporary directory, /etc/netns entries.
+One demo per backend (it is the slow part); the last test stops it with SIGINT and checks that
+nothing it made is left: namespaces, links, processes (charon included), the temporary directory,
+/etc/netns entries.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ OUR_LINKS = {"br0", "docker0", "vtep1042", "u1", "u2", "u3", "v1", "v2"}
 
 @dataclass
 class Demo:
+    backend: str
     proc: subprocess.Popen[bytes]
     out: Path
     tmp: Path
@@ -60,25 +63,32 @@ def _running(pid: int) -> bool:
     return stat.rpartition(")")[2].split()[0] != "Z"
 
 
+def _tx_packets(ns: str, dev: str) -> int:
+    return int(nsx(ns, "cat", f"/sys/class/net/{dev}/statistics/tx_packets").stdout or 0)
+
+
 def nsx(ns: str, *cmd: str) -> subprocess.CompletedProcess[str]:
     return sh("ip", "netns", "exec", ns, *cmd, check=False)
 
 
-@pytest.fixture(scope="module")
-def demo(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Demo]:
+@pytest.fixture(scope="module", params=["vxlan", "ipsec"])
+def demo(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Demo]:
+    backend = str(request.param)
     for tool in ("ping", "dig", "curl", "bridge", "iptables"):
         require_tool(tool)
+    if backend == "ipsec":
+        require_tool("/usr/lib/ipsec/charon")
     base = tmp_path_factory.mktemp("demo-hosts")
     tmp = base / "tmp"
     tmp.mkdir()
     out = base / "demo.out"
     before = _links()
     with open(out, "wb") as f:
-        proc = subprocess.Popen(corral_argv("demo", "--hosts", "3"), stdout=f, stderr=subprocess.STDOUT,
+        proc = subprocess.Popen(corral_argv("demo", "--hosts", "3", "--backend", backend), stdout=f, stderr=subprocess.STDOUT,
                                 stdin=subprocess.DEVNULL, cwd=str(ROOT), start_new_session=True,
                                 env={**os.environ, "PYTHONPATH": str(ROOT), "PYTHONUNBUFFERED": "1",
                                      "TMPDIR": str(tmp)})
-    d = Demo(proc, out, tmp, f"corral-demo-{proc.pid}", before)
+    d = Demo(backend, proc, out, tmp, f"corral-demo-{proc.pid}", before)
     try:
         until(lambda: "all workloads reachable" in d.text() or proc.poll() is not None, what="demo up")
         assert proc.poll() is None, d.text()
@@ -120,9 +130,14 @@ def test_service_on_host3_resolves_and_answers_from_host1_over_vxlan(demo: Demo)
         assert got == [web3_ip], (name, got)
     # That address is reached through host 1's VTEP, not some other path.
     assert "dev vtep1042" in nsx(demo.h(1), "ip", "route", "get", web3_ip).stdout
+    tunnel = _tx_packets(demo.h(1), "ipsec0") if demo.backend == "ipsec" else 0
     until(lambda: nsx(client, "ping", "-c", "1", "-W", "1", web3_ip).returncode == 0, what="ping web3 from h1")
     body = nsx(client, "curl", "-s", "-m", "5", f"http://{web3_ip}/").stdout
     assert "Directory listing" in body  # web3's HTTP server, over TCP through the overlay
+    if demo.backend == "ipsec":  # the VTEP's packets to host 3 went into the IPsec tunnel device
+        router3 = nsx(demo.h(1), "bridge", "fdb", "show", "dev", "vtep1042").stdout
+        assert "dst 10.42." in router3, router3  # FDB toward the peer router IPs, routed into ipsec0
+        assert _tx_packets(demo.h(1), "ipsec0") > tunnel
     # And host 1's own web is not routed through the overlay.
     web1_ip = nsx(_workload(demo, 1, "demo-web1"), "curl", "-s", "-m", "5",
                   f"http://{META_IP}/latest/self/container/primary_ip").stdout
