@@ -351,19 +351,26 @@ def _run_hosts(args: argparse.Namespace, topo: Any, procs: _Procs) -> int:
         return 2
     t0 = time.monotonic()
     workdir = topo.workdir
-    topo.build()
-    topo.start_server()
-    if not topo.wait_server():
-        print(f"the stand-in server did not start; see {workdir / 'server.log'}", file=sys.stderr)
+    try:
+        topo.build()
+        topo.start_server()
+        if not topo.wait_server():
+            print(f"the stand-in server did not start; see {workdir / 'server.log'}", file=sys.stderr)
+            return 1
+        topo.load()
+        routers = topo.routers()
+        if sorted(routers) != list(range(1, topo.n + 1)):
+            print(f"the server placed no overlay router on some host: {routers}", file=sys.stderr)
+            return 1
+        for i in range(1, topo.n + 1):
+            topo.start_host(i, routers[i])
+        topo.start_workloads()
+    except subprocess.CalledProcessError as e:  # an `ip` command refused: say which (all is undone below)
+        print(f"setting up the simulated hosts failed: {' '.join(e.cmd)}: {(e.stderr or '').strip()}", file=sys.stderr)
         return 1
-    topo.load()
-    routers = topo.routers()
-    if sorted(routers) != list(range(1, topo.n + 1)):
-        print(f"the server placed no overlay router on some host: {routers}", file=sys.stderr)
+    except (RuntimeError, OSError, subprocess.TimeoutExpired) as e:
+        print(f"setting up the simulated hosts failed: {e}", file=sys.stderr)
         return 1
-    for i in range(1, topo.n + 1):
-        topo.start_host(i, routers[i])
-    topo.start_workloads()
     from standin.demo_hosts import service_of
 
     webs = {topo.host_index(c): str(c["primary_ip"]) for c in topo.workload_containers()
