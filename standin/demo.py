@@ -138,7 +138,13 @@ class _Procs:
         return p
 
     def dead(self) -> list[str]:
-        return [n for n, p in self.procs if p.poll() is not None]
+        # Popen.poll holds the Popen's wait lock while it reaps; a stop signal raised in there would
+        # leave it held and the clean stop's wait() would block for ever. Signals wait until after.
+        old = signal.pthread_sigmask(signal.SIG_BLOCK, _SIGNALS)
+        try:
+            return [n for n, p in self.procs if p.poll() is not None]
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, old)
 
     def stop_all(self) -> None:
         for _, p in reversed(self.procs):
