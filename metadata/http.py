@@ -131,6 +131,12 @@ def local_addresses(max_age: float = 10.0) -> frozenset[str]:
     return _LOCAL[1]
 
 
+
+def _whole_tree(path: str) -> bool:
+    """``/latest``, ``/2015-12-19/``...: one version's whole tree, ``self`` included."""
+    p = path.strip("/")
+    return bool(p) and "/" not in p
+
 class _Generation:
     __slots__ = ("bytes", "cache", "errors", "ip_set", "snap", "values")
 
@@ -316,8 +322,10 @@ class MetadataServer:
             asyncio.get_running_loop().call_soon(self._finish_batch, due, end)
 
     def _client_key(self, path: str, ip: str) -> str:
+        """Who an answer is for, in cache keys: the caller where the answer holds ``self`` (a
+        ``self`` path, or a whole version tree such as ``/latest``), else everyone ("")."""
         g = self.gen
-        if (ip in g.ip_set or ip.startswith("ctr:")) and (g.snap.legacy or "self" in path):
+        if (ip in g.ip_set or ip.startswith("ctr:")) and (g.snap.legacy or "self" in path or _whole_tree(path)):
             return ip
         return ""
 

@@ -565,3 +565,19 @@ def test_open_files_soft_limit_raised_to_hard(tmp_path: Path) -> None:
         assert line.split()[3:5] == [str(hard), str(hard)], line
     finally:
         m.proc.stop()
+
+
+@pytest.mark.parametrize("path", ["/latest", "/latest/", "/2015-12-19", "/2016-07-29/"])
+def test_whole_tree_carries_each_callers_own_self(md: Metadata, path: str) -> None:
+    """A whole version tree holds ``self``: a container asking for it must get its own ``self``, never
+    the one of whoever asked first (the answer cache was shared by every caller for such paths)."""
+    as_host = {"X-Forwarded-For": ""}
+    as_web = {"X-Forwarded-For": "10.42.0.5"}
+    for first, second in ((as_host, as_web), (as_web, as_host)):
+        md.reload()  # a fresh cache: ``first`` fills it
+        a = json.loads(md.get(path, headers={**first, "Accept": "application/json"}).body)
+        b = json.loads(md.get(path, headers={**second, "Accept": "application/json"}).body)
+        for tree, who in ((a, first), (b, second)):
+            name = (tree.get("self") or {}).get("container", {}).get("name") if isinstance(tree, dict) else None
+            # (2015-12-19 keeps the name's case, later versions lower-case it)
+            assert (name.lower() if name else None) == ("shop-web-1" if who is as_web else None), (path, who)
