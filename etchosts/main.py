@@ -255,8 +255,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--update-interval", type=int, default=5,
                    help="seconds: the longest wait on metadata's /version (default 5)")
     p.add_argument("--metadata-url", default=env_str("CORRAL_METADATA_URL", f"http://rancher-metadata/{API_VERSION}"),
-                   help="metadata base URL, with or without the API version")
-    p.add_argument("--hosts-file", default="/etc/hosts")
+                   help="metadata base URL, with or without the API version (env CORRAL_METADATA_URL)")
+    p.add_argument("--hosts-file", default="/etc/hosts",
+                   help="the file rewritten in place under flock (usually a bind mount of the host's /etc/hosts)")
     p.add_argument("--preserve", action="store_true",
                    help="only rewrite the lines between the corral markers; keep every other line byte for byte")
     p.add_argument("--legacy-overwrite", action="store_true",

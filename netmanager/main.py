@@ -73,9 +73,13 @@ def build_parser() -> argparse.ArgumentParser:
                         "(env RANCHER_METADATA_LISTEN_PORT)")
     for name in ("macsync", "arpsync", "vethsync", "routesync", "conntracksync"):
         p.add_argument(f"--disable-{name}", action="store_true", help=f"switch {name} off")
-    p.add_argument("--arpsync-interval", type=_seconds, default=5)
-    p.add_argument("--conntracksync-interval", type=_seconds, default=5)
-    p.add_argument("--vethsync-interval", type=_seconds, default=60)
+    p.add_argument("--arpsync-interval", type=_seconds, default=5,
+                   help="accepted for compatibility; there is no periodic ARP/MAC sync yet")
+    p.add_argument("--conntracksync-interval", type=_seconds, default=5,
+                   help="accepted for compatibility; stale flows are deleted when a host port moves or goes, "
+                        "not on a timer")
+    p.add_argument("--vethsync-interval", type=_seconds, default=60,
+                   help="seconds between sweeps of dangling vethr* host ends on the local bridges")
     p.add_argument("--routesync-interval", type=_seconds, default=60,
                    help="accepted for compatibility; the route is checked every second")
     p.add_argument("--iptables-sync-interval", type=_seconds, default=120,
