@@ -61,6 +61,21 @@ class PeerStatus:
                 "repairs": self.repairs, "last_ok": self.last_ok}
 
 
+async def _unless_stopped(coro: Awaitable[None], stop: asyncio.Event) -> None:
+    """Run ``coro`` to its end, or cancel it when ``stop`` is set first: a repair waiting on charon
+    (an IKE initiate can take seconds while the peers are going away) must not hold up a stop."""
+    task = asyncio.ensure_future(coro)
+    waiter = asyncio.ensure_future(stop.wait())
+    try:
+        await asyncio.wait({task, waiter}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        waiter.cancel()
+        if not task.done():
+            task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
+
+
 class Prober:
     def __init__(self, on_down: Callable[[str], Awaitable[None]], *, interval: float = 5.0, timeout: float = 1.0,
                  misses: int = 3, clock: Clock | None = None) -> None:
@@ -168,7 +183,7 @@ class Prober:
             while not stop.is_set():
                 if self.peers:
                     try:
-                        await self.round()
+                        await _unless_stopped(self.round(), stop)
                     except OSError as e:
                         log.error("probe round failed", error=str(e))
                 await self.clock.sleep(self.interval, stop)
