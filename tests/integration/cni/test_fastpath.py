@@ -3,11 +3,8 @@ Docker-compatible API (``podman system service``) on a unix socket; compared wit
 
 from __future__ import annotations
 
-import os
 import shutil
-import subprocess
 import tempfile
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -15,13 +12,12 @@ from typing import Any
 import pytest
 
 from tests.helpers.netns import netns
-from tests.helpers.procs import Proc
+from tests.helpers.podman import PodmanApi
 from tests.helpers.tools import NO_CGROUP, cgroup_mounted
 
 from .cnitool import cni, normalised_state, routes
 from .conftest import Containers
 from .test_metadata import EXAMPLE, Metadata, record
-from .test_podman import BUSYBOX
 
 pytestmark = [pytest.mark.skipif(shutil.which("podman") is None, reason="podman not installed"),
               pytest.mark.skipif(not cgroup_mounted(), reason=NO_CGROUP), pytest.mark.slow]
@@ -29,40 +25,10 @@ pytestmark = [pytest.mark.skipif(shutil.which("podman") is None, reason="podman 
 LABEL_IP, LABEL_MAC = "10.42.50.5/16", "02:42:0a:2a:32:05"
 
 
-class DockerApi:
-    def __init__(self, work: Path) -> None:
-        self.work = work
-        (work / "containers.conf").write_text('[engine]\ncgroup_manager = "cgroupfs"\nevents_logger = "file"\n'
-                                              'runtime = "runc"\n')
-        (work / "rootfs" / "bin").mkdir(parents=True)
-        shutil.copy(BUSYBOX, work / "rootfs" / "bin" / "busybox")
-        self.env = {**os.environ, "CONTAINERS_CONF": str(work / "containers.conf")}
-        self.base = ["podman", "--root", str(work / "storage"), "--runroot", str(work / "run")]
-        self.sock = work / "api.sock"
-        self.proc = Proc([*self.base, "system", "service", "--time=0", f"unix://{self.sock}"], env=self.env,
-                         name="podman-api")
-        deadline = time.monotonic() + 20
-        while not self.sock.exists():
-            assert self.proc.alive() and time.monotonic() < deadline, self.proc.log()
-            time.sleep(0.05)
-
-    def create(self, labels: dict[str, str]) -> str:
-        args = [a for k, v in labels.items() for a in ("--label", f"{k}={v}")]
-        p = subprocess.run([*self.base, "create", "--network", "none", *args, "--rootfs", str(self.work / "rootfs"),
-                            "/bin/busybox", "sleep", "1"], env=self.env, capture_output=True, text=True, check=True)
-        return p.stdout.strip()
-
-    def close(self) -> None:
-        subprocess.run([*self.base, "rm", "-a", "-f"], env=self.env, capture_output=True, check=False)
-        self.proc.stop()
-        for d in ("storage", "run"):
-            subprocess.run(["umount", "-R", str(self.work / d)], capture_output=True, check=False)
-
-
 @pytest.fixture
-def docker_api() -> Iterator[DockerApi]:
+def docker_api() -> Iterator[PodmanApi]:
     work = Path(tempfile.mkdtemp(prefix="corral-pm-"))
-    api = DockerApi(work)
+    api = PodmanApi(work)
     try:
         yield api
     finally:
@@ -79,7 +45,7 @@ def catalog(**extra: Any) -> dict[str, Any]:
 
 
 def test_fast_path_from_labels_equals_metadata_path(bundle: Path, containers: Containers, tmp_path: Path,
-                                                    docker_api: DockerApi) -> None:
+                                                    docker_api: PodmanApi) -> None:
     cid = docker_api.create({"io.rancher.container.ip": LABEL_IP, "io.rancher.container.mac_address": LABEL_MAC})
     docker = {"DOCKER_HOST": f"unix://{docker_api.sock}", "RANCHER_METADATA_ADDRESS": "127.0.0.1:1"}
     states = []
@@ -116,7 +82,7 @@ def test_fast_path_from_labels_equals_metadata_path(bundle: Path, containers: Co
 
 
 def test_incomplete_labels_are_ignored(bundle: Path, host_ns: str, containers: Containers,
-                                       docker_api: DockerApi) -> None:
+                                       docker_api: PodmanApi) -> None:
     cid = docker_api.create({"io.rancher.container.ip": LABEL_IP})  # no MAC label: no fast path
     r = cni(f"{bundle}/rancher-bridge", host_ns, "ADD", catalog(), cid, f"/run/netns/{containers.new()}",
             args="IgnoreUnknown=1;IPAddress=10.42.60.6/16;MACAddress=02:42:0a:2a:3c:06",

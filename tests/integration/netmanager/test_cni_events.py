@@ -15,9 +15,9 @@ from pathlib import Path
 import pytest
 
 from tests.helpers.netns import netns, requires_root
+from tests.helpers.podman import PodmanApi
 from tests.helpers.procs import ROOT, Proc, corral_argv
 
-BUSYBOX = shutil.which("busybox") or "/bin/busybox"
 pytestmark = [requires_root, pytest.mark.root, pytest.mark.slow,
               pytest.mark.skipif(shutil.which("podman") is None, reason="podman not installed"),
               pytest.mark.skipif(shutil.which("runc") is None, reason="runc not installed")]
@@ -35,51 +35,10 @@ fi
 """
 
 
-class Podman:
-    def __init__(self, work: Path) -> None:
-        self.work = work
-        (work / "containers.conf").write_text(
-            '[engine]\ncgroup_manager = "cgroupfs"\nevents_logger = "file"\nruntime = "runc"\n'
-            '[containers]\ndefault_ulimits = ["nofile=1024:1024", "nproc=1024:1024"]\n')
-        (work / "rootfs" / "bin").mkdir(parents=True)
-        shutil.copy(BUSYBOX, work / "rootfs" / "bin" / "busybox")
-        self.env = {**os.environ, "CONTAINERS_CONF": str(work / "containers.conf")}
-        self.base = ["podman", "--root", str(work / "storage"), "--runroot", str(work / "run")]
-        self.sock = work / "api.sock"
-        self.proc = Proc([*self.base, "system", "service", "--time=0", f"unix://{self.sock}"], env=self.env,
-                         name="podman-api")
-        deadline = time.monotonic() + 20
-        while not self.sock.exists():
-            assert self.proc.alive() and time.monotonic() < deadline, self.proc.log()
-            time.sleep(0.05)
-
-    def pm(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
-        return subprocess.run([*self.base, *args], env=self.env, capture_output=True, text=True, check=check)
-
-    def run(self, labels: dict[str, str], *extra: str) -> str:
-        args = [a for k, v in labels.items() for a in ("--label", f"{k}={v}")]
-        p = self.pm("run", "-d", "--network", "none", *args, *extra, "--rootfs", str(self.work / "rootfs"),
-                    "/bin/busybox", "sleep", "600", check=False)
-        if p.returncode != 0:
-            pytest.skip(f"podman cannot start containers here: {p.stderr.strip()[-300:]}")
-        return p.stdout.strip()
-
-    def inspect(self, cid: str) -> dict:
-        return json.loads(self.pm("inspect", cid).stdout)[0]
-
-    def close(self) -> None:
-        self.pm("rm", "-a", "-f", "-t", "0", check=False)
-        self.proc.stop()
-        # podman leaves its overlay mount (storage/overlay) and the run dir's: innermost first
-        mounts = [ln.split()[1] for ln in Path("/proc/self/mounts").read_text().splitlines()]
-        for m in sorted((m for m in mounts if m.startswith(str(self.work) + "/")), key=len, reverse=True):
-            subprocess.run(["umount", "-l", m], capture_output=True, check=False)
-
-
 @pytest.fixture
 def env() -> Iterator[dict]:
     work = Path(tempfile.mkdtemp(prefix="corral-nm-pm-"))
-    pm = Podman(work)
+    pm = PodmanApi(work)
     bindir = work / "bin"
     bindir.mkdir()
     log = work / "calls.log"
@@ -125,7 +84,7 @@ def wait(pred: object, what: str, nm: Proc, timeout: float = 30) -> None:
 
 
 def test_events_drive_add_and_del(env: dict) -> None:
-    pm: Podman = env["pm"]
+    pm: PodmanApi = env["pm"]
     nm = start_nm(env)
     try:
         wait(lambda: "docker events connected" in nm.log(), "docker connected", nm)
@@ -176,7 +135,7 @@ def test_shim_runs_the_driver_containers_binary(env: dict) -> None:
     follows the container's new PID after a restart."""
     from tests.unit.netmanager.conftest import objects
 
-    pm: Podman = env["pm"]
+    pm: PodmanApi = env["pm"]
     shim = env["work"] / "cni" / "bin" / "rancher-bridge"
     real = pm.work / "rootfs" / str(shim).lstrip("/")
     real.parent.mkdir(parents=True)
@@ -217,7 +176,7 @@ def test_vethsync_deletes_only_dangling_host_ends(env: dict) -> None:
     from tests.helpers.netns import run_in_netns
     from tests.unit.netmanager.conftest import objects
 
-    pm: Podman = env["pm"]
+    pm: PodmanApi = env["pm"]
     ns = env["ns"]
     cid = pm.run({"role": "app"})
     for cmd in (["ip", "link", "add", "docker0", "type", "bridge"], ["ip", "link", "add", "br-other", "type", "bridge"],
@@ -248,7 +207,7 @@ def test_vethsync_deletes_only_dangling_host_ends(env: dict) -> None:
 
 def test_reaper_stops_the_older_duplicate_metadata_container(env: dict) -> None:
     """Spec §11 (b): two running network-services/metadata containers -> the older one is stopped."""
-    pm: Podman = env["pm"]
+    pm: PodmanApi = env["pm"]
     label = {"io.rancher.stack_service.name": "network-services/metadata"}
     old = pm.run(label)
     time.sleep(1.1)  # Docker's Created is in whole seconds: the two must differ for "older" to mean anything

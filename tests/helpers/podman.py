@@ -1,0 +1,80 @@
+"""A real Docker API for tests: ``podman system service`` on a unix socket, with its own storage
+under a throw-away directory and a busybox root file system for containers.
+
+    api = PodmanApi(work)                 # serving once its socket exists
+    env = {"DOCKER_HOST": f"unix://{api.sock}"}
+    cid = api.create({"io.rancher.container.ip": "10.42.0.5/16"})   # created, not started
+    cid = api.run({...})                  # started (busybox sleep); skips where podman cannot start one
+    api.close()                           # containers removed, service stopped, its mounts undone
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.helpers.procs import Proc
+from tests.helpers.wait import until
+
+__all__ = ["BUSYBOX", "PodmanApi"]
+
+BUSYBOX = shutil.which("busybox") or "/bin/busybox"
+
+# cgroupfs and a file events log work without systemd; the ulimits because runc here refuses
+# podman's default rlimits
+_CONF = ('[engine]\ncgroup_manager = "cgroupfs"\nevents_logger = "file"\nruntime = "runc"\n'
+         '[containers]\ndefault_ulimits = ["nofile=1024:1024", "nproc=1024:1024"]\n')
+
+
+class PodmanApi:
+    def __init__(self, work: Path) -> None:
+        self.work = work
+        (work / "containers.conf").write_text(_CONF)
+        (work / "rootfs" / "bin").mkdir(parents=True)
+        shutil.copy(BUSYBOX, work / "rootfs" / "bin" / "busybox")
+        self.env = {**os.environ, "CONTAINERS_CONF": str(work / "containers.conf")}
+        self.base = ["podman", "--root", str(work / "storage"), "--runroot", str(work / "run")]
+        self.sock = work / "api.sock"
+        self.proc = Proc([*self.base, "system", "service", "--time=0", f"unix://{self.sock}"], env=self.env,
+                         name="podman-api")
+
+        def serving() -> bool:
+            assert self.proc.alive(), self.proc.log()
+            return self.sock.exists()
+
+        until(serving, what="podman's API socket")
+
+    def pm(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([*self.base, *args], env=self.env, capture_output=True, text=True, check=check)
+
+    def _labels(self, labels: dict[str, str]) -> list[str]:
+        return [a for k, v in labels.items() for a in ("--label", f"{k}={v}")]
+
+    def create(self, labels: dict[str, str]) -> str:
+        p = self.pm("create", "--network", "none", *self._labels(labels), "--rootfs", str(self.work / "rootfs"),
+                    "/bin/busybox", "sleep", "1")
+        return p.stdout.strip()
+
+    def run(self, labels: dict[str, str], *extra: str) -> str:
+        p = self.pm("run", "-d", "--network", "none", *self._labels(labels), *extra, "--rootfs",
+                    str(self.work / "rootfs"), "/bin/busybox", "sleep", "600", check=False)
+        if p.returncode != 0:
+            pytest.skip(f"podman cannot start containers here: {p.stderr.strip()[-300:]}")
+        return p.stdout.strip()
+
+    def inspect(self, cid: str) -> Any:
+        return json.loads(self.pm("inspect", cid).stdout)[0]
+
+    def close(self) -> None:
+        self.pm("rm", "-a", "-f", "-t", "0", check=False)
+        self.proc.stop()
+        # podman leaves its overlay mount (storage/overlay) and the run dir's: innermost first
+        mounts = [ln.split()[1] for ln in Path("/proc/self/mounts").read_text().splitlines()]
+        for m in sorted((m for m in mounts if m.startswith(str(self.work) + "/")), key=len, reverse=True):
+            subprocess.run(["umount", "-l", m], capture_output=True, check=False)
