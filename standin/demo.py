@@ -334,7 +334,12 @@ def _run(args: argparse.Namespace, workdir: Path, env_file: str, procs: _Procs, 
         print(h)
     print("\nCtrl-C stops everything.")
     sys.stdout.flush()
-    t_end = time.monotonic() + args.duration if args.duration else None
+    return _watch(procs, workdir, args.duration)
+
+
+def _watch(procs: _Procs, workdir: Path, duration: float) -> int:
+    """Until Ctrl-C (or ``--duration`` seconds): 1 as soon as a daemon dies, with its name."""
+    t_end = time.monotonic() + duration if duration else None
     while True:
         dead = procs.dead()
         if dead:
@@ -430,12 +435,4 @@ def _run_hosts(args: argparse.Namespace, topo: Any, procs: _Procs) -> int:
     print(f"  $ ip netns exec {ul} corral ctl --admin {adm} container ls | grep '\"name\"'    # what the server placed")
     print("\nCtrl-C stops everything and deletes every namespace.")
     sys.stdout.flush()
-    t_end = time.monotonic() + args.duration if args.duration else None
-    while True:
-        dead = procs.dead()
-        if dead:
-            print(f"stopped unexpectedly: {', '.join(dead)} (see {workdir}/<name>.log)", file=sys.stderr)
-            return 1
-        if t_end is not None and time.monotonic() >= t_end:
-            return 0
-        time.sleep(0.2)
+    return _watch(procs, workdir, args.duration)
