@@ -8,6 +8,7 @@ are then waited for, so the whole file costs about one daemon start-up.
 from __future__ import annotations
 
 import json
+import random
 import re
 import socket
 import subprocess
@@ -121,13 +122,35 @@ def test_bad_flag_values_are_one_line_errors(tmp_path: Path) -> None:
     assert not bad, "\n".join(bad)
 
 
+def _quiet_port(used: set[int]) -> int:
+    """A free loopback port (TCP and UDP) below the kernel's ephemeral range: the cases run at once,
+    and a port picked from that range can be taken by a neighbour case's own port-0 socket before
+    its daemon binds it (CI saw dns fail on its --listen instead of the busy --metrics-listen)."""
+    low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    rng = random.Random()
+    while True:
+        port = rng.randrange(10000, low)
+        if port in used:
+            continue
+        try:
+            for kind in (socket.SOCK_STREAM, socket.SOCK_DGRAM):
+                with socket.socket(socket.AF_INET, kind) as s:
+                    s.bind(("127.0.0.1", port))
+        except OSError:
+            continue
+        used.add(port)
+        return port
+
+
 def test_a_listener_that_cannot_bind_is_one_line_naming_flag_and_address(tmp_path: Path, taken: int) -> None:
     answers = tmp_path / "answers.json"
     answers.write_text(json.dumps({"latest": {"default": {"version": "1", "hosts": []}}}))
     busy = f"127.0.0.1:{taken}"
 
+    used = {taken}
+
     def free() -> str:
-        return f"127.0.0.1:{free_port()}"
+        return f"127.0.0.1:{_quiet_port(used)}"
 
     def md(**over: str) -> list[str]:
         flags = {"--listen": free(), "--listenReload": free(), "--metrics-listen": free(), **over}
