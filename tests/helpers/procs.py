@@ -14,6 +14,8 @@ import urllib.request
 from collections.abc import Sequence
 from pathlib import Path
 
+from tests.helpers.wait import patience
+
 ROOT = Path(__file__).resolve().parents[2]
 
 
@@ -33,7 +35,8 @@ def free_port(host: str = "127.0.0.1", kind: int = socket.SOCK_STREAM) -> int:
     raise RuntimeError("no free port")
 
 
-def wait_port(host: str, port: int, timeout: float = 10.0) -> None:
+def wait_port(host: str, port: int, timeout: float | None = None) -> None:
+    timeout = patience(timeout)
     deadline = time.monotonic() + timeout
     while True:
         try:
@@ -45,8 +48,9 @@ def wait_port(host: str, port: int, timeout: float = 10.0) -> None:
             time.sleep(0.02)
 
 
-def wait_http(url: str, timeout: float = 10.0, status: int | None = 200) -> None:
+def wait_http(url: str, timeout: float | None = None, status: int | None = 200) -> None:
     """Wait until ``url`` answers (with ``status`` when given)."""
+    timeout = patience(timeout)
     deadline = time.monotonic() + timeout
     last: object = None
     while time.monotonic() < deadline:

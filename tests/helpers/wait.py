@@ -2,8 +2,8 @@
 
 ``until(cond)`` / ``await eventually(cond)`` poll ``cond`` until it returns something truthy and
 return that value. The deadline is only there so a broken build fails instead of hanging: it is
-generous (``CORRAL_TEST_WAIT`` seconds, 60 by default) and scaled by nothing else, so a busy
-machine makes a test slower, never red. Speed is measured in bench/, not here.
+generous (``CORRAL_TEST_WAIT`` seconds, 60 by default) and a caller's ``timeout`` can only raise it,
+never lower it, so a busy machine makes a test slower, never red. Speed is measured in bench/.
 """
 
 from __future__ import annotations
@@ -15,9 +15,14 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-__all__ = ["DEFAULT_WAIT", "eventually", "until"]
+__all__ = ["DEFAULT_WAIT", "eventually", "patience", "until"]
 
 DEFAULT_WAIT = float(os.environ.get("CORRAL_TEST_WAIT", "60"))
+
+
+def patience(timeout: float | None = None) -> float:
+    """How long to wait at most: ``DEFAULT_WAIT``, or a caller's longer ``timeout``."""
+    return DEFAULT_WAIT if timeout is None else max(timeout, DEFAULT_WAIT)
 
 
 def _describe(cond: Callable[..., Any], what: str) -> str:
@@ -26,7 +31,7 @@ def _describe(cond: Callable[..., Any], what: str) -> str:
 
 def until(cond: Callable[[], Any], *, what: str = "", timeout: float | None = None, interval: float = 0.02) -> Any:
     """Poll ``cond()`` (exceptions count as "not yet") until it is truthy; return its value."""
-    deadline = time.monotonic() + (timeout if timeout is not None else DEFAULT_WAIT)
+    deadline = time.monotonic() + patience(timeout)
     last: object = None
     while True:
         try:
@@ -44,7 +49,7 @@ def until(cond: Callable[[], Any], *, what: str = "", timeout: float | None = No
 async def eventually(cond: Callable[[], Any | Awaitable[Any]], *, what: str = "", timeout: float | None = None,
                      interval: float = 0.02) -> Any:
     """``until`` for async tests: ``cond`` may be a plain function or a coroutine function."""
-    deadline = time.monotonic() + (timeout if timeout is not None else DEFAULT_WAIT)
+    deadline = time.monotonic() + patience(timeout)
     last: object = None
     while True:
         try:

@@ -7,7 +7,6 @@ import json
 import re
 import subprocess
 import threading
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -15,6 +14,7 @@ from typing import Any
 import pytest
 
 from tests.helpers.procs import Proc, corral_argv
+from tests.helpers.wait import until
 
 from .cnitool import addrs, cni, links, routes
 from .conftest import Containers
@@ -45,14 +45,12 @@ class Metadata:
                             f"http://{ADDRESS}{path}"], capture_output=True, text=True, check=False)
         return p.stdout if p.returncode == 0 else ""
 
-    def wait(self, path: str, want: str, timeout: float = 15) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if want in self.get(path):
-                return
+    def wait(self, path: str, want: str, timeout: float | None = None) -> None:
+        def served() -> bool:
             assert self.proc.alive(), self.proc.log()
-            time.sleep(0.05)
-        raise TimeoutError(f"metadata never served {want!r} at {path}:\n{self.proc.log()[-2000:]}")
+            return want in self.get(path)
+
+        until(served, what=f"metadata serving {want!r} at {path}", timeout=timeout)
 
     def add(self, line: str, bump: bool = True) -> None:
         """Append a record; like Rancher, a change gets a new answer-set version (unless told not to)."""

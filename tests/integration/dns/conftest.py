@@ -11,7 +11,6 @@ import shutil
 import socket
 import struct
 import subprocess
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -20,6 +19,7 @@ import pytest
 from dnslib import EDNS0, DNSRecord
 
 from tests.helpers.procs import Proc, free_port, start_corral, wait_http
+from tests.helpers.wait import until
 from tests.unit.dns import example
 
 PREFIX = "127.42.0."
@@ -61,15 +61,8 @@ class Dnsmasq:
     def start(self) -> None:
         self.p = subprocess.Popen(self.argv(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                                   start_new_session=True)
-        deadline = time.monotonic() + 5
-        while time.monotonic() < deadline:
-            try:
-                r = udp_query(DNSRecord.question("ext.test.", "A"), UPSTREAM_IP, self.port, timeout=0.3)
-                if r.rr:
-                    return
-            except OSError:
-                time.sleep(0.05)
-        raise RuntimeError("dnsmasq did not start")
+        until(lambda: udp_query(DNSRecord.question("ext.test.", "A"), UPSTREAM_IP, self.port, timeout=0.3).rr,
+              what="dnsmasq answering")
 
     def stop(self) -> None:
         if self.p is not None and self.p.poll() is None:

@@ -8,7 +8,6 @@ The environment mirrors the worked example (dns.md §13) with the managed subnet
 from __future__ import annotations
 
 import json
-import time
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
@@ -20,6 +19,7 @@ from dnslib import QTYPE, RCODE, DNSRecord
 
 from tests.helpers.procs import Proc, free_port, start_corral, wait_http
 from tests.helpers.standin import StandIn
+from tests.helpers.wait import until
 from tests.integration.dns.conftest import Dnsmasq, DnsProc, start_dns
 
 pytestmark = pytest.mark.timeout(120)
@@ -98,25 +98,13 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
         up.stop()
 
 
-def wait_answer(dns: DnsProc, name: str, src: str, want: set[str], timeout: float = 10.0) -> float:
-    """Poll until ``name`` from ``src`` answers exactly ``want``; return when (monotonic)."""
-    deadline = time.monotonic() + timeout
-    last: set[str] = set()
-    while time.monotonic() < deadline:
-        last = a_set(dns.ask(name, src=src))
-        if last == want:
-            return time.monotonic()
-        time.sleep(0.01)
-    raise AssertionError(f"{name} from {src}: {sorted(last)}, wanted {sorted(want)}")
+def wait_answer(dns: DnsProc, name: str, src: str, want: set[str]) -> None:
+    """Wait until ``name`` from ``src`` answers exactly ``want``."""
+    until(lambda: a_set(dns.ask(name, src=src)) == want, what=f"{name} from {src} answering {sorted(want)}")
 
 
-def wait_version_change(w: World, old: str, timeout: float = 10.0) -> float:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if w.version() != old:
-            return time.monotonic()
-        time.sleep(0.005)
-    raise AssertionError("metadata version did not change")
+def wait_version_change(w: World, old: str) -> None:
+    until(lambda: w.version() != old, what="metadata version change")
 
 
 def test_worked_example_names_through_the_whole_chain(world: World) -> None:
@@ -163,14 +151,13 @@ def test_scale_reflected_within_a_second_of_the_metadata_change(world: World) ->
     wait_answer(d, "web.shop.rancher.internal.", src, {c["primary_ip"] for c in cs})  # speed: bench/core
 
 
-def wait_for(fn: Any, n: int, timeout: float = 10.0) -> list[dict[str, Any]]:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        got = fn()
-        if len(got) == n:
-            return list(got)
-        time.sleep(0.02)
-    raise AssertionError(f"expected {n} items")
+def wait_for(fn: Any, n: int) -> list[dict[str, Any]]:
+    def got_n() -> list[dict[str, Any]] | None:
+        got = list(fn())
+        return got if len(got) == n else None
+
+    result: list[dict[str, Any]] = until(got_n, what=f"{n} items")
+    return result
 
 
 def test_metadata_down_keeps_answers_and_recovers(world: World) -> None:
@@ -187,5 +174,5 @@ def test_metadata_down_keeps_answers_and_recovers(world: World) -> None:
         world.md.start()
     wait_http(f"http://127.0.0.1:{world.md_port}/latest/version", timeout=20)
     cs = wait_for(lambda: [c for c in world.containers().values()
-                           if c["service_name"] == "web" and c.get("primary_ip")], 2, timeout=20)
-    wait_answer(d, "web.shop.rancher.internal.", src, {c["primary_ip"] for c in cs}, timeout=20)
+                           if c["service_name"] == "web" and c.get("primary_ip")], 2)
+    wait_answer(d, "web.shop.rancher.internal.", src, {c["primary_ip"] for c in cs})

@@ -3,11 +3,10 @@ metadata, with dnsmasq as the upstream, over UDP and TCP, from the rows' source 
 
 from __future__ import annotations
 
-import time
-
 import pytest
 from dnslib import QTYPE, RCODE, DNSRecord
 
+from tests.helpers.wait import until
 from tests.integration.dns.conftest import Dnsmasq, DnsProc, ip
 
 HOST = "127.0.0.5"  # a host process: matches no container view
@@ -104,15 +103,12 @@ def test_row11_upstream_ttls_count_down(dns: DnsProc) -> None:
     first = dns.ask("ttl60.test.", src=ip(11))
     t0 = first.rr[0].ttl
     assert 0 < t0 <= 60
-    deadline = time.monotonic() + 5
-    while time.monotonic() < deadline:
+    def counted_down() -> bool:
         again = dns.ask("ttl60.test.", src=ip(11))
         assert again.rr[0].ttl <= t0  # never raised
-        if again.rr[0].ttl < t0:
-            break
-        time.sleep(0.1)
-    else:
-        pytest.fail("TTL did not count down")
+        return again.rr[0].ttl < t0
+
+    until(counted_down, what="TTL counting down", interval=0.1)
 
 
 @pytest.mark.parametrize("qtype", ["AAAA", "SRV", "TXT", "MX"])
@@ -230,12 +226,9 @@ def test_metrics_and_health(dns: DnsProc) -> None:
 
     with urllib.request.urlopen(f"http://127.0.0.1:{dns.admin}/healthz", timeout=3) as r:
         assert r.status == 200
-    deadline = time.monotonic() + 3
-    while time.monotonic() < deadline:
-        m = dns.metrics()
-        if 'corral_dns_queries_total{qtype="A",result="local",view="client"}' in m:
-            break
-        time.sleep(0.2)
-    else:
-        pytest.fail("queries metric not exported")
+    def exported() -> str | None:
+        text = dns.metrics()
+        return text if 'corral_dns_queries_total{qtype="A",result="local",view="client"}' in text else None
+
+    m = until(exported, what="queries metric exported", interval=0.2)
     assert "corral_dns_generation" in m and "corral_dns_upstream_latency_seconds" in m

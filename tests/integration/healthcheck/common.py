@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import asyncio
-import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from tests.helpers.wait import DEFAULT_WAIT
+from tests.helpers.wait import eventually
+from tests.helpers.wait import until as wait_until
 
 HOST = "host-a-uuid"
 
@@ -31,36 +30,12 @@ def tree(containers: list[dict[str, Any]], host: str = HOST, version: str = "1")
             "containers": containers, "hosts": [{"uuid": host, "name": host}]}
 
 
-async def until(pred: Callable[[], Awaitable[Any]], timeout: float = 10.0, interval: float = 0.02,
+async def until(pred: Callable[[], Awaitable[Any] | Any], timeout: float | None = None, interval: float = 0.02,
                 what: str = "condition") -> Any:
-    timeout = max(timeout, DEFAULT_WAIT)  # patience only, never a speed requirement (tests/helpers/wait.py)
-    deadline = time.monotonic() + timeout
-    last: Any = None
-    while True:
-        try:
-            last = await pred()
-        except Exception as e:  # a peer restarting: keep waiting
-            last = e
-        else:
-            if last:
-                return last
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"{what} not met within {timeout}s (last: {last!r})")
-        await asyncio.sleep(interval)
+    """The shared condition wait (tests/helpers/wait.py) under this module's historical name."""
+    return await eventually(pred, what=what, timeout=timeout, interval=interval)
 
 
-def wait_sync(pred: Callable[[], Any], timeout: float = 10.0, interval: float = 0.02, what: str = "condition") -> Any:
-    timeout = max(timeout, DEFAULT_WAIT)
-    deadline = time.monotonic() + timeout
-    last: Any = None
-    while True:
-        try:
-            last = pred()
-        except Exception as e:
-            last = e
-        else:
-            if last:
-                return last
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"{what} not met within {timeout}s (last: {last!r})")
-        time.sleep(interval)
+def wait_sync(pred: Callable[[], Any], timeout: float | None = None, interval: float = 0.02,
+              what: str = "condition") -> Any:
+    return wait_until(pred, what=what, timeout=timeout, interval=interval)

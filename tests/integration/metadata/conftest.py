@@ -6,13 +6,14 @@ import socket
 import time
 import urllib.request
 import zlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
 from tests.helpers.procs import Proc, free_port, start_corral, wait_http
+from tests.helpers.wait import until
 
 EXAMPLE = Path(__file__).parents[2] / "unit" / "metadata" / "example.jsonl"
 
@@ -133,13 +134,11 @@ class Metadata:
         except urllib.error.HTTPError as e:
             return e.code, e.read().decode()
 
-    def wait_for(self, pred: object, timeout: float = 10.0) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if pred():  # type: ignore[operator]
-                return
-            time.sleep(0.02)
-        raise TimeoutError(f"condition not met in {timeout}s; log:\n{self.proc.log()[-3000:]}")
+    def wait_for(self, pred: Callable[[], object], timeout: float | None = None) -> None:
+        try:
+            until(pred, what="metadata condition", timeout=timeout)
+        except AssertionError as e:
+            raise AssertionError(f"{e}; log:\n{self.proc.log()[-3000:]}") from None
 
 
 def start_metadata(answers: Path, *extra: str, env: dict[str, str] | None = None) -> Metadata:

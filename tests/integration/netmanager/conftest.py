@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -18,6 +17,7 @@ from netmanager.desired import HostFacts, Ruleset, desired_ruleset
 from netmanager.rules import Tables, parse_save
 from tests.helpers.netns import netns, requires_root, run_in_netns, sh
 from tests.helpers.procs import ROOT, Proc, corral_argv
+from tests.helpers.wait import until
 from tests.unit.netmanager.conftest import objects, snapshot_of
 
 pytestmark = [requires_root, pytest.mark.root]
@@ -109,14 +109,12 @@ class Host:
                 total += float(line.rsplit(" ", 1)[1])
         return total
 
-    def wait(self, pred: Callable[[], object], what: str, timeout: float = 15.0) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if pred():
-                return
-            time.sleep(0.05)
-        logs = "\n".join(p.log()[-4000:] for p in (self.nm, self.md) if p is not None)
-        raise AssertionError(f"timed out waiting for {what}\n{logs}")
+    def wait(self, pred: Callable[[], object], what: str, timeout: float | None = None) -> None:
+        try:
+            until(pred, what=what, timeout=timeout, interval=0.05)
+        except AssertionError as e:
+            logs = "\n".join(p.log()[-4000:] for p in (self.nm, self.md) if p is not None)
+            raise AssertionError(f"{e}\n{logs}") from None
 
     def in_sync(self) -> bool:
         from netmanager.rules import diff

@@ -9,7 +9,7 @@ import shutil
 import subprocess
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -17,6 +17,7 @@ import pytest
 from tests.helpers.netns import netns, requires_root
 from tests.helpers.podman import PodmanApi
 from tests.helpers.procs import ROOT, Proc, corral_argv
+from tests.helpers.wait import until
 
 pytestmark = [requires_root, pytest.mark.root, pytest.mark.slow,
               pytest.mark.skipif(shutil.which("podman") is None, reason="podman not installed"),
@@ -74,13 +75,11 @@ def calls(e: dict, cmd: str, cid: str) -> list[list[str]]:
     return [r for r in rows if r[0] == cmd and r[1] == cid]
 
 
-def wait(pred: object, what: str, nm: Proc, timeout: float = 30) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if pred():  # type: ignore[operator]
-            return
-        time.sleep(0.05)
-    raise AssertionError(f"timed out: {what}\n{nm.log()[-4000:]}")
+def wait(pred: Callable[[], object], what: str, nm: Proc, timeout: float | None = None) -> None:
+    try:
+        until(pred, what=what, timeout=timeout, interval=0.05)
+    except AssertionError as e:
+        raise AssertionError(f"{e}\n{nm.log()[-4000:]}") from None
 
 
 def test_events_drive_add_and_del(env: dict) -> None:

@@ -10,13 +10,13 @@ import re
 import stat
 import subprocess
 import sys
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 
 from netmanager.rules import hook_positions, parse_save
+from tests.helpers.wait import until
 from tests.integration.netmanager.conftest import Host
 from tests.unit.netmanager.conftest import HERE as UNIT
 
@@ -174,9 +174,7 @@ def serve(host: Host, ns: str, ip: str, body: str, get: Callable[[str, str], str
     p = subprocess.Popen(["ip", "netns", "exec", ns, sys.executable, "-m", "http.server", "80", "--bind", ip,
                           "--directory", str(www)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        deadline = time.monotonic() + 10
-        while get(ns, f"http://{ip}/") != body and time.monotonic() < deadline:
-            time.sleep(0.05)
+        until(lambda: get(ns, f"http://{ip}/") == body, what=f"web server on {ip}", interval=0.05)
         yield
     finally:
         p.terminate()

@@ -3,7 +3,6 @@ scheduler under test, each its own process."""
 
 from __future__ import annotations
 
-import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
@@ -14,6 +13,7 @@ import pytest
 
 from tests.helpers.procs import Proc, free_port, start_corral, wait_http
 from tests.helpers.standin import StandIn
+from tests.helpers.wait import until
 
 GiB = 1024**3
 
@@ -53,12 +53,12 @@ class World:
         except OSError as e:
             return 0, str(e)
 
-    def wait_healthy(self, timeout: float = 20.0) -> None:
-        deadline = time.monotonic() + timeout
-        while (st := self.healthz())[0] != 200:
+    def wait_healthy(self, timeout: float | None = None) -> None:
+        def healthy() -> bool:
             assert self.scheduler is not None and self.scheduler.alive(), self.scheduler.log() if self.scheduler else ""
-            assert time.monotonic() < deadline, f"scheduler not healthy: {st}\n{self.scheduler.log()}"
-            time.sleep(0.05)
+            return self.healthz()[0] == 200
+
+        until(healthy, what="scheduler healthy", timeout=timeout, interval=0.05)
 
     def metrics(self) -> str:
         with urllib.request.urlopen(f"http://127.0.0.1:{self.admin_port}/metrics", timeout=5) as r:
@@ -71,17 +71,16 @@ class World:
                 return float(line.rsplit(" ", 1)[1])
         raise AssertionError(f"no pool_used for {host}/{resource}")
 
-    def wait_synced(self, timeout: float = 20.0) -> None:
+    def wait_synced(self, timeout: float | None = None) -> None:
         """Until the scheduler's pools come from the server's current revision."""
         rev = self.standin.ctl("revision")["revision"]
-        deadline = time.monotonic() + timeout
-        while True:
+
+        def synced() -> bool:
             st, detail = self.healthz()
             v = detail.partition("version ")[2].split(",")[0].strip()
-            if st == 200 and v and int(v.split("-")[0]) >= rev:
-                return
-            assert time.monotonic() < deadline, f"scheduler did not sync revision {rev}: {detail}"
-            time.sleep(0.05)
+            return st == 200 and bool(v) and int(v.split("-")[0]) >= rev
+
+        until(synced, what=f"scheduler synced to revision {rev}", timeout=timeout, interval=0.05)
 
     def close(self) -> None:
         for p in (self.scheduler, self.metadata):

@@ -5,7 +5,6 @@ config.update, metadata downloads and PUTs the version, `config status` shows it
 from __future__ import annotations
 
 import contextlib
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -13,6 +12,7 @@ import pytest
 
 from tests.helpers.procs import Proc, free_port, start_corral, wait_http
 from tests.helpers.standin import StandIn
+from tests.helpers.wait import until
 
 ENV = {"hosts": [{"name": "a", "uuid": "host-a-uuid", "agent_ip": "127.0.5.1", "agentId": "1"}],
        "stacks": [{"name": "S", "services": [{"name": "web", "scale": 1}]}]}
@@ -40,15 +40,17 @@ def _applied(s: StandIn) -> dict[str, int]:
     return {"applied": item["appliedVersion"], "downloads": item["downloads"]}
 
 
-def _wait_applied(s: StandIn, rev: int, timeout: float = 15.0) -> dict[str, int]:
-    deadline = time.monotonic() + timeout
-    while True:
+def _wait_applied(s: StandIn, rev: int) -> dict[str, int]:
+    def applied() -> dict[str, int] | None:
         st = _applied(s)
         if st["applied"] >= rev:
             return st
-        assert time.monotonic() < deadline, f"metadata did not apply revision {rev}: {st}"
         with contextlib.suppress(TimeoutError):
             s.wait(kind="config-applied", since=s.seq() - 1, timeout=1)  # long-poll, not a sleep
+        return None
+
+    result: dict[str, int] = until(applied, what=f"metadata applying revision {rev}", interval=0)
+    return result
 
 
 def test_mutation_is_applied_by_metadata(world: tuple[StandIn, Proc]) -> None:

@@ -10,14 +10,14 @@ import subprocess
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 
 from tests.helpers.procs import ROOT, Proc, free_port, start_corral, wait_http
 from tests.helpers.standin import StandIn
+from tests.helpers.wait import until
 
 SAMPLE = ROOT / "standin" / "sample_env.yaml"
 
@@ -30,16 +30,6 @@ def http(url: str) -> tuple[int, bytes]:
         return e.code, e.read()
     except OSError:
         return 0, b""
-
-
-def until(cond: Callable[[], Any], timeout: float = 15, what: str = "condition") -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        v = cond()
-        if v:
-            return v
-        assert time.monotonic() < deadline, f"{what} not reached within {timeout}s"
-        time.sleep(0.05)
 
 
 class Node:

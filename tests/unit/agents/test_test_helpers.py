@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 
 from tests.conftest import _required_in_ci
+from tests.helpers import wait
 from tests.helpers.wait import eventually, until
 
 
@@ -23,11 +24,18 @@ def test_a_missing_tool_fails_only_with_ci(monkeypatch: pytest.MonkeyPatch, ci: 
     assert bool(_required_in_ci(skipped(reason))) is required
 
 
-def test_until_returns_the_value_and_names_what_never_came() -> None:
+def test_until_returns_the_value_and_names_what_never_came(monkeypatch: pytest.MonkeyPatch) -> None:
     box = iter([0, 0, 7])
     assert until(lambda: next(box), interval=0) == 7
+    monkeypatch.setattr(wait, "DEFAULT_WAIT", 0.0)
     with pytest.raises(AssertionError, match="the moon never became true"):
         until(lambda: False, what="the moon", timeout=0, interval=0)
+
+
+def test_a_callers_timeout_only_lengthens_the_wait() -> None:
+    assert wait.patience(None) == wait.DEFAULT_WAIT
+    assert wait.patience(1) == wait.DEFAULT_WAIT
+    assert wait.patience(wait.DEFAULT_WAIT + 5) == wait.DEFAULT_WAIT + 5
 
 
 async def test_eventually_awaits_coroutine_conditions() -> None:
