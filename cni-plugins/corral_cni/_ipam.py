@@ -10,7 +10,7 @@ read-modify-write, so the reference host-local and Corral can even share a direc
 from __future__ import annotations
 
 import _socket
-import struct
+import _struct as struct  # struct.py only re-exports the built-in _struct
 
 from . import _os as os
 from ._proto import E_INVALID_CONFIG, E_PLUGIN, E_TRY_AGAIN, LEGACY, CniError, Env, Result

@@ -34,10 +34,14 @@ class JSONError(ValueError):
 
 
 def loads(data: bytes | str) -> Any:
-    try:
-        s = data.decode("utf-8-sig") if isinstance(data, bytes | bytearray) else data
-    except UnicodeDecodeError as e:
-        raise JSONError(f"not UTF-8: {e}") from None
+    if isinstance(data, bytes | bytearray):
+        # a leading BOM is skipped, without the "utf-8-sig" codec (a module imported from disk)
+        try:
+            s = data[3:].decode() if data[:3] == b"\xef\xbb\xbf" else data.decode()
+        except UnicodeDecodeError as e:
+            raise JSONError(f"not UTF-8: {e}") from None
+    else:
+        s = data
     i = len(s) - len(s.lstrip(_WS))
     try:
         try:

@@ -9,7 +9,7 @@ the kernel's errno, so callers decide which errors (EEXIST, ENODEV, ...) are ben
 from __future__ import annotations
 
 import _socket
-import struct
+import _struct as struct  # struct.py only re-exports the built-in _struct
 
 from . import _os as os
 
@@ -28,6 +28,8 @@ AF_BRIDGE = 7
 RTM_NEWLINK, RTM_DELLINK, RTM_GETLINK, RTM_SETLINK = 16, 17, 18, 19
 RTM_NEWADDR, RTM_DELADDR, RTM_GETADDR = 20, 21, 22
 RTM_NEWROUTE, RTM_DELROUTE, RTM_GETROUTE = 24, 25, 26
+RTM_NEWNSID, RTM_GETNSID = 88, 90
+NETNSA_NSID, NETNSA_FD = 1, 3
 
 NLM_F_REQUEST, NLM_F_MULTI, NLM_F_ACK = 1, 2, 4
 NLM_F_DUMP = 0x300
@@ -37,6 +39,7 @@ NLA_F_NESTED = 0x8000
 
 IFLA_ADDRESS, IFLA_IFNAME, IFLA_MTU, IFLA_MASTER = 1, 3, 4, 10
 IFLA_PROTINFO, IFLA_LINKINFO, IFLA_NET_NS_FD = 12, 18, 28
+IFLA_TARGET_NETNSID = 46
 IFLA_INFO_KIND, IFLA_INFO_DATA = 1, 2
 VETH_INFO_PEER = 1
 IFLA_BRPORT_MODE = 4  # hairpin
@@ -55,6 +58,7 @@ _IFA = struct.Struct("=BBBBI")
 _RTM = struct.Struct("=BBBBBBBBI")
 _NLA = struct.Struct("=HH")
 _U32 = struct.Struct("=I")
+_S32 = struct.Struct("=i")
 
 
 class NetlinkError(OSError):
@@ -166,7 +170,7 @@ class Netlink:
                 if mseq != seq:
                     continue
                 if mtype == NLMSG_ERROR:
-                    err = -struct.unpack_from("=i", body)[0]
+                    err = -_S32.unpack_from(body)[0]
                     if err:
                         raise NetlinkError(err, os.strerror(err))
                     return
@@ -273,9 +277,12 @@ class Netlink:
             return bool(mode and mode[0])
         return None
 
-    def del_link(self, index: int = 0, name: str = "") -> bool:
-        """Delete by index or name; False when it was already gone."""
+    def del_link(self, index: int = 0, name: str = "", netnsid: int = -1) -> bool:
+        """Delete by index or name; False when it was already gone. With ``netnsid`` (see
+        ``peer_nsid``) the link is looked up and deleted in that namespace, not in this one."""
         body = _IFI.pack(AF_UNSPEC, 0, index, 0, 0) + (cstr(IFLA_IFNAME, name) if name and not index else b"")
+        if netnsid >= 0:
+            body += attr(IFLA_TARGET_NETNSID, _S32.pack(netnsid))
         try:
             self.do(RTM_DELLINK, 0, body)
         except NetlinkError as e:
@@ -283,6 +290,15 @@ class Netlink:
                 return False
             raise
         return True
+
+    def peer_nsid(self, ns_fd: int) -> int:
+        """The id this namespace has for the namespace ``ns_fd`` (-1: none assigned). Creating a
+        veth into a namespace assigns one; with it, links there can be deleted from here
+        (``IFLA_TARGET_NETNSID``) without entering the namespace."""
+        for _, b in self._recv(self._send(RTM_GETNSID, 0, b"\0\0\0\0" + u32(NETNSA_FD, ns_fd))):
+            v = parse_attrs(b, 4).get(NETNSA_NSID)
+            return _S32.unpack(v)[0] if v is not None else -1
+        return -1
 
     # -- addresses ---------------------------------------------------------------------------
     def addrs(self, index: int = 0) -> list[Addr]:

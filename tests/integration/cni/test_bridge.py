@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import secrets
+import subprocess
 from pathlib import Path
 from typing import Any
 
@@ -172,6 +173,30 @@ def test_del_is_idempotent_when_things_are_already_gone(bundle: Path, host_ns: s
     # nothing left: no veths, no allocations
     assert [n for n in links(host_ns) if n.startswith("veth")] == []
     assert sorted(os.listdir(data_dir / "testnet")) == ["last_reserved_ip.0", "lock"]
+
+
+def nsid_names(ns: str) -> list[str]:
+    """The namespaces ``ns`` has an id for (by their iproute2 names)."""
+    out = subprocess.run(["ip", "-n", ns, "-j", "netns", "list-id"], capture_output=True, text=True, check=True).stdout
+    return [e.get("name", "") for e in json.loads(out or "[]")]
+
+
+def test_del_removes_the_container_interface_with_or_without_a_namespace_id(
+        bundle: Path, host_ns: str, containers: Containers, data_dir: Path) -> None:
+    """DEL deletes CNI_IFNAME inside the namespace: through the id the host namespace has for it
+    (ADD's veth gave it one) or, without an id, from inside (here: a veth pair made inside, not by ADD)."""
+    cfg = conf(data_dir)
+    ns, c1 = containers.new(), cid()
+    assert cni(f"{bundle}/corral-bridge", host_ns, "ADD", cfg, c1, f"/run/netns/{ns}").rc == 0
+    assert ns in nsid_names(host_ns)
+    assert cni(f"{bundle}/corral-bridge", host_ns, "DEL", cfg, c1, f"/run/netns/{ns}").rc == 0
+    assert "eth0" not in links(ns) and "vethr" + c1[:10] not in links(host_ns)
+    ns2 = containers.new()
+    sh("ip", "-n", ns2, "link", "add", "eth0", "type", "veth", "peer", "name", "eth0p")
+    assert ns2 not in nsid_names(host_ns)
+    d = cni(f"{bundle}/corral-bridge", host_ns, "DEL", cfg, cid(), f"/run/netns/{ns2}")
+    assert d.rc == 0, d.out
+    assert "eth0" not in links(ns2)
 
 
 def test_second_add_errors_on_modern_versions_and_is_tolerated_on_legacy(

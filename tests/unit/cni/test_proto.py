@@ -142,6 +142,16 @@ def test_js_matches_stdlib_json(doc: str) -> None:
     assert _js.dumps(obj) == json.dumps(obj, separators=(",", ":"))
 
 
+def test_js_skips_a_leading_bom_like_utf_8_sig() -> None:
+    from corral_cni import _js
+
+    doc = '{"cniVersion": "1.0.0", "name": "\u00e9"}'
+    assert _js.loads(b"\xef\xbb\xbf" + doc.encode()) == json.loads(doc.encode().decode("utf-8-sig"))
+    for bad in (b"\xef\xbb\xbf", b"\xef\xbb\xbf\xef\xbb\xbf{}", b"\xef\xbb{}"):
+        with pytest.raises(ValueError):
+            _js.loads(bad)
+
+
 @pytest.mark.parametrize("bad", [b"", b"{", b"[1,]", b"{} x", b"\xff", b"{'a': 1}", b"nul", b"[" * 100_000])
 def test_js_rejects_what_json_rejects(bad: bytes) -> None:
     from corral_cni import _js
