@@ -79,6 +79,10 @@ class DockerSource:
         """``docker ps`` rows of the running containers (Id, Labels, Created, HostConfig...)."""
         return await self._call(lambda: self._api().containers())  # type: ignore[no-any-return]
 
+    async def all_containers(self) -> list[dict[str, Any]]:
+        """``docker ps -a`` rows (running or not)."""
+        return await self._call(lambda: self._api().containers(all=True))  # type: ignore[no-any-return]
+
     async def stop(self, cid: str) -> None:
         await self._call(lambda: self._api().stop(cid, timeout=0))
 

@@ -10,7 +10,8 @@ flushed because metadata went away). Drift: the nf_tables generation id is probe
 ``--drift-probe-interval`` (a cheap netlink read) and the kernel is read back on every move and every
 ``--verify-interval``; the metadata route is checked every second.
 
-Tasks (one TaskGroup): the metadata watch, the two reconcilers, the verify/probe loop, the route loop.
+Tasks (one TaskGroup): the metadata watch, the two reconcilers, the verify/probe loop, the route loop,
+the ARP/MAC/conntrack syncers (``l2sync.py``) and, with a Docker API, events -> CNI, vethsync, the reaper.
 """
 
 from __future__ import annotations
@@ -74,10 +75,10 @@ def build_parser() -> argparse.ArgumentParser:
     for name in ("macsync", "arpsync", "vethsync", "routesync", "conntracksync"):
         p.add_argument(f"--disable-{name}", action="store_true", help=f"switch {name} off")
     p.add_argument("--arpsync-interval", type=_seconds, default=5,
-                   help="accepted for compatibility; there is no periodic ARP/MAC sync yet")
+                   help="minimum seconds between ARP syncs (run on metadata changes and every 120 s)")
     p.add_argument("--conntracksync-interval", type=_seconds, default=5,
-                   help="accepted for compatibility; stale flows are deleted when a host port moves or goes, "
-                        "not on a timer")
+                   help="minimum seconds between conntrack sweeps (run on rule changes and every 120 s; "
+                        "a moved host port's flows also go right after the apply)")
     p.add_argument("--vethsync-interval", type=_seconds, default=60,
                    help="seconds between sweeps of dangling vethr* host ends on the local bridges")
     p.add_argument("--routesync-interval", type=_seconds, default=60,
@@ -153,6 +154,7 @@ class NetManager:
         self.shims: Reconciler[dict[str, str]] | None = None
         self.docker: Any = None  # DockerSource when --docker-host is set
         self.reaper: Any = None
+        self.l2: Any = None  # L2Syncers
         self.snapshot: Snapshot | None = None
 
     # -------------------------------------------------------------- snapshot -> desired
@@ -171,6 +173,8 @@ class NetManager:
             self.shims.submit(shim_targets(snap))
         if self.reaper is not None:
             self.reaper.on_snapshot(snap)
+        if self.l2 is not None:
+            self.l2.on_snapshot(snap)
 
     async def apply_cni(self, want: CniFiles) -> None:
         changed = await asyncio.to_thread(apply_cni, self.cni_root, want)
@@ -313,6 +317,11 @@ class NetManager:
             self.reaper = Reaper(self.docker, remove=self.args.reaper_remove)
             if not self.args.disable_cni_setup:
                 self.shims = Reconciler("shims", self.apply_shims, daemon="netmanager", retry_max=10.0)
+        from netmanager.l2sync import L2Syncers
+
+        applier = self.applier
+        self.l2 = L2Syncers(self.docker, arp_interval=self.args.arpsync_interval,
+                            conntrack_interval=self.args.conntracksync_interval, applied=lambda: applier.applied)
         if self.args.metadata_state_file:
             try:
                 Path(self.args.metadata_state_file).parent.mkdir(parents=True, exist_ok=True)
@@ -349,10 +358,16 @@ class NetManager:
                 tg.create_task(self.verify(stop))
                 if self.route is not None:
                     tg.create_task(self.route_loop(stop))
+                if not self.args.disable_arpsync:
+                    tg.create_task(self.l2.arpsync(stop))
+                if not self.args.disable_conntracksync:
+                    tg.create_task(self.l2.conntracksync(stop))
                 if self.args.docker_host:
                     tg.create_task(self.docker_loop(stop))
                     if not self.args.disable_vethsync:
                         tg.create_task(self.vethsync(stop))
+                    if not self.args.disable_macsync:
+                        tg.create_task(self.l2.macsync(stop))
                     tg.create_task(self.reaper.run(stop))
         finally:
             await admin.stop()

@@ -1,4 +1,4 @@
-"""Kernel adapter for everything but iptables: routes, links, the host-NAT ipset and sysctls.
+"""Kernel adapter for all but iptables: routes, links, neighbours, conntrack, the NAT ipset, sysctls.
 
 The only module of Corral's daemons that imports pyroute2 (netlink, never text parsing).
 pyroute2's async classes run on a private standard asyncio loop in one worker thread (see
@@ -13,17 +13,19 @@ import errno
 import ipaddress
 import subprocess
 import threading
-from collections.abc import Coroutine
+from collections.abc import Callable, Coroutine
 from pathlib import Path
 from typing import Any, TypeVar
 
 from agents.errors import TransportError
 from agents.log import get_logger
 from netmanager.desired import NAT_IPSET, FlowFilter, Route
+from netmanager.l2 import Flow, Neighbour
 
 __all__ = [
-    "NftGeneration", "RouteState", "delete_flows", "delete_link", "ensure_ipset", "ensure_route", "link_index",
-    "route_state", "set_sysctl", "veth_ports",
+    "NftGeneration", "RouteState", "delete_flows", "delete_link", "ensure_ipset", "ensure_mac", "ensure_route",
+    "link_index", "local_addrs", "neighbours", "replace_neighbours", "route_state", "set_sysctl", "sweep_conntrack",
+    "veth_ports",
 ]
 
 log = get_logger(__name__)
@@ -284,3 +286,159 @@ async def delete_link(name: str) -> None:
         await _NL.run(go())
     except Exception as e:
         raise TransportError(f"netlink delete {name}: {e}") from e
+
+
+# ---------------------------------------------------------------- layer 2 and the conntrack sweep
+
+_NUD_REACHABLE = 0x02
+_NUD_NOARP = 0x40
+_CLONE_NEWNET = 0x40000000
+
+
+def _ipr(netns: str | None) -> Any:
+    """An AsyncIPRoute of this namespace, or of ``netns`` (a path such as ``/proc/<pid>/ns/net``).
+
+    The socket is opened inside ``netns`` by this (netlink) thread switching there and back with
+    setns(2) around ``socket()`` - no await in between, so nothing else on the thread runs in the
+    wrong namespace. (pyroute2's own ``netns=`` forks a helper process from this threaded one.)
+    """
+    import ctypes
+    import os
+    import socket
+
+    from pyroute2 import AsyncIPRoute
+
+    if netns is None:
+        return AsyncIPRoute()
+    libc = ctypes.CDLL(None, use_errno=True)
+    own = os.open("/proc/thread-self/ns/net", os.O_RDONLY)
+    try:
+        target = os.open(netns, os.O_RDONLY)
+        try:
+            if libc.setns(target, _CLONE_NEWNET) != 0:
+                raise OSError(ctypes.get_errno(), f"setns {netns}: {os.strerror(ctypes.get_errno())}")
+            try:
+                sock = socket.socket(socket.AF_NETLINK, socket.SOCK_DGRAM, 0)  # NETLINK_ROUTE
+            finally:
+                if libc.setns(own, _CLONE_NEWNET) != 0:  # cannot stay elsewhere: the daemon's own sockets
+                    os.abort()
+        finally:
+            os.close(target)
+    finally:
+        os.close(own)
+    return AsyncIPRoute(use_socket=sock)
+
+
+async def _neighbours(netns: str | None, ifname: str | None) -> list[Neighbour]:
+    async with _ipr(netns) as ipr:
+        only = None
+        if ifname is not None:
+            found = await ipr.link_lookup(ifname=ifname)
+            if not found:
+                return []
+            only = found[0]
+        out = []
+        async for n in await ipr.neigh("dump", family=2):
+            if n["state"] & _NUD_NOARP or (only is not None and n["ifindex"] != only):
+                continue
+            dst = n.get_attr("NDA_DST")
+            if dst:
+                out.append(Neighbour(str(dst), str(n.get_attr("NDA_LLADDR") or "").lower(), int(n["ifindex"])))
+    return out
+
+
+async def neighbours(netns: str | None = None, ifname: str | None = None) -> list[Neighbour]:
+    """IPv4 neighbour entries (NOARP ones left out) of this namespace or of ``netns`` (a path)."""
+    try:
+        return await _NL.run(_neighbours(netns, ifname))
+    except Exception as e:
+        raise TransportError(f"netlink neighbour dump{' in ' + netns if netns else ''}: {e}") from e
+
+
+async def replace_neighbours(fixes: list[Neighbour], netns: str | None = None) -> None:
+    """``ip neigh replace <ip> lladdr <mac> dev <ifindex> nud reachable`` for each."""
+    async def go() -> None:
+        async with _ipr(netns) as ipr:
+            for f in fixes:
+                await ipr.neigh("replace", dst=f.ip, lladdr=f.mac, ifindex=f.ifindex, state=_NUD_REACHABLE)
+
+    if fixes:
+        try:
+            await _NL.run(go())
+        except Exception as e:
+            raise TransportError(f"netlink neighbour replace: {e}") from e
+
+
+async def ensure_mac(netns: str, ifname: str, mac: str) -> str | None:
+    """Set ``ifname``'s MAC inside ``netns`` (a path) to ``mac`` when it differs (case-insensitive).
+    Returns the MAC it had when it was changed, else None (already right, or no such link)."""
+    async def go() -> str | None:
+        async with _ipr(netns) as ipr:
+            found = await ipr.link_lookup(ifname=ifname)
+            if not found:
+                return None
+            links = await ipr.link("get", index=found[0])  # a list, not a stream
+            have = str(links[0].get_attr("IFLA_ADDRESS") or "").lower()
+            if have == mac.lower():
+                return None
+            await ipr.link("set", index=found[0], address=mac)
+            return have
+
+    try:
+        return await _NL.run(go())
+    except Exception as e:
+        raise TransportError(f"netlink set {ifname} address in {netns}: {e}") from e
+
+
+async def _local_addrs() -> list[str]:
+    from pyroute2 import AsyncIPRoute
+
+    async with AsyncIPRoute() as ipr:
+        return [str(a.get_attr("IFA_LOCAL") or a.get_attr("IFA_ADDRESS"))
+                async for a in await ipr.addr("dump", family=2)]
+
+
+async def local_addrs() -> list[str]:
+    """This namespace's own IPv4 addresses."""
+    try:
+        return await _NL.run(_local_addrs())
+    except Exception as e:
+        raise TransportError(f"netlink address dump: {e}") from e
+
+
+async def _sweep(select: Callable[[list[Flow]], list[Flow]]) -> tuple[int, int]:
+    from pyroute2.conntrack import AsyncConntrack
+    from pyroute2.netlink.nfnetlink.nfctsocket import IPS_DST_NAT, IPS_SRC_NAT
+
+    ct = AsyncConntrack()
+    try:
+        entries, flows = [], []
+        async for e in await ct.dump_entries():
+            o, r = e.tuple_orig, e.tuple_reply
+            if o.proto not in (6, 17) or not o.daddr or ":" in str(o.daddr):
+                continue
+            status = int(e.status or 0)
+            if not status & (IPS_DST_NAT | IPS_SRC_NAT):
+                continue
+            entries.append(e)
+            flows.append(Flow(int(o.proto), str(o.saddr), str(o.daddr), int(o.dport or 0), str(r.saddr),
+                              str(r.daddr), int(r.dport or 0), bool(status & IPS_DST_NAT),
+                              bool(status & IPS_SRC_NAT)))
+        doomed = {id(f) for f in select(flows)}
+        n = 0
+        for e, f in zip(entries, flows, strict=True):
+            if id(f) in doomed:
+                with contextlib.suppress(Exception):  # already gone
+                    await ct.delete(e)
+                    n += 1
+        return n, len(flows)
+    finally:
+        ct.close()
+
+
+async def sweep_conntrack(select: Callable[[list[Flow]], list[Flow]]) -> tuple[int, int]:
+    """Dump the NATed IPv4 TCP/UDP flows, delete those ``select`` returns; (deleted, looked at)."""
+    try:
+        return await _NL.run(_sweep(select))
+    except Exception as e:
+        raise TransportError(f"conntrack sweep: {e}") from e

@@ -5,6 +5,9 @@ sidekick) on this host: the oldest are stopped (timeout 0), on a back-off of 1 s
 (a) A container whose ``io.rancher.container.uuid`` label differs from metadata's ``uuid`` for
 its Docker ID is reported; it is force-removed only with ``--reaper-remove`` (the original removed
 it unconditionally - deleting containers from a network daemon surprises operators).
+(c) Once per start, as the original's entrypoint did: every container labelled
+``io.rancher.container.system=NetworkAgent`` (the pre-CNI network agent, running or not) is
+force-removed - it would fight this daemon over the same rules and links.
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ from agents.log import get_logger
 from agents.metadata_client import Snapshot
 from agents.metrics import counter
 
-__all__ = ["Reaper", "duplicates", "uuid_mismatches"]
+__all__ = ["Reaper", "duplicates", "legacy_agents", "uuid_mismatches"]
 
 log = get_logger(__name__)
 _REAPED = counter("netmanager", "reaped", "Containers stopped or removed by the reaper", ["why"])
@@ -34,6 +37,12 @@ def duplicates(rows: Iterable[dict[str, Any]]) -> list[str]:
         mine.sort(key=lambda r: (int(r.get("Created") or 0), str(r.get("Id"))))
         out += [str(r["Id"]) for r in mine[:-1]]
     return out
+
+
+def legacy_agents(rows: Iterable[dict[str, Any]]) -> list[str]:
+    """IDs of the legacy ``NetworkAgent`` system containers, running or not (pure)."""
+    return sorted(str(r.get("Id")) for r in rows
+                  if (r.get("Labels") or {}).get("io.rancher.container.system") == "NetworkAgent")
 
 
 def uuid_mismatches(snap: Snapshot, rows: Iterable[dict[str, Any]]) -> list[str]:
@@ -54,6 +63,7 @@ class Reaper:
         self.docker = docker
         self.remove = remove
         self.snapshot: Snapshot | None = None
+        self.legacy_done = False
         self._kick = asyncio.Event()
 
     def on_snapshot(self, snap: Snapshot) -> None:
@@ -79,8 +89,15 @@ class Reaper:
     async def once(self) -> bool:
         if not self.docker.connected:
             return False
-        rows = await self.docker.running()
         acted = False
+        if not self.legacy_done:
+            for cid in legacy_agents(await self.docker.all_containers()):
+                log.warning("legacy NetworkAgent container, removing it", container=cid[:12])
+                await self.docker.remove(cid)
+                _REAPED.labels("network-agent").inc()
+                acted = True
+            self.legacy_done = True
+        rows = await self.docker.running()
         for cid in duplicates(rows):
             log.warning("duplicate metadata/dns container, stopping the older one", container=cid[:12])
             await self.docker.stop(cid)

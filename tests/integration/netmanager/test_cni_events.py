@@ -60,7 +60,7 @@ def env() -> Iterator[dict]:
 
 def start_nm(e: dict, metadata: str = "http://127.0.0.1:1/2016-07-29", *extra: str) -> Proc:
     w = e["work"]
-    return Proc(["ip", "netns", "exec", e["ns"], *corral_argv(
+    return Proc(["ip", "netns", "exec", e["ns"], "env", "PYTHONUNBUFFERED=1", *corral_argv(
         "netmanager", "--metadata-url", metadata, "--metadata-state-file", "", *extra,
         "--cni-dir", str(w / "cni"), "--metrics-listen", "127.0.0.1:9115", "--docker-host",
         f"unix://{e['pm'].sock}", "--cni-state-dir", str(w / "state"), "--netns-handle-dir", str(w / "handles"),
@@ -169,44 +169,93 @@ def test_shim_runs_the_driver_containers_binary(env: dict) -> None:
         md.stop()
 
 
-def test_vethsync_deletes_only_dangling_host_ends(env: dict) -> None:
-    """Spec §12.10 (veth part): on the local network's bridge, ``vethr0123456789`` (no container)
-    goes, ``vethr<first 10 of a running container's ID>`` stays, a vethr* on another bridge stays."""
+def test_arp_mac_and_veth(env: dict) -> None:
+    """Spec §12.10 with a real container (podman) whose eth0 is a veth on the host's docker0:
+    - a wrong neighbour entry for the local container's IP gets the container's MAC, one for a
+      remote container's IP gets the router's MAC, an entry for an IP metadata does not know stays;
+    - inside the container: eth0's MAC becomes ``primary_mac_address``, its entry for the remote
+      container gets the router's MAC;
+    - ``vethr0123456789`` on docker0 (no container) is deleted, ``vethr<first 10 of the live
+      container's ID>`` and a vethr* on another bridge are not."""
     from tests.helpers.netns import run_in_netns
     from tests.unit.netmanager.conftest import objects
 
     pm: PodmanApi = env["pm"]
     ns = env["ns"]
     cid = pm.run({"role": "app"})
+    pid = str(pm.inspect(cid)["State"]["Pid"])
+    live = f"vethr{cid[:10]}"
     for cmd in (["ip", "link", "add", "docker0", "type", "bridge"], ["ip", "link", "add", "br-other", "type", "bridge"],
+                ["ip", "addr", "add", "10.42.0.1/16", "dev", "docker0"], ["ip", "link", "set", "docker0", "up"],
                 ["ip", "link", "add", "vethr0123456789", "type", "veth", "peer", "name", "p1"],
-                ["ip", "link", "add", f"vethr{cid[:10]}", "type", "veth", "peer", "name", "p2"],
+                ["ip", "link", "add", live, "type", "veth", "peer", "name", "eth0", "netns", pid],
                 ["ip", "link", "add", "vethr9999999999", "type", "veth", "peer", "name", "p3"],
                 ["ip", "link", "set", "vethr0123456789", "master", "docker0"],
-                ["ip", "link", "set", f"vethr{cid[:10]}", "master", "docker0"],
-                ["ip", "link", "set", "vethr9999999999", "master", "br-other"]):
+                ["ip", "link", "set", live, "master", "docker0", "up"],
+                ["ip", "link", "set", "vethr9999999999", "master", "br-other"],
+                ["ip", "neigh", "replace", "10.42.200.5", "lladdr", "0e:00:00:00:00:05", "dev", "docker0", "nud", "stale"],
+                ["ip", "neigh", "replace", "10.42.200.8", "lladdr", "0e:00:00:00:00:08", "dev", "docker0", "nud", "stale"],
+                ["ip", "neigh", "replace", "10.42.77.77", "lladdr", "0e:00:00:00:00:77", "dev", "docker0", "nud", "stale"]):
         run_in_netns(ns, *cmd)
+    inside = ["nsenter", f"--net=/proc/{pid}/ns/net"]
+    for cmd in (["ip", "link", "set", "eth0", "address", "0e:00:00:00:00:01"], ["ip", "link", "set", "eth0", "up"],
+                ["ip", "addr", "add", "10.42.200.5/16", "dev", "eth0"]):
+        subprocess.run([*inside, *cmd], check=True, capture_output=True)
+    objs = objects()
+    for o in objs:
+        if o.get("uuid") == "ctr-router-a":
+            o["labels"].update({"io.rancher.network.arpsync": "true", "io.rancher.network.macsync": "true"})
+        if o.get("uuid") == "ctr-web-1":
+            o.update(external_id=cid, primary_mac_address="02:42:0A:2A:C8:05")
+        if o.get("uuid") == "ctr-remote":
+            o["primary_mac_address"] = "02:42:0a:2a:c8:08"
     answers = env["work"] / "answers.json"
-    answers.write_text("\n".join(json.dumps(o) for o in objects()) + "\n")
+    answers.write_text("\n".join(json.dumps(o) for o in objs) + "\n")
     md = Proc(["ip", "netns", "exec", ns, *corral_argv(
         "metadata", "--listen", "127.0.0.1:8780", "--listenReload", "127.0.0.1:8112", "--metrics-listen",
-        "127.0.0.1:9112", "--answers", str(answers))], cwd=str(ROOT), name="nm-metadata")
-    nm = start_nm(env, "http://127.0.0.1:8780/2016-07-29", "--vethsync-interval", "1")
+        "127.0.0.1:9112", "--answers", str(answers), "--file-poll", "0.1")], cwd=str(ROOT), name="nm-metadata")
+    nm = start_nm(env, "http://127.0.0.1:8780/2016-07-29", "--vethsync-interval", "1", "--arpsync-interval", "1")
 
     def links() -> str:
         return run_in_netns(ns, "ip", "-o", "link").stdout
 
+    def neigh(ip: str, where: list[str]) -> str:
+        out = subprocess.run([*where, "ip", "neigh", "show", ip], capture_output=True, text=True).stdout
+        return out.split("lladdr ")[1].split()[0] if "lladdr " in out else ""
+
+    host = ["ip", "netns", "exec", ns]
     try:
+        wait(lambda: neigh("10.42.200.5", host) == "02:42:0a:2a:c8:05", "local container's entry corrected", nm)
+        wait(lambda: neigh("10.42.200.8", host) == "02:42:0a:2a:00:02", "remote container -> router MAC", nm)
+        wait(lambda: "02:42:0a:2a:c8:05" in subprocess.run([*inside, "ip", "link", "show", "eth0"],
+                                                           capture_output=True, text=True).stdout, "eth0 MAC", nm)
+        # the router's MAC changes: host entries and, for the next passes, the containers' entries follow
+        # (added only now: a MAC change of eth0 flushes the container's neighbour table)
+        subprocess.run([*inside, "ip", "neigh", "replace", "10.42.200.8", "lladdr", "0e:00:00:00:00:08", "dev", "eth0",
+                        "nud", "stale"], check=True, capture_output=True)
+        for o in objs:
+            if o.get("uuid") == "ctr-router-a":
+                o["primary_mac_address"] = "02:42:0a:2a:00:99"
+            if o["metadata_kind"] == "defaultData":
+                o["version"] = "2"
+        answers.with_suffix(".tmp").write_text("\n".join(json.dumps(o) for o in objs) + "\n")
+        os.replace(answers.with_suffix(".tmp"), answers)
+        wait(lambda: neigh("10.42.200.8", host) == "02:42:0a:2a:00:99", "host entry -> new router MAC", nm)
+        wait(lambda: neigh("10.42.200.8", inside) == "02:42:0a:2a:00:99", "container's entry -> new router MAC", nm)
         wait(lambda: "vethr0123456789" not in links(), "dangling veth deleted", nm)
-        assert f"vethr{cid[:10]}" in links() and "vethr9999999999" in links()
+        assert live in links() and "vethr9999999999" in links()
+        assert neigh("10.42.77.77", host) == "0e:00:00:00:00:77"  # not a container metadata knows: left alone
     finally:
         nm.stop()
         md.stop()
 
 
 def test_reaper_stops_the_older_duplicate_metadata_container(env: dict) -> None:
-    """Spec §11 (b): two running network-services/metadata containers -> the older one is stopped."""
+    """Spec §11 (b): two running network-services/metadata containers -> the older one is stopped.
+    The entrypoint's step (spec §1): a legacy NetworkAgent container, even a stopped one, is removed."""
     pm: PodmanApi = env["pm"]
+    agent = pm.create({"io.rancher.container.system": "NetworkAgent"})
+    bystander = pm.create({"io.rancher.container.system": "true"})
     label = {"io.rancher.stack_service.name": "network-services/metadata"}
     old = pm.run(label)
     time.sleep(1.1)  # Docker's Created is in whole seconds: the two must differ for "older" to mean anything
@@ -215,5 +264,7 @@ def test_reaper_stops_the_older_duplicate_metadata_container(env: dict) -> None:
     try:
         wait(lambda: not pm.inspect(old)["State"]["Running"], "older duplicate stopped", nm)
         assert pm.inspect(new)["State"]["Running"]
+        wait(lambda: pm.pm("inspect", agent, check=False).returncode != 0, "NetworkAgent removed", nm)
+        assert pm.pm("inspect", bystander, check=False).returncode == 0
     finally:
         nm.stop()
