@@ -3,15 +3,21 @@
 The applier keeps a model of the kernel's owned chains and hook chains (what it last read or
 wrote). A new desired state from metadata is diffed against that model, so a one-port change
 writes the changed chains without first dumping 25k rules; a *suspected* drift (the verify
-timer, or the nf_tables generation moving under us) reads the kernel back with
-``iptables-save`` first. Nothing differs -> nothing is written. Repairs are at least
-``min_repair_gap`` apart and logged with the diff.
+timer, or the backend's change probe moving under us, see :meth:`RulesApplier.moved`) reads
+the kernel back with ``iptables-save`` first. Nothing differs -> nothing is written. Repairs
+are at least ``min_repair_gap`` apart and logged with the diff.
+
+The probe's value is kept as a baseline: taken just before each read-back, and after each of
+our writes when the probe moved only as that write explains (nft: one generation per table
+committed; legacy: only the tables written changed). Otherwise the baseline stays behind, so
+the next probe sees the move and the kernel is read back.
 """
 
 from __future__ import annotations
 
 import asyncio
 import time
+from typing import Any
 
 from agents.errors import CorralError
 from agents.log import get_logger
@@ -28,6 +34,8 @@ _WRITES = counter("netmanager", "iptables_writes", "iptables-restore runs", ["re
 _REPAIRS = counter("netmanager", "rule_repairs", "Drifted chains and hooks found in the kernel and repaired",
                    ["what"])
 _CHECKS = counter("netmanager", "verify_reads", "iptables-save read-backs")
+_PROBES = counter("netmanager", "change_probes", "Ruleset change probes (nft generation id, legacy table sizes)",
+                  ["result"])
 _APPLY = histogram("netmanager", "apply_seconds", "Ruleset apply latency (diff + restore)", ["reason"],
                    buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5))
 _RULES = gauge("netmanager", "rules", "Rules in the owned chains and hooks")
@@ -50,8 +58,11 @@ def _model_after(rs: Ruleset, before: Tables, d: Drift) -> Tables:
 
 
 class RulesApplier:
-    def __init__(self, backend: Backend, *, min_repair_gap: float = 1.0, conntrack: bool = True) -> None:
+    def __init__(self, backend: Backend, *, min_repair_gap: float = 1.0, conntrack: bool = True,
+                 probe: bool = True) -> None:
         self.backend = backend
+        self.probe = backend.probe() if probe else None
+        self.baseline: Any = None
         self.conntrack = conntrack
         self.min_repair_gap = min_repair_gap
         self.model: Tables | None = None
@@ -60,11 +71,35 @@ class RulesApplier:
         self.last_write = 0.0
         self.writes = 0
         self.repairs = 0
-        self.after_write: asyncio.Event = asyncio.Event()
         self._reported: tuple[object, ...] = ()
 
     def suspect_drift(self) -> None:
         self.suspect = True
+
+    async def _probe(self) -> Any:
+        if self.probe is None:
+            return None
+        try:
+            return await self.probe.read()
+        except CorralError as e:
+            log.warning("ruleset change probe failed", error=str(e))
+            return None
+
+    async def moved(self) -> bool:
+        """Whether the ruleset changed since we last read or wrote it (the probe; cheap)."""
+        if self.probe is None or self.model is None:
+            return False
+        writes, model = self.writes, self.model
+        v = await self._probe()
+        if v is None or writes != self.writes or model is not self.model:
+            return False  # no answer, or our own write/read-back ran meanwhile: it set the baseline
+        moved = bool(v != self.baseline)
+        _PROBES.labels("moved" if moved else "same").inc()
+        return moved
+
+    def close(self) -> None:
+        if self.probe is not None:
+            self.probe.close()
 
     async def read(self) -> Tables:
         _CHECKS.inc()
@@ -76,8 +111,12 @@ class RulesApplier:
         self._report_errors(rs)
         verifying = self.suspect or self.model is None
         self.suspect = False
-        tables = await self.read() if verifying else self.model
-        assert tables is not None
+        if verifying:
+            self.baseline = await self._probe()  # before the read: a change during it moves the probe again
+            tables: Tables = await self.read()
+        else:
+            assert self.model is not None
+            tables = self.model
         d = diff(rs, tables)
         if not d:
             self.applied = rs
@@ -93,11 +132,17 @@ class RulesApplier:
             _REPAIRS.labels("hook").inc(len(d.hooks))
             self.repairs += 1
         payload = render_payload(rs, tables, d)
+        before = await self._probe()
         try:
             await self.backend.restore(payload)
         except Exception:
             self.model = None  # unknown now: read back before the next try
             raise
+        after = await self._probe()
+        written = frozenset(ln[1:] for ln in payload.splitlines() if ln.startswith("*"))
+        if (self.probe is not None and before is not None and after is not None
+                and before == self.baseline and self.probe.ours(before, after, written)):
+            self.baseline = after
         self.last_write = time.monotonic()
         previous = self.applied
         self.writes += 1
@@ -109,7 +154,6 @@ class RulesApplier:
         if reason != "repair":
             log.info("rules applied", reason=reason, chains=len(d.chains), hooks=len(d.hooks),
                      rules=rs.rule_count(), seconds=round(time.monotonic() - t0, 3))
-        self.after_write.set()
         if self.conntrack and previous is not None:
             await self._clean_conntrack(previous, rs)
 

@@ -5,18 +5,29 @@ Backend choice follows the host's Docker (as kube-proxy's iptables wrapper does)
 ``iptables-legacy`` / ``iptables-nft`` holds Docker's chains (``DOCKER``, ``DOCKER-USER``) wins;
 if neither or both do, the one with more rules; on a tie, the system default ``iptables``.
 Writing to the other backend would create a second, invisible ruleset next to Docker's.
+
+Change probes (:meth:`Backend.probe`): a cheap value that moves when anyone changes the ruleset,
+polled often so drift is noticed without dumping 25k rules - nft: the nf_tables generation id
+(one netlink read); legacy: per table, the kernel's entry count, blob size and hook offsets
+(one ``IPT_SO_GET_INFO`` getsockopt each: no dump, no xtables lock). A legacy edit that keeps
+all three (a rule replaced by one of the same size) is left to the periodic read-back.
 """
 
 from __future__ import annotations
 
 import asyncio
+import ctypes
+import errno
 import shutil
+import socket
+import struct
 from dataclasses import dataclass
+from typing import Any, Protocol
 
 from agents.errors import ConfigError, TransportError
 from agents.log import get_logger
 
-__all__ = ["Backend", "choose_backend", "detect_backend"]
+__all__ = ["Backend", "ChangeProbe", "LegacyTables", "choose_backend", "detect_backend"]
 
 log = get_logger(__name__)
 _DOCKER_MARKERS = (":DOCKER ", ":DOCKER-USER ", ":DOCKER-ISOLATION")
@@ -40,6 +51,78 @@ async def _run(argv: list[str], stdin: bytes | None = None, timeout: float = 60.
     return out
 
 
+class ChangeProbe(Protocol):
+    async def read(self) -> Any: ...
+    def ours(self, before: Any, after: Any, tables: frozenset[str]) -> bool: ...
+    def close(self) -> None: ...
+
+
+_IPT_SO_GET_INFO = 64  # IPT_BASE_CTL: struct ipt_getinfo {name[32]; valid_hooks; hook_entry[5]; underflow[5];
+_INFO = struct.Struct("=32sI5I5III")  # num_entries; size}
+
+
+class LegacyTables:
+    """Legacy backend change probe: {table: (entries, size, hook offsets)} read with one
+    ``getsockopt(IPT_SO_GET_INFO)`` per table (microseconds; a table not loaded reads as None)."""
+
+    def __init__(self, tables: tuple[str, ...] = ("raw", "nat", "filter")) -> None:
+        self.tables = tables
+        self._sock: socket.socket | None = None
+        self._libc: Any = None
+
+    def read_now(self) -> dict[str, tuple[int, ...] | None]:
+        if self._sock is None:
+            try:
+                self._sock = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_RAW)
+            except OSError as e:
+                raise TransportError(f"legacy iptables probe: {e}") from e
+            self._libc = ctypes.CDLL(None, use_errno=True)
+        out: dict[str, tuple[int, ...] | None] = {}
+        for t in self.tables:
+            buf = ctypes.create_string_buffer(t.encode(), _INFO.size)
+            n = ctypes.c_uint32(_INFO.size)
+            if self._libc.getsockopt(self._sock.fileno(), socket.SOL_IP, _IPT_SO_GET_INFO, buf, ctypes.byref(n)) != 0:
+                err = ctypes.get_errno()
+                if err == errno.ENOENT:
+                    out[t] = None
+                    continue
+                raise TransportError(f"legacy iptables probe {t}: {errno.errorcode.get(err, err)}")
+            _, _, *rest = _INFO.unpack(buf.raw)
+            out[t] = tuple(rest)
+        return out
+
+    async def read(self) -> dict[str, tuple[int, ...] | None]:
+        return self.read_now()
+
+    def ours(self, before: Any, after: Any, tables: frozenset[str]) -> bool:
+        """Only the tables we wrote moved (a foreign edit of one of them at the same moment is
+        left to the periodic read-back)."""
+        return all(before.get(t) == after.get(t) for t in self.tables if t not in tables)
+
+    def close(self) -> None:
+        sock, self._sock = self._sock, None
+        if sock is not None:
+            sock.close()
+
+
+class _NftProbe:
+    """nft backend change probe: the generation id, one bump per committed table."""
+
+    def __init__(self) -> None:
+        from netmanager.netlink import NftGeneration
+
+        self._gen = NftGeneration()
+
+    async def read(self) -> int:
+        return await self._gen.read()
+
+    def ours(self, before: Any, after: Any, tables: frozenset[str]) -> bool:
+        return int(after) - int(before) == len(tables)
+
+    def close(self) -> None:
+        self._gen.close()
+
+
 @dataclass(frozen=True)
 class Backend:
     name: str  # "legacy" | "nft" | "default"
@@ -61,6 +144,14 @@ class Backend:
         """``iptables-save`` of the given tables, concatenated."""
         outs = await asyncio.gather(*(_run([self.save_cmd, "-t", t]) for t in tables))
         return "".join(o.decode() for o in outs)
+
+    def probe(self) -> ChangeProbe | None:
+        """The backend's change probe (see the module doc); None when the backend is unknown."""
+        if self.name == "nft":
+            return _NftProbe()
+        if self.name == "legacy":
+            return LegacyTables()
+        return None
 
     async def restore(self, payload: str) -> None:
         """One ``iptables-restore --noflush --wait``: each table commits atomically."""

@@ -6,9 +6,9 @@ is turned by pure functions into a :class:`Ruleset`
 (``desired.py``) and the CNI volume's files (``cniconf.py``) -> two ``Reconciler`` loops apply them
 (``firewall.RulesApplier`` through one ``iptables-restore --noflush --wait``; ``files.apply_cni``).
 At boot the persisted tree is applied before metadata answers (fail-static: nothing is ever
-flushed because metadata went away). Drift: the nf_tables generation id is probed every
-``--drift-probe-interval`` (a cheap netlink read) and the kernel is read back on every move and every
-``--verify-interval``; the metadata route is checked every second.
+flushed because metadata went away). Drift: the backend's change probe (nft: the generation id,
+legacy: each table's entry count and size) is read every ``--drift-probe-interval`` and the kernel
+is read back on every move and every ``--verify-interval``; the metadata route is checked every second.
 
 Tasks (one TaskGroup): the metadata watch, the two reconcilers, the verify/probe loop, the route loop,
 the ARP/MAC/conntrack syncers (``l2sync.py``) and, with a Docker API, events -> CNI, vethsync, the reaper.
@@ -41,7 +41,7 @@ from netmanager.desired import HostFacts, Route, Ruleset, desired_ruleset, metad
 from netmanager.files import apply_cni, write_atomic
 from netmanager.firewall import RulesApplier
 from netmanager.iptables import detect_backend
-from netmanager.netlink import NftGeneration, RouteState, ensure_ipset, ensure_route, set_sysctl
+from netmanager.netlink import RouteState, ensure_ipset, ensure_route, set_sysctl
 
 __all__ = ["build_parser", "main"]
 
@@ -90,7 +90,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--verify-interval", type=positive_duration_arg, default=10.0,
                    help="read the owned chains back this often and repair drift")
     p.add_argument("--drift-probe-interval", type=positive_duration_arg, default=0.5,
-                   help="nft backend: probe the ruleset generation this often")
+                   help="probe the ruleset for changes this often (nft: generation id; legacy: table sizes)")
     p.add_argument("--iptables-backend", choices=("auto", "legacy", "nft"), default="auto",
                    help="auto: the backend that holds Docker's chains")
     p.add_argument("--cni-dir", default="/etc/cni", help="the rancher-cni-driver volume")
@@ -183,31 +183,18 @@ class NetManager:
 
     # -------------------------------------------------------------- loops
     async def verify(self, stop: asyncio.Event) -> None:
-        """Suspect drift every --verify-interval, and at once when the nft generation moves."""
+        """Suspect drift every --verify-interval, and at once when the backend's change probe
+        (nft: generation id; legacy: table sizes) moves under us."""
         assert self.applier is not None and self.rules is not None
-        gen = NftGeneration() if self.applier.backend.name == "nft" else None
-        probe = self.args.drift_probe_interval
+        probe = self.args.drift_probe_interval if self.applier.probe is not None else self.args.verify_interval
         next_verify = time.monotonic() + self.args.verify_interval
-        seen: int | None = None
         try:
             while not stop.is_set():
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(stop.wait(), probe if gen else self.args.verify_interval)
+                    await asyncio.wait_for(stop.wait(), probe)
                 if stop.is_set() or self.rules.current is None:
                     continue
-                reason = ""
-                if gen is not None:
-                    if self.applier.after_write.is_set():
-                        self.applier.after_write.clear()
-                        seen = None  # our own write moved it: take the new value as the baseline
-                    try:
-                        g = await gen.read()
-                    except CorralError as e:
-                        log.warning("nft generation probe failed", error=str(e))
-                        g = None
-                    if g is not None and seen is not None and g != seen:
-                        reason = "ruleset generation moved"
-                    seen = g
+                reason = "ruleset changed (probe)" if await self.applier.moved() else ""
                 if not reason and time.monotonic() >= next_verify:
                     reason = "verify interval"
                 if reason:
@@ -215,8 +202,7 @@ class NetManager:
                     self.applier.suspect_drift()
                     self.rules.kick(reason)
         finally:
-            if gen is not None:
-                gen.close()
+            self.applier.close()
 
     async def route_loop(self, stop: asyncio.Event) -> None:
         assert self.route is not None

@@ -165,6 +165,36 @@ def test_boot_from_the_persisted_snapshot_before_metadata(host: Host) -> None:
     host.wait(lambda: host.http(9115, "/ready") is not None, "ready once metadata answers")
 
 
+def test_drift_noticed_by_the_change_probe_alone(host: Host) -> None:
+    """With the periodic read-back an hour away, a flushed chain is still repaired: the change
+    probe (nft: generation id; legacy: table sizes) saw it. Our own writes do not trigger it."""
+    host.stop_nm()
+    host.start_nm("--verify-interval", "1h")
+    try:
+        host.wait(lambda: host.metric("corral_netmanager_change_probes_total") >= 1, "first apply and probe")
+        reads = host.metric("corral_netmanager_verify_reads_total")
+        host.ipt("-t", "nat", "-F", "CATTLE_PREROUTING")
+        host.wait(host.in_sync, "repaired")
+        assert host.metric("corral_netmanager_verify_reads_total") > reads
+        assert host.metric("corral_netmanager_change_probes_total", 'result="moved"') >= 1
+        objs = copy.deepcopy(host.objs)
+        saved = copy.deepcopy(objs)
+        objs = [o for o in objs if o.get("uuid") != "ctr-web-1"]
+        host.bump(objs)  # a change we write ourselves: the probe moves, but as our write explains
+        host.wait(lambda: not any("8080" in r for r in owned(host.tables(), "nat", "CATTLE_PREROUTING")),
+                  "8080 rules gone")
+        reads = host.metric("corral_netmanager_verify_reads_total")
+        probes = host.metric("corral_netmanager_change_probes_total")
+        host.wait(lambda: host.metric("corral_netmanager_change_probes_total") >= probes + 3, "three probes")
+        assert host.metric("corral_netmanager_verify_reads_total") == reads
+        host.bump(saved)
+        host.wait(host.in_sync, "8080 back")
+    finally:
+        host.stop_nm()
+        host.start_nm()
+        host.wait(host.in_sync, "in sync after the restart")
+
+
 @contextlib.contextmanager
 def serve(host: Host, ns: str, ip: str, body: str, get: Callable[[str, str], str]) -> Iterator[None]:
     """A real HTTP server on ``ip:80`` inside ``ns``, answering ``body``; stopped afterwards."""

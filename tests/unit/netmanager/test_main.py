@@ -23,7 +23,7 @@ PUBLIC = {
     "netmanager.l2sync": ["L2Syncers"],
     "netmanager.files": ["MANIFEST", "apply_cni", "write_atomic"],
     "netmanager.firewall": ["RulesApplier"],
-    "netmanager.iptables": ["Backend", "choose_backend", "detect_backend"],
+    "netmanager.iptables": ["Backend", "ChangeProbe", "LegacyTables", "choose_backend", "detect_backend"],
     "netmanager.netlink": ["NftGeneration", "RouteState", "delete_flows", "delete_link", "veth_ports", "ensure_ipset", "ensure_route", "link_index",
                            "route_state", "set_sysctl", "ensure_mac", "local_addrs", "neighbours",
                            "replace_neighbours", "sweep_conntrack"],
