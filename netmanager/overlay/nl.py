@@ -5,8 +5,10 @@ through pyroute2's ``IPRoute``. Routes, neighbours and FDB entries are many (10k
 pyroute2 answers each request in about a millisecond here, so they are written the way ``ip -batch``
 writes them: rtnetlink messages packed back to back on one ``NETLINK_ROUTE`` socket, each with its
 own sequence number and ``NLM_F_ACK``, so every entry gets its own answer (one failing entry never
-stops the others). Dumps are decoded with ``struct`` for the same reason. Nothing here parses
-command output.
+stops the others). Dumps are decoded with ``struct`` for the same reason, straight from one reused
+receive buffer, reading only the attributes needed; with strict dump checking (Linux >= 4.20) they
+are filtered by the kernel to the VTEP (and the main table for routes), so a host's other
+neighbours and routes never reach Python. Nothing here parses command output.
 
 :class:`EventWatch` listens on the link, neighbour and IPv4 route groups and reports any change to
 the VTEP (an external ``ip neigh flush``, a deleted FDB entry or link) so the router repairs it at once.
@@ -48,7 +50,8 @@ F_REQUEST, F_ACK, F_DUMP = 0x1, 0x4, 0x300
 F_REPLACE, F_EXCL, F_CREATE, F_APPEND = 0x100, 0x200, 0x400, 0x800
 AF_BRIDGE = 7
 RTA_DST, RTA_OIF, RTA_GATEWAY, RTA_TABLE = 1, 4, 5, 15
-NDA_DST, NDA_LLADDR = 1, 2
+NDA_DST, NDA_LLADDR, NDA_IFINDEX = 1, 2, 8
+NETLINK_GET_STRICT_CHK = 12
 NUD_PERMANENT, NUD_NOARP = 0x80, 0x40
 NTF_SELF = 0x02
 RT_TABLE_MAIN = 254
@@ -77,6 +80,28 @@ def _mac(mac: str) -> bytes:
 
 def _mac_str(b: bytes) -> str:
     return ":".join(f"{x:02x}" for x in b)
+
+
+def _pair(buf: bytearray, off: int, end: int, a: int, b: int) -> tuple[bytes | None, bytes | None]:
+    """Attributes ``a`` and ``b`` (None when absent); the walk stops once both are found - in a
+    neighbour or FDB answer they are the first two."""
+    va = vb = None
+    unpack = _ATTR.unpack_from
+    while off + 4 <= end:
+        n, t = unpack(buf, off)
+        if n < 4:
+            break
+        t &= 0x3FFF
+        if t == a:
+            va = bytes(buf[off + 4:off + n])
+            if vb is not None:
+                break
+        elif t == b:
+            vb = bytes(buf[off + 4:off + n])
+            if va is not None:
+                break
+        off += (n + 3) & ~3
+    return va, vb
 
 
 def _attrs(buf: bytes, off: int, end: int) -> dict[int, bytes]:
@@ -155,6 +180,13 @@ class _Socket:
             except OSError:
                 self.sock.setsockopt(socket.SOL_SOCKET, plain, 4 << 20)
         self.sock.bind((0, 0))
+        # strict dump requests: the kernel filters by device and table (Linux >= 4.20)
+        try:
+            self.sock.setsockopt(SOL_NETLINK, NETLINK_GET_STRICT_CHK, 1)
+            self.strict = True
+        except OSError:
+            self.strict = False
+        self.buf = bytearray(1 << 20)
         self.seq = int(time.time()) & 0xFFFFFF
 
     def close(self) -> None:
@@ -198,22 +230,32 @@ class _Socket:
             i = j
         return out
 
-    def dump(self, type_: int, body: bytes) -> Iterator[bytes]:
+    def dump(self, type_: int, body: bytes) -> Iterator[tuple[bytearray, int, int]]:
+        """(buffer, payload offset, payload end) for each answer of one dump.
+
+        The buffer is reused by the next datagram: read what you need before asking for more.
+        Nothing is copied per message (a 500-host read-back is 20k messages)."""
         self.seq += 1
         seq = self.seq
         self.sock.sendall(_HDR.pack(16 + len(body), type_, F_REQUEST | F_DUMP, seq, 0) + body)
+        buf, unpack = self.buf, _HDR.unpack_from
         while True:
-            for t, s, payload, _ in self._recv():
-                if s != seq:
-                    continue
-                if t == NLMSG_DONE:
-                    return
-                if t == NLMSG_ERROR:
-                    err = -struct.unpack_from("=i", payload, 0)[0]
-                    if err:
-                        raise TransportError(f"netlink dump: {os.strerror(err)}")
-                    return
-                yield payload
+            size = self.sock.recv_into(buf)
+            off = 0
+            while off + 16 <= size:
+                n, t, _flags, s, _pid = unpack(buf, off)
+                if n < 16:
+                    break
+                if s == seq:
+                    if t == NLMSG_DONE:
+                        return
+                    if t == NLMSG_ERROR:
+                        err = -struct.unpack_from("=i", buf, off + 16)[0]
+                        if err:
+                            raise TransportError(f"netlink dump: {os.strerror(err)}")
+                        return
+                    yield buf, off + 16, off + n
+                off += (n + 3) & ~3
 
 
 class Netlink:
@@ -261,41 +303,69 @@ class Netlink:
                 raise TransportError(f"netlink dump: {e}") from e
 
     def _fdb(self, ifindex: int) -> list[tuple[str, str]]:
+        sock = self._s()
+        # strict: the kernel dumps only this device's FDB (ndm_ifindex); else every device's
+        req = _ND.pack(AF_BRIDGE, ifindex if sock.strict else 0, 0, 0, 0)
         out = []
-        for p in self._s().dump(RTM_GETNEIGH, _ND.pack(AF_BRIDGE, 0, 0, 0, 0)):
-            _fam, idx, state, _flags, _t = _ND.unpack_from(p, 0)
+        unpack, ntoa = _ND.unpack_from, socket.inet_ntoa
+        for buf, p, end in sock.dump(RTM_GETNEIGH, req):
+            _fam, idx, state, _flags, _t = unpack(buf, p)
             if idx != ifindex or not state & NUD_PERMANENT:
                 continue
-            a = _attrs(p, _ND.size, len(p))
-            if NDA_DST in a and NDA_LLADDR in a and len(a[NDA_DST]) == 4:
-                out.append((_mac_str(a[NDA_LLADDR]), socket.inet_ntoa(a[NDA_DST])))
+            mac, dst = _pair(buf, p + _ND.size, end, NDA_LLADDR, NDA_DST)
+            if dst is not None and mac is not None and len(dst) == 4:
+                out.append((mac.hex(":"), ntoa(dst)))
         return out
 
     def _neigh(self, ifindex: int) -> dict[str, str]:
+        sock = self._s()
+        req = _ND.pack(socket.AF_INET, 0, 0, 0, 0) + _attr(NDA_IFINDEX, struct.pack("=I", ifindex))
         out = {}
-        for p in self._s().dump(RTM_GETNEIGH, _ND.pack(socket.AF_INET, 0, 0, 0, 0)):
-            _fam, idx, state, _flags, _t = _ND.unpack_from(p, 0)
+        unpack, ntoa = _ND.unpack_from, socket.inet_ntoa
+        for buf, p, end in sock.dump(RTM_GETNEIGH, req):
+            _fam, idx, state, _flags, _t = unpack(buf, p)
             if idx != ifindex or not state & NUD_PERMANENT:
                 continue
-            a = _attrs(p, _ND.size, len(p))
-            if NDA_DST in a:
-                out[socket.inet_ntoa(a[NDA_DST])] = _mac_str(a.get(NDA_LLADDR, b""))
+            dst, mac = _pair(buf, p + _ND.size, end, NDA_DST, NDA_LLADDR)
+            if dst is not None:
+                out[ntoa(dst)] = mac.hex(":") if mac else ""
         return out
 
     def _routes(self, ifindex: int) -> list[str]:
-        out = []
+        sock = self._s()
         oif = struct.pack("=I", ifindex)
-        for p in self._s().dump(RTM_GETROUTE, _RT.pack(socket.AF_INET, 0, 0, 0, 0, 0, 0, 0, 0)):
-            _f, plen, _s, _tos, table, proto, _sc, rtype, _fl = _RT.unpack_from(p, 0)
+        filtered = sock.strict
+        if filtered:  # main table, unicast, this device: filtered by the kernel
+            req = _RT.pack(socket.AF_INET, 0, 0, 0, RT_TABLE_MAIN, 0, 0, RTN_UNICAST, 0) + _attr(RTA_OIF, oif)
+        else:
+            req = _RT.pack(socket.AF_INET, 0, 0, 0, 0, 0, 0, 0, 0)
+        out = []
+        unpack, ntoa, attr = _RT.unpack_from, socket.inet_ntoa, _ATTR.unpack_from
+        for buf, p, end in sock.dump(RTM_GETROUTE, req):
+            _f, plen, _s, _tos, table, proto, _sc, rtype, _fl = unpack(buf, p)
             if rtype != RTN_UNICAST or proto == RTPROT_KERNEL:
                 continue
-            a = _attrs(p, _RT.size, len(p))
-            if a.get(RTA_OIF) != oif or RTA_GATEWAY in a:
+            # one pass over the few attributes (table, dst, priority, prefsrc, gateway, oif)
+            dst = got_oif = None
+            gateway = False
+            off = p + _RT.size
+            while off + 4 <= end:
+                n, t = attr(buf, off)
+                if n < 4:
+                    break
+                t &= 0x3FFF
+                if t == RTA_DST:
+                    dst = bytes(buf[off + 4:off + n])
+                elif t == RTA_OIF:
+                    got_oif = bytes(buf[off + 4:off + n])
+                elif t == RTA_GATEWAY:
+                    gateway = True
+                elif t == RTA_TABLE:
+                    table = struct.unpack_from("=I", buf, off + 4)[0]
+                off += (n + 3) & ~3
+            if gateway or table != RT_TABLE_MAIN or (not filtered and got_oif != oif):
                 continue
-            if (struct.unpack("=I", a[RTA_TABLE])[0] if RTA_TABLE in a else table) != RT_TABLE_MAIN:
-                continue
-            dst = socket.inet_ntoa(a[RTA_DST]) if RTA_DST in a else "0.0.0.0"
-            out.append(f"{dst}/{plen}")
+            out.append(f"{ntoa(dst) if dst else '0.0.0.0'}/{plen}")
         return out
 
     # ---------------------------------------------------------------- link (pyroute2)
