@@ -607,22 +607,58 @@ class IpsecBackend:
         return ok and (self.inner is None or await self.inner.in_sync(_inner_topology(topo)))
 
     # ------------------------------------------------------------------ SAs
-    async def sas(self) -> dict[str, dict[str, Any]]:
-        """IKE name -> {state, child states, ...} from ``list-sas``."""
+    async def sa_list(self) -> list[tuple[str, dict[str, Any]]]:
+        """(IKE name, {state, ids, uniqueid, age, children}) for every IKE_SA of ``list-sas``."""
         assert self.charon is not None
-        out: dict[str, dict[str, Any]] = {}
+        out: list[tuple[str, dict[str, Any]]] = []
         for entry in await self.charon.vici.call("list_sas"):
             for name, sa in entry.items():
                 children = sa.get("child-sas") or {}
-                out[_text(name)] = {
+                out.append((_text(name), {
                     "state": _text(sa.get("state", b"")),
+                    "uniqueid": _text(sa.get("uniqueid", b"")),
+                    "age": int(_text(sa.get("established", b"0")) or 0),
                     "local_id": _text(sa.get("local-id", b"")),
                     "remote_id": _text(sa.get("remote-id", b"")),
                     "initiator": _text(sa.get("initiator", b"")) == "yes",
                     "children": [{k: _text(v) for k, v in c.items() if not isinstance(v, dict)}
                                  for c in children.values()],
-                }
+                }))
         return out
+
+    async def sas(self) -> dict[str, dict[str, Any]]:
+        """IKE name -> its best IKE_SA (established with an installed child first, then the newest)."""
+        out: dict[str, dict[str, Any]] = {}
+        for name, sa in sorted(await self.sa_list(), key=lambda e: _rank(e[1])):
+            out[name] = sa
+        return out
+
+    async def reap_duplicates(self, entries: list[tuple[str, dict[str, Any]]]) -> int:
+        """Terminate every IKE_SA but the best one per connection, and every installed CHILD_SA but
+        the newest one in it: after a partition the side that missed the DELETE keeps the old pair
+        beside the new one until its DPD gives up (minutes). The number of SAs terminated."""
+        assert self.charon is not None
+        by_name: dict[str, list[dict[str, Any]]] = {}
+        for name, sa in entries:
+            by_name.setdefault(name, []).append(sa)
+        targets: list[dict[str, str]] = []
+        for sas in by_name.values():
+            best = max(sas, key=_rank)
+            if _rank(best)[0] < 2:
+                continue  # nothing up yet: leave the exchanges alone
+            targets += [{"ike-id": sa["uniqueid"]} for sa in sas if sa is not best and sa["uniqueid"]]
+            installed = sorted((c for c in best["children"] if c.get("state") == "INSTALLED"),
+                               key=lambda c: int(c.get("install-time", "0") or 0))
+            targets += [{"child-id": c["uniqueid"]} for c in installed[1:] if c.get("uniqueid")]
+        done = 0
+        for t in targets:
+            try:
+                await self.charon.vici.call("terminate", {**t, "force": "yes"})
+                done += 1
+                log.info("duplicate SA terminated", **{k.replace("-", "_"): v for k, v in t.items()})
+            except TransportError as e:
+                log.warning("duplicate SA not terminated", error=str(e), **{k.replace("-", "_"): v for k, v in t.items()})
+        return done
 
     async def initiate(self, agent_ip: str, reason: str) -> bool:
         assert self.charon is not None
@@ -641,10 +677,12 @@ class IpsecBackend:
         if self.topo is None or self.charon is None or not self.charon.ready.is_set():
             return 0
         try:
-            sas = await self.sas()
+            entries = await self.sa_list()
         except TransportError as e:
             log.warning("SA watchdog: list-sas failed", error=str(e))
             return 0
+        await self.reap_duplicates(entries)
+        sas = {name: sa for name, sa in sorted(entries, key=lambda e: _rank(e[1]))}
         now = time.monotonic()
         up = 0
         tried = 0
@@ -684,18 +722,42 @@ class IpsecBackend:
                     log.error("SA watchdog round failed", error=str(e))
 
     async def repair_peer(self, topo: TopologyLike, agent_ip: str) -> int:
-        """3 missed probes: initiate the peer's child again. The responder of the pair only does it
+        """3 missed probes: give the pair fresh SAs, never a second CHILD_SA beside the first.
+
+        Without an SA the child is initiated. With one established, the tunnel answers IKE but not
+        the probes (the peer lost its state, or a partition ate the DELETEs), and charon refuses a
+        duplicate child anyway: the initiator of the pair terminates the IKE_SA (one DELETE, not
+        waited for) and initiates afresh - its INITIAL_CONTACT makes the peer drop the old pair.
+        The responder of the pair leaves an established SA to the initiator, and initiates only
         once the initiator had ``responder_grace`` seconds to come back (both ends initiating at
-        once is what made the original's pairs collide)."""
+        once is what made the original's pairs collide). While an exchange is under way
+        (connecting, rekeying, deleting) nothing is done."""
         if self.charon is None or agent_ip not in topo.routers:
             return 0
         peer = self.peers.setdefault(agent_ip, _Peer())
         now = time.monotonic()
         if not peer.missing_since:
             peer.missing_since = now
-        if not initiator(topo.agent_ip, agent_ip) and now - peer.missing_since < self.responder_grace:
+        mine = initiator(topo.agent_ip, agent_ip)
+        try:
+            sa = (await self.sas()).get(conn_name(agent_ip))
+        except TransportError as e:
+            log.warning("probe repair: list-sas failed", peer=agent_ip, error=str(e))
             return 0
-        return 1 if await self.initiate(agent_ip, "probe") else 0
+        state = sa["state"] if sa is not None else ""
+        if state and state != "ESTABLISHED":
+            return 0
+        if not mine and (state or now - peer.missing_since < self.responder_grace):
+            return 0
+        writes = 0
+        if state:
+            try:  # forced: one DELETE is sent and the SA goes at once (no wait on a peer that may be gone)
+                await self.charon.vici.call("terminate", {"ike": conn_name(agent_ip), "force": "yes"})
+                writes += 1
+                log.info("IKE_SA terminated for a fresh one", peer=agent_ip, reason="probe")
+            except TransportError as e:  # still there: charon refuses the duplicate child below
+                log.warning("probe repair: terminate failed", peer=agent_ip, error=str(e))
+        return writes + (1 if await self.initiate(agent_ip, "probe") else 0)
 
     # ------------------------------------------------------------------ events
     def watch(self, on_change: Callable[[str], None]) -> _Events:
@@ -704,6 +766,14 @@ class IpsecBackend:
 
     def inner_watch(self, on_change: Callable[[str], None]) -> Any:
         return self.inner.watch(on_change) if self.inner is not None else None
+
+
+def _rank(sa: Mapping[str, Any]) -> tuple[int, int]:
+    """Order of IKE_SAs of one connection, best last: established with an installed child, then
+    established, then anything; among equals the newest (the smallest age)."""
+    up = sa["state"] == "ESTABLISHED"
+    installed = up and any(c.get("state") == "INSTALLED" for c in sa["children"])
+    return (2 if installed else 1 if up else 0), -int(sa.get("age", 0))
 
 
 class _Events:

@@ -59,6 +59,35 @@ class IpsecTopo(Topo):
             return sa  # type: ignore[no-any-return]
         return None
 
+    def children(self, i: int, j: int) -> list[bytes]:
+        """States of every CHILD_SA h_i holds towards h_j, over all its IKE_SAs with h_j."""
+        return [c["state"] for entry in self._list(i, j) for sa in entry.values()
+                for c in sa.get("child-sas", {}).values()]
+
+    def conns(self, i: int) -> set[str]:
+        import vici
+
+        s = socket.socket(socket.AF_UNIX)
+        try:
+            s.connect(str(self.tmp / f"h{i}-ipsec" / "charon.vici"))
+            return {name for entry in vici.Session(s).list_conns() for name in entry}
+        finally:
+            s.close()
+
+    def spis(self, i: int, j: int) -> list[bytes]:
+        return sorted(c["spi-in"] for entry in self._list(i, j) for sa in entry.values()
+                      for c in sa.get("child-sas", {}).values())
+
+    def _list(self, i: int, j: int) -> list[Any]:
+        import vici
+
+        s = socket.socket(socket.AF_UNIX)
+        try:
+            s.connect(str(self.tmp / f"h{i}-ipsec" / "charon.vici"))
+            return list(vici.Session(s).list_sas({"ike": f"conn-192.0.2.{j}"}))
+        finally:
+            s.close()
+
     def charon_log(self, i: int) -> str:
         return (self.tmp / f"h{i}-ipsec" / "charon.log").read_text(errors="replace")
 
@@ -149,13 +178,49 @@ def test_partition_and_heal(topo: IpsecTopo) -> None:
             return p["status"] == "down" and p["repairs"] >= 1
         until(down, what="h1 marks h2 down and re-initiates its CHILD_SA")
         assert topo.connectivity(1)["peers"]["192.0.2.3"]["status"] == "up"
-        assert "conn-192.0.2.2" in topo.sas(1)  # unreachable is not gone: the connection stays
+        assert "conn-192.0.2.2" in topo.conns(1)  # unreachable is not gone: the connection stays
     finally:
         for r in rules:
             nsx(topo.ul, "iptables", "-D", "FORWARD", *r, "-p", "udp", "--dport", "4500", "-j", "DROP", check=False)
     until(lambda: topo.connectivity(1)["peers"]["192.0.2.2"]["status"] == "up", what="h2 up again")
     topo.wait_ping(topo.c(1), "10.42.2.10")
     assert topo.up(1, 2) is not None
+    # the repair replaced h1's SAs; h2 missed the DELETE and drops its old pair itself (SA watchdog)
+    until(lambda: topo.children(1, 2) == [b"INSTALLED"] and topo.children(2, 1) == [b"INSTALLED"],
+          what="one CHILD_SA per side of h1-h2 after the heal")
+    assert len(topo.sas(1)) == 2 and topo.children(1, 3) == [b"INSTALLED"]
+
+
+def probe_repairs_done(topo: IpsecTopo, i: int) -> float:
+    """Initiations h_i made for missed probes, whatever their outcome (from its /metrics)."""
+    _, text = topo.http(i, "/metrics")
+    return sum(float(ln.rsplit(" ", 1)[1]) for ln in text.splitlines()
+               if ln.startswith("corral_overlay_ipsec_initiates_total{") and 'reason="probe"' in ln)
+
+
+def test_probe_repair_of_a_live_sa_replaces_it_without_a_second_child_sa(topo: IpsecTopo) -> None:
+    """Probes to h2's router fail while IKE still answers (echo requests dropped on h2): the repair
+    after 3 misses replaces the pair's SAs (new SPIs) - never a second CHILD_SA beside the first."""
+    until(lambda: topo.children(1, 2) == [b"INSTALLED"], what="one h1-h2 CHILD_SA to start with")
+    spi = topo.spis(1, 2)
+    other = topo.spis(1, 3)
+    before = topo.connectivity(1)["peers"]["192.0.2.2"]["repairs"]
+    done = probe_repairs_done(topo, 1)
+    rule = ("INPUT", "-d", "10.42.2.2", "-p", "icmp", "--icmp-type", "echo-request", "-j", "DROP")
+    nsx(topo.h(2), "iptables", "-I", *rule)
+    try:
+        until(lambda: topo.connectivity(1)["peers"]["192.0.2.2"]["repairs"] > before, what="h1 repairs h2's tunnel")
+        until(lambda: probe_repairs_done(topo, 1) > done, what="h1's repair finished")
+        until(lambda: topo.up(1, 2) is not None, what="h1-h2 SA established after the repair")
+        assert topo.spis(1, 2) != spi
+        assert topo.children(1, 2) == [b"INSTALLED"]
+    finally:
+        nsx(topo.h(2), "iptables", "-D", *rule, check=False)
+    until(lambda: topo.connectivity(1)["peers"]["192.0.2.2"]["status"] == "up", what="h2 answers probes again")
+    until(lambda: topo.children(1, 2) == [b"INSTALLED"] and topo.children(2, 1) == [b"INSTALLED"],
+          what="one CHILD_SA per side of h1-h2")
+    assert topo.spis(1, 3) == other  # the other pair is untouched
+    topo.wait_ping(topo.c(1), "10.42.2.10")
 
 
 def test_psk_mismatch_on_one_host(topo: IpsecTopo) -> None:
