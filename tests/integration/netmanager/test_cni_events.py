@@ -268,3 +268,47 @@ def test_reaper_stops_the_older_duplicate_metadata_container(env: dict) -> None:
         assert pm.pm("inspect", bystander, check=False).returncode == 0
     finally:
         nm.stop()
+
+
+def test_resolv_conf_rewritten_on_start(env: dict) -> None:
+    """Spec §12.14 on real containers (podman, in the test's namespace, with ``--dns`` and
+    ``--dns-search``): the file at ``ResolvConfPath`` is rewritten for the label combinations that
+    ask for it, byte for byte as the original writes it, and left alone for ``dns=false`` and for
+    a container without Rancher labels."""
+    pm: PodmanApi = env["pm"]
+
+    def run(labels: dict[str, str]) -> tuple[str, Path]:
+        p = pm.pm("run", "-d", "--network", f"ns:/run/netns/{env['ns']}", "--dns", "192.0.2.53", "--dns-search",
+                  "corp.local", *pm._labels(labels), "--rootfs", str(pm.work / "rootfs"), "/bin/busybox", "sleep",
+                  "600", check=False)
+        if p.returncode != 0:
+            pytest.skip(f"podman cannot start containers here: {p.stderr.strip()[-300:]}")
+        cid = p.stdout.strip()
+        return cid, Path(pm.inspect(cid)["ResolvConfPath"])
+
+    docker = "search corp.local\nnameserver 192.0.2.53\n"
+    first = run({"io.rancher.container.network": "true", "io.rancher.stack_service.name": "App/Web"})[1]
+    last = run({"io.rancher.container.dns": "true", "io.rancher.stack_service.name": "app/web",
+                "io.rancher.container.dns.priority": "service_last"})[1]
+    nostack = run({"io.rancher.container.network": "true", "io.rancher.container.dns.priority": "None",
+                   "io.rancher.stack_service.name": "app/web"})[1]
+    off = run({"io.rancher.container.network": "true", "io.rancher.container.dns": "false"})[1]
+    plain = run({"app": "x"})[1]
+    for p in (first, last, nostack, off, plain):
+        assert p.read_text() == docker
+    mode = first.stat().st_mode
+    nm = start_nm(env)
+    try:
+        want = {
+            first: "search web.app.rancher.internal app.rancher.internal rancher.internal corp.local\n"
+                   "# nameserver 192.0.2.53\nnameserver 169.254.169.250\n",
+            last: "search corp.local web.app.rancher.internal app.rancher.internal rancher.internal\n"
+                  "# nameserver 192.0.2.53\nnameserver 169.254.169.250\n",
+            nostack: "search rancher.internal corp.local\n# nameserver 192.0.2.53\nnameserver 169.254.169.250\n",
+        }
+        for p, text in want.items():
+            wait(lambda p=p, text=text: p.read_text() == text, f"{p.parent.parent.name[:12]} rewritten", nm)
+        assert first.stat().st_mode == mode
+        assert off.read_text() == docker and plain.read_text() == docker
+    finally:
+        nm.stop()
