@@ -180,9 +180,10 @@ def _dumper() -> Any:
 
     Block style, sorted keys, and never anchors/aliases: the trees share objects (a service's
     containers are the same dicts as /containers) but clients expect plain copies. Strings are
-    quoted as Go's yaml.v2 quotes them: one that would read back as something else (``"1"``,
-    ``"true"``, ``"null"``, ``""``) is double-quoted; others that cannot stay plain (``'a: b'``)
-    get the emitter's single quotes. A nil map is ``{}``."""
+    quoted as the original's emitter quotes them: one that would read back as something else
+    (``'1'``, ``'true'``, ``'null'``, ``''``, and the Go reader's floats such as ``'1e5'``) or
+    cannot stay plain (``'a: b'``) is single-quoted, ``'`` doubled inside; double quotes only
+    where escapes are needed (control characters). A nil map is ``{}``."""
     import yaml
 
     base: Any = getattr(yaml, "CSafeDumper", yaml.SafeDumper)  # libyaml's emitter when available
@@ -194,7 +195,7 @@ def _dumper() -> Any:
     def represent_str(dumper: Any, data: str) -> Any:
         style = None
         if dumper.resolve(yaml.ScalarNode, data, (True, False)) != _STR_TAG or _GO_FLOAT.match(data):
-            style = '"'
+            style = "'"  # the emitter still picks double quotes when escapes are needed
         return dumper.represent_scalar(_STR_TAG, data, style=style)
 
     def represent_nil_map(dumper: Any, data: Any) -> Any:

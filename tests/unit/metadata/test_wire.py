@@ -1,6 +1,6 @@
 """The original's wire details past the spec's examples, byte-exact: a field absent from the stream
 is a 404 (not an empty 200), nil vs empty ``links`` maps, ``environments`` without an environment
-object, YAML quoting as Go's yaml.v2 quotes, the YAML 404 body's last newline."""
+object, YAML quoting as the original's emitter quotes, the YAML 404 body's last newline."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ import json
 import pytest
 
 from metadata.lookup import respond
+from metadata.render import render_yaml
 from metadata.store import Snapshot, build
 
 from .conftest import deflate
@@ -97,16 +98,28 @@ def test_environments_without_an_environment_object(sparse: Snapshot) -> None:
     assert get(sparse, "/2015-12-19/environments")[0] == 404  # a 2016-07-29 key only
 
 
-def test_yaml_quotes_like_go_yaml(sparse: Snapshot, snap: Snapshot) -> None:
-    # Go's yaml.v2 double-quotes a string that would read back as another type; PyYAML's own
-    # choice would be single quotes
-    assert get(sparse, "/latest/containers/lone/service_index", "yaml") == (200, b'"1"\n')
-    assert get(sparse, "/latest/containers/lone/labels", "yaml") == (200, b'n: "010"\n"on": "yes"\n')
-    assert b'\n  service_index: "1"\n' in get(snap, "/latest/containers", "yaml")[1]
-    assert get(snap, "/latest/region_name", "yaml") == (200, b'""\n')
+def test_yaml_quotes_like_the_original(sparse: Snapshot, snap: Snapshot) -> None:
+    # a string that would read back as another type (a number, bool, null, "") is single-quoted,
+    # as the original's emitter does (we double-quoted these before: "1")
+    assert get(sparse, "/latest/containers/lone/service_index", "yaml") == (200, b"'1'\n")
+    assert get(sparse, "/latest/containers/lone/labels", "yaml") == (200, b"n: '010'\n'on': 'yes'\n")
+    assert b"\n  service_index: '1'\n" in get(snap, "/latest/containers", "yaml")[1]
+    assert get(snap, "/latest/region_name", "yaml") == (200, b"''\n")
     assert get(snap, "/latest/version", "yaml") == (200, b"42-5cc6db68\n")  # plain stays plain
     r, _ = respond(snap, "/latest/containers/shop-web-1/service_index", "", "yaml", LOCAL)
-    assert r.body == b'"1"\n'  # type: ignore[union-attr]
+    assert r.body == b"'1'\n"  # type: ignore[union-attr]
+
+
+@pytest.mark.parametrize(("value", "want"), [
+    ("1", b"'1'\n"), ("1.5", b"'1.5'\n"), ("1e5", b"'1e5'\n"),  # 1e5: a float to the Go reader
+    ("true", b"'true'\n"), ("null", b"'null'\n"), ("", b"''\n"), ("~", b"'~'\n"),
+    ("a: 'b'", b"'a: ''b'''\n"),  # a quote inside single quotes is doubled
+    ("x\x01y", b'"x\\x01y"\n'),  # double quotes only where an escape is needed
+    ("O'Neil", b"O'Neil\n"), ("plain", b"plain\n"),
+])
+def test_yaml_scalar_quoting(value: str, want: bytes) -> None:
+    assert render_yaml(value) == want
+    assert render_yaml({"k": value}) == b"k: " + want
 
 
 def test_empty_text_body_has_no_content_type(snap: Snapshot) -> None:
