@@ -2,7 +2,8 @@
 
 Each subcommand lives in its own module that exposes ``main(argv: list[str]) -> int``;
 modules are imported only when their subcommand runs, so ``corral dns`` never pays for
-pyroute2 and ``corral ctl`` never pays for dnslib.
+pyroute2 and ``corral ctl`` never pays for dnslib; dispatching itself imports neither asyncio
+nor the logging stack (metadata answers its first requests before loading them).
 
 :func:`run_daemon` is how every daemon's ``main`` runs its ``serve`` coroutine: uvloop when
 available, structlog set up, a pid file, SIGTERM/SIGINT turned into a stop event (a second
@@ -11,17 +12,17 @@ signal exits at once), and a clean exit code.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import importlib
 import os
-import signal
 import sys
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from agents.errors import ConfigError, InputError
-from agents.log import get_logger, setup_logging
+
+if TYPE_CHECKING:  # asyncio and structlog load when a daemon runs, not to dispatch a command
+    import asyncio
 
 __all__ = ["SUBCOMMANDS", "main", "run_daemon"]
 
@@ -83,6 +84,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _install_loop() -> None:
+    import asyncio
+
     try:
         import uvloop
 
@@ -108,6 +111,11 @@ def run_daemon(
     with nothing good to serve instead, e.g. a corrupt answers file) is one line and exit code 1;
     any other crash is logged with its traceback and exits 1.
     """
+    import asyncio
+    import signal
+
+    from agents.log import get_logger, setup_logging
+
     try:
         stream: Any = open(log_file, "a", buffering=1) if log_file else None
     except OSError as e:

@@ -31,16 +31,29 @@ __all__ = [
 ]
 
 
+_VERSION: list[str] = []
+
+
 def _version() -> str:
-    try:
-        from importlib.metadata import version
+    """The installed package's version, looked up on first use (importlib.metadata costs ~10 ms
+    of start-up, and a daemon needs it only for ``--version``)."""
+    if not _VERSION:
+        try:
+            from importlib.metadata import version
 
-        return version("corral")
-    except Exception:  # pragma: no cover - running from a tree that was never installed
-        return "0.1.0"
+            _VERSION.append(version("corral"))
+        except Exception:  # pragma: no cover - running from a tree that was never installed
+            _VERSION.append("0.1.0")
+    return _VERSION[0]
 
 
-VERSION = _version()
+VERSION: str  # the package version; looked up on first access (module ``__getattr__`` below)
+
+
+def __getattr__(name: str) -> str:
+    if name == "VERSION":
+        return _version()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def parse_duration(v: Any) -> float | None:
@@ -108,11 +121,23 @@ class CorralParser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: {message} (see {self.prog} --help)\n")
 
 
+class _VersionAction(argparse.Action):
+    """``--version``: prints ``<prog> <version>`` (the package version looked up only now)."""
+
+    def __init__(self, option_strings: list[str], dest: str, **kw: Any) -> None:
+        super().__init__(option_strings, dest, nargs=0, default=argparse.SUPPRESS, **kw)
+        self.version: str | None = None
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: Any, values: Any, option_string: Any = None) -> None:
+        print(self.version or f"{parser.prog.replace(' ', '-')} {_version()}")
+        parser.exit()
+
+
 def make_parser(prog: str, description: str | None = None, *, version: str | None = None) -> CorralParser:
     """The parser every command starts from: one-line errors, defaults in ``--help``, ``--version``."""
     p = CorralParser(prog=prog, description=description)
-    p.add_argument("--version", action="version", version=version or f"{prog.replace(' ', '-')} {VERSION}",
-                   help="print the version and exit")
+    act = p.add_argument("--version", action=_VersionAction, help="print the version and exit")
+    act.version = version  # type: ignore[attr-defined]  # None: "<prog> <package version>", looked up when asked
     return p
 
 

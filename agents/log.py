@@ -6,19 +6,20 @@ variable parts go in keys, so logs can be grepped and parsed the same way everyw
 
 from __future__ import annotations
 
-import logging
 import sys
 from typing import Any
 
-import structlog
-
-__all__ = ["get_logger", "setup_logging"]
+__all__ = ["get_logger", "lazy_logger", "setup_logging"]
 
 _configured = False
 
 
 def setup_logging(component: str, *, debug: bool = False, json: bool | None = None, stream: Any = None) -> None:
     """Configure structlog and the stdlib root logger once per process."""
+    import logging
+
+    import structlog
+
     global _configured
     out = stream or sys.stderr
     if json is None:
@@ -47,8 +48,32 @@ def setup_logging(component: str, *, debug: bool = False, json: bool | None = No
 
 def get_logger(name: str | None = None, **bound: Any) -> Any:
     """A structlog logger; ``name`` becomes the ``module`` key."""
+    import structlog
+
     if name:
         bound = {"module": name, **bound}
     # Initial values, not .bind(): binding a lazy proxy at import time would freeze the default
     # configuration into module-level loggers, before setup_logging runs.
     return structlog.get_logger(**bound)
+
+
+class _LazyLogger:
+    """Stands for ``get_logger(name)`` and loads structlog at its first use."""
+
+    __slots__ = ("_bound", "_log", "_name")
+
+    def __init__(self, name: str | None, bound: dict[str, Any]) -> None:
+        self._name = name
+        self._bound = bound
+        self._log: Any = None
+
+    def __getattr__(self, attr: str) -> Any:
+        if self._log is None:
+            self._log = get_logger(self._name, **self._bound)
+        return getattr(self._log, attr)
+
+
+def lazy_logger(name: str | None = None, **bound: Any) -> Any:
+    """:func:`get_logger` for modules on a start path that must not load structlog yet
+    (metadata answers its first requests before the logging stack is imported)."""
+    return _LazyLogger(name, bound)

@@ -25,6 +25,7 @@ from typing import Any
 from urllib.parse import parse_qs
 
 from agents.log import get_logger
+from metadata.head import BAD_HEAD, BADPATH, LOOKUP, parse_head
 from metadata.lookup import Deferred, Response, bad_request, finish, respond, router_404, unavailable
 from metadata.render import negotiate, render_steps
 from metadata.store import Snapshot, empty_snapshot
@@ -48,64 +49,6 @@ _ROUTER_404 = router_404()
 _BAD = bad_request()
 _BUSY = unavailable()
 _INTERNAL = unavailable("render failed")
-
-
-_LOOKUP, _NOTFOUND, _BADPATH = 0, 1, 2
-_BAD_HEAD: Any = ("bad",)
-
-
-def parse_head(head: bytes, fmt_for: Any) -> Any:
-    """Request line and headers -> (method, path, query, fmt, xff, ctr, keep, content-length, kind),
-    or ``_BAD_HEAD``. Pure: the result depends on the bytes only, so it is memoised per head."""
-    lines = head.split(b"\r\n")
-    rl = lines[0].split(b" ")
-    if len(rl) != 3 or not rl[2].startswith(b"HTTP/1."):
-        return _BAD_HEAD
-    method, target, ver = rl
-    accept = xff = ctr = None
-    keep = ver == b"HTTP/1.1"
-    clen = 0
-    for ln in lines[1:]:
-        name, sep, value = ln.partition(b":")
-        if not sep:
-            return _BAD_HEAD
-        n = name.lower()
-        if n == b"accept":
-            accept = value.strip()
-        elif n == b"x-forwarded-for":
-            xff = value.strip()
-        elif n == b"x-corral-container":
-            ctr = value.strip()
-        elif n == b"connection":
-            v = value.strip().lower()
-            if v == b"close":
-                keep = False
-            elif v == b"keep-alive":
-                keep = True
-        elif n == b"content-length":
-            try:
-                clen = int(value.strip())
-            except ValueError:
-                return _BAD_HEAD
-            if clen < 0:
-                return _BAD_HEAD
-        elif n == b"transfer-encoding":
-            keep = False  # we never read request bodies; close after answering
-    fmt = fmt_for(accept)
-    if method != b"GET" and method != b"HEAD":
-        return (method, "", "", fmt, xff, ctr, keep, clen, _NOTFOUND)
-    if target.startswith(b"http://") or target.startswith(b"https://"):
-        slash = target.find(b"/", target.find(b"//") + 2)
-        target = target[slash:] if slash >= 0 else b"/"
-    if not target.startswith(b"/"):
-        return (method, "", "", fmt, xff, ctr, False, clen, _BADPATH)
-    try:
-        t = target.decode("utf-8")
-    except UnicodeDecodeError:
-        t = target.decode("latin-1")
-    path, _, query = t.partition("?")
-    kind = _NOTFOUND if path == "/favicon.ico" else _LOOKUP
-    return (method, path, query, fmt, xff or None, ctr or None, keep, clen, kind)
 
 
 _LOCAL: tuple[float, frozenset[str]] = (0.0, frozenset())
@@ -232,6 +175,14 @@ class MetadataServer:
         socks: Any = srv.sockets or []
         if socks:
             self.port = socks[0].getsockname()[1]
+
+    async def adopt(self, sock: socket.socket) -> None:
+        """Serve a connection accepted elsewhere (at start, metadata/early.py); a request already
+        in its receive buffer is read as if it had just arrived."""
+        try:
+            await asyncio.get_running_loop().connect_accepted_socket(lambda: _Conn(self), sock)
+        except OSError:
+            sock.close()
 
     async def stop(self) -> None:
         for s in self._servers:
@@ -617,7 +568,7 @@ class _Conn(asyncio.Protocol):
                     if len(heads) >= 4096:
                         heads.clear()
                     heads[head] = req
-            if req is _BAD_HEAD:
+            if req is BAD_HEAD:
                 self.send(_BAD, b"GET", False)
                 return
             method, path, query, fmt, xff, ctr, keep, clen, kind = req  # type: ignore[misc]
@@ -628,9 +579,9 @@ class _Conn(asyncio.Protocol):
                     self.skip = clen - len(buf)
                     self.head_t = self.last
                     buf.clear()
-            if kind != _LOOKUP:
-                self.send(_BAD if kind == _BADPATH else _ROUTER_404, method, keep and kind != _BADPATH)
-                if kind == _BADPATH:
+            if kind != LOOKUP:
+                self.send(_BAD if kind == BADPATH else _ROUTER_404, method, keep and kind != BADPATH)
+                if kind == BADPATH:
                     return
                 continue
             ip = self.peer

@@ -9,11 +9,9 @@ spellings work too, as Go's flag package allows) plus Corral's ``--metrics-liste
 from __future__ import annotations
 
 import argparse
-import asyncio
 import contextlib
 import gc
 import os
-import signal
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -29,17 +27,19 @@ from agents.config import (
     make_parser,
 )
 from agents.errors import InputError
-from agents.log import get_logger
-from agents.metrics import AdminServer, Health, binding, gauge, parse_listen, start_listener
+from agents.log import lazy_logger
 
-if TYPE_CHECKING:  # aiohttp (~100 ms to import) is loaded after the first answers are served
+if TYPE_CHECKING:  # loaded after the first answers are served (metadata/early.py)
+    import asyncio
+
     from aiohttp import web
 
+    from metadata.early import EarlyServer
     from metadata.store import Snapshot
 
 __all__ = ["DEMO_HINTS", "build_parser", "demo_argv", "main"]
 
-log = get_logger(__name__)
+log = lazy_logger(__name__)
 
 DEMO_HINTS = [
     "metadata (the API every container reads; admin listener on port {metadata_admin_port}):",
@@ -211,22 +211,71 @@ def _import_the_rest() -> None:
     metadata.render.yaml_module()
 
 
-async def serve(args: argparse.Namespace, stop: asyncio.Event) -> None:
+def start_early(args: argparse.Namespace) -> tuple[EarlyServer, tuple[int, int, int] | None, float] | None:
+    """Before anything heavy is imported: build the snapshot from the answers file (file mode) or
+    the cache (subscribe), open ``--listen`` and answer the first requests while the rest of the
+    daemon is imported (metadata/early.py). None when there is nothing usable to serve yet or
+    the port cannot be opened here; the normal start then does it (and reports what is wrong)."""
+    from agents.listen import parse_listen
+    from metadata.early import EarlyServer
+
+    early = first_snapshot(Path(args.answers))
+    if early is None:
+        return None
+    try:
+        host, port = parse_listen(args.listen, "0.0.0.0")
+    except InputError:
+        return None
+    srv = EarlyServer(early[0], xff=args.xff, stats=_STATS)
+    if not srv.listen(host, port):
+        return None
+    srv.import_rest()
+    return srv, early[1], early[2]
+
+
+async def serve(args: argparse.Namespace, stop: asyncio.Event,
+                pre: tuple[EarlyServer, tuple[int, int, int] | None, float] | None = None) -> None:
+    import asyncio
+    import signal
+
+    from agents.listen import binding, parse_listen
+    from agents.metrics import AdminServer, Health, gauge, start_listener
     from metadata.http import MetadataServer
 
     raise_open_files_limit()
     server = MetadataServer(xff=args.xff, xff_trusted=args.xff_trusted, max_waiters=args.max_waiters,
                             stats=_STATS, idle_timeout=args.idle_timeout, header_timeout=args.header_timeout)
     answers = Path(args.answers)
-    # Fast start: serve the file (file mode) or the cache (subscribe) first, import the rest after.
-    early = first_snapshot(answers)
-    if early is not None:
-        server.swap(early[0])
-        host, port = parse_listen(args.listen, "0.0.0.0")
-        with binding("--listen", args.listen):
-            await server.start(host, port)
-        log.info("metadata listening", listen=f"{host}:{server.port}", version=early[0].version)
+    early: tuple[Snapshot, tuple[int, int, int] | None, float] | None = None
+    if pre is not None:  # the port is open and the first answers served already: take them over
+        esrv, stamp, secs = pre
+        early = (esrv.snap, stamp, secs)
+        server.swap(esrv.snap)
+        lsock, conns = esrv.handover()
+        answered = esrv.answered
+        try:
+            with binding("--listen", args.listen):
+                await server.start("", 0, sock=lsock)
+        except BaseException:
+            esrv.close()
+            for c in conns:
+                c.close()
+            raise
+        for c in conns:  # accepted while importing, not answered yet: their requests are still unread
+            await server.adopt(c)
+        log.info("metadata listening", listen=f"{parse_listen(args.listen, '0.0.0.0')[0]}:{server.port}",
+                 version=early[0].version, answered_at_start=answered)
         await asyncio.to_thread(_import_the_rest)
+    else:
+        # Fast start: serve the file (file mode) or the cache (subscribe) first, import the rest after.
+        early = first_snapshot(answers)
+        if early is not None:
+            server.swap(early[0])
+            host, port = parse_listen(args.listen, "0.0.0.0")
+            with binding("--listen", args.listen):
+                await server.start(host, port)
+            log.info("metadata listening", listen=f"{host}:{server.port}", version=early[0].version)
+            await asyncio.to_thread(_import_the_rest)
 
     from aiohttp import web
 
@@ -327,5 +376,10 @@ def main(argv: list[str]) -> int:
     from agents.cli import run_daemon
 
     args = build_parser().parse_args(argv)
-    return run_daemon("metadata", lambda stop: serve(args, stop), debug=args.debug, log_file=args.log,
-                      log_json=args.log_json, pid_file=args.pid_file)
+    pre = start_early(args)
+    try:
+        return run_daemon("metadata", lambda stop: serve(args, stop, pre), debug=args.debug, log_file=args.log,
+                          log_json=args.log_json, pid_file=args.pid_file)
+    finally:
+        if pre is not None:
+            pre[0].close()  # anything the daemon did not take over (it failed before)
