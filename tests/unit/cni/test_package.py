@@ -63,6 +63,34 @@ def test_launcher_runs_version_and_imports_nothing_heavy(tmp_path: Path) -> None
         assert heavy not in mods, heavy
 
 
+def test_launcher_runs_the_core_file_and_falls_back_to_the_package(tmp_path: Path) -> None:
+    import importlib.util
+
+    bindir = load_package().build(tmp_path / "vol", sys.executable, network=None)
+    lib = tmp_path / "vol" / "lib"
+    core = lib / "corral_cni.core"
+    assert core.read_bytes()[:4] == importlib.util.MAGIC_NUMBER
+
+    def version() -> str:
+        p = subprocess.run([str(bindir / "corral-bridge")], input=b'{"cniVersion":"1.0.0"}', capture_output=True,
+                           env={"CNI_COMMAND": "VERSION"}, check=False)
+        assert p.returncode == 0 and not p.stderr, p.stderr
+        return str(json.loads(p.stdout)["cniVersion"])
+
+    # the core alone serves the modules it holds: their sources and .pyc files are not read
+    hidden = [f for f in (lib / "corral_cni").rglob("_main*") if f.is_file()]
+    for f in hidden:
+        f.rename(f.with_name(f.name + ".hidden"))
+    assert version() == "1.0.0"
+    for f in hidden:
+        f.with_name(f.name + ".hidden").rename(f)
+    # another interpreter's core (other magic number), or none: the package is imported as usual
+    core.write_bytes(b"\0\0\r\n" + core.read_bytes()[4:])
+    assert version() == "1.0.0"
+    core.unlink()
+    assert version() == "1.0.0"
+
+
 def test_record_stand_in() -> None:
     @record(frozen=True)
     class P:
