@@ -296,6 +296,7 @@ def local_networks(snap: Snapshot) -> dict[str, tuple[Network, Container]]:
     return dict(sorted(out.items()))
 
 
+@functools.lru_cache(maxsize=65536)  # the same strings come back on every snapshot
 def parse_port(spec: str) -> tuple[str, int, int, str]:
     """``hostIP:hostPort:containerPort[/proto]`` -> (ip, host port, container port, proto).
 
@@ -376,7 +377,8 @@ def _proto(p: str, port: int) -> Rule:
     return ("-p", p, "-m", p, "--dport", str(port))
 
 
-def _port_rules(b: PortBinding) -> dict[str, list[Rule]]:
+@functools.lru_cache(maxsize=65536)  # one change at 5,000 ports recomputes one binding, not all
+def _port_rules(b: PortBinding) -> dict[str, tuple[Rule, ...]]:
     to = ("-j", "DNAT", "--to-destination", f"{b.container_ip}:{b.container_port}")
     match = _proto(b.proto, b.host_port)
     if b.specific:
@@ -384,11 +386,11 @@ def _port_rules(b: PortBinding) -> dict[str, list[Rule]]:
     else:
         second = (*match, "-m", "addrtype", "--dst-type", "LOCAL", *to)
     return {
-        "raw": [_dst(b.host_ip) + _not_in(b.bridge) + match
-                + ("-j", "MARK", "--set-xmark", f"{_mark_hex()}/0xffffffff")],
-        "pre": [_dst(b.host_ip) + _not_in(b.bridge) + match + to, second],
-        "out": [second],
-        "post": [("-s", f"{b.container_ip}/32", "-d", f"{b.container_ip}/32", *_proto(b.proto, b.container_port), "-j", "MASQUERADE")],
+        "raw": (_dst(b.host_ip) + _not_in(b.bridge) + match
+                + ("-j", "MARK", "--set-xmark", f"{_mark_hex()}/0xffffffff"),),
+        "pre": (_dst(b.host_ip) + _not_in(b.bridge) + match + to, second),
+        "out": (second,),
+        "post": (("-s", f"{b.container_ip}/32", "-d", f"{b.container_ip}/32", *_proto(b.proto, b.container_port), "-j", "MASQUERADE"),),
     }
 
 
@@ -437,19 +439,14 @@ def _host_nat(facts: HostFacts, bridges: Iterable[BridgeInfo]) -> list[Rule]:
     return rules
 
 
+@functools.lru_cache(maxsize=65536)
 def _post_key(r: Rule) -> tuple[Any, ...]:
     # ("-s", "CIP/32", "-d", "CIP/32", "-p", P, "-m", P, "--dport", CP, "-j", "MASQUERADE")
     return (_ipv4(r[1].partition("/")[0]), int(r[9]), r[5])
 
 
 def _unique(rules: Iterable[Rule]) -> tuple[Rule, ...]:
-    seen: set[Rule] = set()
-    out = []
-    for r in rules:
-        if r not in seen:
-            seen.add(r)
-            out.append(r)
-    return tuple(out)
+    return tuple(dict.fromkeys(rules))  # first occurrence kept, in order
 
 
 def desired_ruleset(snap: Snapshot, facts: HostFacts) -> Ruleset:

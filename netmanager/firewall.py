@@ -22,7 +22,7 @@ from typing import Any
 from agents.errors import CorralError
 from agents.log import get_logger
 from agents.metrics import counter, gauge, histogram
-from netmanager.desired import Ruleset, stale_flows
+from netmanager.desired import Rule, Ruleset, stale_flows
 from netmanager.iptables import Backend
 from netmanager.netlink import delete_flows
 from netmanager.rules import Drift, Tables, diff, hook_chains, is_ours, parse_save, render_payload
@@ -66,6 +66,7 @@ class RulesApplier:
         self.conntrack = conntrack
         self.min_repair_gap = min_repair_gap
         self.model: Tables | None = None
+        self._lines: dict[str, tuple[str, Rule]] = {}  # parse memo of the last read-back
         self.suspect = True  # read the kernel before the first write
         self.applied: Ruleset | None = None
         self.last_write = 0.0
@@ -103,7 +104,7 @@ class RulesApplier:
 
     async def read(self) -> Tables:
         _CHECKS.inc()
-        self.model = parse_save(await self.backend.save())
+        self.model = parse_save(await self.backend.save(), self._lines)
         return self.model
 
     async def apply(self, rs: Ruleset) -> None:

@@ -17,6 +17,7 @@ content belongs to the network-policy manager).
 
 from __future__ import annotations
 
+import functools
 import shlex
 from dataclasses import dataclass, field
 
@@ -41,17 +42,31 @@ def _tokens(rest: str) -> Rule:
     return tuple(shlex.split(rest)) if ('"' in rest or "'" in rest) else tuple(rest.split())
 
 
-def parse_save(text: str) -> Tables:
-    """``iptables-save`` output -> {table: {chain: [rule tokens]}} (``-A CHAIN`` stripped)."""
+def parse_save(text: str, memo: dict[str, tuple[str, Rule]] | None = None) -> Tables:
+    """``iptables-save`` output -> {table: {chain: [rule tokens]}} (``-A CHAIN`` stripped).
+
+    ``memo`` (line -> (chain, tokens)), kept by the caller between read-backs, makes a re-read
+    of mostly unchanged rules a dictionary lookup per line; it is refilled with this text's lines."""
     tables: Tables = {}
     cur: dict[str, list[Rule]] | None = None
+    old = memo.copy() if memo else {}
+    if memo is not None:
+        memo.clear()
     for line in text.splitlines():
         if not line or line[0] == "#":
             continue
         c = line[0]
-        if c == "-" and line.startswith("-A ") and cur is not None:
-            _, chain, *rest = line.split(" ", 2)
-            cur.setdefault(chain, []).append(_tokens(rest[0]) if rest else ())
+        if c == "-" and cur is not None and line.startswith("-A "):
+            hit = old.get(line)
+            if hit is None:
+                _, chain, *rest = line.split(" ", 2)
+                hit = (chain, _tokens(rest[0]) if rest else ())
+            if memo is not None:
+                memo[line] = hit
+            rules = cur.get(hit[0])
+            if rules is None:
+                rules = cur[hit[0]] = []
+            rules.append(hit[1])
         elif c == ":" and cur is not None:
             cur.setdefault(line[1:].split(" ", 1)[0], [])
         elif c == "*":
@@ -88,8 +103,13 @@ class Drift:
         return bool(self.chains or self.hooks or self.create_policy)
 
 
+@functools.lru_cache(maxsize=1 << 17)  # the same rules are rendered on every full rebuild
+def _body(rule: Rule) -> str:
+    return " ".join(shlex.quote(t) if (" " in t or not t) else t for t in rule)
+
+
 def render(chain: str, rule: Rule, op: str = "-A") -> str:
-    return " ".join((op, chain, *(shlex.quote(t) if (" " in t or not t) else t for t in rule)))
+    return f"{op} {chain} {_body(rule)}" if rule else f"{op} {chain}"
 
 
 def _chain_diff(table: str, chain: str, want: tuple[Rule, ...], have: list[Rule] | None,
