@@ -41,6 +41,17 @@ def test_parse_quoted_comment() -> None:
     assert "INPUT" in t["nat"] and t["nat"]["INPUT"] == []
 
 
+def test_parse_with_a_memo_equals_without_and_keeps_only_the_last_lines() -> None:
+    memo: dict = {}
+    assert parse_save(DOCKER, memo) == parse_save(DOCKER)
+    assert memo["-A DOCKER -i docker0 -j RETURN"] == ("DOCKER", ("-i", "docker0", "-j", "RETURN"))
+    changed = DOCKER.replace("-A DOCKER -i docker0 -j RETURN\n", "-A DOCKER -i docker1 -j RETURN\n")
+    again = parse_save(changed, memo)  # a reused entry and a new one, in kernel order
+    assert again == parse_save(changed)
+    assert again["nat"]["DOCKER"] == [("-i", "docker1", "-j", "RETURN")]
+    assert "-A DOCKER -i docker0 -j RETURN" not in memo and "-A DOCKER -i docker1 -j RETURN" in memo
+
+
 def test_in_sync_means_no_drift_and_no_payload(snap: Snapshot) -> None:
     rs = desired_ruleset(snap, HostFacts())
     tables = in_sync_tables(snap)
