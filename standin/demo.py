@@ -180,9 +180,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="environment file (YAML/JSON) loaded into the stand-in server (none given: the "
                         "sample shipped in standin/sample_env.yaml)")
     p.add_argument("--duration", type=float_arg(0), default=0, help="stop by itself after this many seconds (0: Ctrl-C)")
-    p.add_argument("--hosts", type=int_arg(1, 20), default=1,
+    p.add_argument("--hosts", type=int_arg(1, 20), default=None,
                    help="simulated hosts; 1: the single-node demo on loopback; 2 or more: one network namespace "
-                        "per host on an underlay bridge, workloads networked across them (needs root)")
+                        "per host on an underlay bridge, workloads networked across them (needs root) "
+                        "(none given: 3 as root, else 1; --only and --env imply 1)")
     p.add_argument("--backend", default="vxlan", choices=["vxlan", "ipsec"],
                    help="overlay between the simulated hosts (--hosts 2 or more)")
     return p
@@ -229,6 +230,8 @@ def main(argv: list[str]) -> int:
     from standin.ctl import AdminClient, CtlError
 
     args = build_parser().parse_args(argv)
+    if args.hosts is None:
+        args.hosts = 3 if os.geteuid() == 0 and not args.only and not args.env else 1
     env_file = args.env or str(SAMPLE)
     stopping = False
 
@@ -375,17 +378,24 @@ def _run_hosts(args: argparse.Namespace, topo: Any, procs: _Procs) -> int:
             return 1
         for i in range(1, topo.n + 1):
             topo.start_host(i, routers[i])
-        topo.start_workloads()
+        topo.start_scheduler()
+        deadline = time.monotonic() + 60
+        while not topo.scheduler_subscribed():  # else the server would place by round-robin
+            if procs.dead() or time.monotonic() > deadline:
+                print(f"the scheduler did not subscribe to the server; see {workdir}/scheduler.log", file=sys.stderr)
+                return 1
+            time.sleep(0.2)
+        topo.create_workloads()
     except subprocess.CalledProcessError as e:  # an `ip` command refused: say which (all is undone below)
         print(f"setting up the simulated hosts failed: {' '.join(e.cmd)}: {(e.stderr or '').strip()}", file=sys.stderr)
         return 1
     except (RuntimeError, OSError, subprocess.TimeoutExpired) as e:
         print(f"setting up the simulated hosts failed: {e}", file=sys.stderr)
         return 1
-    from standin.demo_hosts import service_of
+    from standin.demo_hosts import HOST_PORT, service_of
 
     webs = {topo.host_index(c): str(c["primary_ip"]) for c in topo.workload_containers()
-            if service_of(c)[1] == f"web{topo.host_index(c)}"}
+            if service_of(c)[1] == f"web{topo.host_index(c)}" and c.get("ports")}
     clients = {topo.host_index(c): str(c["name"]) for c in topo.workload_containers() if service_of(c)[1] == "client"}
     if sorted(webs) != list(range(1, topo.n + 1)) or sorted(clients) != list(range(1, topo.n + 1)):
         print(f"the server did not place a web and a client on every host: {webs} {clients}", file=sys.stderr)
@@ -399,7 +409,8 @@ def _run_hosts(args: argparse.Namespace, topo: Any, procs: _Procs) -> int:
         if dead:
             print(f"stopped unexpectedly: {', '.join(dead)} (see {workdir}/<name>.log)", file=sys.stderr)
             return 1
-        todo = {(i, j) for i, j in todo if not _ping(topo, topo.workloads[clients[i]], webs[j])}
+        ns = topo.workloads
+        todo = {(i, j) for i, j in todo if clients[i] not in ns or not _ping(topo, ns[clients[i]], webs[j])}
         if todo and time.monotonic() > told:  # say what is missing once; keep waiting (Ctrl-C stops)
             told = float("inf")
             pairs = ", ".join(f"client on node-{i} -> web{j}" for i, j in sorted(todo))
@@ -417,22 +428,35 @@ def _run_hosts(args: argparse.Namespace, topo: Any, procs: _Procs) -> int:
     print(f"  {ul}: the underlay bridge {topo.prefix}.0/24 and the stand-in server")
     for i in range(1, topo.n + 1):
         names = ", ".join(sorted(n for n, ns in topo.workloads.items() if ns.startswith(topo.h(i) + "-")))
-        print(f"  {topo.h(i)}: node-{i}, agent IP {topo.prefix}.{i}; metadata, dns, overlay, etc-host-updater;"
-              f" workloads {names} in {topo.h(i)}-<n>")
+        print(f"  {topo.h(i)}: node-{i}, agent IP {topo.prefix}.{i}; metadata, dns, healthcheck (HAProxy), netmanager,"
+              f" overlay, etc-host-updater{', scheduler' if i == 1 else ''}; workloads {names} in {topo.h(i)}-<n>")
+    ctl = f"ip netns exec {ul} corral ctl --admin {adm}"
+    web2 = next((str(c["name"]) for c in topo.workload_containers() if service_of(c)[1] == "web2"), "demo-web2-1")
+    hosts = " ".join(topo.h(i) for i in range(1, topo.n + 1))
     print("\nTry (each line after $ is a command; # says what it shows):")
+    print(f"  $ for h in {hosts}; do ip netns exec $h corral status; done"
+          "    # every host: daemons up/ready, containers with health, overlay peers")
     print(f"  $ ip netns exec {c1} dig +short @169.254.169.250 web{last}.demo.rancher.internal"
           f"    # web{last}'s address (on node-{last}), from node-1's Corral dns")
     print(f"  $ ip netns exec {c1} curl -s http://169.254.169.250/latest/self/container/name"
           f"    # {clients[1]}: metadata knows the caller by its address")
     print(f"  $ ip netns exec {c1} ping -c 2 {webs[last]}    # across the {args.backend} overlay to node-{last}")
-    print(f"  $ ip netns exec {c1} curl -s http://{webs[last]}/ | head -3    # web{last} answers over HTTP")
+    print(f"  $ ip netns exec {c1} curl -s http://{webs[last]}/    # web{last} answers over HTTP")
+    print(f"  $ ip netns exec {topo.h(1)} curl -s http://{topo.prefix}.2:{HOST_PORT}/"
+          f"    # node-2's host port {HOST_PORT} (netmanager's DNAT), from node-1's underlay address")
+    print(f"  $ {ctl} container update {web2} --set 'merge_labels={{demo.health: fail}}'"
+          f"    # {web2} now fails its health check")
+    print(f"  $ ip netns exec {topo.h(1)} curl -s http://169.254.169.250/latest/containers/{web2}/health_state"
+          "    # unhealthy a few seconds later (HAProxy on another host reported it DOWN)")
+    print(f"  $ {ctl} container update {web2} --set 'merge_labels={{demo.health: ok}}'    # and healthy again")
+    print(f"  $ {ctl} service scale demo/client {topo.n + 1}"
+          "    # the scheduler places one more client; its runtime starts it, dns and the overlay follow")
     print(f"  $ ip netns exec {topo.h(1)} cat /etc/hosts    # node-1's hosts file: etc-host-updater lists every node")
-    print(f"  $ ip netns exec {topo.h(1)} ping -c 1 node-{last}    # by that file, over the underlay")
-    print(f"  $ ip netns exec {topo.h(1)} bridge fdb show dev vtep1042    # the overlay's forwarding entries")
-    print(f"  $ ip netns exec {topo.h(1)} curl -s 127.0.0.1:8111/connectivity    # overlay peers and their RTT")
+    print(f"  $ ip netns exec {topo.h(1)} ip route | grep vtep1042    # the overlay's routes to the other hosts' containers")
+    print(f"  $ ip netns exec {topo.h(2)} iptables -t nat -S CATTLE_PREROUTING    # netmanager's host port rules")
     if args.backend == "ipsec":
         print(f"  $ ip netns exec {topo.h(1)} ip -s link show ipsec0    # charon's kernel-libipsec tunnel: its counters")
-    print(f"  $ ip netns exec {ul} corral ctl --admin {adm} container ls | grep '\"name\"'    # what the server placed")
+    print(f"  $ {ctl} container ls | grep '\"name\"'    # what the scheduler placed")
     print("\nCtrl-C stops everything and deletes every namespace.")
     sys.stdout.flush()
     return _watch(procs, workdir, args.duration)

@@ -53,15 +53,19 @@ def service_of(c: dict[str, Any]) -> tuple[str, str]:
     return stack, svc
 
 
+HEALTH_CHECK = {"port": 80, "request_line": "GET /health HTTP/1.0", "interval": 1000, "response_timeout": 1000,
+                "healthy_threshold": 2, "unhealthy_threshold": 2}
+HOST_PORT = 8080
+
+
 def env_doc(n: int, backend: str = "vxlan") -> dict[str, Any]:
-    """The demo's environment: N hosts, one VXLAN router per host, a web service per host, a client per host."""
+    """What the demo loads at once: N hosts, the managed network and one overlay router per host.
+
+    The workloads come afterwards, through ``corral ctl`` (``workload_commands``), so that the
+    scheduler places them."""
     names = [f"node-{i}" for i in range(1, n + 1)]
     hosts = [{"name": names[i - 1], "uuid": f"demo-host-{i}", "agent_ip": f"{UNDERLAY}.{i}", "agentId": str(i),
               "labels": {"demo-host": str(i)}} for i in range(1, n + 1)]
-    web = [{"name": f"web{i}", "image": "busybox", "scale": 1, "hosts": [names[i - 1]],
-            "health_check": {"port": 80, "request_line": "GET / HTTP/1.0", "interval": 2000,
-                             "response_timeout": 2000, "healthy_threshold": 2, "unhealthy_threshold": 3}}
-           for i in range(1, n + 1)]
     return {
         "environment": {"name": "demo-hosts"},
         "networks": [{"name": "managed", "kind": "network", "subnets": ["10.42.0.0/16"], "is_default": True,
@@ -72,9 +76,23 @@ def env_doc(n: int, backend: str = "vxlan") -> dict[str, Any]:
             {"name": "network-services", "system": True, "services": [
                 {"name": backend, "image": "corral", "scale": n, "hosts": names, "system": True,
                  "labels": {ROUTER_LABEL.format(backend=backend): "true"}}]},
-            {"name": "demo", "services": [*web, {"name": "client", "image": "busybox", "scale": n, "hosts": names}]},
         ],
     }
+
+
+def workload_commands(n: int) -> list[list[str]]:
+    """``corral ctl`` arguments that create the demo's workloads: per host a web service (HTTP health
+    check, host port 8080, a sidekick ``helper``) kept to that host, and a client service of scale N
+    that the scheduler spreads (most free host first)."""
+    out = [["stack", "create", "--name", "demo"]]
+    for i in range(1, n + 1):
+        out.append(["service", "create", "--stack", "demo", "--name", f"web{i}", "--image", "busybox",
+                    "--port", f"{HOST_PORT}:80/tcp", "--health-check", json.dumps(HEALTH_CHECK),
+                    "--label", "demo.serve=http", "--sidekick", "helper", "--set", f"hosts=[node-{i}]",
+                    "--scale", "1"])
+    out.append(["service", "create", "--stack", "demo", "--name", "client", "--image", "busybox",
+                "--scale", str(n)])
+    return out
 
 
 class HostsDemo:
@@ -89,7 +107,6 @@ class HostsDemo:
         self.ul = f"{self.tag}-ul"
         self.namespaces: list[str] = []
         self.containers: list[dict[str, Any]] = []
-        self.workloads: dict[str, str] = {}  # container name -> its namespace
         self.prefix = UNDERLAY
         self.etc_dirs: list[Path] = []
         self.psk = secrets.token_hex(24)
@@ -193,6 +210,14 @@ class HostsDemo:
     def start_host(self, i: int, router_ip: str) -> None:
         h, d = self.h(i), self.workdir / f"h{i}"
         self.nsx(h, "ip", "addr", "add", f"{router_ip}/32", "dev", "lo")
+        if self.backend == "ipsec":
+            # The host's own traffic to other hosts' containers (healthcheck's HAProxy) leaves with the
+            # router address as source; in libipsec mode the peer routes that address into its
+            # tunnel, which carries only the VXLAN between routers, so the answer never comes back.
+            # Rancher ran healthcheck in a container with its own managed address; here the host's
+            # packets into the VTEP take the host's underlay address, which every host reaches directly.
+            self.nsx(h, "iptables", "-t", "nat", "-A", "POSTROUTING", "-s", f"{router_ip}/32", "-o", "vtep1042",
+                     "-j", "SNAT", "--to-source", f"{UNDERLAY}.{i}")
         # `ip netns exec <host>` shows /etc/netns/<host>/hosts as /etc/hosts: the host's own hosts file,
         # which etc-host-updater keeps (it needs its own name to resolve, as in its container).
         etc = Path("/etc/netns") / h
@@ -218,6 +243,24 @@ class HostsDemo:
         self.start(f"h{i}-etc-host-updater", [*run, *_corral(
             "etc-host-updater", "--metadata-url", f"http://{META_IP}/2016-07-29", "--hosts-file", "/etc/hosts",
             "--update-interval", "1", "--hostname", f"node-{i}")], {})
+        # netmanager: host ports and host NAT from metadata in this host's iptables, the CNI volume
+        # (configs and plugin shims) in <workdir>/h<i>/cni; no Docker here, so no Docker events.
+        self.start(f"h{i}-netmanager", [*run, *_corral(
+            "netmanager", "--metadata-address", META_IP, "--cni-dir", str(d / "cni"), "--docker-host", "",
+            "--cni-state-dir", str(d / "cni-state"), "--netns-handle-dir", str(d / "netns"),
+            "--disable-dns-setup", "--metrics-listen", "127.0.0.1:9115",
+            "--metadata-state-file", str(d / "netmanager-metadata.json"))], {})
+        # healthcheck: a real HAProxy checking the containers the server gave this host to check
+        # (containers of the other hosts, through the overlay), reports to the server.
+        self.start(f"h{i}-healthcheck", [*run, *_corral(
+            "healthcheck", "--metadata-address", META_IP, "--state-dir", str(d / "healthcheck"),
+            "--host-uuid", f"demo-host-{i}", "--check-networks", "10.42.0.0/16", "--poll-interval", "1s",
+            "--metrics-listen", "127.0.0.1:9114", "--metadata-state-file", str(d / "healthcheck-metadata.json"))],
+            self.agent_env(i))
+        # What Docker and the agent do on a host: the server's containers for it become namespaces.
+        self.start(f"h{i}-runtime", [sys.executable, "-m", "standin.demo_runtime", "--netns", h, "--tag", self.tag,
+                                     "--index", str(i), "--host-uuid", f"demo-host-{i}",
+                                     "--state", str(d / "workloads.json")], {})
 
     def ipsec_env(self, i: int) -> dict[str, str]:
         """``--backend ipsec``: charon's run and config directories per host, one pre-shared key for all."""
@@ -227,27 +270,45 @@ class HostsDemo:
         return {"CORRAL_IPSEC_DIR": str(d / "ipsec-run"), "CORRAL_IPSEC_CONFIG_DIR": str(d / "ipsec"),
                 "RANCHER_IPSEC_PSK": self.psk}
 
+    def start_scheduler(self) -> None:
+        """One scheduler for the server, in host 1's namespace (an environment service of Rancher 1.2):
+        placement decisions from host 1's metadata, with host 1's agent key."""
+        d = self.workdir / "h1"
+        self.start("scheduler", ["ip", "netns", "exec", self.h(1), *_corral(
+            "scheduler", "--metadata-address", f"http://{META_IP}", "--health-check-port", "0",
+            "--metrics-listen", "127.0.0.1:9117", "--metadata-state-file", str(d / "scheduler-metadata.json"))],
+            self.agent_env(1))
+
+    def scheduler_subscribed(self) -> bool:
+        with contextlib.suppress(RuntimeError, ValueError):
+            return any("scheduler.prioritize" in (c.get("eventNames") or [])
+                       for c in self.admin("GET", "/_admin/conns"))
+        return False
+
+    def ctl(self, *argv: str) -> Any:
+        """``corral ctl`` against the stand-in, from the underlay namespace; its JSON output."""
+        r = self.nsx(self.ul, *_corral("ctl", "--admin", self.admin_url, *argv), check=False)
+        if r.returncode != 0:
+            raise RuntimeError(f"corral ctl {' '.join(argv)}: {r.stderr.strip() or r.stdout.strip()}")
+        return json.loads(r.stdout) if r.stdout.strip() else None
+
+    def create_workloads(self) -> None:
+        for argv in workload_commands(self.n):
+            self.ctl(*argv)
+        self.containers = list(self.admin("GET", "/_admin/containers"))
+
     def workload_containers(self) -> list[dict[str, Any]]:
         return [c for c in self.containers if service_of(c)[0] == "demo" and c.get("primary_ip")
                 and self.host_index(c)]
 
-    def start_workloads(self) -> None:
-        counts: dict[int, int] = {}
-        for c in sorted(self.workload_containers(), key=lambda c: str(c["name"])):
-            i = self.host_index(c)
-            counts[i] = counts.get(i, 0) + 1
-            h, ns, veth = self.h(i), f"{self.h(i)}-{counts[i]}", f"v{counts[i]}"
-            self._ns(ns)
-            self.nsx(h, "ip", "link", "add", veth, "type", "veth", "peer", "name", "eth0", "netns", ns)
-            self.nsx(h, "ip", "link", "set", veth, "master", "docker0", "up")
-            self.nsx(ns, "ip", "addr", "add", f"{c['primary_ip']}/16", "dev", "eth0")
-            self.nsx(ns, "ip", "link", "set", "eth0", "mtu", "1400", "up")  # VXLAN takes 50 bytes of 1500
-            self.nsx(ns, "ip", "route", "add", "default", "via", "10.42.0.1")
-            self.workloads[str(c["name"])] = ns
-            if service_of(c)[1].startswith("web"):
-                self.start(f"{c['name']}-http", ["ip", "netns", "exec", ns, sys.executable, "-m", "http.server",
-                                                 "80", "--bind", str(c["primary_ip"]),
-                                                 "--directory", str(self.workdir)], {})
+    @property
+    def workloads(self) -> dict[str, str]:
+        """Container name -> its namespace, as the hosts' runtimes made them."""
+        out: dict[str, str] = {}
+        for i in range(1, self.n + 1):
+            with contextlib.suppress(OSError, ValueError):
+                out.update(json.loads((self.workdir / f"h{i}" / "workloads.json").read_text()))
+        return out
 
     # ------------------------------------------------------------------ teardown
     def close(self) -> list[str]:
@@ -259,8 +320,13 @@ class HostsDemo:
             _sh("ip", "netns", "del", ns, check=False)
         for etc in self.etc_dirs:
             shutil.rmtree(etc, ignore_errors=True)
-        left = set(_sh("ip", "netns", "list", check=False).stdout.split())
-        return [ns for ns in self.namespaces if ns in left]
+        left = [ns for ns in _sh("ip", "netns", "list", check=False).stdout.split() if ns.startswith(self.tag + "-")]
+        for ns in left:  # the runtimes' workloads, when a runtime could not clean up after itself
+            for pid in _sh("ip", "netns", "pids", ns, check=False).stdout.split():
+                with contextlib.suppress(ProcessLookupError, ValueError):
+                    os.kill(int(pid), 9)
+            _sh("ip", "netns", "del", ns, check=False)
+        return [ns for ns in _sh("ip", "netns", "list", check=False).stdout.split() if ns.startswith(self.tag + "-")]
 
 
 def _corral(*argv: str) -> list[str]:

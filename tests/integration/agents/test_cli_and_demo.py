@@ -132,7 +132,8 @@ def _start_demo(tmp: Path, *argv: str) -> subprocess.Popen[str]:
     import os
 
     env = {**os.environ, "TMPDIR": str(tmp), "PATH": f"{Path(sys.executable).parent}:{os.environ.get('PATH', '')}"}
-    return subprocess.Popen([sys.executable, "-m", "agents.cli", "demo", *argv], stdout=subprocess.PIPE,
+    # --hosts 1: as root the demo's default is the three-host one
+    return subprocess.Popen([sys.executable, "-m", "agents.cli", "demo", "--hosts", "1", *argv], stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, cwd=ROOT, env=env)
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 from pathlib import Path
@@ -9,7 +10,9 @@ from pathlib import Path
 import pytest
 
 from standin import demo
-from standin.demo_hosts import env_doc, service_of
+from standin.ctl import build_parser
+from standin.demo_hosts import env_doc, service_of, workload_commands
+from standin.demo_runtime import wanted
 from tests.helpers.procs import ROOT, corral_argv
 
 
@@ -41,14 +44,37 @@ def test_without_root_it_says_so_and_creates_nothing(monkeypatch: pytest.MonkeyP
     assert list(tmp_path.iterdir()) == []
 
 
-def test_environment_places_a_router_web_and_client_on_every_host() -> None:
+def test_environment_is_hosts_and_routers_and_the_workloads_come_through_ctl() -> None:
     doc = env_doc(3)
     assert [h["agent_ip"] for h in doc["hosts"]] == ["192.168.77.1", "192.168.77.2", "192.168.77.3"]
     stacks = {s["name"]: s for s in doc["stacks"]}
+    assert set(stacks) == {"network-services"}
     router = stacks["network-services"]["services"][0]
     assert router["scale"] == 3 and router["labels"] == {"io.rancher.container.agent_service.vxlan": "true"}
-    web = {s["name"]: s["hosts"] for s in stacks["demo"]["services"]}
-    assert web == {"web1": ["node-1"], "web2": ["node-2"], "web3": ["node-3"],
-                   "client": ["node-1", "node-2", "node-3"]}
+    cmds = workload_commands(3)
+    assert cmds[0] == ["stack", "create", "--name", "demo"]
+    made = {c[c.index("--name") + 1]: c for c in cmds[1:]}
+    assert set(made) == {"web1", "web2", "web3", "client"}
+    for i in (1, 2, 3):  # each web: kept to its host, a host port, an HTTP check, a sidekick
+        web = made[f"web{i}"]
+        assert f"hosts=[node-{i}]" in web and "8080:80/tcp" in web and "helper" in web
+        assert json.loads(web[web.index("--health-check") + 1])["request_line"] == "GET /health HTTP/1.0"
+    assert made["client"][made["client"].index("--scale") + 1] == "3" and "--set" not in made["client"]
+    # every command is one `corral ctl` accepts
+    for c in cmds:
+        build_parser().parse_args(c)
     assert service_of({"labels": {"io.rancher.stack_service.name": "demo/web2"}}) == ("demo", "web2")
     assert service_of({}) == ("", "")
+
+
+def test_runtime_runs_this_hosts_workloads_and_leaves_the_router_to_the_host() -> None:
+    containers = [
+        {"uuid": "r", "name": "network-services-vxlan-1", "host_uuid": "h1", "primary_ip": "10.42.0.2",
+         "labels": {"io.rancher.container.agent_service.vxlan": "true"}},
+        {"uuid": "w", "name": "demo-web1-1", "host_uuid": "h1", "primary_ip": "10.42.0.5", "state": "running"},
+        {"uuid": "o", "name": "demo-web2-1", "host_uuid": "h2", "primary_ip": "10.42.0.6"},
+        {"uuid": "s", "name": "demo-web1-1-stopped", "host_uuid": "h1", "primary_ip": "10.42.0.7", "state": "stopped"},
+        {"uuid": "n", "name": "no-address-yet", "host_uuid": "h1", "primary_ip": None},
+        "junk",
+    ]
+    assert sorted(wanted(containers, "h1")) == ["w"]
