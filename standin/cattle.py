@@ -280,22 +280,25 @@ def create_service(store: Store, fields: dict[str, Any]) -> dict[str, Any]:
 
 # -- containers -------------------------------------------------------------------------
 
-def _used_ips(store: Store) -> set[str]:
-    return {c["primary_ip"] for c in store.all("container") if c.get("primary_ip")}
-
-
 def allocate_ip(store: Store) -> tuple[str, str | None]:
     """Lowest free address of the managed network's first subnet (.1 is the gateway)."""
     net = managed_network(store)
     if net is None or not net.get("subnets"):
         raise InputError("no managed network with a subnet to allocate container IPs from")
     subnet = ipaddress.ip_network(net["subnets"][0], strict=False)
-    used = _used_ips(store)
-    for i, ip in enumerate(subnet.hosts()):
-        if i == 0:
-            continue  # gateway
-        if str(ip) not in used:
-            return str(ip), net["uuid"]
+    key = str(subnet)
+    first = int(subnet.network_address) + (1 if subnet.num_addresses > 2 else 0)  # what .hosts() starts at
+    last = int(subnet.broadcast_address) - (1 if subnet.version == 4 and subnet.num_addresses > 2 else 0)
+    # every address below the floor is held (the store resets it when one comes free): an
+    # allocation looks at O(1) addresses, not at every container
+    i = max(store.ip_floor.get(key, 1), 1)  # offset 0 is the gateway
+    while first + i <= last:
+        ip = str(ipaddress.IPv4Address(first + i)) if subnet.version == 4 else str(ipaddress.IPv6Address(first + i))
+        if not store.ip_used(ip):
+            store.ip_floor[key] = i
+            return ip, net["uuid"]
+        i += 1
+    store.ip_floor[key] = i
     raise InputError(f"network {net['name']}: no free address left in {subnet}")
 
 
@@ -310,7 +313,7 @@ def _mac(ip: str) -> str | None:
 def create_container(store: Store, fields: dict[str, Any], host_uuid: str | None) -> dict[str, Any]:
     """A container; ``host_uuid`` already allocated (or None: not placed)."""
     name = _name(fields, "container")
-    if any(c["name"] == name for c in store.all("container")):
+    if store.by_name("container", name) is not None:
         raise InputError(f"a container named {name!r} already exists")
     host = store.by_uuid("host", host_uuid) if host_uuid else None
     if host_uuid and host is None:

@@ -75,23 +75,20 @@ class Resources(Protocol):
 class Committed:
     """The resources as of the last commit. Stored dicts are never mutated in place, so a shallow
     copy of the id maps is a consistent snapshot; readers that must not see an operation in
-    progress (the metadata answers, while an allocation waits for the scheduler) read this."""
+    progress (the metadata answers, while an allocation waits for the scheduler) read this.
+    The id maps come in creation order (the store keeps them so), so ``all`` is one copy."""
 
     def __init__(self, res: dict[str, dict[str, dict[str, Any]]], env: dict[str, Any], revision: int) -> None:
         self._res = res
         self._env = env
         self.revision = revision
-        self._sorted: dict[str, list[dict[str, Any]]] = {}
 
     @property
     def env(self) -> dict[str, Any]:
         return self._env
 
     def all(self, kind: str) -> list[dict[str, Any]]:
-        cached = self._sorted.get(kind)
-        if cached is None:
-            cached = self._sorted[kind] = sorted(self._res[kind].values(), key=lambda o: _id_num(o["id"]))
-        return list(cached)
+        return list(self._res[kind].values())
 
 
 class Store:
@@ -104,17 +101,9 @@ class Store:
             self.db.execute("PRAGMA journal_mode=WAL")
             self.db.execute("PRAGMA synchronous=NORMAL")
         self.db.executescript(_SCHEMA)
-        self._sorted: dict[str, list[dict[str, Any]]] = {}
-        self._res: dict[str, dict[str, dict[str, Any]]] = {k: {} for k in KINDS}
-        self._kv: dict[str, dict[str, Any]] = {}
-        for kind, rid, data in self.db.execute("SELECT kind, id, data FROM resources"):
-            if kind in self._res:
-                self._res[kind][rid] = orjson.loads(data)
-        for ns, k, v in self.db.execute("SELECT ns, k, v FROM kv"):
-            self._kv.setdefault(ns, {})[k] = orjson.loads(v)
         self._in_txn = False
         self._changes: list[str] = []
-        self.revision = int(self.kv_get("meta", "revision", 0))
+        self._reload()
         self._snapshot_due = True
         self.committed = self._snapshot()
         self.fresh = "environment" not in self._kv.get("meta", {})
@@ -179,15 +168,105 @@ class Store:
         self._snapshot_due = False  # the committed view is still right
 
     def _reload(self) -> None:
-        self._sorted = {}
-        self._res = {k: {} for k in KINDS}
-        self._kv = {}
-        for kind, rid, data in self.db.execute("SELECT kind, id, data FROM resources"):
-            if kind in self._res:
-                self._res[kind][rid] = orjson.loads(data)
+        self._clear_resources()
+        self._kv: dict[str, dict[str, Any]] = {}
+        rows: dict[str, list[dict[str, Any]]] = {k: [] for k in KINDS}
+        for kind, _rid, data in self.db.execute("SELECT kind, id, data FROM resources"):
+            if kind in rows:
+                rows[kind].append(orjson.loads(data))
+        for kind, objs in rows.items():
+            objs.sort(key=lambda o: _id_num(o["id"]))
+            for o in objs:
+                self._put_mem(kind, o)
         for ns, k, v in self.db.execute("SELECT ns, k, v FROM kv"):
             self._kv.setdefault(ns, {})[k] = orjson.loads(v)
         self.revision = int(self.kv_get("meta", "revision", 0))
+
+    # -- the in-memory maps and their indexes ---------------------------------------------
+    # Every lookup a creation makes (by uuid, by name, the next free container address, the
+    # list in creation order) is a dict access, so loading n resources costs O(n), not O(n^2).
+
+    def _clear_resources(self) -> None:
+        #: id -> object per kind, kept in creation order (``all`` is one copy, no sort)
+        self._res: dict[str, dict[str, dict[str, Any]]] = {k: {} for k in KINDS}
+        self._last_num: dict[str, int] = dict.fromkeys(KINDS, -1)
+        self._by_uuid: dict[str, dict[str, str]] = {k: {} for k in KINDS}  # uuid -> id
+        self._by_name: dict[str, dict[str, dict[str, None]]] = {k: {} for k in KINDS}  # name -> ids
+        self._by_lname: dict[str, dict[str, dict[str, None]]] = {k: {} for k in KINDS}  # lower(name) -> ids
+        self._ips: dict[str, int] = {}  # container primary_ip -> how many containers hold it
+        #: per subnet: host offset below which every address is known to be held (reset on a release)
+        self.ip_floor: dict[str, int] = {}
+
+    def _put_mem(self, kind: str, obj: dict[str, Any]) -> None:
+        objs = self._res[kind]
+        rid = obj["id"]
+        old = objs.get(rid)
+        if old is not None:
+            self._unindex(kind, old)
+            objs[rid] = obj  # keeps its place in the creation order
+        else:
+            num = _id_num(rid)
+            if num < self._last_num[kind]:  # an id older than the newest (a state load): re-sort once
+                objs[rid] = obj
+                self._res[kind] = dict(sorted(objs.items(), key=lambda kv: _id_num(kv[0])))
+            else:
+                objs[rid] = obj
+                self._last_num[kind] = num
+        self._index(kind, obj)
+
+    def _del_mem(self, kind: str, rid: str) -> dict[str, Any] | None:
+        o = self._res[kind].pop(rid, None)
+        if o is not None:
+            self._unindex(kind, o)
+        return o
+
+    def _index(self, kind: str, o: dict[str, Any]) -> None:
+        rid = o["id"]
+        u = o.get("uuid")
+        if u:
+            self._by_uuid[kind].setdefault(str(u), rid)
+        name = o.get("name")
+        if isinstance(name, str):
+            self._by_name[kind].setdefault(name, {})[rid] = None
+            self._by_lname[kind].setdefault(name.lower(), {})[rid] = None
+        if kind == "container":
+            ip = o.get("primary_ip")
+            if ip:
+                self._ips[ip] = self._ips.get(ip, 0) + 1
+
+    def _unindex(self, kind: str, o: dict[str, Any]) -> None:
+        rid = o["id"]
+        u = o.get("uuid")
+        if u and self._by_uuid[kind].get(str(u)) == rid:
+            del self._by_uuid[kind][str(u)]
+            for other in self._res[kind].values():  # another object with that uuid (not seen in practice)
+                if other.get("uuid") == u and other["id"] != rid:
+                    self._by_uuid[kind][str(u)] = other["id"]
+                    break
+        name = o.get("name")
+        if isinstance(name, str):
+            for ix, key in ((self._by_name[kind], name), (self._by_lname[kind], name.lower())):
+                ids = ix.get(key)
+                if ids is not None:
+                    ids.pop(rid, None)
+                    if not ids:
+                        del ix[key]
+        if kind == "container":
+            ip = o.get("primary_ip")
+            if ip and ip in self._ips:
+                self._ips[ip] -= 1
+                if not self._ips[ip]:
+                    del self._ips[ip]
+                    self.ip_floor.clear()  # an address came free: the next allocation looks from the start
+
+    def ip_used(self, ip: str) -> bool:
+        """Whether some container has ``ip`` as its primary address."""
+        return ip in self._ips
+
+    def _first_named(self, kind: str, ids: dict[str, None] | None) -> dict[str, Any] | None:
+        if not ids:
+            return None
+        return self._res[kind][min(ids, key=_id_num)]
 
     @property
     def dirty(self) -> bool:
@@ -236,10 +315,10 @@ class Store:
     # -- resources --------------------------------------------------------------------
     def all(self, kind: str) -> list[dict[str, Any]]:
         """Every resource of a kind, in creation order."""
-        cached = self._sorted.get(kind)
-        if cached is None:
-            cached = self._sorted[kind] = sorted(self._res[kind].values(), key=lambda o: _id_num(o["id"]))
-        return list(cached)
+        return list(self._res[kind].values())
+
+    def count(self, kind: str) -> int:
+        return len(self._res[kind])
 
     def __iter__(self) -> Iterator[tuple[str, dict[str, Any]]]:
         for kind in KINDS:
@@ -252,19 +331,21 @@ class Store:
     def by_uuid(self, kind: str, uuid: str | None) -> dict[str, Any] | None:
         if not uuid:
             return None
-        for o in self._res[kind].values():
-            if o.get("uuid") == uuid:
-                return o
-        return None
+        rid = self._by_uuid[kind].get(uuid)
+        return None if rid is None else self._res[kind].get(rid)
+
+    def by_name(self, kind: str, name: str) -> dict[str, Any] | None:
+        """The oldest resource of a kind with exactly this name."""
+        return self._first_named(kind, self._by_name[kind].get(name))
 
     def find(self, kind: str, ref: str) -> dict[str, Any] | None:
         """Look a resource up by id, uuid, name ("stack/service" for services), case-insensitive last."""
         objs = self._res[kind]
         if ref in objs:
             return objs[ref]
-        for o in objs.values():
-            if o.get("uuid") == ref:
-                return o
+        o = self.by_uuid(kind, ref)
+        if o is not None:
+            return o
         if kind == "service" and "/" in ref:
             stack_ref, _, name = ref.partition("/")
             st = self.find("stack", stack_ref)
@@ -278,10 +359,7 @@ class Store:
                 if str(o.get("name", "")).lower() == name.lower():
                     return o
             return None
-        named = [o for o in self.all(kind) if o.get("name") == ref]
-        if not named:
-            named = [o for o in self.all(kind) if str(o.get("name", "")).lower() == ref.lower()]
-        return named[0] if named else None
+        return self.by_name(kind, ref) or self._first_named(kind, self._by_lname[kind].get(ref.lower()))
 
     def get(self, kind: str, ref: str) -> dict[str, Any]:
         o = self.find(kind, ref)
@@ -293,8 +371,7 @@ class Store:
         if kind not in self._res:
             raise InputError(f"unknown resource kind {kind!r}")
         self._begin()
-        self._res[kind][obj["id"]] = obj
-        self._sorted.pop(kind, None)
+        self._put_mem(kind, obj)
         self._snapshot_due = True
         self._exec("INSERT OR REPLACE INTO resources (kind, id, data) VALUES (?, ?, ?)",
                    (kind, obj["id"], orjson.dumps(obj)))
@@ -303,8 +380,7 @@ class Store:
 
     def delete(self, kind: str, rid: str) -> dict[str, Any] | None:
         self._begin()
-        o = self._res[kind].pop(rid, None)
-        self._sorted.pop(kind, None)
+        o = self._del_mem(kind, rid)
         self._snapshot_due = True
         self._exec("DELETE FROM resources WHERE kind = ? AND id = ?", (kind, rid))
         if o is not None:
@@ -317,8 +393,7 @@ class Store:
         self._exec("DELETE FROM resources")
         self._exec("DELETE FROM kv WHERE ns != 'meta' OR k != 'revision'")
         rev = self.revision
-        self._sorted = {}
         self._snapshot_due = True
-        self._res = {k: {} for k in KINDS}
+        self._clear_resources()
         self._kv = {"meta": {"revision": rev}}
         self._changes.append("wipe")
