@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import os
 import time
 from typing import Any
 
@@ -24,6 +25,7 @@ from agents.errors import ConfigError, InputError, TransportError
 from agents.eventstream import Event, EventStream, Reply
 from agents.log import get_logger
 from agents.metadata_client import MetadataClient
+from agents.metadata_fetch import write_atomic
 from agents.metadata_watch import MetadataSnapshot, MetadataWatch, add_watch_args
 from agents.metrics import AdminServer, Health, counter, gauge, histogram, start_listener
 from scheduler.pools import PORT_RANGE, BaseBuilder, Pools, SchedulerError
@@ -42,6 +44,8 @@ _PENDING = gauge("scheduler", "pending_bookings", "Reservations metadata does no
 _STALE = gauge("scheduler", "metadata_stale", "1 while the pools come from an old metadata version")
 _SYNC = histogram("scheduler", "sync_seconds", "Time to rebuild the pools from metadata",
                   buckets=(0.005, 0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5))
+_JOURNAL_WRITES = counter("scheduler", "journal_writes", "Writes of the pending-reservation journal, by outcome",
+                          ["outcome"])
 _UPDATES = counter("scheduler", "host_updates", "scheduler.update events posted to the server, by outcome",
                    ["outcome"])
 
@@ -87,6 +91,13 @@ class Scheduler:
             self.stream.on("scheduler.release", self.on_release)
         self.version = ""
         self.installs = 0
+        self.journal_file: str = args.journal_file
+        self._saved = 0  # pools.mutations the file holds
+        self._save_wanted = asyncio.Event()
+        self._save_done: asyncio.Future[None] | None = None
+        self._writing = False  # the journal writer task runs
+        if self.journal_file:
+            self._load_journal()
         self._installed = asyncio.Event()  # replaced after each install (a waiter sees the next one)
         self._synced = asyncio.Event()
         self._rebuild_lock = asyncio.Lock()
@@ -125,6 +136,7 @@ class Scheduler:
             req = parse_request(ev.data)
             await self._ensure_synced()
             data = self.pools.reserve(req, event_id=ev.id, now=time.monotonic())
+            await self._durable()
         except (InputError, SchedulerError) as e:
             sreq = ev.data.get("schedulerRequest")
             log.info("reserve refused", id=ev.id, host=sreq.get("hostID") if isinstance(sreq, dict) else None,
@@ -139,8 +151,96 @@ class Scheduler:
         except InputError as e:
             return self._error("release", e)
         self.pools.release(req, event_id=ev.id, now=time.monotonic())
+        await self._durable()
         _DECISIONS.labels("release", "ok").inc()
         return Reply(resource_type="schedulerRequest")
+
+    # -- the journal on disk ----------------------------------------------------------------
+    def _load_journal(self) -> None:
+        """Pending bookings of the last run, so a restart never forgets them. A file we cannot
+        read is kept aside (``.bad``) with an error logged, and the scheduler starts without it."""
+        import orjson
+
+        try:
+            with open(self.journal_file, "rb") as f:
+                raw = f.read()
+        except FileNotFoundError:
+            return
+        except OSError as e:
+            log.error("scheduler journal unreadable, starting without it", file=self.journal_file, error=str(e))
+            return
+        try:
+            n = self.pools.load_journal(orjson.loads(raw), time.monotonic(), time.time())
+        except (orjson.JSONDecodeError, InputError) as e:
+            aside = self.journal_file + ".bad"
+            with contextlib.suppress(OSError):
+                os.replace(self.journal_file, aside)
+            log.error("scheduler journal malformed, kept aside and starting without it", file=self.journal_file,
+                      aside=aside, error=str(e))
+            return
+        self._saved = self.pools.mutations
+        log.info("scheduler journal loaded", file=self.journal_file, pending=n,
+                 tombstones=len(self.pools.tombstones))
+
+    async def _durable(self) -> None:
+        """Return once the journal file holds every change made so far (no-op without a file).
+        Changes made while a write is running go into the next one: one write serves many events."""
+        if not self.journal_file or self.pools.mutations == self._saved:
+            return
+        want = self.pools.mutations
+        if not self._writing:  # no writer (stopping, or not serving): write here
+            self._write_now()
+            return
+        while self._saved < want:
+            if self._save_done is None:
+                self._save_done = asyncio.get_running_loop().create_future()
+            done = self._save_done
+            self._save_wanted.set()
+            await asyncio.shield(done)
+
+    async def journal_writer(self, stop: asyncio.Event) -> None:
+        """Writes the journal (atomically, off the loop) whenever :meth:`_durable` asks."""
+        import orjson
+
+        self._writing = True
+        while not stop.is_set():
+            waiter = asyncio.ensure_future(self._save_wanted.wait())
+            stopper = asyncio.ensure_future(stop.wait())
+            await asyncio.wait((waiter, stopper), return_when=asyncio.FIRST_COMPLETED)
+            waiter.cancel()
+            stopper.cancel()
+            if not self._save_wanted.is_set():
+                continue
+            self._save_wanted.clear()
+            done, self._save_done = self._save_done, None
+            upto = self.pools.mutations
+            data = orjson.dumps(self.pools.dump_journal(time.monotonic(), time.time()))
+            try:
+                await asyncio.to_thread(write_atomic, self.journal_file, data)
+                _JOURNAL_WRITES.labels("ok").inc()
+            except OSError as e:  # placement goes on; the file is written again with the next change
+                _JOURNAL_WRITES.labels("error").inc()
+                log.error("scheduler journal not written", file=self.journal_file, error=str(e))
+            self._saved = upto
+            if done is not None and not done.done():
+                done.set_result(None)
+        self._writing = False
+        if self.pools.mutations != self._saved:  # a last write on the way out
+            self._write_now()
+        if self._save_done is not None and not self._save_done.done():
+            self._save_done.set_result(None)
+
+    def _write_now(self) -> None:
+        import orjson
+
+        upto = self.pools.mutations
+        try:
+            write_atomic(self.journal_file, orjson.dumps(self.pools.dump_journal(time.monotonic(), time.time())))
+            _JOURNAL_WRITES.labels("ok").inc()
+        except OSError as e:
+            _JOURNAL_WRITES.labels("error").inc()
+            log.error("scheduler journal not written", file=self.journal_file, error=str(e))
+        self._saved = upto
 
     async def _on_connect(self) -> None:
         # events sent while the stream was down are lost: resync from metadata at once
@@ -278,6 +378,8 @@ class Scheduler:
                 if self.stream is not None:
                     tg.create_task(self.stream.run(stop))
                 tg.create_task(self._events_health(stop))
+                if self.journal_file:
+                    tg.create_task(self.journal_writer(stop))
         finally:
             if hc is not None:
                 await hc.cleanup()
@@ -317,6 +419,9 @@ def _parser() -> argparse.ArgumentParser:
                    help="how long a first event waits for the first metadata load")
     p.add_argument("--pending-ttl", type=duration_arg, default=600.0,
                    help="how long a reservation metadata never shows is kept")
+    p.add_argument("--journal-file", default=env_str("CORRAL_SCHEDULER_JOURNAL_FILE", ""),
+                   help="pending reservations kept here (written before each reserve/release is answered, "
+                        "loaded at start) so a restart forgets none ('': in memory only)")
     p.add_argument("--shuffle-ties", action="store_true",
                    help="break ties between equal hosts by a seeded shuffle instead of uuid order")
     p.add_argument("--seed", type=int, default=None, help="seed of port choice and tie shuffle (tests)")

@@ -24,11 +24,12 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
+from agents.errors import InputError
 from scheduler.request import PortRequest, PortSpec, Request
 
 __all__ = [
-    "COMPUTE_RESOURCES", "IPS_LABEL", "PORT_RANGE", "REQUIRE_ANY_LABEL", "Base", "BaseBuilder", "Booking",
-    "HostPools", "Pools", "SchedulerError", "Usage", "parse_port_binding",
+    "COMPUTE_RESOURCES", "IPS_LABEL", "JOURNAL_FORMAT", "PORT_RANGE", "REQUIRE_ANY_LABEL", "Base", "BaseBuilder",
+    "Booking", "HostPools", "Pools", "SchedulerError", "Usage", "parse_port_binding",
 ]
 
 IPS_LABEL = "io.rancher.scheduler.ips"
@@ -41,6 +42,7 @@ COMPUTE_RESOURCES = ("instanceReservation", "cpuReservation", "memoryReservation
 RELEASED_STATES = frozenset({"stopped", "removed", "purged", "removing", "error"})
 
 PortKey = tuple[str, str]  # (ip, protocol)
+JOURNAL_FORMAT = "corral-scheduler-journal/1"
 
 
 class SchedulerError(Exception):
@@ -280,6 +282,8 @@ class Pools:
         self._events: OrderedDict[str, dict[str, Any] | None] = OrderedDict()
         self._event_cache = event_cache
         self._released: OrderedDict[str, str] = OrderedDict()  # container uuid -> host, for idempotency
+        #: bumped whenever the journal, the tombstones or the released set change (what is persisted)
+        self.mutations = 0
 
     # -- keeping current ------------------------------------------------------------------
     @property
@@ -297,12 +301,14 @@ class Pools:
             h = base.hosts.get(bk.host)
             if h is None or bk.uuids <= h.members.keys() or now - bk.at > self.pending_ttl:
                 del self.journal[key]
+                self.mutations += 1
         # a tombstone ends once metadata no longer shows the container, after a grace period for a
         # metadata that has not even shown its creation yet
         for uuid, (host, at) in list(self.tombstones.items()):
             h = base.hosts.get(host)
             if (h is None or uuid not in h.members) and now - at > self.tombstone_grace:
                 del self.tombstones[uuid]
+                self.mutations += 1
         covered = {u: bk.host for bk in self.journal.values() for u in bk.uuids}
         skip = {u: host for u, (host, _) in self.tombstones.items()}
         skip.update(covered)
@@ -363,6 +369,46 @@ class Pools:
                     (hb.ghost if ghost else hb.ports).setdefault((ip, proto), {})[port] = cu
         shadow.install(fresh, now=max([b.at for b in self.journal.values()], default=0.0))
         return {u: (h.used, h.ports, h.ghost) for u, h in shadow.hosts.items()}
+
+    # -- the journal on disk -----------------------------------------------------------------
+    def dump_journal(self, now: float, wall: float) -> dict[str, Any]:
+        """What a restart must not forget: pending bookings, tombstones and the released set.
+        Times are kept as ages (``now`` is the monotonic clock, ``wall`` the unix time of the dump)."""
+        return {
+            "format": JOURNAL_FORMAT, "saved_at": wall,
+            "bookings": [{"key": b.key, "host": b.host, "uuids": sorted(b.uuids), "compute": b.compute,
+                          "ports": [list(p) for p in b.ports], "reply": b.reply, "age": max(0.0, now - b.at)}
+                         for b in self.journal.values()],
+            "tombstones": [[u, host, max(0.0, now - at)] for u, (host, at) in self.tombstones.items()],
+            "released": [[u, host] for u, host in self._released.items()],
+        }
+
+    def load_journal(self, doc: Any, now: float, wall: float) -> int:
+        """Take a :meth:`dump_journal` document back (at start, before the first install); the
+        number of pending bookings. A malformed document raises :class:`InputError` and changes nothing."""
+        if not isinstance(doc, dict) or doc.get("format") != JOURNAL_FORMAT:
+            raise InputError(f"not a scheduler journal (format {JOURNAL_FORMAT!r} expected)")
+        try:
+            gone = max(0.0, wall - float(doc.get("saved_at") or wall))
+            journal: dict[str, Booking] = {}
+            for b in doc.get("bookings") or []:
+                ports = [(str(ip), str(proto), int(port), str(owner), bool(ghost))
+                         for ip, proto, port, owner, ghost in b["ports"]]
+                reply = b.get("reply")
+                if reply is not None and not isinstance(reply, dict):
+                    raise ValueError("reply must be an object")
+                key = str(b["key"])
+                journal[key] = Booking(key, str(b["host"]), {str(u) for u in b["uuids"]},
+                                       {str(r): int(a) for r, a in b["compute"].items()}, ports, reply,
+                                       now - float(b["age"]) - gone)
+            tombstones = {str(u): (str(host), now - float(age) - gone) for u, host, age in doc.get("tombstones") or []}
+            released = OrderedDict((str(u), str(host)) for u, host in doc.get("released") or [])
+        except (KeyError, TypeError, ValueError, AttributeError) as e:
+            raise InputError(f"scheduler journal is malformed: {type(e).__name__}: {e}") from None
+        self.journal.update(journal)
+        self.tombstones.update(tombstones)
+        self._released.update(released)
+        return len(journal)
 
     def usage(self) -> list[Usage]:
         return [Usage(u, r, h.used.get(r, 0), h.total.get(r, 0)) for u, h in self.hosts.items() for r in h.total]
@@ -501,6 +547,7 @@ class Pools:
                 amounts[res] = amounts.get(res, 0) + amt
         reply = {"portReservation": reply_ports} if reply_ports else None
         self.journal[key] = Booking(key, h.uuid, set(uuids), amounts, booked, reply, now)
+        self.mutations += 1
         self._remember(event_id, reply)
         return reply
 
@@ -596,6 +643,7 @@ class Pools:
         uuids = req.uuids
         if uuids and all(self._released.get(u) == h.uuid for u in uuids):
             return  # released before
+        self.mutations += 1
         for u in uuids:
             self._released[u] = h.uuid
             self._released.move_to_end(u)

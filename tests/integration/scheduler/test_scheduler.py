@@ -257,3 +257,38 @@ def test_missing_credentials_is_a_clear_error(tmp_path: Path) -> None:
                           "--metrics-listen", "127.0.0.1:0"], env=env, capture_output=True, text=True, timeout=60)
     assert out.returncode == 2
     assert "CATTLE_URL" in out.stderr and "CATTLE_ACCESS_KEY" in out.stderr
+
+
+def test_restart_keeps_pending_reservations(tmp_path: Path) -> None:
+    """A reservation metadata does not show yet survives a kill -9 of the scheduler (the journal
+    file is written before the reply); an unreadable journal is kept aside and does not stop it."""
+    from tests.integration.scheduler.conftest import TWO_HOSTS
+
+    journal = tmp_path / "journal.json"
+    w = World(tmp_path, TWO_HOSTS, "--journal-file", str(journal))
+    try:
+        proc = w.start_scheduler()
+        r = call(w, "scheduler.reserve", sreq(*compute(memoryReservation=2 * GiB), ports("pending", ("", 8080, "tcp")),
+                                              uuid="pending", host="h-small"))
+        assert r.get("transitioning") is None
+        proc.kill()
+        w.start_scheduler()
+        assert w.used("h-small", "memoryReservation") == 2 * GiB
+        r = call(w, "scheduler.reserve", sreq(ports("other", ("", 8080, "tcp")), uuid="other", host="h-small"))
+        assert r["transitioningMessage"] == "Port 8080 is already used in ip 0.0.0.0 on protocol tcp"
+        # released, then restarted: given back once, and still given back after the restart
+        rel = sreq(*compute(memoryReservation=2 * GiB), ports("pending", ("", 8080, "tcp")), uuid="pending",
+                   host="h-small", phase="instance.deallocate")
+        assert call(w, "scheduler.release", rel).get("transitioning") is None
+        w.scheduler.kill()  # type: ignore[union-attr]
+        w.start_scheduler()
+        assert call(w, "scheduler.release", rel).get("transitioning") is None  # a redelivery after the restart
+        assert w.used("h-small", "memoryReservation") == 0
+        w.scheduler.stop()  # type: ignore[union-attr]
+        journal.write_text("{not json")
+        w.start_scheduler()
+        assert (tmp_path / "journal.json.bad").read_text() == "{not json"
+        assert "scheduler journal malformed" in w.scheduler.log()  # type: ignore[union-attr]
+        assert w.used("h-small", "memoryReservation") == 0
+    finally:
+        w.close()

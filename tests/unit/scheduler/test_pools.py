@@ -302,3 +302,49 @@ def test_malformed_metadata_rows_are_skipped() -> None:
     assert h.used == {"instanceReservation": 2, "cpuReservation": 0, "memoryReservation": 0, "storageSize": 0}
     assert h.ports == {}
     check_recount(p)
+
+
+def test_journal_dump_and_load_survive_a_restart() -> None:
+    """What a restarted scheduler reads back: pending bookings (compute, ports, the reply a
+    redelivery gets), tombstones and the released set; ages carry over, the clocks do not."""
+    import orjson
+
+    meta = [container("old", "big", mem=GiB, ports=("0.0.0.0:80:80/tcp",))]
+    p = pools(TWO, meta)
+    new = {"instanceReservation": 1, "memoryReservation": 2 * GiB}
+    old = {"instanceReservation": 1, "memoryReservation": GiB}
+    first = p.reserve(req(compute=new, ports=[port(81), port(0, 9000)], uuid="new", host_id="big"), event_id="e1",
+                      now=100.0)
+    p.release(req(compute=old, ports=[port(80)], uuid="old", host_id="big", phase="instance.deallocate"),
+              event_id="e2", now=101.0)
+    check_recount(p)
+    doc = orjson.loads(orjson.dumps(p.dump_journal(now=110.0, wall=5000.0)))  # through JSON, as on disk
+    # a new process: another monotonic clock, 20 s later on the wall clock
+    q = Pools(seed=1)
+    assert q.load_journal(doc, now=7.0, wall=5020.0) == 1
+    assert q.journal[next(iter(q.journal))].at == pytest.approx(7.0 - 10.0 - 20.0)
+    q.install(BaseBuilder.build(TWO, meta), now=7.0)  # metadata still lags: shows "old", not "new"
+    assert q.hosts["big"].used == p.hosts["big"].used
+    assert q.hosts["big"].ports == p.hosts["big"].ports
+    check_recount(q)
+    # a redelivered reserve gets the first reply; the release again gives nothing back twice
+    assert q.reserve(req(compute=new, ports=[port(81), port(0, 9000)], uuid="new", host_id="big"),
+                     event_id="e1-again", now=8.0) == first
+    q.release(req(compute=old, ports=[port(80)], uuid="old", host_id="big", phase="instance.deallocate"),
+              event_id="e2-again", now=8.0)
+    assert q.hosts["big"].used["memoryReservation"] == 2 * GiB
+    with pytest.raises(SchedulerError, match="Port 81 is already used"):
+        q.reserve(req(ports=[port(81)], uuid="other", host_id="big"), now=9.0)
+
+
+@pytest.mark.parametrize("doc", [None, [], {"format": "other"},
+                                 {"format": "corral-scheduler-journal/1", "bookings": [{"key": "k"}]},
+                                 {"format": "corral-scheduler-journal/1", "tombstones": [["u"]]},
+                                 {"format": "corral-scheduler-journal/1", "bookings": [
+                                     {"key": "k", "host": "h", "uuids": [], "compute": {}, "ports": [], "age": 0,
+                                      "reply": "no"}]}])
+def test_malformed_journal_is_a_clear_error_and_changes_nothing(doc: object) -> None:
+    p = pools(TWO)
+    with pytest.raises(InputError, match="journal"):
+        p.load_journal(doc, now=0.0, wall=0.0)
+    assert p.journal == {} and p.tombstones == {}
