@@ -18,6 +18,8 @@ the journal with it, so ``recount()`` (the same rule from scratch) always equals
 
 from __future__ import annotations
 
+import bisect
+import operator
 import random
 from collections import OrderedDict
 from collections.abc import Iterable
@@ -215,11 +217,11 @@ class HostPools:
     ports: dict[PortKey, dict[int, str]]
     ghost: dict[PortKey, dict[int, str]]
     require_any: tuple[tuple[str, str | None], ...]
-
-    @property
-    def simple(self) -> bool:
-        """One IP (0.0.0.0) and no bindings outside it: the port filter is a lookup per port."""
-        return not self.ghost and self.ips == (ANY_IP,)
+    idx: int = 0  # place in the tie-break order
+    #: one IP (0.0.0.0) and no bindings outside it: the port filter is a lookup per port. Set
+    #: at install, cleared when a binding outside the set is booked (never set again until the
+    #: next install: the general filter is right for every host, just slower)
+    simple: bool = False
 
     def free(self, res: str) -> int:
         return self.total.get(res, 0) - self.used.get(res, 0)
@@ -276,6 +278,11 @@ class Pools:
         self.hosts: dict[str, HostPools] = {}
         self._order: list[str] = []  # host uuids in tie-break order
         self._hosts_in_order: list[HostPools] = []
+        #: per order of compute resources asked for: (idx -> key, every key sorted), key =
+        #: (-free of each resource..., idx). Kept sorted across reserves and releases (the hosts
+        #: they touched are re-placed by bisection), so prioritize is one walk, not a sort.
+        self._ranks: OrderedDict[tuple[str, ...], tuple[list[tuple[int, ...]], list[tuple[int, ...]]]] = OrderedDict()
+        self._dirty: set[int] = set()  # hosts whose used amounts changed since the ranks were right
         self.base: Base | None = None
         self.journal: dict[str, Booking] = {}
         self.tombstones: dict[str, tuple[str, float]] = {}  # container uuid -> (host, released at)
@@ -335,6 +342,11 @@ class Pools:
             self._tie = {u: random.Random(f"{self._tie_seed}:{u}").random() for u in hosts}  # type: ignore[misc]
         self._order = sorted(hosts, key=(lambda u: (self._tie[u], u)) if self.shuffle_ties else None)
         self._hosts_in_order = [hosts[u] for u in self._order]
+        for i, hp in enumerate(self._hosts_in_order):
+            hp.idx = i
+            hp.simple = not hp.ghost and hp.ips == (ANY_IP,)
+        self._ranks.clear()
+        self._dirty.clear()
         return changed
 
     @staticmethod
@@ -414,8 +426,80 @@ class Pools:
         return [Usage(u, r, h.used.get(r, 0), h.total.get(r, 0)) for u, h in self.hosts.items() for r in h.total]
 
     # -- prioritize ------------------------------------------------------------------------
-    def prioritize(self, req: Request) -> list[str]:
-        """Host uuids that can take the request, best first (scheduler.md §4.2)."""
+    def _ranked(self, order: tuple[str, ...]) -> list[tuple[int, ...]]:
+        """Every host's key for ``order`` (see ``_ranks``), sorted: most free first, ties by host order."""
+        hosts = self._hosts_in_order
+        if self._dirty:  # bring every kept ranking up to date with the hosts that changed
+            dirty, self._dirty = self._dirty, set()
+            for o, (keys, ranked) in self._ranks.items():
+                if len(dirty) * 8 > len(hosts):  # many changed: sorting again is cheaper
+                    ranked.clear()
+                    continue
+                for i in dirty:
+                    h = hosts[i]
+                    used, total = h.used, h.total
+                    new = (*[used[res] - total[res] for res in o], i)
+                    old = keys[i]
+                    if new != old:
+                        del ranked[bisect.bisect_left(ranked, old)]
+                        bisect.insort(ranked, new)
+                        keys[i] = new
+        r = self._ranks.get(order)
+        if r is None or not r[1]:
+            keys = [(*[h.used[res] - h.total[res] for res in order], i) for i, h in enumerate(hosts)]
+            r = (keys, sorted(keys))
+            self._ranks[order] = r
+            while len(self._ranks) > 8:
+                self._ranks.popitem(last=False)
+        self._ranks.move_to_end(order)
+        return r[1]
+
+    def _walk(self, need: tuple[tuple[str, int], ...], checks: list[tuple[tuple[tuple[str, int, str], ...], str]],
+              ctx_labels: list[dict[str, str]]) -> list[str]:
+        """prioritize over the kept ranking: the hosts in rank order that pass every filter."""
+        ranked = self._ranked(tuple(res for res, _ in need))
+        hosts = self._hosts_in_order
+        limits = tuple(-amt for _, amt in need)  # key[j] = -free: fits when key[j] <= -amount
+        first = limits[0] if limits else 0
+        le = operator.le
+        lookups = [((ANY_IP, proto), pub, owner) for pspecs, owner in checks for proto, pub, _sip in pspecs]
+        out: list[str] = []
+        for k in ranked:
+            if limits:
+                if k[0] > first:
+                    break  # ranked by the first resource: nobody after this has enough of it
+                if not all(map(le, k, limits)):
+                    continue
+            h = hosts[k[-1]]
+            if checks:
+                ok = True
+                if h.simple:  # one IP (0.0.0.0), no ghost bindings: a lookup per port
+                    ports = h.ports
+                    for pkey, pub, owner in lookups:
+                        pm = ports.get(pkey)
+                        if pm:
+                            o = pm.get(pub)
+                            if o is not None and o != owner:
+                                ok = False
+                                break
+                else:
+                    for pspecs, owner in checks:
+                        if not _port_fit(h, pspecs, owner):
+                            ok = False
+                            break
+                if not ok:
+                    continue
+            if h.require_any and not _labels_match(h.require_any, ctx_labels):
+                continue
+            out.append(h.uuid)
+        return out
+
+    def prioritize(self, req: Request, *, by_sort: bool = False) -> list[str]:
+        """Host uuids that can take the request, best first (scheduler.md §4.2).
+
+        Over the kept ranking when the request names only the standard pools; ``by_sort`` (and
+        any other pool name) filters and sorts every host from scratch - the same answer, slower
+        (the tests compare the two)."""
         sums: dict[str, int] = {}
         for res, amt in req.honoured_compute:
             sums[res] = sums.get(res, 0) + amt
@@ -428,6 +512,8 @@ class Pools:
             if specs:
                 checks.append((tuple(specs), pr.resource_uuid))
         ctx_labels = [{k.lower(): v.lower() for k, v in i.labels.items()} for i in req.context]
+        if not by_sort and all(res in COMPUTE_RESOURCES for res, _ in need):  # every host has these pools
+            return self._walk(need, checks, ctx_labels)
         keyed: list[tuple[int, ...]] = []
         hosts = self._hosts_in_order
         for idx, h in enumerate(hosts):
@@ -545,6 +631,8 @@ class Pools:
             if res in h.total:
                 h.used[res] = h.used.get(res, 0) + amt
                 amounts[res] = amounts.get(res, 0) + amt
+        if amounts:
+            self._dirty.add(h.idx)
         reply = {"portReservation": reply_ports} if reply_ports else None
         self.journal[key] = Booking(key, h.uuid, set(uuids), amounts, booked, reply, now)
         self.mutations += 1
@@ -598,6 +686,8 @@ class Pools:
                     if (held is not None and held != owner) or (any_held is not None and any_held != owner):
                         raise SchedulerError(f"Port {s.public} is already used in ip {s.ip} on protocol {s.protocol}")
             port = s.public or self._random_port(h, target, s.protocol, ghost)
+            if ghost:
+                h.simple = False
             pm = (h.ghost if ghost else h.ports).setdefault((target, s.protocol), {})
             o = pm.get(port)
             if o is not None and o != owner:
@@ -653,6 +743,8 @@ class Pools:
         for res, amt in req.honoured_compute:
             if res in h.used:
                 h.used[res] = max(0, h.used[res] - amt)
+        if req.honoured_compute:
+            self._dirty.add(h.idx)
         for pr in req.ports:
             for s in pr.specs:
                 self._free_port(h, pr.resource_uuid, s)

@@ -82,6 +82,18 @@ class World:
 
         until(synced, what=f"scheduler synced to revision {rev}", timeout=timeout, interval=0.05)
 
+    def reset(self, env: dict[str, Any]) -> None:
+        """A fresh start on the same processes: no scheduler, no faults, the stand-in's state
+        replaced by ``env``, metadata running and caught up with it."""
+        if self.scheduler is not None:
+            self.scheduler.stop()
+            self.scheduler = None
+        self.standin.ctl("fault", "clear")
+        self.standin.admin("POST", "/_admin/load?replace=true", env)
+        if not self.metadata.alive():
+            self.metadata.start()
+        wait_http(f"{self.metadata_url}/latest/version", timeout=20)
+
     def close(self) -> None:
         for p in (self.scheduler, self.metadata):
             if p is not None:
@@ -95,11 +107,25 @@ TWO_HOSTS = {"hosts": [
 ]}
 
 
-@pytest.fixture
-def world(tmp_path: Path) -> Iterator[World]:
-    w = World(tmp_path, TWO_HOSTS)
+@pytest.fixture(scope="module")
+def shared_world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
+    """One stand-in and one metadata for the module's tests (starting them is most of a test's time)."""
+    w = World(tmp_path_factory.mktemp("scheduler"), TWO_HOSTS)
     try:
-        w.start_scheduler()
         yield w
     finally:
         w.close()
+
+
+@pytest.fixture
+def world(shared_world: World) -> Iterator[World]:
+    """The two-host world as new: the stand-in reloaded, and a scheduler of its own (fresh pools)."""
+    shared_world.reset(TWO_HOSTS)
+    try:
+        shared_world.start_scheduler()
+        shared_world.wait_synced()
+        yield shared_world
+    finally:
+        if shared_world.scheduler is not None:
+            shared_world.scheduler.stop()
+            shared_world.scheduler = None

@@ -220,22 +220,24 @@ def test_reply_post_failing_with_500_is_retried(world: World) -> None:
     assert world.used("h-big", "memoryReservation") == GiB
 
 
-def test_cannot_place_without_metadata(tmp_path: Path) -> None:
+def test_cannot_place_without_metadata(shared_world: World) -> None:
     """/healthz is 503 while the scheduler has never seen metadata; prioritize then gets an error
     reply saying why (the original panicked); once metadata answers it places."""
     from tests.integration.scheduler.conftest import TWO_HOSTS
 
-    w = World(tmp_path, TWO_HOSTS)
+    w = shared_world
+    w.reset(TWO_HOSTS)
     try:
         w.metadata.stop()
-        w.sched_args += ["--initial-sync-wait", "0.2"]
+        since = w.standin.seq()
         from tests.helpers.procs import start_corral, wait_http
 
-        w.scheduler = start_corral(*w.sched_args, env=w.standin.env(), name="scheduler")
+        w.scheduler = start_corral(*w.sched_args, "--initial-sync-wait", "0.2", env=w.standin.env(),
+                                   name="scheduler")
         wait_http(f"http://127.0.0.1:{w.admin_port}/healthz", status=503, timeout=20)
         st, detail = w.healthz()
         assert st == 503 and "cannot place" in detail
-        w.standin.wait(kind="conn", status="connected", timeout=20)
+        w.standin.wait(kind="conn", status="connected", since=since, timeout=20)
         r = call(w, "scheduler.prioritize", sreq(*compute(instanceReservation=1)))
         assert r["transitioning"] == "error" and "metadata unavailable" in r["transitioningMessage"]
         w.metadata.start()
@@ -243,7 +245,9 @@ def test_cannot_place_without_metadata(tmp_path: Path) -> None:
         r = call(w, "scheduler.prioritize", sreq(*compute(instanceReservation=1)))
         assert r["data"]["prioritizedCandidates"] == ["h-big", "h-small"]
     finally:
-        w.close()
+        if w.scheduler is not None:
+            w.scheduler.stop()
+            w.scheduler = None
 
 
 def test_missing_credentials_is_a_clear_error(tmp_path: Path) -> None:
@@ -259,13 +263,16 @@ def test_missing_credentials_is_a_clear_error(tmp_path: Path) -> None:
     assert "CATTLE_URL" in out.stderr and "CATTLE_ACCESS_KEY" in out.stderr
 
 
-def test_restart_keeps_pending_reservations(tmp_path: Path) -> None:
+def test_restart_keeps_pending_reservations(shared_world: World, tmp_path: Path) -> None:
     """A reservation metadata does not show yet survives a kill -9 of the scheduler (the journal
     file is written before the reply); an unreadable journal is kept aside and does not stop it."""
     from tests.integration.scheduler.conftest import TWO_HOSTS
 
     journal = tmp_path / "journal.json"
-    w = World(tmp_path, TWO_HOSTS, "--journal-file", str(journal))
+    w = shared_world
+    w.reset(TWO_HOSTS)
+    plain = w.sched_args
+    w.sched_args = [*plain, "--journal-file", str(journal)]
     try:
         proc = w.start_scheduler()
         r = call(w, "scheduler.reserve", sreq(*compute(memoryReservation=2 * GiB), ports("pending", ("", 8080, "tcp")),
@@ -291,4 +298,7 @@ def test_restart_keeps_pending_reservations(tmp_path: Path) -> None:
         assert "scheduler journal malformed" in w.scheduler.log()  # type: ignore[union-attr]
         assert w.used("h-small", "memoryReservation") == 0
     finally:
-        w.close()
+        w.sched_args = plain
+        if w.scheduler is not None:
+            w.scheduler.stop()
+            w.scheduler = None

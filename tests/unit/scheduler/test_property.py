@@ -95,6 +95,12 @@ def _check(w: World) -> None:
                 assert h.port_owner(*key) == c.uuid
         owned = {(ip, proto, port) for (ip, proto), m in h.ports.items() for port in m}
         assert owned == set(seen), (uuid, owned ^ set(seen))
+    # the kept ranking gives what filtering and sorting every host from scratch gives
+    for compute, pubs in (({"instanceReservation": 1, "memoryReservation": 1000, "cpuReservation": 100}, [80]),
+                          ({"memoryReservation": 2000}, []), ({}, [8080, 81])):
+        r = req(compute=compute, ports=[{"ipAddress": "", "publicPort": x, "privatePort": 1, "protocol": "tcp"}
+                                        for x in pubs] or None, uuid="probe")
+        assert p.prioritize(r) == p.prioritize(r, by_sort=True), (compute, pubs)
     for uuid, (used, ports, _ghost) in p.recount().items():
         assert used == p.hosts[uuid].used
         assert {k: v for k, v in ports.items() if v} == {k: v for k, v in p.hosts[uuid].ports.items() if v}
