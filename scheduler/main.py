@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import gc
 import os
 import time
 from typing import Any
@@ -28,7 +29,7 @@ from agents.metadata_client import MetadataClient
 from agents.metadata_fetch import write_atomic
 from agents.metadata_watch import MetadataSnapshot, MetadataWatch, add_watch_args
 from agents.metrics import AdminServer, Health, counter, gauge, histogram, start_listener
-from scheduler.pools import PORT_RANGE, BaseBuilder, Pools, SchedulerError
+from scheduler.pools import PORT_RANGE, BaseDiff, Mirror, Pools, SchedulerError
 from scheduler.request import parse_request
 
 __all__ = ["Scheduler", "main"]
@@ -49,7 +50,11 @@ _JOURNAL_WRITES = counter("scheduler", "journal_writes", "Writes of the pending-
 _UPDATES = counter("scheduler", "host_updates", "scheduler.update events posted to the server, by outcome",
                    ["outcome"])
 
-CHUNK = 1000  # containers folded in between two yields to the event loop during a rebuild
+SLICE = 256  # containers looked at between two clock reads during a rebuild
+BUDGET = 0.004  # seconds of rebuilding between two yields to the event loop
+#: a diff with more changed containers than this is built from scratch instead (applying a diff
+#: is one step with no yield, so it must stay small)
+MAX_DIFF = 2000
 
 
 def _metadata_url(addr: str) -> str:
@@ -101,6 +106,7 @@ class Scheduler:
         self._installed = asyncio.Event()  # replaced after each install (a waiter sees the next one)
         self._synced = asyncio.Event()
         self._rebuild_lock = asyncio.Lock()
+        self.mirror = Mirror()  # metadata's share of each host, folded in snapshot by snapshot
 
     # -- events -------------------------------------------------------------------------
     @staticmethod
@@ -247,28 +253,43 @@ class Scheduler:
         self.watch.refresh()
 
     # -- metadata -----------------------------------------------------------------------
-    async def rebuild(self, snap: MetadataSnapshot) -> None:
-        """Pools from one snapshot, folded in chunks so events keep flowing, then installed with
-        the journal (a full resync: used recomputed for every pool)."""
+    async def rebuild(self, snap: MetadataSnapshot, *, full: bool = False) -> None:
+        """Pools from one snapshot, then installed with the journal. Usually a diff by container
+        uuid against the last snapshot (only changed rows are counted again); from scratch the
+        first time, when the hosts or their IP sets change, on ``full`` and when the diff is big.
+        Either way the work is done in slices of at most BUDGET seconds, so events keep flowing."""
         async with self._rebuild_lock:
             t0 = time.perf_counter()
             hosts, containers = snap.hosts, snap.containers
-            builder = BaseBuilder(hosts, snap.version)
-            for i in range(0, len(containers), CHUNK):
-                await asyncio.sleep(0)  # let events through during a big rebuild
-                builder.add_containers(containers[i:i + CHUNK])
-            await asyncio.sleep(0)
-            changed = self.pools.install(builder.result(), now=time.monotonic())
+            b = self.mirror.begin(hosts, snap.version, full=full)
+            await self._feed(b, containers)
+            if isinstance(b, BaseDiff) and b.size > MAX_DIFF:
+                b = self.mirror.begin(hosts, snap.version, full=True)
+                await self._feed(b, containers)
+            kind = "diff" if isinstance(b, BaseDiff) else "full"
+            changed = self.pools.install(self.mirror.done(b), now=time.monotonic())
+            # what was just built lives until the next rebuild: keep it out of the cyclic GC's
+            # full collections (which would otherwise scan every pool entry, tens of ms)
+            gc.freeze()
             self.version = snap.version
             self.installs += 1
             self._synced.set()
             done, self._installed = self._installed, asyncio.Event()
             done.set()
             _SYNC.observe(time.perf_counter() - t0)
-            log.debug("pools rebuilt", version=snap.version, hosts=len(hosts), containers=len(containers),
+            log.debug("pools rebuilt", version=snap.version, hosts=len(hosts), containers=len(containers), kind=kind,
                       pending=len(self.pools.journal), seconds=round(time.perf_counter() - t0, 4))
         if changed:
             await self._post_update()
+
+    @staticmethod
+    async def _feed(b: Any, containers: tuple[dict[str, Any], ...]) -> None:
+        t0 = time.perf_counter()
+        for i in range(0, len(containers), SLICE):
+            b.add_containers(containers[i:i + SLICE])
+            if time.perf_counter() - t0 > BUDGET:
+                await asyncio.sleep(0)  # let events through during a big rebuild
+                t0 = time.perf_counter()
 
     async def _post_update(self) -> None:
         if self.api is None:
@@ -293,9 +314,9 @@ class Scheduler:
             last = time.monotonic()
             await self._safe_rebuild(snap)
 
-    async def _safe_rebuild(self, snap: MetadataSnapshot) -> None:
+    async def _safe_rebuild(self, snap: MetadataSnapshot, *, full: bool = False) -> None:
         try:
-            await self.rebuild(snap)
+            await self.rebuild(snap, full=full)
         except Exception as e:  # a snapshot we cannot use: keep placing from the last pools
             log.error("pools not rebuilt, keeping the last ones", version=snap.version,
                       error=f"{type(e).__name__}: {e}")
@@ -304,7 +325,7 @@ class Scheduler:
         while not stop.is_set():
             await self._sleep(stop, self.args.resync_interval)
             if not stop.is_set() and self.watch.latest is not None:
-                await self._safe_rebuild(self.watch.latest)
+                await self._safe_rebuild(self.watch.latest, full=True)  # from scratch, to be sure
 
     @staticmethod
     async def _sleep(stop: asyncio.Event, delay: float) -> None:

@@ -31,7 +31,7 @@ from scheduler.request import PortRequest, PortSpec, Request
 
 __all__ = [
     "COMPUTE_RESOURCES", "IPS_LABEL", "JOURNAL_FORMAT", "PORT_RANGE", "REQUIRE_ANY_LABEL", "Base", "BaseBuilder",
-    "Booking", "HostPools", "Pools", "SchedulerError", "Usage", "parse_port_binding",
+    "BaseDiff", "Booking", "HostPools", "Mirror", "Pools", "SchedulerError", "Usage", "parse_port_binding",
 ]
 
 IPS_LABEL = "io.rancher.scheduler.ips"
@@ -140,60 +140,119 @@ class Base:
         return {u: h.labels for u, h in self.hosts.items()}
 
 
-class BaseBuilder:
-    """Builds a :class:`Base` from metadata rows; feed containers in as many chunks as you like."""
+def _host_rows(hosts: Iterable[dict[str, Any]]) -> dict[str, tuple[dict[str, int], dict[str, str]]]:
+    """uuid -> (total, labels) of every usable host row (the first of a uuid wins)."""
+    out: dict[str, tuple[dict[str, int], dict[str, str]]] = {}
+    for h in hosts:
+        if not isinstance(h, dict) or not h.get("uuid"):
+            continue
+        uuid = str(h["uuid"])
+        if uuid in out:
+            continue
+        raw = h.get("labels")
+        labels = {str(k): "" if v is None else str(v) for k, v in raw.items()} if isinstance(raw, dict) else {}
+        total = {"instanceReservation": INSTANCE_TOTAL, "cpuReservation": _num(h.get("milli_cpu")),
+                 "memoryReservation": _num(h.get("memory")), "storageSize": _num(h.get("local_storage_mb"))}
+        out[uuid] = (total, labels)
+    return out
 
-    def __init__(self, hosts: Iterable[dict[str, Any]], version: str = "") -> None:
+
+#: what of a container row counts for the pools: (host_uuid, state, memory, cpu, ports)
+Sig = tuple[Any, Any, Any, Any, Any]
+
+
+def _sig(c: dict[str, Any]) -> Sig:
+    return (c.get("host_uuid"), c.get("state"), c.get("memory_reservation"), c.get("milli_cpu_reservation"),
+            c.get("ports"))
+
+
+def _add_member(h: HostBase, uuid: str, c: dict[str, Any]) -> None:
+    """Count one container row on ``h`` (the caller checked it holds resources)."""
+    mv, cv = c.get("memory_reservation"), c.get("milli_cpu_reservation")
+    mem = (mv if mv > 0 else 0) if type(mv) is int else _num(mv)
+    cpu = (cv if cv > 0 else 0) if type(cv) is int else _num(cv)
+    plist: list[tuple[str, str, int, bool]] = []
+    h.members[uuid] = Member(cpu, mem, plist)
+    used = h.used
+    used["instanceReservation"] += 1
+    if cpu:
+        used["cpuReservation"] += cpu
+    if mem:
+        used["memoryReservation"] += mem
+    ports = c.get("ports")
+    if not ports:
+        return
+    for spec in ports:
+        b = _binding(spec)
+        if b is None:
+            continue
+        ip, port, proto = b
+        if ip == ANY_IP:
+            for x in h.ips:
+                h.ports.setdefault((x, proto), {})[port] = uuid
+                plist.append((x, proto, port, False))
+        elif ip in h.ips:
+            h.ports.setdefault((ip, proto), {})[port] = uuid
+            plist.append((ip, proto, port, False))
+        else:
+            h.ghost.setdefault((ip, proto), {})[port] = uuid
+            plist.append((ip, proto, port, True))
+
+
+def _drop_member(h: HostBase, uuid: str) -> None:
+    m = h.members.pop(uuid, None)
+    if m is None:
+        return
+    used = h.used
+    used["instanceReservation"] -= 1
+    used["cpuReservation"] -= m.cpu
+    used["memoryReservation"] -= m.memory
+    for ip, proto, port, ghost in m.ports:
+        pm = (h.ghost if ghost else h.ports).get((ip, proto))
+        if pm is not None and pm.get(port) == uuid:
+            del pm[port]
+
+
+_BINDINGS: dict[str, tuple[str, int, str] | None] = {}
+
+
+def _binding(spec: Any) -> tuple[str, int, str] | None:
+    """:func:`parse_port_binding`, remembered (the same few specs come back in every snapshot)."""
+    if type(spec) is not str:
+        return parse_port_binding(spec)
+    b = _BINDINGS.get(spec, _BINDINGS)
+    if b is _BINDINGS:
+        if len(_BINDINGS) > 65536:
+            _BINDINGS.clear()
+        b = _BINDINGS[spec] = parse_port_binding(spec)
+    return b  # type: ignore[return-value]
+
+
+class BaseBuilder:
+    """Builds a :class:`Base` from metadata rows; feed containers in as many chunks as you like.
+    A container uuid counts once (its first row); ``sigs`` records what each row counted, so a
+    later snapshot can be folded in as a diff (:class:`BaseDiff`)."""
+
+    def __init__(self, hosts: Iterable[dict[str, Any]], version: str = "",
+                 rows: dict[str, tuple[dict[str, int], dict[str, str]]] | None = None) -> None:
         self.base = Base({}, version)
-        for h in hosts:
-            if not isinstance(h, dict) or not h.get("uuid"):
-                continue
-            raw = h.get("labels")
-            labels = {str(k): "" if v is None else str(v) for k, v in raw.items()} if isinstance(raw, dict) else {}
-            total = {"instanceReservation": INSTANCE_TOTAL, "cpuReservation": _num(h.get("milli_cpu")),
-                     "memoryReservation": _num(h.get("memory")), "storageSize": _num(h.get("local_storage_mb"))}
-            uuid = str(h["uuid"])
-            if uuid in self.base.hosts:
-                continue
-            self.base.hosts[uuid] = HostBase(uuid, total, labels, _ip_set(labels),
-                                             {r: 0 for r in COMPUTE_RESOURCES})
+        for uuid, (total, labels) in (rows if rows is not None else _host_rows(hosts)).items():
+            self.base.hosts[uuid] = HostBase(uuid, total, labels, _ip_set(labels), {r: 0 for r in COMPUTE_RESOURCES})
+        self.sigs: dict[str, Sig] = {}
 
     def add_containers(self, containers: Iterable[dict[str, Any]]) -> None:
-        hosts = self.base.hosts
+        hosts, sigs = self.base.hosts, self.sigs
         for c in containers:
-            if not isinstance(c, dict):
+            if type(c) is not dict:
                 continue
-            h = hosts.get(c.get("host_uuid"))  # type: ignore[arg-type]
             uuid = c.get("uuid")
-            if h is None or not uuid or c.get("state") in RELEASED_STATES or uuid in h.members:
+            if not uuid or uuid in sigs:
                 continue
-            cpu, mem = _num(c.get("milli_cpu_reservation")), _num(c.get("memory_reservation"))
-            m = Member(cpu, mem, [])
-            h.members[uuid] = m
-            used = h.used
-            used["instanceReservation"] += 1
-            if cpu:
-                used["cpuReservation"] += cpu
-            if mem:
-                used["memoryReservation"] += mem
-            ports = c.get("ports")
-            if not ports:
+            sig = sigs[uuid] = _sig(c)
+            h = hosts.get(sig[0])
+            if h is None or sig[1] in RELEASED_STATES:
                 continue
-            for spec in ports:
-                b = parse_port_binding(spec)
-                if b is None:
-                    continue
-                ip, port, proto = b
-                if ip == ANY_IP:
-                    for x in h.ips:
-                        h.ports.setdefault((x, proto), {})[port] = uuid
-                        m.ports.append((x, proto, port, False))
-                elif ip in h.ips:
-                    h.ports.setdefault((ip, proto), {})[port] = uuid
-                    m.ports.append((ip, proto, port, False))
-                else:
-                    h.ghost.setdefault((ip, proto), {})[port] = uuid
-                    m.ports.append((ip, proto, port, True))
+            _add_member(h, uuid, c)
 
     def result(self) -> Base:
         return self.base
@@ -203,6 +262,94 @@ class BaseBuilder:
         b = cls(hosts, version)
         b.add_containers(containers)
         return b.result()
+
+
+class BaseDiff:
+    """A new snapshot folded into the last :class:`Base` as a diff by container uuid.
+
+    :meth:`add_containers` only compares (what each row counts against what it counted last
+    time) and collects the rows that changed; :meth:`result` applies them in one step, so the
+    base in use never shows half a snapshot. Possible when the hosts and their IP sets are the
+    same as last time (see :meth:`Mirror.begin`); labels and totals are updated in place."""
+
+    def __init__(self, mirror: Mirror, rows: dict[str, tuple[dict[str, int], dict[str, str]]], version: str) -> None:
+        self.mirror = mirror
+        self.rows = rows
+        self.version = version
+        self.seen: set[str] = set()
+        self.changed: list[tuple[str, dict[str, Any] | None, Sig | None]] = []
+
+    def add_containers(self, containers: Iterable[dict[str, Any]]) -> None:
+        sigs, seen, changed = self.mirror.sigs, self.seen, self.changed
+        add = seen.add
+        for c in containers:
+            if type(c) is not dict:
+                continue
+            uuid = c.get("uuid")
+            if not uuid or uuid in seen:
+                continue
+            add(uuid)
+            sig = _sig(c)
+            if sigs.get(uuid) != sig:
+                changed.append((uuid, c, sig))
+
+    @property
+    def size(self) -> int:
+        return len(self.changed)
+
+    def result(self) -> Base:
+        mirror = self.mirror
+        base, sigs = mirror.base, mirror.sigs
+        assert base is not None
+        for uuid in sigs.keys() - self.seen:  # gone from metadata
+            self.changed.append((uuid, None, None))
+        hosts = base.hosts
+        for uuid, (total, labels) in self.rows.items():
+            h = hosts[uuid]
+            if h.total != total:
+                h.total = total
+            if h.labels != labels:
+                h.labels = labels  # a new dict: label views taken before keep the old one
+        for uuid, c, sig in self.changed:
+            old = sigs.get(uuid)
+            if old is not None:
+                was = hosts.get(old[0])
+                if was is not None:
+                    _drop_member(was, uuid)
+            if c is None or sig is None:
+                sigs.pop(uuid, None)
+                continue
+            sigs[uuid] = sig
+            now = hosts.get(sig[0])
+            if now is not None and sig[1] not in RELEASED_STATES:
+                _add_member(now, uuid, c)
+        base.version = self.version
+        return base
+
+
+class Mirror:
+    """Metadata's share of each host kept from one snapshot to the next (what :meth:`Pools.install`
+    takes): a full build the first time or when the hosts change, a diff by uuid otherwise."""
+
+    def __init__(self) -> None:
+        self.base: Base | None = None
+        self.sigs: dict[str, Sig] = {}
+
+    def begin(self, hosts: Iterable[dict[str, Any]], version: str = "", *, full: bool = False) -> BaseBuilder | BaseDiff:
+        rows = _host_rows(hosts)
+        base = self.base
+        if not full and base is not None and rows.keys() == base.hosts.keys() and \
+                all(_ip_set(labels) == base.hosts[u].ips for u, (_t, labels) in rows.items()):
+            return BaseDiff(self, rows, version)
+        return BaseBuilder(hosts, version, rows)
+
+    def done(self, b: BaseBuilder | BaseDiff) -> Base:
+        """The result of ``b`` (from :meth:`begin`), kept for the next snapshot."""
+        base = b.result()
+        if isinstance(b, BaseBuilder):
+            self.sigs = b.sigs
+        self.base = base
+        return base
 
 
 # -- live pools ---------------------------------------------------------------------------------
@@ -284,6 +431,7 @@ class Pools:
         self._ranks: OrderedDict[tuple[str, ...], tuple[list[tuple[int, ...]], list[tuple[int, ...]]]] = OrderedDict()
         self._dirty: set[int] = set()  # hosts whose used amounts changed since the ranks were right
         self.base: Base | None = None
+        self._label_view: dict[str, dict[str, str]] | None = None
         self.journal: dict[str, Booking] = {}
         self.tombstones: dict[str, tuple[str, float]] = {}  # container uuid -> (host, released at)
         self._events: OrderedDict[str, dict[str, Any] | None] = OrderedDict()
@@ -298,11 +446,12 @@ class Pools:
         return self.base is not None
 
     def install(self, base: Base, now: float) -> bool:
-        """Make ``base`` (fresh from metadata) the truth, keeping the journal and tombstones.
-        The base's used/ports maps become the live pools (install a base once). Returns whether
-        host labels or the host set changed."""
-        prev = self.base
-        changed = prev is not None and prev.label_view() != base.label_view()
+        """Make ``base`` (metadata's share, see :class:`Mirror`) the truth, keeping the journal and
+        tombstones. The live pools start as copies of the base's maps (the base stays metadata's
+        alone, for the next diff). Returns whether host labels or the host set changed."""
+        view = base.label_view()
+        changed = self._label_view is not None and self._label_view != view
+        self._label_view = view
         # bookings whose containers metadata now shows all of are counted by metadata: resolved
         for key, bk in list(self.journal.items()):
             h = base.hosts.get(bk.host)
@@ -320,8 +469,9 @@ class Pools:
         skip = {u: host for u, (host, _) in self.tombstones.items()}
         skip.update(covered)
         hosts: dict[str, HostPools] = {}
-        for uuid, hb in base.hosts.items():  # the base's maps become the live ones: no copy
-            hosts[uuid] = HostPools(uuid, hb.total, hb.used, hb.labels, hb.ips, hb.ports, hb.ghost,
+        for uuid, hb in base.hosts.items():
+            hosts[uuid] = HostPools(uuid, hb.total, dict(hb.used), hb.labels, hb.ips,
+                                    {k: dict(v) for k, v in hb.ports.items()}, {k: dict(v) for k, v in hb.ghost.items()},
                                     _require_any(hb.labels))
         for cu, host in skip.items():
             hbase = base.hosts.get(host)

@@ -348,3 +348,39 @@ def test_malformed_journal_is_a_clear_error_and_changes_nothing(doc: object) -> 
     with pytest.raises(InputError, match="journal"):
         p.load_journal(doc, now=0.0, wall=0.0)
     assert p.journal == {} and p.tombstones == {}
+
+
+def test_mirror_folds_snapshots_in_as_diffs_and_rebuilds_when_hosts_change() -> None:
+    from scheduler.pools import BaseDiff, Mirror
+
+    m = Mirror()
+    p = Pools(seed=1)
+    rows = [container("a", "big", mem=GiB, ports=("0.0.0.0:80:80/tcp",)), container("b", "small", cpu=100)]
+    b = m.begin(TWO)
+    assert isinstance(b, BaseBuilder)
+    b.add_containers(rows)
+    assert p.install(m.done(b), now=0) is False
+    # b stopped, c new, a moved its port: only those rows are touched
+    rows2 = [container("a", "big", mem=GiB, ports=("0.0.0.0:81:80/tcp",)), container("b", "small", state="stopped"),
+             container("c", "small", mem=2 * GiB)]
+    b = m.begin(TWO)
+    assert isinstance(b, BaseDiff)
+    b.add_containers(rows2)
+    assert b.size == 3
+    assert p.install(m.done(b), now=1) is False
+    fresh = BaseBuilder.build(TWO, rows2)
+    assert {u: h.used for u, h in p.hosts.items()} == {u: h.used for u, h in fresh.hosts.items()}
+    assert p.hosts["big"].ports == {("0.0.0.0", "tcp"): {81: "a"}}
+    # a label change (not the IP set): still a diff, and reported as a change
+    relabelled = [host("big", 4000, 8 * GiB, labels={"zone": "a"}), TWO[1]]
+    b = m.begin(relabelled)
+    assert isinstance(b, BaseDiff)
+    b.add_containers(rows2)
+    assert b.size == 0
+    assert p.install(m.done(b), now=2) is True
+    assert p.hosts["big"].labels == {"zone": "a"}
+    # a new IP set or a new host: built from scratch
+    multi = [host("big", 4000, 8 * GiB, labels={"io.rancher.scheduler.ips": "10.0.0.1,10.0.0.2"}), TWO[1]]
+    assert isinstance(m.begin(multi), BaseBuilder)
+    assert isinstance(m.begin([*TWO, host("third")]), BaseBuilder)
+    check_recount(p)

@@ -14,7 +14,7 @@ from typing import Any
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from scheduler.pools import BaseBuilder, Pools, SchedulerError
+from scheduler.pools import BaseBuilder, Mirror, Pools, SchedulerError
 from tests.unit.scheduler.helpers import host, req
 
 HOSTS = [host(f"h{i}", cpu=4000, mem=4096,
@@ -39,11 +39,22 @@ class World:
     released: list[Live] = field(default_factory=list)
     n: int = 0
     now: float = 0.0
+    mirror: Mirror = field(default_factory=Mirror)
 
     def base(self) -> Any:
+        """Metadata's share as the scheduler gets it: a diff against the last snapshot, which
+        must equal a build from scratch."""
         rows = [{"uuid": c.uuid, "host_uuid": c.host, "memory_reservation": c.mem, "milli_cpu_reservation": c.cpu,
-                 "ports": c.ports, "state": "running"} for c in self.shown.values()]
-        return BaseBuilder.build(HOSTS, rows)
+                 "ports": list(c.ports), "state": "running"} for c in self.shown.values()]
+        b = self.mirror.begin(HOSTS)
+        b.add_containers(rows[: len(rows) // 2])
+        b.add_containers(rows[len(rows) // 2:])
+        base = self.mirror.done(b)
+        fresh = BaseBuilder.build(HOSTS, rows)
+        for u, h in fresh.hosts.items():
+            assert base.hosts[u].used == h.used and base.hosts[u].members == h.members, u
+            assert {k: v for k, v in base.hosts[u].ports.items() if v} == {k: v for k, v in h.ports.items() if v}, u
+        return base
 
 
 def _ports(data: Any) -> list[str]:
