@@ -13,8 +13,10 @@ per-peer probe status and RTT (always 200: probe results are information, never 
 restart routers); ``/metrics``, ``/healthz``, ``/ready``.
 
 Host-netns mode (``--bridge``, the default ``docker0``): the router IP sits on the VTEP as a /32,
-the bridge answers ARP for remote workloads (``proxy_arp``, no delay) and forwarding is on; in the
-original layout (router in its own container netns, ``--bridge ''``) none of that is touched.
+the bridge answers ARP for remote workloads (``proxy_arp``, no delay) and forwarding is on. In the
+original layout (router in a holder container's netns, ``--bridge ''``) the interface holding the
+router IP answers ARP for remote workloads instead (the kernel's proxy ARP in place of the
+original's raw ARP responder) and forwarding is on in that netns.
 """
 
 from __future__ import annotations
@@ -68,6 +70,14 @@ def _bridge_ip(name: str) -> str:
         except OSError:
             return ""
     return socket.inet_ntoa(res[20:24])
+
+
+def _device_of(ip: str) -> str:
+    """The interface whose first IPv4 address is ``ip`` ('' when none is)."""
+    for _idx, name in socket.if_nameindex():
+        if _bridge_ip(name) == ip:
+            return name
+    return ""
 
 
 async def _iptables(*args: str) -> tuple[int, str]:
@@ -144,9 +154,13 @@ class Router:
     async def host_setup(self, topo: Topology) -> None:
         """Forwarding, proxy ARP on the bridge, the gateway masquerade and the MSS clamp."""
         _sysctl("net/ipv4/ip_forward", "1")
-        if self.args.bridge:
-            _sysctl(f"net/ipv4/conf/{self.args.bridge}/proxy_arp", "1")
-            _sysctl(f"net/ipv4/neigh/{self.args.bridge}/proxy_delay", "0")
+        # Proxy ARP answers for remote workloads (routed through the VTEP) on the side the local
+        # containers ask from: the bridge in the host netns, the router's own interface in a
+        # container netns (the original's ARP responder on eth0). Local IPs are never answered.
+        dev = self.args.bridge or _device_of(topo.router_ip)
+        if dev:
+            _sysctl(f"net/ipv4/conf/{dev}/proxy_arp", "1")
+            _sysctl(f"net/ipv4/neigh/{dev}/proxy_delay", "0")
         if not self._rules_due:
             return
         for table, chain, *spec in await self.missing_rules():

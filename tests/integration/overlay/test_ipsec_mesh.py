@@ -7,89 +7,18 @@ both directions, no kernel XFRM state or policy, leave and join, a PSK mismatch 
 
 from __future__ import annotations
 
-import socket
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 
 from netmanager.overlay.charon import have_charon
 from tests.helpers.netns import requires_root
-from tests.helpers.procs import ROOT, Proc, corral_argv
 from tests.helpers.tools import in_ci, require_tool
 from tests.helpers.wait import until
-from tests.integration.overlay.topo import META, Topo, nsx
+from tests.integration.overlay.topo import IpsecTopo, nsx
 
 pytestmark = [pytest.mark.root, requires_root]
-
-
-class IpsecTopo(Topo):
-    psk: dict[int, str]
-
-    def start_router(self, i: int) -> Proc:
-        psk = getattr(self, "psk", {}).get(i, "mesh-psk")
-        env = {"PYTHONPATH": str(ROOT), "PYTHONUNBUFFERED": "1", "RANCHER_IPSEC_PSK": psk,
-               "CORRAL_IPSEC_DIR": str(self.tmp / f"h{i}-ipsec"),
-               "CORRAL_IPSEC_CONFIG_DIR": str(self.tmp / f"h{i}-ipsec-conf")}
-        argv = corral_argv("overlay", "--backend", "ipsec", "--metadata-url", f"http://{META}/2015-12-19",
-                           "--listen", "127.0.0.1:8111", "--bridge", "docker0", "--probe-interval", "0.5",
-                           "--verify-interval", "1", "--metadata-state-file", str(self.tmp / f"h{i}-metadata.json"))
-        p = Proc(["ip", "netns", "exec", self.h(i), *argv], env=env, cwd=str(ROOT), name=f"ipsec-h{i}")
-        self.routers[i] = p
-        return p
-
-    def sas(self, i: int) -> dict[str, Any]:
-        import vici
-
-        s = socket.socket(socket.AF_UNIX)
-        try:
-            s.connect(str(self.tmp / f"h{i}-ipsec" / "charon.vici"))
-            out: dict[str, Any] = {}
-            for entry in vici.Session(s).list_sas():
-                out.update({k: v for k, v in entry.items()})
-            return out
-        finally:
-            s.close()
-
-    def up(self, i: int, j: int) -> dict[str, Any] | None:
-        sa = self.sas(i).get(f"conn-192.0.2.{j}")
-        if sa and sa["state"] == b"ESTABLISHED" and any(c["state"] == b"INSTALLED"
-                                                         for c in sa.get("child-sas", {}).values()):
-            return sa  # type: ignore[no-any-return]
-        return None
-
-    def children(self, i: int, j: int) -> list[bytes]:
-        """States of every CHILD_SA h_i holds towards h_j, over all its IKE_SAs with h_j."""
-        return [c["state"] for entry in self._list(i, j) for sa in entry.values()
-                for c in sa.get("child-sas", {}).values()]
-
-    def conns(self, i: int) -> set[str]:
-        import vici
-
-        s = socket.socket(socket.AF_UNIX)
-        try:
-            s.connect(str(self.tmp / f"h{i}-ipsec" / "charon.vici"))
-            return {name for entry in vici.Session(s).list_conns() for name in entry}
-        finally:
-            s.close()
-
-    def spis(self, i: int, j: int) -> list[bytes]:
-        return sorted(c["spi-in"] for entry in self._list(i, j) for sa in entry.values()
-                      for c in sa.get("child-sas", {}).values())
-
-    def _list(self, i: int, j: int) -> list[Any]:
-        import vici
-
-        s = socket.socket(socket.AF_UNIX)
-        try:
-            s.connect(str(self.tmp / f"h{i}-ipsec" / "charon.vici"))
-            return list(vici.Session(s).list_sas({"ike": f"conn-192.0.2.{j}"}))
-        finally:
-            s.close()
-
-    def charon_log(self, i: int) -> str:
-        return (self.tmp / f"h{i}-ipsec" / "charon.log").read_text(errors="replace")
 
 
 @pytest.fixture(scope="module")

@@ -16,6 +16,7 @@ import contextlib
 import json
 import os
 import secrets
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -34,6 +35,9 @@ def nsx(ns: str, *cmd: str, check: bool = True) -> subprocess.CompletedProcess[s
 
 
 class Topo:
+    # tests probe and read the kernel back often, so repairs show up fast; the benchmark runs the defaults
+    router_flags: tuple[str, ...] = ("--probe-interval", "0.5", "--verify-interval", "1")
+
     def __init__(self, tmp: Path, n: int = 3) -> None:
         self.tag = f"ov{os.getpid() % 10000}{secrets.token_hex(2)}"
         self.tmp = tmp
@@ -95,8 +99,8 @@ class Topo:
 
     def start_router(self, i: int) -> Proc:
         p = self._proc(self.h(i), f"overlay-h{i}", "overlay", "--metadata-url", f"http://{META}/2015-12-19",
-                       "--listen", "127.0.0.1:8111", "--bridge", "docker0", "--probe-interval", "0.5",
-                       "--verify-interval", "1", "--metadata-state-file", str(self.tmp / f"h{i}-metadata.json"))
+                       "--listen", "127.0.0.1:8111", "--bridge", "docker0", *self.router_flags,
+                       "--metadata-state-file", str(self.tmp / f"h{i}-metadata.json"))
         self.routers[i] = p
         return p
 
@@ -124,8 +128,12 @@ class Topo:
         tmp.replace(f)
 
     # ---------------------------------------------------------------- probes
+    def router_ns(self, i: int) -> str:
+        """Where host i's router runs (and answers on 127.0.0.1:8111)."""
+        return self.h(i)
+
     def http(self, i: int, path: str, method: str = "GET") -> tuple[int, str]:
-        r = nsx(self.h(i), "curl", "-s", "-m", "20", "-X", method, "-o", "/dev/stdout", "-w", "\n%{http_code}",
+        r = nsx(self.router_ns(i), "curl", "-s", "-m", "20", "-X", method, "-o", "/dev/stdout", "-w", "\n%{http_code}",
                 f"http://127.0.0.1:8111{path}", check=False)
         body, _, code = r.stdout.rpartition("\n")
         return int(code or 0), body
@@ -169,3 +177,74 @@ class Topo:
                     os.kill(int(pid), 9)
             sh("ip", "netns", "del", ns, check=False)
         print(self.logs(), file=sys.stderr)
+
+
+class IpsecTopo(Topo):
+    """The same hosts with ``corral overlay --backend ipsec`` (one charon per host, its VICI socket
+    and log under ``tmp/hN-ipsec``); ``psk`` overrides a host's PSK."""
+
+    psk: dict[int, str]
+
+    def start_router(self, i: int) -> Proc:
+        psk = getattr(self, "psk", {}).get(i, "mesh-psk")
+        env = {"PYTHONPATH": str(ROOT), "PYTHONUNBUFFERED": "1", "RANCHER_IPSEC_PSK": psk,
+               "CORRAL_IPSEC_DIR": str(self.tmp / f"h{i}-ipsec"),
+               "CORRAL_IPSEC_CONFIG_DIR": str(self.tmp / f"h{i}-ipsec-conf")}
+        argv = corral_argv("overlay", "--backend", "ipsec", "--metadata-url", f"http://{META}/2015-12-19",
+                           "--listen", "127.0.0.1:8111", "--bridge", "docker0", *self.router_flags,
+                           "--metadata-state-file", str(self.tmp / f"h{i}-metadata.json"))
+        p = Proc(["ip", "netns", "exec", self.h(i), *argv], env=env, cwd=str(ROOT), name=f"ipsec-h{i}")
+        self.routers[i] = p
+        return p
+
+    def sas(self, i: int) -> dict[str, Any]:
+        import vici
+
+        s = socket.socket(socket.AF_UNIX)
+        try:
+            s.connect(str(self.tmp / f"h{i}-ipsec" / "charon.vici"))
+            out: dict[str, Any] = {}
+            for entry in vici.Session(s).list_sas():
+                out.update({k: v for k, v in entry.items()})
+            return out
+        finally:
+            s.close()
+
+    def up(self, i: int, j: int) -> dict[str, Any] | None:
+        sa = self.sas(i).get(f"conn-192.0.2.{j}")
+        if sa and sa["state"] == b"ESTABLISHED" and any(c["state"] == b"INSTALLED"
+                                                         for c in sa.get("child-sas", {}).values()):
+            return sa  # type: ignore[no-any-return]
+        return None
+
+    def children(self, i: int, j: int) -> list[bytes]:
+        """States of every CHILD_SA h_i holds towards h_j, over all its IKE_SAs with h_j."""
+        return [c["state"] for entry in self._list(i, j) for sa in entry.values()
+                for c in sa.get("child-sas", {}).values()]
+
+    def conns(self, i: int) -> set[str]:
+        import vici
+
+        s = socket.socket(socket.AF_UNIX)
+        try:
+            s.connect(str(self.tmp / f"h{i}-ipsec" / "charon.vici"))
+            return {name for entry in vici.Session(s).list_conns() for name in entry}
+        finally:
+            s.close()
+
+    def spis(self, i: int, j: int) -> list[bytes]:
+        return sorted(c["spi-in"] for entry in self._list(i, j) for sa in entry.values()
+                      for c in sa.get("child-sas", {}).values())
+
+    def _list(self, i: int, j: int) -> list[Any]:
+        import vici
+
+        s = socket.socket(socket.AF_UNIX)
+        try:
+            s.connect(str(self.tmp / f"h{i}-ipsec" / "charon.vici"))
+            return list(vici.Session(s).list_sas({"ike": f"conn-192.0.2.{j}"}))
+        finally:
+            s.close()
+
+    def charon_log(self, i: int) -> str:
+        return (self.tmp / f"h{i}-ipsec" / "charon.log").read_text(errors="replace")
