@@ -42,6 +42,7 @@ sys.path.insert(0, str(ROOT))
 
 from netmanager.overlay.peers import topology  # noqa: E402
 from netmanager.overlay.vxlan import VxlanBackend, desired_state, vtep_mac  # noqa: E402
+from tests.helpers.wait import until  # noqa: E402
 from tests.integration.overlay.topo import Topo, nsx  # noqa: E402
 from tests.unit.overlay.trees import mesh, workload  # noqa: E402
 
@@ -77,20 +78,179 @@ def first_ping(ns: str, dst: str, start: float, limit: float = 30) -> float:
     raise RuntimeError(f"no ping to {dst} within {limit}s")
 
 
-def hand_batch(t: Topo, i: int, peers: list[int]) -> tuple[str, list[list[str]]]:
-    """The entries of host i for ``peers`` as an ``ip -batch`` text and the FDB commands."""
+def hand_batch(t: Topo, i: int, peers: list[int], *, via_router: bool = False) -> tuple[str, list[list[str]]]:
+    """The entries of host i for ``peers`` as an ``ip -batch`` text and the FDB commands (the FDB
+    ``dst`` is the peer's agent IP, or its router IP for VXLAN inside IPsec)."""
     lines, fdb = [], []
     for n in peers:
         mac, r = vtep_mac(f"10.42.{n}.2"), f"10.42.{n}.2"
-        fdb.append(["bridge", "fdb", "append", mac, "dev", "vtep1042", "dst", t.agent[n], "self", "permanent"])
+        dst = r if via_router else t.agent[n]
+        fdb.append(["bridge", "fdb", "append", mac, "dev", "vtep1042", "dst", dst, "self", "permanent"])
         for ip in (r, f"10.42.{n}.10"):
             lines.append(f"neigh replace {ip} lladdr {mac} dev vtep1042 nud permanent")
             lines.append(f"route replace {ip}/32 dev vtep1042 scope global")
     return "\n".join(lines) + "\n", fdb
 
 
+def hand_vtep(t: Topo, i: int, mtu: int) -> None:
+    """``vtep1042`` of host i re-made with ``ip`` commands (the router stopped)."""
+    nsx(t.h(i), "ip", "link", "del", "vtep1042", check=False)
+    nsx(t.h(i), "ip", "link", "add", "vtep1042", "type", "vxlan", "id", "1042", "dstport", "4789",
+        "nolearning", "proxy", "l2miss", "l3miss", "rsc")
+    nsx(t.h(i), "ip", "link", "set", "vtep1042", "address", vtep_mac(f"10.42.{i}.2"), "mtu", str(mtu), "up")
+    nsx(t.h(i), "ip", "addr", "add", f"10.42.{i}.2/32", "dev", "vtep1042")
+
+
+HAND_CHARON = """charon {{
+  load_modular = no
+  load = random nonce kdf openssl aes sha1 sha2 hmac gcm gmp pem pkcs1 x509 pubkey kernel-libipsec kernel-netlink socket-default vici updown
+  install_routes = yes
+  make_before_break = yes
+  ignore_acquire_ts = yes
+  plugins {{
+    vici {{
+      socket = unix://{run}/charon.vici
+    }}
+  }}
+}}
+"""
+
+
+class HandCharon:
+    """A charon started with the documented recipe and driven with the plain ``vici`` client: the
+    IPsec floor, no router (charon itself installs the ``ipsec0`` routes in table 220)."""
+
+    def __init__(self, t: Topo, i: int) -> None:
+        self.run = t.tmp / f"hand-h{i}"
+        (self.run / "run").mkdir(parents=True, exist_ok=True)
+        (self.run / "strongswan.conf").write_text(HAND_CHARON.format(run=self.run))
+        inner = f"mount --bind {self.run}/run /run && exec env STRONGSWAN_CONF={self.run}/strongswan.conf " \
+                "/usr/lib/ipsec/charon"
+        self.proc = subprocess.Popen(["ip", "netns", "exec", t.h(i), "unshare", "-m", "--propagation", "private",
+                                      "sh", "-c", inner], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        for _ in range(300):
+            if (self.run / "charon.vici").exists():
+                break
+            time.sleep(0.05)
+
+    def call(self, command: str, arg: Any = None) -> Any:
+        import socket
+
+        import vici
+
+        s = socket.socket(socket.AF_UNIX)
+        try:
+            s.connect(str(self.run / "charon.vici"))
+            res = getattr(vici.Session(s), command)(*([arg] if arg is not None else []))
+            return list(res) if res is not None and not isinstance(res, dict) else res
+        finally:
+            s.close()
+
+    def load(self, i: int, j: int, initiate: bool) -> None:
+        self.call("load_conn", {f"conn-192.0.2.{j}": {
+            "version": "2", "local_addrs": [], "remote_addrs": [f"192.0.2.{j}"], "encap": "yes",
+            "proposals": ["aes128gcm16-sha256-modp2048"], "local": {"auth": "psk"}, "remote": {"auth": "psk"},
+            "children": {f"child-192.0.2.{j}": {
+                "mode": "tunnel", "local_ts": [f"10.42.{i}.2/32"], "remote_ts": [f"10.42.{j}.2/32"],
+                "esp_proposals": ["aes128gcm16-modp2048"], "policies": "yes",
+                "start_action": "start" if initiate else "none"}}}})
+
+    def stop(self) -> None:
+        pid = self.run / "run" / "charon.pid"
+        with contextlib.suppress(FileNotFoundError, ValueError, ProcessLookupError):
+            os.kill(int(pid.read_text().strip()), 15)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            self.proc.wait(10)
+
+
+def ipsec_path(table: Table, seconds: int, joins: int) -> None:
+    """The same data path and convergence through IPsec (kernel-libipsec mode on a kernel without ESP)."""
+    from tests.integration.overlay.topo import IpsecTopo
+
+    t = IpsecTopo(Path(tempfile.mkdtemp(prefix="corral-bench-ipsec-")), n=2)
+    t.router_flags = ()  # the daemon's own probe and read-back intervals
+    hands: list[HandCharon] = []
+    try:
+        t.build()
+        until(lambda: t.up(1, 2) and t.up(2, 1), what="IPsec pair h1-h2 up", timeout=60)
+        t.wait_ping(t.c(1), "10.42.2.10")
+        under = iperf(t, t.h(1), t.h(2), "192.0.2.2", seconds)
+        ips = iperf(t, t.c(1), t.c(2), "10.42.2.10", seconds)
+        under4 = iperf(t, t.h(1), t.h(2), "192.0.2.2", seconds, 4)
+        ips4 = iperf(t, t.c(1), t.c(2), "10.42.2.10", seconds, 4)
+        r_over, r_under = rtts(t.c(1), "10.42.2.10", 300), rtts(t.h(1), "192.0.2.2", 300)
+
+        join, leave = [], []
+        for _ in range(joins):
+            t.members.discard(2)
+            start = time.monotonic()
+            t.publish()
+            while "conn-192.0.2.2" in t.sas(1) or t.routes(1):
+                time.sleep(0.005)
+            leave.append(time.monotonic() - start)
+            time.sleep(0.3)
+            t.members.add(2)
+            start = time.monotonic()
+            t.publish()
+            join.append(first_ping(t.c(1), "10.42.2.10", start))
+            time.sleep(0.3)
+
+        # The floor: routers stopped; charon by hand, the VTEP and its entries with ip commands.
+        for i in (1, 2):
+            t.routers[i].stop()
+        for i, j in ((1, 2), (2, 1)):
+            hand_vtep(t, i, 1350)
+            nsx(t.h(i), "ip", "addr", "replace", f"10.42.{i}.2/32", "dev", "lo")
+            batch, fdb = hand_batch(t, i, [j], via_router=True)
+            subprocess.run(["ip", "netns", "exec", t.h(i), "ip", "-batch", "-"], input=batch, text=True, check=True)
+            for cmd in fdb:
+                nsx(t.h(i), *cmd)
+            hc = HandCharon(t, i)
+            hands.append(hc)
+            hc.call("load_shared", {"type": "IKE", "data": "mesh-psk", "owners": ["%any"]})
+        hands[1].load(2, 1, initiate=False)
+        hand_join = []
+        for _ in range(joins):
+            with contextlib.suppress(Exception):
+                hands[0].call("unload_conn", {"name": "conn-192.0.2.2"})
+            while any(hands[1].call("list_sas")):
+                time.sleep(0.01)
+            time.sleep(0.3)
+            start = time.monotonic()
+            hands[0].load(1, 2, initiate=True)
+            hand_join.append(first_ping(t.c(1), "10.42.2.10", start))
+        hand = iperf(t, t.c(1), t.c(2), "10.42.2.10", seconds)
+        hand4 = iperf(t, t.c(1), t.c(2), "10.42.2.10", seconds, 4)
+        r_hand = rtts(t.c(1), "10.42.2.10", 300)
+    finally:
+        for hc in hands:
+            hc.stop()
+        t.close()
+
+    g = "Gbit/s"
+    table.add("IPsec (libipsec) iperf3 single stream c1 -> c2 vs veth underlay h1 -> h2", ips, under, g,
+              note=f"reported only (spec floor 100 Mbit/s); hand-programmed: {hand * 1000:.0f} Mbit/s")
+    table.add("IPsec (libipsec) single stream, Corral vs the same state by hand", ips, hand, g,
+              note="the floor: charon from the recipe + plain vici + ip commands, no router")
+    table.add("IPsec (libipsec) iperf3 -P 4, Corral vs veth underlay", ips4, under4, g,
+              note=f"hand-programmed: {hand4 * 1000:.0f} Mbit/s")
+    table.add("IPsec ping RTT p50, overlay vs underlay", percentile(r_over, 50) * 1000,
+              percentile(r_under, 50) * 1000, "us", higher_is_better=False,
+              note=f"hand-programmed p50 {percentile(r_hand, 50) * 1000:.0f} us; charon's userspace ESP")
+    table.add("IPsec ping RTT p99, overlay vs underlay", percentile(r_over, 99) * 1000,
+              percentile(r_under, 99) * 1000, "us", higher_is_better=False,
+              note=f"hand-programmed p99 {percentile(r_hand, 99) * 1000:.0f} us")
+    table.add(f"IPsec join: metadata bump -> first ping, p95 of {joins}", percentile(join, 95) * 1000,
+              percentile(hand_join, 95) * 1000, "ms", higher_is_better=False,
+              note=f"p50 {percentile(join, 50) * 1000:.0f} ms (by hand {percentile(hand_join, 50) * 1000:.0f}); "
+              "peer: load-conn by hand -> first ping; target p95 <= 3 s")
+    table.add(f"IPsec leave: metadata bump -> SA and entries gone on h1, p95 of {joins}",
+              percentile(leave, 95) * 1000, None, "ms", higher_is_better=False, note="target <= 1 s")
+
+
 def data_path(table: Table, seconds: int, joins: int) -> None:
     t = Topo(Path(tempfile.mkdtemp(prefix="corral-bench-overlay-")), n=2)
+    t.router_flags = ()  # the daemon's own probe and read-back intervals
     try:
         t.build()
         for i in (1, 2):
@@ -306,11 +466,16 @@ def main() -> int:
     p.add_argument("--hosts", type=int, default=500)
     p.add_argument("--per-host", type=int, default=19, help="workloads per host (plus its router)")
     p.add_argument("--skip-data-path", action="store_true")
+    p.add_argument("--skip-ipsec", action="store_true", help="no IPsec data path and convergence")
+    p.add_argument("--skip-scale", action="store_true")
     args = p.parse_args()
     table = Table("overlay", "peer")
     if not args.skip_data_path:
         data_path(table, args.seconds, args.joins)
-    scale(table, args.hosts, args.per_host)
+    if not args.skip_ipsec:
+        ipsec_path(table, args.seconds, args.joins)
+    if not args.skip_scale:
+        scale(table, args.hosts, args.per_host)
     table.print()
     update_results("overlay", table.markdown() + "\n\n" + NOTE)
     return 0
