@@ -33,6 +33,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="host-netns mode: the containers' bridge (proxy ARP, gateway masquerade); "
                    "'' for a router in its own container netns")
     p.add_argument("--gateway", default="", help="container-netns mode: the bridge gateway to masquerade")
+    p.add_argument("--host-subnet-prefix", type=int_arg(0, 32), default=0,
+                   help="vxlan: per-host-subnet mode, one route '<router IP>/N via <router IP>' for a host whose "
+                   "/N holds only its own containers; 0: a /32 route and neighbour per container")
     p.add_argument("--debounce", type=duration_arg, default=0.2, help="wait this long for a burst of changes")
     p.add_argument("--resync-interval", type=duration_arg, default=60.0, help="full resync period")
     p.add_argument("--verify-interval", type=duration_arg, default=10.0,
@@ -63,7 +66,7 @@ def make_router(args: argparse.Namespace) -> Any:
         raise ConfigError(f"--backend must be one of {' or '.join(BACKENDS)}: {args.backend!r}")
     url, version = metadata_base(args)
     backend = BACKENDS[args.backend](mtu=args.vxlan_vtep_mtu, host_mode=bool(args.bridge),
-                                     resync_after=args.resync_interval)
+                                     resync_after=args.resync_interval, subnet_prefix=args.host_subnet_prefix)
     return Router(args, backend, metadata_url=url, api_version=version)
 
 

@@ -55,6 +55,7 @@ NETLINK_GET_STRICT_CHK = 12
 NUD_PERMANENT, NUD_NOARP = 0x80, 0x40
 NTF_SELF = 0x02
 RT_TABLE_MAIN = 254
+RTNH_F_ONLINK = 4
 RTPROT_KERNEL, RTPROT_BOOT = 2, 3
 RTN_UNICAST = 1
 RT_SCOPE_NOWHERE = 255
@@ -131,12 +132,18 @@ class Op:
 
 
 def route_op(add: bool, route: str, ifindex: int) -> Op:
-    """``route`` is ``a.b.c.d/len`` (scope global, no gateway); ``replace`` semantics on add."""
-    addr, _, plen = route.partition("/")
+    """``route`` is ``a.b.c.d/len`` (scope global) or ``a.b.c.d/len via g`` (gateway ``g``,
+    ``onlink``: the per-host-subnet mode's route); ``replace`` semantics on add."""
+    dst, _, gw = route.partition(" via ")
+    addr, _, plen = dst.partition("/")
     prefixlen = int(plen or 32)
     attrs = _TABLE_MAIN + _attr(RTA_DST, socket.inet_aton(addr)) + _attr(RTA_OIF, struct.pack("=I", ifindex))
+    flags = 0
+    if gw:
+        attrs += _attr(RTA_GATEWAY, socket.inet_aton(gw))
+        flags = RTNH_F_ONLINK
     if add:
-        hdr = _RT.pack(socket.AF_INET, prefixlen, 0, 0, RT_TABLE_MAIN, RTPROT_BOOT, 0, RTN_UNICAST, 0)
+        hdr = _RT.pack(socket.AF_INET, prefixlen, 0, 0, RT_TABLE_MAIN, RTPROT_BOOT, 0, RTN_UNICAST, flags)
         return Op("route", True, route, RTM_NEWROUTE, F_CREATE | F_REPLACE, hdr + attrs)
     hdr = _RT.pack(socket.AF_INET, prefixlen, 0, 0, RT_TABLE_MAIN, 0, RT_SCOPE_NOWHERE, 0, 0)
     return Op("route", False, route, RTM_DELROUTE, 0, hdr + attrs)
@@ -346,8 +353,7 @@ class Netlink:
             if rtype != RTN_UNICAST or proto == RTPROT_KERNEL:
                 continue
             # one pass over the few attributes (table, dst, priority, prefsrc, gateway, oif)
-            dst = got_oif = None
-            gateway = False
+            dst = got_oif = gateway = None
             off = p + _RT.size
             while off + 4 <= end:
                 n, t = attr(buf, off)
@@ -359,13 +365,14 @@ class Netlink:
                 elif t == RTA_OIF:
                     got_oif = bytes(buf[off + 4:off + n])
                 elif t == RTA_GATEWAY:
-                    gateway = True
+                    gateway = bytes(buf[off + 4:off + n])
                 elif t == RTA_TABLE:
                     table = struct.unpack_from("=I", buf, off + 4)[0]
                 off += (n + 3) & ~3
-            if gateway or table != RT_TABLE_MAIN or (not filtered and got_oif != oif):
+            if table != RT_TABLE_MAIN or (not filtered and got_oif != oif):
                 continue
-            out.append(f"{ntoa(dst) if dst else '0.0.0.0'}/{plen}")
+            key = f"{ntoa(dst) if dst else '0.0.0.0'}/{plen}"
+            out.append(f"{key} via {ntoa(gateway)}" if gateway else key)
         return out
 
     # ---------------------------------------------------------------- link (pyroute2)
@@ -564,6 +571,8 @@ def classify(t: int, p: bytes, ifindex: int, fdb: frozenset[tuple[str, str]] | N
         if routes is None:
             return "route changed"
         key = f"{socket.inet_ntoa(a[RTA_DST]) if RTA_DST in a else '0.0.0.0'}/{plen}"
+        if RTA_GATEWAY in a:
+            key += f" via {socket.inet_ntoa(a[RTA_GATEWAY])}"
         known = key in routes
         if t == RTM_DELROUTE:
             return "route removed" if known else ""

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import ipaddress
+import socket
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -60,23 +61,59 @@ class VxlanState:
 
     fdb: frozenset[tuple[str, str]] = frozenset()          # (mac, dst agent IP)
     neigh: Mapping[str, str] = field(default_factory=dict)  # ip -> mac
-    routes: frozenset[str] = frozenset()                    # "a.b.c.d/len"
+    routes: frozenset[str] = frozenset()                    # "a.b.c.d/len" or "a.b.c.d/len via <gateway>"
 
     def size(self) -> int:
         return len(self.fdb) + len(self.neigh) + len(self.routes)
 
 
-def desired_state(topo: Topology) -> VxlanState:
-    """rancher-net's entries for every remote host with a router (its workloads included)."""
+def _int(ip: str) -> int:
+    return int.from_bytes(socket.inet_aton(ip), "big")
+
+
+def host_subnets(topo: Topology, prefix: int) -> dict[str, str]:
+    """Per-host-subnet mode: remote agent IP -> the subnet (``<router IP>/prefix``) routed as one
+    entry. A host gets one only when every IP in that subnet (local or remote, routers included)
+    belongs to it: an address of any other host inside it keeps the whole host on /32 entries, so
+    the mode is correct whatever the IPAM hands out and compresses only what really is per host."""
+    if not prefix:
+        return {}
+    mask = (0xFFFFFFFF << (32 - prefix)) & 0xFFFFFFFF
+    net = {agent: _int(r) & mask for agent, r in topo.routers.items()}
+    owner: dict[int, str | None] = {}
+    for agent, n in net.items():
+        owner[n] = None if n in owner else agent  # two hosts' routers in one subnet: nobody's
+    for ip in (topo.router_ip, *topo.local):  # this host's own addresses
+        owner[_int(ip) & mask] = None
+    for ip, agent in topo.workloads.items():
+        n = _int(ip) & mask
+        if owner.get(n, agent) != agent:
+            owner[n] = None
+    return {agent: f"{socket.inet_ntoa(n.to_bytes(4, 'big'))}/{prefix}" for n, agent in owner.items()
+            if agent is not None and net.get(agent) == n}
+
+
+def desired_state(topo: Topology, subnet_prefix: int = 0) -> VxlanState:
+    """rancher-net's entries for every remote host with a router (its workloads included).
+
+    With ``subnet_prefix`` (per-host-subnet mode, flannel-style), a host whose subnet is its own
+    (:func:`host_subnets`) gets one route ``<subnet> via <router IP> onlink`` instead of a /32
+    route and a neighbour per workload: O(hosts) entries. Other hosts keep /32 entries."""
     fdb = set()
     neigh: dict[str, str] = {}
     routes: set[str] = set()
     macs = {agent: vtep_mac(r) for agent, r in topo.routers.items()}
+    subnets = host_subnets(topo, subnet_prefix)
     for agent, r in topo.routers.items():
         fdb.add((macs[agent], agent))
         neigh[r] = macs[agent]
-        routes.add(f"{r}/32")
+        sub = subnets.get(agent)
+        routes.add(f"{sub} via {r}" if sub else f"{r}/32")
+    mask = (0xFFFFFFFF << (32 - subnet_prefix)) & 0xFFFFFFFF if subnet_prefix else 0
+    inside = {agent: _int(sub.partition("/")[0]) for agent, sub in subnets.items()}
     for ip, agent in topo.workloads.items():
+        if agent in inside and _int(ip) & mask == inside[agent]:
+            continue  # carried by the host's subnet route
         neigh[ip] = macs[agent]
         routes.add(f"{ip}/32")
     return VxlanState(fdb=frozenset(fdb), neigh=neigh, routes=frozenset(routes))
@@ -141,8 +178,9 @@ class VxlanBackend:
     name = "vxlan"
 
     def __init__(self, *, mtu: int = 0, host_mode: bool = True, resync_after: float = 60.0,
-                 device: str = DEVICE, netlink: nl.Netlink | None = None) -> None:
+                 device: str = DEVICE, netlink: nl.Netlink | None = None, subnet_prefix: int = 0) -> None:
         self.mtu_flag = mtu
+        self.subnet_prefix = subnet_prefix
         self.host_mode = host_mode
         self.device = device
         self.nl = netlink or nl.Netlink()
@@ -171,7 +209,7 @@ class VxlanBackend:
         return self.ifindex
 
     def desired(self, topo: Topology) -> VxlanState:
-        return desired_state(topo)
+        return desired_state(topo, self.subnet_prefix)
 
     async def current(self) -> VxlanState:
         return await asyncio.to_thread(self.nl.read_vtep, self.ifindex)

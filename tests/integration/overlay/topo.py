@@ -157,7 +157,8 @@ class Topo:
         return nsx(self.h(i), "ip", "neigh", "show", "dev", "vtep1042", "nud", "permanent", check=False).stdout.splitlines()
 
     def routes(self, i: int) -> list[str]:
-        return nsx(self.h(i), "ip", "route", "show", "dev", "vtep1042", check=False).stdout.splitlines()
+        return [ln.strip() for ln in nsx(self.h(i), "ip", "route", "show", "dev", "vtep1042",
+                                          check=False).stdout.splitlines()]
 
     def writes(self, i: int) -> int:
         return int(self.connectivity(i)["writes"])

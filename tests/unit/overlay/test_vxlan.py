@@ -105,3 +105,37 @@ def test_ops_order_and_encoding() -> None:
     assert (plen, table, scope, rtype) == (32, 254, 0, nl.RTN_UNICAST)  # scope global, main table
     ra = nl._attrs(route.body, nl._RT.size, len(route.body))
     assert struct.unpack("=I", ra[nl.RTA_OIF])[0] == 7 and nl.RTA_GATEWAY not in ra
+
+
+def test_per_host_subnet_mode_is_one_route_per_host_whose_subnet_is_its_own() -> None:
+    cs = [router(1), router(2), router(3), workload(1), workload(2), workload(2, 11), workload(3),
+          workload(2, 77, ip="10.42.3.77")]  # h2's container inside h3's /24
+    d = desired_state(topology(tree(1, HOSTS, cs)), 24)
+    assert d.fdb == {("0e:00:0a:2a:02:02", "192.0.2.2"), ("0e:00:0a:2a:03:02", "192.0.2.3")}
+    # h2: one onlink route through its router; its outlier and all of h3 (whose /24 holds it) as /32s
+    assert d.routes == {"10.42.2.0/24 via 10.42.2.2", "10.42.3.77/32", "10.42.3.2/32", "10.42.3.10/32"}
+    assert dict(d.neigh) == {"10.42.2.2": "0e:00:0a:2a:02:02", "10.42.3.77": "0e:00:0a:2a:02:02",
+                             "10.42.3.2": "0e:00:0a:2a:03:02", "10.42.3.10": "0e:00:0a:2a:03:02"}
+    assert desired_state(topology(tree(1, HOSTS, cs)), 0) == desired_state(topology(tree(1, HOSTS, cs)))
+
+
+def test_per_host_subnet_mode_never_routes_a_local_or_shared_subnet() -> None:
+    cs = [router(1), router(2), router(3, ip="10.42.2.3"), workload(1), workload(2), workload(1, 20, ip="10.42.4.20"),
+          router(4, ip="10.42.4.2"), workload(4)]
+    hosts = [*HOSTS, host(4)]
+    d = desired_state(topology(tree(1, hosts, cs)), 24)
+    # h2 and h3 share 10.42.2.0/24, h4's /24 holds a local container: every host stays on /32 entries
+    assert d.routes == {"10.42.2.2/32", "10.42.2.10/32", "10.42.2.3/32", "10.42.4.2/32", "10.42.4.10/32"}
+
+
+def test_per_host_subnet_mode_scales_with_hosts() -> None:
+    d = desired_state(topology(mesh(100, 19)), 24)
+    assert len(d.routes) == len(d.neigh) == len(d.fdb) == 99  # O(hosts): one route and neighbour per host
+
+
+def test_subnet_route_encoding() -> None:
+    op = nl.route_op(True, "10.42.2.0/24 via 10.42.2.2", 7)
+    _f, plen, _s, _t, table, _p, scope, rtype, flags = nl._RT.unpack_from(op.body, 0)
+    assert (plen, table, scope, rtype, flags) == (24, 254, 0, nl.RTN_UNICAST, nl.RTNH_F_ONLINK)
+    a = nl._attrs(op.body, nl._RT.size, len(op.body))
+    assert a[nl.RTA_GATEWAY] == bytes([10, 42, 2, 2]) and a[nl.RTA_DST] == bytes([10, 42, 2, 0])
