@@ -251,7 +251,7 @@ class CniHandler:
             info = await self.docker.inspect(cid)
             c = Container.from_inspect(info) if info is not None else None
             if c is not None and action == "start" and self.dns_setup:
-                self._write_resolv(c)
+                await asyncio.to_thread(self._write_resolv, c)
             prev = self.networked.get(cid)
             net = network_for(c) if c is not None else None
             if prev is None and net is None:
@@ -310,10 +310,14 @@ class CniHandler:
         res = await run_add(configs, cni_env("ADD", c.id, netns, c.labels, cni_path=self.cni_path),
                             timeout=self.timeout)
         self.networked[c.id] = (c.started_at, net)
-        self._record(c.id, c.started_at, res)
         ip = result_ipv4(res)
-        if ip and c.hosts_path:
-            self._hosts(c.hosts_path, ip, c.hostname)
+
+        def files() -> None:  # fsync'd writes: off the loop, a burst of ADDs would queue behind them
+            self._record(c.id, c.started_at, res)
+            if ip and c.hosts_path:
+                self._hosts(c.hosts_path, ip, c.hostname)
+
+        await asyncio.to_thread(files)
         _CALLS.labels("ADD", "ok").inc()
         _LAT.labels("ADD").observe(asyncio.get_running_loop().time() - t0)
         log.info("CNI ADD done", container=c.id[:12], network=net, ip=ip)

@@ -6,8 +6,9 @@ plugin that answers at once. Latency of a container = the mtime of the state fil
 minus the ``timeNano`` of its ``start`` event (both wall clock). First 20 containers started one
 at a time (each waits for its ADD), then a burst of 200 started at once through the API (16
 client threads). Peer, same run, same API: a bare event reader (docker SDK, one thread per event
-from a pool of 32) that runs the same stub plugin on every ``start`` event - the floor of "event
-delivered + plugin run", without inspect, netns handle, state file.
+from a pool of 32) that inspects the container (its PID gives the netns path) and runs the same
+stub plugin on every ``start`` event - the floor of a correct ADD, without netns handle, state
+file, hosts line or resolv.conf.
 
 Conntrack clean-up: ``corral metadata`` + ``corral netmanager`` in a namespace; a UDP flow to host
 port 500 DNATed to its container (``conntrack -I``); the answers file moves port 500 to another
@@ -126,7 +127,7 @@ def event_to_add(burst: int, singles: int) -> Table:
     ns = f"corral-bnmev-{secrets.token_hex(3)}"
     pm = PodmanApi(work)
     nm: Proc | None = None
-    t = Table("netmanager: Docker start -> CNI ADD done", "bare event reader + plugin")
+    t = Table("netmanager: Docker start -> CNI ADD done", "bare reader: inspect + plugin")
     try:
         # the API creates containers from an image: the busybox root file system imported as one
         tar = work / "rootfs.tar"
@@ -154,8 +155,12 @@ def event_to_add(burst: int, singles: int) -> Table:
         peer_stub.chmod(0o755)
         stdin = (conf / "10-stub.conf").read_bytes()
 
+        peer_api = docker.APIClient(base_url=f"unix://{pm.sock}", version="auto", timeout=120, max_pool_size=32)
+
         def peer_add(cid: str) -> None:
-            subprocess.run([str(peer_stub)], input=stdin, env={**env, "CNI_CONTAINERID": cid},
+            pid = peer_api.inspect_container(cid)["State"]["Pid"]  # the netns path needs the PID
+            subprocess.run([str(peer_stub)], input=stdin,
+                           env={**env, "CNI_CONTAINERID": cid, "CNI_NETNS": f"/proc/{pid}/ns/net"},
                            capture_output=True, check=False)
             peer_done[cid] = time.time_ns()
 
@@ -339,8 +344,9 @@ def main() -> int:
     t2.print()
     body = (t1.markdown() + "\n\n" + t2.markdown() + "\n\nEvent -> ADD: podman's Docker API, busybox containers "
             "with `--network none`, a stub CNI plugin that answers at once; latency = the ADD's state-file mtime "
-            "minus the `start` event's timeNano. Peer: a bare docker-SDK event reader running the same stub on each "
-            "`start` (no inspect, no netns handle, no state file), same API, same containers, measured first. "
+            "minus the `start` event's timeNano. Peer: a bare docker-SDK event reader that inspects the container "
+            "and runs the same stub on each `start` (no netns handle, state file, hosts line or resolv.conf), same "
+            "API, same number of containers, measured first. "
             "Conntrack: `conntrack -I` of a DNATed UDP flow to host port 500, then the answers file moves the port; "
             "peer = the same change's rules in the kernel (nf_tables generation moved).")
     if not a.no_write:
