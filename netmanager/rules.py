@@ -18,6 +18,7 @@ content belongs to the network-policy manager).
 from __future__ import annotations
 
 import functools
+import itertools
 import shlex
 from dataclasses import dataclass, field
 
@@ -118,14 +119,13 @@ def _chain_diff(table: str, chain: str, want: tuple[Rule, ...], have: list[Rule]
         lines.append(f"{table}/{chain}: chain missing ({len(want)} rules wanted)")
         return
     hs, ws = set(have), set(want)
-    missing = [r for r in want if r not in hs]
-    extra = [r for r in have if r not in ws]
+    missing, extra = ws - hs, hs - ws  # set arithmetic: the log line must not cost a pass per rule
     if not missing and not extra:
         lines.append(f"{table}/{chain}: same rules, wrong order or duplicates")
         return
     lines.append(f"{table}/{chain}: {len(missing)} missing, {len(extra)} unexpected")
-    lines += [f"  + {render(chain, r)}" for r in missing[:limit]]
-    lines += [f"  - {render(chain, r)}" for r in extra[:limit]]
+    lines += [f"  + {render(chain, r)}" for r in itertools.islice((r for r in want if r in missing), limit)]
+    lines += [f"  - {render(chain, r)}" for r in itertools.islice((r for r in have if r in extra), limit)]
 
 
 def diff(rs: Ruleset, tables: Tables) -> Drift:
@@ -159,10 +159,11 @@ def _edits(chain: str, want: tuple[Rule, ...], have: list[Rule]) -> list[str] | 
     if not have or len(hs) != len(have):
         return None
     ws = set(want)
-    gone = [r for r in have if r not in ws]
-    new = [(i, r) for i, r in enumerate(want, 1) if r not in hs]
-    if len(gone) + len(new) > max(4, len(want) // 8):
-        return None
+    gone_set, new_set = hs - ws, ws - hs
+    if len(gone_set) + len(new_set) > max(4, len(want) // 8):
+        return None  # decided on set sizes, before any pass over 25k rules
+    gone = [r for r in have if r in gone_set]
+    new = [(i, r) for i, r in enumerate(want, 1) if r in new_set]
     if [r for r in have if r in ws] != [r for r in want if r in hs]:
         return None
     out = [render(chain, r, "-D") for r in gone]
