@@ -530,6 +530,11 @@ class IpsecBackend:
                         continue
                 self.loaded.pop(name, None)
                 self.peers.pop(name.removeprefix("conn-"), None)
+                # unload-conn only closes the initiator's children; the IKE_SA (and, on the
+                # responder, the children too) would linger until DPD: end them now, one DELETE
+                with contextlib.suppress(TransportError):  # none left: nothing to do
+                    await charon.vici.call("terminate", {"ike": name, "force": "yes"})
+                    log.info("SAs of an unloaded connection terminated", conn=name)
             if not self.settings.libipsec:
                 errors += await self._apply_policies(desired_policies(topo, self.settings))
         self._count()

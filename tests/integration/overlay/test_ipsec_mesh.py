@@ -87,6 +87,8 @@ def test_leave_and_join(topo: IpsecTopo) -> None:
     topo.publish()
     for i in (1, 2):
         until(lambda i=i: "conn-192.0.2.3" not in topo.sas(i), what=f"h{i} dropped h3's SA")
+    # the DELETEs reached h3: it holds no SA with the hosts that dropped it either
+    until(lambda: not {"conn-192.0.2.1", "conn-192.0.2.2"} & set(topo.sas(3)), what="h3's SAs with h1, h2 gone")
     assert topo.up(1, 2) is not None
     assert topo.ping(topo.c(1), "10.42.2.10")
     topo.members.add(3)
