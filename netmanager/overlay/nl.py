@@ -65,6 +65,12 @@ _RT = struct.Struct("=BBBBBBBBI")
 _ND = struct.Struct("=BxxxiHBB")
 _IFI = struct.Struct("=BxHiII")
 _ATTR = struct.Struct("=HH")
+# The answers' usual layouts, read in one call (any other layout takes the attribute walk):
+# neighbour: ndmsg, NDA_DST (4), NDA_LLADDR (6); FDB: ndmsg, NDA_LLADDR, NDA_DST;
+# route: rtmsg, RTA_TABLE, RTA_DST, RTA_OIF and nothing else (no gateway).
+_NEIGH_FAST = struct.Struct("=BxxxiHBB HH4s HH6sxx")
+_FDB_FAST = struct.Struct("=BxxxiHBB HH6sxx HH4s")
+_ROUTE_FAST = struct.Struct("=BBBBBBBBI HHI HH4s HHI")
 _CHUNK = 48 * 1024
 OVERFLOW = "netlink events overflowed"  # events were lost: what was programmed is no longer known
 _TABLE_MAIN = struct.pack("=HHI", 8, 15, 254)  # RTA_TABLE main
@@ -314,8 +320,14 @@ class Netlink:
         # strict: the kernel dumps only this device's FDB (ndm_ifindex); else every device's
         req = _ND.pack(AF_BRIDGE, ifindex if sock.strict else 0, 0, 0, 0)
         out = []
-        unpack, ntoa = _ND.unpack_from, socket.inet_ntoa
+        unpack, fast, ntoa = _ND.unpack_from, _FDB_FAST.unpack_from, socket.inet_ntoa
         for buf, p, end in sock.dump(RTM_GETNEIGH, req):
+            if end - p >= _FDB_FAST.size:
+                _fam, idx, state, _f, _t, ln, lt, mac, dn, dt, dst = fast(buf, p)
+                if ln == 10 and lt == NDA_LLADDR and dn == 8 and dt == NDA_DST:
+                    if idx == ifindex and state & NUD_PERMANENT:
+                        out.append((mac.hex(":"), ntoa(dst)))
+                    continue
             _fam, idx, state, _flags, _t = unpack(buf, p)
             if idx != ifindex or not state & NUD_PERMANENT:
                 continue
@@ -328,8 +340,14 @@ class Netlink:
         sock = self._s()
         req = _ND.pack(socket.AF_INET, 0, 0, 0, 0) + _attr(NDA_IFINDEX, struct.pack("=I", ifindex))
         out = {}
-        unpack, ntoa = _ND.unpack_from, socket.inet_ntoa
+        unpack, fast, ntoa = _ND.unpack_from, _NEIGH_FAST.unpack_from, socket.inet_ntoa
         for buf, p, end in sock.dump(RTM_GETNEIGH, req):
+            if end - p >= _NEIGH_FAST.size:
+                _fam, idx, state, _f, _t, dn, dt, dst, ln, lt, mac = fast(buf, p)
+                if dn == 8 and dt == NDA_DST and ln == 10 and lt == NDA_LLADDR:
+                    if idx == ifindex and state & NUD_PERMANENT:
+                        out[ntoa(dst)] = mac.hex(":")
+                    continue
             _fam, idx, state, _flags, _t = unpack(buf, p)
             if idx != ifindex or not state & NUD_PERMANENT:
                 continue
@@ -347,8 +365,16 @@ class Netlink:
         else:
             req = _RT.pack(socket.AF_INET, 0, 0, 0, 0, 0, 0, 0, 0)
         out = []
-        unpack, ntoa, attr = _RT.unpack_from, socket.inet_ntoa, _ATTR.unpack_from
+        unpack, fast, ntoa, attr = _RT.unpack_from, _ROUTE_FAST.unpack_from, socket.inet_ntoa, _ATTR.unpack_from
         for buf, p, end in sock.dump(RTM_GETROUTE, req):
+            if end - p == _ROUTE_FAST.size:
+                (_f, plen, _s, _tos, _tb, proto, _sc, rtype, _fl, tn, tt, table, dn, dt, dst, on, ot,
+                 got) = fast(buf, p)
+                if tn == 8 and tt == RTA_TABLE and dn == 8 and dt == RTA_DST and on == 8 and ot == RTA_OIF:
+                    if rtype == RTN_UNICAST and proto != RTPROT_KERNEL and table == RT_TABLE_MAIN and (
+                            filtered or got == ifindex):
+                        out.append(f"{ntoa(dst)}/{plen}")
+                    continue
             _f, plen, _s, _tos, table, proto, _sc, rtype, _fl = unpack(buf, p)
             if rtype != RTN_UNICAST or proto == RTPROT_KERNEL:
                 continue
