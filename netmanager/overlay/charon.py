@@ -11,11 +11,12 @@
 * :class:`Vici` runs the blocking ``vici`` client in one worker thread (one session; an initiate,
   which waits for the peer, gets its own short session and thread).
 * :class:`IpsecBackend` is the router's backend: PSK loaded for ``%any``, the peer routers and
-  agents; ``load-conn`` only for changed connections, ``unload-conn`` for hosts that left; in
-  kernel-ESP mode the XFRM policies (``ip -batch``); an SA watchdog every 10 s initiates, with
-  per-peer jittered back-off, the children that have no installed SA (the responder of a pair
-  only after ``responder_grace`` seconds without one); ``repair_peer`` (3 missed probes)
-  re-initiates the child.
+  agents; ``load-conn`` only for changed connections, ``unload-conn`` and a forced terminate of
+  their SAs for hosts that left; in kernel-ESP mode the XFRM policies (``ip -batch``); an SA
+  watchdog every 10 s initiates, with per-peer jittered back-off, the children that have no
+  installed SA (the responder of a pair only after ``responder_grace`` seconds without one) and
+  terminates duplicate SAs of a connection; ``repair_peer`` (3 missed probes) gives the pair
+  fresh SAs, never a second CHILD_SA.
 """
 
 from __future__ import annotations
@@ -639,9 +640,10 @@ class IpsecBackend:
         return out
 
     async def reap_duplicates(self, entries: list[tuple[str, dict[str, Any]]]) -> int:
-        """Terminate every IKE_SA but the best one per connection, and every installed CHILD_SA but
-        the newest one in it: after a partition the side that missed the DELETE keeps the old pair
-        beside the new one until its DPD gives up (minutes). The number of SAs terminated."""
+        """Terminate the established IKE_SAs of a connection older than its best one, and every
+        installed CHILD_SA but the newest in the best one: after a partition the side that missed
+        the DELETE keeps the old pair beside the new one until its DPD gives up (minutes). SAs in
+        the middle of an exchange are left alone. The number of SAs terminated."""
         assert self.charon is not None
         by_name: dict[str, list[dict[str, Any]]] = {}
         for name, sa in entries:
@@ -651,7 +653,9 @@ class IpsecBackend:
             best = max(sas, key=_rank)
             if _rank(best)[0] < 2:
                 continue  # nothing up yet: leave the exchanges alone
-            targets += [{"ike-id": sa["uniqueid"]} for sa in sas if sa is not best and sa["uniqueid"]]
+            # only established SAs older than the best: one still being set up may be the repair
+            targets += [{"ike-id": sa["uniqueid"]} for sa in sas if sa is not best and sa["uniqueid"]
+                        and sa["state"] == "ESTABLISHED" and sa["age"] > best["age"]]
             installed = sorted((c for c in best["children"] if c.get("state") == "INSTALLED"),
                                key=lambda c: int(c.get("install-time", "0") or 0))
             targets += [{"child-id": c["uniqueid"]} for c in installed[1:] if c.get("uniqueid")]
@@ -732,7 +736,8 @@ class IpsecBackend:
         Without an SA the child is initiated. With one established, the tunnel answers IKE but not
         the probes (the peer lost its state, or a partition ate the DELETEs), and charon refuses a
         duplicate child anyway: the initiator of the pair terminates the IKE_SA (one DELETE, not
-        waited for) and initiates afresh - its INITIAL_CONTACT makes the peer drop the old pair.
+        waited for) and initiates afresh. A peer that missed the DELETE drops its old pair in its
+        SA watchdog (:meth:`reap_duplicates`) once the new one is up.
         The responder of the pair leaves an established SA to the initiator, and initiates only
         once the initiator had ``responder_grace`` seconds to come back (both ends initiating at
         once is what made the original's pairs collide). While an exchange is under way
