@@ -195,6 +195,8 @@ def first_snapshot(path: Path) -> tuple[Snapshot, tuple[int, int, int] | None, f
         snap = load_answers_bytes(data)
     except InputError:
         return None
+    else:
+        gc.freeze()  # long-lived and acyclic: kept out of every later collection (see metadata.source)
     finally:
         gc.enable()
     return snap, stamp, time.perf_counter() - t0
@@ -209,6 +211,7 @@ def _import_the_rest() -> None:
     import metadata.source
 
     metadata.render.yaml_module()
+    gc.freeze()  # the modules just loaded live as long as the process: never scan them again
 
 
 def start_early(args: argparse.Namespace) -> tuple[EarlyServer, tuple[int, int, int] | None, float] | None:

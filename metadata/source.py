@@ -57,7 +57,7 @@ async def run_steps(gen: Generator[None, None, Snapshot], budget: float = STALL_
     serving. The result is frozen before the GC runs again (see :func:`settle_gc`).
     """
     was = gc.isenabled()
-    gc.collect()  # the young garbage now, while it is small (the served snapshot is frozen), so
+    gc.collect(1)  # the young garbage now, while it is small (the served snapshot is frozen), so
     gc.disable()  # hardly anything but the new snapshot gets frozen below
     ok = False
     try:
