@@ -43,7 +43,7 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
 from bench.netmanager.run import Gen, setns  # noqa: E402
-from tests.helpers.podman import PodmanApi  # noqa: E402
+from tests.helpers.podman import PodmanApi, stub_network  # noqa: E402
 from tests.helpers.procs import Proc, corral_argv  # noqa: E402
 
 STUB = """#!/bin/sh
@@ -134,14 +134,8 @@ def event_to_add(burst: int, singles: int) -> Table:
         sh("tar", "-C", str(work / "rootfs"), "-cf", str(tar), ".")
         pm.pm("import", str(tar), "busybox-rootfs")
         api = docker.APIClient(base_url=f"unix://{pm.sock}", version="auto", timeout=120)
-        bindir = work / "bin"
-        bindir.mkdir()
-        log = work / "calls.log"
-        (bindir / "stub").write_text(STUB.format(log=log))
-        (bindir / "stub").chmod(0o755)
+        bindir, log = stub_network(work, STUB)
         conf = work / "cni" / "mynet.d"
-        conf.mkdir(parents=True)
-        (conf / "10-stub.conf").write_text(json.dumps({"cniVersion": "0.2.0", "name": "mynet", "type": "stub"}))
         state = work / "state"
 
         # ---- peer: the bare reader, alone first

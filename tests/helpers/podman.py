@@ -22,7 +22,7 @@ import pytest
 from tests.helpers.procs import Proc
 from tests.helpers.wait import until
 
-__all__ = ["BUSYBOX", "PodmanApi"]
+__all__ = ["BUSYBOX", "PodmanApi", "stub_network"]
 
 BUSYBOX = shutil.which("busybox") or "/bin/busybox"
 
@@ -78,3 +78,17 @@ class PodmanApi:
         mounts = [ln.split()[1] for ln in Path("/proc/self/mounts").read_text().splitlines()]
         for m in sorted((m for m in mounts if m.startswith(str(self.work) + "/")), key=len, reverse=True):
             subprocess.run(["umount", "-l", m], capture_output=True, check=False)
+
+
+def stub_network(work: Path, script: str, name: str = "mynet") -> tuple[Path, Path]:
+    """A CNI network ``<work>/cni/<name>.d`` whose one config runs ``<work>/bin/stub``, the shell
+    ``script`` with ``{log}`` replaced by the calls log's path. Returns (plugin dir, calls log)."""
+    bindir = work / "bin"
+    bindir.mkdir(exist_ok=True)
+    log = work / "calls.log"
+    (bindir / "stub").write_text(script.format(log=log))
+    (bindir / "stub").chmod(0o755)
+    conf = work / "cni" / f"{name}.d"
+    conf.mkdir(parents=True, exist_ok=True)
+    (conf / "10-stub.conf").write_text(json.dumps({"cniVersion": "0.2.0", "name": name, "type": "stub"}))
+    return bindir, log

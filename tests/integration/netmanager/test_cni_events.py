@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from tests.helpers.netns import netns, requires_root
-from tests.helpers.podman import PodmanApi
+from tests.helpers.podman import PodmanApi, stub_network
 from tests.helpers.procs import ROOT, Proc, corral_argv
 from tests.helpers.wait import until
 
@@ -40,14 +40,7 @@ fi
 def env() -> Iterator[dict]:
     work = Path(tempfile.mkdtemp(prefix="corral-nm-pm-"))
     pm = PodmanApi(work)
-    bindir = work / "bin"
-    bindir.mkdir()
-    log = work / "calls.log"
-    (bindir / "stub").write_text(STUB.format(log=log))
-    (bindir / "stub").chmod(0o755)
-    conf = work / "cni" / "mynet.d"
-    conf.mkdir(parents=True)
-    (conf / "10-stub.conf").write_text(json.dumps({"cniVersion": "0.2.0", "name": "mynet", "type": "stub"}))
+    bindir, log = stub_network(work, STUB)
     try:
         with netns("nmpm") as ns:
             yield {"pm": pm, "work": work, "log": log, "ns": ns, "bindir": bindir}
@@ -185,7 +178,10 @@ def test_arp_mac_and_veth(env: dict) -> None:
     cid = pm.run({"role": "app"})
     pid = str(pm.inspect(cid)["State"]["Pid"])
     live = f"vethr{cid[:10]}"
-    for cmd in (["ip", "link", "add", "docker0", "type", "bridge"], ["ip", "link", "add", "br-other", "type", "bridge"],
+    # docker0 with a MAC of its own: a bridge otherwise takes its lowest port's, and a port going
+    # (the veth sweep) would change it - the kernel then flushes docker0's neighbour entries
+    for cmd in (["ip", "link", "add", "docker0", "address", "02:00:00:00:00:01", "type", "bridge"],
+                ["ip", "link", "add", "br-other", "type", "bridge"],
                 ["ip", "addr", "add", "10.42.0.1/16", "dev", "docker0"], ["ip", "link", "set", "docker0", "up"],
                 ["ip", "link", "add", "vethr0123456789", "type", "veth", "peer", "name", "p1"],
                 ["ip", "link", "add", live, "type", "veth", "peer", "name", "eth0", "netns", pid],
@@ -229,6 +225,10 @@ def test_arp_mac_and_veth(env: dict) -> None:
         wait(lambda: neigh("10.42.200.8", host) == "02:42:0a:2a:00:02", "remote container -> router MAC", nm)
         wait(lambda: "02:42:0a:2a:c8:05" in subprocess.run([*inside, "ip", "link", "show", "eth0"],
                                                            capture_output=True, text=True).stdout, "eth0 MAC", nm)
+        wait(lambda: "vethr0123456789" not in links(), "dangling veth deleted", nm)
+        assert live in links() and "vethr9999999999" in links()
+        assert neigh("10.42.77.77", host) == "0e:00:00:00:00:77"  # not a container metadata knows: left alone
+
         # the router's MAC changes: host entries and, for the next passes, the containers' entries follow
         # (added only now: a MAC change of eth0 flushes the container's neighbour table)
         subprocess.run([*inside, "ip", "neigh", "replace", "10.42.200.8", "lladdr", "0e:00:00:00:00:08", "dev", "eth0",
@@ -242,9 +242,6 @@ def test_arp_mac_and_veth(env: dict) -> None:
         os.replace(answers.with_suffix(".tmp"), answers)
         wait(lambda: neigh("10.42.200.8", host) == "02:42:0a:2a:00:99", "host entry -> new router MAC", nm)
         wait(lambda: neigh("10.42.200.8", inside) == "02:42:0a:2a:00:99", "container's entry -> new router MAC", nm)
-        wait(lambda: "vethr0123456789" not in links(), "dangling veth deleted", nm)
-        assert live in links() and "vethr9999999999" in links()
-        assert neigh("10.42.77.77", host) == "0e:00:00:00:00:77"  # not a container metadata knows: left alone
     finally:
         nm.stop()
         md.stop()
