@@ -27,8 +27,8 @@ launcher reads that one file, a module at a time, and runs each module's code in
 open and header check (~0.8 ms of the ~3 ms the imports cost). The modules are compiled with
 postponed annotations as a compiler flag, so ``from __future__ import annotations`` does not import
 ``__future__`` at run time. A core written by another Python version (another magic number), or
-none, and the launcher imports the package from lib/ as usual; the modules a call needs only now
-and then (_exec, _docker, _metadata) are always imported from lib/ when needed.
+none, and the launcher imports the package from lib/ as usual; the other modules (_add, _check,
+_masq, _exec, _docker, _metadata) are always imported from lib/ by the calls that need them.
 """
 
 from __future__ import annotations
@@ -61,7 +61,9 @@ DEFAULT_CONF = {
              "logToFile": "/var/log/rancher-cni.log", "routes": [{"dst": "169.254.169.250/32"}]},
 }
 
-# Every ADD and DEL needs these, in this order (each imports only earlier ones at module level).
+# Every call past VERSION needs these, in this order (each imports only earlier ones at module
+# level). ADD's own steps (_add), CHECK/GC (_check) and ipMasq (_masq) are imported from lib/ by
+# the calls that need them, so a DEL loads none of their code.
 CORE = ("_record", "_os", "_js", "_proto", "_netlink", "_ipam", "_bridge", "_main")
 
 LAUNCHER = '''#!{python} -IS

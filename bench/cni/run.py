@@ -284,6 +284,7 @@ def run(seq: int, par: int, rounds: int) -> tuple[Table, str]:
             t.add(f"{par} {verb.upper()}s{what} at once: whole batch (median of {rounds})", percentile(c, 50),
                   percentile(r, 50), unit="ms", higher_is_better=False)
     for (verb, mode), label in ((("cpu-add", "seq"), "ADD"), (("cpu-del", "seq"), "DEL"),
+                                (("cpu-add", "par"), f"ADD, {par} at once"), (("cpu-del", "par"), f"DEL, {par} at once"),
                                 (("cpu-add", "parmasq"), "ADD with ipMasq"), (("cpu-del", "parmasq"), "DEL with ipMasq")):
         t.add(f"CPU per call (user + system, with its children): {label} p50",
               percentile(lat[(verb, mode, "corral")], 50), percentile(lat[(verb, mode, "reference")], 50),

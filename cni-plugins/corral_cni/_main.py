@@ -52,13 +52,15 @@ def run(role: str, stdin: bytes, environ: Any) -> tuple[int, str]:
             from . import _bridge
 
             if env.command == "ADD":
-                return 0, dumps(render(_bridge.cmd_add(conf, stdin, env, version), version))
+                from . import _add
+
+                return 0, dumps(render(_add.cmd_add(conf, stdin, env, version), version))
             if env.command == "DEL":
                 _bridge.cmd_del(conf, stdin, env, version)
-            elif env.command == "CHECK":
-                _bridge.cmd_check(conf, stdin, env, version)
-            elif env.command == "GC":
-                _bridge.cmd_gc(conf, stdin, env, version)
+            elif env.command in ("CHECK", "GC"):
+                from . import _check
+
+                (_check.cmd_check if env.command == "CHECK" else _check.cmd_gc)(conf, stdin, env, version)
             else:
                 _bridge.run_ipam("STATUS", conf, stdin, env, version)
             return 0, ""

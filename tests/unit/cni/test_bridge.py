@@ -5,7 +5,7 @@ from __future__ import annotations
 import hashlib
 
 import pytest
-from corral_cni import _bridge
+from corral_cni import _bridge, _masq
 from corral_cni._proto import CniError, Result
 
 CATALOG = {"name": "rancher-cni-network", "type": "rancher-bridge", "bridge": "docker0",
@@ -74,8 +74,8 @@ def test_no_gateway_without_is_gateway() -> None:
 
 def test_masq_chain_name_matches_upstream_formula() -> None:
     h = hashlib.sha512(b"mynetabc").hexdigest()
-    assert _bridge.masq_chain("mynet", "abc") == "CNI-" + h[:24]
-    assert len(_bridge.masq_chain("mynet", "abc")) == 28
+    assert _masq.masq_chain("mynet", "abc") == "CNI-" + h[:24]
+    assert len(_masq.masq_chain("mynet", "abc")) == 28
 
 
 def test_fast_path_labels() -> None:

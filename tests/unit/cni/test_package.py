@@ -51,7 +51,8 @@ def test_launcher_runs_version_and_imports_nothing_heavy(tmp_path: Path) -> None
     # the modules a real ADD path loads: no asyncio, pyroute2, dataclasses/inspect, typing, subprocess, json/re,
     # not even os (posix and a few helpers do: _os.py) or hashlib (OpenSSL)
     lib = str(tmp_path / "vol" / "lib")
-    code = (f"import sys; sys.path.insert(0, {lib!r}); import corral_cni._main, corral_cni._bridge, "
+    code = (f"import sys; sys.path.insert(0, {lib!r}); import corral_cni._main, corral_cni._bridge, corral_cni._add, "
+            "corral_cni._check, corral_cni._masq, "
             "corral_cni._ipam, corral_cni._metadata, corral_cni._netlink, corral_cni._docker, corral_cni._exec; "
             "print(' '.join(sorted(sys.modules)))")
     mods = set(subprocess.run([sys.executable, "-I", "-S", "-c", code], capture_output=True, text=True,
