@@ -35,6 +35,7 @@ import os
 import re
 import resource
 import secrets
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -233,6 +234,7 @@ def ipsec_path(table: Table, seconds: int, joins: int) -> None:
         for hc in hands:
             hc.stop()
         t.close()
+        shutil.rmtree(t.tmp, ignore_errors=True)
 
     g = "Gbit/s"
     table.add("IPsec (libipsec) iperf3 single stream c1 -> c2 vs veth underlay h1 -> h2", ips, under, g,
@@ -320,6 +322,7 @@ def data_path(table: Table, seconds: int, joins: int) -> None:
         r_hand = rtts(t.c(1), "10.42.2.10", 500)
     finally:
         t.close()
+        shutil.rmtree(t.tmp, ignore_errors=True)
 
     g = "Gbit/s"
     table.add("iperf3 single stream c1 -> c2, VXLAN (Corral) vs veth underlay h1 -> h2", vx, under, g,
