@@ -9,12 +9,12 @@ attempted, the last error returned. Plugins are found on ``CNI_PATH``.
 
 from __future__ import annotations
 
-import asyncio
 import json
 import os
 from pathlib import Path
 from typing import Any
 
+from agents.children import run
 from agents.errors import TransportError
 
 __all__ = ["CniError", "load_configs", "result_ipv4", "run_add", "run_del"]
@@ -58,16 +58,12 @@ async def _exec(conf: dict[str, Any], env: dict[str, str], timeout: float) -> di
         raise CniError(f"network config {conf.get('name')!r} has no type")
     path = _find(plugin, env["CNI_PATH"])
     try:
-        p = await asyncio.create_subprocess_exec(
-            path, stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
-            env={**os.environ, **env})
-        out, err = await asyncio.wait_for(p.communicate(json.dumps(conf).encode()), timeout)
+        p = await run([path], input=json.dumps(conf).encode(), env={**os.environ, **env}, timeout=timeout)
     except TimeoutError:
-        p.kill()
-        await p.wait()
         raise CniError(f"{plugin} {env['CNI_COMMAND']} timed out after {timeout}s") from None
     except OSError as e:
         raise CniError(f"{plugin}: {e}") from e
+    out, err = p.stdout, p.stderr
     try:
         res = json.loads(out) if out.strip() else {}
     except ValueError:

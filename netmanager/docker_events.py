@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from agents.backoff import Backoff
+from agents.children import run
 from agents.errors import CorralError, TransportError
 from agents.log import get_logger
 from agents.metrics import counter, histogram
@@ -177,9 +178,11 @@ def _is_mount(p: Path) -> bool:
 
 
 async def _sh(*argv: str) -> tuple[int, str]:
-    p = await asyncio.create_subprocess_exec(*argv, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT)
-    out, _ = await p.communicate()
-    return p.returncode or 0, out.decode(errors="replace")
+    try:
+        p = await run(argv, timeout=30)
+    except (OSError, TimeoutError) as e:
+        return 127, str(e)
+    return p.returncode, (p.stdout + p.stderr).decode(errors="replace")
 
 
 class CniHandler:
