@@ -186,6 +186,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "(none given: 3 as root, else 1; --only and --env imply 1)")
     p.add_argument("--backend", default="vxlan", choices=["vxlan", "ipsec"],
                    help="overlay between the simulated hosts (--hosts 2 or more)")
+    p.add_argument("--workloads", default="", choices=["podman", "netns"],
+                   help="--hosts 2 or more: workloads as real containers (one podman engine per host, networked by "
+                        "netmanager -> CNI) or as bare network namespaces (none given: podman when podman and runc "
+                        "are installed)")
     return p
 
 
@@ -253,7 +257,8 @@ def main(argv: list[str]) -> int:
         if args.hosts > 1:
             from standin.demo_hosts import HostsDemo
 
-            topo = HostsDemo(args.hosts, workdir, lambda n, a, e: procs.start(n, a, e, raw=True), args.backend)
+            engine = args.workloads or ("podman" if shutil.which("podman") and shutil.which("runc") else "netns")
+            topo = HostsDemo(args.hosts, workdir, lambda n, a, e: procs.start(n, a, e, raw=True), args.backend, engine)
             return _run_hosts(args, topo, procs)
         return _run(args, workdir, env_file, procs, AdminClient, CtlError)
     except _Stop:

@@ -1,5 +1,8 @@
 """``corral demo --hosts N`` (N >= 2): simulated hosts in network namespaces, one overlay between them.
 
+Per host: metadata, dns, healthcheck (HAProxy), netmanager, the overlay router, etc-host-updater,
+a container engine (podman) and the runtime; on host 1 also the scheduler. See docs/demo.md.
+
 Layout (every name starts with ``corral-demo-<pid>``; nothing is created in the root namespace):
 
 * ``<tag>-ul``: the underlay. Bridge ``br0`` 192.168.77.254/24 with one veth per host; the
@@ -10,8 +13,10 @@ Layout (every name starts with ``corral-demo-<pid>``; nothing is created in the 
   as metadata), ``corral overlay --backend vxlan|ipsec`` (host-netns mode on ``docker0``) and
   ``corral etc-host-updater`` (keeps ``/etc/netns/<tag>-h<i>/hosts``, the host's ``/etc/hosts``
   under ``ip netns exec``).
-* ``<tag>-h<i>-<n>``: one per workload container the server placed on host i, a veth into host i's
-  ``docker0`` with the address metadata gives that container. ``web<i>`` serves HTTP on port 80.
+* ``<tag>-h<i>-<n>``: the network namespace of a workload container the scheduler placed on host i
+  (a podman container networked by host i's netmanager -> CNI, or with ``--workloads netns`` a bare
+  namespace), behind host i's ``docker0`` with the address metadata gives it; the runtime
+  (standin/demo_runtime.py) follows metadata. ``web<i>`` serves HTTP on port 80.
 
 The router container's address (10.42.x.y, allocated by the server) is also put on host i's ``lo``:
 the router runs in the host's namespace and metadata tells containers apart by the caller's address,
@@ -53,8 +58,13 @@ def service_of(c: dict[str, Any]) -> tuple[str, str]:
     return stack, svc
 
 
-HEALTH_CHECK = {"port": 80, "request_line": "GET /health HTTP/1.0", "interval": 1000, "response_timeout": 1000,
-                "healthy_threshold": 2, "unhealthy_threshold": 2}
+HEALTH_CHECK = {"port": 80, "request_line": "GET /cgi-bin/health HTTP/1.0", "interval": 1000,
+                "response_timeout": 2000, "healthy_threshold": 2, "unhealthy_threshold": 2}
+# What netmanager writes into each host's CNI volume (managed.d/) for the CNI plugins to run
+CNI_CONF = {"cniVersion": "0.3.1", "name": "rancher-cni-network", "type": "rancher-bridge", "bridge": "docker0",
+            "bridgeSubnet": "10.42.0.0/16", "isDefaultGateway": True, "hairpinMode": True, "mtu": 1400,
+            "ipam": {"type": "rancher-cni-ipam", "subnetPrefixSize": "/16", "timeoutSeconds": 20,
+                     "routes": [{"dst": "169.254.169.250/32"}]}}
 HOST_PORT = 8080
 
 
@@ -69,8 +79,7 @@ def env_doc(n: int, backend: str = "vxlan") -> dict[str, Any]:
     return {
         "environment": {"name": "demo-hosts"},
         "networks": [{"name": "managed", "kind": "network", "subnets": ["10.42.0.0/16"], "is_default": True,
-                      "host_ports": True, "metadata": {"cniConfig": {"10-rancher.conf": {
-                          "ipam": {"subnetPrefixSize": "/16"}}}}}],
+                      "host_ports": True, "metadata": {"cniConfig": {"10-rancher.conf": CNI_CONF}}}],
         "hosts": hosts,
         "stacks": [
             {"name": "network-services", "system": True, "services": [
@@ -98,8 +107,9 @@ def workload_commands(n: int) -> list[list[str]]:
 class HostsDemo:
     """Builds, runs and tears down the namespaces of an N-host demo. ``start`` starts a process."""
 
-    def __init__(self, n: int, workdir: Path, start: Starter, backend: str = "vxlan") -> None:
+    def __init__(self, n: int, workdir: Path, start: Starter, backend: str = "vxlan", engine: str = "netns") -> None:
         self.n = n
+        self.engine = engine
         self.workdir = workdir
         self.start = start
         self.backend = backend
@@ -113,6 +123,10 @@ class HostsDemo:
 
     def h(self, i: int) -> str:
         return f"{self.tag}-h{i}"
+
+    def podman_run(self, i: int) -> Path:
+        """Host i's engine's run root and tmp dir: podman wants a run root of at most 50 characters."""
+        return Path("/run") / self.tag / f"h{i}"
 
     @property
     def admin_url(self) -> str:
@@ -151,6 +165,13 @@ class HostsDemo:
             self.nsx(h, "ip", "addr", "add", f"{META_IP}/32", "dev", "lo")
             self.nsx(h, "sysctl", "-qw", "net.ipv4.ip_forward=1")
             (self.workdir / f"h{i}").mkdir(parents=True, exist_ok=True)
+        if self.engine == "podman":
+            from standin.demo_runtime import make_rootfs
+
+            make_rootfs(self.workdir / "rootfs", shutil.which("busybox") or "/bin/busybox")
+            # the CNI plugins, packaged as for a real host; netmanager runs them from here
+            _sh(sys.executable, str(ROOT / "cni-plugins" / "package.py"), str(self.workdir / "cni-bundle"),
+                "--no-config")
 
     # ------------------------------------------------------------------ server
     def keys(self) -> list[dict[str, Any]]:
@@ -243,10 +264,24 @@ class HostsDemo:
         self.start(f"h{i}-etc-host-updater", [*run, *_corral(
             "etc-host-updater", "--metadata-url", f"http://{META_IP}/2016-07-29", "--hosts-file", "/etc/hosts",
             "--update-interval", "1", "--hostname", f"node-{i}")], {})
+        docker, cni_path = "", str(self.workdir / "cni-bundle" / "bin")
+        if self.engine == "podman":
+            # this host's container engine: its own storage, run root and tmp dir, its Docker API socket
+            from standin.demo_runtime import Podman
+
+            pm = Podman(d / "podman", self.podman_run(i))
+            pm.prepare()
+            self.start(f"h{i}-podman", [*run, *pm.service_argv()], {"CONTAINERS_CONF": str(pm.work / "containers.conf")})
+            docker = f"unix://{pm.sock}"
+            deadline = time.monotonic() + 30
+            while not pm.sock.exists() and time.monotonic() < deadline:
+                time.sleep(0.05)
         # netmanager: host ports and host NAT from metadata in this host's iptables, the CNI volume
-        # (configs and plugin shims) in <workdir>/h<i>/cni; no Docker here, so no Docker events.
+        # (the configs metadata gives) in <workdir>/h<i>/cni; with podman, the engine's container
+        # events -> CNI ADD/DEL with the packaged plugins.
         self.start(f"h{i}-netmanager", [*run, *_corral(
-            "netmanager", "--metadata-address", META_IP, "--cni-dir", str(d / "cni"), "--docker-host", "",
+            "netmanager", "--metadata-address", META_IP, "--cni-dir", str(d / "cni"), "--docker-host", docker,
+            "--cni-path", cni_path,
             "--cni-state-dir", str(d / "cni-state"), "--netns-handle-dir", str(d / "netns"),
             "--disable-dns-setup", "--metrics-listen", "127.0.0.1:9115",
             "--metadata-state-file", str(d / "netmanager-metadata.json"))], {})
@@ -258,9 +293,11 @@ class HostsDemo:
             "--metrics-listen", "127.0.0.1:9114", "--metadata-state-file", str(d / "healthcheck-metadata.json"))],
             self.agent_env(i))
         # What Docker and the agent do on a host: the server's containers for it become namespaces.
+        engine = ["--engine", "podman", "--podman-dir", str(d / "podman"), "--podman-run", str(self.podman_run(i)),
+                  "--rootfs", str(self.workdir / "rootfs"), "--www", str(d / "www")] if self.engine == "podman" else []
         self.start(f"h{i}-runtime", [sys.executable, "-m", "standin.demo_runtime", "--netns", h, "--tag", self.tag,
                                      "--index", str(i), "--host-uuid", f"demo-host-{i}",
-                                     "--state", str(d / "workloads.json")], {})
+                                     "--state", str(d / "workloads.json"), *engine], {})
 
     def ipsec_env(self, i: int) -> dict[str, str]:
         """``--backend ipsec``: charon's run and config directories per host, one pre-shared key for all."""
@@ -313,6 +350,15 @@ class HostsDemo:
     # ------------------------------------------------------------------ teardown
     def close(self) -> list[str]:
         """Delete every namespace made (their links go with them); returns the ones still there."""
+        if self.engine == "podman":  # containers a runtime could not remove, before their conmon goes
+            from standin.demo_runtime import Podman, unmount_under
+
+            for i in range(1, self.n + 1):
+                if (self.workdir / f"h{i}" / "podman" / "storage").exists():
+                    Podman(self.workdir / f"h{i}" / "podman", self.podman_run(i)).clear()
+            unmount_under(self.workdir)
+            unmount_under(Path("/run") / self.tag)
+            shutil.rmtree(Path("/run") / self.tag, ignore_errors=True)
         for ns in reversed(self.namespaces):
             for pid in _sh("ip", "netns", "pids", ns, check=False).stdout.split():
                 with contextlib.suppress(ProcessLookupError, ValueError):
@@ -327,6 +373,9 @@ class HostsDemo:
                     os.kill(int(pid), 9)
             _sh("ip", "netns", "del", ns, check=False)
         return [ns for ns in _sh("ip", "netns", "list", check=False).stdout.split() if ns.startswith(self.tag + "-")]
+
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def _corral(*argv: str) -> list[str]:

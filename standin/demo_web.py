@@ -1,6 +1,6 @@
 """The web workload of ``corral demo --hosts N``: a tiny HTTP server inside a workload namespace.
 
-``GET /health`` answers 200, or 503 while the container carries the label ``demo.health=fail`` in
+``GET /cgi-bin/health`` (the path of the podman workload's CGI) answers 200, or 503 while the container carries the label ``demo.health=fail`` in
 metadata (its own ``self``, asked on each request; the last answer while metadata is away): so ``corral ctl container update <name> --set
 'merge_labels={demo.health: fail}'`` makes the container fail its health check, and removing the
 label (``...=ok``) makes it pass again. Any other path answers one line naming the container.
@@ -39,7 +39,7 @@ async def _answer(path: str) -> tuple[int, str]:
     raw = me.get("labels")
     labels: dict[str, object] = raw if isinstance(raw, dict) else {}
     name = str(me.get("name") or "?")
-    if path.startswith("/health"):
+    if path.rstrip("/").endswith("/health"):  # /health, /cgi-bin/health (the podman workload's path)
         failing = str(labels.get("demo.health", "")).lower() == "fail"
         return (503, f"{name}: failing (label demo.health=fail)\n") if failing else (200, f"{name}: ok\n")
     return 200, f"hello from {name} ({me.get('primary_ip') or '?'})\n"

@@ -58,7 +58,7 @@ def test_environment_is_hosts_and_routers_and_the_workloads_come_through_ctl() -
     for i in (1, 2, 3):  # each web: kept to its host, a host port, an HTTP check, a sidekick
         web = made[f"web{i}"]
         assert f"hosts=[node-{i}]" in web and "8080:80/tcp" in web and "helper" in web
-        assert json.loads(web[web.index("--health-check") + 1])["request_line"] == "GET /health HTTP/1.0"
+        assert json.loads(web[web.index("--health-check") + 1])["request_line"] == "GET /cgi-bin/health HTTP/1.0"
     assert made["client"][made["client"].index("--scale") + 1] == "3" and "--set" not in made["client"]
     # every command is one `corral ctl` accepts
     for c in cmds:
@@ -78,3 +78,19 @@ def test_runtime_runs_this_hosts_workloads_and_leaves_the_router_to_the_host() -
         "junk",
     ]
     assert sorted(wanted(containers, "h1")) == ["w"]
+
+
+def test_the_web_containers_health_script_fails_only_on_the_label(tmp_path: Path) -> None:
+    """The podman web workload's CGI, run by sh with a fake nc answering as metadata would."""
+    from standin.demo_runtime import HEALTH_CGI
+
+    script = tmp_path / "health"
+    script.write_text(HEALTH_CGI.format(name="demo-web2-1"))
+    script.chmod(0o755)
+    for body, status in (("fail", "503 Service Unavailable"), ("ok", "200 OK"), ("Not found", "200 OK"), ("", "200 OK")):
+        nc = tmp_path / "nc"
+        nc.write_text(f"#!/bin/sh\ncat >/dev/null\nprintf 'HTTP/1.1 200 OK\\r\\n\\r\\n{body}'\n")
+        nc.chmod(0o755)
+        out = subprocess.run([str(script)], capture_output=True, text=True, check=True,
+                             env={"PATH": f"{tmp_path}:/usr/bin:/bin"}).stdout
+        assert out.splitlines()[0] == f"HTTP/1.0 {status}", (body, out)

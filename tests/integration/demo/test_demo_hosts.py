@@ -355,3 +355,4 @@ def test_sigint_leaves_nothing_behind(demo: Demo) -> None:
     assert "CATTLE_" not in sh("iptables-save").stdout or "CATTLE_" in demo.iptables_before
     mounts = Path("/proc/self/mounts").read_text()
     assert demo.tag not in mounts and str(demo.tmp) not in mounts
+    assert not Path("/run", demo.tag).exists()  # the engines' run roots
