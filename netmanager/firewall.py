@@ -47,7 +47,7 @@ def _model_after(rs: Ruleset, before: Tables, d: Drift) -> Tables:
     """The kernel's owned/hook chains after the payload for ``d`` ran (mirrors render_payload)."""
     after: Tables = {t: dict(chains) for t, chains in before.items()}
     for t, c, rules in rs.chains:
-        after.setdefault(t, {})[c] = list(rules)
+        after.setdefault(t, {})[c] = rules  # the tuple itself: the next diff compares and hashes it for free
     if d.create_policy:
         after.setdefault("filter", {}).setdefault("CATTLE_NETWORK_POLICY", [])
     for (t, c), want in hook_chains(rs).items():
@@ -134,11 +134,13 @@ class RulesApplier:
             self.repairs += 1
         payload = render_payload(rs, tables, d)
         before = await self._probe()
+        t_restore = time.monotonic()
         try:
             await self.backend.restore(payload)
         except Exception:
             self.model = None  # unknown now: read back before the next try
             raise
+        t_restore = time.monotonic() - t_restore
         after = await self._probe()
         written = frozenset(ln[1:] for ln in payload.splitlines() if ln.startswith("*"))
         if (self.probe is not None and before is not None and after is not None
@@ -154,7 +156,8 @@ class RulesApplier:
         _APPLY.labels(reason).observe(time.monotonic() - t0)
         if reason != "repair":
             log.info("rules applied", reason=reason, chains=len(d.chains), hooks=len(d.hooks),
-                     rules=rs.rule_count(), seconds=round(time.monotonic() - t0, 3))
+                     rules=rs.rule_count(), read_back=verifying, lines=payload.count("\n"),
+                     restore_seconds=round(t_restore, 3), seconds=round(time.monotonic() - t0, 3))
         if self.conntrack and previous is not None:
             await self._clean_conntrack(previous, rs)
 

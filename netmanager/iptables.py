@@ -92,7 +92,9 @@ class LegacyTables:
         return out
 
     async def read(self) -> dict[str, tuple[int, ...] | None]:
-        return self.read_now()
+        # off the loop: the getsockopt takes the kernel's x_tables mutex, which any legacy
+        # iptables run on the machine (any namespace) holds while it replaces a table
+        return await asyncio.to_thread(self.read_now)
 
     def entries(self, table: str) -> bytes:
         """The table's whole rule blob (``IPT_SO_GET_ENTRIES``), packet counters included - for

@@ -20,7 +20,9 @@ from __future__ import annotations
 import functools
 import itertools
 import shlex
+from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import cast
 
 from netmanager.desired import OWNED_CHAINS, POLICY_CHAIN, Rule, Ruleset
 
@@ -29,7 +31,7 @@ __all__ = [
 ]
 
 TABLES = ("raw", "nat", "filter")
-Tables = dict[str, dict[str, list[Rule]]]  # table -> chain -> rules (chain present = exists)
+Tables = dict[str, dict[str, Sequence[Rule]]]  # table -> chain -> rules (chain present = exists)
 
 
 def jump_targets() -> frozenset[str]:
@@ -48,7 +50,7 @@ def parse_save(text: str, memo: dict[str, tuple[str, Rule]] | None = None) -> Ta
 
     ``memo`` (line -> (chain, tokens)), kept by the caller between read-backs, makes a re-read
     of mostly unchanged rules a dictionary lookup per line; it is refilled with this text's lines."""
-    tables: Tables = {}
+    tables: dict[str, dict[str, list[Rule]]] = {}
     cur: dict[str, list[Rule]] | None = None
     old = memo.copy() if memo else {}
     if memo is not None:
@@ -74,7 +76,7 @@ def parse_save(text: str, memo: dict[str, tuple[str, Rule]] | None = None) -> Ta
             cur = tables.setdefault(line[1:].strip(), {})
         elif line.startswith("COMMIT"):
             cur = None
-    return tables
+    return cast(Tables, tables)
 
 
 def is_ours(rule: Rule) -> bool:
@@ -113,12 +115,31 @@ def render(chain: str, rule: Rule, op: str = "-A") -> str:
     return f"{op} {chain} {_body(rule)}" if rule else f"{op} {chain}"
 
 
-def _chain_diff(table: str, chain: str, want: tuple[Rule, ...], have: list[Rule] | None,
+_SETS: dict[int, tuple[tuple[Rule, ...], frozenset[Rule]]] = {}
+
+
+def _rule_set(rules: Sequence[Rule]) -> frozenset[Rule]:
+    """``frozenset(rules)``, remembered for the last few tuples (a Ruleset's chains, and the
+    applier's model, which holds the tuples it wrote): hashing 10k rule tuples is most of a
+    one-port change's Python time otherwise."""
+    if not isinstance(rules, tuple):
+        return frozenset(rules)
+    hit = _SETS.get(id(rules))
+    if hit is not None and hit[0] is rules:
+        return hit[1]
+    out = frozenset(rules)
+    if len(_SETS) >= 64:
+        del _SETS[next(iter(_SETS))]
+    _SETS[id(rules)] = (rules, out)
+    return out
+
+
+def _chain_diff(table: str, chain: str, want: tuple[Rule, ...], have: Sequence[Rule] | None,
                 lines: list[str], limit: int = 5) -> None:
     if have is None:
         lines.append(f"{table}/{chain}: chain missing ({len(want)} rules wanted)")
         return
-    hs, ws = set(have), set(want)
+    hs, ws = _rule_set(have), _rule_set(want)
     missing, extra = ws - hs, hs - ws  # set arithmetic: the log line must not cost a pass per rule
     if not missing and not extra:
         lines.append(f"{table}/{chain}: same rules, wrong order or duplicates")
@@ -149,16 +170,16 @@ def diff(rs: Ruleset, tables: Tables) -> Drift:
     return d
 
 
-def _edits(chain: str, want: tuple[Rule, ...], have: list[Rule]) -> list[str] | None:
+def _edits(chain: str, want: tuple[Rule, ...], have: Sequence[Rule]) -> list[str] | None:
     """``-D``/``-I`` lines turning ``have`` into ``want``, or None when a rebuild is simpler.
 
     Used when few rules differ and the rules both sides share are in the same order (true for a
     port added, removed or moved: the order key of every other binding is unchanged). Deletes
     go first; inserts in increasing position, so each position is final when it is used."""
-    hs = set(have)
+    hs = _rule_set(have)
     if not have or len(hs) != len(have):
         return None
-    ws = set(want)
+    ws = _rule_set(want)
     gone_set, new_set = hs - ws, ws - hs
     if len(gone_set) + len(new_set) > max(4, len(want) // 8):
         return None  # decided on set sizes, before any pass over 25k rules
