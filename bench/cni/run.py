@@ -212,6 +212,26 @@ def run(seq: int, par: int, rounds: int) -> tuple[Table, str]:
                 subprocess.run([p.plugin], input=b'{"cniVersion":"1.0.0"}', capture_output=True, check=True,
                                env={"CNI_COMMAND": "VERSION"})
                 lat.setdefault(("version", "seq", p.name), []).append((time.perf_counter() - t0) * 1000)
+        # the floor of the "at once" rows: 50 bare start-ups of Corral's interpreter (no plugin
+        # code at all) beside 50 reference VERSION calls, started together
+        for r in range(rounds):
+            for name, argv in ((("corral", [interpreter, "-IS", "-c", "pass"]), ("reference", [peers[1].plugin]))
+                               if r % 2 == 0 else (("reference", [peers[1].plugin]),
+                                                   ("corral", [interpreter, "-IS", "-c", "pass"]))):
+                t_batch = time.perf_counter()
+                started = []
+                for _ in range(par):
+                    t0 = time.perf_counter()
+                    proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                            stderr=subprocess.PIPE, env={"CNI_COMMAND": "VERSION"})
+                    assert proc.stdin is not None
+                    with contextlib.suppress(BrokenPipeError):  # the bare interpreter reads no stdin
+                        proc.stdin.write(b'{"cniVersion":"1.0.0"}')
+                    with contextlib.suppress(BrokenPipeError):
+                        proc.stdin.close()
+                    started.append((proc, t0))
+                gather(started)
+                lat.setdefault(("floorbatch", "par", name), []).append((time.perf_counter() - t_batch) * 1000)
         # warm-up (bridges exist afterwards, like on a running node)
         with namespaces(2, "w") as nss:
             for p, ns in zip(peers, nss, strict=True):
@@ -283,6 +303,10 @@ def run(seq: int, par: int, rounds: int) -> tuple[Table, str]:
             c, r = lat[(verb + "batch", mode, "corral")], lat[(verb + "batch", mode, "reference")]
             t.add(f"{par} {verb.upper()}s{what} at once: whole batch (median of {rounds})", percentile(c, 50),
                   percentile(r, 50), unit="ms", higher_is_better=False)
+    t.add(f"{par} bare start-ups of Corral's interpreter (-IS -c pass) at once: whole batch (median of {rounds})",
+          percentile(lat[("floorbatch", "par", "corral")], 50), percentile(lat[("floorbatch", "par", "reference")], 50),
+          unit="ms", higher_is_better=False, note=f"peer: {par} reference VERSION calls at once; the floor of the "
+          "batch rows on this machine at the time")
     for (verb, mode), label in ((("cpu-add", "seq"), "ADD"), (("cpu-del", "seq"), "DEL"),
                                 (("cpu-add", "par"), f"ADD, {par} at once"), (("cpu-del", "par"), f"DEL, {par} at once"),
                                 (("cpu-add", "parmasq"), "ADD with ipMasq"), (("cpu-del", "parmasq"), "DEL with ipMasq")):
