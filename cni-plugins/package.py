@@ -20,15 +20,17 @@ standard library of Python >= 3.11, so the interpreter need not be the venv's: `
 mostly waiting) and writes the cheaper one into the #! line. The choice is recorded in
 bin/.interpreter.
 
-The launcher does not import the modules every ADD and DEL need one by one: that interpreter compiles
-them here, in dependency order, into lib/corral_cni.core (its bytecode magic number, then per
-module a 4-byte little-endian length and the marshalled (name, code), then a zero length); the
-launcher reads that one file, a module at a time, and runs each module's code into a module object, skipping the import system's per-module path search, stat,
-open and header check (~0.8 ms of the ~3 ms the imports cost). The modules are compiled with
-postponed annotations as a compiler flag, so ``from __future__ import annotations`` does not import
-``__future__`` at run time. A core written by another Python version (another magic number), or
-none, and the launcher imports the package from lib/ as usual; the other modules (_add, _check,
-_masq, _exec, _docker, _metadata) are always imported from lib/ by the calls that need them.
+The launcher does not import the modules every call past VERSION needs one by one: that
+interpreter compiles them here, in dependency order, into lib/corral_cni.core (its bytecode magic
+number, then per module a 4-byte little-endian length and the marshalled (name, code), then a zero
+length); the launcher reads that one file, a module at a time, and runs each module's code into a
+module object, skipping the import system's per-module path search, stat, open and header check
+(~0.8 ms of the ~3 ms the imports cost). The core is compiled with postponed annotations as a
+compiler flag (so ``from __future__ import annotations`` imports nothing at run time), without
+docstrings and asserts and without column tables (less code to unmarshal on every call). A core
+written by another Python version (another magic number), or none, and the launcher imports the
+package from lib/ as usual; the other modules (_add, _check, _masq, _exec, _docker, _metadata) are
+always imported from lib/ by the calls that need them.
 """
 
 from __future__ import annotations
