@@ -69,7 +69,7 @@ class ApiClient:
                        json_body: Any = None, data: bytes | None = None,
                        deadline: float | None = None) -> tuple[int, bytes]:
         url = self.url(path)
-        backoff = Backoff(self._backoff_base, self._backoff_cap, reset_after=1e9)
+        backoff: Backoff | None = None  # made on the first retry (seeding its RNG costs more than a request)
         attempt = 0
         while True:
             attempt += 1
@@ -100,6 +100,8 @@ class ApiClient:
                     raise err
             if attempt > self.retries:
                 raise err
+            if backoff is None:
+                backoff = Backoff(self._backoff_base, self._backoff_cap, reset_after=1e9)
             delay = backoff.next()
             if deadline is not None and time.monotonic() + delay > deadline:
                 raise err

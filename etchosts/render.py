@@ -76,21 +76,47 @@ def _valid_ip(ip: str) -> bool:
     return False
 
 
+_VERDICTS: dict[tuple[str, str], str] = {}  # (hostname, agent_ip) -> why it is skipped ("": kept)
+_KNOWN: dict[tuple[str, str], Entry] = {}  # (hostname, agent_ip) as metadata gives them -> a valid entry
+
+
+def _verdict(name: str, ip: str) -> str:
+    """Why a host line cannot be written ("" when it can); remembered, as the same hosts come back
+    in every snapshot and the checks (a regex, inet_pton) are most of the render's time."""
+    key = (name, ip)
+    reason = _VERDICTS.get(key)
+    if reason is None:
+        reason = ("empty hostname" if not name else "invalid hostname" if not valid_hostname(name)
+                  else "empty agent_ip" if not ip else "invalid agent_ip" if not _valid_ip(ip) else "")
+        if len(_VERDICTS) >= 100_000:
+            _VERDICTS.clear()
+        _VERDICTS[key] = reason
+    return reason
+
+
 def entries(hosts: Iterable[Any], *, legacy: bool = False, aliases: bool = False) -> tuple[list[Entry], list[Skipped]]:
     """Metadata's ``/hosts`` -> entries sorted by hostname, and what was skipped and why."""
     seen: dict[str, Entry] = {}
     skipped: list[Skipped] = []
+    plain = not legacy and not aliases
     for i, h in enumerate(hosts):
         if not isinstance(h, dict):
             skipped.append(Skipped(i, "", "", "not an object"))
             continue
         name = h.get("hostname")
         ip = h.get("agent_ip")
+        if plain and type(name) is str and type(ip) is str:  # the common case: one lookup per host
+            known = _KNOWN.get((name, ip))
+            if known is not None and known.names[0] not in seen:
+                seen[known.names[0]] = known
+                continue
+            raw = (name, ip)
+        else:
+            raw = None
         name = name.strip() if isinstance(name, str) else ""
         ip = ip.strip() if isinstance(ip, str) else ""
         if not legacy:
-            reason = ("empty hostname" if not name else "invalid hostname" if not valid_hostname(name)
-                      else "empty agent_ip" if not ip else "invalid agent_ip" if not _valid_ip(ip) else "")
+            reason = _verdict(name, ip)
             if reason:
                 skipped.append(Skipped(i, name, ip, reason))
                 continue
@@ -104,7 +130,11 @@ def entries(hosts: Iterable[Any], *, legacy: bool = False, aliases: bool = False
             for a in (short, display.strip().lower() if display else ""):
                 if a and a not in names and (legacy or valid_hostname(a)):
                     names.append(a)
-        seen[name] = Entry(ip, tuple(names))
+        e = seen[name] = Entry(ip, tuple(names))
+        if raw is not None:
+            if len(_KNOWN) >= 100_000:
+                _KNOWN.clear()
+            _KNOWN[raw] = e
     return [seen[k] for k in sorted(seen)], skipped
 
 
