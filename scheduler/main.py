@@ -17,6 +17,7 @@ import os
 import time
 from typing import Any
 
+import orjson
 from aiohttp import web
 
 from agents.api import ApiClient
@@ -29,7 +30,7 @@ from agents.metadata_client import MetadataClient
 from agents.metadata_fetch import write_atomic
 from agents.metadata_watch import MetadataSnapshot, MetadataWatch, add_watch_args
 from agents.metrics import AdminServer, Health, counter, gauge, histogram, start_listener
-from scheduler.pools import PORT_RANGE, BaseDiff, Mirror, Pools, SchedulerError
+from scheduler.pools import PORT_RANGE, Base, BaseDiff, Mirror, Pools, SchedulerError
 from scheduler.request import parse_request
 
 __all__ = ["Scheduler", "main"]
@@ -165,8 +166,6 @@ class Scheduler:
     def _load_journal(self) -> None:
         """Pending bookings of the last run, so a restart never forgets them. A file we cannot
         read is kept aside (``.bad``) with an error logged, and the scheduler starts without it."""
-        import orjson
-
         try:
             with open(self.journal_file, "rb") as f:
                 raw = f.read()
@@ -206,8 +205,6 @@ class Scheduler:
 
     async def journal_writer(self, stop: asyncio.Event) -> None:
         """Writes the journal (atomically, off the loop) whenever :meth:`_durable` asks."""
-        import orjson
-
         self._writing = True
         while not stop.is_set():
             waiter = asyncio.ensure_future(self._save_wanted.wait())
@@ -237,8 +234,6 @@ class Scheduler:
             self._save_done.set_result(None)
 
     def _write_now(self) -> None:
-        import orjson
-
         upto = self.pools.mutations
         try:
             write_atomic(self.journal_file, orjson.dumps(self.pools.dump_journal(time.monotonic(), time.time())))
@@ -267,6 +262,7 @@ class Scheduler:
                 b = self.mirror.begin(hosts, snap.version, full=True)
                 await self._feed(b, containers)
             kind = "diff" if isinstance(b, BaseDiff) else "full"
+            old = self.mirror.base if kind == "full" else None  # replaced: freed below, a slice at a time
             changed = self.pools.install(self.mirror.done(b), now=time.monotonic())
             # what was just built lives until the next rebuild: keep it out of the cyclic GC's
             # full collections (which would otherwise scan every pool entry, tens of ms)
@@ -277,6 +273,8 @@ class Scheduler:
             done, self._installed = self._installed, asyncio.Event()
             done.set()
             _SYNC.observe(time.perf_counter() - t0)
+            if old is not None:
+                await self._free(old)
             log.debug("pools rebuilt", version=snap.version, hosts=len(hosts), containers=len(containers), kind=kind,
                       pending=len(self.pools.journal), seconds=round(time.perf_counter() - t0, 4))
         if changed:
@@ -289,6 +287,19 @@ class Scheduler:
             b.add_containers(containers[i:i + SLICE])
             if time.perf_counter() - t0 > BUDGET:
                 await asyncio.sleep(0)  # let events through during a big rebuild
+                t0 = time.perf_counter()
+
+    @staticmethod
+    async def _free(old: Base) -> None:
+        """Drop a replaced base host by host (freeing 30,000 members at once holds the loop for
+        tens of milliseconds)."""
+        t0 = time.perf_counter()
+        for h in old.hosts.values():
+            h.members.clear()
+            h.ports.clear()
+            h.ghost.clear()
+            if time.perf_counter() - t0 > BUDGET:
+                await asyncio.sleep(0)
                 t0 = time.perf_counter()
 
     async def _post_update(self) -> None:

@@ -93,6 +93,14 @@ class World:
         if not self.metadata.alive():
             self.metadata.start()
         wait_http(f"{self.metadata_url}/latest/version", timeout=20)
+        rev = self.standin.ctl("revision")["revision"]
+
+        def metadata_current() -> bool:  # it serves the reloaded state (a test may stop it right away)
+            with urllib.request.urlopen(f"{self.metadata_url}/latest/version", timeout=5) as r:
+                v = r.read().decode().strip().strip('"')
+            return v.split("-")[0].isdigit() and int(v.split("-")[0]) >= rev
+
+        until(metadata_current, what=f"metadata at revision {rev}", interval=0.05)
 
     def close(self) -> None:
         for p in (self.scheduler, self.metadata):

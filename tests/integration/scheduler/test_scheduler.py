@@ -242,6 +242,7 @@ def test_cannot_place_without_metadata(shared_world: World) -> None:
         assert r["transitioning"] == "error" and "metadata unavailable" in r["transitioningMessage"]
         w.metadata.start()
         w.wait_healthy()
+        w.wait_synced()
         r = call(w, "scheduler.prioritize", sreq(*compute(instanceReservation=1)))
         assert r["data"]["prioritizedCandidates"] == ["h-big", "h-small"]
     finally:
