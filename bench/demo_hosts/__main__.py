@@ -36,9 +36,9 @@ from pathlib import Path
 from bench.harness import ROOT, Table, median, update_results
 
 NOTE = ("Both demos are started as a newcomer starts them (a fresh Python process each); the three-host figure "
-        "covers making the namespaces, the server and its environment, 23 processes (7 per host: metadata, dns, "
-        "healthcheck with its HAProxy, netmanager, overlay, etc-host-updater, the runtime; the scheduler; the server), "
-        "creating the workloads through `corral ctl` (placed by the scheduler) and the first successful ping of all "
+        "covers making the namespaces, the server and its environment, 8 processes per host (metadata, dns, "
+        "healthcheck with its HAProxy, netmanager, overlay, etc-host-updater, podman's engine, the runtime), the "
+        "scheduler, creating the workloads through `corral ctl` (placed by the scheduler, started as podman containers, networked by netmanager -> CNI) and the first successful ping of all "
         "9 client -> web pairs. The ctl -> converged rows start when `corral ctl` returns and are polled with "
         "`ip netns exec` from outside, seven checks at once per round (resolution ~0.05-0.2 s). On a shared 2-core machine: read the ratio, not the "
         "absolute figures.")
@@ -213,7 +213,7 @@ def main() -> int:
               note="three charons, one IKE/CHILD SA per host pair; same peer")
     table.add(f"SIGINT -> everything stopped and deleted (VXLAN), median of {args.runs}",
               median([m[1] for m in multi]), median([s[1] for s in single]), unit="s", higher_is_better=False,
-              note=f"3 hosts: 29 processes and 10 namespaces (IPsec: {median([m[1] for m in ipsec]):.2f} s, 3 charons "
+              note=f"3 hosts: 26 daemons, 3 podman engines with 9 containers, 10 namespaces (IPsec: {median([m[1] for m in ipsec]):.2f} s, 3 charons "
                    "more); peer: the single-node demo's stop")
     n = len(changes)
     table.add(f"`corral ctl service create` -> every host converged (DNS, overlay route, DNAT), median of {n}",
