@@ -79,6 +79,8 @@ else
 fi
 """
 
+# cgroupfs and a file events log work without systemd; the ulimits because runc here refuses
+# podman's default rlimits
 CONTAINERS_CONF = ('[engine]\ncgroup_manager = "cgroupfs"\nevents_logger = "file"\nruntime = "runc"\n'
                    '[containers]\ndefault_ulimits = ["nofile=1024:1024", "nproc=1024:1024"]\n')
 
@@ -120,6 +122,7 @@ class Podman:
 
 
 def unmount_under(path: Path) -> None:
+    """Lazily unmount every mount below ``path``, innermost first."""
     mounts = [ln.split()[1] for ln in Path("/proc/self/mounts").read_text().splitlines()]
     for m in sorted((m for m in mounts if m.startswith(str(path) + "/")), key=len, reverse=True):
         subprocess.run(["umount", "-l", m], capture_output=True, check=False)

@@ -19,6 +19,7 @@ from typing import Any
 
 import pytest
 
+from standin.demo_runtime import CONTAINERS_CONF, unmount_under
 from tests.helpers.procs import Proc
 from tests.helpers.wait import until
 
@@ -26,10 +27,7 @@ __all__ = ["BUSYBOX", "PodmanApi", "stub_network"]
 
 BUSYBOX = shutil.which("busybox") or "/bin/busybox"
 
-# cgroupfs and a file events log work without systemd; the ulimits because runc here refuses
-# podman's default rlimits
-_CONF = ('[engine]\ncgroup_manager = "cgroupfs"\nevents_logger = "file"\nruntime = "runc"\n'
-         '[containers]\ndefault_ulimits = ["nofile=1024:1024", "nproc=1024:1024"]\n')
+_CONF = CONTAINERS_CONF  # the settings the demo's engines use (standin/demo_runtime.py says why)
 
 
 class PodmanApi:
@@ -74,10 +72,7 @@ class PodmanApi:
     def close(self) -> None:
         self.pm("rm", "-a", "-f", "-t", "0", check=False)
         self.proc.stop()
-        # podman leaves its overlay mount (storage/overlay) and the run dir's: innermost first
-        mounts = [ln.split()[1] for ln in Path("/proc/self/mounts").read_text().splitlines()]
-        for m in sorted((m for m in mounts if m.startswith(str(self.work) + "/")), key=len, reverse=True):
-            subprocess.run(["umount", "-l", m], capture_output=True, check=False)
+        unmount_under(self.work)  # podman leaves its overlay mount (storage/overlay) and the run dir's
 
 
 def stub_network(work: Path, script: str, name: str = "mynet") -> tuple[Path, Path]:
