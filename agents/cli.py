@@ -94,6 +94,22 @@ def _install_loop() -> None:
         pass
 
 
+_held_signals: list[int] = []
+
+
+def hold_signals() -> None:
+    """Keep SIGTERM/SIGINT that arrive before :func:`run_daemon`'s loop runs (a daemon that serves
+    while it is still importing, as metadata does) and deliver them once the loop is up, so such a
+    signal stops the daemon cleanly instead of killing it mid-import."""
+    import signal
+
+    def held(sig: int, _frame: object) -> None:
+        _held_signals.append(sig)
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, held)
+
+
 def run_daemon(
     component: str,
     serve: Callable[[asyncio.Event], Awaitable[Any]],
@@ -150,6 +166,9 @@ def run_daemon(
 
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, on_signal, sig)
+        if _held_signals:  # arrived before the loop ran (hold_signals): one stop, as if now
+            on_signal(_held_signals[0])
+            _held_signals.clear()
         try:
             await serve(stop)
         finally:

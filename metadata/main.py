@@ -376,9 +376,10 @@ async def serve(args: argparse.Namespace, stop: asyncio.Event,
 
 
 def main(argv: list[str]) -> int:
-    from agents.cli import run_daemon
+    from agents.cli import hold_signals, run_daemon
 
     args = build_parser().parse_args(argv)
+    hold_signals()  # the early server answers before the loop exists: a SIGTERM then still stops cleanly
     pre = start_early(args)
     try:
         return run_daemon("metadata", lambda stop: serve(args, stop, pre), debug=args.debug, log_file=args.log,
