@@ -278,20 +278,23 @@ def _split_port(p: str) -> tuple[str | None, str]:
     return None, p
 
 
-def _ports(ports: list[str], version: str, host_ip: str | None) -> list[str]:
-    out = []
+def _ports(ports: list[str], host_ip: str | None) -> tuple[list[str], list[str]]:
+    """A container's ports as 2015-07-25/2015-12-19 show them (a missing or 0.0.0.0 public IP
+    becomes the host's) and as 2016-07-29 does (a missing public IP becomes 0.0.0.0), in one pass."""
+    old: list[str] = []
+    new: list[str] = []
     for p in ports:
         ip, rest = _split_port(p)
         if ":" not in rest.split("/", 1)[0]:  # only a private port: nothing to qualify
-            out.append(p)
+            old.append(p)
+            new.append(p)
             continue
-        if version == V3:
-            out.append(p if ip is not None else "0.0.0.0:" + rest)
-        elif ip is None or ip == "0.0.0.0":
-            out.append(f"{host_ip}:{rest}" if host_ip else p)
+        new.append(p if ip is not None else "0.0.0.0:" + rest)
+        if ip is None or ip == "0.0.0.0":
+            old.append(f"{host_ip}:{rest}" if host_ip else p)
         else:
-            out.append(p)
-    return out
+            old.append(p)
+    return old, new
 
 
 class NilMap:
@@ -620,20 +623,25 @@ def build_steps(raw: bytes, objs: list[dict[str, Any]] | None = None,
                 d["stack_uuid"] = svc.get("stack_uuid")
         d3 = dict(d)
         if ports:
-            d["ports"] = _ports(ports, V1, host_ip)
-            d3["ports"] = _ports(ports, V3, host_ip)
-        for k in ("name", "service_name", "stack_name"):
+            d["ports"], d3["ports"] = _ports(ports, host_ip)
+        nm = d.get("name")
+        lname = nm.lower() if isinstance(nm, str) else None
+        if lname is not None:
+            d3["name"] = lname
+        for k in ("service_name", "stack_name"):
             v = d3.get(k)
             if isinstance(v, str):
                 d3[k] = v.lower()
         ip = d.get("primary_ip")
         is_hn = (d.get("network_uuid") in hn_uuids
                  or (d.get("labels") or {}).get("io.rancher.container.network") == "host")
-        nm = d.get("name")
-        meta = (_sort_key(d), _ci_key(d), ip if isinstance(ip, str) and ip else None,
-                (1 if d.get("network_from_container_uuid") else 0, 1 if is_hn else 0,
-                 d["create_index"] if isinstance(d.get("create_index"), int) else _INT_MAX, str(nm or ""), u),
-                d.get("host_uuid"), is_hn, nm.lower() if isinstance(nm, str) else None)
+        ci = d.get("create_index")
+        cik = ci if isinstance(ci, int) else _INT_MAX
+        snm = str(nm or "")
+        # (_sort_key(d), _ci_key(d), ...) computed inline: this loop runs for every changed container
+        meta = ((lname or "", u), (cik, snm), ip if isinstance(ip, str) and ip else None,
+                (1 if d.get("network_from_container_uuid") else 0, 1 if is_hn else 0, cik, snm, u),
+                d.get("host_uuid"), is_hn, lname)
         if known is not None:  # only objects that came from the line cache can recur
             container_cache[id(c)] = (c, dep, d, d3, meta)
         c_old[u] = d

@@ -31,7 +31,7 @@ from pathlib import Path
 
 from bench.harness import Table, cpu_seconds, tree_rss_mib, update_results, wrk
 from bench.metadata.gen import deflate, generate, stream
-from tests.helpers.procs import ROOT, Proc, corral_argv, free_port
+from tests.helpers.procs import ROOT, Proc, corral_argv, free_port, wait_port
 
 SIZES: list[int] = []
 BEFORE = "e04b3c9"  # main before the start path and reload work of this round
@@ -248,12 +248,14 @@ def bench_size(n: int, duration: int, table: Table, only: set[str], before: Path
             if n == max(SIZES):
                 waiters_cpu(port, md.pid, table)
         if "reload" in only:
+            wait_port("127.0.0.1", rport, 60)  # the reload listener opens once the rest is imported
             ours = reloads(n, answers, base, port, rport, scalar, md, table, o)
             was: dict[str, tuple[list[float], list[float]]] = {}
             if before is not None:  # the same end-to-end reloads against the earlier revision
                 md.stop()
                 answers.write_bytes(cache_file(raw, version))
                 md, port, rport, _ = start_metadata(answers, version, before)
+                wait_port("127.0.0.1", rport, 60)
                 for label, fresh in E2E:
                     was[label] = reload_end_to_end(n, answers, f"http://127.0.0.1:{port}", rport, fresh, md.pid)
             for label, _ in E2E:
@@ -358,6 +360,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     table = Table("metadata", "peer")
     SIZES[:] = [int(x) for x in a.sizes.split(",")]
+    load0 = os.getloadavg()[0]
     tmp = Path(tempfile.mkdtemp(prefix="corral-bench-md-before-"))
     try:
         before = None
@@ -377,7 +380,9 @@ def main(argv: list[str] | None = None) -> int:
              "Corral: one process (uvloop), precomputed response bytes per path/format/generation. wrk: 2 threads, 50 connections, "
              f"{a.duration} s per figure. Revision {a.before} is started from its own tree with "
              "the same interpreter, alternately with this checkout (start) or right after it (reload). The "
-             "original's figures are from the spec (another 2-vCPU machine, not this run).")
+             "original's figures are from the spec (another 2-vCPU machine, not this run). Load average "
+             f"{load0:.1f} at the start of the run, {os.getloadavg()[0]:.1f} at the end; \"daemon CPU per reload\" "
+             "does not depend on it.")
     update_results("metadata", table.markdown() + "\n\n" + notes)
     return 0
 
