@@ -502,7 +502,8 @@ def build_steps(raw: bytes, objs: list[dict[str, Any]] | None = None,
         else:
             objs = parse_objects(decoded)
         yield
-    digest = yield from _sha256_steps(decoded)
+    # the body as received identifies the set (25x smaller than the decoded stream to hash)
+    digest = yield from _sha256_steps(raw or decoded)
 
     env: dict[str, Any] | None = None
     hosts: dict[str, dict[str, Any]] = {}
