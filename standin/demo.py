@@ -335,14 +335,18 @@ def _run(args: argparse.Namespace, workdir: Path, env_file: str, procs: _Procs, 
     print(f"Corral demo running: {', '.join(started)}")
     print(f"logs and state in {workdir}")
     print("\nTry (each line after $ is a command; # says what it shows):")
-    here = Path(sys.executable).parent
-    if shutil.which("corral") is None and (here / "corral").exists():
-        print(f"  $ export PATH={here}:$PATH    # so that `corral` below is found")
+    _path_hint()
     for h in hints:
         print(h)
     print("\nCtrl-C stops everything.")
     sys.stdout.flush()
     return _watch(procs, workdir, args.duration)
+
+
+def _path_hint() -> None:
+    here = Path(sys.executable).parent
+    if shutil.which("corral") is None and (here / "corral").exists():
+        print(f"  $ export PATH={here}:$PATH    # so that `corral` below is found")
 
 
 def _watch(procs: _Procs, workdir: Path, duration: float) -> int:
@@ -439,6 +443,7 @@ def _run_hosts(args: argparse.Namespace, topo: Any, procs: _Procs) -> int:
     web2 = next((str(c["name"]) for c in topo.workload_containers() if service_of(c)[1] == "web2"), "demo-web2-1")
     hosts = " ".join(topo.h(i) for i in range(1, topo.n + 1))
     print("\nTry (each line after $ is a command; # says what it shows):")
+    _path_hint()
     print(f"  $ for h in {hosts}; do ip netns exec $h corral status; done"
           "    # every host: daemons up/ready, containers with health, overlay peers")
     print(f"  $ ip netns exec {c1} dig +short @169.254.169.250 web{last}.demo.rancher.internal"

@@ -18,6 +18,7 @@ import os
 import re
 import signal
 import subprocess
+import sys
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -333,6 +334,24 @@ def test_corral_status_on_every_host_shows_its_daemons_containers_and_peers(demo
         names = {c["name"] for c in doc["metadata"]["containers"]}
         assert {f"demo-web{i}-1", f"demo-web{i}-helper-1"} <= names, names
         assert [p["status"] for p in doc["overlay"]["peers"]] == ["up", "up"], doc["overlay"]
+
+
+def test_every_printed_hint_works_in_order(demo: Demo) -> None:
+    """The lines after ``$`` run as printed (bash, with the venv's bin on PATH as the export line says)."""
+    hints = [h.split("    # ", 1) for h in re.findall(r"^  \$ (.*)$", demo.text(), re.M)]
+    assert len(hints) >= 14, demo.text()
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ.get('PATH', '')}"}
+    for cmd, note in ((h[0], h[1] if len(h) > 1 else "") for h in hints):
+        def run(cmd: str = cmd) -> subprocess.CompletedProcess[str]:
+            return subprocess.run(["bash", "-c", cmd], capture_output=True, text=True, timeout=60, env=env)
+
+        if "unhealthy" in note:  # it says: a few seconds later
+            until(lambda run=run: run().stdout.strip() == "unhealthy", what=cmd)
+            continue
+        out = run()
+        assert out.returncode == 0, (cmd, out.stdout, out.stderr)
+        if "export PATH" not in cmd and "merge_labels" not in cmd:
+            assert out.stdout.strip(), (cmd, out.stderr)
 
 
 def test_sigint_leaves_nothing_behind(demo: Demo) -> None:
