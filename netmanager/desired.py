@@ -296,7 +296,7 @@ def local_networks(snap: Snapshot) -> dict[str, tuple[Network, Container]]:
     return dict(sorted(out.items()))
 
 
-@functools.lru_cache(maxsize=65536)  # the same strings come back on every snapshot
+@functools.lru_cache(maxsize=1 << 14)  # the same strings come back on every snapshot
 def parse_port(spec: str) -> tuple[str, int, int, str]:
     """``hostIP:hostPort:containerPort[/proto]`` -> (ip, host port, container port, proto).
 
@@ -377,7 +377,7 @@ def _proto(p: str, port: int) -> Rule:
     return ("-p", p, "-m", p, "--dport", str(port))
 
 
-@functools.lru_cache(maxsize=65536)  # one change at 5,000 ports recomputes one binding, not all
+@functools.lru_cache(maxsize=1 << 13)  # one change at 5,000 ports recomputes one binding, not all
 def _port_rules(b: PortBinding) -> dict[str, tuple[Rule, ...]]:
     to = ("-j", "DNAT", "--to-destination", f"{b.container_ip}:{b.container_port}")
     match = _proto(b.proto, b.host_port)
@@ -439,7 +439,7 @@ def _host_nat(facts: HostFacts, bridges: Iterable[BridgeInfo]) -> list[Rule]:
     return rules
 
 
-@functools.lru_cache(maxsize=65536)
+@functools.lru_cache(maxsize=1 << 14)
 def _post_key(r: Rule) -> tuple[Any, ...]:
     # ("-s", "CIP/32", "-d", "CIP/32", "-p", P, "-m", P, "--dport", CP, "-j", "MASQUERADE")
     return (_ipv4(r[1].partition("/")[0]), int(r[9]), r[5])

@@ -106,7 +106,7 @@ class Drift:
         return bool(self.chains or self.hooks or self.create_policy)
 
 
-@functools.lru_cache(maxsize=1 << 17)  # the same rules are rendered on every full rebuild
+@functools.lru_cache(maxsize=1 << 15)  # the same rules are rendered on every full rebuild
 def _body(rule: Rule) -> str:
     return " ".join(shlex.quote(t) if (" " in t or not t) else t for t in rule)
 
@@ -128,7 +128,7 @@ def _rule_set(rules: Sequence[Rule]) -> frozenset[Rule]:
     if hit is not None and hit[0] is rules:
         return hit[1]
     out = frozenset(rules)
-    if len(_SETS) >= 64:
+    if len(_SETS) >= 16:  # a few applies' worth: older tuples must be free to go
         del _SETS[next(iter(_SETS))]
     _SETS[id(rules)] = (rules, out)
     return out
