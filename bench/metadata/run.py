@@ -370,6 +370,11 @@ def main(argv: list[str] | None = None) -> int:
             arch = subprocess.run(["git", "-C", str(ROOT), "archive", a.before], check=True,
                                   capture_output=True).stdout
             subprocess.run(["tar", "-x", "-C", str(before)], input=arch, check=True)
+        for root in [ROOT] + ([before] if before is not None else []):
+            # byte-compiled as an installed package is (PYTHONDONTWRITEBYTECODE would otherwise
+            # make every start compile the sources again; the extracted tree has no caches at all)
+            subprocess.run([sys.executable, "-m", "compileall", "-q", "-j", "0",
+                            *(str(root / d) for d in ("agents", "metadata"))], check=True)
         for n in SIZES:
             bench_size(n, a.duration, table, only, before, a.before)
     finally:
