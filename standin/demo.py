@@ -119,9 +119,12 @@ class _Procs:
     def __init__(self, workdir: Path) -> None:
         self.workdir = workdir
         self.procs: list[tuple[str, subprocess.Popen[bytes]]] = []
+        self.specs: dict[str, tuple[list[str], dict[str, str], bool]] = {}
+        self.restarts: dict[str, list[float]] = {}
 
     def start(self, name: str, argv: list[str], env: dict[str, str], raw: bool = False) -> subprocess.Popen[bytes]:
         """Start ``corral <argv>`` (``raw``: ``argv`` as given) in its own session, logging to <name>.log."""
+        self.specs[name] = (argv, env, raw)
         log = open(self.workdir / f"{name}.log", "ab")
         # A stop signal that arrives while the child is being forked waits until the child is
         # recorded here, so the clean stop always knows every process it must end.
@@ -145,6 +148,19 @@ class _Procs:
             return [n for n, p in self.procs if p.poll() is not None]
         finally:
             signal.pthread_sigmask(signal.SIG_SETMASK, old)
+
+    def restart(self, name: str) -> bool:
+        """Start ``name`` again as it was started, as Docker's ``restart: always`` would; False once it
+        has died 5 times within a minute (then it stays down)."""
+        now = time.monotonic()
+        recent = [t for t in self.restarts.get(name, []) if now - t < 60]
+        if len(recent) >= 5:
+            return False
+        self.restarts[name] = [*recent, now]
+        self.procs = [(n, p) for n, p in self.procs if n != name]
+        argv, env, raw = self.specs[name]
+        self.start(name, argv, env, raw)
+        return True
 
     def stop_all(self) -> None:
         for _, p in reversed(self.procs):
@@ -349,11 +365,19 @@ def _path_hint() -> None:
         print(f"  $ export PATH={here}:$PATH    # so that `corral` below is found")
 
 
-def _watch(procs: _Procs, workdir: Path, duration: float) -> int:
-    """Until Ctrl-C (or ``--duration`` seconds): 1 as soon as a daemon dies, with its name."""
+def _watch(procs: _Procs, workdir: Path, duration: float, restart: bool = False) -> int:
+    """Until Ctrl-C (or ``--duration`` seconds): 1 as soon as a daemon dies, with its name; with
+    ``restart`` (the simulated hosts) a daemon that dies is started again, as Docker restarts the
+    original's containers, unless it keeps dying (5 times in a minute)."""
     t_end = time.monotonic() + duration if duration else None
     while True:
         dead = procs.dead()
+        if dead and restart:
+            again = [n for n in dead if procs.restart(n)]
+            if again:
+                print(f"restarted {', '.join(again)} (it stopped; see {workdir}/<name>.log)", file=sys.stderr,
+                      flush=True)
+            dead = [n for n in dead if n not in again]
         if dead:
             print(f"stopped unexpectedly: {', '.join(dead)} (see {workdir}/<name>.log)", file=sys.stderr)
             return 1
@@ -469,4 +493,4 @@ def _run_hosts(args: argparse.Namespace, topo: Any, procs: _Procs) -> int:
     print(f"  $ {ctl} container ls | grep '\"name\"'    # what the scheduler placed")
     print("\nCtrl-C stops everything and deletes every namespace.")
     sys.stdout.flush()
-    return _watch(procs, workdir, args.duration)
+    return _watch(procs, workdir, args.duration, restart=True)

@@ -311,6 +311,28 @@ def test_server_and_a_hosts_metadata_away_for_30s_lose_nothing_and_converge(demo
         until(lambda i=i: _health(demo, i, "demo-web3-1") == "healthy", what=f"host {i}: web3 healthy")
 
 
+def test_server_and_a_hosts_metadata_killed_come_back_from_their_state(demo: Demo) -> None:
+    names = sorted(str(c["name"]) for c in demo.ctl("container", "ls") or [])  # type: ignore[union-attr]
+    web3_ip = str(demo.container("demo-web3-1")["primary_ip"])
+    server = _pid_of(demo, f"{demo.tag}-ul", "server")
+    metadata2 = _pid_of(demo, demo.h(2), "metadata")
+    os.kill(server, signal.SIGKILL)
+    os.kill(metadata2, signal.SIGKILL)
+    # the demo starts them again (as Docker's restart policy would), from their state on disk
+    until(lambda: _pid_of(demo, f"{demo.tag}-ul", "server") != server, what="server restarted")
+    until(lambda: _pid_of(demo, demo.h(2), "metadata") != metadata2, what="host 2's metadata restarted")
+    assert "restarted" in demo.text() and demo.proc.poll() is None, demo.text()
+    until(lambda: demo.dig(2, "web3.demo.rancher.internal") == [web3_ip], what="host 2's dns answers again")
+    # the server lost nothing: once it listens again, the same containers
+    until(lambda: sorted(str(c["name"]) for c in demo.ctl("container", "ls") or []) == names,  # type: ignore[union-attr]
+          what="the server back with every container")
+    demo.ctl("service", "create", "--stack", "demo", "--name", "again", "--port", "8083:80/tcp",
+             "--label", "demo.serve=http", "--set", "hosts=[node-2]")
+    again = demo.container("demo-again-1")
+    until(lambda: _converged(demo, "again.demo.rancher.internal", str(again["primary_ip"]), 8083, 2),
+          what="again on every host")
+
+
 def _pid_of(demo: Demo, ns: str, daemon: str) -> int:
     for pid in sh("ip", "netns", "pids", ns).stdout.split():
         with contextlib.suppress(OSError):
