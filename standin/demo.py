@@ -275,6 +275,7 @@ def main(argv: list[str]) -> int:
 
             engine = args.workloads or ("podman" if shutil.which("podman") and shutil.which("runc") else "netns")
             topo = HostsDemo(args.hosts, workdir, lambda n, a, e: procs.start(n, a, e, raw=True), args.backend, engine)
+            topo.engine_required = args.workloads == "podman"
             return _run_hosts(args, topo, procs)
         return _run(args, workdir, env_file, procs, AdminClient, CtlError)
     except _Stop:

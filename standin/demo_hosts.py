@@ -110,6 +110,7 @@ class HostsDemo:
     def __init__(self, n: int, workdir: Path, start: Starter, backend: str = "vxlan", engine: str = "netns") -> None:
         self.n = n
         self.engine = engine
+        self.engine_required = False  # True: --workloads podman was asked for, no fallback
         self.workdir = workdir
         self.start = start
         self.backend = backend
@@ -123,6 +124,34 @@ class HostsDemo:
 
     def h(self, i: int) -> str:
         return f"{self.tag}-h{i}"
+
+    def probe_podman(self) -> str:
+        """'' when podman runs a container from the demo's root file system here, else podman's error."""
+        from standin.demo_runtime import Podman
+
+        pm = Podman(self.workdir / "probe-podman", Path("/run") / self.tag / "probe")
+        pm.prepare()
+        try:
+            pm.pm("run", "--network", "none", "--rootfs", str(self.workdir / "rootfs"), "/bin/busybox", "true",
+                  timeout=120)
+            return ""
+        except subprocess.CalledProcessError as e:
+            return (str(e.stderr or "").strip().splitlines() or [f"exit {e.returncode}"])[-1]
+        except (OSError, subprocess.TimeoutExpired) as e:
+            return str(e)
+        finally:
+            pm.clear()
+            # conmon runs podman's clean-up after the container exits, which mounts the storage again:
+            # wait until no process works on the probe's storage, then unmount
+            from standin.demo_runtime import unmount_under
+
+            deadline = time.monotonic() + 15
+            while time.monotonic() < deadline and _running_with(str(pm.work)):
+                time.sleep(0.1)
+            unmount_under(pm.work)
+            unmount_under(pm.run)
+            shutil.rmtree(pm.work, ignore_errors=True)
+            shutil.rmtree(pm.run, ignore_errors=True)
 
     def podman_run(self, i: int) -> Path:
         """Host i's engine's run root and tmp dir: podman wants a run root of at most 50 characters."""
@@ -169,6 +198,14 @@ class HostsDemo:
             from standin.demo_runtime import make_rootfs
 
             make_rootfs(self.workdir / "rootfs", shutil.which("busybox") or "/bin/busybox")
+            why = self.probe_podman()
+            if why and not self.engine_required:  # chosen by default: say so and go on without
+                print(f"podman cannot run containers here ({why}): workloads are network namespaces "
+                      "(--workloads netns)", file=sys.stderr, flush=True)
+                self.engine = "netns"
+            elif why:
+                raise RuntimeError(f"--workloads podman: podman cannot run containers here: {why}")
+        if self.engine == "podman":
             # the CNI plugins, packaged as for a real host; netmanager runs them from here
             _sh(sys.executable, str(ROOT / "cni-plugins" / "package.py"), str(self.workdir / "cni-bundle"),
                 "--no-config")
@@ -357,8 +394,10 @@ class HostsDemo:
                 if (self.workdir / f"h{i}" / "podman" / "storage").exists():
                     Podman(self.workdir / f"h{i}" / "podman", self.podman_run(i)).clear()
             unmount_under(self.workdir)
-            unmount_under(Path("/run") / self.tag)
-            shutil.rmtree(Path("/run") / self.tag, ignore_errors=True)
+        from standin.demo_runtime import unmount_under as _unmount
+
+        _unmount(Path("/run") / self.tag)  # the engines' (and the probe's) run roots
+        shutil.rmtree(Path("/run") / self.tag, ignore_errors=True)
         for ns in reversed(self.namespaces):
             for pid in _sh("ip", "netns", "pids", ns, check=False).stdout.split():
                 with contextlib.suppress(ProcessLookupError, ValueError):
@@ -376,6 +415,17 @@ class HostsDemo:
 
 
 ROOT = Path(__file__).resolve().parents[1]
+
+
+def _running_with(text: str) -> bool:
+    """A process other than this one has ``text`` in its command line."""
+    me = str(os.getpid())
+    for d in Path("/proc").iterdir():
+        if d.name.isdigit() and d.name != me:
+            with contextlib.suppress(OSError):
+                if text.encode() in (d / "cmdline").read_bytes():
+                    return True
+    return False
 
 
 def _corral(*argv: str) -> list[str]:

@@ -94,3 +94,23 @@ def test_the_web_containers_health_script_fails_only_on_the_label(tmp_path: Path
         out = subprocess.run([str(script)], capture_output=True, text=True, check=True,
                              env={"PATH": f"{tmp_path}:/usr/bin:/bin"}).stdout
         assert out.splitlines()[0] == f"HTTP/1.0 {status}", (body, out)
+
+
+@pytest.mark.root
+def test_the_podman_probe_says_why_it_cannot_run_a_container(tmp_path: Path) -> None:
+    """A root file system without busybox: the probe returns podman's error (the demo then falls back
+    to namespaces, or refuses with --workloads podman) and leaves no run root or mount behind."""
+    from standin.demo_hosts import HostsDemo
+    from tests.helpers.netns import requires_root  # noqa: F401 - the mark below needs root
+    from tests.helpers.tools import require_tool
+
+    if os.geteuid() != 0:
+        pytest.skip("needs root (podman's storage)")
+    require_tool("podman")
+    (tmp_path / "rootfs").mkdir()
+    topo = HostsDemo(2, tmp_path, lambda *a: None, engine="podman")
+    why = topo.probe_podman()
+    assert why, "podman ran a container without a busybox in its root file system"
+    assert topo.close() == []
+    assert not Path("/run", topo.tag).exists()
+    assert str(tmp_path) not in Path("/proc/self/mounts").read_text()
