@@ -101,7 +101,10 @@ class EarlyServer:
         """Import ``modules`` one at a time, answering what arrived in between."""
         self.serve_pending()
         for m in modules:
-            importlib.import_module(m)
+            try:
+                importlib.import_module(m)
+            except ImportError:  # optional (uvloop) or broken: the daemon's own import says so later
+                pass
             self.serve_pending()
 
     def serve_pending(self) -> None:

@@ -26,7 +26,7 @@ from agents.config import (
     listen_arg,
     make_parser,
 )
-from agents.errors import InputError
+from agents.errors import ConfigError, InputError
 from agents.log import lazy_logger
 
 if TYPE_CHECKING:  # loaded after the first answers are served (metadata/early.py)
@@ -227,7 +227,7 @@ def start_early(args: argparse.Namespace) -> tuple[EarlyServer, tuple[int, int, 
         return None
     try:
         host, port = parse_listen(args.listen, "0.0.0.0")
-    except InputError:
+    except ConfigError:  # reported by the normal start
         return None
     srv = EarlyServer(early[0], xff=args.xff, stats=_STATS)
     if not srv.listen(host, port):
