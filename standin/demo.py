@@ -205,7 +205,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workloads", default="", choices=["podman", "netns"],
                    help="--hosts 2 or more: workloads as real containers (one podman engine per host, networked by "
                         "netmanager -> CNI) or as bare network namespaces (none given: podman when podman and runc "
-                        "are installed)")
+                        "are installed and run a first busybox container, probed at start)")
     return p
 
 
