@@ -354,7 +354,7 @@ class CniHandler:
         _CALLS.labels("ADD", "ok").inc()
         now = loop.time()
         _LAT.labels("ADD").observe(now - t0)
-        # where the time went from the event reaching this daemon: waiting (per-container lock, slot),
+        # where the time went from the event reaching this daemon: waiting (lock, slot, earlier tries),
         # inspect, then resolv.conf + netns handle, the plugin chain, the state/hosts files
         t_in, t_out = marks or (t0, t0)
         log.info("CNI ADD done", container=c.id[:12], network=net, ip=ip, since_event_ms=_ms(now - t0),
