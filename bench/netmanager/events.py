@@ -46,6 +46,7 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
 from bench.netmanager.run import Gen, setns  # noqa: E402
+from netmanager.cnievents import cni_args  # noqa: E402
 from standin.demo_runtime import unmount_under  # noqa: E402
 from tests.helpers.podman import BUSYBOX, PodmanApi, stub_network  # noqa: E402
 from tests.helpers.procs import Proc, corral_argv  # noqa: E402
@@ -146,9 +147,32 @@ class Podman:
         self.api.close()
 
 
+def labels_for(i: int) -> dict[str, str]:
+    """The labels of container ``i``: its own address and MAC, which Corral's plugins take (CNI_ARGS)."""
+    a, b = 1 + i // 200, 2 + i % 200
+    return {**LABELS, "io.rancher.container.ip": f"10.42.{a}.{b}/16",
+            "io.rancher.container.mac_address": f"02:42:0a:2a:{a:02x}:{b:02x}"}
+
+
+def corral_network(work: Path) -> Path:
+    """Corral's own bridge + IPAM plugins for network ``mynet`` (bridge docker0 in netmanager's
+    namespace, addresses from the containers' labels); returns the plugin directory."""
+    from bench.cni.run import build_bundle
+
+    bindir = build_bundle(work / "bundle")
+    conf = work / "cni" / "mynet.d"
+    (conf / "10-stub.conf").unlink()
+    (conf / "10-rancher.conf").write_text(json.dumps({
+        "cniVersion": "0.2.0", "name": "mynet", "type": "rancher-bridge", "bridge": "docker0",
+        "bridgeSubnet": "10.42.0.0/16", "isDefaultGateway": True, "hairpinMode": True, "mtu": 1500,
+        "linkMTUOverhead": 98, "ipam": {"type": "rancher-cni-ipam", "subnetPrefixSize": "/16",
+                                        "timeoutSeconds": 1, "routes": [{"dst": "169.254.169.250/32"}]}}))
+    return bindir
+
+
 def create(api: Any, rootfs: Path, n: int) -> list[str]:
-    def one(_: int) -> str:
-        c = api.create_container("busybox-rootfs", ["/bin/busybox", "sleep", "3600"], labels=LABELS,
+    def one(i: int) -> str:
+        c = api.create_container("busybox-rootfs", ["/bin/busybox", "sleep", "3600"], labels=labels_for(i),
                                  host_config=api.create_host_config(network_mode="none"))
         return str(c["Id"])
 
@@ -192,7 +216,7 @@ def p50(xs: list[float]) -> float:
     return statistics.median(xs)
 
 
-def event_to_add(burst: int, singles: int, engine: str) -> Table:
+def event_to_add(burst: int, singles: int, engine: str, plugins: str = "stub") -> Table:
     import docker
 
     work = Path(tempfile.mkdtemp(prefix="corral-bench-nmev-"))
@@ -200,7 +224,9 @@ def event_to_add(burst: int, singles: int, engine: str) -> Table:
     eng: Podman | Dockerd | None = None
     nm: Proc | None = None
     name = "podman's" if engine == "podman" else "dockerd's"
-    t = Table(f"netmanager: Docker start -> CNI ADD done ({name} API)", "bare reader: inspect + plugin")
+    what = "stub plugin" if plugins == "stub" else "Corral's bridge + IPAM plugins"
+    t = Table(f"netmanager: Docker start -> CNI ADD done ({name} API, {what})", "bare reader: inspect + plugin")
+    peer_ns = f"corral-bnmevp-{secrets.token_hex(3)}"
     try:
         eng = Podman(work) if engine == "podman" else Dockerd(work)
         # the API creates containers from an image: the busybox root file system imported as one
@@ -208,28 +234,41 @@ def event_to_add(burst: int, singles: int, engine: str) -> Table:
         sh("tar", "-C", str(work / "rootfs"), "-cf", str(tar), ".")
         api = docker.APIClient(base_url=f"unix://{eng.sock}", version="auto", timeout=120)
         eng.import_rootfs(api, tar)
-        bindir, log = stub_network(work, STUB)
+        bindir, _calls = stub_network(work, STUB)
         conf = work / "cni" / "mynet.d"
         state = work / "state"
+        # the plugins' fast path and IPAM read the labels; metadata is not there
+        penv = {"RANCHER_METADATA_ADDRESS": "127.0.0.1:1", "DOCKER_HOST": f"unix://{eng.sock}"}
+        if plugins == "corral":
+            bindir = corral_network(work)
+            # the peer's bridge and host-side veths live in a namespace of its own, as netmanager's
+            sh("ip", "netns", "add", peer_ns)
+            sh("ip", "netns", "exec", peer_ns, "ip", "link", "set", "lo", "up")
 
         # ---- peer: the bare reader, alone first
         peer_done: dict[str, int] = {}
         pool = concurrent.futures.ThreadPoolExecutor(32)
-        env = {**os.environ, "CNI_COMMAND": "ADD", "CNI_IFNAME": "eth0", "CNI_NETNS": "/dev/null",
+        env = {**os.environ, **penv, "CNI_COMMAND": "ADD", "CNI_IFNAME": "eth0", "CNI_NETNS": "/dev/null",
                "CNI_PATH": str(bindir)}
         peer_log = work / "peer.log"
         peer_stub = bindir / "peer-stub"
         peer_stub.write_text(STUB.format(log=peer_log))
         peer_stub.chmod(0o755)
-        stdin = (conf / "10-stub.conf").read_bytes()
+        stdin = next(conf.iterdir()).read_bytes()
+        peer_argv = ([str(peer_stub)] if plugins == "stub"
+                     else ["nsenter", f"--net=/run/netns/{peer_ns}", str(bindir / "rancher-bridge")])
+        peer_failed: list[str] = []
 
         peer_api = docker.APIClient(base_url=f"unix://{eng.sock}", version="auto", timeout=120, max_pool_size=32)
 
         def peer_add(cid: str) -> None:
-            pid = peer_api.inspect_container(cid)["State"]["Pid"]  # the netns path needs the PID
-            subprocess.run([str(peer_stub)], input=stdin,
-                           env={**env, "CNI_CONTAINERID": cid, "CNI_NETNS": f"/proc/{pid}/ns/net"},
-                           capture_output=True, check=False)
+            info = peer_api.inspect_container(cid)  # the netns path needs the PID
+            pid, labels = info["State"]["Pid"], info["Config"]["Labels"] or {}
+            p = subprocess.run(peer_argv, input=stdin, capture_output=True, check=False,
+                               env={**env, "CNI_CONTAINERID": cid, "CNI_NETNS": f"/proc/{pid}/ns/net",
+                                    "CNI_ARGS": cni_args(labels)})
+            if p.returncode != 0:
+                peer_failed.append(p.stdout.decode(errors="replace")[-300:])
             peer_done[cid] = time.time_ns()
 
         calls: dict[str, int] = {}
@@ -266,7 +305,7 @@ def event_to_add(burst: int, singles: int, engine: str) -> Table:
             "netmanager", "--metadata-url", "http://127.0.0.1:1/2016-07-29", "--metadata-state-file", "",
             "--cni-dir", str(work / "cni"), "--metrics-listen", "127.0.0.1:9115", "--docker-host",
             f"unix://{eng.sock}", "--cni-state-dir", str(state), "--netns-handle-dir", str(work / "handles"),
-            "--cni-path", str(bindir), "--disable-vethsync", "--disable-macsync")], name="bench-netmanager")
+            "--cni-path", str(bindir), "--disable-vethsync", "--disable-macsync")], env=penv, name="bench-netmanager")
         wait_for(lambda: "docker events connected" in nm.log(), "netmanager connected to the Docker API", 60)  # type: ignore[union-attr]
         ev = Events(api)
         ids = create(api, work / "rootfs", singles + burst)
@@ -284,8 +323,10 @@ def event_to_add(burst: int, singles: int, engine: str) -> Table:
         c_call = ms(done_ns, calls, c_ids[0])
         parts = {k: {n: [own[c[:12]][n] for c in v] for n in PARTS} for k, v in zip(("single", "burst"), c_ids,
                                                                                           strict=True)}
-        adds = [ln.split()[1] for ln in log.read_text().splitlines() if ln.startswith("ADD ")]
+        adds = [json.loads(ln)["container"] for ln in nm.log().splitlines() if '"CNI ADD done"' in ln]  # type: ignore[union-attr]
         dup = len(adds) - len(set(adds))
+        failed = sum('"error"' in (state / c).joinpath(f).read_text() for c in ids for f in os.listdir(state / c)
+                     if not f.startswith("."))
         n = {"single": f"one at a time ({singles})", "burst": f"burst of {burst}"}
         for k in ("single", "burst"):
             (c_ev, c_own, c_del), (p_ev, p_own, p_del) = ours[k], peer[k]
@@ -302,7 +343,7 @@ def event_to_add(burst: int, singles: int, engine: str) -> Table:
         t.add(f"start call -> ADD done, one at a time ({singles}), p50", p50(c_call), p50(p_call), "ms", False,
               f"p99 {percentile(c_call, 99):.0f} / {percentile(p_call, 99):.0f} ms")
         t.add(f"burst of {burst}: first start call -> last ADD done", c_total, p_total, "s", False,
-              f"target <= 10 s; duplicate ADDs: {dup}")
+              f"target <= 10 s; duplicate ADDs: {dup}; failed ADDs: {failed} / {len(peer_failed)}")
         for k in ("single", "burst"):
             pk = parts[k]
             t.add(f"{n[k]}: netmanager's part, split (p50, ms)", p50(pk["since_event_ms"]), None, "ms", False,
@@ -314,6 +355,7 @@ def event_to_add(burst: int, singles: int, engine: str) -> Table:
         if nm is not None:
             nm.stop()
         subprocess.run(["ip", "netns", "del", ns], capture_output=True, check=False)
+        subprocess.run(["ip", "netns", "del", peer_ns], capture_output=True, check=False)
         if eng is not None:
             eng.close()
         for h in (work / "handles").glob("*") if (work / "handles").exists() else ():
@@ -422,6 +464,8 @@ def main() -> int:
     ap.add_argument("--singles", type=int, default=20)
     ap.add_argument("--engine", choices=("podman", "dockerd", "both"), default="podman",
                     help="the Docker API: podman system service, Debian's dockerd, or one run of each")
+    ap.add_argument("--plugins", choices=("stub", "corral"), default="stub",
+                    help="the CNI network: a stub that answers at once, or Corral's bridge + IPAM plugins")
     ap.add_argument("--rounds", type=int, default=5, help="conntrack: retargets there and back")
     ap.add_argument("--no-conntrack", action="store_true", help="events only")
     ap.add_argument("--no-write", action="store_true", help="print only")
@@ -436,7 +480,7 @@ def main() -> int:
             return 2
     tables = []
     for e in engines:
-        tables.append(event_to_add(a.burst, a.singles, e))
+        tables.append(event_to_add(a.burst, a.singles, e, a.plugins))
         tables[-1].print()
     if not a.no_conntrack:
         tables.append(conntrack_cleanup(a.rounds))
