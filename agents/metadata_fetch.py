@@ -5,12 +5,21 @@ imports nothing heavy, so the helper starts fast. Split mode re-serialises every
 every top-level list on its own, so the daemon decodes the tree in slices of a few
 milliseconds (see :mod:`agents.metadata_watch`) instead of one C call that holds the GIL for
 the whole body.
+
+The helper keeps the last tree it split (``_prev``, named by a token). When the daemon says it
+holds that tree (``base=``), only the elements that differ from it are re-serialised and sent;
+the others are sent as the index of the equal element in that tree (same position, else same
+``uuid``), which the daemon reuses without decoding anything. An unchanged body is not even
+parsed again. The download's persist may be deferred (``defer_persist``) until the daemon has
+published the new tree (:func:`persist_pending`), taking the fsync off the change's path.
 """
 
 from __future__ import annotations
 
 import array
 import contextlib
+import gc
+import itertools
 import os
 import urllib.error
 import urllib.request
@@ -19,7 +28,7 @@ from typing import Any
 
 import orjson
 
-__all__ = ["FetchError", "Fetched", "fetch", "helper_init", "read_tree", "write_atomic"]
+__all__ = ["FetchError", "Fetched", "fetch", "helper_init", "persist_pending", "read_tree", "write_atomic"]
 
 
 class FetchError(Exception):
@@ -37,9 +46,42 @@ class Fetched:
     bounds: dict[str, array.array[int]] = field(default_factory=dict)  # key -> element offsets in blob
     order: list[str] = field(default_factory=list)               # the tree's keys, in order
     persist_error: str = ""                                      # the state file could not be written
+    token: str = ""             # names this split tree: pass it back as ``base=`` to the next fetch
+    base: str = ""              # the token of the tree ``reuse`` indexes into ("" = none)
+    # split mode against ``base``: key -> for each element, the index of the equal element of the
+    # base tree's list, or -1 for the next element of ``blob`` (``bounds`` then covers only those)
+    reuse: dict[str, array.array[int]] = field(default_factory=dict)
+    persist_deferred: bool = False   # the body waits in the helper for :func:`persist_pending`
+
+
+@dataclass
+class _Prev:
+    token: str
+    body: bytes
+    version: str
+    small: dict[str, Any]
+    order: list[str]
+    lists: dict[str, list[Any]]
 
 
 _kept: tuple[str, dict[str, Any]] | None = None
+_prev: _Prev | None = None                   # the last tree split with its lists (per process)
+_unpersisted: tuple[str, bytes] | None = None  # a deferred persist: (state_file, body)
+_tokens = itertools.count(1)
+
+
+def persist_pending() -> str:
+    """Write the body a ``fetch(defer_persist=True)`` left pending; the error message, or ""."""
+    global _unpersisted
+    if _unpersisted is None:
+        return ""
+    path, body = _unpersisted
+    _unpersisted = None
+    try:
+        write_atomic(path, body)
+    except OSError as e:
+        return f"cannot persist the metadata state to {path}: {e.strerror or e}"
+    return ""
 
 
 def read_tree(path: str) -> dict[str, Any]:
@@ -107,13 +149,32 @@ def _download(url: str, timeout: float) -> bytes:
         raise FetchError(f"metadata unreachable at {url}: {e}") from None
 
 
+def _persist(url: str, state_file: str, body: bytes, defer: bool) -> tuple[str, bool]:
+    global _unpersisted
+    if not (url and state_file):
+        return "", False
+    if defer:
+        _unpersisted = (state_file, body)
+        return "", True
+    _unpersisted = None
+    try:
+        write_atomic(state_file, body)
+    except OSError as e:  # the daemon goes on with the data; the next change tries again
+        return f"cannot persist the metadata state to {state_file}: {e.strerror or e}", False
+    return "", False
+
+
 def fetch(url: str = "", path: str = "", *, state_file: str = "", timeout: float = 10.0,
-          split: bool = True, lists: bool = True) -> Fetched:
+          split: bool = True, lists: bool = True, base: str = "", defer_persist: bool = False) -> Fetched:
     """Download ``url`` (or read ``path``), check it is a metadata tree, persist it to
-    ``state_file`` (downloads only) and return it whole (``split=False``) or split.
-    ``lists=False``: leave the top-level lists out (the caller reads the state file itself)."""
+    ``state_file`` (downloads only; after :func:`persist_pending` with ``defer_persist``) and
+    return it whole (``split=False``) or split.
+    ``lists=False``: leave the top-level lists out (the caller reads the state file itself).
+    ``base``: the token of the split tree the caller holds; elements equal to one of it are sent
+    as its index (``Fetched.reuse``) instead of as bytes."""
     import time
 
+    global _prev
     mtime = time.time()
     if url:
         body = _download(url, timeout)
@@ -124,6 +185,31 @@ def fetch(url: str = "", path: str = "", *, state_file: str = "", timeout: float
             mtime = os.stat(path).st_mtime
         except OSError as e:
             raise FetchError(f"cannot read {path}: {e.strerror or e}") from None
+    diff = split and lists
+    prev = _prev if diff and base and _prev is not None and _prev.token == base else None
+    if diff:
+        _prev = None
+    if prev is not None and body == prev.body:  # nothing changed: every element is reused
+        persist_error, deferred = _persist(url, state_file, body, defer_persist)
+        token = f"{os.getpid()}-{next(_tokens)}"
+        _prev = _Prev(token, body, prev.version, prev.small, prev.order, prev.lists)
+        return Fetched(prev.version, len(body), mtime, small=dict(prev.small), order=list(prev.order),
+                       bounds={k: array.array("q", [0]) for k in prev.lists}, persist_error=persist_error,
+                       token=token, base=base, persist_deferred=deferred,
+                       reuse={k: array.array("q", range(len(v))) for k, v in prev.lists.items()})
+    was = gc.isenabled()
+    gc.disable()  # a parse allocates a million acyclic objects: no collections meanwhile
+    try:
+        return _parse(body, url, path, state_file, mtime, split, lists, prev, defer_persist)
+    finally:
+        gc.freeze()  # the kept tree is long-lived and acyclic: out of the helper's later collections
+        if was:
+            gc.enable()
+
+
+def _parse(body: bytes, url: str, path: str, state_file: str, mtime: float, split: bool, lists: bool,
+           prev: _Prev | None, defer_persist: bool) -> Fetched:
+    global _prev
     try:
         tree = orjson.loads(body)
     except orjson.JSONDecodeError as e:
@@ -133,31 +219,61 @@ def fetch(url: str = "", path: str = "", *, state_file: str = "", timeout: float
     version = tree.get("version")
     if not isinstance(version, str | int) or isinstance(version, bool):
         raise FetchError("metadata tree has no version")
-    persist_error = ""
-    if url and state_file:
-        try:
-            write_atomic(state_file, body)
-        except OSError as e:  # the daemon goes on with the data; the next change tries again
-            persist_error = f"cannot persist the metadata state to {state_file}: {e.strerror or e}"
+    persist_error, deferred = _persist(url, state_file, body, defer_persist and split and lists)
     if not lists:
         global _kept
         _kept = (state_file or path, tree)  # for a consumer in this same helper process: no second parse
         tree = {k: v for k, v in tree.items() if not isinstance(v, list)}
     if not split:
         return Fetched(str(version), len(body), mtime, tree=tree, persist_error=persist_error)
-    out = Fetched(str(version), len(body), mtime, order=list(tree), persist_error=persist_error)
+    token = f"{os.getpid()}-{next(_tokens)}" if lists else ""
+    out = Fetched(str(version), len(body), mtime, order=list(tree), persist_error=persist_error, token=token,
+                  base=prev.token if prev is not None else "", persist_deferred=deferred)
     parts: list[bytes] = []
     pos = 0
+    dumps = orjson.dumps
+    kept: dict[str, list[Any]] = {}
     for key, value in tree.items():
         if not isinstance(value, list):
             out.small[key] = value
             continue
+        kept[key] = value
         offs = array.array("q", [pos])
-        for item in value:
-            b = orjson.dumps(item)
-            parts.append(b)
-            pos += len(b)
-            offs.append(pos)
+        old = prev.lists.get(key) if prev is not None else None
+        if old is None:
+            for item in value:
+                b = dumps(item)
+                parts.append(b)
+                pos += len(b)
+                offs.append(pos)
+        else:
+            reuse = out.reuse[key] = array.array("q", bytes(8 * len(value)))
+            n_old = len(old)
+            by_uuid: dict[Any, int] | None = None
+            for i, item in enumerate(value):
+                if i < n_old and old[i] == item:
+                    reuse[i] = i
+                    continue
+                j = -1
+                u = item.get("uuid") if isinstance(item, dict) else None
+                if isinstance(u, str):
+                    if by_uuid is None:
+                        by_uuid = {}
+                        for k, o in enumerate(old):
+                            ou = o.get("uuid") if isinstance(o, dict) else None
+                            if isinstance(ou, str):
+                                by_uuid.setdefault(ou, k)
+                    k2 = by_uuid.get(u, -1)
+                    if k2 >= 0 and old[k2] == item:
+                        j = k2
+                reuse[i] = j
+                if j < 0:
+                    b = dumps(item)
+                    parts.append(b)
+                    pos += len(b)
+                    offs.append(pos)
         out.bounds[key] = offs
     out.blob = b"".join(parts)
+    if lists:
+        _prev = _Prev(token, body, out.version, dict(out.small), list(out.order), kept)
     return out

@@ -46,7 +46,7 @@ from agents.backoff import Backoff
 from agents.clock import Clock
 from agents.errors import ProtocolError, TransportError
 from agents.log import get_logger
-from agents.metadata_fetch import Fetched, FetchError, fetch, helper_init
+from agents.metadata_fetch import Fetched, FetchError, fetch, helper_init, persist_pending
 from agents.metrics import Health, counter, gauge
 
 if TYPE_CHECKING:
@@ -119,17 +119,22 @@ class MetadataSnapshot:
         return {k: list(v) if isinstance(v, tuple) else v for k, v in self.tree.items()}
 
 
-async def decode(f: Fetched, *, budget: float = BUDGET, keep: list[list[Any]] | None = None) -> dict[str, Any]:
+async def decode(f: Fetched, *, budget: float = BUDGET, keep: list[list[Any]] | None = None,
+                 base: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """The tree of a :class:`Fetched`, top-level lists as tuples; a split one is decoded in slices
     of at most ``budget`` seconds of loop time. The cyclic GC is paused meanwhile (a decode
     allocates a lot of acyclic objects, which would trigger full collections mid-way).
-    ``keep`` receives a list of the elements of each top-level list (see :class:`_Graveyard`)."""
+    ``keep`` receives a list of the elements of each top-level list (see :class:`_Graveyard`).
+    ``base``: the tree ``f.reuse`` indexes into (the snapshot named ``f.base``); its elements are
+    shared, not decoded again."""
     if f.tree is not None:
         tree = {k: tuple(v) if isinstance(v, list) else v for k, v in f.tree.items()}
         if keep is not None:
             keep.extend(v for v in f.tree.values() if isinstance(v, list))
         gc.freeze()
         return tree
+    if f.reuse and base is None:
+        raise FetchError("metadata helper sent a diff against a tree this watch does not hold")
     out: dict[str, Any] = {}
     mv = memoryview(f.blob)
     loads = orjson.loads
@@ -145,11 +150,28 @@ async def decode(f: Fetched, *, budget: float = BUDGET, keep: list[list[Any]] | 
                 continue
             items: list[Any] = []
             append = items.append
-            for i in range(len(offs) - 1):
-                append(loads(mv[offs[i]:offs[i + 1]]))
-                if not i & 31 and time.perf_counter() - t0 > budget:
-                    await asyncio.sleep(0)
-                    t0 = time.perf_counter()
+            reuse = f.reuse.get(key)
+            if reuse is None:
+                for i in range(len(offs) - 1):
+                    append(loads(mv[offs[i]:offs[i + 1]]))
+                    if not i & 31 and time.perf_counter() - t0 > budget:
+                        await asyncio.sleep(0)
+                        t0 = time.perf_counter()
+            else:
+                assert base is not None
+                old = base.get(key)
+                if not isinstance(old, tuple) or (len(reuse) and max(reuse) >= len(old)):
+                    raise FetchError(f"metadata helper's diff does not fit this watch's {key!r}")
+                n = 0
+                for i, j in enumerate(reuse):
+                    if j >= 0:
+                        append(old[j])
+                    else:
+                        append(loads(mv[offs[n]:offs[n + 1]]))
+                        n += 1
+                    if not i & 255 and time.perf_counter() - t0 > budget:
+                        await asyncio.sleep(0)
+                        t0 = time.perf_counter()
             out[key] = tuple(items)
             if keep is not None:
                 keep.append(items)
@@ -260,6 +282,7 @@ class MetadataWatch:
         self._own_client = client is None
         self._executor: Executor | None = None
         self._pool_of_daemon = pool
+        self._base: tuple[str, Mapping[str, Any]] | None = None  # (token, tree) the helper can diff against
         self.latest: MetadataSnapshot | None = None
         self.confirmed_at: float | None = None   # unix time metadata last confirmed ``latest`` current
         self.reachable = False
@@ -371,10 +394,16 @@ class MetadataWatch:
         return self._executor
 
     async def _fetch(self, *, url: str = "", path: str = "") -> Fetched:
+        base = self._base[0] if self._base is not None else ""
         fn = partial(fetch, url, path, state_file=self.state_file, timeout=self.timeout,
-                     split=self.parse_in == "process", lists=self.decode_lists)
+                     split=self.parse_in == "process", lists=self.decode_lists, base=base,
+                     defer_persist=self.parse_in == "process" and self.decode_lists)
         if self.parse_in == "thread":
             return await asyncio.to_thread(fn)
+        f: Fetched = await self._in_helper(fn)
+        return f
+
+    async def _in_helper(self, fn: Callable[[], Any]) -> Any:
         from concurrent.futures.process import BrokenProcessPool
 
         try:
@@ -382,6 +411,7 @@ class MetadataWatch:
         except BrokenProcessPool:
             log.warning("metadata helper process died, starting a new one")
             self._executor = None
+            self._base = None  # a new helper holds no tree to diff against
             raise FetchError("metadata helper process died") from None
         except (FetchError, OSError):
             raise
@@ -390,11 +420,22 @@ class MetadataWatch:
 
     async def _install(self, f: Fetched, source: str) -> MetadataSnapshot:
         keep: list[list[Any]] = []
-        tree = await decode(f, keep=keep)
+        base = self._base[1] if self._base is not None and f.base and f.base == self._base[0] else None
+        self._base = None
+        tree = await decode(f, keep=keep, base=base)
         snap = MetadataSnapshot(version=f.version, tree=MappingProxyType(tree), fetched_at=f.mtime,
                                 source=source, size=f.size)
         weakref.finalize(snap, self._graveyard.bury, keep)
+        if f.token:
+            self._base = (f.token, snap.tree)
         self.publish(snap, confirmed_at=f.mtime)
+        if f.persist_deferred:  # the state file is written after the daemons have the new tree
+            try:
+                err = await self._in_helper(persist_pending)
+            except FetchError as e:
+                err = f"cannot persist the metadata state: {e}"
+            if err:
+                log.error("metadata state not persisted", error=err)
         return snap
 
     async def load_state(self) -> MetadataSnapshot | None:

@@ -18,6 +18,13 @@ def names(s: MetadataSnapshot | None) -> list[str]:
     return [c["name"] for c in s.containers] if s is not None else []
 
 
+def persisted(state: Path) -> str | None:
+    try:
+        return str(orjson.loads(state.read_bytes())["version"])
+    except FileNotFoundError:
+        return None
+
+
 @pytest.mark.parametrize("parse_in", ["process", "thread"])
 async def test_watch_follows_changes_persists_and_survives_an_outage(md: Metadata, tmp_path: Path,
                                                                      parse_in: str) -> None:
@@ -32,10 +39,11 @@ async def test_watch_follows_changes_persists_and_survives_an_outage(md: Metadat
     try:
         await eventually(lambda: names(w.latest) == ["web-1"])
         assert health.ready and w.latest is not None and w.latest.source == "metadata"
-        assert orjson.loads(state.read_bytes())["version"] == "1"
+        # persisted once the loops have the tree (after publishing, off the change's path)
+        await eventually(lambda: persisted(state) == "1")
         md.write("2", ["web-1", "web-2"])
         await eventually(lambda: names(w.latest) == ["web-1", "web-2"])
-        assert orjson.loads(state.read_bytes())["version"] == "2"
+        await eventually(lambda: persisted(state) == "2")
 
         md.stop()
         await eventually(lambda: not w.reachable)

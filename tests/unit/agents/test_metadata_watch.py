@@ -180,3 +180,35 @@ async def test_a_failing_daemon_pool_is_a_retried_fetch_error_not_a_crash(tmp_pa
     w = MetadataWatch("http://127.0.0.1:9", component="wtest6", state_file=state, pool=Broken)
     with pytest.raises(FetchError, match="helper exploded"):
         await w._fetch(path=str(state))
+
+
+async def test_a_fetch_against_the_tree_held_sends_only_what_changed(tmp_path: Path) -> None:
+    p = tmp_path / "tree.json"
+    t1 = tree("1", n=50)
+    p.write_bytes(orjson.dumps(t1))
+    f1 = fetch(path=str(p))
+    assert f1.token and not f1.reuse
+    s1 = await decode(f1)
+    # element 3 changed, element 10 removed (the rest shift by one), one appended
+    t2 = tree("2", n=50)
+    t2["containers"][3]["ips"] = ["10.9.9.9"]
+    del t2["containers"][10]
+    t2["containers"].append({"uuid": "c-new", "name": "new"})
+    p.write_bytes(orjson.dumps(t2))
+    f2 = fetch(path=str(p), base=f1.token)
+    assert f2.base == f1.token
+    assert len(f2.bounds["containers"]) - 1 == 2  # only the changed and the new element as bytes
+    s2 = await decode(f2, base=s1)
+    assert s2 == tupled(t2)
+    assert s2["containers"][0] is s1["containers"][0]            # same position, shared
+    assert s2["containers"][12] is s1["containers"][13]          # found by uuid after the shift
+    assert s2["containers"][3] is not s1["containers"][3]
+    # an unchanged body is not parsed again: every element is shared
+    f3 = fetch(path=str(p), base=f2.token)
+    s3 = await decode(f3, base=s2)
+    assert s3 == s2 and all(a is b for a, b in zip(s3["containers"], s2["containers"], strict=True))
+    # a token the helper does not hold (another tree, a new helper): everything is sent
+    f4 = fetch(path=str(p), base=f1.token)
+    assert not f4.reuse and f4.base == "" and await decode(f4) == tupled(t2)
+    with pytest.raises(FetchError, match="diff against a tree"):
+        await decode(fetch(path=str(p), base=f4.token))
