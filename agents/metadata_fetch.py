@@ -61,7 +61,7 @@ class _Prev:
     version: str
     small: dict[str, Any]
     order: list[str]
-    lists: dict[str, list[Any]]
+    lists: dict[str, tuple[list[Any], list[bytes]]]   # key -> (elements, each as it was sent)
 
 
 _kept: tuple[str, dict[str, Any]] | None = None
@@ -196,13 +196,14 @@ def fetch(url: str = "", path: str = "", *, state_file: str = "", timeout: float
         return Fetched(prev.version, len(body), mtime, small=dict(prev.small), order=list(prev.order),
                        bounds={k: array.array("q", [0]) for k in prev.lists}, persist_error=persist_error,
                        token=token, base=base, persist_deferred=deferred,
-                       reuse={k: array.array("q", range(len(v))) for k, v in prev.lists.items()})
+                       reuse={k: array.array("q", range(len(v[0]))) for k, v in prev.lists.items()})
     was = gc.isenabled()
     gc.disable()  # a parse allocates a million acyclic objects: no collections meanwhile
     try:
         return _parse(body, url, path, state_file, mtime, split, lists, prev, defer_persist)
     finally:
-        gc.freeze()  # the kept tree is long-lived and acyclic: out of the helper's later collections
+        if diff:  # the kept tree is long-lived and acyclic: out of the helper's later collections
+            gc.freeze()
         if was:
             gc.enable()
 
@@ -232,29 +233,32 @@ def _parse(body: bytes, url: str, path: str, state_file: str, mtime: float, spli
     parts: list[bytes] = []
     pos = 0
     dumps = orjson.dumps
-    kept: dict[str, list[Any]] = {}
+    kept: dict[str, tuple[list[Any], list[bytes]]] = {}
     for key, value in tree.items():
         if not isinstance(value, list):
             out.small[key] = value
             continue
-        kept[key] = value
+        raw = [dumps(item) for item in value]
+        kept[key] = (value, raw)
         offs = array.array("q", [pos])
-        old = prev.lists.get(key) if prev is not None else None
-        if old is None:
-            for item in value:
-                b = dumps(item)
+        was = prev.lists.get(key) if prev is not None else None
+        if was is None:
+            for b in raw:
                 parts.append(b)
                 pos += len(b)
                 offs.append(pos)
         else:
+            # compared as bytes, not as objects (1 == 1.0 == True would hide a change of type)
+            old, old_raw = was
             reuse = out.reuse[key] = array.array("q", bytes(8 * len(value)))
-            n_old = len(old)
-            by_uuid: dict[Any, int] | None = None
-            for i, item in enumerate(value):
-                if i < n_old and old[i] == item:
+            n_old = len(old_raw)
+            by_uuid: dict[str, int] | None = None
+            for i, b in enumerate(raw):
+                if i < n_old and old_raw[i] == b:
                     reuse[i] = i
                     continue
                 j = -1
+                item = value[i]
                 u = item.get("uuid") if isinstance(item, dict) else None
                 if isinstance(u, str):
                     if by_uuid is None:
@@ -264,11 +268,10 @@ def _parse(body: bytes, url: str, path: str, state_file: str, mtime: float, spli
                             if isinstance(ou, str):
                                 by_uuid.setdefault(ou, k)
                     k2 = by_uuid.get(u, -1)
-                    if k2 >= 0 and old[k2] == item:
+                    if k2 >= 0 and old_raw[k2] == b:
                         j = k2
                 reuse[i] = j
                 if j < 0:
-                    b = dumps(item)
                     parts.append(b)
                     pos += len(b)
                     offs.append(pos)

@@ -185,6 +185,7 @@ async def test_a_failing_daemon_pool_is_a_retried_fetch_error_not_a_crash(tmp_pa
 async def test_a_fetch_against_the_tree_held_sends_only_what_changed(tmp_path: Path) -> None:
     p = tmp_path / "tree.json"
     t1 = tree("1", n=50)
+    t1["containers"][20]["n"] = 1
     p.write_bytes(orjson.dumps(t1))
     f1 = fetch(path=str(p))
     assert f1.token and not f1.reuse
@@ -194,12 +195,13 @@ async def test_a_fetch_against_the_tree_held_sends_only_what_changed(tmp_path: P
     t2["containers"][3]["ips"] = ["10.9.9.9"]
     del t2["containers"][10]
     t2["containers"].append({"uuid": "c-new", "name": "new"})
+    t2["containers"][19]["n"] = True  # equal in Python, not in JSON: sent again
     p.write_bytes(orjson.dumps(t2))
     f2 = fetch(path=str(p), base=f1.token)
     assert f2.base == f1.token
-    assert len(f2.bounds["containers"]) - 1 == 2  # only the changed and the new element as bytes
+    assert len(f2.bounds["containers"]) - 1 == 3  # only the changed and the new elements as bytes
     s2 = await decode(f2, base=s1)
-    assert s2 == tupled(t2)
+    assert s2 == tupled(t2) and s2["containers"][19]["n"] is True
     assert s2["containers"][0] is s1["containers"][0]            # same position, shared
     assert s2["containers"][12] is s1["containers"][13]          # found by uuid after the shift
     assert s2["containers"][3] is not s1["containers"][3]
