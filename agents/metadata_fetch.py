@@ -260,7 +260,8 @@ def _parse(body: bytes, url: str, path: str, state_file: str, mtime: float, spli
                 j = -1
                 item = value[i]
                 u = item.get("uuid") if isinstance(item, dict) else None
-                if isinstance(u, str):
+                if isinstance(u, str) and not (i < n_old and isinstance(old[i], dict) and old[i].get("uuid") == u):
+                    # not the same element at the same place (then it changed): look it up
                     if by_uuid is None:
                         by_uuid = {}
                         for k, o in enumerate(old):
