@@ -27,10 +27,22 @@ from typing import Any
 
 import orjson
 
-from agents.metadata_fetch import fetch
+from agents.metadata_fetch import Fetched, fetch
 from agents.metadata_watch import decode
 from bench.harness import Table, update_results
 from bench.scheduler.run import world
+
+
+def one(t: dict[str, list[float]], case: str, path: str, base: str, held: dict[str, Any] | None,
+        ) -> tuple[int, Fetched, dict[str, Any]]:
+    """One fetch (the helper's half) and decode (the loop's half), timed into ``t``."""
+    t0 = time.perf_counter()
+    f = fetch(path=path, base=base)
+    t[f"h_{case}"].append(time.perf_counter() - t0)
+    t0 = time.perf_counter()
+    tree = asyncio.run(decode(f, base=held))
+    t[f"l_{case}"].append(time.perf_counter() - t0)
+    return len(f.blob), f, tree
 
 
 def main() -> None:
@@ -63,33 +75,12 @@ def main() -> None:
         for i in rng.sample(range(len(changed)), max(1, len(changed) // 100)):
             changed[i]["state"] = "stopped" if changed[i]["state"] == "running" else "running"
         write(2 * r + 1, changed)
-        # ours first (the helper holds ``held``), then the peer (which leaves the helper holding v1)
-        t0 = time.perf_counter()
-        f = fetch(path=path, base=held.token)
-        t["h_diff"].append(time.perf_counter() - t0)
-        t0 = time.perf_counter()
-        asyncio.run(decode(f, base=tree))
-        t["l_diff"].append(time.perf_counter() - t0)
-        sent.append(len(f.blob))
-        t0 = time.perf_counter()
-        f = fetch(path=path)
-        t["h_full"].append(time.perf_counter() - t0)
-        t0 = time.perf_counter()
-        tree1 = asyncio.run(decode(f))
-        t["l_full"].append(time.perf_counter() - t0)
-        # nothing changed: the same body again, against the tree just decoded, then without it
-        t0 = time.perf_counter()
-        g = fetch(path=path, base=f.token)
-        t["h_same"].append(time.perf_counter() - t0)
-        t0 = time.perf_counter()
-        asyncio.run(decode(g, base=tree1))
-        t["l_same"].append(time.perf_counter() - t0)
-        t0 = time.perf_counter()
-        g = fetch(path=path)
-        t["h_same_full"].append(time.perf_counter() - t0)
-        t0 = time.perf_counter()
-        asyncio.run(decode(g))
-        t["l_same_full"].append(time.perf_counter() - t0)
+        # ours first (the helper holds ``held``), then the peer (which leaves the helper holding v1);
+        # then nothing changed: the same body again, against the tree just decoded, then without it
+        sent.append(one(t, "diff", path, held.token, tree)[0])
+        f, tree1 = one(t, "full", path, "", None)[1:]
+        one(t, "same", path, f.token, tree1)
+        one(t, "same_full", path, "", None)
     ms = {k: statistics.median(v) * 1000 for k, v in t.items()}
     n = len(containers)
     tab = Table("metadata watch", "everything sent")
