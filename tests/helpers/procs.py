@@ -8,13 +8,12 @@ import socket
 import subprocess
 import sys
 import tempfile
-import time
 import urllib.error
 import urllib.request
 from collections.abc import Sequence
 from pathlib import Path
 
-from tests.helpers.wait import patience
+from tests.helpers.wait import until
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -36,37 +35,32 @@ def free_port(host: str = "127.0.0.1", kind: int = socket.SOCK_STREAM) -> int:
 
 
 def wait_port(host: str, port: int, timeout: float | None = None) -> None:
-    timeout = patience(timeout)
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            with socket.create_connection((host, port), timeout=0.5):
-                return
-        except OSError:
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"nothing listening on {host}:{port} after {timeout}s") from None
-            time.sleep(0.02)
+    def listening() -> bool:
+        with socket.create_connection((host, port), timeout=0.5):
+            return True
+
+    try:
+        until(listening, what=f"something listening on {host}:{port}", timeout=timeout)
+    except AssertionError as e:  # callers tell a daemon that never came up by TimeoutError
+        raise TimeoutError(str(e)) from None
 
 
 def wait_http(url: str, timeout: float | None = None, status: int | None = 200) -> None:
     """Wait until ``url`` answers (with ``status`` when given)."""
-    timeout = patience(timeout)
-    deadline = time.monotonic() + timeout
-    last: object = None
-    while time.monotonic() < deadline:
+    def answered() -> bool:
         try:
             with urllib.request.urlopen(url, timeout=1) as r:
-                if status is None or r.status == status:
-                    return
-                last = r.status
+                got = r.status
         except urllib.error.HTTPError as e:
-            if status is None or e.code == status:
-                return
-            last = e.code
-        except OSError as e:
-            last = e
-        time.sleep(0.03)
-    raise TimeoutError(f"{url} did not answer {status} within {timeout}s (last: {last})")
+            got = e.code
+        if status is None or got == status:
+            return True
+        raise ValueError(f"status {got}")  # kept as the last answer in the message
+
+    try:
+        until(answered, what=f"{url} answering {status}", timeout=timeout, interval=0.03)
+    except AssertionError as e:
+        raise TimeoutError(str(e)) from None
 
 
 class Proc:
