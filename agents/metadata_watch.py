@@ -529,5 +529,7 @@ class MetadataWatch:
                 await self._client.close()
                 self._client = None
             if self._executor is not None:
-                self._executor.shutdown(wait=False, cancel_futures=True)
+                # waited for off the loop: with wait=False the pool's manager thread closes its wake-up pipe
+                # while the interpreter's exit hook still writes to it (EBADF traceback at exit)
+                await asyncio.to_thread(self._executor.shutdown, wait=True, cancel_futures=True)
                 self._executor = None

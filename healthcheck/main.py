@@ -365,7 +365,9 @@ class Daemon:
             await self.api.close()
             await admin.stop()
             if self._executor is not None:
-                self._executor.shutdown(wait=False, cancel_futures=True)
+                # waited for off the loop: with wait=False the pool's manager thread closes its wake-up pipe
+                # while the interpreter's exit hook still writes to it (EBADF traceback at exit)
+                await asyncio.to_thread(self._executor.shutdown, wait=True, cancel_futures=True)
             if self._tmp_state is not None:
                 self._tmp_state.cleanup()
 
