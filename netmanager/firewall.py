@@ -11,6 +11,13 @@ The probe's value is kept as a baseline: taken just before each read-back, and a
 our writes when the probe moved only as that write explains (nft: one generation per table
 committed; legacy: only the tables written changed). Otherwise the baseline stays behind, so
 the next probe sees the move and the kernel is read back.
+
+nft backend: a change that only edits a few rules of owned chains (a port added, moved or
+removed) is written by rule handle in one nf_tables transaction (:mod:`netmanager.nft`), not by
+``iptables-nft-restore``, which would load every rule of the chains it edits first. The handles
+are read after the ruleset settles (a background dump, once per generation the applier knows)
+and kept in step by those transactions; they belong to the probe baseline, so anyone else's
+write (the probe moves) sends the next change back to ``iptables-restore``.
 """
 
 from __future__ import annotations
@@ -22,10 +29,11 @@ from typing import Any
 from agents.errors import CorralError
 from agents.log import get_logger
 from agents.metrics import counter, gauge, histogram
-from netmanager.desired import Rule, Ruleset, stale_flows
+from netmanager.desired import OWNED_CHAINS, Rule, Ruleset, stale_flows
 from netmanager.iptables import Backend
 from netmanager.netlink import delete_flows
-from netmanager.rules import Drift, Tables, diff, hook_chains, is_ours, parse_save, render_payload
+from netmanager.nft import NftEdit, NftEditor, compilable
+from netmanager.rules import Drift, Tables, chain_edit, diff, hook_chains, is_ours, parse_save, render_payload
 
 __all__ = ["RulesApplier"]
 
@@ -36,10 +44,12 @@ _REPAIRS = counter("netmanager", "rule_repairs", "Drifted chains and hooks found
 _CHECKS = counter("netmanager", "verify_reads", "iptables-save read-backs")
 _PROBES = counter("netmanager", "change_probes", "Ruleset change probes (nft generation id, legacy table sizes)",
                   ["result"])
-_APPLY = histogram("netmanager", "apply_seconds", "Ruleset apply latency (diff + restore)", ["reason"],
+_APPLY = histogram("netmanager", "apply_seconds", "Ruleset apply latency (diff + write)", ["reason"],
                    buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5))
 _RULES = gauge("netmanager", "rules", "Rules in the owned chains and hooks")
 _FLOWS = counter("netmanager", "conntrack_deleted", "Conntrack flows to old host-port targets deleted")
+_HANDLE_EDITS = counter("netmanager", "handle_edits",
+                        "Changes written by nf_tables rule handle in one transaction (nft backend)", ["result"])
 _BAD_PORTS = gauge("netmanager", "bad_port_entries", "ports entries skipped as invalid")
 
 
@@ -59,9 +69,15 @@ def _model_after(rs: Ruleset, before: Tables, d: Drift) -> Tables:
 
 class RulesApplier:
     def __init__(self, backend: Backend, *, min_repair_gap: float = 1.0, conntrack: bool = True,
-                 probe: bool = True) -> None:
+                 probe: bool = True, handle_edits: bool = True) -> None:
         self.backend = backend
         self.probe = backend.probe() if probe else None
+        self.nft = NftEditor(backend.restore_cmd) if (
+            handle_edits and backend.name == "nft" and self.probe is not None) else None
+        self.handles: dict[tuple[str, str], list[int]] | None = None
+        self.handles_at: Any = None  # the probe baseline the handles belong to
+        self._loading: asyncio.Task[None] | None = None
+        self._handles_tried: Any = None
         self.baseline: Any = None
         self.conntrack = conntrack
         self.min_repair_gap = min_repair_gap
@@ -99,8 +115,37 @@ class RulesApplier:
         return moved
 
     def close(self) -> None:
+        if self._loading is not None:
+            self._loading.cancel()
         if self.probe is not None:
             self.probe.close()
+        if self.nft is not None:
+            self.nft.close()
+
+    def _want_handles(self) -> None:
+        """Start reading the owned chains' rule handles when the ones held are not of the
+        ruleset the applier knows (off the change path: a background dump)."""
+        if (self.nft is None or self.baseline is None or self.model is None
+                or (self.handles is not None and self.handles_at == self.baseline)
+                or (self._loading is not None and not self._loading.done())
+                or self._handles_tried == self.baseline):  # once per generation, even if it failed
+            return
+        self._handles_tried = self.baseline
+        self._loading = asyncio.get_running_loop().create_task(self._load_handles(self.baseline))
+
+    async def _load_handles(self, at: Any) -> None:
+        assert self.nft is not None
+        try:
+            gens, handles = await self.nft.handles(OWNED_CHAINS)
+            now = await self._probe()
+        except CorralError as e:
+            log.info("rule handles not read", error=str(e))
+            return
+        model = self.model
+        if (now != at or self.baseline != at or model is None or not gens <= {int(at) & 0xFFFF}
+                or any(len(model.get(t, {}).get(c, ())) != len(h) for (t, c), h in handles.items())):
+            return  # the ruleset moved meanwhile: read again when the applier knows it again
+        self.handles, self.handles_at = handles, at
 
     async def read(self) -> Tables:
         _CHECKS.inc()
@@ -121,6 +166,7 @@ class RulesApplier:
         d = diff(rs, tables)
         if not d:
             self.applied = rs
+            self._want_handles()
             return
         is_repair = verifying and self.applied == rs
         reason = "repair" if is_repair else ("boot" if self.applied is None else "change")
@@ -132,7 +178,10 @@ class RulesApplier:
             _REPAIRS.labels("chain").inc(len(d.chains) + int(d.create_policy))
             _REPAIRS.labels("hook").inc(len(d.hooks))
             self.repairs += 1
+        if not verifying and await self._edit_by_handle(rs, tables, d, t0):
+            return
         payload = render_payload(rs, tables, d)
+        self.handles = None
         before = await self._probe()
         t_restore = time.monotonic()
         try:
@@ -158,8 +207,76 @@ class RulesApplier:
             log.info("rules applied", reason=reason, chains=len(d.chains), hooks=len(d.hooks),
                      rules=rs.rule_count(), read_back=verifying, lines=payload.count("\n"),
                      restore_seconds=round(t_restore, 3), seconds=round(time.monotonic() - t0, 3))
+        self._want_handles()
         if self.conntrack and previous is not None:
             await self._clean_conntrack(previous, rs)
+
+    def _handle_edits(self, rs: Ruleset, tables: Tables, d: Drift) -> list[NftEdit] | None:
+        """The drift as rule-handle edits, or None when it is not only a few rules of owned
+        chains whose handles are held (hooks, a rebuild, a rule that cannot be moved)."""
+        handles = self.handles
+        if (self.nft is None or handles is None or self.handles_at != self.baseline
+                or d.hooks or d.create_policy or not d.chains):
+            return None
+        edits = []
+        for t, c in d.chains:
+            have = tables.get(t, {}).get(c)
+            hs = handles.get((t, c))
+            if have is None or hs is None or len(hs) != len(have):
+                return None
+            e = chain_edit(rs.chain(t, c), have)
+            if e is None or not all(compilable(r) for _, r in e[1]):
+                return None
+            edits.append(NftEdit(t, c, *e))
+        return edits
+
+    async def _edit_by_handle(self, rs: Ruleset, tables: Tables, d: Drift, t0: float) -> bool:
+        """Write ``d`` as one nf_tables transaction by rule handle (see the module doc); False
+        when it does not fit or was refused (nothing written: the caller restores instead)."""
+        edits = self._handle_edits(rs, tables, d)
+        if edits is None or self.nft is None or self.handles is None:
+            return False
+        before = await self._probe()
+        if before is None or before != self.baseline:
+            return False  # someone else wrote since the handles were read
+        t_write = time.monotonic()
+        try:
+            new = await self.nft.apply(edits, self.handles, {(e.table, e.chain): tables[e.table][e.chain] for e in edits},
+                                       {(e.table, e.chain): rs.chain(e.table, e.chain) for e in edits})
+        except CorralError as e:
+            _HANDLE_EDITS.labels("refused").inc()
+            log.warning("rule handle edit not applied, restoring instead", error=str(e))
+            self.handles = None
+            if self.nft.broken:
+                log.warning("rule handle edits off", reason=self.nft.broken)
+                self.nft.close()
+                self.nft = None
+            return False
+        t_write = time.monotonic() - t_write
+        _HANDLE_EDITS.labels("ok").inc()
+        after = await self._probe()
+        handles = {**self.handles, **new}
+        if self.probe is not None and after is not None and self.probe.ours(before, after, frozenset(), commits=1):
+            self.baseline = after
+            self.handles, self.handles_at = handles, after
+        else:
+            self.handles = None
+        self.last_write = time.monotonic()
+        previous = self.applied
+        self.writes += 1
+        reason = "boot" if previous is None else "change"
+        _WRITES.labels(reason).inc()
+        self.model = _model_after(rs, tables, d)
+        self.applied = rs
+        _RULES.set(rs.rule_count())
+        _APPLY.labels(reason).observe(time.monotonic() - t0)
+        log.info("rules applied", reason=reason, chains=len(d.chains), hooks=0, rules=rs.rule_count(),
+                 read_back=False, by_handle=sum(len(e.gone) + len(e.new) for e in edits),
+                 restore_seconds=round(t_write, 3), seconds=round(time.monotonic() - t0, 3))
+        self._want_handles()
+        if self.conntrack and previous is not None:
+            await self._clean_conntrack(previous, rs)
+        return True
 
     async def _clean_conntrack(self, old: Ruleset, new: Ruleset) -> None:
         """Right after the rules moved: drop the flows still going to the old targets (UDP above all:

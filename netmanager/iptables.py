@@ -53,7 +53,7 @@ async def _run(argv: list[str], stdin: bytes | None = None, timeout: float = 60.
 
 class ChangeProbe(Protocol):
     async def read(self) -> Any: ...
-    def ours(self, before: Any, after: Any, tables: frozenset[str]) -> bool: ...
+    def ours(self, before: Any, after: Any, tables: frozenset[str], commits: int | None = None) -> bool: ...
     def close(self) -> None: ...
 
 
@@ -114,7 +114,7 @@ class LegacyTables:
             raise TransportError(f"legacy iptables entries {table}: {errno.errorcode.get(err, err)}")
         return buf.raw[40:]
 
-    def ours(self, before: Any, after: Any, tables: frozenset[str]) -> bool:
+    def ours(self, before: Any, after: Any, tables: frozenset[str], commits: int | None = None) -> bool:
         """Only the tables we wrote moved (a foreign edit of one of them at the same moment is
         left to the periodic read-back)."""
         return all(before.get(t) == after.get(t) for t in self.tables if t not in tables)
@@ -126,7 +126,8 @@ class LegacyTables:
 
 
 class _NftProbe:
-    """nft backend change probe: the generation id, one bump per committed table."""
+    """nft backend change probe: the generation id, one bump per committed transaction
+    (``iptables-nft-restore`` commits each table on its own)."""
 
     def __init__(self) -> None:
         from netmanager.netlink import NftGeneration
@@ -136,8 +137,10 @@ class _NftProbe:
     async def read(self) -> int:
         return await self._gen.read()
 
-    def ours(self, before: Any, after: Any, tables: frozenset[str]) -> bool:
-        return int(after) - int(before) == len(tables)
+    def ours(self, before: Any, after: Any, tables: frozenset[str], commits: int | None = None) -> bool:
+        """The generation moved by our commits: one per table for ``iptables-nft-restore``, or
+        ``commits`` (one nf_tables transaction covers all its tables)."""
+        return int(after) - int(before) == (len(tables) if commits is None else commits)
 
     def close(self) -> None:
         self._gen.close()

@@ -27,7 +27,7 @@ from typing import cast
 from netmanager.desired import OWNED_CHAINS, POLICY_CHAIN, Rule, Ruleset
 
 __all__ = [
-    "TABLES", "Drift", "Tables", "diff", "hook_chains", "hook_positions", "is_ours", "jump_targets", "parse_save", "render", "render_payload",
+    "TABLES", "Drift", "Tables", "chain_edit", "diff", "hook_chains", "hook_positions", "is_ours", "jump_targets", "parse_save", "render", "render_payload",
 ]
 
 TABLES = ("raw", "nat", "filter")
@@ -170,12 +170,13 @@ def diff(rs: Ruleset, tables: Tables) -> Drift:
     return d
 
 
-def _edits(chain: str, want: tuple[Rule, ...], have: Sequence[Rule]) -> list[str] | None:
-    """``-D``/``-I`` lines turning ``have`` into ``want``, or None when a rebuild is simpler.
+def chain_edit(want: tuple[Rule, ...], have: Sequence[Rule]
+               ) -> tuple[tuple[int, ...], tuple[tuple[int, Rule], ...]] | None:
+    """(0-based indexes in ``have`` of the rules that go, (0-based position in ``want``, rule) of
+    the new ones) turning ``have`` into ``want``, or None when a rebuild is simpler.
 
     Used when few rules differ and the rules both sides share are in the same order (true for a
-    port added, removed or moved: the order key of every other binding is unchanged). Deletes
-    go first; inserts in increasing position, so each position is final when it is used."""
+    port added, removed or moved: the order key of every other binding is unchanged)."""
     hs = _rule_set(have)
     if not have or len(hs) != len(have):
         return None
@@ -183,12 +184,41 @@ def _edits(chain: str, want: tuple[Rule, ...], have: Sequence[Rule]) -> list[str
     gone_set, new_set = hs - ws, ws - hs
     if len(gone_set) + len(new_set) > max(4, len(want) // 8):
         return None  # decided on set sizes, before any pass over 25k rules
-    gone = [r for r in have if r in gone_set]
-    new = [(i, r) for i, r in enumerate(want, 1) if r in new_set]
-    if [r for r in have if r in ws] != [r for r in want if r in hs]:
+    # one walk along both: the rules they share are mostly the same objects (cached per binding),
+    # so this costs a pointer comparison per rule and hashes only the few that differ
+    gone: list[int] = []
+    new: list[tuple[int, Rule]] = []
+    i = j = 0
+    nh, nw = len(have), len(want)
+    while i < nh and j < nw:
+        h, w = have[i], want[j]
+        if h is w or h == w:
+            i += 1
+            j += 1
+        elif h in gone_set:
+            gone.append(i)
+            i += 1
+        elif w in new_set:
+            new.append((j, w))
+            j += 1
+        else:
+            return None  # shared rules in another order
+    if any(have[k] not in gone_set for k in range(i, nh)) or any(want[k] not in new_set for k in range(j, nw)):
         return None
-    out = [render(chain, r, "-D") for r in gone]
-    out += [f"-I {chain} {i} " + render(chain, r)[len(f"-A {chain} "):] for i, r in new]
+    gone += range(i, nh)
+    new += ((k, want[k]) for k in range(j, nw))
+    return tuple(gone), tuple(new)
+
+
+def _edits(chain: str, want: tuple[Rule, ...], have: Sequence[Rule]) -> list[str] | None:
+    """``-D``/``-I`` lines for :func:`chain_edit`'s edit, or None. Deletes go first; inserts in
+    increasing position, so each position is final when it is used."""
+    e = chain_edit(want, have)
+    if e is None:
+        return None
+    gone, new = e
+    out = [render(chain, have[i], "-D") for i in gone]
+    out += [f"-I {chain} {i + 1} " + render(chain, r)[len(f"-A {chain} "):] for i, r in new]
     return out
 
 

@@ -100,6 +100,34 @@ def test_stale_rules_removed_and_foreign_bytes_unchanged(host: Host) -> None:
     host.wait(host.in_sync, "8080 back")
 
 
+def test_a_moved_port_is_written_by_rule_handle(host: Host) -> None:
+    """nft: a port moved between two others is deleted and inserted by rule handle in one
+    transaction (the handles are read in the background after the first apply, so the first
+    move may still go through iptables-restore); the chains end up in the desired order."""
+    if host.backend != "nft":
+        pytest.skip("rule handles are nf_tables'")
+    host.wait(host.in_sync, "in sync")
+    docker = host.ipt("-t", "nat", "-S", "DOCKER")
+    objs = copy.deepcopy(host.objs)
+    saved = copy.deepcopy(objs)
+    edits = host.metric("corral_netmanager_handle_edits_total", 'result="ok"')
+    moves = iter(range(8100, 8400, 2))
+
+    def move() -> bool:
+        for o in objs:
+            if o.get("uuid") == "ctr-web-1":
+                o["ports"] = [f"0.0.0.0:{next(moves)}:80/tcp"]  # between 8080's neighbours and 8443
+        host.bump(objs)
+        host.wait(host.in_sync, "port moved")
+        return host.metric("corral_netmanager_handle_edits_total", 'result="ok"') > edits
+
+    until(move, what="a change written by rule handle", interval=0.5)
+    assert host.metric("corral_netmanager_handle_edits_total", 'result="refused"') == 0
+    assert host.ipt("-t", "nat", "-S", "DOCKER") == docker
+    host.bump(saved)
+    host.wait(host.in_sync, "8080 back")
+
+
 def test_metadata_route_restored(host: Host) -> None:
     assert "169.254.169.250 dev docker0" in host.sh("ip", "route")
     host.sh("ip", "route", "del", "169.254.169.250/32")

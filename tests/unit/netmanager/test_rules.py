@@ -165,3 +165,28 @@ def test_many_changes_rebuild_the_chain(snap: Snapshot) -> None:
     tables["nat"]["CATTLE_PREROUTING"] = tables["nat"]["CATTLE_PREROUTING"][::-1]
     payload = render_payload(rs, tables, diff(rs, tables))
     assert payload.startswith("*nat\n:CATTLE_PREROUTING - [0:0]\n-F CATTLE_PREROUTING\n")
+
+
+def test_chain_edit_positions_and_refusals() -> None:
+    from netmanager.rules import chain_edit
+
+    a, b, c, d, x = (("-p", "tcp", "--dport", str(p), "-j", "ACCEPT") for p in (1, 2, 3, 4, 9))
+    assert chain_edit((a, x, c, d), (a, b, c, d)) == ((1,), ((1, x),))  # b moved to x in the middle
+    assert chain_edit((a, b, c, d, x), (a, b, c, d)) == ((), ((4, x),))  # appended at the end
+    assert chain_edit((x, b, c, d), [a, b, c, d]) == ((0,), ((0, x),))  # at the head; a list as read back
+    assert chain_edit((a, c, b, d), (a, b, c, d)) is None  # shared rules in another order
+    assert chain_edit((a, b), (a, a, b)) is None  # duplicates in the kernel: rebuild
+
+
+def test_rules_that_can_be_compiled_elsewhere() -> None:
+    from netmanager.nft import compilable
+
+    assert compilable(("!", "-i", "docker0", "-p", "tcp", "-m", "tcp", "--dport", "80", "-j", "DNAT",
+                       "--to-destination", "10.42.0.5:80"))
+    assert compilable(("-s", "10.42.0.0/16", "-j", "MASQUERADE"))
+    # the set match's kernel data holds the set's index in the namespace it was compiled in
+    assert not compilable(("-m", "set", "!", "--match-set", "RANCHER_DISABLE_HOST_NAT_IPSET", "dst",
+                           "-j", "MASQUERADE"))
+    assert not compilable(("-j", "CATTLE_FORWARD"))  # a jump to a chain the scratch namespace lacks
+    assert not compilable(("-p", "gre", "-j", "ACCEPT"))
+    assert not compilable(("-d", "10.0.0.1/32",))
