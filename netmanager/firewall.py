@@ -32,7 +32,7 @@ from agents.metrics import counter, gauge, histogram
 from netmanager.desired import OWNED_CHAINS, Rule, Ruleset, stale_flows
 from netmanager.iptables import Backend
 from netmanager.netlink import delete_flows
-from netmanager.nft import NftEdit, NftEditor, compilable
+from netmanager.nft import MAX_EDITS, NftEdit, NftEditor, compilable
 from netmanager.rules import Drift, Tables, chain_edit, diff, hook_chains, is_ours, parse_save, render_payload
 
 __all__ = ["RulesApplier"]
@@ -228,6 +228,8 @@ class RulesApplier:
             if e is None or not all(compilable(r) for _, r in e[1]):
                 return None
             edits.append(NftEdit(t, c, *e))
+        if sum(len(e.gone) + len(e.new) for e in edits) > MAX_EDITS:
+            return None
         return edits
 
     async def _edit_by_handle(self, rs: Ruleset, tables: Tables, d: Drift, t0: float) -> bool:

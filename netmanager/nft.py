@@ -33,7 +33,7 @@ from agents.errors import TransportError
 from netmanager.desired import Rule
 from netmanager.rules import render
 
-__all__ = ["NftEdit", "NftEditor", "compilable"]
+__all__ = ["MAX_EDITS", "NftEdit", "NftEditor", "compilable"]
 
 
 _NETLINK_NETFILTER = 12
@@ -54,6 +54,8 @@ _BE64 = struct.Struct(">Q")
 _PROTOS = {"tcp": 6, "udp": 17, "icmp": 1, "sctp": 132}
 # targets whose kernel data holds nothing tied to the namespace the rule was compiled in
 _TARGETS = frozenset({"ACCEPT", "DROP", "RETURN", "MARK", "DNAT", "SNAT", "MASQUERADE", "CONNMARK"})
+MAX_EDITS = 512  # rules deleted + inserted in one transaction; more go through iptables-restore, whose
+# rule-cache load is then a small part of the write
 
 
 def compilable(rule: Rule) -> bool:
@@ -93,7 +95,8 @@ class _Socket:
         self.sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, _NETLINK_NETFILTER)
         self.sock.settimeout(10.0)
         try:
-            self.sock.setsockopt(socket.SOL_SOCKET, 33, 4 << 20)  # SO_RCVBUFFORCE: big dumps
+            self.sock.setsockopt(socket.SOL_SOCKET, 33, 4 << 20)  # SO_RCVBUFFORCE: big dumps, many acks
+            self.sock.setsockopt(socket.SOL_SOCKET, 32, 4 << 20)  # SO_SNDBUFFORCE: a batch is one message
         except OSError:
             pass
         self.sock.bind((0, 0))
@@ -161,6 +164,8 @@ class _Socket:
                 ln, kind, _, seq, _ = _HDR.unpack_from(data, off)
                 if kind == _NLMSG_ERROR:
                     err = -struct.unpack_from("=i", data, off + 16)[0]
+                    if err and seq not in index:  # the batch itself was refused: no more answers come
+                        raise OSError(err, f"nf_tables batch: {os.strerror(err)}")
                     pending.discard(seq)
                     if err:
                         errors.append(f"#{index.get(seq)}: {os.strerror(err)}")

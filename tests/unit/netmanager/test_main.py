@@ -29,7 +29,7 @@ PUBLIC = {
                            "replace_neighbours", "sweep_conntrack"],
     "netmanager.main": ["build_parser", "main"],
     "netmanager.resolv": ["render_resolv", "wants_resolv"],
-    "netmanager.nft": ["NftEdit", "NftEditor", "compilable"],
+    "netmanager.nft": ["MAX_EDITS", "NftEdit", "NftEditor", "compilable"],
     "netmanager.rules": ["TABLES", "Drift", "Tables", "chain_edit", "diff", "hook_chains", "hook_positions", "is_ours",
                          "jump_targets", "parse_save", "render", "render_payload"],
 }
