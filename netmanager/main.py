@@ -275,8 +275,8 @@ class NetManager:
                              handle_dir=Path(self.args.netns_handle_dir), cni_path=self.args.cni_path,
                              retries=self.args.cni_retries, retry_delay=self.args.cni_retry_delay,
                              metadata_ip=self.facts.metadata_ip, dns_setup=not self.args.disable_dns_setup)
-        def on_event(cid: str, action: str) -> None:
-            handler.on_event(cid, action)
+        def on_event(cid: str, action: str, attrs: dict[str, str]) -> None:
+            handler.on_event(cid, action, attrs)
             shims = self.shims
             if action == "start" and shims is not None and cid in (shims.current or {}).values():
                 shims.kick("driver container started")  # its PID changed: rewrite the shim now

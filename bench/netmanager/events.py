@@ -6,7 +6,9 @@ storage and busybox containers with ``--network none``) and ``corral netmanager`
 network namespace with a stub CNI plugin that answers at once. Per container three times (wall
 clock): the ``timeNano`` of its ``start`` event, when netmanager got the event and when its ADD was
 done (both from netmanager's ``CNI ADD done`` log line: its timestamp and ``since_event_ms``, with
-the split of that figure). First 20 containers started one at a time (each waits for its ADD), then
+the split of that figure); and when the state file was written (``CNI ADD reported``: an ADD that
+found the container's process in the cgroup file system ran before the engine's inspect answered,
+whose ``StartedAt`` names the file). First 20 containers started one at a time (each waits for its ADD), then
 a burst of 200 started at once through the API (16 client threads). Peer, same run, same API: a
 bare event reader (docker SDK, one thread per event from a pool of 32) that inspects the container
 (its PID gives the netns path) and runs the same stub plugin on every ``start`` event - the floor
@@ -194,22 +196,40 @@ def add_done(state: Path, cid: str) -> int | None:
         return None
 
 
-PARTS = ("since_event_ms", "wait_ms", "inspect_ms", "before_plugin_ms", "plugin_ms", "files_ms")
+PARTS = ("since_event_ms", "wait_ms", "inspect_ms", "lookup_ms", "before_plugin_ms", "plugin_ms", "files_ms")
 
 
 def add_log(text: str) -> dict[str, dict[str, float]]:
-    """netmanager's own timings per container (12-char ID) from its JSON "CNI ADD done" lines."""
-    out = {}
+    """netmanager's own timings per container (12-char ID) from its JSON "CNI ADD done" lines, with
+    ``reported_ms`` (event -> state file written) from its "CNI ADD reported" line when the ADD ran
+    before the engine's inspect answered (found in the cgroup file system; else the same as ADD done)
+    and ``cgroup`` (1: found there)."""
+    out: dict[str, dict[str, float]] = {}
+    reported = {}
     for ln in text.splitlines():
         try:
             d = json.loads(ln)
         except ValueError:
             continue
-        if isinstance(d, dict) and d.get("event") == "CNI ADD done" and "since_event_ms" in d:
+        if not isinstance(d, dict) or "since_event_ms" not in d:
+            continue
+        if d.get("event") == "CNI ADD done":
             row = {k: float(d.get(k) or 0) for k in PARTS}
             row["at_ns"] = datetime.fromisoformat(str(d["timestamp"]).replace("Z", "+00:00")).timestamp() * 1e9
+            row["cgroup"] = float(d.get("found") == "cgroup")
             out[str(d["container"])] = row
+        elif d.get("event") == "CNI ADD reported":
+            reported[str(d["container"])] = float(d["since_event_ms"])
+    for c, row in out.items():
+        row["reported_ms"] = reported.get(c, row["since_event_ms"]) if row["cgroup"] else row["since_event_ms"]
     return out
+
+
+def reported_all(text: str, ids: list[str]) -> bool:
+    """Every container's ADD logged, and reported when it ran from the cgroup file system."""
+    own = add_log(text)
+    rep = {json.loads(ln)["container"] for ln in text.splitlines() if '"CNI ADD reported"' in ln}
+    return all(c[:12] in own and (not own[c[:12]]["cgroup"] or c[:12] in rep) for c in ids)
 
 
 def p50(xs: list[float]) -> float:
@@ -301,7 +321,8 @@ def event_to_add(burst: int, singles: int, engine: str, plugins: str = "stub") -
         # ---- Corral
         sh("ip", "netns", "add", ns)
         sh("ip", "netns", "exec", ns, "ip", "link", "set", "lo", "up")
-        nm = Proc(["ip", "netns", "exec", ns, *corral_argv(
+        # nsenter --net, not ip netns exec: that mounts a sysfs of its own over /sys, hiding the cgroup mounts
+        nm = Proc(["nsenter", f"--net=/run/netns/{ns}", *corral_argv(
             "netmanager", "--metadata-url", "http://127.0.0.1:1/2016-07-29", "--metadata-state-file", "",
             "--cni-dir", str(work / "cni"), "--metrics-listen", "127.0.0.1:9115", "--docker-host",
             f"unix://{eng.sock}", "--cni-state-dir", str(state), "--netns-handle-dir", str(work / "handles"),
@@ -311,7 +332,7 @@ def event_to_add(burst: int, singles: int, engine: str, plugins: str = "stub") -
         ids = create(api, work / "rootfs", singles + burst)
         c_total = measure(lambda c: add_done(state, c), ids[:singles], ids[singles:], ev)
         ev.close()
-        wait_for(lambda: len(add_log(nm.log())) >= len(ids), "netmanager's ADD log lines", 30)  # type: ignore[union-attr]
+        wait_for(lambda: reported_all(nm.log(), ids), "netmanager's ADD log lines", 30)  # type: ignore[union-attr]
         own = add_log(nm.log())
         # ADD done = the timestamp of netmanager's log line (its clock, after the state and hosts files);
         # when netmanager got the event = that minus its own event -> ADD-done figure
@@ -340,6 +361,11 @@ def event_to_add(burst: int, singles: int, engine: str, plugins: str = "stub") -
                   "ms", False)
             t.add(f"engine event (timeNano) -> event delivered, {n[k]}, p50", p50(c_del), p50(p_del), "ms", False,
                   f"the engine's part; p99 {percentile(c_del, 99):.0f} / {percentile(p_del, 99):.0f} ms")
+            rep_ms = [own[c[:12]]["reported_ms"] for c in c_ids[k == "burst"]]
+            via = sum(int(own[c[:12]]["cgroup"]) for c in c_ids[k == "burst"])
+            t.add(f"netmanager got the event -> state file written, {n[k]}, p50", p50(rep_ms), p50(p_own), "ms",
+                  False, f"p99 {percentile(rep_ms, 99):.0f} ms; after the engine's inspect (StartedAt names the "
+                  f"file); ADDs found in the cgroup file system: {via} / {len(rep_ms)}")
         t.add(f"start call -> ADD done, one at a time ({singles}), p50", p50(c_call), p50(p_call), "ms", False,
               f"p99 {percentile(c_call, 99):.0f} / {percentile(p_call, 99):.0f} ms")
         t.add(f"burst of {burst}: first start call -> last ADD done", c_total, p_total, "s", False,
@@ -490,7 +516,9 @@ def main() -> int:
             "dockerd 20.10 with vfs storage, no bridge, no iptables, in a namespace of its own, where named), a "
             "stub CNI plugin that answers at once. Per container: the engine's `start` event time (its "
             "`timeNano`), when netmanager got the event (its ADD-done time minus the `since_event_ms` of its "
-            "`CNI ADD done` log line) and ADD done (that line's timestamp, after the state and hosts files). \"netmanager got the event -> ADD done\" "
+            "`CNI ADD done` log line) and ADD done (that line's timestamp: the plugin chain returned; after the state "
+            "and hosts files too when netmanager inspected first; \"state file written\" from its `CNI ADD "
+            "reported` line otherwise). \"netmanager got the event -> ADD done\" "
             "is the part netmanager controls; \"timeNano -> delivered\" is the engine's. Peer: a bare "
             "docker-SDK event reader that inspects the container and runs the same stub on each `start` (no "
             "netns handle, state file, hosts line or resolv.conf), same API, same number of containers, measured "

@@ -52,8 +52,10 @@ def env() -> Iterator[dict]:
 
 
 def start_nm(e: dict, metadata: str = "http://127.0.0.1:1/2016-07-29", *extra: str) -> Proc:
+    """netmanager in the test's namespace, entered with ``nsenter --net`` as a host daemon sees the
+    system: ``ip netns exec`` would mount a sysfs of its own over /sys and hide the cgroup mounts."""
     w = e["work"]
-    return Proc(["ip", "netns", "exec", e["ns"], "env", "PYTHONUNBUFFERED=1", *corral_argv(
+    return Proc(["nsenter", f"--net=/run/netns/{e['ns']}", "env", "PYTHONUNBUFFERED=1", *corral_argv(
         "netmanager", "--metadata-url", metadata, "--metadata-state-file", "", *extra,
         "--cni-dir", str(w / "cni"), "--metrics-listen", "127.0.0.1:9115", "--docker-host",
         f"unix://{e['pm'].sock}", "--cni-state-dir", str(w / "state"), "--netns-handle-dir", str(w / "handles"),
@@ -66,6 +68,30 @@ def calls(e: dict, cmd: str, cid: str) -> list[list[str]]:
         return []
     rows = [ln.split("|") for ln in e["log"].read_text().splitlines()]
     return [r for r in rows if r[0] == cmd and r[1] == cid]
+
+
+def add_lines(nm: Proc, cid: str, event: str = "CNI ADD done") -> list[dict]:
+    """netmanager's JSON log lines ``event`` for container ``cid``."""
+    out = []
+    for ln in nm.log().splitlines():
+        try:
+            d = json.loads(ln)
+        except ValueError:
+            continue
+        if isinstance(d, dict) and d.get("event") == event and d.get("container") == cid[:12]:
+            out.append(d)
+    return out
+
+
+def started_at(pm: PodmanApi, cid: str) -> str:
+    """``State.StartedAt`` as the Docker API gives it (the name of the state file)."""
+    import docker
+
+    api = docker.APIClient(base_url=f"unix://{pm.sock}", version="auto")
+    try:
+        return str(api.inspect_container(cid)["State"]["StartedAt"])
+    finally:
+        api.close()
 
 
 def wait(pred: Callable[[], object], what: str, nm: Proc, timeout: float | None = None) -> None:
@@ -89,34 +115,87 @@ def test_events_drive_add_and_del(env: dict) -> None:
         _, _, netns_path, ifname, args = add[0]
         assert netns_path == str(env["work"] / "handles" / cid) and ifname == "eth0"
         assert args == "IgnoreUnknown=1;DOCKER=true;RancherContainerUUID=u-1;IPAddress=10.42.5.5/16"
-        started = pm.inspect(cid)["State"]["StartedAt"]
+        # the ADD found the process in the cgroup file system (created after netmanager connected:
+        # its create-time facts were there), and the state file is named after the start the engine reports
+        assert [d["found"] for d in add_lines(nm, cid)] == ["cgroup"], nm.log()[-3000:]
+        started = started_at(pm, cid)
         state = env["work"] / "state" / cid
-        wait(lambda: state.is_dir() and any(state.iterdir()), "state file", nm)
-        body = json.loads(next(state.iterdir()).read_text())
+        wait(lambda: (state / started).exists(), "state file", nm)
+        assert [f.name for f in state.iterdir()] == [started]
+        body = json.loads((state / started).read_text())
         assert body["ip4"]["ip"] == "10.42.5.5/16", (body, started)
+        assert add_lines(nm, cid, "CNI ADD reported")
         hosts = pm.inspect(cid).get("HostsPath")
         if hosts and os.path.exists(hosts):
             assert "10.42.5.5\t" in Path(hosts).read_text()
+
+        # stop and start: DEL, then an ADD for the new start, again from the cgroup (facts kept until destroy)
+        pm.pm("stop", "-t", "0", cid)
+        wait(lambda: not state.exists(), "DEL done", nm)
+        pm.pm("start", cid)
+        wait(lambda: len(calls(env, "ADD", cid)) == 2, "ADD after the restart", nm)
+        started = started_at(pm, cid)
+        wait(lambda: (state / started).exists(), "state file of the new start", nm)
+        assert [f.name for f in state.iterdir()] == [started]
+        assert [d["found"] for d in add_lines(nm, cid)] == ["cgroup", "cgroup"]
 
         # a restarted manager does not ADD a container that is already networked
         nm.stop()
         nm = start_nm(env)
         wait(lambda: "docker events connected" in nm.log(), "replay done", nm)
-        assert len(calls(env, "ADD", cid)) == 1
+        assert len(calls(env, "ADD", cid)) == 2
         assert not calls(env, "ADD", plain)
 
         # stop -> DEL with the namespace still reachable through the handle; state cleared
         pm.pm("stop", "-t", "0", cid)
         wait(lambda: not state.exists(), "DEL done (state dir removed)", nm)
-        assert calls(env, "DEL", cid)[0][2] == str(env["work"] / "handles" / cid)
+        assert calls(env, "DEL", cid)[-1][2] == str(env["work"] / "handles" / cid)
         ok = Path(str(env["log"]) + ".netns-ok")  # the plugin saw the interface inside the namespace
         assert ok.exists() and cid in ok.read_text(), env["log"].read_text() + nm.log()[-5000:]
         wait(lambda: not (env["work"] / "handles" / cid).exists(), "handle released", nm)
 
-        # start again -> a new ADD for the new start
+        # start again -> a new ADD for the new start (this manager started after the create: it inspects)
+        pm.pm("start", cid)
+        wait(lambda: len(calls(env, "ADD", cid)) == 3, "third ADD", nm)
+        assert not calls(env, "ADD", plain) and not calls(env, "DEL", plain)
+        again = started_at(pm, cid)
+        assert again != started
+        wait(lambda: (state / again).exists(), "state file of the second start", nm)
+        assert [f.name for f in state.iterdir()] == [again]
+        assert [d["found"] for d in add_lines(nm, cid)] == ["inspect"]  # this manager's first ADD of it
+    finally:
+        nm.stop()
+
+
+def test_add_falls_back_to_inspect(env: dict) -> None:
+    """A container created while netmanager was not connected (no create-time facts): its start is
+    inspected first, as the original did; a container that only has the ``io.rancher.container.network``
+    label and network mode none gets no ADD either way."""
+    pm: PodmanApi = env["pm"]
+    cid = pm.create({"io.rancher.cni.network": "mynet", "io.rancher.container.uuid": "u-2"})
+    nm = start_nm(env)
+    try:
+        wait(lambda: "docker events connected" in nm.log(), "docker connected", nm)
+        pm.pm("start", cid)
+        skip = pm.run({"io.rancher.container.network": "true"})  # network mode none: not Rancher-managed
+        wait(lambda: calls(env, "ADD", cid), "ADD", nm)
+        assert calls(env, "ADD", cid)[0][2] == str(env["work"] / "handles" / cid)
+        state = env["work"] / "state" / cid
+        started = started_at(pm, cid)
+        wait(lambda: (state / started).exists(), "state file", nm)
+        wait(lambda: add_lines(nm, cid), "ADD logged", nm)
+        assert [d["found"] for d in add_lines(nm, cid)] == ["inspect"]
+        assert not add_lines(nm, cid, "CNI ADD reported")
+
+        # stop -> DEL; start again -> ADD again the same way, the state file follows the new start
+        pm.pm("stop", "-t", "0", cid)
+        wait(lambda: not state.exists(), "DEL done", nm)
         pm.pm("start", cid)
         wait(lambda: len(calls(env, "ADD", cid)) == 2, "second ADD", nm)
-        assert not calls(env, "ADD", plain) and not calls(env, "DEL", plain)
+        again = started_at(pm, cid)
+        wait(lambda: (state / again).exists(), "state file of the second start", nm)
+        assert [d["found"] for d in add_lines(nm, cid)] == ["inspect", "inspect"]
+        assert not calls(env, "ADD", skip)
     finally:
         nm.stop()
 

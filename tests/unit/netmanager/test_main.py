@@ -9,6 +9,7 @@ import pytest
 from netmanager.main import _metadata_base, build_parser
 
 PUBLIC = {
+    "netmanager.cgroups": ["KNOWN_LAYOUTS", "CgroupLocator", "cgroup_roots"],
     "netmanager.cni_runner": ["CniError", "load_configs", "result_ipv4", "run_add", "run_del"],
     "netmanager.cnievents": ["CNI_PATH", "Container", "cni_args", "cni_env", "decide", "hosts_line", "network_for"],
     "netmanager.docker_events": ["CniHandler", "DockerSource"],
