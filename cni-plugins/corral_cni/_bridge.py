@@ -214,8 +214,9 @@ def open_netns(path: str) -> int | None:
 
 
 def cmd_del(conf: dict[str, Any], raw: bytes, env: Env, version: str) -> None:
+    """The interfaces first, then the address (as the reference bridge: an address released while
+    the old interface still holds it could be handed to a new container meanwhile), then ipMasq."""
     c = parse_conf(conf, env.args)
-    run_ipam("DEL", conf, raw, env, version)
     prev = parse_result(conf["prevResult"]) if isinstance(conf.get("prevResult"), dict) else None
     hosts = [i["name"] for i in prev.interfaces if not i.get("sandbox") and i["name"] != c.bridge] if prev else []
     if len(env.container_id) >= 10:
@@ -232,6 +233,7 @@ def cmd_del(conf: dict[str, Any], raw: bytes, env: Env, version: str) -> None:
             link = nl.get_link(h)
             if link is not None and link.kind == "veth":
                 nl.del_link(link.index)
+    run_ipam("DEL", conf, raw, env, version)
     if c.ip_masq:
         from . import _masq
 

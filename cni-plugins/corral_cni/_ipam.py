@@ -306,6 +306,30 @@ class Store:
             raise
         return True
 
+    def release_known(self, container_id: str, ifname: str, ips: list[int],
+                      rangesets: tuple[tuple[Range, ...], ...]) -> bool:
+        """Release the attachment's addresses named by the caller (its prevResult) without reading
+        the rest of the store. True when one was released in every range set: an attachment holds
+        one address per range set, so nothing of it is left and the full scan is not needed."""
+        cid = container_id.strip()
+        match = cid + LINE_BREAK + ifname
+        done = set()
+        for ip in ips:
+            idx = next((i for i, rs in enumerate(rangesets) if any(r.contains(ip) for r in rs)), None)
+            if idx is None or idx in done:
+                continue
+            content = self._read(ntoa(ip))
+            if content is None:
+                continue
+            content = content.strip()
+            if content == match or (content == cid and ifname == "eth0"):
+                try:
+                    os.unlink(os.join(self.dir, ntoa(ip)))
+                except FileNotFoundError:
+                    continue
+                done.add(idx)
+        return len(done) == len(rangesets)
+
     def release_by_id(self, container_id: str, ifname: str) -> list[int]:
         match = container_id.strip() + LINE_BREAK + ifname
         gone = []
@@ -378,11 +402,38 @@ def local_add(cfg: LocalConfig, container_id: str, ifname: str, requested: list[
     return Result([], ips, [dict(r) for r in cfg.routes], dns)
 
 
-def local_del(cfg: LocalConfig, container_id: str, ifname: str) -> None:
+def local_del(cfg: LocalConfig, container_id: str, ifname: str, known: list[int] | None = None) -> None:
+    """host-local DEL: every address held by (container, ifname). ``known`` (the addresses of the
+    prevResult) are looked at first; the whole store is read only when they do not account for
+    every range set (no prevResult, an older store, another owner), so a DEL holds the store's
+    lock for a few file operations instead of one read per allocation."""
     if not os.isdir(os.join(cfg.data_dir, cfg.name)):
         return
     with Store(cfg.data_dir, cfg.name) as st:
+        if known and st.release_known(container_id, ifname, known, cfg.rangesets):
+            return
         st.release_by_id(container_id, ifname)
+
+
+def prev_addresses(conf: dict[str, Any]) -> list[int]:
+    """The IPv4 addresses of the config's prevResult (any version); [] when there are none or the
+    prevResult is not understood (the caller then reads the whole store)."""
+    prev = conf.get("prevResult")
+    if not isinstance(prev, dict):
+        return []
+    ips = prev.get("ips")
+    if isinstance(ips, list):
+        addrs = [ip.get("address") for ip in ips if isinstance(ip, dict)]
+    else:
+        addrs = [sect.get("ip") for sect in (prev.get("ip4"),) if isinstance(sect, dict)]
+    out = []
+    for a in addrs:
+        if isinstance(a, str) and "/" in a and ":" not in a:
+            try:
+                out.append(aton(a.split("/")[0]))
+            except CniError:
+                pass
+    return out
 
 
 def local_check(cfg: LocalConfig, container_id: str, ifname: str) -> list[int]:
@@ -562,7 +613,7 @@ def ipam_command(command: str, conf: dict[str, Any], env: Env, version: str) -> 
         if command == "ADD":
             return local_add(cfg, env.container_id, env.ifname, _requested(conf, env), reuse=version in LEGACY)
         if command == "DEL":
-            local_del(cfg, env.container_id, env.ifname)
+            local_del(cfg, env.container_id, env.ifname, prev_addresses(conf))
         elif command == "CHECK":
             local_check(cfg, env.container_id, env.ifname)
         elif command == "GC":

@@ -63,6 +63,31 @@ def test_allocation_is_round_robin_skips_gateway_and_releases(tmp_path: Path) ->
     assert (d / "lock").exists()
 
 
+def test_del_with_prev_result_reads_only_its_addresses(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    cfg = _ipam.parse_local(conf(tmp_path, ranges=[[{"subnet": "10.1.2.0/24"}], [{"subnet": "10.9.0.0/24"}]]))
+    mine = [_ipam.aton(a["address"].split("/")[0]) for a in _ipam.local_add(cfg, "c1", "eth0", []).ips]
+    _ipam.local_add(cfg, "c2", "eth0", [])
+    (tmp_path / "net1" / "10.1.2.50").write_text("c3")  # a legacy (ID only) reservation
+    read: list[str] = []
+    real = _ipam.Store._read
+    monkeypatch.setattr(_ipam.Store, "_read", lambda st, name: read.append(name) or real(st, name))
+    _ipam.local_del(cfg, "c1", "eth0", mine)
+    assert sorted(read) == ["10.1.2.2", "10.9.0.2"]  # one file per range set, not the whole store
+    assert not (tmp_path / "net1" / "10.1.2.2").exists() and not (tmp_path / "net1" / "10.9.0.2").exists()
+    assert (tmp_path / "net1" / "10.1.2.3").read_bytes() == b"c2\r\neth0"
+    # a stale prevResult (the address is another's now) falls back to reading everything
+    read.clear()
+    _ipam.local_del(cfg, "c3", "eth0", [_ipam.aton("10.1.2.3")])
+    assert (tmp_path / "net1" / "10.1.2.3").exists() and not (tmp_path / "net1" / "10.1.2.50").exists()
+    assert len(read) > 1
+    # what the bridge passes: the prevResult's IPv4 addresses, any version; nothing when unreadable
+    assert _ipam.prev_addresses({"prevResult": {"ips": [{"address": "10.1.2.3/24"}, {"address": "fd00::3/64"}]}}) \
+        == [_ipam.aton("10.1.2.3")]
+    assert _ipam.prev_addresses({"prevResult": {"ip4": {"ip": "10.1.2.3/24"}}}) == [_ipam.aton("10.1.2.3")]
+    assert _ipam.prev_addresses({"prevResult": {"ips": [{"address": "x/1"}, 5]}}) == []
+    assert _ipam.prev_addresses({}) == []
+
+
 def test_duplicate_allocation_refused_unless_legacy_reuse(tmp_path: Path) -> None:
     cfg = _ipam.parse_local(conf(tmp_path, subnet="10.1.2.0/24"))
     first = _ipam.local_add(cfg, "c1", "eth0", []).ips[0]["address"]
