@@ -30,7 +30,8 @@ def test_bundle_layout(tmp_path: Path) -> None:
     assert os.readlink(bindir / "rancher-bridge") == "corral-bridge"
     assert os.readlink(bindir / "rancher-cni-ipam") == "corral-ipam"
     launcher = (bindir / "corral-bridge").read_text()
-    assert launcher.startswith("#!/usr/bin/python3 -IS\n") and str(vol / "lib") in launcher
+    assert launcher.startswith(f"#!{vol / 'lib' / 'python' / 'python3'}\n") and str(vol / "lib") in launcher
+    assert os.readlink(vol / "lib" / "python" / "python3") == "/usr/bin/python3"
     assert os.access(bindir / "corral-bridge", os.X_OK)
     conf = vol / "ipsec.d" / "10-rancher.conf"
     assert json.loads(conf.read_text())["type"] == "rancher-bridge"
@@ -114,4 +115,32 @@ def test_auto_interpreter_is_a_working_python(tmp_path: Path) -> None:
     assert chosen == sys.executable
     bindir = mod.build(tmp_path / "vol", "auto", network=None)
     py = (bindir / ".interpreter").read_text().strip()
-    assert (bindir / "corral-bridge").read_text().startswith(f"#!{py} -IS\n")
+    assert os.readlink(tmp_path / "vol" / "lib" / "python" / "python3") == py
+    assert (bindir / "corral-bridge").read_text().startswith(f"#!{tmp_path / 'vol' / 'lib' / 'python' / 'python3'}\n")
+
+
+def test_start_up_interpreter_is_isolated_and_keeps_every_codec(tmp_path: Path) -> None:
+    bindir = load_package().build(tmp_path / "vol", sys.executable, network=None)
+    exe = tmp_path / "vol" / "lib" / "python" / "python3"
+    assert (bindir / "corral-ipam").read_text().startswith(f"#!{exe}\n")
+    code = ("import sys, codecs, encodings; print(sys.flags.isolated, sys.flags.no_site, 'site' in sys.modules, "
+            "encodings.__file__, sys.stdout.encoding, codecs.lookup('latin1').name, codecs.lookup('cp1252').name, "
+            "'\u00e9'.encode('windows-1252'), b'\\xe9'.decode('iso-8859-15'), encodings.normalize_encoding('a b'), "
+            "sys.path)")
+    # PYTHON* variables are ignored as with -I; -S: no site
+    p = subprocess.run([str(exe), "-c", code], capture_output=True, text=True, check=True,
+                       env={"PYTHONPATH": "/nonexistent", "PYTHONSTARTUP": "/nonexistent", "LANG": "C"})
+    out = p.stdout.split(" ", 6)
+    assert out[:3] == ["1", "1", "False"], p.stdout
+    assert out[3].startswith(str(exe.parent / "encodings")), p.stdout
+    assert out[4:6] == ["utf-8", "iso8859-1"] and "cp1252 b'\\xe9' \u00e9 a_b" in p.stdout, p.stdout
+    assert "/nonexistent" not in p.stdout and str(tmp_path / "vol" / "lib") in p.stdout
+    # and the plugins still answer when that interpreter cannot be made: #!python -IS as before
+    mod = load_package()
+    mod.PATHS_QUERY = "raise SystemExit(3)"
+    bindir = mod.build(tmp_path / "vol2", sys.executable, network=None)
+    assert (bindir / "corral-bridge").read_text().startswith(f"#!{sys.executable} -IS\n")
+    assert not (tmp_path / "vol2" / "lib" / "python").exists()
+    v = subprocess.run([str(bindir / "corral-bridge")], input=b'{"cniVersion":"1.0.0"}', capture_output=True,
+                       env={"CNI_COMMAND": "VERSION"}, check=True)
+    assert json.loads(v.stdout)["cniVersion"] == "1.0.0"
