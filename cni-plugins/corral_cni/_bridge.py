@@ -230,7 +230,8 @@ def cmd_del(conf: dict[str, Any], raw: bytes, env: Env, version: str) -> None:
                 finally:
                     os.close(ns_fd)
         for h in dict.fromkeys(hosts):
-            link = nl.get_link(h)
+            # usually gone with its peer already: asked without the rtnl lock first
+            link = nl.get_link(h) if nl.has_link(h) else None
             if link is not None and link.kind == "veth":
                 nl.del_link(link.index)
     run_ipam("DEL", conf, raw, env, version)

@@ -44,6 +44,7 @@ IFLA_INFO_KIND, IFLA_INFO_DATA = 1, 2
 VETH_INFO_PEER = 1
 IFLA_BRPORT_MODE = 4  # hairpin
 IFF_UP, IFF_PROMISC = 0x1, 0x100
+SIOCGIFINDEX = 0x8933
 
 IFA_ADDRESS, IFA_LOCAL, IFA_BROADCAST = 1, 2, 4
 RTA_DST, RTA_OIF, RTA_GATEWAY, RTA_TABLE = 1, 4, 5, 15
@@ -218,6 +219,22 @@ class Netlink:
                 return None
             raise
         return None
+
+    def has_link(self, name: str) -> bool:
+        """Whether a link ``name`` exists here, asked by ``SIOCGIFINDEX`` on this socket: a lookup
+        under RCU, where ``RTM_GETLINK`` waits for the rtnl lock behind every link change in
+        progress (50 DELs at once: each one's host-veth check queued behind the others' deletes).
+        True when the answer is not a plain "no such device" (the caller then asks netlink)."""
+        raw = name.encode()
+        if not 0 < len(raw) < 16 or b"\0" in raw:
+            return True
+        import fcntl
+
+        try:
+            fcntl.ioctl(self.sock.fileno(), SIOCGIFINDEX, raw.ljust(40, b"\0"))
+        except OSError as e:
+            return e.errno != 19  # ENODEV
+        return True
 
     def links(self) -> list[Link]:
         return [self._link(b) for b in self.dump(RTM_GETLINK, _IFI.pack(AF_UNSPEC, 0, 0, 0, 0))]

@@ -90,3 +90,12 @@ def test_fast_path_labels() -> None:
     assert labels("abc", "unix:///nonexistent/docker.sock") is None
     assert labels("abc", "npipe:////./pipe/docker") is None
     assert labels("../x", "unix:///var/run/docker.sock") is None
+
+
+def test_has_link_asks_without_netlink_and_defers_when_unsure() -> None:
+    from corral_cni._netlink import Netlink
+
+    with Netlink() as nl:
+        assert nl.has_link("lo") and not nl.has_link("vethrnonexist0")
+        # names the ioctl cannot carry: "maybe", so the caller asks RTM_GETLINK as before
+        assert nl.has_link("x" * 16) and nl.has_link("") and nl.has_link("a\0b")
