@@ -144,7 +144,9 @@ class RulesApplier:
         model = self.model
         if (now != at or self.baseline != at or model is None or not gens <= {int(at) & 0xFFFF}
                 or any(len(model.get(t, {}).get(c, ())) != len(h) for (t, c), h in handles.items())):
-            return  # the ruleset moved meanwhile: read again when the applier knows it again
+            if self.baseline != at:  # our own write meanwhile: read those of the ruleset it left
+                asyncio.get_running_loop().call_soon(self._want_handles)
+            return  # otherwise someone else's: read again once the applier knows the ruleset again
         self.handles, self.handles_at = handles, at
 
     async def read(self) -> Tables:
