@@ -4,8 +4,14 @@ Data path, on two simulated hosts (the acceptance topology: namespaces joined by
 bridge, a real ``corral metadata`` and one ``corral overlay`` per host):
 
 * iperf3 TCP single stream and ``-P 4`` c1 -> c2 through VXLAN programmed by Corral, against the
-  plain veth underlay h1 -> h2, and against the same kernel state programmed by hand with ``ip``
-  and ``bridge`` commands (the floor: what this kernel's VXLAN does at all);
+  plain veth underlay h1 -> h2, and against the same kernel state programmed by hand (the floor:
+  what this kernel's VXLAN does at all) on two more hosts built the same way, with no metadata and
+  no router: ``sysctl``, ``ip``, ``bridge`` and ``iptables`` commands make what Corral's router
+  makes, and the two hosts' state is compared line by line (``ip -d link``, addresses, routes,
+  neighbours, FDB, ``ethtool -k``, iptables rules, sysctls) before measuring. The three paths are
+  measured in interleaved rounds (:mod:`bench.overlay.rounds`: warm-up, ``--rounds`` rounds of one
+  ``--seconds`` window each, order rotating, daemons stopped during the windows, iperf3 pinned):
+  medians, spread, per-round ratios, and the CPU time per Gbit of each path;
 * ping RTT p50/p99 (``ping -i 0.01``) through the overlay and on the underlay;
 * join convergence: metadata version bump (answers file replaced) -> first successful ping
   c1 -> c2, against the same entries written by hand with one ``ip -batch`` (plus its FDB
@@ -22,8 +28,9 @@ metadata tree of 500 hosts / 10,000 containers -> desired state (peer: the bare 
 rancher-net's three maps), initial programming (peer: ``ip -batch`` of the same entries),
 no-op reconcile (peer: ``ip``/``bridge`` listing the same entries), single-container delta, RSS.
 
-    sudo .venv/bin/python -m bench.overlay [--seconds 5] [--joins 10] [--skip-data-path] [--skip-ipsec]
-        [--skip-scale] [--update-results]
+    sudo .venv/bin/python -m bench.overlay [--seconds 5] [--rounds 5] [--rounds-p4 3] [--pin C,S|off]
+        [--no-pause] [--joins 10] [--skip-data-path] [--skip-ipsec] [--skip-scale] [--update-results]
+    sudo .venv/bin/python -m bench.overlay --vxlan-throughput   # the VXLAN iperf3 rows only (~2 min)
 """
 
 from __future__ import annotations
@@ -36,6 +43,7 @@ import re
 import resource
 import secrets
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -44,6 +52,8 @@ from pathlib import Path
 from typing import Any
 
 from bench.harness import Table, percentile, update_results
+from bench.overlay.rounds import Path as RPath
+from bench.overlay.rounds import Rounds, frozen, paired, spread
 
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
@@ -258,79 +268,141 @@ def ipsec_path(table: Table, seconds: int, joins: int) -> None:
               note=f"p50 {percentile(leave, 50) * 1000:.0f} ms; target <= 1 s")
 
 
-def data_path(table: Table, seconds: int, joins: int) -> None:
+class FloorTopo(Topo):
+    """The floor: two more hosts built like Corral's pair (their own underlay bridge), with no
+    metadata server and no router; the kernel state Corral's router programs is made by hand."""
+
+    def _proc(self, ns: str, name: str, *argv: str) -> Any:
+        return None if name == "metadata" else super()._proc(ns, name, *argv)
+
+    def start_router(self, i: int) -> Any:
+        return None
+
+    def program(self, mtu: int) -> None:
+        """What ``corral overlay --bridge docker0`` programs, as ``sysctl``/``ip``/``bridge``/``iptables``
+        commands: forwarding and proxy ARP on the bridge, the VTEP, its entries, the MSS clamp and
+        the gateway masquerade."""
+        for i in range(1, self.n + 1):
+            h = self.h(i)
+            nsx(h, "sysctl", "-qw", "net.ipv4.ip_forward=1", "net.ipv4.conf.docker0.proxy_arp=1",
+                "net.ipv4.neigh.docker0.proxy_delay=0")
+            hand_vtep(self, i, mtu)
+            batch, fdb = hand_batch(self, i, [j for j in range(1, self.n + 1) if j != i])
+            subprocess.run(["ip", "netns", "exec", h, "ip", "-batch", "-"], input=batch, text=True, check=True)
+            for cmd in fdb:
+                nsx(h, *cmd)
+            nsx(h, "iptables", "-w", "5", "-t", "mangle", "-A", "FORWARD", "-o", "vtep1042", "-p", "tcp",
+                "--tcp-flags", "SYN,RST", "SYN", "-j", "TCPMSS", "--clamp-mss-to-pmtu")
+            nsx(h, "iptables", "-w", "5", "-t", "nat", "-A", "POSTROUTING", "-o", "vtep1042", "-s", "10.42.0.1",
+                "-j", "MASQUERADE")
+
+
+def vxlan_kernel_state(ns: str) -> list[str]:
+    """What a router programs in host ``ns``, as comparable text (no ifindexes, no counters)."""
+    def lines(*cmd: str) -> list[str]:
+        return [ln.strip() for ln in nsx(ns, *cmd, check=False).stdout.splitlines() if ln.strip()]
+
+    out = [re.sub(r"^\d+: ", "", ln) for ln in lines("ip", "-d", "link", "show", "vtep1042")]
+    out += [ln for ln in lines("ip", "-4", "addr", "show", "dev", "vtep1042") if ln.startswith("inet ")]
+    out += ["route " + ln for ln in sorted(lines("ip", "-d", "route", "show", "dev", "vtep1042"))]
+    out += ["neigh " + ln for ln in sorted(lines("ip", "neigh", "show", "dev", "vtep1042"))]
+    out += ["fdb " + ln for ln in sorted(lines("bridge", "fdb", "show", "dev", "vtep1042")) if "dst" in ln]
+    out += ["ethtool " + ln for ln in lines("ethtool", "-k", "vtep1042") if "[fixed]" not in ln]
+    out += ["rule " + ln for ln in lines("iptables-save") if ln.startswith("-A")]
+    out += lines("sysctl", "net.ipv4.ip_forward", "net.ipv4.conf.docker0.proxy_arp", "net.ipv4.neigh.docker0.proxy_delay",
+                 "net.ipv4.conf.vtep1042.rp_filter", "net.ipv4.conf.all.rp_filter")
+    return out
+
+
+def state_diff(a: str, b: str) -> list[str]:
+    """Lines of ``vxlan_kernel_state`` that differ between hosts ``a`` and ``b`` (empty: the same)."""
+    import difflib
+
+    return [ln for ln in difflib.unified_diff(vxlan_kernel_state(a), vxlan_kernel_state(b), lineterm="", n=0)
+            if ln[:1] in "+-" and not ln.startswith(("+++", "---"))]
+
+
+def daemon_pids(*topos: Topo) -> list[int]:
+    return [p.pid for t in topos for p in [*t.routers.values(), t.meta] if p is not None and p.alive()]
+
+
+def _fmt(values: list[float], digits: int = 2) -> str:
+    med, lo, hi = spread(values)
+    return f"{med:.{digits}f} ({lo:.{digits}f}..{hi:.{digits}f})"
+
+
+def data_path(table: Table, args: argparse.Namespace) -> None:
+    seconds, joins = args.seconds, args.joins
     t = Topo(Path(tempfile.mkdtemp(prefix="corral-bench-overlay-")), n=2)
     t.router_flags = ()  # the daemon's own probe and read-back intervals
+    (t.tmp / "floor").mkdir()
+    f = FloorTopo(t.tmp / "floor", n=2)
+    pin = None if args.pin == "off" else tuple(int(c) for c in args.pin.split(",")) if args.pin else (
+        (0, 1) if (os.cpu_count() or 1) >= 2 else None)
+    quiet = (lambda: frozen(lambda: daemon_pids(t))) if not args.no_pause else contextlib.nullcontext
     try:
         t.build()
+        f.build()
         for i in (1, 2):
             t_ok = time.monotonic()
             while not (len(t.fdb(i)) == 1 and len(t.routes(i)) == 2):
                 if time.monotonic() - t_ok > 60:
                     raise RuntimeError("mesh not programmed:\n" + t.logs())
                 time.sleep(0.05)
+        mtu = int(re.findall(r"mtu (\d+)", nsx(t.h(1), "ip", "link", "show", "vtep1042").stdout)[0])
+        f.program(mtu)
         t.wait_ping(t.c(1), "10.42.2.10")
-        under = iperf(t, t.h(1), t.h(2), "192.0.2.2", seconds)
-        vx = iperf(t, t.c(1), t.c(2), "10.42.2.10", seconds)
-        under4 = iperf(t, t.h(1), t.h(2), "192.0.2.2", seconds, 4)
-        vx4 = iperf(t, t.c(1), t.c(2), "10.42.2.10", seconds, 4)
-        r_over, r_under = rtts(t.c(1), "10.42.2.10", 500), rtts(t.h(1), "192.0.2.2", 500)
-
-        # Join / leave convergence through metadata.
-        join, leave = [], []
-        for _ in range(joins):
-            t.members.discard(2)
-            start = time.monotonic()
-            t.publish()
-            while len(t.fdb(1)) != 0 or len(t.routes(1)) != 0:
-                time.sleep(0.005)
-            leave.append(time.monotonic() - start)
-            time.sleep(0.3)
-            t.members.add(2)
-            start = time.monotonic()
-            t.publish()
-            join.append(first_ping(t.c(1), "10.42.2.10", start))
-            time.sleep(0.3)
-
-        # The floor: the same state by hand (routers stopped, VTEPs re-made with ip commands).
-        for i in (1, 2):
-            t.routers[i].stop()
-            nsx(t.h(i), "ip", "link", "del", "vtep1042")
-            nsx(t.h(i), "ip", "link", "add", "vtep1042", "type", "vxlan", "id", "1042", "dstport", "4789",
-                "nolearning", "proxy", "l2miss", "l3miss", "rsc")
-            nsx(t.h(i), "ip", "link", "set", "vtep1042", "address", vtep_mac(f"10.42.{i}.2"), "mtu", "1450", "up")
-            nsx(t.h(i), "ip", "addr", "add", f"10.42.{i}.2/32", "dev", "vtep1042")
-        batch2, fdb2 = hand_batch(t, 2, [1])
-        subprocess.run(["ip", "netns", "exec", t.h(2), "ip", "-batch", "-"], input=batch2, text=True, check=True)
-        for cmd in fdb2:
-            nsx(t.h(2), *cmd)
-        batch1, fdb1 = hand_batch(t, 1, [2])
-        hand_join = []
-        for _ in range(joins):
-            nsx(t.h(1), "ip", "neigh", "flush", "dev", "vtep1042", "nud", "permanent")
-            nsx(t.h(1), "ip", "route", "flush", "dev", "vtep1042")
-            nsx(t.h(1), "bridge", "fdb", "del", vtep_mac("10.42.2.2"), "dev", "vtep1042", "dst", t.agent[2], "self",
-                check=False)
-            time.sleep(0.3)
-            start = time.monotonic()
-            subprocess.run(["ip", "netns", "exec", t.h(1), "ip", "-batch", "-"], input=batch1, text=True, check=True)
-            for cmd in fdb1:
-                nsx(t.h(1), *cmd)
-            hand_join.append(first_ping(t.c(1), "10.42.2.10", start))
-        hand = iperf(t, t.c(1), t.c(2), "10.42.2.10", seconds)
-        hand4 = iperf(t, t.c(1), t.c(2), "10.42.2.10", seconds, 4)
-        r_hand = rtts(t.c(1), "10.42.2.10", 500)
+        f.wait_ping(f.c(1), "10.42.2.10")
+        differs = state_diff(t.h(1), f.h(1))
+        if differs:
+            print("kernel state of Corral's h1 (-) and the floor's h1 (+) differs:\n  " + "\n  ".join(differs),
+                  file=sys.stderr)
+        paths = [RPath("underlay", t.h(1), t.h(2), "192.0.2.2", 5201),
+                 RPath("corral", t.c(1), t.c(2), "10.42.2.10", 5202),
+                 RPath("floor", f.c(1), f.c(2), "10.42.2.10", 5203)]
+        with Rounds(paths, pin=pin, quiet=quiet) as r:  # type: ignore[arg-type]
+            one = r.run(args.rounds, seconds, 1, warmup=args.warmup)
+            four = r.run(args.rounds_p4, seconds, 4, warmup=args.warmup) if args.rounds_p4 else None
+        if not args.vxlan_throughput:
+            with quiet():
+                r_over, r_under = rtts(t.c(1), "10.42.2.10", 500), rtts(t.h(1), "192.0.2.2", 500)
+                r_hand = rtts(f.c(1), "10.42.2.10", 500)
+            join, leave = corral_joins(t, joins)
+            hand_join = hand_joins(f, joins)
     finally:
-        t.close()
+        for topo in (f, t):
+            topo.close()
         shutil.rmtree(t.tmp, ignore_errors=True)
 
     g = "Gbit/s"
-    table.add("iperf3 single stream c1 -> c2, VXLAN (Corral) vs veth underlay h1 -> h2", vx, under, g,
-              note=f"target >= 0.78x; hand-programmed VXLAN: {hand:.2f} Gbit/s = {hand / under:.2f}x")
-    table.add("iperf3 single stream, VXLAN (Corral) vs the same state programmed by hand", vx, hand, g,
-              note="the floor: same kernel path, no router")
-    table.add("iperf3 -P 4, VXLAN (Corral) vs veth underlay", vx4, under4, g,
-              note=f"report only on 2 cores; hand-programmed: {hand4:.2f} Gbit/s")
+    gb = {k: [x.gbit for x in v] for k, v in one.items()}
+    ms = {k: [x.cpu * 1000 for x in v] for k, v in one.items()}
+    how = (f"median of {args.rounds} rounds x {seconds} s, interleaved, "
+           + (f"client/server on CPUs {pin[0]}/{pin[1]}" if pin else "unpinned"))
+    same = "kernel state identical to Corral's" if not differs else f"KERNEL STATE DIFFERS: {'; '.join(differs)[:300]}"
+    table.add(f"iperf3 single stream c1 -> c2, VXLAN (Corral) vs veth underlay h1 -> h2 ({how})",
+              statistics.median(gb["corral"]), statistics.median(gb["underlay"]), g,
+              note=f"target >= 0.78x; per-round ratio {_fmt(paired(gb['corral'], gb['underlay']))}; Corral "
+              f"{_fmt(gb['corral'])}, underlay {_fmt(gb['underlay'])} Gbit/s; hand-programmed VXLAN (the floor) "
+              f"{_fmt(gb['floor'])} Gbit/s, per-round ratio to the underlay {_fmt(paired(gb['floor'], gb['underlay']))}")
+    table.add("iperf3 single stream, VXLAN (Corral) vs the same state programmed by hand (the floor)",
+              statistics.median(gb["corral"]), statistics.median(gb["floor"]), g,
+              note=f"per-round ratio {_fmt(paired(gb['corral'], gb['floor']))}; the floor: two more hosts, no "
+              f"router, {same}")
+    table.add("CPU per Gbit, single stream, VXLAN (Corral) vs veth underlay", statistics.median(ms["corral"]),
+              statistics.median(ms["underlay"]), "ms", higher_is_better=False,
+              note=f"client + server + ksoftirqd CPU time per Gbit, same windows; per-round ratio "
+              f"{_fmt(paired(ms['corral'], ms['underlay']))}; floor {_fmt(ms['floor'], 0)} ms = "
+              f"{_fmt(paired(ms['floor'], ms['underlay']))} x underlay")
+    if four is not None:
+        g4 = {k: [x.gbit for x in v] for k, v in four.items()}
+        table.add(f"iperf3 -P 4, VXLAN (Corral) vs veth underlay (median of {args.rounds_p4} rounds)",
+                  statistics.median(g4["corral"]), statistics.median(g4["underlay"]), g,
+                  note=f"report only on 2 cores; per-round ratio {_fmt(paired(g4['corral'], g4['underlay']))}; "
+                  f"hand-programmed {_fmt(g4['floor'])} Gbit/s, per-round ratio to the underlay "
+                  f"{_fmt(paired(g4['floor'], g4['underlay']))}")
+    if args.vxlan_throughput:
+        return
     table.add("ping RTT p50, overlay vs underlay", percentile(r_over, 50) * 1000, percentile(r_under, 50) * 1000,
               "us", higher_is_better=False, note=f"hand-programmed overlay p50 {percentile(r_hand, 50) * 1000:.0f} us")
     table.add("ping RTT p99, overlay vs underlay", percentile(r_over, 99) * 1000, percentile(r_under, 99) * 1000,
@@ -343,6 +415,43 @@ def data_path(table: Table, seconds: int, joins: int) -> None:
               note="target p95 <= 1 s; includes metadata's file poll (0.1 s) and the 200 ms debounce")
     table.add(f"leave: metadata bump -> h2's entries gone on h1, p95 of {joins}", percentile(leave, 95) * 1000,
               None, "ms", higher_is_better=False, note="target <= 1 s")
+
+
+def corral_joins(t: Topo, joins: int) -> tuple[list[float], list[float]]:
+    """Host 2 leaves and joins again through metadata: (join -> first ping, leave -> entries gone) times."""
+    join, leave = [], []
+    for _ in range(joins):
+        t.members.discard(2)
+        start = time.monotonic()
+        t.publish()
+        while len(t.fdb(1)) != 0 or len(t.routes(1)) != 0:
+            time.sleep(0.005)
+        leave.append(time.monotonic() - start)
+        time.sleep(0.3)
+        t.members.add(2)
+        start = time.monotonic()
+        t.publish()
+        join.append(first_ping(t.c(1), "10.42.2.10", start))
+        time.sleep(0.3)
+    return join, leave
+
+
+def hand_joins(f: FloorTopo, joins: int) -> list[float]:
+    """The floor's host 1 loses host 2's entries and gets them back by one ``ip -batch`` and its FDB entry."""
+    batch, fdb = hand_batch(f, 1, [2])
+    out = []
+    for _ in range(joins):
+        nsx(f.h(1), "ip", "neigh", "flush", "dev", "vtep1042", "nud", "permanent")
+        nsx(f.h(1), "ip", "route", "flush", "dev", "vtep1042")
+        nsx(f.h(1), "bridge", "fdb", "del", vtep_mac("10.42.2.2"), "dev", "vtep1042", "dst", f.agent[2], "self",
+            check=False)
+        time.sleep(0.3)
+        start = time.monotonic()
+        subprocess.run(["ip", "netns", "exec", f.h(1), "ip", "-batch", "-"], input=batch, text=True, check=True)
+        for cmd in fdb:
+            nsx(f.h(1), *cmd)
+        out.append(first_ping(f.c(1), "10.42.2.10", start))
+    return out
 
 
 def scale(table: Table, hosts: int, per_host: int) -> None:
@@ -480,8 +589,19 @@ def main() -> int:
     if len(sys.argv) > 1 and sys.argv[1] == "--scale-child":
         scale_child(int(sys.argv[2]), int(sys.argv[3]))
         return 0
-    p = argparse.ArgumentParser(prog="python -m bench.overlay")
-    p.add_argument("--seconds", type=int, default=5, help="iperf3 duration per run")
+    p = argparse.ArgumentParser(prog="python -m bench.overlay", description=__doc__.split("\n\n")[0])
+    p.add_argument("--seconds", type=int, default=5, help="iperf3 window per path and round")
+    p.add_argument("--rounds", type=int, default=5,
+                   help="VXLAN single stream: interleaved rounds (underlay, Corral, floor: one window each)")
+    p.add_argument("--rounds-p4", type=int, default=3, help="VXLAN -P 4: interleaved rounds (0: not measured)")
+    p.add_argument("--warmup", type=int, default=2, help="VXLAN: a first window per path, not counted (s; 0: none)")
+    p.add_argument("--pin", default="", help="CPUs of the iperf3 client and server, as 'C,S' (default 0,1 with "
+                   "2 or more CPUs), or 'off'")
+    p.add_argument("--no-pause", action="store_true",
+                   help="keep the metadata server and the routers running during the iperf3/ping windows "
+                   "(default: SIGSTOP during each window, SIGCONT after)")
+    p.add_argument("--vxlan-throughput", action="store_true",
+                   help="only the VXLAN iperf3 rows (single stream and -P 4 against the underlay and the floor)")
     p.add_argument("--joins", type=int, default=10, help="join/leave rounds")
     p.add_argument("--hosts", type=int, default=500)
     p.add_argument("--per-host", type=int, default=19, help="workloads per host (plus its router)")
@@ -489,20 +609,28 @@ def main() -> int:
     p.add_argument("--skip-ipsec", action="store_true", help="no IPsec data path and convergence")
     p.add_argument("--skip-scale", action="store_true")
     args = p.parse_args()
+    if args.vxlan_throughput:
+        args.skip_ipsec = args.skip_scale = True
     table = Table("overlay", "peer")
     if not args.skip_data_path:
-        data_path(table, args.seconds, args.joins)
+        data_path(table, args)
     if not args.skip_ipsec:
         ipsec_path(table, args.seconds, args.joins)
     if not args.skip_scale:
         scale(table, args.hosts, args.per_host)
     table.print()
-    update_results("overlay", table.markdown() + "\n\n" + NOTE)
+    # The throughput-only run has a section of its own: it never replaces the full one.
+    update_results("overlay: VXLAN throughput" if args.vxlan_throughput else "overlay", table.markdown() + "\n\n" + NOTE)
     return 0
 
 
 NOTE = ("Peers measured in the same run: the plain veth underlay and the same VXLAN state programmed by hand with "
-        "`ip`/`bridge` commands for the data path; `ip -batch` for programming and convergence; `ip`/`bridge` "
+        "`sysctl`/`ip`/`bridge`/`iptables` commands on two more hosts (the floor) for the data path, the three "
+        "measured in interleaved rounds (a warm-up window each, then one window per path per round, order rotating; "
+        "metadata and routers stopped with SIGSTOP during the windows; iperf3 client and server pinned to CPUs 0 and "
+        "1): medians with min..max, ratios as the median of per-round ratios; CPU per Gbit is the client's, "
+        "the server's and ksoftirqd's CPU time per Gbit in the same windows (steadier than throughput on a "
+        "loaded machine); `ip -batch` for programming and convergence; `ip`/`bridge` "
         "listings for the no-op; a bare loop building rancher-net's maps for the desired state. The original "
         "rancher-net converges on its 5 s metadata poll plus a full recompute (not measured here). One run on a "
         "shared 2-core machine: read the ratios, not the absolute figures.")
