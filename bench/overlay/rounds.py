@@ -18,8 +18,9 @@ Each window also gives the CPU time the transfer cost per Gbit: the client's and
 user + system time (iperf3's own figures; with tick accounting the softirq work done in their
 context, most of the forwarding, is charged to them) plus what the ``ksoftirqd`` threads used
 in the window. Throughput on a shared machine follows whatever CPU time is left over; the cost
-per Gbit stays much steadier (spread under 15 % in runs where the throughput spread 3x), so it
-shows whether a path is more expensive when the throughput cannot.
+per Gbit usually stays much steadier (VXLAN / underlay 1.18-1.27x in six runs at load 5-30
+where the per-round throughput ratios ranged from 0.4x to 1.9x; one run at load 23 gave 0.98x),
+so it shows whether a path costs more when the throughput cannot.
 """
 
 from __future__ import annotations
@@ -161,4 +162,6 @@ class Rounds:
             k = r % len(names)
             for n in names[k:] + names[:k]:
                 out[n].append(self.once(n, seconds, streams))
+            print(f"  -P {streams} round {r + 1}/{rounds}: " + ", ".join(
+                f"{n} {out[n][-1].gbit:.2f} Gbit/s {out[n][-1].cpu * 1000:.0f} ms/Gbit" for n in names), flush=True)
         return out
