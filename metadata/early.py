@@ -145,6 +145,7 @@ class EarlyServer:
             date = date or http_date(time.time())
             out = resp.head + date + b"Connection: close\r\n\r\n"
             if method != b"HEAD":
+                assert isinstance(resp.body, bytes)  # _answer takes only small bodies
                 out += resp.body
             try:
                 c.recv(n)  # the request, peeked above, is now consumed
@@ -178,7 +179,8 @@ class EarlyServer:
         if peer.startswith("::ffff:"):
             peer = peer[7:]
         res, _ = respond(self.snap, path, query, fmt, peer, defer=fmt != "text")
-        if not isinstance(res, Response) or len(res.body) > MAX_ANSWER or res.close:
+        if not isinstance(res, Response) or not isinstance(res.body, bytes) or len(res.body) > MAX_ANSWER \
+                or res.close:
             return None
         return res, method, end + 4
 

@@ -19,6 +19,7 @@ import asyncio
 import ipaddress
 import socket
 import time
+from collections import deque
 from collections.abc import Iterable
 from email.utils import formatdate
 from typing import Any
@@ -27,7 +28,7 @@ from urllib.parse import parse_qs
 from agents.log import get_logger
 from metadata.head import BAD_HEAD, BADPATH, LOOKUP, parse_head
 from metadata.lookup import Deferred, Response, bad_request, finish, respond, router_404, unavailable
-from metadata.render import negotiate, render_steps
+from metadata.render import Chunks, negotiate, render_steps
 from metadata.store import Snapshot, empty_snapshot
 
 __all__ = ["MetadataServer"]
@@ -121,16 +122,20 @@ class _Parked:
 
 
 class _Render:
-    __slots__ = ("gen", "key", "parked", "task")
+    __slots__ = ("d", "gen", "jk", "key", "parked")
 
-    def __init__(self, gen: _Generation, key: tuple[str, str, str]) -> None:
+    def __init__(self, gen: _Generation, key: tuple[str, str, str], jk: tuple[int, str, str, str],
+                 d: Deferred) -> None:
         self.gen = gen
         self.key = key
+        self.jk = jk
+        self.d = d
         self.parked: set[_Parked] = set()
-        self.task: asyncio.Task[None] | None = None
 
 
-RENDER_BUDGET = 0.005  # seconds of rendering per loop turn for big responses
+# seconds of rendering per loop turn, for all big responses together: one task renders them one
+# after the other (two renders, each with its own budget, took two budgets of the same turn)
+RENDER_BUDGET = 0.003
 
 
 class MetadataServer:
@@ -149,6 +154,8 @@ class MetadataServer:
         self.gen = _Generation(empty_snapshot())
         self.waiters: set[_Waiter] = set()
         self.renders: dict[tuple[int, str, str, str], _Render] = {}
+        self._render_queue: deque[_Render] = deque()
+        self._renderer: asyncio.Task[None] | None = None
         self.conns: set[_Conn] = set()
         self.stats: dict[tuple[str, int], int] = stats if stats is not None else {}
         self._servers: list[asyncio.AbstractServer] = []
@@ -189,9 +196,8 @@ class MetadataServer:
             s.close()
         for w in list(self.waiters):
             self._drop(w)
-        for job in list(self.renders.values()):
-            if job.task is not None:
-                job.task.cancel()
+        if self._renderer is not None:
+            self._renderer.cancel()
         for c in list(self.conns):
             if c.transport is not None:
                 c.transport.close()
@@ -327,42 +333,57 @@ class MetadataServer:
         jk = (id(g), str(id(d.value)), d.fmt, "")
         job = self.renders.get(jk)
         if job is None or job.gen is not g:
-            job = _Render(g, key)
+            job = _Render(g, key, jk, d)
             self.renders[jk] = job
-            job.task = asyncio.get_running_loop().create_task(self._render(jk, job, d))
+            self._render_queue.append(job)
+            if self._renderer is None:
+                self._renderer = asyncio.get_running_loop().create_task(self._render_all())
         p = _Parked(conn, job, method, keep)
         job.parked.add(p)
         conn.waiter = p
 
-    async def _render(self, jk: tuple[int, str, str, str], job: _Render, d: Deferred) -> None:
+    async def _render_all(self) -> None:
+        """Render the queued big responses in turn, ``RENDER_BUDGET`` of work per loop turn in all."""
+        t0 = time.perf_counter()
         try:
-            gen = render_steps(d.value, d.fmt)
-            t0 = time.perf_counter()
-            while True:
+            while self._render_queue:
+                job = self._render_queue.popleft()
+                if not job.parked and job.gen is not self.gen:  # nobody waits for it, and it is stale
+                    self.renders.pop(job.jk, None)
+                    continue
+                d = job.d
                 try:
-                    next(gen)
-                except StopIteration as stop:
-                    body: bytes | bytearray = stop.value
-                    break
+                    gen = render_steps(d.value, d.fmt)
+                    while True:
+                        try:
+                            next(gen)
+                        except StopIteration as stop:
+                            body: bytes | Chunks = stop.value
+                            break
+                        if time.perf_counter() - t0 > RENDER_BUDGET:
+                            await asyncio.sleep(0)
+                            t0 = time.perf_counter()
+                    r = finish(d, body)
+                    job.gen.values[(id(d.value), d.fmt)] = r
+                    self._store(job.gen, job.key, r)
+                except Exception as e:  # pragma: no cover - a renderer bug must not leave clients hanging
+                    log.error("render failed", path=job.key[0], error=f"{type(e).__name__}: {e}")
+                    r = _INTERNAL
+                finally:
+                    self.renders.pop(job.jk, None)
+                for p in list(job.parked):
+                    job.parked.discard(p)
+                    c = p.conn
+                    if c.waiter is p:
+                        c.waiter = None
+                    c.send(r, p.method, p.keep)
+                    if c.transport is not None and not c.closing:
+                        c.process()
                 if time.perf_counter() - t0 > RENDER_BUDGET:
                     await asyncio.sleep(0)
                     t0 = time.perf_counter()
-            r = finish(d, body)
-            job.gen.values[(id(d.value), d.fmt)] = r
-            self._store(job.gen, job.key, r)
-        except Exception as e:  # pragma: no cover - a renderer bug must not leave clients hanging
-            log.error("render failed", path=job.key[0], error=f"{type(e).__name__}: {e}")
-            r = _INTERNAL
         finally:
-            self.renders.pop(jk, None)
-        for p in list(job.parked):
-            job.parked.discard(p)
-            c = p.conn
-            if c.waiter is p:
-                c.waiter = None
-            c.send(r, p.method, p.keep)
-            if c.transport is not None and not c.closing:
-                c.process()
+            self._renderer = None
 
     def fmt_for(self, accept: bytes | None) -> str:
         if not accept:
@@ -438,7 +459,7 @@ class _Conn(asyncio.Protocol):
         self.skip = 0
         self.last = time.monotonic()
         self.head_t = self.last  # when the request now arriving began (header timeout)
-        self.out: bytes | bytearray | None = None  # a big body being written chunk by chunk
+        self.out: tuple[bytes | memoryview, ...] | None = None  # a big body being written chunk by chunk
         self.out_off = 0
         self.paused = False
         self.pumping = False  # a _pump is scheduled for the next loop turn
@@ -495,19 +516,25 @@ class _Conn(asyncio.Protocol):
         srv.count(r.family, r.status)
         close = r.close or not keep
         tail = b"Connection: close\r\n\r\n" if close else b"\r\n"
+        body = r.body
         if method == b"HEAD":
             t.write(r.head + srv.date + tail)
-        elif len(r.body) < 16384:
-            t.write(r.head + srv.date + tail + r.body)
-        elif len(r.body) <= CHUNK:
-            t.writelines((r.head, srv.date, tail, r.body))
-        else:
+        elif isinstance(body, Chunks) or len(body) > CHUNK:
             # Big bodies go out a chunk at a time as the socket drains (flow control): fair between
             # connections and at most ~one chunk per connection buffered in user space.
             t.write(r.head + srv.date + tail)
-            self.out, self.out_off, self.close_after = r.body, 0, close
+            if isinstance(body, Chunks):
+                self.out = body.parts
+            else:
+                mv = memoryview(body)
+                self.out = tuple(mv[i:i + CHUNK] for i in range(0, len(body), CHUNK))
+            self.out_off, self.close_after = 0, close
             self._pump()
             return
+        elif len(body) < 16384:
+            t.write(r.head + srv.date + tail + body)
+        else:
+            t.writelines((r.head, srv.date, tail, body))
         if close:
             self.closing = True
             t.close()
@@ -515,18 +542,16 @@ class _Conn(asyncio.Protocol):
     def _pump(self) -> None:
         self.pumping = False
         t = self.transport
-        body = self.out
-        if t is None or body is None:
+        parts = self.out
+        if t is None or parts is None:
             self.out = None
             return
-        mv = memoryview(body)
         turn = PUMP_TURN
-        while not self.paused and self.out_off < len(body) and turn > 0:
-            end = self.out_off + CHUNK
-            t.write(mv[self.out_off:end])
-            self.out_off = end
+        while not self.paused and self.out_off < len(parts) and turn > 0:
+            t.write(parts[self.out_off])
+            self.out_off += 1
             turn -= 1
-        if self.out_off >= len(body):
+        if self.out_off >= len(parts):
             self.out = None
             if self.close_after:
                 self.closing = True

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import unquote_to_bytes
 
-from metadata.render import CONTENT_TYPES, TEXT, error_body, needs_slices, render
+from metadata.render import CONTENT_TYPES, TEXT, Chunks, error_body, needs_slices, render
 from metadata.store import Snapshot
 
 __all__ = ["MISSING", "Deferred", "Response", "bad_request", "clean_path", "finish", "respond", "router_404", "walk"]
@@ -31,7 +31,7 @@ _INT_MAX = 2**63
 class Response:
     status: int
     head: bytes  # status line + headers (each ending CRLF), without Date and the blank line
-    body: bytes | bytearray  # a big rendered body stays the bytearray it was built in (never copied)
+    body: bytes | Chunks  # a big rendered body stays in the pieces it was rendered in (never joined)
     family: str = "other"
     close: bool = False
     value_text: bytes | None = None  # text form of the value (long-poll comparisons); None if missing
@@ -46,7 +46,7 @@ class Deferred:
     family: str
 
 
-def finish(d: Deferred, body: bytes | bytearray) -> Response:
+def finish(d: Deferred, body: bytes | Chunks) -> Response:
     hdrs = [_CORS, (b"Content-Type", CONTENT_TYPES[d.fmt])]
     return Response(200, _head(200, hdrs, len(body)), body, d.family, value_text=render(d.value, TEXT))
 

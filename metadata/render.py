@@ -19,6 +19,7 @@ from metadata.store import NIL_MAP, NilMap
 
 __all__ = [
     "FORMATS",
+    "Chunks",
     "error_body",
     "is_big",
     "needs_slices",
@@ -332,13 +333,41 @@ def _yaml_parts(v: Any, out: list[bytes], every: int) -> Generator[None, None, N
         out.append(render_yaml(v))
 
 
-def render_steps(v: Any, fmt: str, every: int = 1) -> Generator[None, None, bytes | bytearray]:
+PIECE = 256 * 1024  # a big body is kept in pieces of about this size
+
+
+class Chunks:
+    """A big rendered body, kept as the pieces it was rendered in (each about ``PIECE`` bytes):
+    the HTTP layer writes them one by one. One contiguous 16 MB body (5,000 containers) cost a
+    copy of everything so far whenever the buffer it grew in moved (4-6 ms in one step), or
+    ~50 ms when joined at the end."""
+
+    __slots__ = ("parts", "size")
+
+    def __init__(self, parts: list[bytes]) -> None:
+        self.parts = tuple(parts)
+        self.size = sum(map(len, parts))
+
+    def __len__(self) -> int:
+        return self.size
+
+    def __bytes__(self) -> bytes:
+        return b"".join(self.parts)
+
+    def __eq__(self, other: object) -> bool:
+        if isinstance(other, Chunks):
+            other = bytes(other)
+        if isinstance(other, bytes | bytearray):
+            return len(other) == self.size and bytes(self) == other
+        return NotImplemented
+
+    __hash__ = None  # type: ignore[assignment]
+
+
+def render_steps(v: Any, fmt: str, every: int = 1) -> Generator[None, None, bytes | Chunks]:
     """Render ``v`` like :func:`render`, yielding every ``every`` list elements (big values).
 
-    The body grows in one bytearray a slice at a time and is returned as it is: a final
-    ``b"".join`` of a whole tree (16 MB at 5,000 containers) is one copy, page faults included,
-    that held the loop for ~50 ms; growing it in place (a big bytearray is resized by remapping,
-    not copied) spreads that cost over the slices."""
+    The result is :class:`Chunks` when it takes more than one piece, else ``bytes``."""
     out: list[bytes] = []
     if fmt == JSON:
         parts = _json_parts(v, out, every)
@@ -346,15 +375,23 @@ def render_steps(v: Any, fmt: str, every: int = 1) -> Generator[None, None, byte
         parts = _yaml_parts(v, out, every)
     else:
         return render_text(v)
-    body = bytearray()
+    pieces: list[bytes] = []
+    cur: list[bytes] = []
+    size = 0
     for _ in parts:
         for piece in out:
-            body += piece
+            cur.append(piece)
+            size += len(piece)
         out.clear()
+        if size >= PIECE:
+            pieces.append(b"".join(cur))
+            cur.clear()
+            size = 0
         yield
-    for piece in out:
-        body += piece
-    return body
+    cur += out
+    if cur or not pieces:
+        pieces.append(b"".join(cur))
+    return pieces[0] if len(pieces) == 1 else Chunks(pieces)
 
 
 def render(v: Any, fmt: str) -> bytes:

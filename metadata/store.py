@@ -170,6 +170,10 @@ class Snapshot:
     container_cache: dict[int, tuple[Any, ...]] = field(default_factory=dict)  # id(raw) -> (raw, deps, old, new)
     local_ips: frozenset[str] = frozenset()  # this host's agent_ip (callers that are the local host)
     hostnet: dict[str, str] = field(default_factory=dict)  # local host-network container uuid/name -> uuid
+    # api versions whose trees were looked up while this set was served, and while the one before
+    # it was: the next build makes those before the swap instead of on first use (see build_steps)
+    used: set[str] = field(default_factory=set)
+    used_before: frozenset[str] = frozenset()
 
     def resolve(self, name: str) -> str | None:
         """API version name -> the key of ``trees`` (``latest`` aliases); None if unknown."""
@@ -191,6 +195,7 @@ class Snapshot:
         return ip if ip in self._self_src.get(self.latest or "", ()) else "default"
 
     def tree(self, api: str, key: str) -> Any:
+        self.used.add(api)
         if key == "default" or self.legacy:
             return self.trees[api].get(key)
         t = self._ip_trees.get((api, key))
@@ -325,6 +330,7 @@ def _base(kind: str, o: dict[str, Any]) -> dict[str, Any]:
 
 
 CHUNK = 200  # objects per build step between yields (a step of 500 took 5-7 ms at 5,000 containers)
+SERVICE_CHUNK = 50  # services (each with its containers sorted) per step: 200 took 3-5 ms
 
 
 class _LazyTrees(dict[str, dict[str, Any]]):
@@ -653,11 +659,13 @@ def build_steps(raw: bytes, objs: list[dict[str, Any]] | None = None,
     keyed = [(m[0], u) for u, m in metas.items()]
     keyed.sort(key=first)
     order = [u for _, u in keyed]
+    yield  # each of these three steps took 2-4 ms at 5,000 containers
     member_uuids: dict[str, list[str]] = {}
     by_ci = [(metas[u][1], u) for u in c_skey]
     by_ci.sort(key=first)
     for _, u in by_ci:
         member_uuids.setdefault(c_skey[u], []).append(u)
+    yield
     # self: one container per IP, chosen deterministically (§2.5)
     chosen: dict[str, tuple[Any, ...]] = {}
     ip_owner: dict[str, str] = {}
@@ -708,11 +716,12 @@ def build_steps(raw: bytes, objs: list[dict[str, Any]] | None = None,
                 d["name"] = _lower(d["name"])
             sl[u] = d
         members = {k: [cl[u] for u in us] for k, us in member_uuids.items()}
+        yield
         # services
         svl: list[dict[str, Any]] = []
         svc_by_key: dict[str, dict[str, Any]] = {}
         for n, (skey, s) in enumerate(services.items()):
-            if n % CHUNK == CHUNK - 1:
+            if n % SERVICE_CHUNK == SERVICE_CHUNK - 1:
                 yield
             d = _base("service", s)
             if "token" in d:
@@ -733,6 +742,7 @@ def build_steps(raw: bytes, objs: list[dict[str, Any]] | None = None,
             svl.append(d)
             svc_by_key[skey] = d
         svl.sort(key=_sort_key)
+        yield
         per_stack: dict[str, list[dict[str, Any]]] = {}
         for d in svl:
             su = d.get("stack_uuid")
@@ -769,10 +779,17 @@ def build_steps(raw: bytes, objs: list[dict[str, Any]] | None = None,
         return {"default": tree}
 
     trees: _LazyTrees = _LazyTrees()
-    # 2016-07-29 (= latest, what nearly everybody reads) is built now, between yields; the two
-    # older trees on first use (a few ms each even at 5k containers, well inside the stall budget).
+    # 2016-07-29 (= latest, what nearly everybody reads) is built now, between yields, and so is
+    # an older version read while one of the last two sets was served (healthcheck reads
+    # 2015-12-19); the others on first use. Built on first use means in one go, in a request or
+    # in the swap answering that version's long polls: 20-25 ms of loop stall at 5,000 containers.
     trees[V3] = yield from make_tree(V3)
-    trees.pending = {api: make_tree for api in (V1, V2)}
+    used = (prev.used | prev.used_before) if prev is not None else frozenset()
+    for api in (V1, V2):
+        if api in used:
+            trees[api] = yield from make_tree(api)
+        else:
+            trees.pending[api] = make_tree
     snap = Snapshot(version=version, digest=digest, trees=trees, latest=V3, raw=raw,
                     objects=len(objs), warnings=tuple(dict.fromkeys(warnings)))
     snap._self_src = self_src
@@ -780,6 +797,7 @@ def build_steps(raw: bytes, objs: list[dict[str, Any]] | None = None,
     snap.container_cache = container_cache
     snap.local_ips = local_ips
     snap.hostnet = hostnet_one
+    snap.used_before = frozenset(prev.used) if prev is not None else frozenset()
     return snap
 
 
@@ -846,8 +864,9 @@ def load_answers_bytes(data: bytes, prev: Snapshot | None = None) -> Snapshot:
 
 
 def _first_object(stripped: bytes) -> Any:
+    nl = stripped.find(b"\n")  # not split(): that copies the rest (16 MB at 5,000 containers)
     try:
-        return orjson.loads(stripped.split(b"\n", 1)[0])
+        return orjson.loads(stripped[:nl] if nl >= 0 else stripped)
     except orjson.JSONDecodeError:
         return None
 
@@ -862,6 +881,8 @@ def load_steps(data: bytes, prev: Snapshot | None = None) -> Generator[None, Non
     if stripped[:1] == b"{":
         first = _first_object(stripped)
         if isinstance(first, dict) and "metadata_kind" in first:
+            if stripped is not data:  # strip() copied the whole set: its own step
+                yield
             return (yield from build_steps(b"", decoded=stripped, prev=prev))
         try:
             doc = orjson.loads(stripped)

@@ -9,7 +9,7 @@ import pytest
 
 from agents.errors import InputError
 from metadata import store
-from metadata.render import render_json
+from metadata.render import Chunks, render, render_json, render_steps
 from metadata.source import release, run_steps
 from metadata.store import Snapshot, build, build_steps
 
@@ -61,3 +61,33 @@ async def test_release_empties_the_old_snapshot_but_not_what_is_still_served(exa
     assert not old.line_cache and not old.container_cache and not old._ip_trees and not old._self_src
     assert not dict.keys(old.trees) and not getattr(old.trees, "pending", None)
     assert render_json(tree) == body
+
+
+async def test_a_version_read_while_the_last_sets_were_served_is_built_before_the_swap(example_bytes: bytes) -> None:
+    first = build(deflate(example_bytes))
+    assert not dict.__contains__(first.trees, "2015-12-19")  # built on first use
+    first.tree("2015-12-19", "default")  # somebody reads 2015-12-19 (healthcheck does)
+    second = await run_steps(build_steps(deflate(_changed(example_bytes)), prev=first))
+    # built between the build's yields, not in the swap answering that version's long polls
+    assert dict.__contains__(second.trees, "2015-12-19") and not dict.__contains__(second.trees, "2015-07-25")
+    third = await run_steps(build_steps(deflate(example_bytes), prev=second))
+    assert dict.__contains__(third.trees, "2015-12-19")  # read one set ago: still built
+    fourth = await run_steps(build_steps(deflate(_changed(example_bytes)), prev=third))
+    assert not dict.__contains__(fourth.trees, "2015-12-19")  # nobody read it for two sets
+    whole = build(deflate(_changed(example_bytes)))
+    assert render_json(second.trees["2015-12-19"]["default"]) == render_json(whole.trees["2015-12-19"]["default"])
+
+
+@pytest.mark.parametrize("fmt", ["json", "yaml"])
+def test_a_big_body_is_kept_in_pieces_equal_to_the_one_render(fmt: str) -> None:
+    v = {"containers": [{"name": f"c-{i}", "labels": {"k": "<&>" * 20}, "links": store.NIL_MAP, "ports": [i]}
+                        for i in range(3000)], "version": "1"}
+    gen = render_steps(v, fmt)
+    while True:
+        try:
+            next(gen)
+        except StopIteration as stop:
+            body = stop.value
+            break
+    assert isinstance(body, Chunks) and len(body.parts) > 1
+    assert bytes(body) == render(v, fmt) and body == render(v, fmt) and len(body) == len(render(v, fmt))
