@@ -6,7 +6,9 @@ A task wakes every millisecond; each time it measures how late it woke, minus th
 thread spent waiting for a CPU (``/proc/self/task/<tid>/schedstat``, run-queue delay): what is
 left is time the event loop itself did not come back - callbacks, a GIL held by another thread,
 a collection. Lags over 2 ms are appended to OUT with their unix time, so a benchmark takes the
-longest one inside its own window. Works with any revision that has ``agents.cli.run_daemon``.
+longest one inside its own window, and with the CPU time the loop's thread used meanwhile
+(``cpu``): on a loaded machine a lag can also be time the process was held by the kernel (cgroup
+throttling, reclaim) without running, which ``min(lag, cpu)`` leaves out. Works with any revision that has ``agents.cli.run_daemon``.
 """
 
 from __future__ import annotations
@@ -30,14 +32,15 @@ async def probe(out: str) -> None:
             return int(f.read().split()[1]) / 1e9
 
     with open(out, "a", buffering=1) as f:  # noqa: ASYNC230 - once, before the probe starts
-        last_t, last_w = time.perf_counter(), waited()
+        last_t, last_w, last_c = time.perf_counter(), waited(), time.thread_time()
         while True:
             await asyncio.sleep(TICK)
-            now, w = time.perf_counter(), waited()
+            now, w, c = time.perf_counter(), waited(), time.thread_time()
             lag = (now - last_t) - TICK - (w - last_w)
             if lag > 0.002:
-                f.write(json.dumps({"t": time.time(), "lag": round(lag, 6), "cpu_wait": round(w - last_w, 6)}) + "\n")
-            last_t, last_w = time.perf_counter(), waited()
+                f.write(json.dumps({"t": time.time(), "lag": round(lag, 6), "cpu_wait": round(w - last_w, 6),
+                                    "cpu": round(c - last_c, 6)}) + "\n")
+            last_t, last_w, last_c = time.perf_counter(), waited(), time.thread_time()
 
 
 def main() -> int:

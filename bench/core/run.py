@@ -10,9 +10,11 @@ For each side in turn: ``corral metadata`` serves a generated answers file (benc
 change rewrites the file with one new container ``probe-<n>`` (127.0.0.1, a health check, on
 host-0000) and asks metadata to reload. Measured:
 
-* longest stall: a separate process per daemon sends keep-alive ``GET /healthz`` to the daemon's
-  admin listener back to back for the whole run; ``/healthz`` is served by the daemon's one event
-  loop, so the slowest answer is the longest time that loop did not run (target <= 20 ms);
+* longest stall: the loop-lag probe inside each daemon (bench/core/probe.py: how late a 1 ms timer
+  fires, net of the thread's run-queue waits; target <= 20 ms), and in the note the longest part
+  of a stall the loop's thread spent on a CPU (its own work; on a loaded machine the rest can be
+  the kernel holding the process). Beside it a separate process per daemon sends keep-alive
+  ``GET /healthz`` to the daemon's admin listener back to back for the whole run (slowest, p99);
 * change -> applied: from the reload request until metadata serves the new version, dns answers
   ``probe-<n>.rancher.internal`` and HAProxy (healthcheck's stats socket) has the new server.
 
@@ -194,6 +196,8 @@ def run_side(side: Side, changes: int, gap: float) -> dict[str, Any]:
             inside = [x for x in lags if t_start <= x["t"] <= t_end]
             worst = max(inside, key=lambda x: x["lag"], default=None)
             stalls[d]["loop"] = worst["lag"] if worst else 0.0
+            # the part of each stall the loop's thread was on a CPU (its own work), the longest
+            stalls[d]["loop_cpu"] = max((min(x["lag"], x.get("cpu", x["lag"])) for x in inside), default=0.0)
             if worst:  # where in a change it happened: seconds after the reload request before it
                 stalls[d]["at"] = round(worst["t"] - max((t for t in starts if t <= worst["t"]), default=t_start), 3)
                 stalls[d]["top"] = sorted((round(x["lag"] * 1000, 1) for x in inside), reverse=True)[:5]
@@ -234,8 +238,9 @@ def main(argv: list[str] | None = None) -> int:
     for d, label in names.items():
         now, was = res["after"]["stalls"][d], res["before"]["stalls"][d]
         t.add(f"{label}: longest loop stall", now["loop"] * 1000, was["loop"] * 1000, "ms", higher_is_better=False,
-              note=f"target <= 20 ms; slowest /healthz {now['max'] * 1000:.0f} vs {was['max'] * 1000:.0f} ms, "
-                   f"p99 {now['p99'] * 1000:.1f} vs {was['p99'] * 1000:.1f} ms")
+              note=f"target <= 20 ms; on CPU in the loop's thread {now['loop_cpu'] * 1000:.1f} vs "
+                   f"{was['loop_cpu'] * 1000:.1f} ms; slowest /healthz {now['max'] * 1000:.0f} vs "
+                   f"{was['max'] * 1000:.0f} ms, p99 {now['p99'] * 1000:.1f} vs {was['p99'] * 1000:.1f} ms")
     for d, label in names.items():
         t.add(f"{label}: change -> applied (median of {a.changes})", res["after"]["applied"][d],
               res["before"]["applied"][d], "s", higher_is_better=False)
