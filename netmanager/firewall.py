@@ -8,8 +8,9 @@ the kernel back with ``iptables-save`` first. Nothing differs -> nothing is writ
 are at least ``min_repair_gap`` apart and logged with the diff.
 
 The probe's value is kept as a baseline: taken just before each read-back, and after each of
-our writes when the probe moved only as that write explains (nft: one generation per table
-committed; legacy: only the tables written changed). Otherwise the baseline stays behind, so
+our writes when the probe moved only as that write explains (nft: one generation per commit -
+each table of an ``iptables-nft-restore``, or one rule-handle transaction; legacy: only the
+tables written changed). Otherwise the baseline stays behind, so
 the next probe sees the move and the kernel is read back.
 
 nft backend: a change that only edits a few rules of owned chains (a port added, moved or

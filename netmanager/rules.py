@@ -7,7 +7,8 @@ hand-written string, which flapped when iptables printed the rule in its canonic
 
 The payload rewrites only what differs: an owned chain where a few rules differ gets ``-D`` of
 the rules that went and ``-I <pos>`` of the new ones (a one-port change at 5,000 ports writes a
-handful of rules, not 25k); one that differs more is declared and rebuilt whole (``:CHAIN -``,
+handful of rules, not 25k; on nft the applier writes that edit by rule handle instead, from
+:func:`chain_edit`'s positions); one that differs more is declared and rebuilt whole (``:CHAIN -``,
 ``-F CHAIN``, its rules); a built-in chain whose head is not our
 hooks in order gets every copy of our jump rules deleted (``-D`` by spec) and the hooks
 inserted at positions 1..n. Foreign rules are never touched: a foreign rule inserted above our
