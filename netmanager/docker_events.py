@@ -393,7 +393,8 @@ class CniHandler:
         """ADD from the create-time facts and the cgroup file system: "done", "failed" (the plugins
         failed: retried the usual way) or "fallback" (something missing: nothing done, inspect)."""
         loop = asyncio.get_running_loop()
-        c0 = await self._created[cid]
+        t_facts = loop.time()
+        c0 = await self._created[cid]  # done long before, unless the start came right after the create
         net = network_for(c0) if c0 is not None else None
         if c0 is None or net is None:
             return "fallback"
@@ -424,7 +425,7 @@ class CniHandler:
         _CALLS.labels("ADD", "ok").inc()
         _LAT.labels("ADD").observe(now - t0)
         log.info("CNI ADD done", container=cid[:12], network=net, ip=result_ipv4(res), found="cgroup",
-                 since_event_ms=_ms(now - t0), wait_ms=_ms(t_look - t0), inspect_ms=0.0,
+                 since_event_ms=_ms(now - t0), wait_ms=_ms(t_look - t0), facts_ms=_ms(t_look - t_facts), inspect_ms=0.0,
                  lookup_ms=_ms(asked - t_look), before_plugin_ms=_ms(t_plugin - t0), plugin_ms=_ms(now - t_plugin),
                  files_ms=0.0)
         try:
@@ -608,6 +609,12 @@ class CniHandler:
             old = p.read_text()
             new = render_resolv(old, metadata_ip=self.metadata_ip, labels=c.labels, dns_search=c.dns_search)
             if new != old:
-                write_atomic(p, new.encode(), p.stat().st_mode & 0o7777)
-        except (OSError, CorralError) as e:
+                # in place, as the original: the running container has this very file (inode) bind-mounted
+                # at /etc/resolv.conf, and a file renamed over it would only be seen after a restart
+                with p.open("r+b") as f:
+                    f.write(new.encode())
+                    f.truncate()
+                    f.flush()
+                    os.fsync(f.fileno())
+        except OSError as e:
             log.warning("resolv.conf not written", container=c.id[:12], error=str(e))

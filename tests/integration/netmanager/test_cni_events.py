@@ -172,7 +172,8 @@ def test_add_falls_back_to_inspect(env: dict) -> None:
     inspected first, as the original did; a container that only has the ``io.rancher.container.network``
     label and network mode none gets no ADD either way."""
     pm: PodmanApi = env["pm"]
-    cid = pm.create({"io.rancher.cni.network": "mynet", "io.rancher.container.uuid": "u-2"})
+    cid = pm.pm("create", "--network", "none", *pm._labels({"io.rancher.cni.network": "mynet"}), "--rootfs",
+                str(pm.work / "rootfs"), "/bin/busybox", "sleep", "600").stdout.strip()  # pm.create's exits after 1 s
     nm = start_nm(env)
     try:
         wait(lambda: "docker events connected" in nm.log(), "docker connected", nm)
@@ -354,16 +355,17 @@ def test_resolv_conf_rewritten_on_start(env: dict) -> None:
     pm: PodmanApi = env["pm"]
 
     def run(labels: dict[str, str]) -> tuple[str, Path]:
+        """(the container's /etc/resolv.conf as it sees it, the file at its ResolvConfPath)"""
         p = pm.pm("run", "-d", "--network", f"ns:/run/netns/{env['ns']}", "--dns", "192.0.2.53", "--dns-search",
                   "corp.local", *pm._labels(labels), "--rootfs", str(pm.work / "rootfs"), "/bin/busybox", "sleep",
                   "600", check=False)
         if p.returncode != 0:
             pytest.skip(f"podman cannot start containers here: {p.stderr.strip()[-300:]}")
-        cid = p.stdout.strip()
-        return cid, Path(pm.inspect(cid)["ResolvConfPath"])
+        info = pm.inspect(p.stdout.strip())
+        return f"/proc/{info['State']['Pid']}/root/etc/resolv.conf", Path(info["ResolvConfPath"])
 
     docker = "search corp.local\nnameserver 192.0.2.53\n"
-    first = run({"io.rancher.container.network": "true", "io.rancher.stack_service.name": "App/Web"})[1]
+    inside, first = run({"io.rancher.container.network": "true", "io.rancher.stack_service.name": "App/Web"})
     last = run({"io.rancher.container.dns": "true", "io.rancher.stack_service.name": "app/web",
                 "io.rancher.container.dns.priority": "service_last"})[1]
     nostack = run({"io.rancher.container.network": "true", "io.rancher.container.dns.priority": "None",
@@ -385,6 +387,7 @@ def test_resolv_conf_rewritten_on_start(env: dict) -> None:
         for p, text in want.items():
             wait(lambda p=p, text=text: p.read_text() == text, f"{p.parent.parent.name[:12]} rewritten", nm)
         assert first.stat().st_mode == mode
+        assert Path(inside).read_text() == want[first]  # written in place: the running container sees it
         assert off.read_text() == docker and plain.read_text() == docker
     finally:
         nm.stop()
