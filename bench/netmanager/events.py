@@ -196,7 +196,8 @@ def add_done(state: Path, cid: str) -> int | None:
         return None
 
 
-PARTS = ("since_event_ms", "wait_ms", "inspect_ms", "lookup_ms", "before_plugin_ms", "plugin_ms", "files_ms")
+PARTS = ("since_event_ms", "wait_ms", "facts_ms", "inspect_ms", "lookup_ms", "before_plugin_ms", "plugin_ms",
+         "files_ms")
 
 
 def add_log(text: str) -> dict[str, dict[str, float]]:
