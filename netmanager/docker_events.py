@@ -354,6 +354,7 @@ class CniHandler:
             return True  # networked before its start was known: the same start, now written down
         net = network_for(c) if c is not None else None
         if prev is None and net is None:
+            await self._release(cid)  # a handle taken by a failed try before the container went
             return True
         what = decide(prev[0] if prev else None, c)
         if what is None:
