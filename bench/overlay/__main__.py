@@ -48,10 +48,11 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from bench.harness import Table, percentile, update_results
+from bench.harness import Row, Table, percentile, update_results
 from bench.overlay.rounds import Path as RPath
 from bench.overlay.rounds import Rounds, frozen, paired, spread
 
@@ -331,6 +332,27 @@ def _fmt(values: list[float], digits: int = 2) -> str:
     return f"{med:.{digits}f} ({lo:.{digits}f}..{hi:.{digits}f})"
 
 
+@dataclass
+class PairedRow(Row):
+    """A row whose ratio is the median of per-round ratios (not the ratio of the two medians)."""
+
+    paired_ratio: float | None = None
+
+    @property
+    def ratio(self) -> float | None:
+        return self.paired_ratio
+
+
+def paired_row(table: Table, what: str, corral: list[float], peer: list[float], unit: str, note: str,
+               higher_is_better: bool = True, digits: int = 2) -> None:
+    """Medians of two interleaved series; the ratio column is the median of the per-round ratios."""
+    r = paired(corral, peer)
+    table.rows.append(PairedRow(
+        what, statistics.median(corral), statistics.median(peer), unit, higher_is_better,
+        note=f"ratio: median of per-round ratios {_fmt(r)}; Corral {_fmt(corral, digits)}, peer {_fmt(peer, digits)} {unit} "
+        f"(median, min..max); {note}", paired_ratio=statistics.median(r)))
+
+
 def data_path(table: Table, args: argparse.Namespace) -> None:
     seconds, joins = args.seconds, args.joins
     t = Topo(Path(tempfile.mkdtemp(prefix="corral-bench-overlay-")), n=2)
@@ -374,33 +396,27 @@ def data_path(table: Table, args: argparse.Namespace) -> None:
             topo.close()
         shutil.rmtree(t.tmp, ignore_errors=True)
 
-    g = "Gbit/s"
     gb = {k: [x.gbit for x in v] for k, v in one.items()}
     ms = {k: [x.cpu * 1000 for x in v] for k, v in one.items()}
     how = (f"median of {args.rounds} rounds x {seconds} s, interleaved, "
            + (f"client/server on CPUs {pin[0]}/{pin[1]}" if pin else "unpinned"))
     same = "kernel state identical to Corral's" if not differs else f"KERNEL STATE DIFFERS: {'; '.join(differs)[:300]}"
-    table.add(f"iperf3 single stream c1 -> c2, VXLAN (Corral) vs veth underlay h1 -> h2 ({how})",
-              statistics.median(gb["corral"]), statistics.median(gb["underlay"]), g,
-              note=f"target >= 0.78x; per-round ratio {_fmt(paired(gb['corral'], gb['underlay']))}; Corral "
-              f"{_fmt(gb['corral'])}, underlay {_fmt(gb['underlay'])} Gbit/s; hand-programmed VXLAN (the floor) "
-              f"{_fmt(gb['floor'])} Gbit/s, per-round ratio to the underlay {_fmt(paired(gb['floor'], gb['underlay']))}")
-    table.add("iperf3 single stream, VXLAN (Corral) vs the same state programmed by hand (the floor)",
-              statistics.median(gb["corral"]), statistics.median(gb["floor"]), g,
-              note=f"per-round ratio {_fmt(paired(gb['corral'], gb['floor']))}; the floor: two more hosts, no "
-              f"router, {same}")
-    table.add("CPU per Gbit, single stream, VXLAN (Corral) vs veth underlay", statistics.median(ms["corral"]),
-              statistics.median(ms["underlay"]), "ms", higher_is_better=False,
-              note=f"client + server + ksoftirqd CPU time per Gbit, same windows; per-round ratio "
-              f"{_fmt(paired(ms['corral'], ms['underlay']))}; floor {_fmt(ms['floor'], 0)} ms = "
-              f"{_fmt(paired(ms['floor'], ms['underlay']))} x underlay")
+    paired_row(table, f"iperf3 single stream c1 -> c2, VXLAN (Corral) vs veth underlay h1 -> h2 ({how})",
+               gb["corral"], gb["underlay"], "Gbit/s",
+               f"target >= 0.78x; hand-programmed VXLAN (the floor) {_fmt(gb['floor'])} Gbit/s, per-round ratio "
+               f"to the underlay {_fmt(paired(gb['floor'], gb['underlay']))}")
+    paired_row(table, "iperf3 single stream, VXLAN (Corral) vs the same state programmed by hand (the floor)",
+               gb["corral"], gb["floor"], "Gbit/s", f"the floor: two more hosts, no router, {same}")
+    paired_row(table, "CPU per Gbit, single stream, VXLAN (Corral) vs veth underlay", ms["corral"], ms["underlay"],
+               "ms", f"client + server + ksoftirqd CPU time per Gbit in the same windows; floor "
+               f"{_fmt(ms['floor'], 0)} ms, per-round ratio to the underlay {_fmt(paired(ms['floor'], ms['underlay']))}",
+               higher_is_better=False, digits=0)
     if four is not None:
         g4 = {k: [x.gbit for x in v] for k, v in four.items()}
-        table.add(f"iperf3 -P 4, VXLAN (Corral) vs veth underlay (median of {args.rounds_p4} rounds)",
-                  statistics.median(g4["corral"]), statistics.median(g4["underlay"]), g,
-                  note=f"report only on 2 cores; per-round ratio {_fmt(paired(g4['corral'], g4['underlay']))}; "
-                  f"hand-programmed {_fmt(g4['floor'])} Gbit/s, per-round ratio to the underlay "
-                  f"{_fmt(paired(g4['floor'], g4['underlay']))}")
+        paired_row(table, f"iperf3 -P 4, VXLAN (Corral) vs veth underlay (median of {args.rounds_p4} rounds)",
+                   g4["corral"], g4["underlay"], "Gbit/s",
+                   f"report only on 2 cores; hand-programmed {_fmt(g4['floor'])} Gbit/s, per-round ratio to the "
+                   f"underlay {_fmt(paired(g4['floor'], g4['underlay']))}")
     if args.vxlan_throughput:
         return
     table.add("ping RTT p50, overlay vs underlay", percentile(r_over, 50) * 1000, percentile(r_under, 50) * 1000,
