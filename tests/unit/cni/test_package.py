@@ -135,6 +135,20 @@ def test_start_up_interpreter_is_isolated_and_keeps_every_codec(tmp_path: Path) 
     assert out[3].startswith(str(exe.parent / "encodings")), p.stdout
     assert out[4:6] == ["utf-8", "iso8859-1"] and "cp1252 b'\\xe9' \u00e9 a_b" in p.stdout, p.stdout
     assert "/nonexistent" not in p.stdout and str(tmp_path / "vol" / "lib") in p.stdout
+    # a bundle copied onto a host whose Python is another one: that Python's own standard library
+    other = next((p for p in ("/usr/bin/python3", "/usr/local/bin/python3")
+                  if os.path.exists(p) and os.path.realpath(p) != os.path.realpath(sys.executable)), None)
+    if other is not None:
+        exe.unlink()
+        exe.symlink_to(other)
+        v = subprocess.run([str(bindir / "corral-bridge")], input=b'{"cniVersion":"1.0.0"}', capture_output=True,
+                           env={"CNI_COMMAND": "VERSION"}, check=True)
+        assert json.loads(v.stdout)["cniVersion"] == "1.0.0"
+        std = subprocess.run([other, "-IS", "-c", "import json; print(json.__file__)"], capture_output=True, text=True,
+                             check=True).stdout.strip()
+        here = subprocess.run([str(exe), "-c", "import json; print(json.__file__)"], capture_output=True, text=True,
+                              check=True).stdout.strip()
+        assert here == std
     # and the plugins still answer when that interpreter cannot be made: #!python -IS as before
     mod = load_package()
     mod.PATHS_QUERY = "raise SystemExit(3)"
