@@ -29,7 +29,7 @@ rancher-net's three maps), initial programming (peer: ``ip -batch`` of the same 
 no-op reconcile (peer: ``ip``/``bridge`` listing the same entries), single-container delta, RSS.
 
     sudo .venv/bin/python -m bench.overlay [--seconds 5] [--rounds 5] [--rounds-p4 3] [--pin C,S|off]
-        [--no-pause] [--joins 10] [--skip-data-path] [--skip-ipsec] [--skip-scale] [--update-results]
+        [--congestion cubic] [--no-pause] [--joins 10] [--skip-data-path] [--skip-ipsec] [--skip-scale] [--update-results]
     sudo .venv/bin/python -m bench.overlay --vxlan-throughput   # the VXLAN iperf3 rows only (~2 min)
 """
 
@@ -382,7 +382,7 @@ def data_path(table: Table, args: argparse.Namespace) -> None:
         paths = [RPath("underlay", t.h(1), t.h(2), "192.0.2.2", 5201),
                  RPath("corral", t.c(1), t.c(2), "10.42.2.10", 5202),
                  RPath("floor", f.c(1), f.c(2), "10.42.2.10", 5203)]
-        with Rounds(paths, pin=pin, quiet=quiet) as r:  # type: ignore[arg-type]
+        with Rounds(paths, pin=pin, congestion=args.congestion, quiet=quiet) as r:  # type: ignore[arg-type]
             one = r.run(args.rounds, seconds, 1, warmup=args.warmup)
             four = r.run(args.rounds_p4, seconds, 4, warmup=args.warmup) if args.rounds_p4 else None
         if not args.vxlan_throughput:
@@ -399,7 +399,8 @@ def data_path(table: Table, args: argparse.Namespace) -> None:
     gb = {k: [x.gbit for x in v] for k, v in one.items()}
     ms = {k: [x.cpu * 1000 for x in v] for k, v in one.items()}
     how = (f"median of {args.rounds} rounds x {seconds} s, interleaved, "
-           + (f"client/server on CPUs {pin[0]}/{pin[1]}" if pin else "unpinned"))
+           + (f"client/server on CPUs {pin[0]}/{pin[1]}" if pin else "unpinned")
+           + f", TCP {args.congestion or 'default congestion control'}")
     same = "kernel state identical to Corral's" if not differs else f"KERNEL STATE DIFFERS: {'; '.join(differs)[:300]}"
     paired_row(table, f"iperf3 single stream c1 -> c2, VXLAN (Corral) vs veth underlay h1 -> h2 ({how})",
                gb["corral"], gb["underlay"], "Gbit/s",
@@ -613,6 +614,8 @@ def main() -> int:
     p.add_argument("--warmup", type=int, default=2, help="VXLAN: a first window per path, not counted (s; 0: none)")
     p.add_argument("--pin", default="", help="CPUs of the iperf3 client and server, as 'C,S' (default 0,1 with "
                    "2 or more CPUs), or 'off'")
+    p.add_argument("--congestion", default="cubic",
+                   help="TCP congestion control of the VXLAN iperf3 streams (iperf3 -C; '' for the host's default)")
     p.add_argument("--no-pause", action="store_true",
                    help="keep the metadata server and the routers running during the iperf3/ping windows "
                    "(default: SIGSTOP during each window, SIGCONT after)")
@@ -644,7 +647,7 @@ NOTE = ("Peers measured in the same run: the plain veth underlay and the same VX
         "`sysctl`/`ip`/`bridge`/`iptables` commands on two more hosts (the floor) for the data path, the three "
         "measured in interleaved rounds (a warm-up window each, then one window per path per round, order rotating; "
         "metadata and routers stopped with SIGSTOP during the windows; iperf3 client and server pinned to CPUs 0 and "
-        "1): medians with min..max, ratios as the median of per-round ratios; CPU per Gbit is the client's, "
+        "1, TCP cubic): medians with min..max, ratios as the median of per-round ratios; CPU per Gbit is the client's, "
         "the server's and ksoftirqd's CPU time per Gbit in the same windows (steadier than throughput on a "
         "loaded machine); `ip -batch` for programming and convergence; `ip`/`bridge` "
         "listings for the no-op; a bare loop building rancher-net's maps for the desired state. The original "

@@ -11,16 +11,14 @@ During every window (warm-up included) the bench's own daemons are stopped (SIGS
 process groups, SIGCONT after), so the metadata server's file poll and the routers' probe,
 long-poll and verify loops never share the two cores with the stream. The iperf3 servers run
 for the whole measure (no process start inside a window) and, with ``pin``, the client and the
-server sit on fixed CPUs (the scheduler otherwise sometimes puts both on one core, the main
-source of bimodal figures here).
-
-Each window also gives the CPU time the transfer cost per Gbit: the client's and the server's
-user + system time (iperf3's own figures; with tick accounting the softirq work done in their
-context, most of the forwarding, is charged to them) plus what the ``ksoftirqd`` threads used
-in the window. Throughput on a shared machine follows whatever CPU time is left over; the cost
-per Gbit usually stays much steadier (VXLAN / underlay 1.18-1.27x in six runs at load 5-30
-where the per-round throughput ratios ranged from 0.4x to 1.9x; one run at load 23 gave 0.98x),
-so it shows whether a path costs more when the throughput cannot.
+server sit on fixed, different CPUs, so that every window of every path has the same placement
+(unpinned, the scheduler may put both on one core in some windows). On a machine loaded by
+others, pinning costs throughput, because a pinned process cannot move away from a busy core, and
+it did not narrow the spread there. The bench's ``--pin off`` is for that case. ``congestion`` sets the TCP congestion control of the stream:
+the namespaces otherwise inherit the host's (BBR on this machine's image), whose pacing timer and
+bandwidth-probing cycles add their own dynamics to a CPU-bound path and depend on how the
+machine is set up. The kernel's default, cubic, just fills the window. In two loaded runs, cubic
+gave 1.05-1.5x BBR's throughput on both the underlay and VXLAN, in the same rounds.
 """
 
 from __future__ import annotations
@@ -105,10 +103,11 @@ def _taskset(cpu: int | None) -> list[str]:
 class Rounds:
     """Persistent iperf3 servers for ``paths``; :meth:`run` measures them in interleaved rounds."""
 
-    def __init__(self, paths: Sequence[Path], *, pin: tuple[int, int] | None = None,
+    def __init__(self, paths: Sequence[Path], *, pin: tuple[int, int] | None = None, congestion: str = "",
                  quiet: Callable[[], contextlib.AbstractContextManager[None]] = contextlib.nullcontext) -> None:
         self.paths = {p.name: p for p in paths}
         self.pin = pin
+        self.congestion = congestion
         self.quiet = quiet
         self.servers: list[subprocess.Popen[bytes]] = []
 
@@ -138,7 +137,8 @@ class Rounds:
                 soft = ksoftirqd_seconds()
                 r = subprocess.run(["ip", "netns", "exec", p.client, *_taskset(self.pin[0] if self.pin else None),
                                     "iperf3", "-c", p.dst, "-p", str(p.port), "-t", str(seconds),
-                                    "-P", str(streams), "-J"], capture_output=True, text=True)
+                                    "-P", str(streams), "-J", *(["-C", self.congestion] if self.congestion else [])],
+                                   capture_output=True, text=True)
                 soft = ksoftirqd_seconds() - soft
             out = r.stdout
             with contextlib.suppress(ValueError, KeyError):
