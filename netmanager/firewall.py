@@ -168,6 +168,8 @@ class RulesApplier:
             tables = self.model
         d = diff(rs, tables)
         if not d:
+            if verifying:  # the same rules: keep the wanted tuples, so later diffs compare by identity
+                self.model = _model_after(rs, tables, d)
             self.applied = rs
             self._want_handles()
             return

@@ -101,6 +101,7 @@ class _Socket:
             pass
         self.sock.bind((0, 0))
         self.seq = 0
+        self.buf = bytearray(1 << 16)  # the kernel sends at most 32 KiB a datagram
 
     def close(self) -> None:
         self.sock.close()
@@ -110,20 +111,29 @@ class _Socket:
         body = _GEN.pack(family, 0, res) + payload
         return _HDR.pack(16 + len(body), kind, flags, self.seq, 0) + body, self.seq
 
-    def dump(self, table: str, chain: str, exprs: bool) -> tuple[int, list[tuple[int, bytes, bytes]]]:
-        """(generation & 0xffff, [(handle, expressions, userdata)]) of one chain, in order."""
+    def _recv(self) -> memoryview:
+        """One datagram, in the socket's own buffer (valid until the next call)."""
+        n, _, flags, _ = self.sock.recvmsg_into([self.buf])
+        if flags & socket.MSG_TRUNC:
+            raise OSError(0, "netlink answer larger than the receive buffer")
+        return memoryview(self.buf)[:n]
+
+    def dump(self, table: str, chain: str, exprs: bool) -> tuple[int, list[int], list[tuple[bytes, bytes]]]:
+        """(generation & 0xffff, handles, [(expressions, userdata)] if ``exprs``) of one chain's
+        rules, in order."""
         msg, _ = self._msg((_SUBSYS << 8) | _GETRULE, _F_REQUEST | _F_DUMP,
                            _attr(_TABLE, _str(table)) + _attr(_CHAIN, _str(chain)))
         self.sock.send(msg)
-        out: list[tuple[int, bytes, bytes]] = []
+        handles: list[int] = []
+        bodies: list[tuple[bytes, bytes]] = []
         gen = -1
         while True:
-            data = self.sock.recv(1 << 20)
+            data = self._recv()
             off = 0
             while off < len(data):
                 ln, kind, flags, _, _ = _HDR.unpack_from(data, off)
                 if kind == _NLMSG_DONE:
-                    return gen, out
+                    return gen, handles, bodies
                 if kind == _NLMSG_ERROR:
                     err = -struct.unpack_from("=i", data, off + 16)[0]
                     raise OSError(err, f"nf_tables dump {table}/{chain}: {os.strerror(err)}")
@@ -140,11 +150,13 @@ class _Socket:
                         if not exprs:
                             break
                     elif akind == _EXPRS:
-                        ex = data[a + 4:a + alen]
+                        ex = bytes(data[a + 4:a + alen])
                     elif akind == _USERDATA:
-                        ud = data[a + 4:a + alen]
+                        ud = bytes(data[a + 4:a + alen])
                     a += (alen + 3) & ~3
-                out.append((handle, ex, ud))
+                handles.append(handle)
+                if exprs:
+                    bodies.append((ex, ud))
                 off += (ln + 3) & ~3
 
     def batch(self, msgs: list[tuple[int, int, bytes]]) -> dict[int, int]:
@@ -158,7 +170,7 @@ class _Socket:
         index = {seq: i for i, (_, seq) in enumerate(built)}
         pending, handles, errors = set(index), {}, []
         while pending:
-            data = self.sock.recv(1 << 20)
+            data = self._recv()
             off = 0
             while off < len(data):
                 ln, kind, _, seq, _ = _HDR.unpack_from(data, off)
@@ -219,10 +231,9 @@ class NftEditor:
             gens: set[int] = set()
             out: dict[tuple[str, str], list[int]] = {}
             for t, c in chains:
-                gen, rules = s.dump(t, c, exprs=False)
+                gen, out[(t, c)], _ = s.dump(t, c, exprs=False)
                 if gen >= 0:
                     gens.add(gen)
-                out[(t, c)] = [h for h, _, _ in rules]
             return gens, out
         finally:
             s.close()
@@ -289,10 +300,10 @@ class NftEditor:
             got: dict[tuple[str, str], list[tuple[bytes, bytes]]] = {}
             for t, chains in by_table.items():
                 for c, rs in chains.items():
-                    _, dumped = self._scratch_sock.dump(t, c, exprs=True)
+                    _, _, dumped = self._scratch_sock.dump(t, c, exprs=True)
                     if len(dumped) != len(rs):
                         raise OSError(0, f"scratch {t}/{c}: {len(dumped)} rules compiled, {len(rs)} sent")
-                    got[(t, c)] = [(ex, ud) for _, ex, ud in dumped]
+                    got[(t, c)] = dumped
             cursor = {k: 0 for k in got}
             out = []
             for t, c, _ in rules:
