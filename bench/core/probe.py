@@ -7,8 +7,9 @@ thread spent waiting for a CPU (``/proc/self/task/<tid>/schedstat``, run-queue d
 left is time the event loop itself did not come back - callbacks, a GIL held by another thread,
 a collection. Lags over 2 ms are appended to OUT with their unix time, so a benchmark takes the
 longest one inside its own window, and with the CPU time the loop's thread used meanwhile
-(``cpu``): on a loaded machine a lag can also be time the process was held by the kernel (cgroup
-throttling, reclaim) without running, which ``min(lag, cpu)`` leaves out. Works with any revision that has ``agents.cli.run_daemon``.
+(``cpu``). The part of a lag the thread did not run yet was not waiting for a CPU either is time
+it was blocked: on the GIL another thread of the daemon held (the daemon's doing), or by the
+kernel (reclaim, throttling on a loaded machine); ``min(lag, cpu)`` is the loop's own work. Works with any revision that has ``agents.cli.run_daemon``.
 """
 
 from __future__ import annotations

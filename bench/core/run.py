@@ -12,9 +12,10 @@ host-0000) and asks metadata to reload. Measured:
 
 * longest stall: the loop-lag probe inside each daemon (bench/core/probe.py: how late a 1 ms timer
   fires, net of the thread's run-queue waits; target <= 20 ms), and in the note the longest part
-  of a stall the loop's thread spent on a CPU (its own work; on a loaded machine the rest can be
-  the kernel holding the process). Beside it a separate process per daemon sends keep-alive
-  ``GET /healthz`` to the daemon's admin listener back to back for the whole run (slowest, p99);
+  of a stall the loop's thread spent on a CPU (its own work; the rest is the thread blocked: on
+  the GIL another of the daemon's threads held, or by the kernel on a loaded machine). Beside it
+  a separate process per daemon sends keep-alive ``GET /healthz`` to the daemon's admin listener
+  back to back for the whole run (slowest, p99);
 * change -> applied: from the reload request until metadata serves the new version, dns answers
   ``probe-<n>.rancher.internal`` and HAProxy (healthcheck's stats socket) has the new server.
 
