@@ -395,7 +395,11 @@ class CniHandler:
         failed: retried the usual way) or "fallback" (something missing: nothing done, inspect)."""
         loop = asyncio.get_running_loop()
         t_facts = loop.time()
-        c0 = await self._created[cid]  # done long before, unless the start came right after the create
+        try:
+            c0 = await self._created[cid]  # done long before, unless the start came right after the create
+        except Exception as e:  # whatever went wrong there, the inspect path still works
+            log.warning("create-time inspect failed", container=cid[:12], error=str(e))
+            return "fallback"
         net = network_for(c0) if c0 is not None else None
         if c0 is None or net is None:
             return "fallback"
