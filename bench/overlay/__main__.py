@@ -359,8 +359,7 @@ def data_path(table: Table, args: argparse.Namespace) -> None:
     t.router_flags = ()  # the daemon's own probe and read-back intervals
     (t.tmp / "floor").mkdir()
     f = FloorTopo(t.tmp / "floor", n=2)
-    pin = None if args.pin == "off" else tuple(int(c) for c in args.pin.split(",")) if args.pin else (
-        (0, 1) if (os.cpu_count() or 1) >= 2 else None)
+    pin = args.pin if args.pin != "default" else (0, 1) if (os.cpu_count() or 1) >= 2 else None
     quiet = (lambda: frozen(lambda: daemon_pids(t))) if not args.no_pause else contextlib.nullcontext
     try:
         t.build()
@@ -602,6 +601,15 @@ def scale_child(hosts: int, per_host: int) -> None:
     asyncio.run(run())
 
 
+def _pin_arg(text: str) -> Any:
+    if text in ("off", "default"):
+        return None if text == "off" else text
+    cpus = tuple(int(c) for c in text.split(",") if c.strip().isdigit())
+    if len(cpus) != 2:
+        raise argparse.ArgumentTypeError(f"want 'C,S' (two CPU numbers) or 'off', got {text!r}")
+    return cpus
+
+
 def main() -> int:
     if len(sys.argv) > 1 and sys.argv[1] == "--scale-child":
         scale_child(int(sys.argv[2]), int(sys.argv[3]))
@@ -612,8 +620,8 @@ def main() -> int:
                    help="VXLAN single stream: interleaved rounds (underlay, Corral, floor: one window each)")
     p.add_argument("--rounds-p4", type=int, default=3, help="VXLAN -P 4: interleaved rounds (0: not measured)")
     p.add_argument("--warmup", type=int, default=2, help="VXLAN: a first window per path, not counted (s; 0: none)")
-    p.add_argument("--pin", default="", help="CPUs of the iperf3 client and server, as 'C,S' (default 0,1 with "
-                   "2 or more CPUs), or 'off'")
+    p.add_argument("--pin", type=_pin_arg, default="default", help="CPUs of the iperf3 client and server, as "
+                   "'C,S' (default 0,1 with 2 or more CPUs), or 'off'")
     p.add_argument("--congestion", default="cubic",
                    help="TCP congestion control of the VXLAN iperf3 streams (iperf3 -C; '' for the host's default)")
     p.add_argument("--no-pause", action="store_true",
