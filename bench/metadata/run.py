@@ -107,6 +107,11 @@ import json, socket, sys, time
 port, path, secs = int(sys.argv[1]), sys.argv[2], float(sys.argv[3])
 s = socket.create_connection(("127.0.0.1", port))
 req = ("GET %s HTTP/1.1\r\nHost: x\r\n\r\n" % path).encode()
+def more():
+    b = s.recv(65536)
+    if not b:  # the daemon went away: end with what was measured, never spin on an empty read
+        raise ConnectionError("closed by the daemon")
+    return b
 lat = []
 end = time.monotonic() + secs
 while time.monotonic() < end:
@@ -114,11 +119,11 @@ while time.monotonic() < end:
     s.sendall(req)
     buf = b""
     while b"\r\n\r\n" not in buf:
-        buf += s.recv(65536)
+        buf += more()
     head, _, rest = buf.partition(b"\r\n\r\n")
     n = int([ln.split(b":")[1] for ln in head.split(b"\r\n") if ln.lower().startswith(b"content-length")][0])
     while len(rest) < n:
-        rest += s.recv(65536)
+        rest += more()
     lat.append(time.perf_counter() - t0)
 lat.sort()
 print(json.dumps({"n": len(lat), "p99": lat[int(len(lat) * 0.99)], "max": lat[-1]}))
