@@ -105,6 +105,7 @@ http {{
 PROBE = r"""
 import json, socket, sys, time
 port, path, secs = int(sys.argv[1]), sys.argv[2], float(sys.argv[3])
+pause = float(sys.argv[4]) if len(sys.argv) > 4 else 0.0  # seconds between requests (0: back to back)
 s = socket.create_connection(("127.0.0.1", port))
 req = ("GET %s HTTP/1.1\r\nHost: x\r\n\r\n" % path).encode()
 def more():
@@ -125,15 +126,18 @@ while time.monotonic() < end:
     while len(rest) < n:
         rest += more()
     lat.append(time.perf_counter() - t0)
+    if pause:
+        time.sleep(pause)
 lat.sort()
 print(json.dumps({"n": len(lat), "p99": lat[int(len(lat) * 0.99)], "max": lat[-1]}))
 """
 
 
-def start_probe(port: int, path: str, secs: float) -> subprocess.Popen[str]:
-    """Sequential keep-alive requests in a separate process (its own GIL), latencies summarised."""
-    return subprocess.Popen([sys.executable, "-c", PROBE, str(port), path, str(secs)], stdout=subprocess.PIPE,
-                            text=True)
+def start_probe(port: int, path: str, secs: float, pause: float = 0.0) -> subprocess.Popen[str]:
+    """Sequential keep-alive requests in a separate process (its own GIL), latencies summarised;
+    ``pause`` seconds between two requests (0: back to back, which keeps a CPU busy)."""
+    return subprocess.Popen([sys.executable, "-c", PROBE, str(port), path, str(secs), str(pause)],
+                            stdout=subprocess.PIPE, text=True)
 
 
 def reload_end_to_end(n: int, answers: Path, base: str, rport: int, fresh: bool, pid: int,
