@@ -31,6 +31,8 @@ from dataclasses import dataclass
 
 from agents.errors import TransportError
 from netmanager.desired import Rule
+from netmanager.nlattr import attr as _attr
+from netmanager.nlattr import attrs
 from netmanager.rules import render
 
 __all__ = ["MAX_EDITS", "NftEdit", "NftEditor", "compilable"]
@@ -49,7 +51,6 @@ _NESTED = 0x8000
 _COMPAT_INV = 2  # NFT_RULE_COMPAT_F_INV
 _HDR = struct.Struct("=IHHII")
 _GEN = struct.Struct("=BBH")
-_ATTR = struct.Struct("=HH")
 _BE64 = struct.Struct(">Q")
 _PROTOS = {"tcp": 6, "udp": 17, "icmp": 1, "sctp": 132}
 # targets whose kernel data holds nothing tied to the namespace the rule was compiled in
@@ -68,11 +69,6 @@ def compilable(rule: Rule) -> bool:
         if t == "-p" and (i + 1 >= len(rule) or rule[i + 1] not in _PROTOS):
             return False
     return False
-
-
-def _attr(kind: int, data: bytes) -> bytes:
-    n = 4 + len(data)
-    return _ATTR.pack(n, kind) + data + b"\0" * (-n % 4)
 
 
 def _str(s: str) -> bytes:
@@ -140,23 +136,11 @@ class _Socket:
                 if flags & _F_DUMP_INTR:
                     raise OSError(0, "nf_tables dump interrupted by a commit")
                 gen = struct.unpack_from(">H", data, off + 18)[0]
-                a, end = off + 20, off + ln
-                handle, ex, ud = -1, b"", b""
-                while a < end:
-                    alen, akind = _ATTR.unpack_from(data, a)
-                    akind &= 0x3FFF
-                    if akind == _HANDLE:
-                        handle = _BE64.unpack_from(data, a + 4)[0]
-                        if not exprs:
-                            break
-                    elif akind == _EXPRS:
-                        ex = bytes(data[a + 4:a + alen])
-                    elif akind == _USERDATA:
-                        ud = bytes(data[a + 4:a + alen])
-                    a += (alen + 3) & ~3
-                handles.append(handle)
+                a = attrs(data, off + 20, off + ln)
+                h = a.get(_HANDLE)
+                handles.append(_BE64.unpack(h)[0] if h is not None and len(h) == 8 else -1)
                 if exprs:
-                    bodies.append((ex, ud))
+                    bodies.append((bytes(a.get(_EXPRS, b"")), bytes(a.get(_USERDATA, b""))))
                 off += (ln + 3) & ~3
 
     def batch(self, msgs: list[tuple[int, int, bytes]]) -> dict[int, int]:
@@ -182,13 +166,9 @@ class _Socket:
                     if err:
                         errors.append(f"#{index.get(seq)}: {os.strerror(err)}")
                 elif kind == (_SUBSYS << 8) | _NEWRULE and seq in index:
-                    a, stop = off + 20, off + ln
-                    while a < stop:
-                        alen, akind = _ATTR.unpack_from(data, a)
-                        if akind & 0x3FFF == _HANDLE:
-                            handles[index[seq]] = _BE64.unpack_from(data, a + 4)[0]
-                            break
-                        a += (alen + 3) & ~3
+                    h = attrs(data, off + 20, off + ln).get(_HANDLE)
+                    if h is not None and len(h) == 8:
+                        handles[index[seq]] = _BE64.unpack(h)[0]
                 off += (ln + 3) & ~3
         if errors:
             raise OSError(0, "nf_tables transaction refused: " + ", ".join(errors[:5]))

@@ -32,6 +32,9 @@ from agents.log import get_logger
 
 # pyroute2's async classes run on netmanager's standard loop in one thread (uvloop refuses netlink)
 from netmanager.netlink import _NL
+from netmanager.nlattr import ATTR
+from netmanager.nlattr import attr as _attr
+from netmanager.nlattr import attrs as _attrs
 
 if TYPE_CHECKING:
     from netmanager.overlay.vxlan import VtepSpec, VxlanState
@@ -64,7 +67,6 @@ _HDR = struct.Struct("=LHHLL")
 _RT = struct.Struct("=BBBBBBBBI")
 _ND = struct.Struct("=BxxxiHBB")
 _IFI = struct.Struct("=BxHiII")
-_ATTR = struct.Struct("=HH")
 # The answers' usual layouts, read in one call (any other layout takes the attribute walk):
 # neighbour: ndmsg, NDA_DST (4), NDA_LLADDR (6); FDB: ndmsg, NDA_LLADDR, NDA_DST;
 # route: rtmsg, RTA_TABLE, RTA_DST, RTA_OIF and nothing else (no gateway).
@@ -76,16 +78,11 @@ OVERFLOW = "netlink events overflowed"  # events were lost: what was programmed 
 _TABLE_MAIN = struct.pack("=HHI", 8, 15, 254)  # RTA_TABLE main
 
 
-def _attr(t: int, data: bytes) -> bytes:
-    n = 4 + len(data)
-    return _ATTR.pack(n, t) + data + b"\0" * (-n % 4)
-
-
 def _mac(mac: str) -> bytes:
     return bytes.fromhex(mac.replace(":", ""))
 
 
-def _mac_str(b: bytes) -> str:
+def _mac_str(b: bytes | bytearray | memoryview) -> str:
     return ":".join(f"{x:02x}" for x in b)
 
 
@@ -93,7 +90,7 @@ def _pair(buf: bytearray, off: int, end: int, a: int, b: int) -> tuple[bytes | N
     """Attributes ``a`` and ``b`` (None when absent); the walk stops once both are found - in a
     neighbour or FDB answer they are the first two."""
     va = vb = None
-    unpack = _ATTR.unpack_from
+    unpack = ATTR.unpack_from
     while off + 4 <= end:
         n, t = unpack(buf, off)
         if n < 4:
@@ -109,17 +106,6 @@ def _pair(buf: bytearray, off: int, end: int, a: int, b: int) -> tuple[bytes | N
                 break
         off += (n + 3) & ~3
     return va, vb
-
-
-def _attrs(buf: bytes, off: int, end: int) -> dict[int, bytes]:
-    out = {}
-    while off + 4 <= end:
-        n, t = _ATTR.unpack_from(buf, off)
-        if n < 4:
-            break
-        out[t & 0x3FFF] = buf[off + 4:off + n]
-        off += (n + 3) & ~3
-    return out
 
 
 @dataclass(frozen=True)
@@ -365,7 +351,7 @@ class Netlink:
         else:
             req = _RT.pack(socket.AF_INET, 0, 0, 0, 0, 0, 0, 0, 0)
         out = []
-        unpack, fast, ntoa, attr = _RT.unpack_from, _ROUTE_FAST.unpack_from, socket.inet_ntoa, _ATTR.unpack_from
+        unpack, fast, ntoa, attr = _RT.unpack_from, _ROUTE_FAST.unpack_from, socket.inet_ntoa, ATTR.unpack_from
         for buf, p, end in sock.dump(RTM_GETROUTE, req):
             if end - p == _ROUTE_FAST.size:
                 (_f, plen, _s, _tos, _tb, proto, _sc, rtype, _fl, tn, tt, table, dn, dt, dst, on, ot,
