@@ -101,6 +101,20 @@ def wait(pred: Callable[[], object], what: str, nm: Proc, timeout: float | None 
         raise AssertionError(f"{e}\n{nm.log()[-4000:]}") from None
 
 
+def restart(e: dict, nm: Proc, cid: str, adds: int) -> str:
+    """Stop ``cid`` (DEL: its state dir goes), start it again until its ``adds``-th ADD, and
+    return the new start's ``StartedAt`` once the state file of that name is written."""
+    pm: PodmanApi = e["pm"]
+    state = e["work"] / "state" / cid
+    pm.pm("stop", "-t", "0", cid)
+    wait(lambda: not state.exists(), "DEL done", nm)
+    pm.pm("start", cid)
+    wait(lambda: len(calls(e, "ADD", cid)) == adds, f"ADD #{adds} after the restart", nm)
+    started = started_at(pm, cid)
+    wait(lambda: (state / started).exists(), "state file of the new start", nm)
+    return started
+
+
 def test_events_drive_add_and_del(env: dict) -> None:
     pm: PodmanApi = env["pm"]
     nm = start_nm(env)
@@ -130,12 +144,7 @@ def test_events_drive_add_and_del(env: dict) -> None:
             assert "10.42.5.5\t" in Path(hosts).read_text()
 
         # stop and start: DEL, then an ADD for the new start, again from the cgroup (facts kept until destroy)
-        pm.pm("stop", "-t", "0", cid)
-        wait(lambda: not state.exists(), "DEL done", nm)
-        pm.pm("start", cid)
-        wait(lambda: len(calls(env, "ADD", cid)) == 2, "ADD after the restart", nm)
-        started = started_at(pm, cid)
-        wait(lambda: (state / started).exists(), "state file of the new start", nm)
+        started = restart(env, nm, cid, adds=2)
         assert [f.name for f in state.iterdir()] == [started]
         assert [d["found"] for d in add_lines(nm, cid)] == ["cgroup", "cgroup"]
 
@@ -189,12 +198,7 @@ def test_add_falls_back_to_inspect(env: dict) -> None:
         assert not add_lines(nm, cid, "CNI ADD reported")
 
         # stop -> DEL; start again -> ADD again the same way, the state file follows the new start
-        pm.pm("stop", "-t", "0", cid)
-        wait(lambda: not state.exists(), "DEL done", nm)
-        pm.pm("start", cid)
-        wait(lambda: len(calls(env, "ADD", cid)) == 2, "second ADD", nm)
-        again = started_at(pm, cid)
-        wait(lambda: (state / again).exists(), "state file of the second start", nm)
+        restart(env, nm, cid, adds=2)
         assert [d["found"] for d in add_lines(nm, cid)] == ["inspect", "inspect"]
         assert not calls(env, "ADD", skip)
     finally:
