@@ -183,7 +183,7 @@ class RulesApplier:
             _REPAIRS.labels("chain").inc(len(d.chains) + int(d.create_policy))
             _REPAIRS.labels("hook").inc(len(d.hooks))
             self.repairs += 1
-        if not verifying and await self._edit_by_handle(rs, tables, d, t0):
+        if not verifying and await self._edit_by_handle(rs, tables, d, t0, reason):
             return
         payload = render_payload(rs, tables, d)
         self.handles = None
@@ -200,6 +200,12 @@ class RulesApplier:
         if (self.probe is not None and before is not None and after is not None
                 and before == self.baseline and self.probe.ours(before, after, written)):
             self.baseline = after
+        await self._written(rs, tables, d, reason, t0, read_back=verifying, lines=payload.count("\n"),
+                            restore_seconds=round(t_restore, 3))
+
+    async def _written(self, rs: Ruleset, tables: Tables, d: Drift, reason: str, t0: float, **log_fields: Any) -> None:
+        """After ``d`` was written either way: the model, counters and log, the next handle read,
+        and the conntrack clean-up of a change."""
         self.last_write = time.monotonic()
         previous = self.applied
         self.writes += 1
@@ -210,8 +216,7 @@ class RulesApplier:
         _APPLY.labels(reason).observe(time.monotonic() - t0)
         if reason != "repair":
             log.info("rules applied", reason=reason, chains=len(d.chains), hooks=len(d.hooks),
-                     rules=rs.rule_count(), read_back=verifying, lines=payload.count("\n"),
-                     restore_seconds=round(t_restore, 3), seconds=round(time.monotonic() - t0, 3))
+                     rules=rs.rule_count(), **log_fields, seconds=round(time.monotonic() - t0, 3))
         self._want_handles()
         if self.conntrack and previous is not None:
             await self._clean_conntrack(previous, rs)
@@ -237,7 +242,7 @@ class RulesApplier:
             return None
         return edits
 
-    async def _edit_by_handle(self, rs: Ruleset, tables: Tables, d: Drift, t0: float) -> bool:
+    async def _edit_by_handle(self, rs: Ruleset, tables: Tables, d: Drift, t0: float, reason: str) -> bool:
         """Write ``d`` as one nf_tables transaction by rule handle (see the module doc); False
         when it does not fit or was refused (nothing written: the caller restores instead)."""
         edits = self._handle_edits(rs, tables, d)
@@ -268,21 +273,8 @@ class RulesApplier:
             self.handles, self.handles_at = handles, after
         else:
             self.handles = None
-        self.last_write = time.monotonic()
-        previous = self.applied
-        self.writes += 1
-        reason = "boot" if previous is None else "change"
-        _WRITES.labels(reason).inc()
-        self.model = _model_after(rs, tables, d)
-        self.applied = rs
-        _RULES.set(rs.rule_count())
-        _APPLY.labels(reason).observe(time.monotonic() - t0)
-        log.info("rules applied", reason=reason, chains=len(d.chains), hooks=0, rules=rs.rule_count(),
-                 read_back=False, by_handle=sum(len(e.gone) + len(e.new) for e in edits),
-                 restore_seconds=round(t_write, 3), seconds=round(time.monotonic() - t0, 3))
-        self._want_handles()
-        if self.conntrack and previous is not None:
-            await self._clean_conntrack(previous, rs)
+        await self._written(rs, tables, d, reason, t0, read_back=False,
+                            by_handle=sum(len(e.gone) + len(e.new) for e in edits), restore_seconds=round(t_write, 3))
         return True
 
     async def _clean_conntrack(self, old: Ruleset, new: Ruleset) -> None:
