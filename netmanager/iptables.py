@@ -96,24 +96,6 @@ class LegacyTables:
         # iptables run on the machine (any namespace) holds while it replaces a table
         return await asyncio.to_thread(self.read_now)
 
-    def entries(self, table: str) -> bytes:
-        """The table's whole rule blob (``IPT_SO_GET_ENTRIES``), packet counters included - for
-        tools that must see any edit, a same-size one too (the benchmark); b"" if not loaded."""
-        info = self.read_now().get(table)
-        if info is None:
-            return b""
-        size = info[-1]
-        buf = ctypes.create_string_buffer(table.encode(), 40 + size)  # struct ipt_get_entries {name[32]; size; pad}
-        struct.pack_into("=I", buf, 32, size)
-        n = ctypes.c_uint32(40 + size)
-        assert self._sock is not None
-        if self._libc.getsockopt(self._sock.fileno(), socket.SOL_IP, _IPT_SO_GET_INFO + 1, buf, ctypes.byref(n)) != 0:
-            err = ctypes.get_errno()
-            if err == errno.EAGAIN:  # changed between the two reads: the caller polls again
-                return b""
-            raise TransportError(f"legacy iptables entries {table}: {errno.errorcode.get(err, err)}")
-        return buf.raw[40:]
-
     def ours(self, before: Any, after: Any, tables: frozenset[str], commits: int | None = None) -> bool:
         """Only the tables we wrote moved (a foreign edit of one of them at the same moment is
         left to the periodic read-back)."""
