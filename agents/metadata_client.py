@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 from urllib.parse import quote
@@ -59,30 +60,49 @@ def _str(v: Any) -> str | None:
 _T = TypeVar("_T")
 
 
+def _same(v: Any) -> Any:
+    return v
+
+
+_COERCERS: dict[type, tuple[tuple[str, Callable[[Any], Any] | None], ...]] = {}
+
+
+def _coercers(cls: type) -> tuple[tuple[str, Callable[[Any], Any] | None], ...]:
+    """Each field of a typed view with the function coercing it to its declared kind (None: the
+    ``raw`` field), worked out once per class."""
+    out = _COERCERS.get(cls)
+    if out is None:
+        fields: list[tuple[str, Callable[[Any], Any] | None]] = []
+        for f in dataclasses.fields(cls):
+            t = str(f.type)
+            fields.append((f.name, None if f.name == "raw" else
+                           _tuple if t.startswith("tuple") else _map if t.startswith("dict") else
+                           _int if t.startswith("int") else bool if t.startswith("bool") else
+                           _same if t == "Any" else _str))
+        out = _COERCERS[cls] = tuple(fields)
+    return out
+
+
 def _build(cls: type[_T], raw: Any) -> _T:
     """Build a typed view from one metadata object, coercing each field to its declared kind."""
     if not isinstance(raw, dict):
         raw = {}
-    kw: dict[str, Any] = {}
-    for f in dataclasses.fields(cls):  # type: ignore[arg-type]
-        if f.name == "raw":
-            kw["raw"] = raw
-            continue
-        v = raw.get(f.name)
-        t = str(f.type)
-        if t.startswith("tuple"):
-            kw[f.name] = _tuple(v)
-        elif t.startswith("dict"):
-            kw[f.name] = _map(v)
-        elif t.startswith("int"):
-            kw[f.name] = _int(v)
-        elif t.startswith("bool"):
-            kw[f.name] = bool(v)
-        elif t == "Any":
-            kw[f.name] = v
-        else:
-            kw[f.name] = _str(v)
-    return cls(**kw)
+    get = raw.get
+    return cls(**{name: raw if fn is None else fn(get(name)) for name, fn in _coercers(cls)})
+
+
+def _build_all(cls: type[_T], raws: Any, old: tuple[Any, ...]) -> tuple[_T, ...]:
+    """Typed views of ``raws``; one of ``old`` (views of an earlier tree) is kept as it is when it
+    was built from the very same object - metadata's watch shares the elements a new tree did not
+    change with the tree before, so a change of one container rebuilds one view."""
+    if not old:
+        return tuple(_build(cls, o) for o in raws or ())
+    index = {id(v.raw): v for v in old}
+    out = []
+    for o in raws or ():
+        v = index.get(id(o))
+        out.append(v if v is not None and v.raw is o else _build(cls, o))
+    return tuple(out)
 
 
 @dataclass(frozen=True)
@@ -205,8 +225,10 @@ class Snapshot:
     raw: dict[str, Any] = field(repr=False, compare=False)
 
     @classmethod
-    def from_tree(cls, tree: Any) -> Snapshot:
-        """Build from the JSON of ``/<version>``; raise :class:`ProtocolError` if it is not a tree."""
+    def from_tree(cls, tree: Any, reuse: Snapshot | None = None) -> Snapshot:
+        """Build from the JSON of ``/<version>``; raise :class:`ProtocolError` if it is not a tree.
+        ``reuse``: the snapshot of an earlier tree whose unchanged elements ``tree`` shares (the
+        views of those are kept, not built again)."""
         if not isinstance(tree, dict):
             raise ProtocolError(f"metadata tree must be an object, got {type(tree).__name__}")
         version = tree.get("version")
@@ -220,11 +242,11 @@ class Snapshot:
         assert isinstance(me, dict)
         return cls(
             version=str(version),
-            hosts=tuple(_build(Host, o) for o in tree.get("hosts") or ()),
-            stacks=tuple(_build(Stack, o) for o in tree.get("stacks") or ()),
-            services=tuple(_build(Service, o) for o in tree.get("services") or ()),
-            containers=tuple(_build(Container, o) for o in tree.get("containers") or ()),
-            networks=tuple(_build(Network, o) for o in tree.get("networks") or ()),
+            hosts=_build_all(Host, tree.get("hosts"), reuse.hosts if reuse else ()),
+            stacks=_build_all(Stack, tree.get("stacks"), reuse.stacks if reuse else ()),
+            services=_build_all(Service, tree.get("services"), reuse.services if reuse else ()),
+            containers=_build_all(Container, tree.get("containers"), reuse.containers if reuse else ()),
+            networks=_build_all(Network, tree.get("networks"), reuse.networks if reuse else ()),
             self_host=_build(Host, me["host"]) if isinstance(me.get("host"), dict) else None,
             self_container=_build(Container, me["container"]) if isinstance(me.get("container"), dict) else None,
             self_service=_build(Service, me["service"]) if isinstance(me.get("service"), dict) else None,

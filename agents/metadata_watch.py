@@ -71,6 +71,9 @@ class MetadataSnapshot:
     fetched_at: float = 0.0       # unix time the tree was downloaded from metadata
     source: str = "metadata"      # "metadata", or "state-file" for the one loaded at start
     size: int = 0                 # bytes of JSON
+    # the typed view of the snapshot this one replaced, if one was built: ``typed`` keeps the views
+    # of the elements both trees share (and lets go of it once built)
+    typed_base: Snapshot | None = field(default=None, repr=False, compare=False)
 
     def get(self, key: str, default: Any = None) -> Any:
         return self.tree.get(key, default)
@@ -109,7 +112,9 @@ class MetadataSnapshot:
         """The typed view of :mod:`agents.metadata_client` (built on first use, then kept)."""
         from agents.metadata_client import Snapshot
 
-        return Snapshot.from_tree(self.as_dict())
+        base = self.typed_base
+        object.__setattr__(self, "typed_base", None)
+        return Snapshot.from_tree(self.as_dict(), reuse=base)
 
     def as_dict(self, *, lists: bool = False) -> dict[str, Any]:
         """A plain dict of the tree (top-level lists as stored, tuples; ``lists=True``: as lists,
@@ -423,8 +428,10 @@ class MetadataWatch:
         base = self._base[1] if self._base is not None and f.base and f.base == self._base[0] else None
         self._base = None
         tree = await decode(f, keep=keep, base=base)
+        prev = self.latest
         snap = MetadataSnapshot(version=f.version, tree=MappingProxyType(tree), fetched_at=f.mtime,
-                                source=source, size=f.size)
+                                source=source, size=f.size,
+                                typed_base=prev.__dict__.get("typed") if prev is not None else None)
         weakref.finalize(snap, self._graveyard.bury, keep)
         if f.token:
             self._base = (f.token, snap.tree)

@@ -326,10 +326,10 @@ def host_port_bindings(snap: Snapshot) -> tuple[list[PortBinding], list[PortErro
     labels = snap.self_host.labels if snap.self_host is not None else {}
     nets = {n.uuid: n for n in snap.networks}
     bridges: dict[str | None, str] = {}
-    out: list[PortBinding] = []
+    out: list[tuple[tuple[Any, ...], PortBinding]] = []
     errors: list[PortError] = []
     if me is None:
-        return out, errors
+        return [], errors
     for c in snap.containers:
         if c.host_uuid != me or not is_running(c) or not c.primary_ip or not c.ports:
             continue
@@ -341,21 +341,32 @@ def host_port_bindings(snap: Snapshot) -> tuple[list[PortBinding], list[PortErro
         if c.network_uuid not in bridges:
             bi = bridge_info(net, labels) if net is not None else None
             bridges[c.network_uuid] = bi.bridge if bi else ""
-        bridge = bridges[c.network_uuid]
-        cip = c.primary_ip
-        if _ipv4(cip) is None:
-            errors.append(PortError(f"{c.external_id}/*", f"bad primary_ip {c.primary_ip!r}"))
+        ok, bad = _container_bindings(str(c.external_id), c.primary_ip, tuple(map(str, c.ports)),
+                                      bridges[c.network_uuid])
+        out += ok
+        errors += bad
+    out.sort()
+    return [b for _, b in out], errors
+
+
+@functools.lru_cache(maxsize=1 << 12)  # a change of one container parses that container's ports again, not all
+def _container_bindings(external_id: str, cip: str, ports: tuple[str, ...], bridge: str
+                        ) -> tuple[tuple[tuple[tuple[Any, ...], PortBinding], ...], tuple[PortError, ...]]:
+    """One container's bindings, each behind its sort key, and its bad entries."""
+    if _ipv4(cip) is None:
+        return (), (PortError(f"{external_id}/*", f"bad primary_ip {cip!r}"),)
+    out = []
+    errors = []
+    for spec in ports:
+        key = f"{external_id}/{spec}"
+        try:
+            hip, hp, cp, proto = parse_port(spec)
+        except ValueError as e:
+            errors.append(PortError(key, str(e)))
             continue
-        for spec in c.ports:
-            key = f"{c.external_id}/{spec}"
-            try:
-                hip, hp, cp, proto = parse_port(str(spec))
-            except ValueError as e:
-                errors.append(PortError(key, str(e)))
-                continue
-            out.append(PortBinding(hip, hp, cp, proto, cip, bridge, key))
-    out.sort(key=PortBinding.sort_key)
-    return out, errors
+        b = PortBinding(hip, hp, cp, proto, cip, bridge, key)
+        out.append((b.sort_key(), b))
+    return tuple(out), tuple(errors)
 
 
 # ---------------------------------------------------------------- rules

@@ -56,3 +56,26 @@ def test_snapshot_types_fields_and_tolerates_gaps():
 def test_snapshot_rejects_non_trees(tree):
     with pytest.raises(ProtocolError):
         Snapshot.from_tree(tree)
+
+
+def test_snapshot_keeps_the_views_of_the_elements_an_earlier_tree_shares():
+    old_tree = {"version": "1", "containers": [{"uuid": f"c{i}", "ports": [f"0.0.0.0:{80 + i}:80/tcp"]}
+                                               for i in range(4)] + ["not an object"],
+                "hosts": [{"uuid": "h1"}], "self": {"host": {"uuid": "h1"}}}
+    old = Snapshot.from_tree(old_tree)
+    changed = {**old_tree["containers"][2], "ports": ["0.0.0.0:9999:80/tcp"]}
+    new_tree = {**old_tree, "version": "2",
+                "containers": [*old_tree["containers"][:2], changed, old_tree["containers"][3],
+                               old_tree["containers"][4], {"uuid": "c-new"}]}
+    new = Snapshot.from_tree(new_tree, reuse=old)
+    assert new == Snapshot.from_tree(new_tree)  # the same view as one built from scratch
+    c = new.containers
+    assert c[0] is old.containers[0] and c[1] is old.containers[1] and c[3] is old.containers[3]
+    assert c[2] is not old.containers[2] and c[2].ports == ("0.0.0.0:9999:80/tcp",)
+    assert c[2].raw is changed and c[5].uuid == "c-new"
+    assert c[4].uuid is None and c[4] is not old.containers[4]  # not an object: built again, empty
+    assert new.hosts[0] is old.hosts[0] and new.version == "2"
+    # an equal element that is another object is built again, not matched by value
+    copied = Snapshot.from_tree({**new_tree, "containers": [dict(o) if isinstance(o, dict) else o
+                                                            for o in new_tree["containers"]]}, reuse=new)
+    assert copied == new and not any(a is b for a, b in zip(copied.containers, new.containers, strict=True))

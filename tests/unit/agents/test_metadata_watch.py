@@ -214,3 +214,34 @@ async def test_a_fetch_against_the_tree_held_sends_only_what_changed(tmp_path: P
     assert not f4.reuse and f4.base == "" and await decode(f4) == tupled(t2)
     with pytest.raises(FetchError, match="diff against a tree"):
         await decode(fetch(path=str(p), base=f4.token))
+
+
+async def test_the_typed_view_of_a_new_tree_keeps_the_views_of_unchanged_elements(tmp_path: Path) -> None:
+    p = tmp_path / "tree.json"
+    p.write_bytes(orjson.dumps(tree("1", n=20)))
+    w = MetadataWatch("http://127.0.0.1:9", component="wtest-typed", parse_in="thread")
+
+    def fetched() -> Any:  # as the watch's helper does: a diff against the tree the watch holds
+        return fetch(path=str(p), base=w._base[0] if w._base is not None else "")
+
+    await w._install(fetched(), "metadata")
+    first = w.latest
+    assert first is not None
+    typed1 = first.typed
+    t2 = tree("2", n=20)
+    t2["containers"][5]["ips"] = ["10.9.9.9"]
+    p.write_bytes(orjson.dumps(t2))
+    await w._install(fetched(), "metadata")
+    second = w.latest
+    assert second is not None and second is not first and second.typed_base is typed1
+    typed2 = second.typed
+    assert second.typed_base is None  # let go once used
+    assert typed2.version == "2" and typed2.containers[5].ips == ("10.9.9.9",)
+    assert typed2.containers[5] is not typed1.containers[5]
+    assert all(typed2.containers[i] is typed1.containers[i] for i in range(20) if i != 5)
+    # a snapshot whose predecessor's typed view was never built starts from scratch
+    p.write_bytes(orjson.dumps(tree("3", n=20)))
+    await w._install(fetched(), "metadata")
+    p.write_bytes(orjson.dumps(tree("4", n=20)))
+    await w._install(fetched(), "metadata")
+    assert w.latest is not None and w.latest.typed_base is None and w.latest.typed.version == "4"

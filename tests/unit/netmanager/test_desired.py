@@ -133,6 +133,26 @@ def test_bad_entries_skipped_and_reported_others_kept(snap: Snapshot) -> None:
     assert any("8083" in r for r in rs.chain("nat", "CATTLE_PREROUTING"))
 
 
+def test_ports_entries_of_any_json_kind_are_reported_and_a_change_is_seen_through_the_memo() -> None:
+    tree = snapshot_of(objects()).raw
+
+    def with_bad(**kw: object) -> Snapshot:  # Corral's metadata refuses such entries; another might not
+        cs = [{**c, **kw} if c.get("uuid") == "ctr-bad" else c for c in tree["containers"]]
+        return Snapshot.from_tree({**tree, "containers": cs})
+
+    rs = desired_ruleset(with_bad(ports=[8080, {"a": 1}, ["x"], None, "0.0.0.0:8084:80/tcp"]), HostFacts())
+    assert {e.key for e in rs.errors} == {"d-bad/8080", "d-bad/{'a': 1}", "d-bad/['x']", "d-bad/None"}
+    assert any("8084" in r for r in rs.chain("nat", "CATTLE_PREROUTING"))
+    # the same container with one entry changed: its bindings are worked out again
+    rs2 = desired_ruleset(with_bad(ports=[8080, "0.0.0.0:8085:80/tcp"]), HostFacts())
+    assert {e.key for e in rs2.errors} == {"d-bad/8080"}
+    pre = rs2.chain("nat", "CATTLE_PREROUTING")
+    assert any("8085" in r for r in pre) and not any("8084" in r for r in pre)
+    # and its address: the rules follow it
+    rs3 = desired_ruleset(with_bad(ports=[8080, "0.0.0.0:8085:80/tcp"], primary_ip="10.42.200.77"), HostFacts())
+    assert any("10.42.200.77:80" in r for r in rs3.chain("nat", "CATTLE_PREROUTING"))
+
+
 def test_parse_port_table() -> None:
     assert parse_port("0.0.0.0:8080:80") == ("0.0.0.0", 8080, 80, "tcp")
     assert parse_port("127.0.0.1:9090:90/UDP") == ("127.0.0.1", 9090, 90, "udp")
