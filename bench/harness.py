@@ -86,11 +86,15 @@ def tree_rss_mib(pid: int) -> float:
     return total
 
 
-def cpu_seconds(pid: int) -> float:
-    """User+system CPU time used so far by ``pid`` (seconds)."""
+def cpu_seconds(pid: int, children: bool = False) -> float:
+    """User+system CPU time used so far by ``pid`` (seconds); ``children``: with that of its
+    children it has waited for (the tools a daemon runs)."""
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     ticks = os.sysconf("SC_CLK_TCK")
-    return (int(fields[11]) + int(fields[12])) / ticks
+    used = int(fields[11]) + int(fields[12])
+    if children:
+        used += int(fields[13]) + int(fields[14])
+    return used / ticks
 
 
 _WRK_LUA = """

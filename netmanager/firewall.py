@@ -43,6 +43,9 @@ _WRITES = counter("netmanager", "iptables_writes", "iptables-restore runs", ["re
 _REPAIRS = counter("netmanager", "rule_repairs", "Drifted chains and hooks found in the kernel and repaired",
                    ["what"])
 _CHECKS = counter("netmanager", "verify_reads", "iptables-save read-backs")
+_DIGESTS = counter("netmanager", "verify_digests",
+                   "Periodic legacy digests of the rules (counters aside) vs the last read-back: same or moved",
+                   ["result"])
 _PROBES = counter("netmanager", "change_probes", "Ruleset change probes (nft generation id, legacy table sizes)",
                   ["result"])
 _APPLY = histogram("netmanager", "apply_seconds", "Ruleset apply latency (diff + write)", ["reason"],
@@ -90,6 +93,7 @@ class RulesApplier:
         self.writes = 0
         self.repairs = 0
         self._reported: tuple[object, ...] = ()
+        self._verified: tuple[bytes, int] | None = None  # (digest before the last read-back, writes then)
 
     def suspect_drift(self) -> None:
         self.suspect = True
@@ -150,9 +154,34 @@ class RulesApplier:
             return  # otherwise someone else's: read again once the applier knows the ruleset again
         self.handles, self.handles_at = handles, at
 
+    async def unchanged(self) -> bool:
+        """For the periodic verify: the kernel's rules are those of the last read-back and we
+        have not written since (legacy: the tables' digest), so reading them back can be skipped.
+        False when that cannot be told (nft: its probe needs no such check)."""
+        if self.probe is None or self._verified is None or self.model is None or self.writes != self._verified[1]:
+            return False
+        digest, writes = self._verified
+        try:
+            now = await self.probe.digest()
+        except CorralError as e:
+            log.warning("ruleset digest failed", error=str(e))
+            return False
+        if now is None or writes != self.writes:
+            return False
+        _DIGESTS.labels("same" if now == digest else "moved").inc()
+        return now == digest
+
     async def read(self) -> Tables:
         _CHECKS.inc()
+        digest = None
+        if self.probe is not None:
+            try:
+                digest = await self.probe.digest()  # before the read: a change during it moves it again
+            except CorralError as e:
+                log.warning("ruleset digest failed", error=str(e))
+        writes = self.writes
         self.model = parse_save(await self.backend.save(), self._lines)
+        self._verified = (digest, writes) if digest is not None and writes == self.writes else None
         return self.model
 
     async def apply(self, rs: Ruleset) -> None:

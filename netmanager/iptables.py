@@ -10,7 +10,9 @@ Change probes (:meth:`Backend.probe`): a cheap value that moves when anyone chan
 polled often so drift is noticed without dumping 25k rules - nft: the nf_tables generation id
 (one netlink read); legacy: per table, the kernel's entry count, blob size and hook offsets
 (one ``IPT_SO_GET_INFO`` getsockopt each: no dump, no xtables lock). A legacy edit that keeps
-all three (a rule replaced by one of the same size) is left to the periodic read-back.
+all three (a rule replaced by one of the same size) is found by the periodic check, which
+hashes the tables' rules as the kernel holds them, counters aside (:meth:`LegacyTables.digest`,
+~35 ms at 25k rules), and reads back with ``iptables-save`` only when that hash moved.
 """
 
 from __future__ import annotations
@@ -18,6 +20,8 @@ from __future__ import annotations
 import asyncio
 import ctypes
 import errno
+import hashlib
+import mmap
 import shutil
 import socket
 import struct
@@ -53,12 +57,19 @@ async def _run(argv: list[str], stdin: bytes | None = None, timeout: float = 60.
 
 class ChangeProbe(Protocol):
     async def read(self) -> Any: ...
+    async def digest(self) -> bytes | None: ...
     def ours(self, before: Any, after: Any, tables: frozenset[str], commits: int | None = None) -> bool: ...
     def close(self) -> None: ...
 
 
 _IPT_SO_GET_INFO = 64  # IPT_BASE_CTL: struct ipt_getinfo {name[32]; valid_hooks; hook_entry[5]; underflow[5];
 _INFO = struct.Struct("=32sI5I5III")  # num_entries; size}
+_IPT_SO_GET_ENTRIES = 65
+_GET_ENTRIES = struct.Struct("=32sI4x")  # struct ipt_get_entries {name[32]; size; (pad to 8) entrytable[]}
+_ENTRY_COUNTERS = 96  # offsetof(struct ipt_entry, counters)
+_NO_COUNTERS = bytes(16)
+_U16 = struct.Struct("=H").unpack_from
+_MAP_FLAGS = mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | getattr(mmap, "MAP_POPULATE", 0)  # faulted in at once
 
 
 class LegacyTables:
@@ -96,6 +107,47 @@ class LegacyTables:
         # iptables run on the machine (any namespace) holds while it replaces a table
         return await asyncio.to_thread(self.read_now)
 
+    def digest_now(self) -> bytes:
+        """A hash of every table's rules as the kernel holds them (``IPT_SO_GET_ENTRIES``), the
+        packet counters left out: it moves on any edit, a same-size one too, and not with traffic.
+        ~25 ms of kernel time for a 5 MB nat table (20k rules), under the x_tables mutex."""
+        h = hashlib.blake2b(digest_size=16)
+        for t, info in self.read_now().items():
+            h.update(t.encode() + b"\0")
+            if info is None:
+                continue
+            size = info[-1]
+            # an anonymous mapping, not the heap: a 5 MB buffer every few seconds would otherwise
+            # leave the allocator's heap that much bigger for good
+            with mmap.mmap(-1, _GET_ENTRIES.size + size, flags=_MAP_FLAGS) as mm:
+                _GET_ENTRIES.pack_into(mm, 0, t.encode(), size)
+                buf = ctypes.c_char.from_buffer(mm)
+                n = ctypes.c_uint32(len(mm))
+                assert self._sock is not None
+                rc = self._libc.getsockopt(self._sock.fileno(), socket.SOL_IP, _IPT_SO_GET_ENTRIES, ctypes.byref(buf),
+                                           ctypes.byref(n))
+                err = ctypes.get_errno()
+                del buf
+                if rc != 0:  # EAGAIN: replaced between the two reads - a move all the same
+                    raise TransportError(f"legacy iptables entries {t}: {errno.errorcode.get(err, err)}")
+                with memoryview(mm) as whole:
+                    blob = whole[_GET_ENTRIES.size:]
+                    off = 0
+                    while off < size:  # struct ipt_entry: next_offset at 90, counters at 96..112 - zeroed
+                        nxt = _U16(blob, off + 90)[0] if off + _ENTRY_COUNTERS + 16 <= size else 0
+                        if nxt < _ENTRY_COUNTERS + 16 or off + nxt > size:
+                            blob.release()
+                            raise TransportError(f"legacy iptables entries {t}: bad entry at offset {off}")
+                        blob[off + _ENTRY_COUNTERS:off + _ENTRY_COUNTERS + 16] = _NO_COUNTERS
+                        off += nxt
+                    h.update(struct.pack("=I", size))
+                    h.update(blob)
+                    blob.release()
+        return h.digest()
+
+    async def digest(self) -> bytes:
+        return await asyncio.to_thread(self.digest_now)
+
     def ours(self, before: Any, after: Any, tables: frozenset[str], commits: int | None = None) -> bool:
         """Only the tables we wrote moved (a foreign edit of one of them at the same moment is
         left to the periodic read-back)."""
@@ -118,6 +170,10 @@ class _NftProbe:
 
     async def read(self) -> int:
         return await self._gen.read()
+
+    async def digest(self) -> bytes | None:
+        """None: the generation id moves on every commit, nothing else is needed to see a change."""
+        return None
 
     def ours(self, before: Any, after: Any, tables: frozenset[str], commits: int | None = None) -> bool:
         """The generation moved by our commits: one per table for ``iptables-nft-restore``, or

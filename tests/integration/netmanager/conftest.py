@@ -116,6 +116,12 @@ class Host:
             logs = "\n".join(p.log()[-4000:] for p in (self.nm, self.md) if p is not None)
             raise AssertionError(f"{e}\n{logs}") from None
 
+    def verify_rounds(self) -> float:
+        """Periodic verifications so far: read-backs, and legacy's digest checks that found the
+        tables as last read (no read-back needed)."""
+        return self.metric("corral_netmanager_verify_reads_total") + self.metric(
+            "corral_netmanager_verify_digests_total", 'result="same"')
+
     def in_sync(self) -> bool:
         from netmanager.rules import diff
 

@@ -6,7 +6,7 @@ import importlib
 
 import pytest
 
-from netmanager.main import _metadata_base, build_parser
+from netmanager.main import _metadata_base, build_parser, verify_interval
 
 PUBLIC = {
     "netmanager.cgroups": ["KNOWN_LAYOUTS", "CgroupLocator", "cgroup_roots"],
@@ -28,7 +28,7 @@ PUBLIC = {
     "netmanager.netlink": ["NftGeneration", "RouteState", "delete_flows", "delete_link", "veth_ports", "ensure_ipset", "ensure_route", "link_index",
                            "route_state", "set_sysctl", "ensure_mac", "local_addrs", "neighbours",
                            "replace_neighbours", "sweep_conntrack"],
-    "netmanager.main": ["build_parser", "main"],
+    "netmanager.main": ["VERIFY_INTERVAL", "build_parser", "main", "verify_interval"],
     "netmanager.resolv": ["render_resolv", "wants_resolv"],
     "netmanager.nft": ["MAX_EDITS", "NftEdit", "NftEditor", "compilable"],
     "netmanager.rules": ["TABLES", "Drift", "Tables", "chain_edit", "diff", "hook_chains", "hook_positions", "is_ours",
@@ -52,6 +52,17 @@ def test_original_flags_accepted() -> None:
         "--disable-cni-setup", "--disable-dns-setup", "--debug", "--verify-interval", "2s"])
     assert a.metadata_listen_port == 8090 and a.arpsync_interval == 7 and a.verify_interval == 2.0
     assert a.disable_routesync and a.disable_cni_setup and a.debug
+
+
+def test_verify_interval_defaults_by_backend_and_the_flag_wins() -> None:
+    default = build_parser().parse_args([]).verify_interval
+    assert default is None
+    # nft's generation id sees every commit: the periodic read-back is a backstop; legacy's sizes miss
+    # a same-size edit, so it reads back often
+    assert verify_interval(default, "nft") == 300.0 and verify_interval(default, "legacy") == 10.0
+    assert verify_interval(default, "default") == 10.0
+    flag = build_parser().parse_args(["--verify-interval", "2s"]).verify_interval
+    assert verify_interval(flag, "nft") == verify_interval(flag, "legacy") == 2.0
 
 
 def test_bad_interval_is_rejected(capsys: pytest.CaptureFixture[str]) -> None:
