@@ -48,19 +48,20 @@ __all__ = ["VERIFY_INTERVAL", "build_parser", "main", "verify_interval"]
 log = get_logger(__name__)
 API_VERSION = "2016-07-29"
 # --verify-interval by backend: nft's change probe (the generation id) sees every commit, so the
-# periodic read-back (an iptables-nft-save of every rule: ~0.6-0.85 s of CPU at 25k rules) is a
+# periodic read-back (an iptables-nft-save of every rule: ~0.6-0.9 s of CPU at 25k rules) is a
 # backstop there; legacy's (table sizes) misses a same-size edit, so every 10 s the tables' rules
 # are hashed (~35 ms at 25k rules) and read back only when that moved
 VERIFY_INTERVAL = {"nft": 300.0, "legacy": 10.0, "default": 10.0}
+
+_ROUTE_REPAIRS = counter("netmanager", "route_repairs", "Metadata route re-created")
+_VETHS = counter("netmanager", "veths_deleted", "Dangling vethr* host ends deleted from local bridges")
+_SNAPSHOTS = counter("netmanager", "snapshots", "Metadata snapshots by source (metadata, state-file)", ["source"])
 
 
 def verify_interval(flag: float | None, backend: str) -> float:
     """Seconds between read-backs the change probe did not ask for: ``--verify-interval`` if given,
     else the backend's default."""
     return flag if flag else VERIFY_INTERVAL.get(backend, VERIFY_INTERVAL["default"])
-_ROUTE_REPAIRS = counter("netmanager", "route_repairs", "Metadata route re-created")
-_VETHS = counter("netmanager", "veths_deleted", "Dangling vethr* host ends deleted from local bridges")
-_SNAPSHOTS = counter("netmanager", "snapshots", "Metadata snapshots by source (metadata, state-file)", ["source"])
 
 
 def _seconds(v: str) -> int:
