@@ -131,6 +131,8 @@ def test_events_drive_add_and_del(env: dict) -> None:
         assert args == "IgnoreUnknown=1;DOCKER=true;RancherContainerUUID=u-1;IPAddress=10.42.5.5/16"
         # the ADD found the process in the cgroup file system (created after netmanager connected:
         # its create-time facts were there), and the state file is named after the start the engine reports
+        # (the plugin's own record of the call can come before netmanager's log line of it)
+        wait(lambda: add_lines(nm, cid), "ADD logged", nm)
         assert [d["found"] for d in add_lines(nm, cid)] == ["cgroup"], nm.log()[-3000:]
         started = started_at(pm, cid)
         state = env["work"] / "state" / cid
@@ -138,7 +140,7 @@ def test_events_drive_add_and_del(env: dict) -> None:
         assert [f.name for f in state.iterdir()] == [started]
         body = json.loads((state / started).read_text())
         assert body["ip4"]["ip"] == "10.42.5.5/16", (body, started)
-        assert add_lines(nm, cid, "CNI ADD reported")
+        wait(lambda: add_lines(nm, cid, "CNI ADD reported"), "ADD reported", nm)
         hosts = pm.inspect(cid).get("HostsPath")
         if hosts and os.path.exists(hosts):
             assert "10.42.5.5\t" in Path(hosts).read_text()
@@ -146,6 +148,7 @@ def test_events_drive_add_and_del(env: dict) -> None:
         # stop and start: DEL, then an ADD for the new start, again from the cgroup (facts kept until destroy)
         started = restart(env, nm, cid, adds=2)
         assert [f.name for f in state.iterdir()] == [started]
+        wait(lambda: len(add_lines(nm, cid)) == 2, "second ADD logged", nm)
         assert [d["found"] for d in add_lines(nm, cid)] == ["cgroup", "cgroup"]
 
         # a restarted manager does not ADD a container that is already networked
@@ -171,6 +174,7 @@ def test_events_drive_add_and_del(env: dict) -> None:
         assert again != started
         wait(lambda: (state / again).exists(), "state file of the second start", nm)
         assert [f.name for f in state.iterdir()] == [again]
+        wait(lambda: add_lines(nm, cid), "ADD logged", nm)
         assert [d["found"] for d in add_lines(nm, cid)] == ["inspect"]  # this manager's first ADD of it
     finally:
         nm.stop()
@@ -199,6 +203,7 @@ def test_add_falls_back_to_inspect(env: dict) -> None:
 
         # stop -> DEL; start again -> ADD again the same way, the state file follows the new start
         restart(env, nm, cid, adds=2)
+        wait(lambda: len(add_lines(nm, cid)) == 2, "second ADD logged", nm)
         assert [d["found"] for d in add_lines(nm, cid)] == ["inspect", "inspect"]
         assert not calls(env, "ADD", skip)
     finally:
