@@ -48,6 +48,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -199,20 +200,7 @@ def ipsec_path(table: Table, seconds: int, joins: int) -> None:
         ips4 = iperf(t, t.c(1), t.c(2), "10.42.2.10", seconds, 4)
         r_over, r_under = rtts(t.c(1), "10.42.2.10", 300), rtts(t.h(1), "192.0.2.2", 300)
 
-        join, leave = [], []
-        for _ in range(joins):
-            t.members.discard(2)
-            start = time.monotonic()
-            t.publish()
-            while "conn-192.0.2.2" in t.sas(1) or t.routes(1):
-                time.sleep(0.005)
-            leave.append(time.monotonic() - start)
-            time.sleep(0.3)
-            t.members.add(2)
-            start = time.monotonic()
-            t.publish()
-            join.append(first_ping(t.c(1), "10.42.2.10", start))
-            time.sleep(0.3)
+        join, leave = corral_joins(t, joins, lambda: "conn-192.0.2.2" in t.sas(1) or bool(t.routes(1)))
 
         # The floor: routers stopped; charon by hand, the VTEP and its entries with ip commands.
         for i in (1, 2):
@@ -433,14 +421,17 @@ def data_path(table: Table, args: argparse.Namespace) -> None:
               None, "ms", higher_is_better=False, note="target <= 1 s")
 
 
-def corral_joins(t: Topo, joins: int) -> tuple[list[float], list[float]]:
-    """Host 2 leaves and joins again through metadata: (join -> first ping, leave -> entries gone) times."""
+def corral_joins(t: Topo, joins: int, held: Callable[[], bool] | None = None) -> tuple[list[float], list[float]]:
+    """Host 2 leaves and joins again through metadata: (join -> first ping, leave -> entries gone) times.
+    ``held``: whether host 1 still holds host 2's entries (default: VXLAN FDB entries or routes;
+    IPsec passes its SA and routes)."""
+    still = held or (lambda: len(t.fdb(1)) != 0 or len(t.routes(1)) != 0)
     join, leave = [], []
     for _ in range(joins):
         t.members.discard(2)
         start = time.monotonic()
         t.publish()
-        while len(t.fdb(1)) != 0 or len(t.routes(1)) != 0:
+        while still():
             time.sleep(0.005)
         leave.append(time.monotonic() - start)
         time.sleep(0.3)
