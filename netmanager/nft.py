@@ -26,7 +26,7 @@ import socket
 import struct
 import subprocess
 import threading
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 from agents.errors import TransportError
@@ -69,6 +69,11 @@ def compilable(rule: Rule) -> bool:
         if t == "-p" and (i + 1 >= len(rule) or rule[i + 1] not in _PROTOS):
             return False
     return False
+
+
+def _errno(data: memoryview, off: int) -> int:
+    """The error number of the NLMSG_ERROR message at ``off`` (0: an acknowledgement)."""
+    return int(-struct.unpack_from("=i", data, off + 16)[0])
 
 
 def _str(s: str) -> bytes:
@@ -114,6 +119,19 @@ class _Socket:
             raise OSError(0, "netlink answer larger than the receive buffer")
         return memoryview(self.buf)[:n]
 
+    def _answers(self) -> Iterator[tuple[int, int, int, memoryview, int, int]]:
+        """The kernel's answers one netlink message at a time, datagram after datagram (reading
+        on as long as the caller asks): (type, flags, seq, datagram, offset, length)."""
+        while True:
+            data = self._recv()
+            off = 0
+            while off < len(data):
+                ln, kind, flags, seq, _ = _HDR.unpack_from(data, off)
+                if ln < _HDR.size or off + ln > len(data):
+                    raise OSError(0, f"malformed netlink message (length {ln} at {off} of {len(data)})")
+                yield kind, flags, seq, data, off, ln
+                off += (ln + 3) & ~3
+
     def dump(self, table: str, chain: str, exprs: bool) -> tuple[int, list[int], list[tuple[bytes, bytes]]]:
         """(generation & 0xffff, handles, [(expressions, userdata)] if ``exprs``) of one chain's
         rules, in order."""
@@ -123,25 +141,21 @@ class _Socket:
         handles: list[int] = []
         bodies: list[tuple[bytes, bytes]] = []
         gen = -1
-        while True:
-            data = self._recv()
-            off = 0
-            while off < len(data):
-                ln, kind, flags, _, _ = _HDR.unpack_from(data, off)
-                if kind == _NLMSG_DONE:
-                    return gen, handles, bodies
-                if kind == _NLMSG_ERROR:
-                    err = -struct.unpack_from("=i", data, off + 16)[0]
-                    raise OSError(err, f"nf_tables dump {table}/{chain}: {os.strerror(err)}")
-                if flags & _F_DUMP_INTR:
-                    raise OSError(0, "nf_tables dump interrupted by a commit")
-                gen = struct.unpack_from(">H", data, off + 18)[0]
-                a = attrs(data, off + 20, off + ln)
-                h = a.get(_HANDLE)
-                handles.append(_BE64.unpack(h)[0] if h is not None and len(h) == 8 else -1)
-                if exprs:
-                    bodies.append((bytes(a.get(_EXPRS, b"")), bytes(a.get(_USERDATA, b""))))
-                off += (ln + 3) & ~3
+        for kind, flags, _, data, off, ln in self._answers():
+            if kind == _NLMSG_DONE:
+                break
+            if kind == _NLMSG_ERROR:
+                err = _errno(data, off)
+                raise OSError(err, f"nf_tables dump {table}/{chain}: {os.strerror(err)}")
+            if flags & _F_DUMP_INTR:
+                raise OSError(0, "nf_tables dump interrupted by a commit")
+            gen = struct.unpack_from(">H", data, off + 18)[0]
+            a = attrs(data, off + 20, off + ln)
+            h = a.get(_HANDLE)
+            handles.append(_BE64.unpack(h)[0] if h is not None and len(h) == 8 else -1)
+            if exprs:
+                bodies.append((bytes(a.get(_EXPRS, b"")), bytes(a.get(_USERDATA, b""))))
+        return gen, handles, bodies
 
     def batch(self, msgs: list[tuple[int, int, bytes]]) -> dict[int, int]:
         """One transaction; {index of a NEWRULE in ``msgs``: its handle}. Raises on any error
@@ -153,23 +167,20 @@ class _Socket:
         self.sock.send(begin + b"".join(m for m, _ in built) + end)
         index = {seq: i for i, (_, seq) in enumerate(built)}
         pending, handles, errors = set(index), {}, []
+        answers = self._answers()
         while pending:
-            data = self._recv()
-            off = 0
-            while off < len(data):
-                ln, kind, _, seq, _ = _HDR.unpack_from(data, off)
-                if kind == _NLMSG_ERROR:
-                    err = -struct.unpack_from("=i", data, off + 16)[0]
-                    if err and seq not in index:  # the batch itself was refused: no more answers come
-                        raise OSError(err, f"nf_tables batch: {os.strerror(err)}")
-                    pending.discard(seq)
-                    if err:
-                        errors.append(f"#{index.get(seq)}: {os.strerror(err)}")
-                elif kind == (_SUBSYS << 8) | _NEWRULE and seq in index:
-                    h = attrs(data, off + 20, off + ln).get(_HANDLE)
-                    if h is not None and len(h) == 8:
-                        handles[index[seq]] = _BE64.unpack(h)[0]
-                off += (ln + 3) & ~3
+            kind, _, seq, data, off, ln = next(answers)
+            if kind == _NLMSG_ERROR:
+                err = _errno(data, off)
+                if err and seq not in index:  # the batch itself was refused: no more answers come
+                    raise OSError(err, f"nf_tables batch: {os.strerror(err)}")
+                pending.discard(seq)
+                if err:
+                    errors.append(f"#{index.get(seq)}: {os.strerror(err)}")
+            elif kind == (_SUBSYS << 8) | _NEWRULE and seq in index:
+                h = attrs(data, off + 20, off + ln).get(_HANDLE)
+                if h is not None and len(h) == 8:
+                    handles[index[seq]] = _BE64.unpack(h)[0]
         if errors:
             raise OSError(0, "nf_tables transaction refused: " + ", ".join(errors[:5]))
         return handles
